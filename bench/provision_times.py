@@ -1,0 +1,90 @@
+"""Provisioning times against node count, on the local sandbox.
+
+For each node count: `sandbox up` (base image already cached), the first bootstrap, and an
+idempotent re-run (which must report changed=0 on every host). The sandbox is taken down
+between counts. Prints a Markdown table and writes the raw figures as JSON.
+
+    .venv/bin/python bench/provision_times.py --nodes 1 3 8 --out bench/results/provision.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from dsk_provision import sandbox
+from dsk_provision.inventory import load_inventory
+from dsk_provision.runner import run_playbook
+
+NAME = "bench"
+
+
+def measure(nodes: int, runs_dir: Path) -> dict:
+    sandbox.down(NAME)
+    t0 = time.perf_counter()
+    info = sandbox.up(NAME, nodes)
+    up_s = time.perf_counter() - t0
+    try:
+        inventory = load_inventory(info.inventory_path)
+        first = run_playbook("site.yml", inventory, command="bootstrap", runs_dir=runs_dir)
+        second = run_playbook("site.yml", inventory, command="bootstrap", runs_dir=runs_dir)
+        changed = {host: counts.get("changed", 0) for host, counts in second.recap.items()}
+        if any(changed.values()):
+            raise SystemExit(f"the re-run on {nodes} nodes changed something: {changed}")
+        return {
+            "nodes": nodes,
+            "sandbox_up_s": round(up_s, 2),
+            "first_bootstrap_s": round(first.elapsed_s, 2),
+            "rerun_s": round(second.elapsed_s, 2),
+            "rerun_changed": sum(changed.values()),
+        }
+    finally:
+        t0 = time.perf_counter()
+        sandbox.down(NAME)
+        print(f"  down in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, nargs="+", default=[1, 3, 8])
+    parser.add_argument("--out", type=Path, default=Path("bench/results/provision.json"))
+    parser.add_argument("--runs-dir", type=Path, default=Path(".dsk/bench-runs"))
+    args = parser.parse_args()
+
+    rows = []
+    for n in args.nodes:
+        print(f"measuring {n} node(s)...", file=sys.stderr)
+        rows.append(measure(n, args.runs_dir))
+        print(f"  {rows[-1]}", file=sys.stderr)
+
+    base = next((r for r in rows if r["nodes"] == 1), None)
+    result = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "host": {"cpus": _cpus(), "kernel": platform.release(), "python": platform.python_version()},
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+    print("| nodes | sandbox up (s) | first bootstrap (s) | idempotent re-run (s) | re-run vs 1 node |")
+    print("|---:|---:|---:|---:|---:|")
+    for r in rows:
+        ratio = f"{r['rerun_s'] / base['rerun_s']:.2f}x" if base else "-"
+        print(f"| {r['nodes']} | {r['sandbox_up_s']:.1f} | {r['first_bootstrap_s']:.1f} "
+              f"| {r['rerun_s']:.1f} | {ratio} |")
+    return 0
+
+
+def _cpus() -> int:
+    import os
+
+    return os.cpu_count() or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
