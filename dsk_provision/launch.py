@@ -1,0 +1,718 @@
+"""torchrun on every node: SSH command lines, shipping, log streaming, fail fast.
+
+One torchrun per node, started over SSH (or locally for ``ansible_connection: local``):
+
+    {dsk_python} -m torch.distributed.run --nnodes N --nproc_per_node P --node_rank i
+        --rdzv_backend c10d --rdzv_endpoint <first node>:<dsk_rdzv_port> --rdzv_id <run-id>
+        --tee 3 --log-dir <run>/torchrun-logs/<node> -m <module> <args>
+
+The trainer package and any files go to ``{dsk_root}/runs/<run-id>/`` on every node first
+(a tar stream into ``tar -x`` on the node). Every output line comes back prefixed with the
+node name and lands in ``<run_dir>/logs/<node>.log``. When one node's torchrun exits
+non-zero the others are stopped by the PID their shell wrote before ``exec`` (never by
+name) and :class:`RunFailed` names the node, and the rank when torchrun's report shows it.
+
+The transport is injectable: anything with ``popen(node, command, stdin=...)`` works, so
+tests can run "nodes" as local processes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Protocol
+
+from dsk_provision.errors import EnvironmentProblem, InputError, RunFailed
+
+TRAINER_DIR = Path(__file__).resolve().parent.parent / "trainer"
+DEFAULT_ROOT = "/opt/dsk"
+DEFAULT_RDZV_PORT = 29500
+_MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# ssh -o values that turn host key pinning off.
+_UNPINNED = {"stricthostkeychecking": {"no", "off", "accept-new", "false"},
+             "userknownhostsfile": {"/dev/null"}}
+# How long a stopped node may take before SIGKILL: torchrun itself gives its workers 30 s.
+STOP_GRACE_S = 40.0
+# After the first failure, other nodes that fail within this window are failing on
+# their own (or from the same cause) rather than being stopped by us.
+SETTLE_S = 1.0
+# Errors a rank reports when a peer went away: such a node is a victim, not the cause.
+_PEER_ERROR_RE = re.compile(
+    r"Connection closed by peer|Connection reset by peer|Broken pipe|ECONNRESET|"
+    r"DistNetworkError|NCCL communicator was aborted|remote process exited|"
+    r"RendezvousClosedError|RendezvousConnectionError", re.IGNORECASE)
+_ROOT_CAUSE_RANK_RE = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank:\s*(\d+)\)")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _var(node, name: str, default: Any = None) -> Any:
+    value = (node.vars or {}).get(name)
+    return default if value is None else value
+
+
+def _inventory_file(inventory) -> str | None:
+    path = getattr(inventory, "path", None)
+    return str(path) if path else None
+
+
+def _host_field(node, name: str) -> str:
+    return f"all.children.nodes.hosts.{node.name}.{name}"
+
+
+def remote_root(node) -> PurePosixPath:
+    return PurePosixPath(_var(node, "dsk_root", DEFAULT_ROOT))
+
+
+def remote_run_dir(node, run_id: str) -> PurePosixPath:
+    """Where a run's files live on a node: {dsk_root}/runs/<run-id>."""
+    return remote_root(node) / "runs" / run_id
+
+
+def node_python(node) -> str:
+    return str(_var(node, "dsk_python", f"{remote_root(node)}/venv/bin/python"))
+
+
+def find_node(inventory, node):
+    """A Node from a Node or a node name."""
+    if not isinstance(node, str):
+        return node
+    for candidate in inventory.nodes:
+        if candidate.name == node:
+            return candidate
+    raise InputError(f"no node named {node!r} in the inventory", file=_inventory_file(inventory),
+                     field="all.children.nodes.hosts")
+
+
+class _Printer:
+    """Serialises lines from the reader threads onto a rich Console or stdout."""
+
+    def __init__(self, console=None):
+        self.console = console
+        self.lock = threading.Lock()
+
+    def line(self, text: str) -> None:
+        with self.lock:
+            if self.console is None:
+                sys.stdout.write(text + "\n")
+                sys.stdout.flush()
+            else:
+                self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+# --------------------------------------------------------------------------- transports
+
+
+class Transport(Protocol):
+    def argv(self, node, command: str) -> list[str]:
+        """The local argv that runs a shell command line on the node."""
+
+    def popen(self, node, command: str, *, stdin=None) -> subprocess.Popen:
+        """Start the command on the node; stdout and stderr merged, text lines."""
+
+
+def _split_ssh_options(tokens: list[str]) -> list[tuple[str, str]]:
+    """(key, value) pairs of every -o option in an ssh argument list, keys lowercased."""
+    options = []
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        value = None
+        if token == "-o" and i + 1 < len(tokens):
+            value = tokens[i + 1]
+            i += 1
+        elif token.startswith("-o") and len(token) > 2:
+            value = token[2:]
+        if value is not None:
+            key, _, rest = value.replace("=", " ", 1).partition(" ")
+            options.append((key.strip().lower(), rest.strip().strip('"').lower()))
+        i += 1
+    return options
+
+
+class SshTransport:
+    """OpenSSH with the inventory's user, port, key and common args; host keys pinned."""
+
+    def __init__(self, inventory=None, ssh: str = "ssh"):
+        self.inventory = inventory
+        self.ssh = ssh
+
+    def options(self, node) -> list[str]:
+        file = _inventory_file(self.inventory)
+        args: list[str] = []
+        for name in ("ansible_ssh_common_args", "ansible_ssh_extra_args"):
+            text = _var(node, name, "")
+            try:
+                tokens = shlex.split(str(text))
+            except ValueError as exc:
+                raise InputError(f"cannot parse the ssh arguments: {exc}", file=file,
+                                 field=_host_field(node, name)) from None
+            for key, value in _split_ssh_options(tokens):
+                if value in _UNPINNED.get(key, ()):
+                    raise InputError(
+                        f"'{key}={value}' turns host key checking off; host keys must be pinned",
+                        file=file, field=_host_field(node, name),
+                        hint="list the nodes' host keys in a known_hosts file and pass "
+                             "-o UserKnownHostsFile=FILE -o StrictHostKeyChecking=yes")
+            args += tokens
+        if str(_var(node, "ansible_host_key_checking", True)).lower() in ("false", "no", "0"):
+            raise InputError("host key checking is off; host keys must be pinned", file=file,
+                             field=_host_field(node, "ansible_host_key_checking"))
+        keys = {key for key, _ in _split_ssh_options(args)}
+        # Non-interactive, pinned, and quick to notice a dead node; options given first
+        # win in ssh, so the inventory's own values (already vetted above) come first.
+        extra = ["-o", "BatchMode=yes"]
+        if "stricthostkeychecking" not in keys:
+            extra += ["-o", "StrictHostKeyChecking=yes"]
+        if "connecttimeout" not in keys:
+            extra += ["-o", "ConnectTimeout=15"]
+        if "serveraliveinterval" not in keys:
+            extra += ["-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4"]
+        key_file = _var(node, "ansible_ssh_private_key_file")
+        out = list(args) + extra
+        if key_file:
+            if not Path(str(key_file)).expanduser().is_file():
+                raise InputError(f"private key {key_file} does not exist", file=file,
+                                 field=_host_field(node, "ansible_ssh_private_key_file"))
+            out += ["-i", str(Path(str(key_file)).expanduser()), "-o", "IdentitiesOnly=yes"]
+        port = node.port or _var(node, "ansible_port")
+        if port:
+            out += ["-p", str(port)]
+        user = node.user or _var(node, "ansible_user")
+        if user:
+            out += ["-l", str(user)]
+        return out
+
+    def argv(self, node, command: str) -> list[str]:
+        return [self.ssh, *self.options(node), str(node.address), command]
+
+    def popen(self, node, command: str, *, stdin=None) -> subprocess.Popen:
+        return _popen(self.argv(node, command), stdin)
+
+
+class LocalTransport:
+    """Runs the node's commands on this machine (``ansible_connection: local``)."""
+
+    def argv(self, node, command: str) -> list[str]:
+        return ["bash", "-c", command]
+
+    def popen(self, node, command: str, *, stdin=None) -> subprocess.Popen:
+        return _popen(self.argv(node, command), stdin)
+
+
+def _popen(argv: list[str], stdin) -> subprocess.Popen:
+    try:
+        return subprocess.Popen(argv, stdin=stdin if stdin is not None else subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                bufsize=1, errors="replace")
+    except FileNotFoundError as exc:
+        raise EnvironmentProblem(f"cannot run {argv[0]}: not installed",
+                                 hint="install openssh-client") from exc
+
+
+def transport_for(inventory, node) -> Transport:
+    """SSH unless the node says ansible_connection: local."""
+    connection = str(_var(node, "ansible_connection", "ssh"))
+    if connection == "local":
+        return LocalTransport()
+    if connection in ("ssh", "smart", "paramiko"):
+        return SshTransport(inventory)
+    raise InputError(f"connection {connection!r} cannot run torchrun; use ssh or local",
+                     file=_inventory_file(inventory),
+                     field=_host_field(node, "ansible_connection"))
+
+
+TransportChoice = Transport | Callable[[Any, Any], Transport] | None
+
+
+def _resolve_transport(choice: TransportChoice, inventory, node) -> Transport:
+    if choice is None:
+        return transport_for(inventory, node)
+    if hasattr(choice, "popen"):
+        return choice  # type: ignore[return-value]
+    return choice(inventory, node)
+
+
+def _run(transport: Transport, node, command: str, *, stdin=None, timeout: float = 120.0):
+    proc = transport.popen(node, command, stdin=stdin)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        return 124, out
+    return proc.returncode, out
+
+
+# --------------------------------------------------------------------------- command lines
+
+
+def node_env(node, env: dict | None = None, *, remote_dir: PurePosixPath | str) -> dict[str, str]:
+    """Environment for every rank on a node: PYTHONPATH, socket interface, NCCL variables."""
+    out = {"PYTHONPATH": str(remote_dir), "PYTHONUNBUFFERED": "1"}
+    ifname = _var(node, "dsk_socket_ifname")
+    if ifname:
+        out["GLOO_SOCKET_IFNAME"] = str(ifname)
+        out["NCCL_SOCKET_IFNAME"] = str(ifname)
+    nccl_env = _var(node, "dsk_nccl_env", {}) or {}
+    if not isinstance(nccl_env, dict):
+        raise InputError("must be a mapping of variable names to values",
+                         field=_host_field(node, "dsk_nccl_env"))
+    for key, value in {**nccl_env, **(env or {})}.items():
+        if not _ENV_NAME_RE.match(str(key)):
+            raise InputError(f"{key!r} is not an environment variable name",
+                             field=_host_field(node, "dsk_nccl_env"))
+        out[str(key)] = "" if value is None else str(value)
+    return out
+
+
+def nproc_for(node, nproc_per_node: int | None = None) -> int:
+    """Processes on a node: the override, else the node's GPUs, else 1 (a CPU node)."""
+    if nproc_per_node is not None:
+        return int(nproc_per_node)
+    return int(node.gpus) if node.gpus else 1
+
+
+def rendezvous_endpoint(inventory) -> str:
+    first = inventory.nodes[0]
+    port = _var(first, "dsk_rdzv_port", DEFAULT_RDZV_PORT)
+    return f"{first.address}:{port}"
+
+
+def pid_file(node, run_id: str) -> PurePosixPath:
+    return remote_run_dir(node, run_id) / f"torchrun-{node.name}.pid"
+
+
+def torchrun_argv(inventory, node_index: int, module: str, module_args: list[str], *,
+                  run_id: str, nproc_per_node: int | None = None) -> list[str]:
+    """The torchrun argv for one node (without environment)."""
+    node = inventory.nodes[node_index]
+    remote = remote_run_dir(node, run_id)
+    return [
+        node_python(node), "-m", "torch.distributed.run",
+        "--nnodes", str(len(inventory.nodes)),
+        "--nproc_per_node", str(nproc_for(node, nproc_per_node)),
+        "--node_rank", str(node_index),
+        "--rdzv_backend", "c10d",
+        "--rdzv_endpoint", rendezvous_endpoint(inventory),
+        "--rdzv_id", run_id,
+        "--tee", "3",
+        "--log-dir", str(remote / "torchrun-logs" / node.name),
+        "-m", module, *module_args,
+    ]
+
+
+def torchrun_command(inventory, node_index: int, module: str, module_args: list[str], *,
+                     run_id: str, nproc_per_node: int | None = None,
+                     env: dict | None = None) -> str:
+    """The shell line run on a node: record the PID, then exec torchrun in the run dir."""
+    node = inventory.nodes[node_index]
+    remote = remote_run_dir(node, run_id)
+    argv = torchrun_argv(inventory, node_index, module, module_args, run_id=run_id,
+                         nproc_per_node=nproc_per_node)
+    variables = [f"{k}={shlex.quote(v)}" for k, v in node_env(node, env, remote_dir=remote).items()]
+    q = shlex.quote
+    # `exec` keeps the shell's PID, so the PID file names torchrun itself.
+    return (f"mkdir -p {q(str(remote))} && cd {q(str(remote))} && "
+            f"echo $$ > {q(str(pid_file(node, run_id)))} && "
+            f"exec env {' '.join(variables)} {' '.join(q(a) for a in argv)}")
+
+
+def stop_command(node, run_id: str, signal: str = "TERM") -> str:
+    """Signal the node's torchrun by its PID file, only if that PID is still this run's."""
+    q = shlex.quote
+    pid = q(str(pid_file(node, run_id)))
+    marker = q(f"--rdzv_id\t{run_id}\t")
+    return (f"[ -f {pid} ] || exit 0; p=$(cat {pid}); "
+            f"tr '\\0' '\\t' < /proc/$p/cmdline 2>/dev/null | grep -qF -- {marker} "
+            f"&& kill -{signal} $p; exit 0")
+
+
+# --------------------------------------------------------------------------- shipping
+
+
+def _tar_payload(files: dict[str, Path], include_trainer: bool = True) -> Path:
+    """A tar of trainer/ (no caches) plus the given files, as a temporary file."""
+    fd, name = tempfile.mkstemp(prefix="dsk-ship-", suffix=".tar")
+    os.close(fd)
+
+    def clean(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        if "__pycache__" in info.name.split("/") or info.name.endswith(".pyc"):
+            return None
+        info.uid = info.gid = 0
+        info.uname = info.gname = "root"
+        return info
+
+    with tarfile.open(name, "w") as tar:
+        if include_trainer:
+            if not (TRAINER_DIR / "__init__.py").is_file() and not TRAINER_DIR.is_dir():
+                raise EnvironmentProblem(f"the trainer package is missing at {TRAINER_DIR}")
+            tar.add(TRAINER_DIR, arcname="trainer", filter=clean)
+        for arcname, local in files.items():
+            tar.add(str(local), arcname=arcname, filter=clean)
+    return Path(name)
+
+
+def _check_ship_names(files: dict[str, Path]) -> None:
+    for arcname, local in files.items():
+        parts = PurePosixPath(arcname).parts
+        if not parts or PurePosixPath(arcname).is_absolute() or ".." in parts:
+            raise InputError(f"{arcname!r} must be a relative path inside the run directory",
+                             field="files")
+        if not Path(local).exists():
+            raise InputError(f"{local} does not exist", field=f"files.{arcname}")
+
+
+def ship(inventory, run_id: str, files: dict[str, Path] | None = None, *,
+         transport: TransportChoice = None) -> None:
+    """Copy trainer/ and files into {dsk_root}/runs/<run-id>/ on every node."""
+    files = dict(files or {})
+    _check_ship_names(files)
+    payload = _tar_payload(files)
+    failures: dict[str, str] = {}
+    try:
+        threads = []
+
+        def one(node):
+            remote = shlex.quote(str(remote_run_dir(node, run_id)))
+            with open(payload, "rb") as fh:
+                rc, out = _run(_resolve_transport(transport, inventory, node), node,
+                               f"mkdir -p {remote} && tar -x -m -C {remote}", stdin=fh)
+            if rc != 0:
+                lines = (out or "").strip().splitlines()
+                failures[node.name] = lines[-1] if lines else f"exit {rc}"
+
+        for node in inventory.nodes:
+            t = threading.Thread(target=one, args=(node,), daemon=True)
+            t.start()
+            threads.append(t)
+        for t in threads:
+            t.join()
+    finally:
+        payload.unlink(missing_ok=True)
+    if failures:
+        names = sorted(failures)
+        detail = "; ".join(f"{n}: {failures[n]}" for n in names)
+        raise RunFailed(f"could not copy the trainer to {', '.join(names)} ({detail})",
+                        nodes=names)
+
+
+def fetch(inventory, node, remote_path, local_path, *, transport: TransportChoice = None) -> Path:
+    """Copy one file from a node; written whole (temp + rename). Raises RunFailed."""
+    node = find_node(inventory, node)
+    local_path = Path(local_path)
+    local_path.parent.mkdir(parents=True, exist_ok=True)
+    proc = _resolve_transport(transport, inventory, node)
+    argv = proc.argv(node, f"cat -- {shlex.quote(str(remote_path))}")
+    tmp = local_path.with_name(f".{local_path.name}.part")
+    with open(tmp, "wb") as out:
+        result = subprocess.run(argv, stdout=out, stderr=subprocess.PIPE, timeout=300)
+    if result.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        reason = result.stderr.decode(errors="replace").strip().splitlines()
+        raise RunFailed(f"could not fetch {remote_path} from {node.name}: "
+                        f"{reason[-1] if reason else 'exit ' + str(result.returncode)}",
+                        nodes=[node.name])
+    os.replace(tmp, local_path)
+    return local_path
+
+
+def fetch_first(inventory, remote_relative: str, run_id: str, local_path, *,
+                transport: TransportChoice = None) -> tuple[str, Path]:
+    """Fetch <run dir>/<remote_relative> from the first node that has it.
+
+    Global rank 0 writes results, and c10d rendezvous decides which node holds rank 0,
+    so the nodes are tried in inventory order.
+    """
+    errors = []
+    for node in inventory.nodes:
+        try:
+            remote = remote_run_dir(node, run_id) / remote_relative
+            return node.name, fetch(inventory, node, remote, local_path, transport=transport)
+        except RunFailed as exc:
+            errors.append(str(exc))
+    raise RunFailed(f"no node has {remote_relative} of run {run_id}: " + "; ".join(errors),
+                    nodes=[n.name for n in inventory.nodes])
+
+
+# --------------------------------------------------------------------------- launching
+
+
+@dataclass
+class NodeRun:
+    name: str
+    proc: subprocess.Popen
+    log_path: Path
+    reader: threading.Thread | None = None
+    exit_code: int | None = None
+    exited_at: float | None = None
+    stopped: bool = False
+
+
+@dataclass
+class LaunchResult:
+    run_id: str
+    run_dir: Path
+    module: str
+    nodes: list[str]
+    remote_dirs: dict[str, str]
+    logs: dict[str, Path]
+    exit_codes: dict[str, int]
+    elapsed_s: float
+    world_size: int
+
+
+def _stream(run: NodeRun, printer: _Printer) -> None:
+    with open(run.log_path, "a", buffering=1) as log:
+        for raw in run.proc.stdout:
+            line = raw.rstrip("\n")
+            log.write(line + "\n")
+            printer.line(f"[{run.name}] {line}")
+
+
+def failed_rank(log_text: str) -> int | None:
+    """The global rank in torchrun's failure report ("rank : 3 (local_rank: 1)")."""
+    match = _ROOT_CAUSE_RANK_RE.search(log_text)
+    return int(match.group(1)) if match else None
+
+
+def _is_victim(log_text: str) -> bool:
+    return bool(_PEER_ERROR_RE.search(log_text))
+
+
+def _pick_culprit(failed: list[NodeRun]) -> NodeRun:
+    """The node that failed on its own: first to exit among those not hurt by a peer."""
+    ordered = sorted(failed, key=lambda r: r.exited_at or math.inf)
+    for run in ordered:
+        if not _is_victim(run.log_path.read_text(errors="replace")):
+            return run
+    return ordered[0]
+
+
+def _stop(transport: Transport, node, run: NodeRun, run_id: str) -> None:
+    """TERM by PID file until the node's process ends; KILL after the grace period."""
+    run.stopped = True
+    deadline = time.monotonic() + STOP_GRACE_S
+    while run.proc.poll() is None and time.monotonic() < deadline:
+        _run(transport, node, stop_command(node, run_id, "TERM"), timeout=30)
+        try:
+            run.proc.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            pass
+    if run.proc.poll() is None:
+        _run(transport, node, stop_command(node, run_id, "KILL"), timeout=30)
+        try:
+            run.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            run.proc.kill()  # our own ssh client; the remote side is gone or unreachable
+            run.proc.wait()
+
+
+def run_torchrun(inventory, module: str, module_args: list[str], *, run_dir: Path,
+                 files: dict[str, Path] | None = None, nproc_per_node: int | None = None,
+                 env: dict | None = None, console=None, timeout_s: float | None = None,
+                 transport: TransportChoice = None) -> LaunchResult:
+    """Ship, start torchrun on every node, stream logs, fail fast. Raises RunFailed."""
+    if not inventory.nodes:
+        raise InputError("the inventory has no nodes", file=_inventory_file(inventory),
+                         field="all.children.nodes.hosts")
+    if not _MODULE_RE.match(module):
+        raise InputError(f"{module!r} is not a Python module name", field="module")
+    run_dir = Path(run_dir)
+    run_id = run_dir.name
+    if not _RUN_ID_RE.match(run_id):
+        raise InputError(f"run directory name {run_id!r} cannot be a run id", field="run_dir")
+    if nproc_per_node is not None and nproc_per_node < 1:
+        raise InputError("must be at least 1", field="nproc_per_node")
+    transports = {n.name: _resolve_transport(transport, inventory, n) for n in inventory.nodes}
+    commands = [torchrun_command(inventory, i, module, list(module_args), run_id=run_id,
+                                 nproc_per_node=nproc_per_node, env=env)
+                for i in range(len(inventory.nodes))]
+    printer = _Printer(console)
+    log_dir = run_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+
+    ship(inventory, run_id, files, transport=transport)
+
+    started = time.monotonic()
+    runs: list[NodeRun] = []
+    try:
+        for node, command in zip(inventory.nodes, commands, strict=True):
+            log_path = log_dir / f"{node.name}.log"
+            log_path.write_text("")
+            run = NodeRun(node.name, transports[node.name].popen(node, command), log_path)
+            run.reader = threading.Thread(target=_stream, args=(run, printer), daemon=True)
+            run.reader.start()
+            runs.append(run)
+        timed_out = _watch(runs, started, timeout_s)
+    except BaseException:
+        for node, run in zip(inventory.nodes, runs, strict=False):
+            if run.proc.poll() is None:
+                _stop(transports[node.name], node, run, run_id)
+        raise
+    failed = [r for r in runs if r.exit_code not in (None, 0)]
+    if failed or timed_out:
+        # Give nodes that fail on their own a moment to say so before we stop the rest.
+        settle_until = time.monotonic() + SETTLE_S
+        while time.monotonic() < settle_until and any(r.proc.poll() is None for r in runs):
+            _collect(runs)
+            time.sleep(0.05)
+        stoppers = []
+        for node, run in zip(inventory.nodes, runs, strict=True):
+            if run.proc.poll() is None:
+                t = threading.Thread(target=_stop, args=(transports[node.name], node, run,
+                                                         run_id), daemon=True)
+                t.start()
+                stoppers.append(t)
+        for t in stoppers:
+            t.join()
+    _collect(runs)
+    for run in runs:
+        if run.reader:
+            run.reader.join(timeout=10)
+    elapsed = time.monotonic() - started
+    exit_codes = {r.name: r.proc.returncode for r in runs}
+    failed = [r for r in runs if r.exit_code not in (None, 0) and not r.stopped]
+    stopped = [r.name for r in runs if r.stopped]
+    if timed_out and not failed:
+        raise RunFailed(f"{module} did not finish within {timeout_s:g} s; stopped "
+                        f"{', '.join(stopped)}", nodes=stopped,
+                        hint=f"logs in {log_dir}")
+    if failed:
+        culprit = _pick_culprit(failed)
+        rank = failed_rank(culprit.log_path.read_text(errors="replace"))
+        who = f"rank {rank} on {culprit.name}" if rank is not None else culprit.name
+        parts = [f"{module} failed: {who} exited with code {culprit.exit_code}"]
+        others = [r.name for r in failed if r is not culprit]
+        if others:
+            parts.append(f"then {', '.join(others)} failed too")
+        if stopped:
+            parts.append(f"stopped {', '.join(stopped)}")
+        raise RunFailed("; ".join(parts), nodes=[culprit.name],
+                        hint=f"see {culprit.log_path}")
+    return LaunchResult(
+        run_id=run_id, run_dir=run_dir, module=module, nodes=[r.name for r in runs],
+        remote_dirs={n.name: str(remote_run_dir(n, run_id)) for n in inventory.nodes},
+        logs={r.name: r.log_path for r in runs}, exit_codes=exit_codes, elapsed_s=elapsed,
+        world_size=sum(nproc_for(n, nproc_per_node) for n in inventory.nodes))
+
+
+def _collect(runs: list[NodeRun]) -> None:
+    now = time.monotonic()
+    for run in runs:
+        if run.exit_code is None and run.proc.poll() is not None:
+            run.exit_code = run.proc.returncode
+            run.exited_at = now
+
+
+def _watch(runs: list[NodeRun], started: float, timeout_s: float | None) -> bool:
+    """Wait until all exit 0, one fails, or time runs out (returns True on timeout)."""
+    while True:
+        _collect(runs)
+        if any(r.exit_code not in (None, 0) for r in runs):
+            return False
+        if all(r.exit_code == 0 for r in runs):
+            return False
+        if timeout_s is not None and time.monotonic() - started > timeout_s:
+            return True
+        time.sleep(0.1)
+
+
+# --------------------------------------------------------------------------- train
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    first_loss: float
+    last_loss: float
+    steps: int
+    world_size: int
+    metrics_path: Path
+    summary_path: Path
+    summary: dict = field(default_factory=dict)
+
+
+def _losses(metrics_path: Path) -> list[tuple[int, float]]:
+    out = []
+    for number, line in enumerate(metrics_path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise RunFailed(f"{metrics_path}:{number}: not JSON ({exc})") from None
+        if "loss" in record:
+            out.append((int(record.get("step", number)), float(record["loss"])))
+    return out
+
+
+def train(inventory, config_path: Path, *, runs_dir: Path | None = None, console=None,
+          nproc_per_node: int | None = None, transport: TransportChoice = None,
+          timeout_s: float | None = None) -> TrainResult:
+    """Validate the config, launch trainer.train on every node, fetch and check the loss."""
+    from dsk_provision import rundir
+    from trainer.config import check_world_size, load_config
+
+    config_path = Path(config_path)
+    cfg = load_config(config_path)  # InputError names file and field
+    world_size = sum(nproc_for(n, nproc_per_node) for n in inventory.nodes)
+    check_world_size(cfg, world_size)
+
+    run_dir = rundir.new_run_dir("train", runs_dir)
+    run_id = run_dir.name
+    shipped_config = f"config/{config_path.name}"
+    printer = _Printer(console)
+    printer.line(f"train: {len(inventory.nodes)} nodes, world size {world_size}, "
+                 f"config {config_path}, run {run_dir}")
+    # Every node has the same layout under its own dsk_root; the trainer resolves paths
+    # relative to its working directory, the run dir.
+    run_torchrun(inventory, "trainer.train",
+                 ["--config", shipped_config, "--out", "out"],
+                 run_dir=run_dir, files={shipped_config: config_path},
+                 nproc_per_node=nproc_per_node, console=console, timeout_s=timeout_s,
+                 transport=transport)
+    metrics_node, metrics_path = fetch_first(inventory, "out/metrics.jsonl", run_id,
+                                             run_dir / "metrics.jsonl", transport=transport)
+    summary_path = fetch(inventory, metrics_node, remote_run_dir(
+        find_node(inventory, metrics_node), run_id) / "out" / "summary.json",
+        run_dir / "summary.json", transport=transport)
+    try:
+        summary = json.loads(summary_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise RunFailed(f"{summary_path}: not JSON ({exc})", nodes=[metrics_node]) from None
+    losses = _losses(metrics_path)
+    if not losses:
+        raise RunFailed(f"{metrics_path} has no loss values", nodes=[metrics_node])
+    first_loss, last_loss = losses[0][1], losses[-1][1]
+    printer.line(f"train: loss {first_loss:.4f} (step {losses[0][0]}) -> {last_loss:.4f} "
+                 f"(step {losses[-1][0]}); metrics in {metrics_path}")
+    if not all(math.isfinite(loss) for _, loss in losses):
+        bad = next(step for step, loss in losses if not math.isfinite(loss))
+        raise RunFailed(f"the loss is not finite from step {bad} on (see {metrics_path})",
+                        nodes=[metrics_node])
+    return TrainResult(run_dir=run_dir, first_loss=first_loss, last_loss=last_loss,
+                       steps=losses[-1][0], world_size=world_size, metrics_path=metrics_path,
+                       summary_path=summary_path, summary=summary)
+
+
+__all__ = [
+    "LaunchResult", "LocalTransport", "SshTransport", "TrainResult", "fetch", "fetch_first",
+    "node_env", "nproc_for", "run_torchrun", "ship", "stop_command", "torchrun_argv",
+    "torchrun_command", "train", "transport_for",
+]

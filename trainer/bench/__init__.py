@@ -1,0 +1,1 @@
+"""Benchmarks shipped to the nodes with the trainer (run under torchrun)."""

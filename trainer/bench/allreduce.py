@@ -1,0 +1,317 @@
+"""All-reduce bandwidth and correctness, in the manner of nccl-tests' all_reduce_perf.
+
+Run under torchrun on every node:
+
+    python -m trainer.bench.allreduce --begin 1K --end 16M --factor 2 \
+        --warmup 5 --iters 20 [--dtype float32] [--json-out FILE]
+
+NCCL when CUDA is available, gloo otherwise. For each size the all-reduce (sum) is timed
+out of place and in place; bandwidths follow nccl-tests (doc/PERFORMANCE.md there):
+
+    algbw = bytes / time
+    busbw = algbw * 2 * (n - 1) / n        (n = number of ranks)
+
+`torch.distributed.all_reduce` only works in place, so "out of place" copies the send
+buffer into a separate receive buffer and reduces that: what a framework pays when it
+must keep its input. The time of one operation is averaged over the iterations and then
+over the ranks (nccl-tests' default `-a 1`).
+
+Correctness: every rank fills a known pattern, one more all-reduce runs on fresh buffers
+and every element is compared with the expected sum; `#wrong` is the number of wrong
+elements summed over all ranks (out of place, a changed send buffer counts too).
+
+This module must only need torch: the nodes have the trainer package, not dsk_provision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int32": torch.int32,
+}
+# nccl-tests' short type names, for the table.
+_TYPE_NAMES = {
+    "float32": "float",
+    "float16": "half",
+    "bfloat16": "bfloat16",
+    "float64": "double",
+    "int32": "int32",
+}
+# Pattern values are (index + rank) % _PATTERN_PERIOD: small integers, so every partial sum
+# is exact even in bfloat16 for up to 85 ranks (3 * 85 < 256).
+_PATTERN_PERIOD = 4
+
+
+def parse_size(text: str) -> int:
+    """'1K' -> 1024, '16M' -> 16777216, '512' -> 512 (bytes, powers of 1024 as nccl-tests)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([KMGB]?)\s*", text.upper())
+    if not match:
+        raise ValueError(f"not a size: {text!r} (use e.g. 512, 1K, 16M, 1G)")
+    return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+def sizes(begin: int, end: int, factor: int) -> list[int]:
+    """Sizes from begin to end (inclusive), each `factor` times the previous one."""
+    if begin <= 0 or end < begin:
+        raise ValueError(f"need 0 < begin <= end, got begin={begin} end={end}")
+    if factor < 2:
+        raise ValueError(f"factor must be at least 2, got {factor}")
+    out = []
+    size = begin
+    while size <= end:
+        out.append(size)
+        size *= factor
+    return out
+
+
+def algbw_gbs(size_bytes: int, seconds: float) -> float:
+    """Algorithm bandwidth in GB/s (10^9 bytes per second), as nccl-tests prints it."""
+    return size_bytes / seconds / 1e9 if seconds > 0 else 0.0
+
+
+def busbw_factor(world_size: int) -> float:
+    """nccl-tests' all-reduce bus bandwidth factor: 2 (n - 1) / n."""
+    return 2.0 * (world_size - 1) / world_size
+
+
+def busbw_gbs(size_bytes: int, seconds: float, world_size: int) -> float:
+    return algbw_gbs(size_bytes, seconds) * busbw_factor(world_size)
+
+
+def fill_pattern(buf: torch.Tensor, rank: int) -> None:
+    idx = torch.arange(buf.numel(), device=buf.device, dtype=torch.int64)
+    buf.copy_((idx + rank) % _PATTERN_PERIOD)
+
+
+def expected_sum(count: int, world_size: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """sum over ranks r of (i + r) % P, computed per residue of i (no n-fold work)."""
+    per_residue = torch.tensor(
+        [sum((k + r) % _PATTERN_PERIOD for r in range(world_size)) for k in range(_PATTERN_PERIOD)],
+        dtype=torch.int64,
+        device=device,
+    )
+    idx = torch.arange(count, device=device, dtype=torch.int64)
+    return per_residue[idx % _PATTERN_PERIOD].to(dtype)
+
+
+class _Timer:
+    """Wall time of a block of collectives: CUDA events on GPU, barrier + perf_counter on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.start = torch.cuda.Event(enable_timing=True)
+            self.stop = torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            dist.barrier()
+            self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.stop.record()
+            self.stop.synchronize()
+            self.seconds = self.start.elapsed_time(self.stop) / 1e3
+        else:
+            self.seconds = time.perf_counter() - self.t0
+        return False
+
+
+def _time_op(op, warmup: int, iters: int, device: torch.device) -> float:
+    for _ in range(warmup):
+        op()
+    with _Timer(device) as timer:
+        for _ in range(iters):
+            op()
+    return timer.seconds / iters
+
+
+def _mean_over_ranks(value: float, device: torch.device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item()) / dist.get_world_size()
+
+
+def _sum_over_ranks(value: int, device: torch.device) -> int:
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t)
+    return int(t.item())
+
+
+def _count_wrong(result: torch.Tensor, expected: torch.Tensor) -> int:
+    return int((result != expected).sum().item())
+
+
+def run_size(size_bytes: int, dtype_name: str, warmup: int, iters: int,
+             device: torch.device) -> dict | None:
+    """Time and check one size; None when the size holds no whole element."""
+    dtype = _DTYPES[dtype_name]
+    elem = torch.tensor([], dtype=dtype).element_size()
+    count = size_bytes // elem
+    if count == 0:
+        return None
+    nbytes = count * elem
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    send = torch.empty(count, dtype=dtype, device=device)
+    recv = torch.empty(count, dtype=dtype, device=device)
+    fill_pattern(send, rank)
+    expected = expected_sum(count, world, dtype, device)
+
+    def out_of_place():
+        recv.copy_(send)
+        dist.all_reduce(recv)
+
+    def in_place():
+        dist.all_reduce(recv)
+
+    row = {"size": nbytes, "count": count, "type": _TYPE_NAMES[dtype_name], "redop": "sum",
+           "root": -1}
+    for mode, op in (("out_of_place", out_of_place), ("in_place", in_place)):
+        recv.copy_(send)
+        seconds = _mean_over_ranks(_time_op(op, warmup, iters, device), device)
+        # Fresh buffers for the check: the timed in-place loop keeps summing into recv.
+        fill_pattern(send, rank)
+        if mode == "out_of_place":
+            recv.zero_()
+            out_of_place()
+            wrong = _count_wrong(recv, expected)
+            pattern = torch.empty_like(send)
+            fill_pattern(pattern, rank)
+            wrong += _count_wrong(send, pattern)
+        else:
+            fill_pattern(recv, rank)
+            in_place()
+            wrong = _count_wrong(recv, expected)
+        row[mode] = {
+            "time_us": seconds * 1e6,
+            "algbw_gbs": algbw_gbs(nbytes, seconds),
+            "busbw_gbs": busbw_gbs(nbytes, seconds, world),
+            "wrong": _sum_over_ranks(wrong, device),
+        }
+    return row
+
+
+def format_table(result: dict) -> str:
+    """A table laid out like nccl-tests' all_reduce_perf output."""
+    head = (
+        f"# all_reduce: {result['world_size']} ranks, backend {result['backend']}, "
+        f"dtype {result['dtype']}, warmup {result['warmup']}, iters {result['iters']}\n"
+        "#" + " " * 59 + "out-of-place" + " " * 23 + "in-place\n"
+        f"#{'size':>11} {'count':>12} {'type':>9} {'redop':>6} {'root':>6}"
+        f" {'time':>8} {'algbw':>7} {'busbw':>7} {'#wrong':>6}"
+        f" {'time':>8} {'algbw':>7} {'busbw':>7} {'#wrong':>6}\n"
+        f"#{'(B)':>11} {'(elements)':>12} {'':>9} {'':>6} {'':>6}"
+        f" {'(us)':>8} {'(GB/s)':>7} {'(GB/s)':>7} {'':>6}"
+        f" {'(us)':>8} {'(GB/s)':>7} {'(GB/s)':>7} {'':>6}\n"
+    )
+    lines = []
+    for row in result["results"]:
+        cells = f" {row['size']:>11} {row['count']:>12} {row['type']:>9} {row['redop']:>6}" \
+                f" {row['root']:>6}"
+        for mode in ("out_of_place", "in_place"):
+            m = row[mode]
+            cells += f" {m['time_us']:>8.1f} {m['algbw_gbs']:>7.3f} {m['busbw_gbs']:>7.3f}" \
+                     f" {m['wrong']:>6}"
+        lines.append(cells)
+    verdict = "OK" if not result["wrong_total"] else "FAILED"
+    tail = (
+        f"# Out of bounds values : {result['wrong_total']} {verdict}\n"
+        f"# Avg bus bandwidth    : {result['avg_busbw_gbs']:.3f}\n"
+    )
+    return head + "\n".join(lines) + "\n#\n" + tail
+
+
+def _write_json_whole(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m trainer.bench.allreduce",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--begin", default="1K", help="smallest size in bytes (1K, 16M, ...)")
+    parser.add_argument("--end", default="16M", help="largest size in bytes")
+    parser.add_argument("--factor", type=int, default=2, help="multiply the size by this")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed iterations per size")
+    parser.add_argument("--iters", type=int, default=20, help="timed iterations per size")
+    parser.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
+    parser.add_argument("--json-out", type=Path, help="rank 0 writes the results here")
+    args = parser.parse_args(argv)
+    try:
+        args.sizes = sizes(parse_size(args.begin), parse_size(args.end), args.factor)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.warmup < 0 or args.iters < 1:
+        parser.error("need --warmup >= 0 and --iters >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if torch.cuda.is_available():
+        backend = "nccl"
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        backend = "gloo"
+        device = torch.device("cpu")
+    dist.init_process_group(backend=backend)
+    try:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        rows = []
+        for size in args.sizes:
+            row = run_size(size, args.dtype, args.warmup, args.iters, device)
+            if row is not None:
+                rows.append(row)
+        wrong_total = sum(r[m]["wrong"] for r in rows for m in ("out_of_place", "in_place"))
+        busbws = [r[m]["busbw_gbs"] for r in rows for m in ("out_of_place", "in_place")]
+        result = {
+            "benchmark": "all_reduce",
+            "backend": backend,
+            "world_size": world,
+            "dtype": args.dtype,
+            "warmup": args.warmup,
+            "iters": args.iters,
+            "busbw_factor": busbw_factor(world),
+            "torch": torch.__version__,
+            "nccl": ".".join(map(str, torch.cuda.nccl.version())) if backend == "nccl" else None,
+            "results": rows,
+            "wrong_total": wrong_total,
+            "avg_busbw_gbs": sum(busbws) / len(busbws) if busbws else 0.0,
+        }
+        if rank == 0:
+            sys.stdout.write(format_table(result))
+            sys.stdout.flush()
+            if args.json_out:
+                _write_json_whole(args.json_out, result)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    return 1 if wrong_total else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
