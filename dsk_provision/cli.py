@@ -1,0 +1,331 @@
+"""The dsk-provision command line. Thin: parse, call one library function, render.
+
+Heavy modules (ansible, ansible_runner, torch, jsonschema) are imported inside the
+commands, so that ``dsk-provision --help`` starts fast.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from dsk_provision.errors import DskError, InputError
+
+app = typer.Typer(
+    name="dsk-provision",
+    help="From fresh GPU servers to a verified multi-node training job.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+sandbox_app = typer.Typer(help="A local multi-node cluster (systemd-nspawn) to try everything.",
+                          no_args_is_help=True)
+app.add_typer(sandbox_app, name="sandbox")
+
+_state: dict[str, Any] = {"debug": False, "runs_dir": None}
+
+InventoryOpt = Annotated[Path, typer.Option(
+    "--inventory", "-i", help="Inventory: a hosts.yml file or a directory holding one.")]
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr)
+
+
+def _fail(message: str, code: int) -> None:
+    err = _console(stderr=True)
+    err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _guard(fn: Callable[[], Any]) -> Any:
+    """Run a command body: DskError -> its message and exit code; others -> one line."""
+    try:
+        return fn()
+    except typer.Exit:
+        raise
+    except DskError as exc:
+        if _state["debug"]:
+            import traceback
+
+            traceback.print_exc()
+        _fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
+        if _state["debug"]:
+            raise
+        _fail(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", 1)
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _load(inventory: Path):
+    from dsk_provision.inventory import load_inventory
+
+    return load_inventory(inventory)
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.I)
+_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def parse_size(text: str, option: str) -> int:
+    """'1K' -> 1024, '16M' -> 16777216 (binary units, as nccl-tests reads them)."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise InputError(f"{text!r} is not a size: use a number with an optional K, M or G "
+                         "suffix, e.g. 1K or 16M", field=option)
+    value = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
+    if value < 1:
+        raise InputError(f"{text!r} must be at least 1 byte", field=option)
+    return value
+
+
+@app.callback()
+def _global(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    runs_dir: Annotated[Path | None, typer.Option(
+        "--runs-dir", envvar="DSK_RUNS_DIR",
+        help="Where run directories go (default ./.dsk/runs).")] = None,
+) -> None:
+    """From fresh GPU servers to a verified multi-node training job."""
+    _state["debug"] = debug
+    _state["runs_dir"] = runs_dir
+
+
+@app.command()
+def check(
+    inventory: InventoryOpt,
+    config: Annotated[Path | None, typer.Option(
+        "--config", help="Also validate this training config (TOML).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Validate the inventory (and a training config); no connection is made."""
+
+    def body() -> None:
+        inv = _load(inventory)
+        cfg = None
+        if config is not None:
+            from trainer.config import load_config
+
+            cfg = load_config(config)
+        if as_json:
+            _print_json({
+                "inventory": str(inv.path), "cluster": inv.cluster_name, "profile": inv.profile,
+                "total_gpus": inv.total_gpus, "config": str(config) if config else None,
+                "nodes": [{"name": n.name, "address": n.address, "port": n.port,
+                           "user": n.user, "gpus": n.gpus} for n in inv.nodes],
+            })
+            return
+        from rich.table import Table
+
+        out = _console()
+        table = Table(title=f"cluster {inv.cluster_name} ({inv.path})", title_justify="left")
+        for col in ("rank", "node", "address", "port", "user", "gpus"):
+            table.add_column(col, justify="right" if col in ("rank", "port", "gpus") else "left")
+        for rank, n in enumerate(inv.nodes):
+            table.add_row(str(rank), n.name, n.address, str(n.port), n.user or "-", str(n.gpus))
+        out.print(table)
+        out.print(f"{len(inv.nodes)} node(s), {inv.total_gpus} GPU(s), profile "
+                  f"{inv.profile or '-'}; rendezvous on {inv.first_node.name}: inventory OK",
+                  markup=False, highlight=False)
+        if cfg is not None:
+            out.print(f"training config {config}: OK", markup=False, highlight=False)
+
+    _guard(body)
+
+
+@app.command()
+def bootstrap(
+    inventory: InventoryOpt,
+    limit: Annotated[list[str] | None, typer.Option(
+        "--limit", help="Only these nodes (repeat or comma-separate).")] = None,
+    tags: Annotated[list[str] | None, typer.Option(
+        "--tags", help="Only these parts, e.g. common,ssh_trust.")] = None,
+    check_mode: Annotated[bool, typer.Option(
+        "--check", help="Dry run: report what would change.")] = False,
+    verbose: Annotated[int, typer.Option(
+        "--verbose", "-v", count=True, help="More Ansible output.")] = 0,
+) -> None:
+    """Provision the nodes: run playbooks/site.yml."""
+
+    def body() -> None:
+        inv = _load(inventory)
+        from dsk_provision.runner import run_playbook
+
+        run_playbook("site.yml", inv, command="bootstrap", runs_dir=_state["runs_dir"],
+                     limit=_split(limit), tags=_split(tags), check=check_mode,
+                     console=_console(), verbosity=verbose)
+
+    _guard(body)
+
+
+def _split(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    out = [v.strip() for item in values for v in item.split(",") if v.strip()]
+    return out or None
+
+
+@app.command()
+def validate(
+    inventory: InventoryOpt,
+    begin: Annotated[str, typer.Option("--begin", help="Smallest all-reduce size.")] = "1K",
+    end: Annotated[str, typer.Option("--end", help="Largest all-reduce size.")] = "16M",
+    factor: Annotated[int, typer.Option(
+        "--factor", min=2, help="Size multiplier between steps.")] = 2,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Check every node's health and measure all-reduce bandwidth; write a report."""
+
+    def body() -> None:
+        lo, hi = parse_size(begin, "--begin"), parse_size(end, "--end")
+        if lo > hi:
+            raise InputError(f"--begin {begin} is larger than --end {end}", field="--begin")
+        inv = _load(inventory)
+        from dsk_provision.validate import validate as run_validate
+
+        report = run_validate(inv, runs_dir=_state["runs_dir"], begin=lo, end=hi,
+                              factor=factor, console=_console(stderr=as_json))
+        if as_json:
+            _print_json(report.to_dict())
+        else:
+            verdict = "PASSED" if report.passed else "FAILED"
+            _console().print(f"validate {verdict}; report in {report.run_dir}",
+                             markup=False, highlight=False)
+        if not report.passed:
+            raise typer.Exit(1)
+
+    _guard(body)
+
+
+@app.command()
+def train(
+    inventory: InventoryOpt,
+    config: Annotated[Path, typer.Option("--config", help="Training config (TOML).")],
+    nproc_per_node: Annotated[int | None, typer.Option(
+        "--nproc-per-node", min=1,
+        help="Processes per node (default: its GPUs, or 1 on CPU-only nodes).")] = None,
+) -> None:
+    """Start the bundled trainer with torchrun on every node; stream its logs."""
+
+    def body() -> None:
+        inv = _load(inventory)
+        from dsk_provision.launch import train as run_train
+
+        run_train(inv, config, runs_dir=_state["runs_dir"], console=_console(),
+                  nproc_per_node=nproc_per_node)
+
+    _guard(body)
+
+
+@sandbox_app.command("up")
+def sandbox_up(
+    name: Annotated[str, typer.Option(
+        "--name", help="Sandbox name ([a-z][a-z0-9]{0,7}).")] = "dsk",
+    nodes: Annotated[int, typer.Option("--nodes", min=1, max=32, help="Number of nodes.")] = 3,
+    subnet: Annotated[str | None, typer.Option(
+        "--subnet", help="Bridge subnet, e.g. 10.213.7.0/24.")] = None,
+) -> None:
+    """Create and start a local cluster; prints its inventory."""
+
+    def body() -> None:
+        from dsk_provision import sandbox
+
+        out = _console()
+
+        def progress(message: str) -> None:
+            out.print(f"  {message}", markup=False, highlight=False)
+
+        info = sandbox.up(name, nodes, subnet=subnet, progress=progress)
+        inv = info.inventory_path
+        out.print(f"sandbox {name} is up with {len(info.nodes)} node(s); inventory: {inv}",
+                  markup=False, highlight=False)
+        out.print("next:", markup=False)
+        for cmd in (f"dsk-provision check -i {inv}", f"dsk-provision bootstrap -i {inv}",
+                    f"dsk-provision validate -i {inv}",
+                    f"dsk-provision train -i {inv} --config trainer/configs/tiny.toml",
+                    f"dsk-provision sandbox down --name {name}"):
+            out.print(f"  {cmd}", markup=False, highlight=False)
+
+    _guard(body)
+
+
+@sandbox_app.command("down")
+def sandbox_down(
+    name: Annotated[str, typer.Option("--name", help="Sandbox name.")] = "dsk",
+) -> None:
+    """Stop a sandbox and remove its nodes and network."""
+
+    def body() -> None:
+        from dsk_provision import sandbox
+
+        out = _console()
+        sandbox.down(name, progress=lambda m: out.print(f"  {m}", markup=False,
+                                                          highlight=False))
+        out.print(f"sandbox {name} is down", markup=False, highlight=False)
+
+    _guard(body)
+
+
+@sandbox_app.command("status")
+def sandbox_status(
+    name: Annotated[str | None, typer.Option("--name", help="Only this sandbox.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+) -> None:
+    """Show sandboxes and their nodes."""
+
+    def body() -> None:
+        from dsk_provision import sandbox
+
+        rows = sandbox.status(name)
+        if as_json:
+            _print_json(rows)
+            return
+        out = _console()
+        if not rows:
+            out.print("no sandbox" + (f" named {name}" if name else "") + " is running",
+                      markup=False)
+            return
+        from rich.table import Table
+
+        columns: list[str] = []
+        for row in rows:
+            columns += [k for k in row if k not in columns]
+        table = Table()
+        for col in columns:
+            table.add_column(col)
+        for row in rows:
+            table.add_row(*(_cell(row.get(c)) for c in columns))
+        out.print(table)
+
+    _guard(body)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, list | tuple):
+        return ", ".join(_cell(v) for v in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_cell(v)}" for k, v in value.items())
+    return str(value)
+
+
+def main() -> None:
+    app(prog_name="dsk-provision")
+
+
+if __name__ == "__main__":
+    main()

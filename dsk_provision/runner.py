@@ -1,0 +1,358 @@
+"""ansible-runner wrapper: live per-host progress, a recap table and a run directory.
+
+Each run gets a run directory (see rundir.py) holding:
+
+- ``ansible/``: ansible-runner's private data dir; ``ansible/artifacts/<command>/`` keeps
+  its artifacts (``job_events/*.json``, ``stdout``, ``rc``, ``status``),
+- ``hosts/<host>.log``: every result for that host, in order,
+- ``recap.json``: the per-host recap, failures and timings.
+
+Failure messages come from a result's ``msg``/``stderr`` only, and never from a task
+with ``no_log`` (Ansible censors those results; we keep them censored).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dsk_provision.errors import EnvironmentProblem, RunFailed
+from dsk_provision.rundir import new_run_dir
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from dsk_provision.inventory import Inventory
+
+REPO_DIR = Path(__file__).resolve().parent.parent
+PLAYBOOKS_DIR = REPO_DIR / "playbooks"
+ROLES_DIR = REPO_DIR / "roles"
+ANSIBLE_CFG = REPO_DIR / "ansible.cfg"
+
+RECAP_COLUMNS = ("ok", "changed", "failed", "unreachable", "skipped", "rescued")
+# playbook_on_stats keys -> our recap names
+_STATS_KEYS = {"ok": "ok", "changed": "changed", "failures": "failed", "dark": "unreachable",
+               "skipped": "skipped", "rescued": "rescued", "ignored": "ignored"}
+_HIDDEN = "output hidden (no_log: true)"
+_MAX_MESSAGE = 400
+
+
+@dataclass
+class PlaybookResult:
+    run_dir: Path
+    rc: int
+    recap: dict[str, dict[str, int]]
+    failed: dict[str, str] = field(default_factory=dict)
+    unreachable: dict[str, str] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.rc == 0 and not self.failed and not self.unreachable
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["run_dir"] = str(self.run_dir)
+        d["ok"] = self.ok
+        return d
+
+
+def _shorten(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 3] + "..."
+
+
+def failure_message(res: Any) -> str:
+    """A one-line reason from a task result, never revealing a no_log task's data."""
+    if not isinstance(res, dict):
+        return "failed"
+    if res.get("_ansible_no_log") or "censored" in res:
+        return _HIDDEN
+    results = res.get("results")
+    if isinstance(results, list):
+        for item in results:
+            if isinstance(item, dict) and item.get("failed"):
+                return failure_message(item)
+    parts = []
+    msg = res.get("msg") or res.get("reason")
+    if msg:
+        parts.append(str(msg))
+    stderr = (res.get("stderr") or "").strip()
+    if stderr:
+        parts.append(stderr.splitlines()[-1])
+    elif res.get("rc") not in (None, 0) and not parts:
+        parts.append(f"exit code {res['rc']}")
+    return _shorten(": ".join(parts)) if parts else "failed"
+
+
+class _HostState:
+    __slots__ = ("task", "ok", "changed", "failed", "unreachable", "skipped", "rescued")
+
+    def __init__(self) -> None:
+        self.task = ""
+        self.ok = self.changed = self.failed = self.unreachable = 0
+        self.skipped = self.rescued = 0
+
+
+class _EventView:
+    """Turns ansible-runner events into per-host state, host logs and console output."""
+
+    def __init__(self, run_dir: Path, hosts: list[str], console: Console, live: bool):
+        self.hosts: dict[str, _HostState] = {h: _HostState() for h in hosts}
+        self.failed: dict[str, str] = {}
+        self.unreachable: dict[str, str] = {}
+        self.stats: dict[str, dict[str, int]] | None = None
+        self.console = console
+        self.logs_dir = run_dir / "hosts"
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        self._logs: dict[str, Any] = {}
+        self._task = ""
+        self._live = None
+        if live:
+            from rich.live import Live
+
+            self._live = Live(self._table(), console=console, refresh_per_second=8,
+                              transient=False)
+
+    # ---- lifecycle
+    def __enter__(self) -> _EventView:
+        if self._live is not None:
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.update(self._table())
+            self._live.__exit__(None, None, None)
+        for fh in self._logs.values():
+            fh.close()
+
+    # ---- events
+    def _state(self, host: str) -> _HostState:
+        return self.hosts.setdefault(host, _HostState())
+
+    def _log(self, host: str, line: str, stdout: str = "") -> None:
+        fh = self._logs.get(host)
+        if fh is None:
+            safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in host)
+            fh = self._logs[host] = open(self.logs_dir / f"{safe}.log", "a", encoding="utf-8")
+        fh.write(f"{time.strftime('%H:%M:%S')} {line}\n")
+        if stdout.strip():
+            fh.write(stdout.rstrip() + "\n")
+        fh.flush()
+
+    def _say(self, text: str) -> None:
+        if self._live is None:
+            self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    def handle(self, event: dict) -> bool:
+        kind = event.get("event", "")
+        data = event.get("event_data") or {}
+        host = data.get("host") or ""
+        task = data.get("task") or ""
+        res = data.get("res")
+        stdout = event.get("stdout") or ""
+        status = None
+        message = ""
+
+        if kind == "playbook_on_play_start":
+            self._say(f"PLAY {data.get('play', '')}")
+        elif kind == "playbook_on_task_start":
+            self._task = task
+            self._say(f"  TASK {task}")
+        elif kind == "runner_on_start" and host:
+            self._state(host).task = task
+        elif kind == "runner_on_ok" and host:
+            changed = isinstance(res, dict) and bool(res.get("changed"))
+            status = "changed" if changed else "ok"
+        elif kind == "runner_on_failed" and host:
+            message = failure_message(res)
+            if data.get("ignore_errors"):
+                status = "ignored"
+            else:
+                status = "failed"
+                self.failed.setdefault(host, f"{task}: {message}")
+        elif kind == "runner_on_unreachable" and host:
+            status = "unreachable"
+            message = failure_message(res)
+            self.unreachable.setdefault(host, message)
+        elif kind == "runner_on_skipped" and host:
+            status = "skipped"
+        elif kind == "playbook_on_stats":
+            self.stats = {}
+            for src, dst in _STATS_KEYS.items():
+                for h, n in (data.get(src) or {}).items():
+                    self.stats.setdefault(h, dict.fromkeys(RECAP_COLUMNS + ("ignored",), 0))
+                    self.stats[h][dst] = int(n)
+
+        if status:
+            st = self._state(host)
+            st.task = task
+            if status in ("ok", "changed", "failed", "unreachable", "skipped"):
+                setattr(st, status, getattr(st, status) + 1)
+            if status == "changed":
+                st.ok += 1  # Ansible counts a changed result as ok too
+            line = f"{status:<11} {task}" + (f": {message}" if message else "")
+            self._log(host, line, stdout)
+            self._say(f"    {host}: {line}")
+            if self._live is not None:
+                self._live.update(self._table())
+        return True  # keep every event in the artifacts
+
+    # ---- rendering
+    def _table(self):
+        from rich.table import Table
+
+        table = Table(title=f"task: {self._task}" if self._task else None, title_justify="left")
+        table.add_column("host")
+        table.add_column("current task", overflow="ellipsis", max_width=50)
+        for col in ("ok", "changed", "failed", "unreachable"):
+            table.add_column(col, justify="right")
+        for name, st in self.hosts.items():
+            style = "red" if (st.failed or st.unreachable) else None
+            table.add_row(name, st.task, str(st.ok), str(st.changed), str(st.failed),
+                          str(st.unreachable), style=style)
+        return table
+
+    def recap(self) -> dict[str, dict[str, int]]:
+        if self.stats is not None:
+            recap = self.stats
+            for h in self.hosts:
+                recap.setdefault(h, dict.fromkeys(RECAP_COLUMNS + ("ignored",), 0))
+            return recap
+        # No stats event (the play never started): fall back to what the events showed.
+        return {h: {"ok": s.ok, "changed": s.changed, "failed": s.failed,
+                    "unreachable": s.unreachable, "skipped": s.skipped, "rescued": s.rescued,
+                    "ignored": 0}
+                for h, s in self.hosts.items()}
+
+
+def render_recap(result: PlaybookResult, console: Console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"recap ({result.elapsed_s:.1f} s)", title_justify="left")
+    table.add_column("host")
+    for col in RECAP_COLUMNS:
+        table.add_column(col, justify="right")
+    for host, counts in result.recap.items():
+        bad = counts.get("failed") or counts.get("unreachable")
+        table.add_row(host, *(str(counts.get(c, 0)) for c in RECAP_COLUMNS),
+                      style="red" if bad else None)
+    console.print(table)
+    console.print(f"run directory: {result.run_dir}", markup=False, highlight=False)
+
+
+def _resolve_playbook(playbook: str) -> tuple[Path, str]:
+    path = Path(playbook)
+    if path.is_absolute():
+        project = path.parent
+    else:
+        project = PLAYBOOKS_DIR
+        path = project / playbook
+    if not path.is_file():
+        raise EnvironmentProblem(f"playbook {playbook} not found at {path}",
+                                 hint="run from a complete checkout of dsk-provision")
+    return project, path.name
+
+
+def run_playbook(playbook: str, inventory: Inventory, *, command: str,
+                 runs_dir: Path | None = None, limit: list[str] | None = None,
+                 tags: list[str] | None = None, extra_vars: dict | None = None,
+                 check: bool = False, console: Console | None = None,
+                 verbosity: int = 0) -> PlaybookResult:
+    """Run ``playbook`` (a name under playbooks/, or an absolute path) against ``inventory``.
+
+    Shows live per-host progress, prints a recap table, and returns the result. Raises
+    RunFailed naming every failed or unreachable host with its first error.
+    """
+    try:
+        import ansible_runner
+    except ImportError as exc:
+        raise EnvironmentProblem(f"ansible-runner is not installed ({exc})",
+                                 hint="pip install -e . in the project's virtualenv") from None
+    from rich.console import Console
+
+    console = console or Console()
+    project_dir, playbook_name = _resolve_playbook(playbook)
+    if limit:
+        known = {n.name for n in inventory.nodes}
+        unknown = [h for h in limit if h not in known and not any(c in h for c in "*:!&[")]
+        if unknown:
+            from dsk_provision.errors import InputError
+
+            raise InputError(f"--limit names hosts that are not nodes: {', '.join(unknown)} "
+                             f"(nodes: {', '.join(sorted(known))})", field="--limit")
+
+    run_dir = new_run_dir(command, runs_dir)
+    private = run_dir / "ansible"
+    (private / "tmp").mkdir(parents=True)
+    envvars = {
+        "ANSIBLE_CONFIG": str(ANSIBLE_CFG),
+        "ANSIBLE_ROLES_PATH": str(ROLES_DIR),
+        "ANSIBLE_LOCAL_TEMP": str(private / "tmp"),
+        "ANSIBLE_NOCOLOR": "1",
+        "ANSIBLE_FORCE_COLOR": "0",
+        "ANSIBLE_RETRY_FILES_ENABLED": "0",
+        # ansible-playbook must come from the same environment as this process.
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent),
+                                 os.environ.get("PATH", "/usr/bin:/bin")]),
+    }
+    hosts = [n.name for n in inventory.nodes if not limit or n.name in limit]
+    if limit and not hosts:
+        hosts = list(limit)
+    live = console.is_terminal and not os.environ.get("DSK_PLAIN_PROGRESS")
+    started = time.monotonic()
+    console.print(f"{command}: {playbook_name} on {len(hosts)} host(s); run directory {run_dir}",
+                  markup=False, highlight=False)
+    with _EventView(run_dir, hosts, console, live) as view:
+        runner = ansible_runner.run(
+            private_data_dir=str(private),
+            project_dir=str(project_dir),
+            playbook=playbook_name,
+            inventory=str(Path(inventory.ansible_inventory_path).resolve()),
+            ident=command,
+            envvars=envvars,
+            extravars=extra_vars or None,
+            limit=",".join(limit) if limit else None,
+            tags=",".join(tags) if tags else None,
+            cmdline="--check --diff" if check else None,
+            verbosity=verbosity or None,
+            event_handler=view.handle,
+            quiet=True,
+            json_mode=False,
+        )
+    elapsed = time.monotonic() - started
+    rc = int(runner.rc if runner.rc is not None else 1)
+    result = PlaybookResult(run_dir=run_dir, rc=rc, recap=view.recap(), failed=view.failed,
+                            unreachable=view.unreachable, elapsed_s=round(elapsed, 2))
+    (run_dir / "recap.json").write_text(json.dumps(
+        {**result.to_dict(), "playbook": playbook_name, "command": command, "check": check,
+         "limit": limit, "tags": tags, "status": runner.status}, indent=2) + "\n")
+    render_recap(result, console)
+
+    if result.failed or result.unreachable:
+        bad = list(result.failed) + [h for h in result.unreachable if h not in result.failed]
+        lines = [f"{command} failed on {len(bad)} host(s): {', '.join(bad)}"]
+        lines += [f"  {h}: {msg}" for h, msg in result.failed.items()]
+        lines += [f"  {h}: unreachable: {msg}" for h, msg in result.unreachable.items()]
+        raise RunFailed("\n".join(lines), nodes=bad,
+                        hint=f"per-host logs in {run_dir / 'hosts'}")
+    if rc != 0:
+        raise RunFailed(f"{command}: ansible-playbook exited with code {rc} "
+                        f"({runner.status}): {_stdout_tail(runner)}",
+                        hint=f"full output in {private / 'artifacts' / command / 'stdout'}")
+    return result
+
+
+def _stdout_tail(runner: Any, lines: int = 4) -> str:
+    try:
+        text = runner.stdout.read()
+    except (OSError, AttributeError, ValueError):
+        return "no output"
+    tail = [ln.strip() for ln in text.splitlines() if ln.strip()][-lines:]
+    return " | ".join(tail) if tail else "no output"
