@@ -1,0 +1,362 @@
+"""up / down / status / set_link_rate: the sandbox's life cycle and its state file."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import shutil
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dsk_provision.errors import EnvironmentProblem, InputError
+
+from . import naming, network, nodes, render
+from .host import (
+    find_pids,
+    pid_matches,
+    require_root,
+    require_tools,
+    run,
+    spawn_detached,
+    stop_pids,
+    write_file,
+)
+from .image import ensure_image
+
+Progress = Callable[[str], None] | None
+# Packages nodes lack that the roles install; served by the sandbox's apt mirror.
+MIRROR_PACKAGES = ("pciutils", "chrony", "jq", "rdma-core", "ibverbs-utils",
+                   "infiniband-diags", "perftest")
+BOOT_TIMEOUT_S = float(os.environ.get("DSK_SANDBOX_BOOT_TIMEOUT", "90"))
+
+
+@dataclass
+class SandboxInfo:
+    name: str
+    state_dir: Path
+    inventory_path: Path
+    subnet: str
+    bridge_ip: str
+    nodes: list[tuple[str, str]] = field(default_factory=list)
+    mirror_url: str = ""
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "state_dir": str(self.state_dir),
+                "inventory_path": str(self.inventory_path), "subnet": self.subnet,
+                "bridge_ip": self.bridge_ip,
+                "nodes": [{"name": n, "ip": ip} for n, ip in self.nodes],
+                "mirror_url": self.mirror_url}
+
+
+def _say(progress: Progress) -> Callable[[str], None]:
+    return progress or (lambda _msg: None)
+
+
+def _load_state(name: str) -> dict | None:
+    try:
+        return json.loads((naming.state_dir(name) / "state.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _save_state(state: dict) -> None:
+    write_file(Path(state["state_dir"]) / "state.json", json.dumps(state, indent=2) + "\n")
+
+
+def _node_alive(state: dict, node: dict) -> bool:
+    machine = naming.machine_name(state["name"], node["name"])
+    return pid_matches(node.get("pid"), f"--machine={machine}")
+
+
+def _mirror_alive(state: dict) -> bool:
+    return pid_matches(state.get("mirror_pid"), "http.server", str(_mirror_link(state)))
+
+
+def _mirror_link(state: dict) -> Path:
+    return Path(state["state_dir"]) / "mirror"
+
+
+def _info(state: dict) -> SandboxInfo:
+    return SandboxInfo(name=state["name"], state_dir=Path(state["state_dir"]),
+                       inventory_path=Path(state["state_dir"]) / "hosts.yml",
+                       subnet=state["subnet"], bridge_ip=state["bridge_ip"],
+                       nodes=[(n["name"], n["ip"]) for n in state["nodes"]],
+                       mirror_url=state["mirror_url"])
+
+
+def resolve_venv(venv: Path | None) -> Path:
+    """The virtualenv bound into the nodes: it must be made from Debian's /usr/bin/python3,
+    because the nodes resolve its interpreter path in their own /usr/bin."""
+    path = Path(venv) if venv is not None else Path(sys.prefix)
+    cfg = path / "pyvenv.cfg"
+    problem = None
+    if not cfg.is_file():
+        problem = f"{path} is not a virtualenv (no pyvenv.cfg)"
+    else:
+        values = {k.strip(): v.strip() for k, v in (line.split("=", 1) for line in
+                  cfg.read_text().splitlines() if "=" in line)}
+        home = values.get("home", "").strip()
+        if home != "/usr/bin":
+            problem = (f"the virtualenv {path} was made from {home or 'an unknown python'}, "
+                       "not Debian's /usr/bin/python3")
+        elif not (path / "bin/python").exists():
+            problem = f"the virtualenv {path} has no bin/python"
+    if problem is None:
+        return path.resolve()
+    hint = "make one with `/usr/bin/python3 -m venv .venv` (see `make setup`)"
+    if venv is not None:
+        raise InputError(problem, field="venv", hint=hint)
+    raise EnvironmentProblem(problem + "; nodes run the trainer from it at /opt/dsk/venv",
+                             hint=hint + " and run dsk-provision from it")
+
+
+def _close_ssh_masters(state_dir: Path) -> None:
+    cp = state_dir / "cp"
+    if not cp.is_dir():
+        return
+    for sock in cp.iterdir():
+        run(["ssh", "-o", f"ControlPath={sock}", "-O", "exit", "sandbox-node"], check=False,
+            timeout=10)
+        sock.unlink(missing_ok=True)
+
+
+def _teardown_node(state: dict, i: int, *, keep_disk: bool) -> None:
+    name, sdir = state["name"], Path(state["state_dir"])
+    node = naming.node_name(i)
+    machine = naming.machine_name(name, node)
+    pids = find_pids(re.compile(re.escape(f"--machine={machine}")))
+    stop_pids(pids, f"--machine={machine}")
+    paths = nodes.node_paths(sdir, node)
+    nodes.unmount_all(paths["root"])
+    network.remove_node_net(name, i)
+    shutil.rmtree(network.PROPAGATE_DIR / machine, ignore_errors=True)
+    if not keep_disk:
+        shutil.rmtree(paths["base"], ignore_errors=True)
+
+
+def _teardown(name: str, say: Callable[[str], None]) -> None:
+    """Remove everything of sandbox `name`, recorded in its state or merely left over."""
+    sdir = naming.state_dir(name)
+    state = _load_state(name) or {}
+    _close_ssh_masters(sdir)
+    node_re = re.compile(rf"--machine={re.escape(naming.machine_name(name, 'node'))}\d+")
+    pids = find_pids(node_re)
+    if pids:
+        say(f"stopping {len(pids)} node(s) of sandbox {name}")
+        stop_pids(pids, f"--machine={naming.machine_name(name, 'node')}")
+    mirror_pids = find_pids(re.compile(re.escape(str(sdir / "mirror"))))
+    if state.get("mirror_pid"):
+        mirror_pids.append(state["mirror_pid"])
+    stop_pids(sorted(set(mirror_pids)), "http.server", str(sdir / "mirror"))
+    if sdir.exists():
+        nodes.unmount_all(sdir)
+    network.remove_all(name)
+    prop_re = re.compile(rf"{re.escape(naming.machine_name(name, 'node'))}\d+")
+    if network.PROPAGATE_DIR.is_dir():
+        for d in network.PROPAGATE_DIR.iterdir():
+            if prop_re.fullmatch(d.name):
+                shutil.rmtree(d, ignore_errors=True)
+    if sdir.exists():
+        if nodes.mounted_under(sdir):
+            raise EnvironmentProblem(f"could not unmount everything under {sdir}",
+                                     hint="check `findmnt -R " + str(sdir) + "`")
+        shutil.rmtree(sdir)
+
+
+def _preflight(name: str, count: int | None = None) -> None:
+    naming.validate_name(name)
+    if count is not None:
+        naming.validate_node_count(count)
+    require_root()
+    require_tools()
+
+
+def _write_cluster_files(state: dict) -> None:
+    """Files that list all nodes: every node's /etc/hosts, known_hosts, the inventory."""
+    sdir = Path(state["state_dir"])
+    pairs = [(n["name"], n["ip"]) for n in state["nodes"]]
+    hosts_text = render.render_etc_hosts(state["name"], pairs)
+    for n in state["nodes"]:
+        write_file(nodes.node_paths(sdir, n["name"])["root"] / "etc/hosts", hosts_text)
+    write_file(sdir / "ssh/known_hosts", render.render_known_hosts(
+        [(n["name"], n["ip"], n["host_key"]) for n in state["nodes"]]))
+    write_file(sdir / "hosts.yml", render.render_inventory(
+        cluster_name=state["name"], nodes=pairs, key_file=sdir / "ssh/id_ed25519",
+        known_hosts=sdir / "ssh/known_hosts", control_dir=sdir / "cp",
+        mirror_url=state["mirror_url"]))
+    _save_state(state)
+
+
+def _start_node(state: dict, i: int, all_nodes: list[tuple[str, str]]) -> dict:
+    name, sdir = state["name"], Path(state["state_dir"])
+    net = ipaddress.IPv4Network(state["subnet"])
+    node = naming.node_name(i)
+    _teardown_node(state, i, keep_disk=True)
+    root = nodes.mount_overlay(Path(state["image"]), sdir, node)
+    pub = (sdir / "ssh/id_ed25519.pub").read_text()
+    host_key = nodes.write_identity(root, node, render.render_etc_hosts(name, all_nodes), pub)
+    network.create_node_net(name, i, net)
+    pid = nodes.start(name, node, root, Path(state["venv"]), sdir)
+    return {"name": node, "index": i, "ip": naming.node_ip(net, i), "pid": pid,
+            "host_key": host_key}
+
+
+def _start_mirror(state: dict) -> None:
+    if _mirror_alive(state):
+        return
+    link = _mirror_link(state)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(state["mirror_dir"])
+    sdir = Path(state["state_dir"])
+    state["mirror_pid"] = spawn_detached(
+        [sys.executable, "-m", "http.server", str(naming.MIRROR_PORT), "--bind",
+         state["bridge_ip"], "--directory", str(link)],
+        sdir / "logs/mirror.log", sdir / "logs/.mirror.pid")
+    _save_state(state)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((state["bridge_ip"], naming.MIRROR_PORT), 0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise EnvironmentProblem(f"the apt mirror did not start on {state['mirror_url']}",
+                             hint=f"see {sdir / 'logs/mirror.log'}")
+
+
+def up(name: str = "dsk", nodes: int = 3, *, subnet: str | None = None,
+       venv: Path | None = None, progress: Progress = None) -> SandboxInfo:
+    """Start (or resize, or repair) sandbox `name` with `nodes` nodes; return its facts."""
+    from dsk_provision.mirror import build_apt_mirror
+    count = nodes
+    say = _say(progress)
+    _preflight(name, count)
+    net = naming.parse_subnet(subnet) if subnet is not None else None
+    venv_path = resolve_venv(venv)
+    started = time.monotonic()
+    state = _load_state(name)
+    alive = state is not None and any(_node_alive(state, n) for n in state.get("nodes", []))
+    if state is not None and alive:
+        if net is not None and str(net) != state["subnet"]:
+            raise InputError(f"sandbox {name} runs on {state['subnet']}, not {net}",
+                             field="subnet", hint=f"take it down first: sandbox down --name {name}")
+        if str(venv_path) != state["venv"]:
+            raise InputError(f"sandbox {name} binds {state['venv']}, not {venv_path}",
+                             field="venv", hint=f"take it down first: sandbox down --name {name}")
+        return _reconcile(state, count, say, started)
+    net = net or naming.derive_subnet(name)
+    network.check_subnet_free(name, net)  # before any change
+    if state is not None or naming.state_dir(name).exists():
+        say(f"clearing leftovers of sandbox {name}")
+    _teardown(name, say)
+    image = ensure_image(say)
+    mirror_dir = build_apt_mirror(MIRROR_PACKAGES, image / "var/lib/dpkg/status",
+                                  naming.image_cache(), progress=say)
+    sdir = naming.state_dir(name)
+    (sdir / "ssh").mkdir(parents=True, mode=0o700)
+    sdir.chmod(0o700)
+    (sdir / "cp").mkdir(mode=0o700)
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"dsk-sandbox-{name}",
+         "-f", str(sdir / "ssh/id_ed25519")])
+    os.chmod(sdir / "ssh/id_ed25519", 0o600)
+    state = {"name": name, "state_dir": str(sdir), "subnet": str(net),
+             "bridge_ip": naming.bridge_ip(net), "mirror_url": naming.mirror_url(net),
+             "image": str(image), "mirror_dir": str(mirror_dir), "venv": str(venv_path),
+             "mirror_pid": None, "nodes": []}
+    _save_state(state)
+    network.ensure_bridge(name, net)
+    _start_mirror(state)
+    return _reconcile(state, count, say, started)
+
+
+def _reconcile(state: dict, count: int, say: Callable[[str], None],
+               started: float) -> SandboxInfo:
+    """Make the running set exactly node1..node<count>: start missing or dead nodes,
+    remove nodes beyond count, then rewrite every file that lists the nodes."""
+    name = state["name"]
+    net = ipaddress.IPv4Network(state["subnet"])
+    by_index = {n["index"]: n for n in state["nodes"]}
+    extra = sorted(i for i in by_index if i > count)
+    to_start = [i for i in range(1, count + 1)
+                if i not in by_index or not _node_alive(state, by_index[i])]
+    if not extra and not to_start and _mirror_alive(state):
+        return _info(state)
+    for i in extra:
+        say(f"removing {naming.node_name(i)}")
+    if extra:
+        _close_ssh_masters(Path(state["state_dir"]))
+    for i in extra:
+        _teardown_node(state, i, keep_disk=False)
+        del by_index[i]
+    state["nodes"] = sorted(by_index.values(), key=lambda n: n["index"])
+    _save_state(state)
+    network.ensure_bridge(name, net)
+    _start_mirror(state)
+    all_nodes = [(naming.node_name(i), naming.node_ip(net, i)) for i in range(1, count + 1)]
+    if to_start:
+        say(f"starting {', '.join(naming.node_name(i) for i in to_start)}")
+    for i in to_start:
+        by_index[i] = _start_node(state, i, all_nodes)
+        state["nodes"] = sorted(by_index.values(), key=lambda n: n["index"])
+        _save_state(state)
+    _write_cluster_files(state)
+    nodes.wait_for_ssh([(n["name"], n["ip"]) for n in state["nodes"]], BOOT_TIMEOUT_S,
+                       Path(state["state_dir"]))
+    say(f"sandbox {name}: {count} node(s) up in {time.monotonic() - started:.1f} s; "
+        f"inventory {Path(state['state_dir']) / 'hosts.yml'}")
+    return _info(state)
+
+
+def down(name: str, progress: Progress = None) -> None:
+    """Stop and remove sandbox `name` completely (the cached base image stays)."""
+    say = _say(progress)
+    _preflight(name)
+    started = time.monotonic()
+    _teardown(name, say)
+    say(f"sandbox {name} removed in {time.monotonic() - started:.1f} s")
+
+
+def status(name: str | None = None) -> list[dict]:
+    """Per sandbox: name, subnet, inventory, mirror and nodes with running/stopped."""
+    if name is not None:
+        naming.validate_name(name)
+        names = [name]
+    else:
+        root = naming.state_root()
+        names = sorted(p.parent.name for p in root.glob("*/state.json")) if root.is_dir() else []
+    result = []
+    for n in names:
+        state = _load_state(n)
+        if state is None:
+            continue
+        node_list = [{"name": nd["name"], "ip": nd["ip"],
+                      "state": "running" if _node_alive(state, nd) else "stopped"}
+                     for nd in state["nodes"]]
+        result.append({"name": n, "subnet": state["subnet"], "bridge_ip": state["bridge_ip"],
+                       "state_dir": state["state_dir"],
+                       "inventory_path": str(Path(state["state_dir"]) / "hosts.yml"),
+                       "mirror_url": state["mirror_url"],
+                       "mirror": "running" if _mirror_alive(state) else "stopped",
+                       "nodes": node_list})
+    return result
+
+
+def set_link_rate(name: str, node: str, rate: str | None) -> None:
+    """Slow node's link to `rate` (tc syntax, e.g. "10mbit") both ways; None removes it."""
+    _preflight(name)
+    bits = naming.parse_rate(rate) if rate is not None else None
+    state = _load_state(name)
+    if state is None:
+        raise InputError(f"no sandbox named {name}", field="name")
+    match = [n for n in state["nodes"] if n["name"] == node]
+    if not match:
+        known = ", ".join(n["name"] for n in state["nodes"])
+        raise InputError(f"sandbox {name} has no node {node!r} (nodes: {known})", field="node")
+    network.set_rate(name, match[0]["index"], bits)

@@ -1,0 +1,106 @@
+"""Sandbox nodes: an overlay over the base image, per-node identity, systemd-nspawn."""
+
+from __future__ import annotations
+
+import secrets
+import socket
+import time
+from pathlib import Path
+
+from dsk_provision.errors import EnvironmentProblem
+
+from . import naming
+from .host import run, spawn_detached, write_file
+
+
+def node_paths(state_dir: Path, node: str) -> dict[str, Path]:
+    base = state_dir / "nodes" / node
+    return {"base": base, "upper": base / "upper", "work": base / "work", "root": base / "root"}
+
+
+def mounted_under(path: Path) -> list[str]:
+    """Mount points at or below path, deepest first."""
+    prefix = str(path.resolve()).rstrip("/")
+    found = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        mp = line.split()[4].replace("\\040", " ")
+        if mp == prefix or mp.startswith(prefix + "/"):
+            found.append(mp)
+    return sorted(set(found), key=len, reverse=True)
+
+
+def unmount_all(path: Path) -> None:
+    for mp in mounted_under(path):
+        if run(["umount", mp], check=False).returncode != 0:
+            run(["umount", "-l", mp])
+
+
+def mount_overlay(lower: Path, state_dir: Path, node: str) -> Path:
+    p = node_paths(state_dir, node)
+    for d in ("upper", "work", "root"):
+        p[d].mkdir(parents=True, exist_ok=True)
+    if not mounted_under(p["root"]):
+        run(["mount", "-t", "overlay", f"dsk-{node}", "-o",
+             f"lowerdir={lower},upperdir={p['upper']},workdir={p['work']}", str(p["root"])])
+    return p["root"]
+
+
+def write_identity(root: Path, node: str, hosts_text: str, authorized_key: str) -> str:
+    """Hostname, hosts, machine-id, root's authorized key and the SSH host key.
+
+    The host key is generated here, on the host, before the first boot, so that the
+    sandbox can pin it; a node that already has one keeps it. Returns the public key.
+    """
+    write_file(root / "etc/hostname", node + "\n")
+    write_file(root / "etc/hosts", hosts_text)
+    mid = root / "etc/machine-id"
+    if not mid.read_text().strip():
+        write_file(mid, secrets.token_hex(16) + "\n", 0o444)
+    ssh_dir = root / "root/.ssh"
+    ssh_dir.mkdir(mode=0o700, exist_ok=True)
+    ssh_dir.chmod(0o700)
+    write_file(ssh_dir / "authorized_keys", authorized_key.strip() + "\n", 0o600)
+    key = root / "etc/ssh/ssh_host_ed25519_key"
+    if not key.exists():
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"root@{node}",
+             "-f", str(key)])
+    key.chmod(0o600)
+    parts = (root / "etc/ssh/ssh_host_ed25519_key.pub").read_text().split()
+    return f"{parts[0]} {parts[1]}"
+
+
+def start(name: str, node: str, root: Path, venv: Path, state_dir: Path) -> int:
+    machine = naming.machine_name(name, node)
+    cmd = ["systemd-nspawn", "-q", "-D", str(root), "--boot", "--keep-unit", "--register=no",
+           f"--machine={machine}", f"--hostname={node}",
+           f"--network-namespace-path=/run/netns/{naming.netns_name(name, node)}",
+           "--resolv-conf=off", "--timezone=off", "--link-journal=no", "--console=passive",
+           f"--bind-ro={venv}:/opt/dsk/venv"]
+    return spawn_detached(cmd, state_dir / "logs" / f"{node}.log",
+                          state_dir / "logs" / f".{node}.pid")
+
+
+def ssh_answers(ip: str, timeout: float = 1.0) -> bool:
+    try:
+        with socket.create_connection((ip, 22), timeout=timeout) as s:
+            s.settimeout(timeout)
+            return s.recv(8).startswith(b"SSH-")
+    except OSError:
+        return False
+
+
+def wait_for_ssh(nodes: list[tuple[str, str]], timeout: float, state_dir: Path) -> None:
+    pending = dict(nodes)
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        for node, ip in list(pending.items()):
+            if ssh_answers(ip):
+                del pending[node]
+        if pending:
+            time.sleep(0.2)
+    if pending:
+        names = ", ".join(f"{n} ({ip})" for n, ip in pending.items())
+        raise EnvironmentProblem(
+            f"sshd did not answer within {timeout:.0f} s on {names}",
+            hint=f"see {state_dir / 'logs'}/<node>.log; the sandbox is left as it is for "
+                 "inspection; `dsk-provision sandbox down` removes it")
