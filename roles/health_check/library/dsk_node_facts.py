@@ -1,0 +1,274 @@
+#!/usr/bin/python
+"""Gather one node's facts for `dsk-provision validate` in a single module call."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+
+from ansible.module_utils.basic import AnsibleModule
+
+DOCUMENTATION = r"""
+module: dsk_node_facts
+short_description: Gather a node's facts for validate (OS, CPU, memory, disk, GPUs, Python, SSH)
+description:
+  - Gathers only; judging against thresholds happens on the control node.
+  - Checks that do not apply are listed under C(skipped) with a reason.
+  - Read-only; supports check mode.
+options:
+  host:
+    description: Inventory name of the node.
+    type: str
+    required: true
+  gpus_declared:
+    description: GPUs the inventory declares.
+    type: int
+    default: 0
+  dsk_root:
+    description: Root of dsk files; its free space is reported.
+    type: path
+    default: /opt/dsk
+  python:
+    description: Trainer interpreter to probe.
+    type: path
+    default: /opt/dsk/venv/bin/python
+  python_timeout:
+    description: Seconds for the interpreter probe.
+    type: int
+    default: 120
+  ssh_peers:
+    description: Names of the other nodes.
+    type: list
+    elements: str
+    default: []
+  check_ssh:
+    description: Test SSH to every peer.
+    type: bool
+    default: true
+  ssh_timeout:
+    description: Seconds per SSH test.
+    type: int
+    default: 5
+  sysfs_pci_root:
+    description: PCI device listing (tests point it at a fake tree).
+    type: path
+    default: /sys/bus/pci/devices
+"""
+
+RETURN = r"""
+node_facts:
+  description: The facts, as written to <run dir>/facts/<host>.json.
+  returned: always
+  type: dict
+"""
+
+
+NVIDIA_VENDOR = "0x10de"
+GPU_CLASSES = ("0x0300", "0x0302")
+DRIVER_VERSION_FILE = "/proc/driver/nvidia/version"
+PYTHON_PROBE = r"""
+import json, sys
+out = {"path": sys.executable, "version": sys.version.split()[0],
+       "torch": None, "cuda_available": None}
+try:
+    import torch
+except Exception:
+    pass
+else:
+    out["torch"] = torch.__version__
+    out["cuda_available"] = bool(torch.cuda.is_available())
+print(json.dumps(out))
+"""
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return handle.read()
+    except OSError:
+        return None
+
+
+def _run(argv: list[str], timeout: float) -> tuple[int, str, str]:
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    except FileNotFoundError:
+        return 127, "", f"{argv[0]}: not found"
+    except subprocess.TimeoutExpired:
+        return 124, "", f"timed out after {timeout:g} s"
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def os_release() -> dict:
+    fields: dict[str, str] = {}
+    for line in (_read("/etc/os-release") or "").splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            fields[key] = value.strip().strip('"')
+    names = {"debian": "Debian", "ubuntu": "Ubuntu"}
+    distribution = names.get(fields.get("ID", ""), fields.get("NAME"))
+    return {"distribution": distribution, "version": fields.get("VERSION_ID")}
+
+
+def memory_mb() -> tuple[int | None, int | None]:
+    values = {}
+    for line in (_read("/proc/meminfo") or "").splitlines():
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            values[key] = int(parts[0]) // 1024
+    return values.get("MemTotal"), values.get("MemAvailable")
+
+
+def free_gb(path: str) -> float:
+    stat = os.statvfs(path)
+    return round(stat.f_bavail * stat.f_frsize / 1024**3, 2)
+
+
+def pci_gpus(root: str) -> list[str]:
+    found = []
+    entries = sorted(os.listdir(root)) if os.path.isdir(root) else []
+    for entry in entries:
+        base = os.path.join(root, entry)
+        if (_read(os.path.join(base, "vendor")) or "").strip().lower() != NVIDIA_VENDOR:
+            continue
+        if (_read(os.path.join(base, "class")) or "").strip().lower()[:6] in GPU_CLASSES:
+            device = (_read(os.path.join(base, "device")) or "").strip().lower()
+            found.append("10de:" + device.removeprefix("0x"))
+    return found
+
+
+def gpu_models(pci_ids: list[str], skipped: dict) -> list[str]:
+    """GPU names from nvidia-smi when it works, else the PCI ids (vendor:device)."""
+    if not pci_ids:
+        return []
+    if shutil.which("nvidia-smi"):
+        rc, out, err = _run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], 30)
+        names = [line.strip() for line in out.splitlines() if line.strip()]
+        if rc == 0 and names:
+            return names
+        skipped["gpu_models"] = f"nvidia-smi failed ({err.strip() or rc}); PCI ids reported"
+    else:
+        skipped["gpu_models"] = "nvidia-smi not installed; PCI ids reported"
+    return pci_ids
+
+
+def nvidia_driver() -> str | None:
+    text = _read(DRIVER_VERSION_FILE)
+    if not text:
+        return None
+    match = re.search(r"Kernel Module(?:\s+for\s+\S+)?\s+(\d+(?:\.\d+)+)", text)
+    return match.group(1) if match else text.splitlines()[0].strip()
+
+
+def python_facts(python: str, timeout: int, skipped: dict) -> dict:
+    empty = {"path": python, "version": None, "torch": None, "cuda_available": None}
+    if not os.access(python, os.X_OK):
+        skipped["python"] = f"{python} does not exist or is not executable"
+        return empty
+    rc, out, err = _run([python, "-c", PYTHON_PROBE], timeout)
+    if rc != 0:
+        skipped["python"] = f"{python} failed (rc {rc}): {(err or out).strip()[-300:]}"
+        return empty
+    try:
+        return json.loads(out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        skipped["python"] = f"{python} printed no facts: {(err or out).strip()[-300:]}"
+        return empty
+
+
+def time_synced(skipped: dict) -> bool | None:
+    reasons = []
+    if shutil.which("timedatectl"):
+        rc, out, err = _run(["timedatectl", "show", "--property=NTPSynchronized", "--value"], 10)
+        if rc == 0 and out.strip() in ("yes", "no"):
+            return out.strip() == "yes"
+        reasons.append(f"timedatectl: {(err or out).strip() or 'rc ' + str(rc)}")
+    if shutil.which("chronyc"):
+        rc, out, err = _run(["chronyc", "-n", "tracking"], 10)
+        match = re.search(r"^Leap status\s*:\s*(.+)$", out, re.MULTILINE)
+        if rc == 0 and match:
+            return match.group(1).strip() == "Normal"
+        reasons.append(f"chronyc: {(err or out).strip() or 'rc ' + str(rc)}")
+    skipped["time_synced"] = "; ".join(reasons) or "neither timedatectl nor chronyc is installed"
+    return None
+
+
+def ssh_peers(peers: list[str], timeout: int) -> dict[str, bool]:
+    def reach(peer: str) -> bool:
+        argv = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={timeout}", peer, "true"]
+        return _run(argv, timeout + 5)[0] == 0
+
+    if not peers:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(16, len(peers))) as pool:
+        return dict(zip(peers, pool.map(reach, peers), strict=True))
+
+
+def gather(params: dict) -> dict:
+    skipped: dict[str, str] = {}
+    total, available = memory_mb()
+    disk = {"/": free_gb("/")}
+    root = params["dsk_root"]
+    if os.path.isdir(root):
+        disk[root] = free_gb(root)
+    else:
+        disk[root] = None
+        skipped["disk_free_gb"] = f"{root} does not exist"
+    detected = pci_gpus(params["sysfs_pci_root"])
+    driver = nvidia_driver()
+    if driver is None:
+        skipped["nvidia_driver"] = f"{DRIVER_VERSION_FILE} is absent (no NVIDIA driver loaded)"
+    if params["check_ssh"] and shutil.which("ssh"):
+        peers = ssh_peers(params["ssh_peers"], params["ssh_timeout"])
+    else:
+        peers = {}
+        skipped["ssh_peers"] = ("ssh client not installed" if params["check_ssh"]
+                                else "health_check_ssh_peers is false")
+    return {
+        "host": params["host"],
+        "hostname": socket.gethostname(),
+        "os": os_release(),
+        "kernel": os.uname().release,
+        "cpus": os.cpu_count(),
+        "mem_total_mb": total,
+        "mem_available_mb": available,
+        "disk_free_gb": disk,
+        "gpus": {
+            "declared": params["gpus_declared"],
+            "detected": len(detected),
+            "models": gpu_models(detected, skipped),
+        },
+        "nvidia_driver": driver,
+        "python": python_facts(params["python"], params["python_timeout"], skipped),
+        "time_synced": time_synced(skipped),
+        "ssh_peers": peers,
+        "skipped": skipped,
+    }
+
+
+def main() -> None:
+    module = AnsibleModule(
+        argument_spec={
+            "host": {"type": "str", "required": True},
+            "gpus_declared": {"type": "int", "default": 0},
+            "dsk_root": {"type": "path", "default": "/opt/dsk"},
+            "python": {"type": "path", "default": "/opt/dsk/venv/bin/python"},
+            "python_timeout": {"type": "int", "default": 120},
+            "ssh_peers": {"type": "list", "elements": "str", "default": []},
+            "check_ssh": {"type": "bool", "default": True},
+            "ssh_timeout": {"type": "int", "default": 5},
+            "sysfs_pci_root": {"type": "path", "default": "/sys/bus/pci/devices"},
+        },
+        supports_check_mode=True,
+    )
+    module.exit_json(changed=False, node_facts=gather(module.params))
+
+
+if __name__ == "__main__":
+    main()
