@@ -1,0 +1,257 @@
+"""Training configuration: TOML -> validated dataclasses.
+
+The file is checked against ``trainer/schemas/train_config.schema.json`` first (unknown
+keys and wrong types are named), then against rules that span fields (n_heads divides
+dim, top-k <= routed experts, ...). Rules that need the world size run at launch time
+through :func:`check_world_size`.
+
+This module must stay free of torch: the control node validates configs with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+try:  # on the control node the project's error types are importable
+    from dsk_provision.errors import InputError
+except ImportError:  # on a node only the trainer package is shipped
+
+    class InputError(ValueError):  # type: ignore[no-redef]
+        """Bad training configuration; names the file and the field."""
+
+        exit_code = 2
+
+        def __init__(self, message: str, *, file: str | None = None, field: str | None = None,
+                     hint: str | None = None):
+            where = ": ".join(p for p in (file, field) if p)
+            super().__init__(f"{where}: {message}" if where else message)
+            self.message = str(self.args[0])
+            self.file = file
+            self.field = field
+            self.hint = hint
+
+
+SCHEMA_PATH = Path(__file__).parent / "schemas" / "train_config.schema.json"
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    inter_dim: int
+    moe_inter_dim: int = 0  # 0: same as inter_dim
+    n_dense_layers: int = 1
+    n_routed_experts: int = 8
+    n_shared_experts: int = 1
+    n_activated_experts: int = 2
+    n_expert_groups: int = 1
+    topk_groups: int = 1
+    score_func: str = "softmax"
+    route_scale: float = 1.0
+    bias_update_speed: float = 0.001
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    mtp_depth: int = 0
+    mtp_loss_weight: float = 0.3
+
+
+@dataclass
+class TrainingConfig:
+    steps: int
+    seq_len: int
+    micro_batch_size: int
+    lr: float
+    grad_accum_steps: int = 1
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 0
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    seed: int = 0
+    dtype: str = "auto"  # auto: bfloat16 autocast on GPU, float32 on CPU
+    activation_checkpoint: str = "none"
+
+
+@dataclass
+class DataConfig:
+    kind: str = "synthetic"
+    path: str = ""
+    synthetic_branching: int = 2
+
+
+@dataclass
+class ParallelConfig:
+    dp_replicate: int = 1
+    dp_shard: int = -1  # -1: every rank not used by the other degrees
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0
+    keep_last: int = 2
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig
+    training: TrainingConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    path: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _schema() -> dict[str, Any]:
+    return json.loads(SCHEMA_PATH.read_text())
+
+
+def _schema_error(error: Any, file: str) -> InputError:
+    """Turn one jsonschema error into an InputError naming the offending field."""
+    parent = ".".join(str(p) for p in error.absolute_path)
+
+    def join(name: str) -> str:
+        return f"{parent}.{name}" if parent else name
+
+    if error.validator == "additionalProperties":
+        known = set(error.schema.get("properties", {}))
+        unknown = sorted(k for k in error.instance if k not in known)
+        name = unknown[0] if unknown else "?"
+        return InputError(f"unknown key (known keys: {', '.join(sorted(known))})",
+                          file=file, field=join(name))
+    if error.validator == "required":
+        missing = [k for k in error.validator_value if k not in error.instance]
+        return InputError("required key is missing", file=file, field=join(missing[0]))
+    if error.validator == "type":
+        expected = error.validator_value
+        return InputError(f"expected {expected}, got {type(error.instance).__name__} "
+                          f"{error.instance!r}", file=file, field=parent or "(top level)")
+    return InputError(error.message, file=file, field=parent or "(top level)")
+
+
+def _check_rules(raw: dict[str, Any], cfg: TrainConfig, file: str) -> None:
+    m, t, d, p = cfg.model, cfg.training, cfg.data, cfg.parallel
+
+    def fail(field_name: str, message: str) -> None:
+        raise InputError(message, file=file, field=field_name)
+
+    if m.dim % m.n_heads:
+        fail("model.n_heads", f"n_heads ({m.n_heads}) must divide model.dim ({m.dim})")
+    if m.n_dense_layers > m.n_layers:
+        fail("model.n_dense_layers",
+             f"n_dense_layers ({m.n_dense_layers}) exceeds n_layers ({m.n_layers})")
+    if m.n_activated_experts > m.n_routed_experts:
+        fail("model.n_activated_experts", f"top-k ({m.n_activated_experts}) exceeds "
+             f"model.n_routed_experts ({m.n_routed_experts})")
+    if m.n_routed_experts % m.n_expert_groups:
+        fail("model.n_expert_groups", f"n_expert_groups ({m.n_expert_groups}) must divide "
+             f"model.n_routed_experts ({m.n_routed_experts})")
+    if m.topk_groups > m.n_expert_groups:
+        fail("model.topk_groups",
+             f"topk_groups ({m.topk_groups}) exceeds n_expert_groups ({m.n_expert_groups})")
+    per_group = m.n_routed_experts // m.n_expert_groups
+    if m.n_expert_groups > 1 and m.n_activated_experts > m.topk_groups * per_group:
+        fail("model.n_activated_experts", f"top-k ({m.n_activated_experts}) exceeds the "
+             f"experts in the selected groups ({m.topk_groups} x {per_group})")
+    if m.n_expert_groups > 1 and per_group < 2:
+        fail("model.n_expert_groups", "group-limited routing needs at least 2 experts per group")
+    if m.qk_rope_head_dim % 2:
+        fail("model.qk_rope_head_dim", f"must be even, got {m.qk_rope_head_dim}")
+    if "max_seq_len" in raw.get("model", {}) and t.seq_len > m.max_seq_len:
+        fail("training.seq_len", f"seq_len ({t.seq_len}) exceeds model.max_seq_len "
+             f"({m.max_seq_len})")
+    if t.warmup_steps > t.steps:
+        fail("training.warmup_steps", f"warmup_steps ({t.warmup_steps}) exceeds steps "
+             f"({t.steps})")
+    if d.kind == "shards" and not d.path:
+        fail("data.path", "data.kind = 'shards' needs data.path (a directory with index.json)")
+    for name in ("tp", "pp", "ep"):
+        if getattr(p, name) != 1:
+            fail(f"parallel.{name}", f"{name} = {getattr(p, name)}: this trainer version "
+                 "provides data parallelism only (dp_replicate, dp_shard); set it to 1")
+
+
+def parse_config(raw: dict[str, Any], file: str = "<config>") -> TrainConfig:
+    """Validate an already-parsed TOML document and build the dataclasses."""
+    import jsonschema  # imported here so that `import trainer.config` stays cheap
+
+    validator = jsonschema.Draft202012Validator(_schema())
+    errors = sorted(validator.iter_errors(raw), key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        raise _schema_error(jsonschema.exceptions.best_match(errors), file)
+    model = ModelConfig(**raw["model"])
+    if not model.moe_inter_dim:
+        model.moe_inter_dim = model.inter_dim
+    if "max_seq_len" not in raw["model"]:
+        model.max_seq_len = max(model.max_seq_len, raw["training"]["seq_len"])
+    cfg = TrainConfig(
+        model=model,
+        training=TrainingConfig(**raw["training"]),
+        data=DataConfig(**raw.get("data", {})),
+        parallel=ParallelConfig(**raw.get("parallel", {})),
+        checkpoint=CheckpointConfig(**raw.get("checkpoint", {})),
+        path=file,
+    )
+    _check_rules(raw, cfg, file)
+    return cfg
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read and validate a training config. Raises InputError naming file and field."""
+    file = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise InputError(f"cannot read the config: {exc.strerror}", file=file) from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(f"not valid TOML: {exc}", file=file) from None
+    return parse_config(raw, file)
+
+
+def resolve_dp_shard(cfg: TrainConfig, world_size: int) -> int:
+    """The dp_shard degree for a world size (-1 fills what the other degrees leave)."""
+    p = cfg.parallel
+    others = p.dp_replicate * p.tp * p.pp
+    if p.dp_shard == -1:
+        if world_size % others:
+            raise InputError(
+                f"world size {world_size} is not divisible by dp_replicate*tp*pp = {others}",
+                file=cfg.path or None, field="parallel.dp_replicate")
+        return world_size // others
+    return p.dp_shard
+
+
+def check_world_size(cfg: TrainConfig, world_size: int) -> None:
+    """Raise InputError unless dp_replicate * dp_shard * tp * pp == world_size."""
+    p = cfg.parallel
+    dp_shard = resolve_dp_shard(cfg, world_size)
+    product = p.dp_replicate * dp_shard * p.tp * p.pp
+    if product != world_size:
+        raise InputError(
+            f"dp_replicate*dp_shard*tp*pp = {p.dp_replicate}*{dp_shard}*{p.tp}*{p.pp} = "
+            f"{product}, but the world size is {world_size}",
+            file=cfg.path or None, field="parallel",
+            hint="set parallel.dp_shard = -1 to use every rank, or change the node count")

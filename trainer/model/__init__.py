@@ -1,0 +1,21 @@
+"""Single-device model code; parallelism is applied from outside (trainer.parallel)."""
+
+from trainer.model.model import (
+    MLA,
+    MLP,
+    MTP,
+    Block,
+    Gate,
+    LossOutput,
+    ModelArgs,
+    MoE,
+    RMSNorm,
+    Transformer,
+    count_params,
+    flops_per_token,
+)
+
+__all__ = [
+    "MLA", "MLP", "MTP", "Block", "Gate", "LossOutput", "ModelArgs", "MoE", "RMSNorm",
+    "Transformer", "count_params", "flops_per_token",
+]

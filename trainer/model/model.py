@@ -1,0 +1,402 @@
+"""A DeepSeek-V3-style decoder: MLA attention, DeepSeekMoE FFN, optional MTP.
+
+Plain single-device PyTorch, read top to bottom: ModelArgs, RMSNorm, RoPE, MLA, MLP,
+Gate, MoE, Block, MTP, Transformer. There is no parallelism in here: data, tensor,
+expert and pipeline parallelism are applied from outside (trainer/parallel/), which is
+why layers live in an nn.ModuleDict keyed by str(index): names stay stable when a
+pipeline stage drops layers and when checkpoints are saved.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int = 256
+    dim: int = 64
+    inter_dim: int = 128  # dense SwiGLU hidden size
+    moe_inter_dim: int = 32  # one expert's hidden size
+    n_layers: int = 2
+    n_dense_layers: int = 1  # the first layers use the dense MLP
+    n_heads: int = 4
+    # DeepSeekMoE
+    n_routed_experts: int = 4
+    n_shared_experts: int = 1
+    n_activated_experts: int = 2  # top-k
+    n_expert_groups: int = 1
+    topk_groups: int = 1
+    score_func: str = "softmax"  # or "sigmoid" (DeepSeek-V3)
+    route_scale: float = 1.0
+    bias_update_speed: float = 0.001  # aux-loss-free balancing; 0 turns it off
+    # MLA
+    q_lora_rank: int = 0  # 0: queries are projected directly
+    kv_lora_rank: int = 32
+    qk_nope_head_dim: int = 16
+    qk_rope_head_dim: int = 8
+    v_head_dim: int = 16
+    rope_theta: float = 10000.0
+    max_seq_len: int = 256
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    # multi-token prediction
+    mtp_depth: int = 0  # 0 or 1
+    mtp_loss_weight: float = 0.3
+
+    @classmethod
+    def from_config(cls, model_config: object) -> ModelArgs:
+        """Build from trainer.config.ModelConfig (same field names)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in vars(model_config).items() if k in names})
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+def precompute_rope(head_dim: int, max_seq_len: int, theta: float) -> torch.Tensor:
+    """Complex rotations e^(i * pos * theta^(-2j/d)), shape (max_seq_len, head_dim // 2)."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), freqs)
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """Rotate x (batch, seq, heads, head_dim) by position; computed in fp32."""
+    dtype = x.dtype
+    xc = torch.view_as_complex(x.float().view(*x.shape[:-1], -1, 2))
+    xc = xc * freqs_cis.view(1, xc.size(1), 1, xc.size(-1))
+    return torch.view_as_real(xc).flatten(3).to(dtype)
+
+
+class MLA(nn.Module):
+    """Multi-head latent attention.
+
+    Keys and values come from one low-rank latent (kv_lora_rank) per token; queries
+    optionally too (q_lora_rank). RoPE is decoupled: a qk_rope_head_dim slice of each
+    query head is rotated, and one rotated key of that size is shared by all heads.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.q_lora_rank = args.q_lora_rank
+        self.kv_lora_rank = args.kv_lora_rank
+        self.qk_nope_head_dim = args.qk_nope_head_dim
+        self.qk_rope_head_dim = args.qk_rope_head_dim
+        self.qk_head_dim = args.qk_head_dim
+        self.v_head_dim = args.v_head_dim
+        if self.q_lora_rank == 0:
+            self.wq = nn.Linear(args.dim, self.n_heads * self.qk_head_dim, bias=False)
+        else:
+            self.wq_a = nn.Linear(args.dim, self.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(self.q_lora_rank, args.norm_eps)
+            self.wq_b = nn.Linear(self.q_lora_rank, self.n_heads * self.qk_head_dim, bias=False)
+        self.wkv_a = nn.Linear(args.dim, self.kv_lora_rank + self.qk_rope_head_dim, bias=False)
+        self.kv_norm = RMSNorm(self.kv_lora_rank, args.norm_eps)
+        self.wkv_b = nn.Linear(
+            self.kv_lora_rank, self.n_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
+        )
+        self.wo = nn.Linear(self.n_heads * self.v_head_dim, args.dim, bias=False)
+        self.softmax_scale = self.qk_head_dim**-0.5
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = q.view(bsz, seqlen, self.n_heads, self.qk_head_dim)
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q = torch.cat([q_nope, apply_rope(q_pe, freqs_cis)], dim=-1)
+
+        kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        k_pe = apply_rope(k_pe.unsqueeze(2), freqs_cis)  # one rope key shared by all heads
+        kv = self.wkv_b(self.kv_norm(kv)).view(
+            bsz, seqlen, self.n_heads, self.qk_nope_head_dim + self.v_head_dim
+        )
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe.expand(-1, -1, self.n_heads, -1)], dim=-1)
+
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            is_causal=True, scale=self.softmax_scale,
+        )
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: w2(silu(w1 x) * w3 x). Also one expert of the MoE."""
+
+    def __init__(self, dim: int, inter_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, inter_dim, bias=False)
+        self.w2 = nn.Linear(inter_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, inter_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Gate(nn.Module):
+    """Top-k router with optional group-limited routing and aux-loss-free balancing.
+
+    ``expert_bias`` is added to the scores only to choose experts; the weights that
+    scale expert outputs come from the unbiased scores. The training loop moves the
+    bias after each optimizer step (see MoE.update_bias), so no auxiliary loss is needed.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.topk = args.n_activated_experts
+        self.n_groups = args.n_expert_groups
+        self.topk_groups = args.topk_groups
+        self.score_func = args.score_func
+        self.route_scale = args.route_scale
+        self.use_bias = args.bias_update_speed > 0
+        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim))
+        self.register_buffer("expert_bias", torch.zeros(args.n_routed_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (tokens, dim) -> (weights, indices), each (tokens, topk)."""
+        scores = F.linear(x.float(), self.weight.float())
+        if self.score_func == "softmax":
+            scores = scores.softmax(dim=-1)
+        else:
+            scores = scores.sigmoid()
+        original_scores = scores
+        if self.use_bias:
+            scores = scores + self.expert_bias
+        if self.n_groups > 1:
+            scores = scores.view(x.size(0), self.n_groups, -1)
+            if self.use_bias:
+                group_scores = scores.topk(2, dim=-1)[0].sum(dim=-1)
+            else:
+                group_scores = scores.amax(dim=-1)
+            keep = group_scores.topk(self.topk_groups, dim=-1)[1]
+            drop = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+            scores = scores.masked_fill(drop.unsqueeze(-1), float("-inf")).flatten(1)
+        indices = scores.topk(self.topk, dim=-1)[1]
+        weights = original_scores.gather(1, indices)
+        if self.score_func == "sigmoid":
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * self.route_scale, indices
+
+
+class MoE(nn.Module):
+    """DeepSeekMoE: shared experts see every token, each token also visits top-k of many
+    fine-grained routed experts."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_routed_experts = args.n_routed_experts
+        self.topk = args.n_activated_experts
+        self.bias_update_speed = args.bias_update_speed
+        self.gate = Gate(args)
+        self.experts = nn.ModuleList(
+            MLP(args.dim, args.moe_inter_dim) for _ in range(args.n_routed_experts)
+        )
+        self.shared_experts = (
+            MLP(args.dim, args.n_shared_experts * args.moe_inter_dim)
+            if args.n_shared_experts > 0 else None
+        )
+        # tokens routed to each expert by the latest forward pass (not saved, not synced)
+        self.tokens_per_expert = torch.zeros(args.n_routed_experts, dtype=torch.long)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, indices = self.gate(x)
+        flat = indices.flatten()
+        counts = torch.bincount(flat, minlength=self.n_routed_experts)
+        self.tokens_per_expert = counts.detach()
+        order = flat.argsort(stable=True)
+        token_ids = order // self.topk
+        routed = x[token_ids]
+        outs = [expert(chunk) for expert, chunk in
+                zip(self.experts, routed.split(counts.tolist()), strict=True)]
+        y_sorted = torch.cat(outs) * weights.flatten()[order].unsqueeze(-1).to(x.dtype)
+        y = torch.zeros_like(x).index_add_(0, token_ids, y_sorted.to(x.dtype))
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y.view(shape)
+
+    @torch.no_grad()
+    def update_bias(self, tokens_per_expert: torch.Tensor) -> None:
+        """Move each expert's selection bias toward balance: overloaded experts down,
+        underloaded up, by bias_update_speed (DeepSeek-V3, aux-loss-free balancing).
+        ``tokens_per_expert`` is the load summed over the micro-batches (and ranks) of
+        one optimizer step."""
+        if self.bias_update_speed <= 0:
+            return
+        load = tokens_per_expert.float().to(self.gate.expert_bias.device)
+        self.gate.expert_bias.add_(self.bias_update_speed * torch.sign(load.mean() - load))
+
+
+class Block(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.attn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attn = MLA(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn = MLP(args.dim, args.inter_dim) if layer_id < args.n_dense_layers else MoE(args)
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), freqs_cis)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class MTP(nn.Module):
+    """Multi-token prediction, depth 1 (DeepSeek-V3 section 2.2).
+
+    Combines the main model's final hidden state at position i with the embedding of
+    token i+1, runs one more block, and predicts token i+2 through the shared head.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.hnorm = RMSNorm(args.dim, args.norm_eps)
+        self.enorm = RMSNorm(args.dim, args.norm_eps)
+        self.eh_proj = nn.Linear(2 * args.dim, args.dim, bias=False)
+        self.block = Block(args.n_layers, args)  # index past the last layer: an MoE block
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, h: torch.Tensor, next_emb: torch.Tensor,
+                freqs_cis: torch.Tensor) -> torch.Tensor:
+        x = self.eh_proj(torch.cat([self.hnorm(h), self.enorm(next_emb)], dim=-1))
+        return self.norm(self.block(x, freqs_cis))
+
+
+class LossOutput(NamedTuple):
+    loss: torch.Tensor  # what to back-propagate: lm_loss + mtp_loss_weight * mtp_loss
+    lm_loss: torch.Tensor
+    mtp_loss: torch.Tensor  # 0 without MTP
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleDict({str(i): Block(i, args) for i in range(args.n_layers)})
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.mtp = MTP(args) if args.mtp_depth > 0 else None
+        self.register_buffer(
+            "freqs_cis",
+            precompute_rope(args.qk_rope_head_dim, args.max_seq_len, args.rope_theta),
+            persistent=False,
+        )
+        if self.embed.weight.device.type != "meta":
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, init_std) weights; output projections of residual branches scaled
+        down by sqrt(2 * n_layers) so the residual stream does not grow with depth."""
+        std = self.args.init_std
+        depth_std = std / math.sqrt(2 * self.args.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                last = name.rsplit(".", 1)[-1]
+                nn.init.normal_(module.weight, std=depth_std if last in ("wo", "w2") else std)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, Gate):
+                nn.init.normal_(module.weight, std=std)
+                module.expert_bias.zero_()
+        self.freqs_cis = precompute_rope(
+            self.args.qk_rope_head_dim, self.args.max_seq_len, self.args.rope_theta
+        ).to(self.embed.weight.device)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None):
+        """tokens (batch, seq) -> logits (batch, seq, vocab) when targets is None, else a
+        LossOutput (mean cross-entropy over all target tokens)."""
+        seqlen = tokens.size(1)
+        freqs_cis = self.freqs_cis[:seqlen]
+        h = self.embed(tokens)
+        for layer in self.layers.values():
+            h = layer(h, freqs_cis)
+        logits = self.output(self.norm(h))
+        if targets is None:
+            return logits
+        lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        if self.mtp is None:
+            return LossOutput(lm_loss, lm_loss, torch.zeros((), device=lm_loss.device))
+        # position i: main hidden state + embedding of token i+1 -> predict token i+2
+        mtp_h = self.mtp(h[:, :-1], self.embed(targets[:, :-1]), freqs_cis[: seqlen - 1])
+        mtp_logits = self.output(mtp_h)
+        mtp_loss = F.cross_entropy(mtp_logits.flatten(0, 1).float(), targets[:, 1:].flatten())
+        return LossOutput(lm_loss + self.args.mtp_loss_weight * mtp_loss, lm_loss, mtp_loss)
+
+    def moe_layers(self) -> list[MoE]:
+        """The MoE modules of the main model (not MTP), in layer order."""
+        return [b.ffn for b in self.layers.values() if isinstance(b.ffn, MoE)]
+
+    def num_params(self, active_only: bool = False, include_mtp: bool = True) -> int:
+        """Parameter count; active_only counts only top-k routed experts per MoE layer."""
+        total = 0
+        for name, p in self.named_parameters():
+            if not include_mtp and name.startswith("mtp."):
+                continue
+            total += p.numel()
+        if active_only:
+            n_moe = len(self.moe_layers()) + (1 if include_mtp and self.mtp is not None else 0)
+            idle = self.args.n_routed_experts - self.args.n_activated_experts
+            total -= n_moe * idle * 3 * self.args.dim * self.args.moe_inter_dim
+        return total
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 x active non-embedding parameters (forward and
+        backward matmuls) + the attention score and value products, 6 * layers * heads *
+        (qk_head_dim + v_head_dim) * seq_len (no discount for the causal mask, as in
+        torchtitan and the PaLM paper)."""
+        return flops_per_token(self.args, seq_len, self.num_params(active_only=True))
+
+
+def count_params(args: ModelArgs, active_only: bool = False, include_mtp: bool = True) -> int:
+    """Analytic parameter count (no allocation); equals Transformer(args).num_params()."""
+    d = args.dim
+    if args.q_lora_rank == 0:
+        q = d * args.n_heads * args.qk_head_dim
+    else:
+        q = d * args.q_lora_rank + args.q_lora_rank + args.q_lora_rank * (
+            args.n_heads * args.qk_head_dim)
+    attn = (q + d * (args.kv_lora_rank + args.qk_rope_head_dim) + args.kv_lora_rank
+            + args.kv_lora_rank * args.n_heads * (args.qk_nope_head_dim + args.v_head_dim)
+            + args.n_heads * args.v_head_dim * d)
+    dense_ffn = 3 * d * args.inter_dim
+    expert = 3 * d * args.moe_inter_dim
+    experts = args.n_activated_experts if active_only else args.n_routed_experts
+    moe_ffn = (args.n_routed_experts * d + experts * expert
+               + args.n_shared_experts * expert)
+    block_norms = 2 * d
+    n_moe = args.n_layers - args.n_dense_layers
+    total = (2 * args.vocab_size * d + d
+             + args.n_layers * (attn + block_norms)
+             + args.n_dense_layers * dense_ffn + n_moe * moe_ffn)
+    if include_mtp and args.mtp_depth > 0:
+        total += 2 * d + 2 * d * d + attn + block_norms + moe_ffn + d
+    return total
+
+
+def flops_per_token(args: ModelArgs, seq_len: int, active_params: int) -> float:
+    embedding = args.vocab_size * args.dim
+    attention = 6 * args.n_layers * args.n_heads * (args.qk_head_dim + args.v_head_dim) * seq_len
+    return 6.0 * (active_params - embedding) + attention
