@@ -51,7 +51,8 @@ ANSIBLE_VARS = (
     "ansible_become_method", "ansible_become_password", "ansible_become_pass",
     "ansible_become_exe", "ansible_become_flags", "ansible_shell_type",
     "ansible_shell_executable", "ansible_timeout", "ansible_ssh_timeout",
-    "ansible_host_key_checking", "ansible_ssh_host_key_checking",
+    "ansible_host_key_checking", "ansible_ssh_host_key_checking", "ansible_control_path_dir",
+    "ansible_control_path", "ansible_remote_tmp",
 )
 
 _HOSTNAME_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")

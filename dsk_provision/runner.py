@@ -244,7 +244,8 @@ def render_recap(result: PlaybookResult, console: Console) -> None:
         table.add_row(host, *(str(counts.get(c, 0)) for c in RECAP_COLUMNS),
                       style="red" if bad else None)
     console.print(table)
-    console.print(f"run directory: {result.run_dir}", markup=False, highlight=False)
+    console.print(f"run directory: {result.run_dir}", markup=False, highlight=False,
+                  soft_wrap=True)
 
 
 def _resolve_playbook(playbook: str) -> tuple[Path, str]:
@@ -308,7 +309,7 @@ def run_playbook(playbook: str, inventory: Inventory, *, command: str,
     live = console.is_terminal and not os.environ.get("DSK_PLAIN_PROGRESS")
     started = time.monotonic()
     console.print(f"{command}: {playbook_name} on {len(hosts)} host(s); run directory {run_dir}",
-                  markup=False, highlight=False)
+                  markup=False, highlight=False, soft_wrap=True)
     with _EventView(run_dir, hosts, console, live) as view:
         runner = ansible_runner.run(
             private_data_dir=str(private),

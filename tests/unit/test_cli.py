@@ -1,0 +1,217 @@
+"""The CLI: fast start-up, the command list, error handling, and wiring to the library."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from dsk_provision.cli import app, parse_size
+from dsk_provision.errors import EnvironmentProblem, InputError, RunFailed
+
+REPO = Path(__file__).resolve().parent.parent.parent
+EXAMPLE = REPO / "inventory" / "example"
+HEAVY = ("torch", "ansible", "ansible_runner", "jsonschema", "numpy")
+
+
+def _invoke(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+def test_help_is_fast_and_imports_nothing_heavy():
+    best = min(_timed_help() for _ in range(3))
+    assert best < 1.0, f"--help took {best:.2f} s"
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "dsk_provision", "--help"],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 0
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "dsk_provision.cli" in imported  # the probe sees our own imports
+    heavy = sorted(m for m in imported if m.split(".")[0] in HEAVY)
+    assert heavy == [], f"--help imported {heavy}"
+
+
+def _timed_help() -> float:
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "dsk_provision", "--help"], capture_output=True,
+                          text=True, timeout=60, cwd=REPO)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 0
+    return elapsed
+
+
+def test_command_list():
+    out = _invoke("--help").output
+    for command in ("check", "bootstrap", "validate", "train", "sandbox"):
+        assert command in out
+    sandbox_out = _invoke("sandbox", "--help").output
+    for command in ("up", "down", "status"):
+        assert command in sandbox_out
+
+
+def test_check_json(tmp_path):
+    result = _invoke("check", "-i", str(EXAMPLE), "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["cluster"] == "example" and data["total_gpus"] == 32
+    assert [n["name"] for n in data["nodes"]] == ["gpu01", "gpu02", "gpu03", "gpu04"]
+
+
+def test_check_with_bad_training_config(monkeypatch, tmp_path):
+    def load_config(path):
+        raise InputError("must be a positive integer", file=str(path), field="model.dim")
+
+    monkeypatch.setitem(sys.modules, "trainer.config",
+                        types.SimpleNamespace(load_config=load_config))
+    result = _invoke("check", "-i", str(EXAMPLE), "--config", str(tmp_path / "t.toml"))
+    assert result.exit_code == 2
+    assert f"error: {tmp_path / 't.toml'}: model.dim: must be a positive integer" in result.output
+
+
+def test_unexpected_error_is_one_line_unless_debug(monkeypatch):
+    import dsk_provision.inventory as inventory
+
+    def boom(path):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(inventory, "load_inventory", boom)
+    result = _invoke("check", "-i", str(EXAMPLE))
+    assert result.exit_code == 1
+    assert "unexpected RuntimeError: disk on fire" in result.output
+    assert "rerun with --debug" in result.output
+    assert "Traceback" not in result.output
+    debug = _invoke("--debug", "check", "-i", str(EXAMPLE))
+    assert isinstance(debug.exception, RuntimeError)
+
+
+def test_environment_problem_exits_3(monkeypatch):
+    import dsk_provision.inventory as inventory
+
+    def missing(path):
+        raise EnvironmentProblem("ssh is not installed", hint="apt-get install openssh-client")
+
+    monkeypatch.setattr(inventory, "load_inventory", missing)
+    result = _invoke("check", "-i", str(EXAMPLE))
+    assert result.exit_code == 3
+    assert "error: ssh is not installed" in result.output
+    assert "hint: apt-get install openssh-client" in result.output
+
+
+def test_bootstrap_runs_site_yml_with_options(monkeypatch, tmp_path):
+    import dsk_provision.runner as runner
+
+    calls = []
+
+    def fake_run(playbook, inventory, **kw):
+        calls.append((playbook, inventory, kw))
+
+    monkeypatch.setattr(runner, "run_playbook", fake_run)
+    result = _invoke("--runs-dir", str(tmp_path), "bootstrap", "-i", str(EXAMPLE),
+                     "--limit", "gpu01,gpu02", "--limit", "gpu03", "--tags", "common",
+                     "--check")
+    assert result.exit_code == 0, result.output
+    (playbook, inv, kw), = calls
+    assert playbook == "site.yml" and len(inv.nodes) == 4
+    assert kw["command"] == "bootstrap" and kw["runs_dir"] == tmp_path
+    assert kw["limit"] == ["gpu01", "gpu02", "gpu03"] and kw["tags"] == ["common"]
+    assert kw["check"] is True
+
+
+def test_bootstrap_failure_names_nodes(monkeypatch):
+    import dsk_provision.runner as runner
+
+    def fail(*a, **kw):
+        raise RunFailed("bootstrap failed on 1 host(s): gpu02\n  gpu02: apt: no space left",
+                        nodes=["gpu02"])
+
+    monkeypatch.setattr(runner, "run_playbook", fail)
+    result = _invoke("bootstrap", "-i", str(EXAMPLE))
+    assert result.exit_code == 1
+    assert "error: bootstrap failed on 1 host(s): gpu02" in result.output
+
+
+def test_bad_inventory_stops_bootstrap_before_any_run(monkeypatch):
+    import dsk_provision.runner as runner
+
+    monkeypatch.setattr(runner, "run_playbook", lambda *a, **kw: pytest.fail("ran"))
+    bad = Path(__file__).parent / "bad_inventories" / "bad_ipv4.yml"
+    result = _invoke("bootstrap", "-i", str(bad))
+    assert result.exit_code == 2 and "ansible_host" in result.output
+
+
+def _fake_validate(passed: bool, calls: list):
+    def validate(inventory, **kw):
+        calls.append(kw)
+        return types.SimpleNamespace(passed=passed, run_dir=Path("/runs/x"),
+                                     to_dict=lambda: {"passed": passed, "nodes": 4})
+    return types.SimpleNamespace(validate=validate)
+
+
+def test_validate_parses_sizes_and_prints_json(monkeypatch):
+    calls: list = []
+    monkeypatch.setitem(sys.modules, "dsk_provision.validate", _fake_validate(True, calls))
+    result = _invoke("validate", "-i", str(EXAMPLE), "--begin", "8K", "--end", "1M",
+                     "--factor", "4", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"passed": True, "nodes": 4}
+    assert calls[0]["begin"] == 8192 and calls[0]["end"] == 1 << 20 and calls[0]["factor"] == 4
+
+
+def test_validate_failed_report_exits_1(monkeypatch):
+    monkeypatch.setitem(sys.modules, "dsk_provision.validate", _fake_validate(False, []))
+    result = _invoke("validate", "-i", str(EXAMPLE))
+    assert result.exit_code == 1 and "validate FAILED" in result.output
+
+
+def test_validate_rejects_bad_sizes():
+    result = _invoke("validate", "-i", str(EXAMPLE), "--begin", "64M", "--end", "1M")
+    assert result.exit_code == 2 and "--begin" in result.output
+    assert parse_size("1K", "--begin") == 1024 and parse_size("16M", "--end") == 16 << 20
+    with pytest.raises(InputError):
+        parse_size("lots", "--end")
+
+
+def test_train_passes_config_and_nproc(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setitem(sys.modules, "dsk_provision.launch", types.SimpleNamespace(
+        train=lambda inv, cfg, **kw: calls.append((inv, cfg, kw))))
+    result = _invoke("train", "-i", str(EXAMPLE), "--config", "tiny.toml",
+                     "--nproc-per-node", "2")
+    assert result.exit_code == 0, result.output
+    (_inv, cfg, kw), = calls
+    assert cfg == Path("tiny.toml") and kw["nproc_per_node"] == 2
+
+
+def test_sandbox_commands(monkeypatch):
+    seen = {}
+
+    def up(name, nodes, *, subnet=None, venv=None, progress=None):
+        progress("starting node1")
+        seen["up"] = (name, nodes, subnet)
+        return types.SimpleNamespace(inventory_path=Path("/var/lib/x/hosts.yml"),
+                                     nodes=["node1", "node2"], to_dict=dict)
+
+    fake = types.SimpleNamespace(
+        up=up,
+        down=lambda name, progress=None: seen.setdefault("down", name),
+        status=lambda name=None: [{"name": "dsk", "nodes": ["node1", "node2"],
+                                   "running": True}])
+    monkeypatch.setitem(sys.modules, "dsk_provision.sandbox", fake)
+    monkeypatch.setattr("dsk_provision.sandbox", fake, raising=False)
+    result = _invoke("sandbox", "up", "--name", "lab", "--nodes", "2", "--subnet",
+                     "10.213.9.0/24")
+    assert result.exit_code == 0, result.output
+    assert seen["up"] == ("lab", 2, "10.213.9.0/24")
+    assert "starting node1" in result.output
+    assert "/var/lib/x/hosts.yml" in result.output
+    assert "dsk-provision bootstrap -i /var/lib/x/hosts.yml" in result.output
+    assert _invoke("sandbox", "down", "--name", "lab").exit_code == 0 and seen["down"] == "lab"
+    status = _invoke("sandbox", "status", "--json")
+    assert json.loads(status.stdout)[0]["name"] == "dsk"
+    assert "node1, node2" in _invoke("sandbox", "status").output
