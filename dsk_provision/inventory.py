@@ -40,6 +40,7 @@ GROUP_KEYS = ("hosts", "vars", "children")
 DSK_VARS = (
     "dsk_cluster_name", "dsk_profile", "dsk_gpus_per_node", "dsk_gpus", "dsk_root",
     "dsk_python", "dsk_rdzv_port", "dsk_socket_ifname", "dsk_nccl_env", "dsk_mirror_url",
+    "dsk_thresholds",
 )
 ANSIBLE_VARS = (
     "ansible_host", "ansible_port", "ansible_user", "ansible_connection",
