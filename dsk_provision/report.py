@@ -1,0 +1,145 @@
+"""Validation reports: ``report.json`` (machines) and ``report.md`` (people).
+
+Both are rendered from one plain dict (``ValidationReport.to_dict()``) and written whole:
+into a temporary file beside the target, then renamed, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+STATUS_MARK = {"pass": "PASS", "fail": "FAIL", "skip": "skip"}
+
+
+def write_whole(path: Path, text: str) -> Path:
+    """Write text to path atomically (temp file in the same directory + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(report: dict[str, Any], path: Path) -> Path:
+    return write_whole(path, json.dumps(report, indent=2, default=str) + "\n")
+
+
+def format_value(value: Any) -> str:
+    """A check's value or threshold in one short cell."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {format_value(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(format_value(v) for v in value)
+    return str(value)
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: list[str], rows: list[list[Any]], align: str | None = None) -> list[str]:
+    align = align or "l" * len(header)
+    rule = ["---:" if a == "r" else "---" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(rule) + " |"]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def _summary(report: dict[str, Any]) -> list[str]:
+    counts = report.get("summary") or {}
+    verdict = "PASSED" if report.get("passed") else "FAILED"
+    lines = [
+        f"# Validation report: {report.get('cluster', 'cluster')}",
+        "",
+        f"**{verdict}**: {counts.get('pass', 0)} passed, {counts.get('fail', 0)} failed, "
+        f"{counts.get('skip', 0)} skipped.",
+        "",
+        f"- Profile: `{report.get('profile')}`",
+        f"- Nodes: {', '.join(report.get('nodes') or []) or '-'}",
+        f"- Started: {report.get('started', '-')}, took {report.get('elapsed_s', 0):.1f} s",
+        f"- Run directory: `{report.get('run_dir')}`",
+    ]
+    failures = [c for c in report.get("checks") or [] if c["status"] == "fail"]
+    if failures:
+        lines += ["", "## Failures", ""]
+        lines += [f"- **{c['node']}** `{c['check']}`: {c['message']}" for c in failures]
+    return lines
+
+
+def _checks(report: dict[str, Any]) -> list[str]:
+    lines = ["", "## Checks per node"]
+    by_node: dict[str, list[dict]] = {}
+    for check in report.get("checks") or []:
+        by_node.setdefault(check["node"], []).append(check)
+    order = list(report.get("nodes") or []) + sorted(n for n in by_node
+                                                     if n not in (report.get("nodes") or []))
+    for node in order:
+        if node not in by_node:
+            continue
+        lines += ["", f"### {node}", ""]
+        lines += _table(["check", "result", "value", "threshold", "detail"],
+                        [[c["check"], STATUS_MARK.get(c["status"], c["status"]),
+                          format_value(c["value"]), format_value(c["threshold"]), c["message"]]
+                         for c in by_node[node]])
+    return lines
+
+
+def _allreduce(report: dict[str, Any]) -> list[str]:
+    bench = report.get("allreduce")
+    lines = ["", "## All-reduce", ""]
+    if not bench:
+        return lines + ["The benchmark produced no result (see the failures above)."]
+    nccl = f", NCCL {bench['nccl']}" if bench.get("nccl") else ""
+    lines += [
+        f"{bench['world_size']} ranks, backend {bench['backend']}{nccl}, torch "
+        f"{bench.get('torch', '?')}, {bench['warmup']} warm-up + {bench['iters']} timed "
+        f"iterations per size. busbw = algbw x 2(n-1)/n = algbw x "
+        f"{bench.get('busbw_factor', 0):.3f}; times in microseconds, bandwidths in GB/s.",
+        "",
+    ]
+    rows = []
+    for row in bench.get("results") or []:
+        cells = [row["size"], row["count"], row["type"]]
+        for mode in ("out_of_place", "in_place"):
+            m = row[mode]
+            cells += [f"{m['time_us']:.1f}", f"{m['algbw_gbs']:.3f}", f"{m['busbw_gbs']:.3f}",
+                      m["wrong"]]
+        rows.append(cells)
+    lines += _table(["size (B)", "count", "type",
+                     "out-of-place time", "algbw", "busbw", "#wrong",
+                     "in-place time", "algbw", "busbw", "#wrong"],
+                    rows, align="rrl" + "rrrr" * 2)
+    lines += ["", f"Wrong elements in total: {bench.get('wrong_total', 0)}; average busbw "
+                  f"{bench.get('avg_busbw_gbs', 0):.3f} GB/s."]
+    return lines
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    return "\n".join(_summary(report) + _checks(report) + _allreduce(report)) + "\n"
+
+
+def write_markdown(report: dict[str, Any], path: Path) -> Path:
+    return write_whole(path, render_markdown(report))
+
+
+def write_reports(report: dict[str, Any], run_dir: Path) -> tuple[Path, Path]:
+    """report.json and report.md in the run directory."""
+    run_dir = Path(run_dir)
+    json_path = write_json(report, run_dir / "report.json")
+    return json_path, write_markdown(report, run_dir / "report.md")

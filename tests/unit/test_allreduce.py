@@ -1,0 +1,79 @@
+"""trainer.bench.allreduce: sizes, nccl-tests bandwidth formulas, and a real 2-rank gloo run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainer.bench import allreduce
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_parse_size():
+    assert allreduce.parse_size("512") == 512
+    assert allreduce.parse_size("1K") == 1024
+    assert allreduce.parse_size("16M") == 16 << 20
+    assert allreduce.parse_size("2g") == 2 << 30
+    with pytest.raises(ValueError):
+        allreduce.parse_size("1T")
+
+
+def test_sizes_inclusive_geometric():
+    assert allreduce.sizes(1024, 16384, 2) == [1024, 2048, 4096, 8192, 16384]
+    assert allreduce.sizes(1024, 5000, 4) == [1024, 4096]
+    with pytest.raises(ValueError):
+        allreduce.sizes(1024, 512, 2)
+    with pytest.raises(ValueError):
+        allreduce.sizes(1024, 4096, 1)
+
+
+def test_bandwidth_formulas_match_nccl_tests():
+    # 1 GB in 10 ms is 100 GB/s algorithm bandwidth; with 8 ranks busbw = algbw * 2*7/8.
+    assert allreduce.algbw_gbs(10**9, 0.01) == pytest.approx(100.0)
+    assert allreduce.busbw_factor(8) == pytest.approx(1.75)
+    assert allreduce.busbw_gbs(10**9, 0.01, 8) == pytest.approx(175.0)
+    assert allreduce.busbw_factor(2) == 1.0
+    assert allreduce.busbw_factor(1) == 0.0  # one rank moves nothing over a bus
+
+
+def test_pattern_sum_is_exact():
+    import torch
+
+    world = 5
+    bufs = []
+    for rank in range(world):
+        buf = torch.empty(37, dtype=torch.bfloat16)
+        allreduce.fill_pattern(buf, rank)
+        bufs.append(buf.to(torch.float64))
+    expected = allreduce.expected_sum(37, world, torch.bfloat16, "cpu").to(torch.float64)
+    assert torch.equal(sum(bufs), expected)
+
+
+def test_two_ranks_gloo_on_loopback(tmp_path):
+    out = tmp_path / "allreduce.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "trainer.bench.allreduce", "--begin", "1K", "--end", "64K", "--factor", "4",
+         "--warmup", "1", "--iters", "3", "--json-out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["backend"] == "gloo"
+    assert result["world_size"] == 2
+    assert [r["size"] for r in result["results"]] == [1024, 4096, 16384, 65536]
+    assert result["wrong_total"] == 0
+    for row in result["results"]:
+        assert row["count"] == row["size"] // 4
+        for mode in ("out_of_place", "in_place"):
+            m = row[mode]
+            assert m["time_us"] > 0
+            # busbw == algbw * 2(n-1)/n with n = 2
+            assert m["busbw_gbs"] == pytest.approx(m["algbw_gbs"])
+            assert m["algbw_gbs"] == pytest.approx(row["size"] / (m["time_us"] / 1e6) / 1e9)
+    assert "Out of bounds values : 0 OK" in proc.stdout
+    assert "out-of-place" in proc.stdout
