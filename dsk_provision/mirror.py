@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from dsk_provision.errors import EnvironmentProblem, InputError
-from dsk_provision.sandbox.host import require_tools, run, write_file
+from dsk_provision.sandbox.host import file_lock, require_tools, run, write_file
 
 RECIPE_VERSION = 1
 DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
@@ -60,7 +60,17 @@ def build_apt_mirror(packages: Sequence[str], dpkg_status: Path, cache_dir: Path
     final = cache_dir / f"mirror-{mirror_key(pkgs, dpkg_status, sources)}"
     if (final / "Release").exists():
         return final
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    with file_lock(cache_dir / f".{final.name}.lock"):
+        if (final / "Release").exists():  # built meanwhile by another process
+            return final
+        return _build(final, pkgs, dpkg_status, sources, say)
+
+
+def _build(final: Path, pkgs: list[str], dpkg_status: Path, sources: Sequence[str],
+           say: Callable[[str], None]) -> Path:
+    cache_dir = final.parent
+    for stale in cache_dir.glob(f".building-{final.name}-*"):  # from a killed build
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = cache_dir / f".building-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     work, repo = tmp / "apt", tmp / "repo"

@@ -19,6 +19,7 @@ from dsk_provision.errors import EnvironmentProblem, InputError
 from . import naming, network, nodes, render
 from .host import (
     find_pids,
+    kill_containers,
     pid_matches,
     require_root,
     require_tools,
@@ -133,6 +134,7 @@ def _teardown_node(state: dict, i: int, *, keep_disk: bool) -> None:
     pids = find_pids(re.compile(re.escape(f"--machine={machine}")))
     stop_pids(pids, f"--machine={machine}")
     paths = nodes.node_paths(sdir, node)
+    kill_containers(f"{paths['base']}/")
     nodes.unmount_all(paths["root"])
     network.remove_node_net(name, i)
     shutil.rmtree(network.PROPAGATE_DIR / machine, ignore_errors=True)
@@ -150,6 +152,8 @@ def _teardown(name: str, say: Callable[[str], None]) -> None:
     if pids:
         say(f"stopping {len(pids)} node(s) of sandbox {name}")
         stop_pids(pids, f"--machine={naming.machine_name(name, 'node')}")
+    if kill_containers(f"{sdir}/nodes/"):
+        say("killed processes left over from nodes whose systemd-nspawn had died")
     mirror_pids = find_pids(re.compile(re.escape(str(sdir / "mirror"))))
     if state.get("mirror_pid"):
         mirror_pids.append(state["mirror_pid"])
@@ -237,8 +241,10 @@ def up(name: str = "dsk", nodes: int = 3, *, subnet: str | None = None,
     from dsk_provision.mirror import build_apt_mirror
     count = nodes
     say = _say(progress)
-    _preflight(name, count)
+    naming.validate_name(name)
+    naming.validate_node_count(count)
     net = naming.parse_subnet(subnet) if subnet is not None else None
+    _preflight(name, count)
     venv_path = resolve_venv(venv)
     started = time.monotonic()
     state = _load_state(name)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import shutil
@@ -9,7 +11,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from dsk_provision.errors import EnvironmentProblem
@@ -159,3 +161,57 @@ def spawn_detached(cmd: Sequence[str], log: Path, pidfile: Path) -> int:
             return int(text)
         time.sleep(0.02)
     raise EnvironmentProblem(f"could not start {cmd[0]} (no PID after 10 s); see {log}")
+
+
+def find_container_pids(upper_prefix: str) -> list[int]:
+    """Processes whose root is an overlay with an upper dir under upper_prefix.
+
+    A container's init outlives a killed systemd-nspawn (it is reparented, not killed);
+    it is recognised by the root mount of its own mount namespace.
+    """
+    own_mnt = os.stat("/proc/self/ns/mnt").st_ino
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.stat(entry / "ns/mnt").st_ino == own_mnt:
+                continue
+            for line in (entry / "mountinfo").read_text().splitlines():
+                fields = line.split()
+                if fields[4] == "/" and f"upperdir={upper_prefix}" in line:
+                    found.append(int(entry.name))
+                    break
+        except (OSError, IndexError):
+            continue
+    return found
+
+
+def kill_containers(upper_prefix: str, timeout: float = 10.0) -> int:
+    """SIGKILL every process left in containers rooted under upper_prefix; how many."""
+    killed: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = [p for p in find_container_pids(upper_prefix) if proc_cmdline(p) is not None]
+        if not pids:
+            break
+        for p in pids:
+            try:
+                os.kill(p, signal.SIGKILL)
+                killed.add(p)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
+    return len(killed)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive flock on path: concurrent builds of one cached item take turns."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import naming
-from .host import run, write_file
+from .host import file_lock, run, write_file
 
 # Bump when the customisation below changes, so cached images are rebuilt.
 RECIPE_VERSION = 1
@@ -64,12 +64,17 @@ def image_dir(packages: tuple[str, ...] = PACKAGES) -> Path:
 def ensure_image(progress: Callable[[str], None] | None = None,
                  packages: tuple[str, ...] = PACKAGES) -> Path:
     """Return the rootfs of the cached base image, building it first when needed."""
-    say = progress or (lambda _msg: None)
     final = image_dir(packages)
-    if (final / "rootfs" / "usr" / "bin" / "python3").exists():
+    if (final / "recipe.json").exists():
         return final / "rootfs"
+    with file_lock(final.parent / f".{final.name}.lock"):
+        if (final / "recipe.json").exists():  # built meanwhile by another process
+            return final / "rootfs"
+        return _build(final, packages, progress or (lambda _msg: None))
+
+
+def _build(final: Path, packages: tuple[str, ...], say: Callable[[str], None]) -> Path:
     cache = final.parent
-    cache.mkdir(parents=True, exist_ok=True)
     for stale in cache.glob(f".building-{final.name}-*"):
         pid = stale.name.rsplit("-", 1)[-1]
         if not (pid.isdigit() and Path(f"/proc/{pid}").exists()):
