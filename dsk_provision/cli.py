@@ -313,6 +313,29 @@ def sandbox_status(
     _guard(body)
 
 
+@sandbox_app.command("link")
+def sandbox_link(
+    node: Annotated[str, typer.Argument(help="Node whose link to shape, e.g. node2.")],
+    name: Annotated[str, typer.Option("--name", help="Sandbox name.")] = "dsk",
+    rate: Annotated[str | None, typer.Option(
+        "--rate", help="Limit the node's link, tc syntax (e.g. 10mbit).")] = None,
+    clear: Annotated[bool, typer.Option("--clear", help="Remove the limit.")] = False,
+) -> None:
+    """Slow one node's network link (to see validate name a slow node), or restore it."""
+
+    def body() -> None:
+        if (rate is None) == (not clear):
+            raise InputError("give either --rate RATE or --clear", field="--rate")
+        from dsk_provision import sandbox
+
+        sandbox.set_link_rate(name, node, None if clear else rate)
+        state = "restored" if clear else f"limited to {rate}"
+        _console().print(f"sandbox {name}: link of {node} {state}", markup=False,
+                         highlight=False)
+
+    _guard(body)
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return "-"

@@ -51,7 +51,7 @@ def test_command_list():
     for command in ("check", "bootstrap", "validate", "train", "sandbox"):
         assert command in out
     sandbox_out = _invoke("sandbox", "--help").output
-    for command in ("up", "down", "status"):
+    for command in ("up", "down", "status", "link"):
         assert command in sandbox_out
 
 
@@ -201,7 +201,9 @@ def test_sandbox_commands(monkeypatch):
         up=up,
         down=lambda name, progress=None: seen.setdefault("down", name),
         status=lambda name=None: [{"name": "dsk", "nodes": ["node1", "node2"],
-                                   "running": True}])
+                                   "running": True}],
+        set_link_rate=lambda name, node, rate: seen.setdefault("link", []).append(
+            (name, node, rate)))
     monkeypatch.setitem(sys.modules, "dsk_provision.sandbox", fake)
     monkeypatch.setattr("dsk_provision.sandbox", fake, raising=False)
     result = _invoke("sandbox", "up", "--name", "lab", "--nodes", "2", "--subnet",
@@ -215,3 +217,8 @@ def test_sandbox_commands(monkeypatch):
     status = _invoke("sandbox", "status", "--json")
     assert json.loads(status.stdout)[0]["name"] == "dsk"
     assert "node1, node2" in _invoke("sandbox", "status").output
+    assert _invoke("sandbox", "link", "node2", "--rate", "10mbit").exit_code == 0
+    assert _invoke("sandbox", "link", "node2", "--clear").exit_code == 0
+    assert seen["link"] == [("dsk", "node2", "10mbit"), ("dsk", "node2", None)]
+    neither = _invoke("sandbox", "link", "node2")
+    assert neither.exit_code == 2 and "--rate" in neither.output
