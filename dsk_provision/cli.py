@@ -300,15 +300,23 @@ def sandbox_status(
             return
         from rich.table import Table
 
-        columns: list[str] = []
-        for row in rows:
-            columns += [k for k in row if k not in columns]
         table = Table()
-        for col in columns:
+        for col in ("sandbox", "subnet", "mirror", "node", "address", "state"):
             table.add_column(col)
         for row in rows:
-            table.add_row(*(_cell(row.get(c)) for c in columns))
+            nodes = row.get("nodes") or [{}]
+            for i, node in enumerate(nodes):
+                node = node if isinstance(node, dict) else {"name": node}
+                head = (row.get("name"), row.get("subnet"), row.get("mirror")) if i == 0 \
+                    else ("", "", "")
+                table.add_row(*(_cell(v) for v in head), _cell(node.get("name")),
+                              _cell(node.get("ip")), _cell(node.get("state")))
         out.print(table)
+        for row in rows:
+            inv = row.get("inventory_path") or row.get("inventory")
+            if inv:
+                out.print(f"{row.get('name')}: inventory {inv}", markup=False, highlight=False,
+                          soft_wrap=True)
 
     _guard(body)
 

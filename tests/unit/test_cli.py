@@ -200,8 +200,12 @@ def test_sandbox_commands(monkeypatch):
     fake = types.SimpleNamespace(
         up=up,
         down=lambda name, progress=None: seen.setdefault("down", name),
-        status=lambda name=None: [{"name": "dsk", "nodes": ["node1", "node2"],
-                                   "running": True}],
+        status=lambda name=None: [{"name": "dsk", "subnet": "10.213.9.0/24",
+                                   "inventory_path": "/var/lib/x/hosts.yml",
+                                   "nodes": [{"name": "node1", "ip": "10.213.9.11",
+                                              "state": "running"},
+                                             {"name": "node2", "ip": "10.213.9.12",
+                                              "state": "stopped"}]}],
         set_link_rate=lambda name, node, rate: seen.setdefault("link", []).append(
             (name, node, rate)))
     monkeypatch.setitem(sys.modules, "dsk_provision.sandbox", fake)
@@ -216,7 +220,9 @@ def test_sandbox_commands(monkeypatch):
     assert _invoke("sandbox", "down", "--name", "lab").exit_code == 0 and seen["down"] == "lab"
     status = _invoke("sandbox", "status", "--json")
     assert json.loads(status.stdout)[0]["name"] == "dsk"
-    assert "node1, node2" in _invoke("sandbox", "status").output
+    table = _invoke("sandbox", "status").output
+    assert "10.213.9.12" in table and "stopped" in table
+    assert "dsk: inventory /var/lib/x/hosts.yml" in table
     assert _invoke("sandbox", "link", "node2", "--rate", "10mbit").exit_code == 0
     assert _invoke("sandbox", "link", "node2", "--clear").exit_code == 0
     assert seen["link"] == [("dsk", "node2", "10mbit"), ("dsk", "node2", None)]
