@@ -160,7 +160,9 @@ def test_validate_parses_sizes_and_prints_json(monkeypatch):
                      "--factor", "4", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout) == {"passed": True, "nodes": 4}
-    assert calls[0]["begin"] == 8192 and calls[0]["end"] == 1 << 20 and calls[0]["factor"] == 4
+    assert calls[0]["begin"] == "8K" and calls[0]["end"] == "1M" and calls[0]["factor"] == 4
+    assert _invoke("validate", "-i", str(EXAMPLE), "--json").exit_code == 0
+    assert calls[1]["begin"] == "1K" and calls[1]["end"] is None  # the profile decides
 
 
 def test_validate_failed_report_exits_1(monkeypatch):
