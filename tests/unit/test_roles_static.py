@@ -1,0 +1,232 @@
+"""Static checks of playbooks/ and roles/, plus argument_specs enforcement at run time.
+
+Lint runs the project's own configuration (.yamllint, .ansible-lint). The argument_specs
+tests run a role against localhost (local connection, check mode) with a wrongly typed
+variable and expect the run to stop at the role's argument validation, before any task.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+ROLES = REPO / "roles"
+BIN = Path(sys.executable).parent
+ALL_ROLES = sorted(p.name for p in ROLES.iterdir() if (p / "tasks").is_dir())
+BOOTSTRAP_PLAYBOOKS = ["site.yml", "boilerplate.yml", "preflight.yml", "common.yml",
+                       "ssh_trust.yml", "trainer_env.yml", "validate.yml"]
+
+
+def _tool(name: str) -> str:
+    path = BIN / name
+    if not path.exists():
+        pytest.skip(f"{name} is not installed in {BIN} (pip install -e .[dev])")
+    return str(path)
+
+
+def _load(path: Path):
+    with open(path, encoding="utf-8") as handle:
+        return yaml.safe_load(handle)
+
+
+def test_yamllint_clean():
+    proc = subprocess.run([_tool("yamllint"), "-s", "playbooks", "roles"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_ansible_lint_production_clean():
+    env = dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), NO_COLOR="1")
+    proc = subprocess.run([_tool("ansible-lint"), "--profile", "production", "--nocolor",
+                           "playbooks", "roles"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+
+
+def test_bootstrap_playbooks_exist_and_site_imports_every_concern():
+    for name in BOOTSTRAP_PLAYBOOKS:
+        assert (REPO / "playbooks" / name).is_file(), name
+    site = _load(REPO / "playbooks" / "site.yml")
+    assert site[0]["ansible.builtin.import_playbook"] == "boilerplate.yml"
+    assert "always" in _load(REPO / "playbooks" / "boilerplate.yml")[0]["tags"]
+    imported = {item["ansible.builtin.import_playbook"]: item.get("tags", []) for item in site}
+    for concern in ("preflight", "common", "ssh_trust", "trainer_env"):
+        assert imported[f"{concern}.yml"] == [concern]
+
+
+@pytest.mark.parametrize("role", ALL_ROLES)
+def test_role_has_defaults_and_argument_specs(role):
+    defaults = _load(ROLES / role / "defaults" / "main.yml") or {}
+    specs = _load(ROLES / role / "meta" / "argument_specs.yml")
+    options = specs["argument_specs"]["main"].get("options") or {}
+    unprefixed = [key for key in defaults if not key.startswith(f"{role}_")]
+    assert not unprefixed, f"defaults of {role} not prefixed with '{role}_': {unprefixed}"
+    untyped = [key for key in defaults if "type" not in (options.get(key) or {})]
+    assert not untyped, f"defaults of {role} without a type in argument_specs: {untyped}"
+
+
+@pytest.mark.parametrize("role", ALL_ROLES)
+def test_every_default_is_commented(role):
+    """Every knob sits in a paragraph (lines without a blank between) that has a comment."""
+    lines = (ROLES / role / "defaults" / "main.yml").read_text(encoding="utf-8").splitlines()
+    uncommented = []
+    for i, line in enumerate(lines):
+        if not line or line[0].isspace() or line.startswith(("#", "---")) or ":" not in line:
+            continue
+        paragraph = []
+        for previous in reversed(lines[:i]):
+            if not previous.strip():
+                break
+            paragraph.append(previous)
+        if not any(p.lstrip().startswith("#") for p in paragraph) and "#" not in line:
+            uncommented.append(line.split(":")[0])
+    assert not uncommented, f"{role} defaults without a comment: {uncommented}"
+
+
+def test_no_strict_host_key_checking_off_anywhere():
+    for path in list((REPO / "roles").rglob("*")) + list((REPO / "playbooks").rglob("*")):
+        if path.is_file() and path.suffix in (".yml", ".j2", ".py", ".cfg"):
+            text = path.read_text(encoding="utf-8", errors="replace")
+            assert "StrictHostKeyChecking=no" not in text, path
+            assert "StrictHostKeyChecking no" not in text, path
+
+
+# --- argument_specs at run time --------------------------------------------------------
+
+def _run_role(tmp_path: Path, role: str, extra: dict) -> subprocess.CompletedProcess:
+    play = tmp_path / "play.yml"
+    play.write_text(yaml.safe_dump([{
+        "name": "Run one role", "hosts": "nodes", "gather_facts": False,
+        "roles": [{"role": role}],
+    }]))
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text(yaml.safe_dump({"all": {"children": {"nodes": {"hosts": {
+        "localnode": {"ansible_connection": "local", "ansible_python_interpreter": sys.executable,
+                      "dsk_gpus_per_node": 0}}}}}}))
+    (tmp_path / "extra.yml").write_text(yaml.safe_dump(extra))
+    env = dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),
+               ANSIBLE_ROLES_PATH=str(ROLES), ANSIBLE_LOCAL_TEMP=str(tmp_path / "ltmp"),
+               ANSIBLE_REMOTE_TEMP=str(tmp_path / "rtmp"), ANSIBLE_NOCOLOR="1")
+    return subprocess.run([str(BIN / "ansible-playbook"), "-i", str(inventory), str(play),
+                           "--check", "-e", f"@{tmp_path / 'extra.yml'}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+
+
+WRONG_TYPES = [
+    ("preflight", {"preflight_check_gpus": "maybe"}, "preflight_check_gpus"),
+    ("common", {"common_apt_cache_valid_time": "soon"}, "common_apt_cache_valid_time"),
+    ("trainer_env", {"trainer_env_pip_packages": {"torch": "2.13.0"}}, "trainer_env_pip_packages"),
+    ("health_check", {"dsk_run_dir": "/nonexistent", "health_check_ssh_timeout": "soon"},
+     "health_check_ssh_timeout"),
+    ("health_check", {}, "dsk_run_dir"),
+    ("preflight", {"dsk_gpus": "eight"}, "dsk_gpus"),
+]
+
+
+@pytest.mark.parametrize(("role", "extra", "variable"), WRONG_TYPES,
+                         ids=[f"{r}-{v}" for r, _, v in WRONG_TYPES])
+def test_argument_specs_reject_bad_variables_before_any_task(tmp_path, role, extra, variable):
+    proc = _run_role(tmp_path, role, extra)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    assert "Validation of arguments failed" in out, out[-3000:]
+    assert variable in out, out[-3000:]
+    tasks = [line for line in out.splitlines() if line.startswith("TASK [")]
+    assert len(tasks) == 1 and "Validating arguments against arg spec" in tasks[0], tasks
+
+
+def test_preflight_passes_in_check_mode_with_good_variables(tmp_path):
+    """The control case: the same run with a correctly typed value gets past validation."""
+    if not Path("/sys/bus/pci/devices").is_dir():
+        pytest.skip("no /sys/bus/pci/devices here")
+    if any((Path("/sys/bus/pci/devices") / d / "vendor").read_text().strip() == "0x10de"
+           for d in os.listdir("/sys/bus/pci/devices")):
+        pytest.skip("this machine has NVIDIA devices; dsk_gpus_per_node 0 would not match")
+    proc = _run_role(tmp_path, "preflight", {"preflight_check_gpus": True,
+                                             "preflight_allow_unsupported_os": True})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "Detect NVIDIA GPUs and NVSwitches on the PCI bus" in out
+
+
+# --- the roles' own modules ------------------------------------------------------------
+
+def _module(role: str, name: str):
+    spec = importlib.util.spec_from_file_location(name, ROLES / role / "library" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_pci(root: Path, devices: dict[str, tuple[str, str, str]]) -> Path:
+    for address, (vendor, pci_class, device) in devices.items():
+        entry = root / address
+        entry.mkdir(parents=True)
+        (entry / "vendor").write_text(vendor + "\n")
+        (entry / "class").write_text(pci_class + "\n")
+        (entry / "device").write_text(device + "\n")
+    return root
+
+
+FAKE_HGX = {
+    "0000:00:02.0": ("0x8086", "0x030000", "0x1234"),   # an Intel VGA: not counted
+    "0000:18:00.0": ("0x10de", "0x030200", "0x2335"),   # H200 (3D controller)
+    "0000:2a:00.0": ("0x10de", "0x030200", "0x2335"),
+    "0000:3a:00.0": ("0x10de", "0x030000", "0x2335"),   # VGA class counts as a GPU too
+    "0000:05:00.0": ("0x10de", "0x068000", "0x22a3"),   # NVSwitch (bridge)
+    "0000:06:00.0": ("0x10de", "0x040300", "0x22ba"),   # NVIDIA HD audio: neither
+    "0000:07:00.0": ("0x15b3", "0x020700", "0x1021"),   # Mellanox HCA: not NVIDIA
+}
+
+
+def test_pci_scan_counts_nvidia_gpus_and_nvswitches(tmp_path):
+    scan = _module("preflight", "dsk_pci_gpus").scan
+    facts = scan(str(_fake_pci(tmp_path / "pci", FAKE_HGX)), {"0x22a3"})
+    assert facts["dsk_gpu_count_detected"] == 3
+    assert [g["address"] for g in facts["dsk_gpus_detected"]] == [
+        "0000:18:00.0", "0000:2a:00.0", "0000:3a:00.0"]
+    assert facts["dsk_nvswitch_count"] == 1
+    assert facts["dsk_has_nvswitch"] is True
+
+
+def test_pci_scan_of_a_cpu_machine_finds_nothing(tmp_path):
+    scan = _module("preflight", "dsk_pci_gpus").scan
+    root = _fake_pci(tmp_path / "pci", {"0000:00:02.0": ("0x8086", "0x030000", "0x1234")})
+    facts = scan(str(root), set())
+    assert facts["dsk_gpu_count_detected"] == 0
+    assert facts["dsk_nvswitch_count"] == 0
+
+
+def test_node_facts_gpu_models_and_driver_version(tmp_path, monkeypatch):
+    mod = _module("health_check", "dsk_node_facts")
+    assert mod.pci_gpus(str(_fake_pci(tmp_path / "pci", FAKE_HGX))) == ["10de:2335"] * 3
+    monkeypatch.setattr(mod.shutil, "which", lambda _name: None)
+    skipped: dict = {}
+    assert mod.gpu_models(["10de:2335"], skipped) == ["10de:2335"]
+    assert "nvidia-smi" in skipped["gpu_models"]
+    text = ("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.159.04  Release Build"
+            "  (dvs-builder@U22-I3-AE18-23-3)  Thu Oct  9 2025\nGCC version:  gcc 13.3.0\n")
+    driver_file = mod.DRIVER_VERSION_FILE
+    monkeypatch.setattr(mod, "_read", lambda path: text if path == driver_file else None)
+    assert mod.nvidia_driver() == "580.159.04"
+    monkeypatch.setattr(mod, "_read", lambda path: None)
+    assert mod.nvidia_driver() is None
+
+
+def test_node_facts_reports_a_missing_interpreter_as_skipped(tmp_path):
+    mod = _module("health_check", "dsk_node_facts")
+    skipped: dict = {}
+    facts = mod.python_facts(str(tmp_path / "no-python"), 10, skipped)
+    assert facts == {"path": str(tmp_path / "no-python"), "version": None, "torch": None,
+                     "cuda_available": None}
+    assert "does not exist" in skipped["python"]
+    facts = mod.python_facts(sys.executable, 60, {})
+    assert facts["version"] == sys.version.split()[0]
