@@ -26,6 +26,7 @@ CLUSTER = "cluster"  # the node name of results that belong to all nodes togethe
 # Every threshold a profile may set, with its type and meaning.
 THRESHOLDS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "require_cuda": (bool, "torch must see CUDA on every node"),
+    "require_time_sync": (bool, "clocks must be synchronised (NTP/chrony)"),
     "min_disk_free_gb": (dict, "free space per mount point, GB"),
     "min_mem_available_mb": ((int, float), "available memory per node, MB"),
     "allreduce_min_busbw_gbs": ((int, float),
@@ -107,7 +108,7 @@ def _check_thresholds(values: Any, *, file: str | None, prefix: str) -> None:
                              hint=f"known: {', '.join(sorted(THRESHOLDS))}")
         kind, _ = THRESHOLDS[key]
         ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
-        if key == "require_cuda":
+        if kind is bool:
             ok = isinstance(value, bool)
         if not ok:
             raise InputError(f"{value!r} is not a valid value ({THRESHOLDS[key][1]})",
@@ -173,8 +174,9 @@ def check_python_env(facts: dict, thresholds: dict) -> CheckResult:
     torch_version = py.get("torch")
     where = py.get("path") or "the trainer python"
     if not torch_version:
+        reason = (facts.get("skipped") or {}).get("python")
         return _result(facts, "python_env", FAIL, None, wanted,
-                       f"torch is not importable with {where}")
+                       f"torch is not importable with {where}" + (f" ({reason})" if reason else ""))
     if need_cuda and not py.get("cuda_available"):
         return _result(facts, "python_env", FAIL, f"torch {torch_version}, no CUDA", wanted,
                        f"torch {torch_version} at {where} does not see CUDA")
@@ -197,8 +199,10 @@ def check_disk_free(facts: dict, thresholds: dict) -> CheckResult:
     if low:
         return _result(facts, "disk_free", FAIL, value, want, "; ".join(low))
     if unknown and len(unknown) == len(want):
+        reason = (facts.get("skipped") or {}).get("disk_free_gb")
         return _result(facts, "disk_free", SKIP, value, want,
-                       f"free space not reported for {', '.join(unknown)}")
+                       f"free space not reported for {', '.join(unknown)}"
+                       + (f" ({reason})" if reason else ""))
     note = f" (not reported: {', '.join(unknown)})" if unknown else ""
     return _result(facts, "disk_free", PASS, value, want, "enough free space" + note)
 
@@ -235,6 +239,9 @@ def check_time_synced(facts: dict, thresholds: dict) -> CheckResult:
                        "unknown: no time synchronisation status on this node")
     if synced:
         return _result(facts, "time_synced", PASS, True, True, "clock synchronised")
+    if not thresholds.get("require_time_sync", True):
+        return _result(facts, "time_synced", SKIP, False, False,
+                       "clock not synchronised, but the profile does not require it")
     return _result(facts, "time_synced", FAIL, False, True, "clock not synchronised")
 
 
@@ -248,6 +255,11 @@ NODE_CHECKS: dict[str, Callable[[dict, dict], CheckResult]] = {
 }
 
 
+# Checks whose facts the health_check role may leave unknown (listed under "skipped");
+# for the others an unknown fact is a failure, and the role's reason goes into the message.
+SKIPPABLE = ("time_synced", "ssh_peers")
+
+
 def run_node_checks(node: str, facts: dict | None, thresholds: dict) -> list[CheckResult]:
     """Every node check for one node; a check the role skipped is a skip with its reason."""
     if facts is None:
@@ -257,7 +269,7 @@ def run_node_checks(node: str, facts: dict | None, thresholds: dict) -> list[Che
     skipped = facts.get("skipped") or {}
     out = []
     for name, check in NODE_CHECKS.items():
-        if name in skipped:
+        if name in SKIPPABLE and name in skipped:
             out.append(CheckResult(node, name, SKIP, None, None, str(skipped[name])))
         else:
             out.append(check(facts, thresholds))

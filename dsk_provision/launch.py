@@ -462,6 +462,8 @@ class NodeRun:
     exit_code: int | None = None
     exited_at: float | None = None
     stopped: bool = False
+    # Once we stop a node, its shutdown noise (SIGTERM tracebacks) goes to its log only.
+    quiet: bool = False
 
 
 @dataclass
@@ -482,7 +484,8 @@ def _stream(run: NodeRun, printer: _Printer) -> None:
         for raw in run.proc.stdout:
             line = raw.rstrip("\n")
             log.write(line + "\n")
-            printer.line(f"[{run.name}] {line}")
+            if not run.quiet:
+                printer.line(f"[{run.name}] {line}")
 
 
 def failed_rank(log_text: str) -> int | None:
@@ -575,6 +578,8 @@ def run_torchrun(inventory, module: str, module_args: list[str], *, run_dir: Pat
         stoppers = []
         for node, run in zip(inventory.nodes, runs, strict=True):
             if run.proc.poll() is None:
+                run.quiet = True
+                printer.line(f"[{run.name}] stopping (its output goes on in {run.log_path})")
                 t = threading.Thread(target=_stop, args=(transports[node.name], node, run,
                                                          run_id), daemon=True)
                 t.start()

@@ -62,7 +62,7 @@ def test_every_node_check_passes_on_healthy_facts(name):
     ("disk_free", {}, {"min_disk_free_gb": {"/": 10**9}}, "/: 40.5 GB free"),
     ("mem_available", {}, {"min_mem_available_mb": 10**12}, "20000 MB available"),
     ("ssh_peers", {"ssh_peers": {"node1": True, "node3": False}}, {}, "node3"),
-    ("time_synced", {"time_synced": False}, {}, "not synchronised"),
+    ("time_synced", {"time_synced": False}, {"require_time_sync": True}, "not synchronised"),
 ])
 def test_each_node_check_can_fail_naming_the_node(name, bad_facts, bad_thresholds, words):
     result = checks.NODE_CHECKS[name](facts(**bad_facts), {**SANDBOX, **bad_thresholds})
@@ -74,6 +74,11 @@ def test_each_node_check_can_fail_naming_the_node(name, bad_facts, bad_threshold
 def test_unknown_time_sync_is_a_skip_with_reason():
     result = checks.check_time_synced(facts(time_synced=None), SANDBOX)
     assert result.status == "skip" and "unknown" in result.message
+
+
+def test_unsynchronised_clock_is_shown_not_judged_when_not_required():
+    result = checks.check_time_synced(facts(time_synced=False), {"require_time_sync": False})
+    assert result.status == "skip" and result.value is False
 
 
 def test_role_skips_are_reported_with_reason():

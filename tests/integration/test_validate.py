@@ -1,0 +1,56 @@
+"""validate on the 3-node sandbox: passes with reports; an impossible threshold fails by name."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dsk_provision.errors import RunFailed
+from dsk_provision.inventory import load_inventory
+from dsk_provision.validate import validate
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def inventory(bootstrapped_cluster):
+    bootstrapped_cluster.require_success()
+    return load_inventory(bootstrapped_cluster.info.inventory_path)
+
+
+def test_validate_passes_with_reports(inventory, tmp_path):
+    report = validate(inventory, runs_dir=tmp_path, end="1M")
+    assert report.passed, [c.to_dict() for c in report.failures]
+    run_dir = report.run_dir
+    assert run_dir.parent == tmp_path
+    data = json.loads((run_dir / "report.json").read_text())
+    assert data["passed"] is True
+    assert data["profile"] == "cpu-sandbox"
+    nodes = {c["node"] for c in data["checks"]}
+    assert nodes == {"node1", "node2", "node3", "cluster"}
+    for name in ("node1", "node2", "node3"):
+        assert (run_dir / "facts" / f"{name}.json").is_file()
+        assert (run_dir / "logs" / f"{name}.log").is_file()
+        ssh = next(c for c in data["checks"] if c["node"] == name and c["check"] == "ssh_peers")
+        assert ssh["status"] == "pass" and ssh["value"] == "2/2"
+    bench = data["allreduce"]
+    assert bench["world_size"] == 3 and bench["backend"] == "gloo"
+    assert bench["wrong_total"] == 0
+    assert bench["results"][-1]["size"] == 1 << 20
+    markdown = (run_dir / "report.md").read_text()
+    assert "**PASSED**" in markdown and "### node3" in markdown and "## All-reduce" in markdown
+
+
+def test_impossible_busbw_threshold_fails_naming_the_check(inventory, tmp_path):
+    with pytest.raises(RunFailed) as err:
+        validate(inventory, runs_dir=tmp_path, begin="64K", end="64K",
+                 thresholds={"allreduce_min_busbw_gbs": 1e6})
+    assert "allreduce_busbw" in str(err.value)
+    assert sorted(err.value.nodes) == ["node1", "node2", "node3"]
+    (run_dir,) = tmp_path.glob("*-validate")
+    data = json.loads((run_dir / "report.json").read_text())
+    assert data["passed"] is False
+    failed = [(c["node"], c["check"]) for c in data["checks"] if c["status"] == "fail"]
+    assert failed == [("cluster", "allreduce_busbw")]
+    assert "allreduce_busbw" in (run_dir / "report.md").read_text()
