@@ -19,7 +19,7 @@ from . import naming
 from .host import file_lock, run, write_file
 
 # Bump when the customisation below changes, so cached images are rebuilt.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 SUITE = "bookworm"
 MIRRORS = (
     "deb http://deb.debian.org/debian bookworm main",
@@ -36,6 +36,10 @@ MASKED_UNITS = (
     "systemd-udevd.service", "systemd-udevd-control.socket", "systemd-udevd-kernel.socket",
     "systemd-udev-trigger.service", "systemd-udev-settle.service",
     "systemd-networkd-wait-online.service",
+    # Only removes /run/nologin, which the tmpfiles override below never creates; at
+    # boot it sometimes fails with 219/CGROUP on hosts with hybrid cgroups, leaving the
+    # node "degraded" and non-root logins refused.
+    "systemd-user-sessions.service",
 )
 SSHD_CONFIG = """\
 # dsk-provision sandbox: host keys are generated on the host before first boot.
@@ -114,6 +118,11 @@ def customise(rootfs: Path) -> None:
         if link.is_symlink() or link.exists():
             link.unlink()
         link.symlink_to("/dev/null")
+    nologin = rootfs / "etc/tmpfiles.d/systemd-nologin.conf"
+    nologin.parent.mkdir(parents=True, exist_ok=True)
+    if nologin.is_symlink() or nologin.exists():
+        nologin.unlink()
+    nologin.symlink_to("/dev/null")
     resolv = rootfs / "etc/resolv.conf"
     if resolv.is_symlink() or resolv.exists():
         resolv.unlink()

@@ -218,8 +218,9 @@ def test_customise_image(tmp_path):
     resolv = root / "etc/resolv.conf"
     assert not resolv.is_symlink() and "nameserver" not in resolv.read_text()
     for unit in ("console-getty.service", "systemd-udevd.service",
-                 "systemd-networkd-wait-online.service"):
+                 "systemd-networkd-wait-online.service", "systemd-user-sessions.service"):
         assert os.readlink(root / "etc/systemd/system" / unit) == "/dev/null"
+    assert os.readlink(root / "etc/tmpfiles.d/systemd-nologin.conf") == "/dev/null"
     assert (root / "etc/machine-id").read_text() == ""
     assert not (root / "etc/apt/sources.list").exists()
     assert (root / "var/lib/apt/lists").stat().st_mtime == image.OLD_MTIME
