@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import os
@@ -243,6 +244,7 @@ def train(cfg: TrainConfig, out_dir: Path, device) -> dict[str, Any]:
     }
     if rank == 0:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    dist.barrier()
     return summary
 
 
@@ -272,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         code = 1
     finally:
+        # free DDP/FSDP state (and its communication threads) before the process group
+        gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
     return code

@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
@@ -24,6 +26,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from trainer.model import Transformer
 from trainer.parallel.dims import ParallelDims
+
+DDP_PARAMETERS = inspect.signature(DistributedDataParallel.__init__).parameters
 
 
 def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
@@ -59,8 +63,12 @@ def parallelize(model: Transformer, dims: ParallelDims, device: torch.device,
         return model
     if dims.ddp_enabled:
         group = dims.dp_mesh(device.type).get_group()
-        # the selection bias is updated identically on every rank: no need to broadcast
+        # the selection bias starts equal and is updated identically on every rank from
+        # all-reduced loads, so buffers need no broadcast in each forward
+        no_buffer_sync = {"broadcast_buffers": False}
+        if "forward_sync_buffers" in DDP_PARAMETERS:  # the newer name
+            no_buffer_sync = {"forward_sync_buffers": False}
         return DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
-            process_group=group, broadcast_buffers=False)
+            process_group=group, **no_buffer_sync)
     return model

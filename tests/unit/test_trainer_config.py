@@ -1,0 +1,139 @@
+"""Training config validation: every bad input names its file and field."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from trainer.config import InputError, check_world_size, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ROOT / "trainer" / "configs"
+TINY = tomllib.loads((CONFIGS / "tiny.toml").read_text())
+
+
+def dump_toml(doc: dict) -> str:
+    """Enough TOML for these configs: tables of scalars."""
+    lines = []
+    for table, values in doc.items():
+        lines.append(f"[{table}]")
+        for key, value in values.items():
+            if isinstance(value, str):
+                lines.append(f'{key} = "{value}"')
+            else:
+                lines.append(f"{key} = {str(value).lower() if isinstance(value, bool) else value}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def tiny_with(section: str, key: str, value) -> dict:
+    doc = copy.deepcopy(TINY)
+    doc.setdefault(section, {})[key] = value
+    return doc
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "16b", "671b"])
+def test_shipped_configs_are_valid(name):
+    cfg = load_config(CONFIGS / f"{name}.toml")
+    assert cfg.model.n_layers >= 2 and cfg.path.endswith(f"{name}.toml")
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "field", "words"),
+    [
+        ("model", "dimm", 64, "model.dimm", "unknown key"),
+        ("model", "dim", "64", "model.dim", "expected integer"),
+        ("training", "lr", -1.0, "training.lr", ""),
+        ("model", "score_func", "relu", "model.score_func", "softmax"),
+        ("model", "n_heads", 5, "model.n_heads", "must divide model.dim"),
+        ("model", "n_activated_experts", 5, "model.n_activated_experts", "exceeds"),
+        ("model", "n_expert_groups", 3, "model.n_expert_groups", "must divide"),
+        ("model", "n_dense_layers", 3, "model.n_dense_layers", "exceeds n_layers"),
+        ("model", "qk_rope_head_dim", 7, "model.qk_rope_head_dim", "even"),
+        ("training", "seq_len", 65, "training.seq_len", "max_seq_len"),
+        ("training", "warmup_steps", 41, "training.warmup_steps", "exceeds steps"),
+        ("data", "kind", "shards", "data.path", "index.json"),
+        ("parallel", "tp", 2, "parallel.tp", "data parallelism only"),
+        ("parallel", "dp_shard", 0, "parallel.dp_shard", ""),
+        ("checkpointing", "interval", 5, "checkpointing", "unknown key"),
+    ],
+)
+def test_bad_field_is_named(section, key, value, field, words):
+    with pytest.raises(InputError) as err:
+        parse_config(tiny_with(section, key, value), "cfg.toml")
+    assert err.value.field == field
+    assert err.value.file == "cfg.toml"
+    assert str(err.value).startswith(f"cfg.toml: {field}: ")
+    assert words in str(err.value)
+
+
+def test_missing_required_key_is_named():
+    doc = copy.deepcopy(TINY)
+    del doc["training"]["lr"]
+    with pytest.raises(InputError) as err:
+        parse_config(doc, "cfg.toml")
+    assert err.value.field == "training.lr"
+
+
+def test_unreadable_and_broken_files(tmp_path):
+    with pytest.raises(InputError, match="cannot read"):
+        load_config(tmp_path / "absent.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[model\ndim = 1\n")
+    with pytest.raises(InputError, match="not valid TOML") as err:
+        load_config(broken)
+    assert err.value.file == str(broken)
+
+
+def test_world_size_must_match_the_degrees():
+    cfg = parse_config(tiny_with("parallel", "dp_replicate", 2), "cfg.toml")
+    check_world_size(cfg, 2)  # dp_shard = -1 fills: 2 x 1
+    check_world_size(cfg, 4)  # 2 x 2
+    with pytest.raises(InputError, match="not divisible") as err:
+        check_world_size(cfg, 3)
+    assert err.value.file == "cfg.toml"
+    fixed = parse_config(tiny_with("parallel", "dp_shard", 2), "cfg.toml")
+    with pytest.raises(InputError, match="world size is 3") as err:
+        check_world_size(fixed, 3)
+    assert err.value.field == "parallel"
+
+
+def _run(code: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, *(["-c", code] if code else []), *args], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_config_module_does_not_import_torch():
+    proc = _run("import sys, trainer.config as c\n"
+                "c.load_config('trainer/configs/671b.toml')\n"
+                "print('torch' in sys.modules)")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
+
+
+def test_fallback_error_without_dsk_provision():
+    proc = _run("import sys\nsys.modules['dsk_provision'] = None\n"
+                "from trainer.config import InputError, parse_config\n"
+                "assert issubclass(InputError, ValueError)\n"
+                "try:\n    parse_config({'model': {}}, 'x.toml')\n"
+                "except InputError as e:\n    print(e.file, e.field, e.exit_code)\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["x.toml", "training", "2"]
+
+
+def test_train_exits_2_with_one_line_naming_the_field(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(dump_toml(tiny_with("model", "n_heads", 6)))
+    proc = _run("", "-m", "trainer.train", "--config", str(bad), "--out", str(tmp_path / "r"))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert f"{bad}: model.n_heads:" in lines[0]
+    assert not (tmp_path / "r").exists()

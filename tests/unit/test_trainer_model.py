@@ -1,0 +1,136 @@
+"""Model: parameter counts, causality, routing, aux-loss-free balancing, MTP."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.config import load_config
+from trainer.model import ModelArgs, MoE, Transformer, count_params
+
+CONFIGS = Path(__file__).resolve().parents[2] / "trainer" / "configs"
+
+
+def args_of(name: str) -> ModelArgs:
+    return ModelArgs.from_config(load_config(CONFIGS / f"{name}.toml").model)
+
+
+def test_671b_parameter_counts_match_deepseek_v3():
+    args = args_of("671b")
+    total = count_params(args, include_mtp=False)
+    active = count_params(args, active_only=True, include_mtp=False)
+    assert abs(total - 671e9) / 671e9 < 0.01, total
+    assert abs(active - 37e9) / 37e9 < 0.03, active
+    # the analytic count is checked against real modules with every kind of layer (3 dense,
+    # 2 MoE, MTP), built on the meta device: never allocated
+    few = ModelArgs(**{**vars(args), "n_layers": 5})
+    with torch.device("meta"):
+        model = Transformer(few)
+    assert model.num_params() == count_params(few)
+    assert model.num_params(include_mtp=False) == count_params(few, include_mtp=False)
+    assert model.num_params(active_only=True) == count_params(few, active_only=True)
+    assert 11e9 < count_params(args) - total < 12.5e9  # the MTP module
+
+
+def test_16b_parameter_count_matches_deepseek_v2_lite():
+    total = count_params(args_of("16b"))
+    assert abs(total - 15.7e9) / 15.7e9 < 0.01, total
+
+
+@pytest.mark.parametrize("extra", [{}, {"q_lora_rank": 16, "mtp_depth": 1, "n_expert_groups": 2,
+                                        "topk_groups": 1, "score_func": "sigmoid"}])
+def test_analytic_count_equals_module_count(extra):
+    args = ModelArgs(**extra)
+    model = Transformer(args)
+    assert model.num_params() == count_params(args)
+    assert model.num_params(active_only=True) == count_params(args, active_only=True)
+    assert model.flops_per_token(64) > 6 * (model.num_params(active_only=True)
+                                            - args.vocab_size * args.dim)
+
+
+def test_layers_are_keyed_by_index():
+    model = Transformer(ModelArgs(n_layers=3, n_dense_layers=1))
+    assert list(model.layers.keys()) == ["0", "1", "2"]
+    assert "layers.2.ffn.experts.3.w1.weight" in model.state_dict()
+    assert "layers.0.ffn.w1.weight" in model.state_dict()  # first layer dense
+
+
+def test_attention_is_causal():
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(q_lora_rank=16)).eval()
+    tokens = torch.randint(0, 256, (1, 12))
+    changed = tokens.clone()
+    changed[0, 8:] = (changed[0, 8:] + 1) % 256
+    with torch.no_grad():
+        a, b = model(tokens), model(changed)
+    assert torch.allclose(a[0, :8], b[0, :8], atol=1e-5)
+    assert not torch.allclose(a[0, 8:], b[0, 8:], atol=1e-5)
+
+
+def test_group_limited_routing_stays_in_selected_groups():
+    torch.manual_seed(0)
+    args = ModelArgs(dim=16, n_routed_experts=8, n_activated_experts=2, n_expert_groups=4,
+                     topk_groups=1, score_func="sigmoid", route_scale=2.5)
+    moe = MoE(args)
+    torch.nn.init.normal_(moe.gate.weight)
+    weights, indices = moe.gate(torch.randn(64, 16))
+    groups = indices // 2  # 2 experts per group
+    assert (groups[:, 0] == groups[:, 1]).all()  # one group chosen: both experts in it
+    assert torch.allclose(weights.sum(-1), torch.full((64,), 2.5))  # normalised, scaled
+
+
+def _imbalance(moe: MoE, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        moe(x)
+    load = moe.tokens_per_expert.float()
+    return float(load.max() / load.mean())
+
+
+@pytest.mark.parametrize("speed", [0.0, 0.02])
+def test_aux_free_bias_moves_toward_balance(speed):
+    torch.manual_seed(0)
+    args = ModelArgs(dim=16, moe_inter_dim=8, n_routed_experts=4, n_activated_experts=1,
+                     bias_update_speed=speed, score_func="sigmoid")
+    moe = MoE(args)
+    torch.nn.init.normal_(moe.gate.weight, std=0.1)
+    x = torch.randn(512, 16)
+    with torch.no_grad():
+        moe.gate.weight[0] += 0.5 * x.mean(0) / x.mean(0).norm() ** 2  # expert 0 favoured
+    before = _imbalance(moe, x)
+    for _ in range(100):
+        _imbalance(moe, x)
+        moe.update_bias(moe.tokens_per_expert)
+    after = _imbalance(moe, x)
+    assert before > 1.5
+    if speed == 0:
+        assert after == before and moe.gate.expert_bias.abs().sum() == 0
+    else:
+        assert after < 1.2, (before, after)
+        assert moe.gate.expert_bias[0] < 0  # the overloaded expert was pushed down
+
+
+def test_moe_matches_a_dense_reference():
+    torch.manual_seed(0)
+    moe = MoE(ModelArgs(dim=16, moe_inter_dim=8, n_routed_experts=4, n_activated_experts=2))
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(10, 16)
+    weights, indices = moe.gate(x)
+    expected = moe.shared_experts(x)
+    for t in range(10):
+        for k in range(2):
+            expected[t] += weights[t, k] * moe.experts[int(indices[t, k])](x[t])
+    assert torch.allclose(moe(x), expected, atol=1e-5)
+    assert int(moe.tokens_per_expert.sum()) == 20
+
+
+def test_mtp_adds_a_weighted_loss_and_gets_gradients():
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(mtp_depth=1, mtp_loss_weight=0.5))
+    tokens = torch.randint(0, 256, (2, 16))
+    out = model(tokens[:, :-1], tokens[:, 1:])
+    assert torch.allclose(out.loss, out.lm_loss + 0.5 * out.mtp_loss)
+    out.loss.backward()
+    assert model.mtp.eh_proj.weight.grad.abs().sum() > 0
