@@ -360,7 +360,7 @@ def _tar_payload(files: dict[str, Path], include_trainer: bool = True) -> Path:
 
     with tarfile.open(name, "w") as tar:
         if include_trainer:
-            if not (TRAINER_DIR / "__init__.py").is_file() and not TRAINER_DIR.is_dir():
+            if not TRAINER_DIR.is_dir():
                 raise EnvironmentProblem(f"the trainer package is missing at {TRAINER_DIR}")
             tar.add(TRAINER_DIR, arcname="trainer", filter=clean)
         for arcname, local in files.items():

@@ -77,3 +77,30 @@ def test_two_ranks_gloo_on_loopback(tmp_path):
             assert m["algbw_gbs"] == pytest.approx(row["size"] / (m["time_us"] / 1e6) / 1e9)
     assert "Out of bounds values : 0 OK" in proc.stdout
     assert "out-of-place" in proc.stdout
+
+
+def test_wrong_elements_are_counted(tmp_path, monkeypatch):
+    """A corrupted reduction is caught: one wrong element per mode and size."""
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0,
+                            world_size=1)
+    try:
+        real = dist.all_reduce
+
+        def corrupting(tensor, *args, **kwargs):
+            work = real(tensor, *args, **kwargs)
+            if tensor.numel() > 1:  # leave the one-element timing and count reductions alone
+                tensor[0] += 1
+            return work
+
+        monkeypatch.setattr(allreduce.dist, "all_reduce", corrupting)
+        row = allreduce.run_size(4096, "float32", 0, 1, torch.device("cpu"))
+        assert row["out_of_place"]["wrong"] == 1
+        assert row["in_place"]["wrong"] == 1
+        monkeypatch.setattr(allreduce.dist, "all_reduce", real)
+        row = allreduce.run_size(4096, "float32", 0, 1, torch.device("cpu"))
+        assert row["out_of_place"]["wrong"] == row["in_place"]["wrong"] == 0
+    finally:
+        dist.destroy_process_group()

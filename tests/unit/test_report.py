@@ -3,10 +3,23 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+import pytest
 
 from dsk_provision import report
 from dsk_provision.checks import CheckResult
 from dsk_provision.validate import ValidationReport
+
+FACTS = {
+    "os": {"distribution": "Debian", "version": "12"}, "kernel": "6.1.0", "cpus": 2,
+    "mem_total_mb": 24000, "mem_available_mb": 20000,
+    "disk_free_gb": {"/": 40.0, "/opt/dsk": 40.0},
+    "gpus": {"declared": 0, "detected": 0, "models": []}, "nvidia_driver": None,
+    "python": {"path": "/usr/bin/python3", "version": "3.11.2", "torch": "2.13.0",
+               "cuda_available": False},
+    "time_synced": True, "skipped": {},
+}
 
 
 def sample(tmp_path, busbw_status="pass"):
@@ -63,3 +76,62 @@ def test_cells_escape_pipes():
         {"node": "n1", "check": "c", "status": "fail", "value": "a|b", "threshold": None,
          "message": "x | y"}], "nodes": ["n1"]})
     assert "a\\|b" in text and "x \\| y" in text
+
+
+@pytest.mark.slow
+def test_validate_on_two_local_nodes_writes_reports_and_names_the_bad_node(tmp_path, monkeypatch):
+    """validate() end to end without a sandbox: the playbook is replaced by facts files,
+    the benchmark runs for real under torchrun on two local "nodes" over loopback."""
+    import io
+    import socket
+    import sys
+
+    from rich.console import Console
+
+    from dsk_provision import runner
+    from dsk_provision.errors import RunFailed
+    from dsk_provision.inventory import Inventory, Node
+    from dsk_provision.validate import validate
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = [Node(f"node{i}", "127.0.0.1", 22, None, 0,
+                  {"dsk_root": str(tmp_path / f"node{i}"), "dsk_python": sys.executable,
+                   "dsk_rdzv_port": port, "ansible_connection": "local",
+                   "dsk_socket_ifname": "lo"}) for i in (1, 2)]
+    inv = Inventory(path=tmp_path / "hosts.yml", nodes=nodes, vars={"dsk_cluster_name": "t"},
+                    hosts_file=tmp_path / "hosts.yml")
+
+    def fake_playbook(playbook, inventory, *, command, runs_dir, extra_vars, console):
+        assert playbook == "validate.yml"
+        facts_dir = Path(extra_vars["dsk_run_dir"]) / "facts"
+        facts_dir.mkdir(parents=True)
+        for node in inventory.nodes:
+            facts = dict(FACTS, host=node.name, hostname=node.name,
+                         ssh_peers={n.name: True for n in inventory.nodes if n is not node})
+            if node.name == "node2":
+                facts["gpus"] = {"declared": 0, "detected": 1, "models": ["H100"]}
+            (facts_dir / f"{node.name}.json").write_text(json.dumps(facts))
+
+    monkeypatch.setattr(runner, "run_playbook", fake_playbook)
+    out = io.StringIO()
+    with pytest.raises(RunFailed) as err:
+        # Tiny sizes reach no meaningful busbw: that check is switched off here.
+        validate(inv, runs_dir=tmp_path / "runs", begin="1K", end="4K", warmup=1, iters=2,
+                 console=Console(file=out, width=120), timeout_s=120,
+                 thresholds={"allreduce_min_busbw_gbs": 0})
+    assert "node2 gpu_count" in str(err.value), str(err.value)
+    assert err.value.nodes == ["node2"], str(err.value)
+    (run_dir,) = (tmp_path / "runs").glob("*-validate")
+    data = json.loads((run_dir / "report.json").read_text())
+    assert data["passed"] is False
+    assert data["allreduce"]["world_size"] == 2
+    assert [r["size"] for r in data["allreduce"]["results"]] == [1024, 2048, 4096]
+    statuses = {(c["node"], c["check"]): c["status"] for c in data["checks"]}
+    assert statuses[("node2", "gpu_count")] == "fail"
+    assert statuses[("node1", "gpu_count")] == "pass"
+    assert statuses[("cluster", "allreduce_correct")] == "pass"
+    assert "- **node2** `gpu_count`: 1 GPU(s) detected, 0 declared" in (
+        run_dir / "report.md").read_text()
+    assert "gpu_count" in out.getvalue() and "FAIL" in out.getvalue()
