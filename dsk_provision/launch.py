@@ -291,7 +291,8 @@ def nproc_for(node, nproc_per_node: int | None = None) -> int:
 def rendezvous_endpoint(inventory) -> str:
     first = inventory.nodes[0]
     port = _var(first, "dsk_rdzv_port", DEFAULT_RDZV_PORT)
-    return f"{first.address}:{port}"
+    host = f"[{first.address}]" if ":" in str(first.address) else str(first.address)
+    return f"{host}:{port}"
 
 
 def pid_file(node, run_id: str) -> PurePosixPath:
@@ -603,6 +604,8 @@ def run_torchrun(inventory, module: str, module_args: list[str], *, run_dir: Pat
         rank = failed_rank(culprit.log_path.read_text(errors="replace"))
         who = f"rank {rank} on {culprit.name}" if rank is not None else culprit.name
         parts = [f"{module} failed: {who} exited with code {culprit.exit_code}"]
+        if culprit.exit_code == 255 and isinstance(transports[culprit.name], SshTransport):
+            parts[0] += " (ssh could not connect, or the connection dropped)"
         others = [r.name for r in failed if r is not culprit]
         if others:
             parts.append(f"then {', '.join(others)} failed too")

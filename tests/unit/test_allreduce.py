@@ -80,7 +80,7 @@ def test_two_ranks_gloo_on_loopback(tmp_path):
 
 
 def test_wrong_elements_are_counted(tmp_path, monkeypatch):
-    """A corrupted reduction is caught: one wrong element per mode and size."""
+    """A corrupted reduction is caught: every wrong element is counted, in both modes."""
     import torch
     import torch.distributed as dist
 
@@ -93,12 +93,15 @@ def test_wrong_elements_are_counted(tmp_path, monkeypatch):
             work = real(tensor, *args, **kwargs)
             if tensor.numel() > 1:  # leave the one-element timing and count reductions alone
                 tensor[0] += 1
+                tensor[-1] += 1
             return work
 
         monkeypatch.setattr(allreduce.dist, "all_reduce", corrupting)
-        row = allreduce.run_size(4096, "float32", 0, 1, torch.device("cpu"))
-        assert row["out_of_place"]["wrong"] == 1
-        assert row["in_place"]["wrong"] == 1
+        # 1025 elements: the last one lies past the whole periods of the pattern.
+        row = allreduce.run_size(4100, "float32", 0, 1, torch.device("cpu"))
+        assert row["count"] == 1025
+        assert row["out_of_place"]["wrong"] == 2
+        assert row["in_place"]["wrong"] == 2
         monkeypatch.setattr(allreduce.dist, "all_reduce", real)
         row = allreduce.run_size(4096, "float32", 0, 1, torch.device("cpu"))
         assert row["out_of_place"]["wrong"] == row["in_place"]["wrong"] == 0

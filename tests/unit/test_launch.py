@@ -249,3 +249,8 @@ def test_timeout_stops_everything(tmp_path):
         launch.run_torchrun(inv, "trainer.train", [], run_dir=tmp_path / "r-slow", timeout_s=1)
     assert "did not finish within 1 s" in str(err.value)
     assert sorted(err.value.nodes) == ["node1", "node2"]
+
+
+def test_ipv6_rendezvous_endpoint_is_bracketed(tmp_path):
+    inv = make_inventory(tmp_path, [("n1", "fd00::11", {}), ("n2", "fd00::12", {})])
+    assert launch.rendezvous_endpoint(inv) == "[fd00::11]:29500"

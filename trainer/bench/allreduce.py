@@ -93,20 +93,48 @@ def busbw_gbs(size_bytes: int, seconds: float, world_size: int) -> float:
     return algbw_gbs(size_bytes, seconds) * busbw_factor(world_size)
 
 
+def _pattern_values(rank: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """One period of rank `rank`'s pattern: element i holds (i + rank) % P."""
+    return torch.tensor([(k + rank) % _PATTERN_PERIOD for k in range(_PATTERN_PERIOD)],
+                        dtype=dtype, device=device)
+
+
+def _sum_values(world_size: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """One period of the expected sum over ranks."""
+    return torch.tensor(
+        [sum((k + r) % _PATTERN_PERIOD for r in range(world_size)) for k in range(_PATTERN_PERIOD)],
+        dtype=dtype, device=device)
+
+
+# Buffers are filled and compared one period at a time through a (-1, P) view, so a
+# multi-GB buffer needs no index tensor or expected copy beside it.
+def _fill_periodic(buf: torch.Tensor, values: torch.Tensor) -> None:
+    full = buf.numel() // _PATTERN_PERIOD * _PATTERN_PERIOD
+    if full:
+        buf[:full].view(-1, _PATTERN_PERIOD).copy_(values.expand(full // _PATTERN_PERIOD, -1))
+    if buf.numel() > full:
+        buf[full:].copy_(values[: buf.numel() - full])
+
+
+def _count_wrong_periodic(buf: torch.Tensor, values: torch.Tensor) -> int:
+    full = buf.numel() // _PATTERN_PERIOD * _PATTERN_PERIOD
+    wrong = 0
+    if full:
+        wrong += int((buf[:full].view(-1, _PATTERN_PERIOD) != values).sum().item())
+    if buf.numel() > full:
+        wrong += int((buf[full:] != values[: buf.numel() - full]).sum().item())
+    return wrong
+
+
 def fill_pattern(buf: torch.Tensor, rank: int) -> None:
-    idx = torch.arange(buf.numel(), device=buf.device, dtype=torch.int64)
-    buf.copy_((idx + rank) % _PATTERN_PERIOD)
+    _fill_periodic(buf, _pattern_values(rank, buf.dtype, buf.device))
 
 
 def expected_sum(count: int, world_size: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """sum over ranks r of (i + r) % P, computed per residue of i (no n-fold work)."""
-    per_residue = torch.tensor(
-        [sum((k + r) % _PATTERN_PERIOD for r in range(world_size)) for k in range(_PATTERN_PERIOD)],
-        dtype=torch.int64,
-        device=device,
-    )
-    idx = torch.arange(count, device=device, dtype=torch.int64)
-    return per_residue[idx % _PATTERN_PERIOD].to(dtype)
+    """The all-reduced pattern: sum over ranks r of (i + r) % P."""
+    out = torch.empty(count, dtype=dtype, device=device)
+    _fill_periodic(out, _sum_values(world_size, dtype, device))
+    return out
 
 
 class _Timer:
@@ -157,10 +185,6 @@ def _sum_over_ranks(value: int, device: torch.device) -> int:
     return int(t.item())
 
 
-def _count_wrong(result: torch.Tensor, expected: torch.Tensor) -> int:
-    return int((result != expected).sum().item())
-
-
 def run_size(size_bytes: int, dtype_name: str, warmup: int, iters: int,
              device: torch.device) -> dict | None:
     """Time and check one size; None when the size holds no whole element."""
@@ -174,8 +198,9 @@ def run_size(size_bytes: int, dtype_name: str, warmup: int, iters: int,
 
     send = torch.empty(count, dtype=dtype, device=device)
     recv = torch.empty(count, dtype=dtype, device=device)
-    fill_pattern(send, rank)
-    expected = expected_sum(count, world, dtype, device)
+    mine = _pattern_values(rank, dtype, device)
+    total = _sum_values(world, dtype, device)
+    _fill_periodic(send, mine)
 
     def out_of_place():
         recv.copy_(send)
@@ -190,18 +215,15 @@ def run_size(size_bytes: int, dtype_name: str, warmup: int, iters: int,
         recv.copy_(send)
         seconds = _mean_over_ranks(_time_op(op, warmup, iters, device), device)
         # Fresh buffers for the check: the timed in-place loop keeps summing into recv.
-        fill_pattern(send, rank)
+        _fill_periodic(send, mine)
         if mode == "out_of_place":
             recv.zero_()
             out_of_place()
-            wrong = _count_wrong(recv, expected)
-            pattern = torch.empty_like(send)
-            fill_pattern(pattern, rank)
-            wrong += _count_wrong(send, pattern)
+            wrong = _count_wrong_periodic(recv, total) + _count_wrong_periodic(send, mine)
         else:
-            fill_pattern(recv, rank)
+            _fill_periodic(recv, mine)
             in_place()
-            wrong = _count_wrong(recv, expected)
+            wrong = _count_wrong_periodic(recv, total)
         row[mode] = {
             "time_us": seconds * 1e6,
             "algbw_gbs": algbw_gbs(nbytes, seconds),
