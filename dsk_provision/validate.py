@@ -185,7 +185,9 @@ def validate(inventory, *, runs_dir: Path | None = None, begin: str = "1K",
     console.print(f"report: {md_path} ({json_path.name} beside it)", markup=False,
                   highlight=False)
     if not report.passed:
-        raise failure(report)
+        error = failure(report)
+        error.report = report  # the CLI's --json can still print the whole report
+        raise error
     return report
 
 

@@ -123,6 +123,7 @@ def test_validate_on_two_local_nodes_writes_reports_and_names_the_bad_node(tmp_p
                  thresholds={"allreduce_min_busbw_gbs": 0})
     assert "node2 gpu_count" in str(err.value), str(err.value)
     assert err.value.nodes == ["node2"], str(err.value)
+    assert err.value.report.passed is False
     (run_dir,) = (tmp_path / "runs").glob("*-validate")
     data = json.loads((run_dir / "report.json").read_text())
     assert data["passed"] is False
