@@ -73,7 +73,7 @@ def init_distributed():
         if use_cuda:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if use_cuda else "gloo", store=dist.HashStore(),
-                                rank=0, world_size=1)
+                                rank=0, world_size=1, device_id=device if use_cuda else None)
     return device
 
 

@@ -68,7 +68,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+        # in fp32 whatever the activations' dtype, as DeepSeek's reference does
+        return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).type_as(x)
 
 
 def precompute_rope(head_dim: int, max_seq_len: int, theta: float) -> torch.Tensor:
