@@ -297,10 +297,12 @@ def main(argv: list[str] | None = None) -> int:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
+        # Binding the device up front lets NCCL set up eagerly and barrier() know its GPU.
+        dist.init_process_group(backend=backend, device_id=device)
     else:
         backend = "gloo"
         device = torch.device("cpu")
-    dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend)
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
         rows = []
