@@ -1,0 +1,129 @@
+"""Static checks of the GPU roles (nvidia_driver, fabric_manager, cuda, nccl, rdma,
+containers, nccl_tests) and playbooks/gpu_stack.yml, and their input validation at run
+time: a wrongly typed or misspelled value stops the role before any task runs, and a
+pin that cannot work fails with a message naming the variable.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+ROLES = REPO / "roles"
+BIN = Path(sys.executable).parent
+GPU_ROLES = ["nvidia_driver", "fabric_manager", "cuda", "nccl", "rdma", "containers",
+             "nccl_tests"]
+PATHS = [f"roles/{r}" for r in GPU_ROLES] + ["playbooks/gpu_stack.yml"]
+
+
+def _tool(name: str) -> str:
+    path = BIN / name
+    if not path.exists():
+        pytest.skip(f"{name} is not installed in {BIN} (pip install -e .[dev])")
+    return str(path)
+
+
+def test_yamllint_clean():
+    proc = subprocess.run([_tool("yamllint"), "-s", *PATHS, "inventory/gpu-h200-local"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_ansible_lint_production_clean():
+    env = dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), NO_COLOR="1")
+    proc = subprocess.run([_tool("ansible-lint"), "--profile", "production", "--nocolor",
+                           *PATHS], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+
+
+def test_playbook_runs_the_roles_in_order_with_a_tag_each():
+    play = yaml.safe_load((REPO / "playbooks/gpu_stack.yml").read_text())[0]
+    assert [r["role"] for r in play["roles"]] == GPU_ROLES
+    for entry in play["roles"]:
+        assert entry["tags"] == ["gpu_stack", entry["role"]]
+    assert "serial" in play
+
+
+@pytest.mark.parametrize("role", GPU_ROLES)
+def test_role_has_vars_for_every_supported_distribution(role):
+    for name in ("Ubuntu-22.04", "Ubuntu-24.04", "Debian-12"):
+        assert (ROLES / role / "vars" / f"{name}.yml").is_file(), (role, name)
+
+
+def _run_role(tmp_path: Path, role: str, extra: dict) -> subprocess.CompletedProcess:
+    (tmp_path / "play.yml").write_text(yaml.safe_dump([{
+        "name": "Run one role", "hosts": "nodes", "gather_facts": False,
+        "roles": [{"role": role}]}]))
+    (tmp_path / "hosts.yml").write_text(yaml.safe_dump({"all": {"children": {"nodes": {
+        "hosts": {"localnode": {"ansible_connection": "local",
+                                "ansible_python_interpreter": sys.executable}}}}}}))
+    (tmp_path / "extra.yml").write_text(yaml.safe_dump(extra))
+    env = dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),
+               ANSIBLE_ROLES_PATH=str(ROLES), ANSIBLE_LOCAL_TEMP=str(tmp_path / "ltmp"),
+               ANSIBLE_REMOTE_TEMP=str(tmp_path / "rtmp"), ANSIBLE_NOCOLOR="1")
+    return subprocess.run([str(BIN / "ansible-playbook"), "-i", str(tmp_path / "hosts.yml"),
+                           str(tmp_path / "play.yml"), "--check",
+                           "-e", f"@{tmp_path / 'extra.yml'}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+
+
+BAD_ARGUMENTS = [
+    ("nvidia_driver", {"nvidia_driver_source": "cuda-rep"}, "nvidia_driver_source"),
+    ("nvidia_driver", {"nvidia_driver_allow_reboot": "maybe"}, "nvidia_driver_allow_reboot"),
+    ("fabric_manager", {"fabric_manager_force": "perhaps"}, "fabric_manager_force"),
+    ("cuda", {"cuda_packages": {"cuda-toolkit-13-0": "13.0.2"}}, "cuda_packages"),
+    ("nccl", {"nccl_conf_extra": ["NCCL_DEBUG=INFO"]}, "nccl_conf_extra"),
+    ("rdma", {"rdma_stack": "doca"}, "rdma_stack"),
+    ("containers", {"containers_runtime": "dockr"}, "containers_runtime"),
+    ("nccl_tests", {"nccl_tests_make_jobs": "many"}, "nccl_tests_make_jobs"),
+]
+
+
+@pytest.mark.parametrize(("role", "extra", "variable"), BAD_ARGUMENTS,
+                         ids=[f"{r}-{v}" for r, _, v in BAD_ARGUMENTS])
+def test_argument_specs_reject_bad_values_before_any_task(tmp_path, role, extra, variable):
+    proc = _run_role(tmp_path, role, extra)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert "Validation of arguments failed" in out, out[-3000:]
+    assert variable in out, out[-3000:]
+    tasks = [line for line in out.splitlines() if line.startswith("TASK [")]
+    assert len(tasks) == 1 and "Validating arguments against arg spec" in tasks[0], tasks
+
+
+BAD_PINS = [
+    ("cuda", {"cuda_version": "12.1", "cuda_force": True}, "cuda_version=12.1"),
+    ("nccl", {"nccl_version": "2.28.3-1+cuda12.9", "cuda_version": "13.0", "nccl_force": True},
+     "nccl_version=2.28.3-1+cuda12.9"),
+    ("nvidia_driver", {"nvidia_driver_version": "570.86.15", "nvidia_driver_force": True},
+     "nvidia_driver_version=570.86.15"),
+    ("nccl", {"dsk_nccl_env": {"nccl_debug": "INFO"}}, "dsk_nccl_env.nccl_debug"),
+]
+
+
+@pytest.mark.parametrize(("role", "extra", "message"), BAD_PINS, ids=[m for *_, m in BAD_PINS])
+def test_inconsistent_pins_fail_naming_the_variable(tmp_path, role, extra, message):
+    proc = _run_role(tmp_path, role, extra)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert message in out, out[-3000:]
+    assert "changed: [" not in out, out[-3000:]
+
+
+def test_good_values_get_past_validation_and_skip_with_reasons(tmp_path):
+    """The control case: valid values on this machine (no NVIDIA GPU) skip, saying why."""
+    if any((Path("/sys/bus/pci/devices") / d / "vendor").read_text().strip() == "0x10de"
+           for d in os.listdir("/sys/bus/pci/devices")):
+        pytest.skip("this machine has NVIDIA devices")
+    proc = _run_role(tmp_path, "cuda", {"cuda_version": "13.0"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "Skipping the CUDA toolkit: no NVIDIA GPU on this node" in out, out[-3000:]
