@@ -1,10 +1,19 @@
-"""Offline apt mirror: a flat repository holding the packages a set of nodes lacks.
+"""Offline package mirror for air-gapped clusters: apt repositories and Python wheels.
 
-Resolution uses the host's apt-get with a private state directory against the nodes'
-dpkg status, so exactly the missing packages (and their missing dependencies) are
-downloaded. The result is a directory that any HTTP server can serve; nodes use it as
-`deb [trusted=yes] URL ./`. This is the mechanism an air-gapped cluster needs too:
-build the mirror where there is a network, serve it where there is none.
+Two entry points share one mechanism:
+
+- ``build_apt_mirror`` (the sandbox): a flat repository holding exactly what a node image
+  lacks, cached by a hash of the inputs.
+- ``plan_mirror`` + ``build_mirror`` (``dsk-provision mirror build``): every apt package the
+  inventory's roles install, with its dependencies, per target OS, plus the trainer
+  environment's wheels, and ``manifest.json`` (written last: an interrupted build never
+  looks complete).
+
+Resolution uses the control node's apt-get with a private state directory (sources,
+lists, status, archives), so the host's own apt configuration is neither read nor
+changed. Against an empty dpkg status apt downloads the whole dependency closure, which
+is what a node with nothing but its base system needs. The result is a directory any
+HTTP server can serve; nodes use it as ``deb [trusted=yes] URL ./``.
 """
 
 from __future__ import annotations
@@ -13,23 +22,66 @@ import gzip
 import hashlib
 import json
 import os
+import platform
 import re
 import shutil
+import subprocess
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from dsk_provision.errors import EnvironmentProblem, InputError
 from dsk_provision.sandbox.host import file_lock, require_tools, run, write_file
 
+Progress = Callable[[str], None] | None
+
 RECIPE_VERSION = 1
 DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
+UBUNTU_KEYRING = "/usr/share/keyrings/ubuntu-archive-keyring.gpg"
 BOOKWORM_SOURCES = (
     "http://deb.debian.org/debian bookworm main",
     "http://deb.debian.org/debian bookworm-updates main",
     "http://deb.debian.org/debian-security bookworm-security main",
 )
+APT_TIMEOUT_S = 1800
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+# A Debian package name, optionally pinned: name or name=version.
+_PACKAGE_RE = re.compile(r"[a-z0-9][a-z0-9+.-]+(=[A-Za-z0-9.+~:-]+)?")
 
+
+@dataclass(frozen=True)
+class TargetOS:
+    """An OS the nodes may run, and what a mirror for it needs."""
+
+    id: str                      # debian-12, as `--os` spells it
+    role_vars: str               # Debian-12: roles/<role>/vars/<role_vars>.yml
+    python: str                  # the distribution's python3, for the trainer's wheels
+    glibc: tuple[int, int]       # newest manylinux tag its wheels may carry
+    keyring: str                 # signs its default sources
+    sources: tuple[str, ...]     # default sources: "URL SUITE COMPONENTS"
+
+
+TARGETS = {t.id: t for t in (
+    TargetOS("debian-12", "Debian-12", "3.11", (2, 36), DEBIAN_KEYRING, BOOKWORM_SOURCES),
+    TargetOS("ubuntu-22.04", "Ubuntu-22.04", "3.10", (2, 35), UBUNTU_KEYRING, (
+        "http://archive.ubuntu.com/ubuntu jammy main restricted universe",
+        "http://archive.ubuntu.com/ubuntu jammy-updates main restricted universe",
+        "http://security.ubuntu.com/ubuntu jammy-security main restricted universe")),
+    TargetOS("ubuntu-24.04", "Ubuntu-24.04", "3.12", (2, 39), UBUNTU_KEYRING, (
+        "http://archive.ubuntu.com/ubuntu noble main restricted universe",
+        "http://archive.ubuntu.com/ubuntu noble-updates main restricted universe",
+        "http://security.ubuntu.com/ubuntu noble-security main restricted universe")),
+)}
+
+
+# ---------------------------------------------------------------------------------------
+# The sandbox's mirror: what a node image lacks, cached by a hash of the inputs.
 
 def mirror_key(packages: Sequence[str], dpkg_status: Path,
                sources: Sequence[str] = BOOKWORM_SOURCES) -> str:
@@ -43,7 +95,7 @@ def _validate_packages(packages: Sequence[str]) -> list[str]:
     pkgs = sorted(set(packages))
     if not pkgs:
         raise InputError("the mirror's package list is empty", field="packages")
-    bad = [p for p in pkgs if not re.fullmatch(r"[a-z0-9][a-z0-9+.-]+", p)]
+    bad = [p for p in pkgs if not _PACKAGE_RE.fullmatch(p)]
     if bad:
         raise InputError(f"invalid Debian package names: {', '.join(bad)}", field="packages")
     return pkgs
@@ -51,7 +103,7 @@ def _validate_packages(packages: Sequence[str]) -> list[str]:
 
 def build_apt_mirror(packages: Sequence[str], dpkg_status: Path, cache_dir: Path, *,
                      sources: Sequence[str] = BOOKWORM_SOURCES,
-                     progress: Callable[[str], None] | None = None) -> Path:
+                     progress: Progress = None) -> Path:
     """Return a directory holding a flat apt repository with `packages` and whatever of
     their dependencies `dpkg_status` lacks; cached in cache_dir by a hash of the inputs."""
     say = progress or (lambda _msg: None)
@@ -63,24 +115,35 @@ def build_apt_mirror(packages: Sequence[str], dpkg_status: Path, cache_dir: Path
     with file_lock(cache_dir / f".{final.name}.lock"):
         if (final / "Release").exists():  # built meanwhile by another process
             return final
-        return _build(final, pkgs, dpkg_status, sources, say)
+        for stale in cache_dir.glob(f".building-{final.name}-*"):  # from a killed build
+            shutil.rmtree(stale, ignore_errors=True)
+        lines = [f"deb [signed-by={DEBIAN_KEYRING}] {s}" for s in sources]
+        say(f"building the apt mirror ({len(pkgs)} packages: {' '.join(pkgs)})")
+        started = time.monotonic()
+        debs = _build_flat_repo(final, pkgs, dpkg_status.read_bytes(), lines,
+                                where=", ".join(sources))
+        size = sum(f.stat().st_size for f in debs) / 2**20
+        say(f"apt mirror ready in {time.monotonic() - started:.0f} s: {len(debs)} packages, "
+            f"{size:.1f} MiB")
+        return final
 
 
-def _build(final: Path, pkgs: list[str], dpkg_status: Path, sources: Sequence[str],
-           say: Callable[[str], None]) -> Path:
-    cache_dir = final.parent
-    for stale in cache_dir.glob(f".building-{final.name}-*"):  # from a killed build
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = cache_dir / f".building-{final.name}-{os.getpid()}"
+def _build_flat_repo(final: Path, pkgs: Sequence[str], dpkg_status: bytes,
+                     source_lines: Sequence[str], *, where: str) -> list[Path]:
+    """Download `pkgs` and what `dpkg_status` lacks of their dependencies, index them and
+    rename the finished repository to `final` (which must not exist). Returns the .debs.
+
+    Everything happens in a sibling temp directory; `final` appears whole or not at all.
+    """
+    tmp = final.parent / f".building-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     work, repo = tmp / "apt", tmp / "repo"
     for d in ("state/lists/partial", "cache", "sources.list.d", "preferences.d", "apt.conf.d"):
         (work / d).mkdir(parents=True)
     (repo / "partial").mkdir(parents=True)
     status = work / "status"
-    shutil.copyfile(dpkg_status, status)
-    write_file(work / "sources.list",
-               "".join(f"deb [signed-by={DEBIAN_KEYRING}] {s}\n" for s in sources))
+    status.write_bytes(dpkg_status)
+    write_file(work / "sources.list", "".join(f"{line}\n" for line in source_lines))
     apt = ["apt-get", "-q",
            "-o", f"Dir::Etc::SourceList={work / 'sources.list'}",
            "-o", f"Dir::Etc::SourceParts={work / 'sources.list.d'}",
@@ -92,24 +155,30 @@ def _build(final: Path, pkgs: list[str], dpkg_status: Path, sources: Sequence[st
            "-o", f"Dir::Cache::archives={repo}",
            "-o", "Acquire::Languages=none",
            "-o", "APT::Install-Recommends=false"]
-    say(f"building the apt mirror ({len(pkgs)} packages: {' '.join(pkgs)})")
-    started = time.monotonic()
     try:
-        run([*apt, "update"], timeout=900)
+        proc = run([*apt, "update"], check=False, timeout=APT_TIMEOUT_S)
+        if proc.returncode != 0 or "Err:" in proc.stdout:
+            detail = [ln for ln in (proc.stdout + proc.stderr).splitlines()
+                      if ln.startswith(("Err:", "E:", "W:"))][-6:]
+            raise EnvironmentProblem(f"apt-get update failed for {where}:\n  "
+                                     + "\n  ".join(detail),
+                                     hint="check that the sources are reachable from here "
+                                          "and that their signing keyrings exist")
         proc = run([*apt, "install", "--download-only", "-y", *pkgs], check=False,
-                   timeout=900)
+                   timeout=APT_TIMEOUT_S)
         if proc.returncode != 0:
             missing = [line.split()[-1] for line in proc.stderr.splitlines()
                        if "Unable to locate package" in line]
+            missing += [m.group(1) for m in re.finditer(
+                r"Version '[^']+' for '([^']+)' was not found", proc.stderr)]
             if missing:
-                raise InputError(f"packages not found in {', '.join(sources)}: "
-                                 f"{', '.join(missing)}", field="packages")
+                raise InputError(f"packages not found in {where}: {', '.join(missing)}",
+                                 field="packages")
             raise EnvironmentProblem("apt-get could not download the mirror's packages:\n  "
                                      + "\n  ".join(proc.stderr.strip().splitlines()[-5:]))
         shutil.rmtree(repo / "partial")
         (repo / "lock").unlink(missing_ok=True)
         debs = sorted(repo.glob("*.deb"))
-        size = sum(f.stat().st_size for f in debs) / 2**20
         index = run(["dpkg-scanpackages", "-m", "."], cwd=repo).stdout
         write_file(repo / "Packages", index)
         write_file(repo / "Packages.gz", gzip.compress(index.encode(), mtime=0))
@@ -117,9 +186,7 @@ def _build(final: Path, pkgs: list[str], dpkg_status: Path, sources: Sequence[st
         os.rename(repo, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    say(f"apt mirror ready in {time.monotonic() - started:.0f} s: {len(debs)} packages, "
-        f"{size:.1f} MiB")
-    return final
+    return [final / d.name for d in debs]
 
 
 def _release(repo: Path) -> str:
@@ -131,3 +198,643 @@ def _release(repo: Path) -> str:
         data = (repo / name).read_bytes()
         lines.append(f" {hashlib.sha256(data).hexdigest()} {len(data)} {name}")
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------
+# What the roles install, read from their files as data.
+
+@dataclass(frozen=True)
+class AptRule:
+    """Where one role names apt packages: a Jinja expression over the role's variables
+    (defaults, then the inventory, then the role's vars/), and when the role installs them.
+
+    `node_gpus` (the node's declared GPUs) is available to `when`, as the roles' own GPU
+    detection is not: the mirror is built before any node is reached.
+    """
+
+    role: str
+    variables: tuple[str, ...]
+    expression: str
+    when: str = "true"
+    origin: str = "'distribution'"
+
+
+APT_RULES = (
+    AptRule("common", ("common_packages", "common_extra_packages"),
+            "common_packages + common_extra_packages"),
+    AptRule("trainer_env", ("trainer_env_system_packages",), "trainer_env_system_packages"),
+    AptRule("rdma", ("rdma_distro_packages", "rdma_package_versions"),
+            "rdma_distro_packages | dsk_pin(rdma_package_versions)",
+            when="rdma_enabled and rdma_stack == 'distro'"),
+    AptRule("containers", ("containers_runtime_packages", "containers_runtime_version"),
+            "[containers_runtime_packages[containers_runtime]] | dsk_pin("
+            "{containers_runtime_packages[containers_runtime]: containers_runtime_version})",
+            when="containers_enabled"),
+    AptRule("containers", ("containers_toolkit_version",),
+            "['nvidia-container-toolkit', 'nvidia-container-toolkit-base']"
+            " | dsk_pin_all(containers_toolkit_version)",
+            when="containers_enabled and (node_gpus > 0 or containers_toolkit_force)",
+            origin="'NVIDIA container toolkit repository (containers_toolkit_repo_url)'"),
+    AptRule("nvidia_driver", ("nvidia_driver_packages", "nvidia_driver_cuda_repo_packages",
+                              "nvidia_driver_distro_packages"),
+            "nvidia_driver_packages if nvidia_driver_packages else "
+            "(nvidia_driver_cuda_repo_packages if nvidia_driver_source == 'cuda-repo' "
+            "else nvidia_driver_distro_packages)"
+            "['open' if nvidia_driver_open_kernel else 'proprietary']",
+            when="nvidia_driver_enabled and (node_gpus > 0 or nvidia_driver_force)",
+            origin="'NVIDIA CUDA repository (cuda_repo_url)' "
+                   "if nvidia_driver_source == 'cuda-repo' else 'distribution'"),
+    AptRule("cuda", ("cuda_packages",), "cuda_packages",
+            when="cuda_enabled and (node_gpus > 0 or cuda_force)",
+            origin="'NVIDIA CUDA repository (cuda_repo_url)'"),
+    AptRule("nccl", ("nccl_packages", "nccl_version"), "nccl_packages | dsk_pin_all(nccl_version)",
+            when="nccl_enabled and (node_gpus > 0 or nccl_force)",
+            origin="'NVIDIA CUDA repository (cuda_repo_url)'"),
+    AptRule("fabric_manager", ("fabric_manager_package",), "[fabric_manager_package]",
+            when="fabric_manager_enabled and (node_gpus > 0 or fabric_manager_force)",
+            origin="'NVIDIA CUDA repository (cuda_repo_url)'"),
+    AptRule("nccl_tests", ("nccl_tests_build_tools",), "nccl_tests_build_tools",
+            when="nccl_tests_enabled and nccl_tests_url and node_gpus > 0"),
+)
+# Variables named like package lists that are not apt package lists of a node.
+NOT_APT_PACKAGE_LISTS = frozenset({
+    "trainer_env_pip_packages",       # Python packages: the wheels/ part of the mirror
+    "containers_runtime_packages",    # a runtime -> package map, read by a rule above
+    "nvidia_driver_distro_packages",  # per-kernel-flavour maps, read by a rule above
+    "nvidia_driver_cuda_repo_packages",
+})
+PIP_PACKAGES_VAR = "trainer_env_pip_packages"
+# Roles that only a GPU cluster needs; `--no-gpu-stack` leaves their packages out.
+GPU_ROLES = frozenset({"nvidia_driver", "cuda", "nccl", "fabric_manager", "nccl_tests"})
+_CONVENTION_RE = re.compile(r"(?P<role>[a-z0-9_]+?)_(?:[a-z0-9]+_)?packages")
+
+
+@dataclass
+class PackageRequest:
+    """One apt package the mirror must hold, and which role variables asked for it."""
+
+    spec: str                               # name or name=version
+    origin: str = "distribution"
+    sources: list[str] = field(default_factory=list)   # "role:variable"
+
+    @property
+    def name(self) -> str:
+        return self.spec.split("=", 1)[0]
+
+    def to_dict(self) -> dict:
+        return {"package": self.spec, "origin": self.origin, "requested_by": self.sources}
+
+
+@dataclass
+class MirrorPlan:
+    """What `build_mirror` downloads: apt packages per OS, pinned pip requirements."""
+
+    oses: list[str]
+    apt: dict[str, list[PackageRequest]]
+    pip: list[str]
+    inventory: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"inventory": self.inventory, "oses": self.oses,
+                "apt": {o: [r.to_dict() for r in reqs] for o, reqs in self.apt.items()},
+                "pip": self.pip, "notes": self.notes}
+
+
+class _Unresolved(Exception):
+    """A role value that cannot be known before the nodes are reached (facts, filters)."""
+
+
+def _read_role_file(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise EnvironmentProblem(f"cannot read {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise InputError(f"not valid YAML: {exc}", file=str(path)) from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InputError("must be a mapping of variable names to values", file=str(path))
+    return {str(k): v for k, v in data.items()}
+
+
+def read_role_vars(roles_dir: Path, target: TargetOS) -> dict[str, dict[str, Any]]:
+    """Per role: {'defaults': {...}, 'vars': {...}} with vars/main.yml and
+    vars/<OS>.yml merged (both rank above the inventory, as in Ansible)."""
+    roles: dict[str, dict[str, Any]] = {}
+    for role_dir in sorted(p for p in roles_dir.iterdir() if p.is_dir()):
+        defaults, role_vars = {}, {}
+        for name in ("main.yml", "main.yaml"):
+            if (role_dir / "defaults" / name).is_file():
+                defaults.update(_read_role_file(role_dir / "defaults" / name))
+        for name in ("main.yml", f"{target.role_vars}.yml"):
+            if (role_dir / "vars" / name).is_file():
+                role_vars.update(_read_role_file(role_dir / "vars" / name))
+        roles[role_dir.name] = {"defaults": defaults, "vars": role_vars}
+    return roles
+
+
+def _jinja_env():
+    import jinja2
+
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
+
+    def pin(names: Iterable[str], versions: Mapping[str, str] | None) -> list[str]:
+        versions = versions or {}
+        return [f"{n}={versions[n]}" if versions.get(n) else str(n) for n in names]
+
+    def pin_all(names: Iterable[str], version: str | None) -> list[str]:
+        return [f"{n}={version}" if version else str(n) for n in names]
+
+    env.filters.update({
+        "dsk_pin": pin, "dsk_pin_all": pin_all,
+        "bool": lambda v: v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes"),
+        "dirname": os.path.dirname, "basename": os.path.basename,
+    })
+    return env
+
+
+class _Scope:
+    """Variables as Ansible layers them, templated on demand like Ansible does lazily."""
+
+    def __init__(self, env, layers: Sequence[Mapping[str, Any]]):
+        self.env = env
+        self.raw: dict[str, Any] = {}
+        for layer in layers:
+            self.raw.update(layer)
+        self.done: dict[str, Any] = {}
+        self.busy: set[str] = set()
+
+    def get(self, name: str) -> Any:
+        if name in self.done:
+            return self.done[name]
+        if name not in self.raw:
+            raise _Unresolved(f"{name} is not defined before the nodes are reached")
+        if name in self.busy:
+            raise _Unresolved(f"{name} refers to itself")
+        self.busy.add(name)
+        try:
+            value = self.template(self.raw[name])
+        finally:
+            self.busy.discard(name)
+        self.done[name] = value
+        return value
+
+    def template(self, value: Any) -> Any:
+        if isinstance(value, list):
+            return [self.template(v) for v in value]
+        if isinstance(value, dict):
+            return {k: self.template(v) for k, v in value.items()}
+        if not isinstance(value, str) or ("{{" not in value and "{%" not in value):
+            return value
+        stripped = value.strip()
+        single = re.fullmatch(r"\{\{(.*)\}\}", stripped, re.S)
+        if single and "{{" not in single.group(1):
+            return self.evaluate(single.group(1))
+        return self._run(lambda: self.env.from_string(value), "render", value)
+
+    def evaluate(self, expression: str) -> Any:
+        return self._run(lambda: self.env.compile_expression(expression,
+                                                             undefined_to_none=False),
+                         "call", expression)
+
+    def _run(self, compile_it: Callable[[], Any], how: str, text: str) -> Any:
+        import jinja2
+        from jinja2 import meta
+
+        try:
+            names = meta.find_undeclared_variables(self.env.parse(
+                text if how == "render" else "{{ " + text + " }}"))
+            context = {n: self.get(n) for n in names if n in self.raw or n in self.done}
+            compiled = compile_it()
+            result = compiled.render(context) if how == "render" else compiled(**context)
+        except _Unresolved:
+            raise
+        except jinja2.UndefinedError as exc:
+            raise _Unresolved(f"{text.strip()!r}: {exc.message}") from exc
+        except jinja2.TemplateError as exc:
+            raise _Unresolved(f"{text.strip()!r}: {exc}") from exc
+        except (TypeError, KeyError, IndexError, AttributeError, ValueError) as exc:
+            raise _Unresolved(f"{text.strip()!r}: {exc}") from exc
+        if isinstance(result, jinja2.Undefined):
+            raise _Unresolved(f"{text.strip()!r} is undefined")
+        return result
+
+
+def _package_list(value: Any, where: str) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _Unresolved(f"{where} is not a list of package names")
+    return [v.strip() for v in value if v.strip()]
+
+
+def _convention_rules(roles: Mapping[str, Mapping[str, dict]]) -> tuple[list[AptRule], list[str]]:
+    """Rules for `<role>_packages` / `<role>_<word>_packages` lists no APT_RULES entry reads
+    (installed on every node, from the distribution); notes for other shapes."""
+    known = {v for rule in APT_RULES for v in rule.variables} | NOT_APT_PACKAGE_LISTS
+    rules, notes = [], []
+    for role, files in roles.items():
+        for layer in ("defaults", "vars"):
+            for var, value in files[layer].items():
+                m = _CONVENTION_RE.fullmatch(var)
+                if not m or var in known or not var.startswith(role + "_"):
+                    continue
+                known.add(var)
+                if isinstance(value, list | str):
+                    rules.append(AptRule(role, (var,), var))
+                else:
+                    notes.append(f"{role}: {var} is not a list of package names; "
+                                 "the mirror leaves it out")
+    return rules, notes
+
+
+def plan_mirror(inventory, oses: Sequence[str] | None = None, *,
+                roles_dir: Path | None = None, extra_packages: Sequence[str] = (),
+                gpu_stack: bool = True) -> MirrorPlan:
+    """Every apt package (per target OS) and pinned pip requirement the inventory's nodes
+    install, read from the roles' defaults and vars and the inventory's variables."""
+    from dsk_provision.inventory import REPO_ROLES_DIR
+
+    roles_dir = roles_dir or REPO_ROLES_DIR
+    targets = [target_os(o) for o in (oses or [host_os_id()])]
+    extras = _validate_extra(extra_packages)
+    env = _jinja_env()
+    plan = MirrorPlan(oses=[t.id for t in targets], apt={}, pip=[],
+                      inventory=str(getattr(inventory, "path", "")))
+    pip: dict[str, None] = {}
+    for target in targets:
+        roles = read_role_vars(roles_dir, target)
+        convention, notes = _convention_rules(roles)
+        for note in notes:
+            if note not in plan.notes:
+                plan.notes.append(note)
+        requests: dict[str, PackageRequest] = {}
+        for rule in (*APT_RULES, *convention):
+            if rule.role not in roles or (not gpu_stack and rule.role in GPU_ROLES):
+                continue
+            for node in inventory.nodes:
+                _apply_rule(rule, roles, node, env, requests, plan.notes, target)
+        for spec in extras:
+            requests.setdefault(spec, PackageRequest(spec)).sources.append("--package")
+        plan.apt[target.id] = sorted(requests.values(), key=lambda r: r.spec)
+        if "trainer_env" in roles:
+            for node in inventory.nodes:
+                scope = _Scope(env, [roles["trainer_env"]["defaults"], node.vars,
+                                     roles["trainer_env"]["vars"]])
+                try:
+                    for req in _package_list(scope.get(PIP_PACKAGES_VAR), PIP_PACKAGES_VAR):
+                        pip.setdefault(req, None)
+                except _Unresolved as exc:
+                    raise InputError(f"cannot read the trainer's Python packages: {exc}",
+                                     file=str(inventory.path), field=PIP_PACKAGES_VAR) from exc
+    plan.pip = list(pip)
+    if not any(plan.apt.values()):
+        raise InputError(f"no role under {roles_dir} names apt packages for these nodes",
+                         field="packages")
+    return plan
+
+
+def _apply_rule(rule: AptRule, roles, node, env, requests: dict[str, PackageRequest],
+                notes: list[str], target: TargetOS) -> None:
+    files = roles[rule.role]
+    layers = [files["defaults"]]
+    # Other roles' defaults are visible too (fabric_manager reads nvidia_driver_branch).
+    for other, other_files in roles.items():
+        if other != rule.role:
+            layers.insert(0, other_files["defaults"])
+    layers += [node.vars, files["vars"], {"node_gpus": int(node.gpus or 0)}]
+    scope = _Scope(env, layers)
+    try:
+        if not scope.evaluate(rule.when):
+            return
+        specs = _package_list(scope.evaluate(rule.expression), ", ".join(rule.variables))
+        origin = str(scope.evaluate(rule.origin))
+    except _Unresolved as exc:
+        note = (f"{rule.role} ({', '.join(rule.variables)}) on {target.id}: left out, "
+                f"{exc}")
+        if note not in notes:
+            notes.append(note)
+        return
+    for spec in specs:
+        if not _PACKAGE_RE.fullmatch(spec):
+            raise InputError(f"{spec!r} is not a Debian package name (name or name=version)",
+                             file=f"roles/{rule.role} or the inventory",
+                             field=", ".join(rule.variables))
+        req = requests.setdefault(spec, PackageRequest(spec, origin))
+        tag = f"{rule.role}:{rule.variables[0]}"
+        if tag not in req.sources:
+            req.sources.append(tag)
+
+
+def _validate_extra(packages: Sequence[str]) -> list[str]:
+    bad = [p for p in packages if not _PACKAGE_RE.fullmatch(p)]
+    if bad:
+        raise InputError(f"invalid Debian package names: {', '.join(bad)} "
+                         "(name or name=version)", field="--package")
+    return list(dict.fromkeys(packages))
+
+
+def host_os_id() -> str:
+    """This control node's OS as `--os` spells it (debian-12, ubuntu-22.04 ...)."""
+    info: dict[str, str] = {}
+    try:
+        for line in Path("/etc/os-release").read_text().splitlines():
+            key, _, value = line.partition("=")
+            info[key] = value.strip().strip('"')
+    except OSError:
+        return "unknown"
+    os_id, version = info.get("ID", "unknown"), info.get("VERSION_ID", "")
+    if os_id == "debian":
+        version = version.split(".")[0]
+    return f"{os_id}-{version}" if version else os_id
+
+
+def target_os(os_id: str) -> TargetOS:
+    if os_id not in TARGETS:
+        raise InputError(f"unknown OS {os_id!r}: use one of {', '.join(TARGETS)}",
+                         field="--os")
+    return TARGETS[os_id]
+
+
+# ---------------------------------------------------------------------------------------
+# `dsk-provision mirror build`: apt repositories per OS, wheels, manifest.
+
+def read_apt_sources(path: Path) -> list[str]:
+    """One-line apt sources (`deb [options] URL SUITE [COMPONENTS]`); comments allowed."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"cannot read the apt sources: {exc.strerror}", file=str(path),
+                         field="--apt-sources") from exc
+    lines = []
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        words = re.sub(r"\[[^\]]*\]", "", line).split()
+        if words[0] != "deb" or len(words) < 3 or not re.match(r"(https?|file)://", words[1]):
+            raise InputError("expected a one-line apt source: deb [signed-by=KEYRING] URL "
+                             "SUITE [COMPONENTS] (deb822 .sources files are not read)",
+                             file=str(path), field=f"line {n}")
+        lines.append(line)
+    if not lines:
+        raise InputError("no `deb` line in the apt sources", file=str(path),
+                         field="--apt-sources")
+    return lines
+
+
+def sources_for(target: TargetOS, apt_sources: Mapping[str, Path]) -> list[str]:
+    """The apt source lines used to resolve packages for `target`."""
+    if target.id in apt_sources:
+        return read_apt_sources(apt_sources[target.id])
+    host = host_os_id()
+    if host != target.id:
+        raise InputError(
+            f"this control node runs {host}, so packages for {target.id} cannot be resolved "
+            "with its defaults", field="--os",
+            hint=f"give --apt-sources {target.id}=FILE with one-line `deb` sources of "
+                 f"{target.id} (and their keyring on this machine), or build on a "
+                 f"{target.id} control node")
+    if not Path(target.keyring).is_file():
+        raise EnvironmentProblem(f"the keyring {target.keyring} that signs {target.id}'s "
+                                 "repositories is missing",
+                                 hint="apt-get install debian-archive-keyring ubuntu-keyring")
+    return [f"deb [signed-by={target.keyring}] {s}" for s in target.sources]
+
+
+def parse_apt_sources_options(values: Sequence[str], oses: Sequence[str]) -> dict[str, Path]:
+    """`--apt-sources [OS=]FILE`: a bare FILE applies to the only `--os` given."""
+    result: dict[str, Path] = {}
+    for value in values:
+        os_id, sep, file = value.partition("=")
+        if not sep:
+            if len(oses) != 1:
+                raise InputError(f"{value}: name the OS it is for (OS=FILE) when building "
+                                 "for several OSes", field="--apt-sources")
+            os_id, file = oses[0], value
+        target_os(os_id)
+        if os_id not in oses:
+            raise InputError(f"{value}: {os_id} is not one of the --os targets "
+                             f"({', '.join(oses)})", field="--apt-sources")
+        path = Path(file).expanduser()
+        if not path.is_file():
+            raise InputError("no such file", file=str(path), field="--apt-sources")
+        result[os_id] = path
+    return result
+
+
+def wheel_platforms(target: TargetOS, machine: str | None = None) -> list[str]:
+    """pip --platform tags a node of `target` accepts (manylinux up to its glibc)."""
+    arch = machine or platform.machine()
+    major, minor = target.glibc
+    tags = [f"manylinux_{major}_{m}_{arch}" for m in range(minor, 4, -1)]
+    legacy = {17: "manylinux2014", 12: "manylinux2010", 5: "manylinux1"}
+    tags += [f"{name}_{arch}" for m, name in legacy.items() if m <= minor]
+    return tags
+
+
+def download_wheels(requirements: Sequence[str], dest: Path, targets: Sequence[TargetOS], *,
+                    pip_args: Sequence[str] = (), progress: Progress = None,
+                    machine: str | None = None) -> None:
+    """pip download every requirement (binary wheels only) for each target's Python into
+    `dest` (a fresh directory). Extra `pip_args` reach pip (an index, --no-index ...)."""
+    say = progress or (lambda _msg: None)
+    dest.mkdir(parents=True, exist_ok=True)
+    seen: set[tuple[str, tuple[str, ...]]] = set()
+    for target in targets:
+        platforms = wheel_platforms(target, machine)
+        key = (target.python, tuple(platforms))
+        if key in seen:
+            continue
+        seen.add(key)
+        say(f"wheels for Python {target.python} ({target.id}): {' '.join(requirements)}")
+        cmd = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check",
+               "--no-input", "--progress-bar", "off", "--only-binary=:all:",
+               "--python-version", target.python, "--implementation", "cp",
+               *[a for p in platforms for a in ("--platform", p)],
+               "--dest", str(dest), *pip_args, *requirements]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=APT_TIMEOUT_S,
+                              stdin=subprocess.DEVNULL)
+        if proc.returncode != 0:
+            detail = [ln for ln in proc.stderr.splitlines() if ln.strip()][-4:]
+            if any("No matching distribution" in ln or "Could not find a version" in ln
+                   for ln in detail):
+                raise InputError(f"no wheel for Python {target.python} on {target.id}:\n  "
+                                 + "\n  ".join(detail), field=PIP_PACKAGES_VAR)
+            raise EnvironmentProblem("pip download failed:\n  " + "\n  ".join(detail),
+                                     hint="check that the package index is reachable "
+                                          "(PIP_INDEX_URL, --pip-index-url)")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def parse_packages_index(text: str) -> list[dict[str, Any]]:
+    """Stanzas of a Packages index -> name, version, architecture, file, size."""
+    out = []
+    for stanza in text.strip().split("\n\n"):
+        fields: dict[str, str] = {}
+        for line in stanza.splitlines():
+            if line and not line[0].isspace() and ":" in line:
+                key, _, value = line.partition(":")
+                fields[key] = value.strip()
+        if "Package" in fields:
+            out.append({"name": fields["Package"], "version": fields.get("Version", ""),
+                        "architecture": fields.get("Architecture", ""),
+                        "file": fields.get("Filename", "").removeprefix("./"),
+                        "size": int(fields.get("Size", "0") or 0)})
+    return sorted(out, key=lambda p: p["name"])
+
+
+def _wheel_entry(path: Path) -> dict[str, Any]:
+    parts = path.name[:-len(".whl")].split("-")
+    return {"name": parts[0], "version": parts[1] if len(parts) > 1 else "",
+            "file": path.name, "size": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def write_manifest(out: Path, plan: MirrorPlan, apt: Mapping[str, dict],
+                   wheels: dict | None, *, created: str | None = None) -> dict:
+    """Hash every file under `out` (but the manifest and hidden files) and write
+    manifest.json whole; it is the last file a build writes."""
+    files = {}
+    for path in sorted(out.rglob("*")):
+        rel = path.relative_to(out)
+        if path.is_file() and rel.as_posix() != MANIFEST \
+                and not any(part.startswith(".") for part in rel.parts):
+            files[rel.as_posix()] = sha256_file(path)
+    from dsk_provision import __version__
+
+    manifest = {
+        "format": MANIFEST_FORMAT, "tool": f"dsk-provision {__version__}",
+        "created": created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "inventory": plan.inventory, "apt": dict(apt), "wheels": wheels,
+        "notes": plan.notes, "files": files,
+    }
+    write_file(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return manifest
+
+
+def read_manifest(out: Path) -> dict:
+    """A finished mirror's manifest; a directory without one is not a finished mirror."""
+    path = out / MANIFEST
+    if not path.is_file():
+        raise InputError(f"no {MANIFEST}: not a finished mirror (an interrupted build "
+                         "leaves none)", file=str(out), field="--dir",
+                         hint=f"build it: dsk-provision mirror build -i INVENTORY --out {out}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"unreadable manifest: {exc}", file=str(path)) from exc
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        raise InputError(f"manifest format {data.get('format') if isinstance(data, dict) else '?'}"
+                         f" is not {MANIFEST_FORMAT}", file=str(path), field="format")
+    return data
+
+
+def apt_dir(os_id: str) -> str:
+    """Path of an OS's flat repository inside a mirror (and in its URL)."""
+    return f"apt/{os_id}"
+
+
+def build_mirror(plan: MirrorPlan, out: Path, *, apt_sources: Mapping[str, Path] | None = None,
+                 dpkg_status: Path | None = None, wheels: bool = True,
+                 pip_args: Sequence[str] = (), progress: Progress = None) -> dict:
+    """Download the plan into `out`: apt/<os>/ (flat repositories), wheels/, and last
+    manifest.json. Returns the manifest.
+
+    `dpkg_status`: a node's /var/lib/dpkg/status to leave out what it already has; by
+    default the whole dependency closure is downloaded (a minimal node installs from it).
+    """
+    say = progress or (lambda _msg: None)
+    apt_sources = dict(apt_sources or {})
+    targets = [target_os(o) for o in plan.oses]
+    sources = {t.id: sources_for(t, apt_sources) for t in targets}  # checked before changes
+    status = b""
+    if dpkg_status is not None:
+        try:
+            status = dpkg_status.read_bytes()
+        except OSError as exc:
+            raise InputError(f"cannot read: {exc.strerror}", file=str(dpkg_status),
+                             field="--dpkg-status") from exc
+    require_tools(["apt-get", "dpkg-scanpackages"])
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with file_lock(out / ".build.lock"):
+        # From here on the directory is not a finished mirror until the manifest returns.
+        (out / MANIFEST).unlink(missing_ok=True)
+        for stale in out.glob(".building-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        apt: dict[str, dict] = {}
+        for n, target in enumerate(targets, 1):
+            reqs = plan.apt.get(target.id, [])
+            if not reqs:
+                continue
+            say(f"[{n}/{len(targets)}] apt packages for {target.id}: resolving "
+                f"{len(reqs)} packages with their dependencies")
+            t0 = time.monotonic()
+            final = out / apt_dir(target.id)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            fresh = final.parent / f".new-{target.id}"
+            shutil.rmtree(fresh, ignore_errors=True)
+            debs = _build_flat_repo(fresh, [r.spec for r in reqs], status, sources[target.id],
+                                    where=f"the {target.id} sources")
+            _replace_dir(fresh, final)
+            index = parse_packages_index((final / "Packages").read_text())
+            for entry in index:
+                entry["sha256"] = sha256_file(final / entry["file"])
+            size = sum(d.stat().st_size for d in debs) / 2**20
+            say(f"    {len(debs)} .deb files, {size:.1f} MiB in {time.monotonic() - t0:.0f} s")
+            apt[target.id] = {"path": apt_dir(target.id) + "/", "sources": sources[target.id],
+                              "architecture": _host_deb_arch(),
+                              "resolved_against": str(dpkg_status) if dpkg_status
+                              else "empty dpkg status (full dependency closure)",
+                              "requested": [r.to_dict() for r in reqs], "packages": index}
+        for old in (out / "apt").glob("*") if (out / "apt").is_dir() else []:
+            if old.is_dir() and not old.name.startswith(".") and old.name not in apt:
+                shutil.rmtree(old)  # an OS this build no longer targets
+        wheel_info = None
+        if wheels and plan.pip:
+            say(f"[wheels] {len(plan.pip)} pinned Python packages with their dependencies")
+            fresh = out / ".new-wheels"
+            shutil.rmtree(fresh, ignore_errors=True)
+            try:
+                download_wheels(plan.pip, fresh, targets, pip_args=pip_args, progress=say)
+                _replace_dir(fresh, out / "wheels")
+            finally:
+                shutil.rmtree(fresh, ignore_errors=True)
+            files = [_wheel_entry(p) for p in sorted((out / "wheels").glob("*.whl"))]
+            say(f"    {len(files)} wheels, "
+                f"{sum(f['size'] for f in files) / 2**20:.1f} MiB")
+            wheel_info = {"path": "wheels/", "requirements": plan.pip,
+                          "python_versions": sorted({t.python for t in targets}),
+                          "platforms": sorted({p for t in targets for p in wheel_platforms(t)}),
+                          "files": files}
+        elif (out / "wheels").is_dir():
+            shutil.rmtree(out / "wheels")
+        manifest = write_manifest(out, plan, apt, wheel_info)
+    say(f"mirror ready in {out} ({time.monotonic() - started:.0f} s): "
+        f"{len(manifest['files'])} files; manifest {out / MANIFEST}")
+    return manifest
+
+
+def _replace_dir(fresh: Path, final: Path) -> None:
+    """Put `fresh` where `final` is, with no moment where `final` holds a mix."""
+    old = final.parent / f".old-{final.name}-{os.getpid()}"
+    if final.exists():
+        os.rename(final, old)
+    os.rename(fresh, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _host_deb_arch() -> str:
+    try:
+        return run(["dpkg", "--print-architecture"]).stdout.strip()
+    except EnvironmentProblem:
+        return platform.machine()

@@ -1,0 +1,111 @@
+"""Serve a finished mirror over HTTP (foreground), and say what the inventory should set.
+
+Plain HTTP, read-only, hidden paths (builds in progress, the build lock) refused. Binding
+every address (0.0.0.0, ::) happens only when asked for explicitly.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import socket
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from dsk_provision.errors import EnvironmentProblem, InputError
+from dsk_provision.mirror import read_manifest
+
+WILDCARDS = ("0.0.0.0", "::")
+
+
+class _Handler(SimpleHTTPRequestHandler):
+    def send_head(self):
+        parts = self.path.split("?", 1)[0].split("/")
+        if any(p.startswith(".") and p not in (".",) for p in parts if p):
+            self.send_error(404, "not found")
+            return None
+        return super().send_head()
+
+    def do_PUT(self):  # noqa: N802 - http.server's naming
+        self.send_error(405, "read-only mirror")
+
+    do_POST = do_DELETE = do_PUT  # noqa: N815
+
+    def log_message(self, format, *args):  # noqa: A002 - signature of the base class
+        if self.server.quiet:  # type: ignore[attr-defined]
+            return
+        super().log_message(format, *args)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    quiet = False
+
+
+def check_bind(bind: str | None, *, inventory_first_address: str | None = None) -> str:
+    """The address to bind: --bind as given, else the local address that reaches the
+    inventory's first node, else 127.0.0.1. A wildcard needs an explicit --bind."""
+    if bind is None:
+        return local_address_towards(inventory_first_address) if inventory_first_address \
+            else "127.0.0.1"
+    try:
+        ipaddress.ip_address(bind)
+    except ValueError as exc:
+        raise InputError(f"{bind!r} is not an IP address", field="--bind") from exc
+    return bind
+
+
+def local_address_towards(address: str) -> str:
+    """The source address the kernel picks to reach `address` (a UDP connect sends
+    nothing)."""
+    try:
+        infos = socket.getaddrinfo(address, 9, type=socket.SOCK_DGRAM)
+    except socket.gaierror as exc:
+        raise InputError(f"cannot resolve {address}: {exc.strerror}",
+                         field="ansible_host") from exc
+    family, _, _, _, sockaddr = infos[0]
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(sockaddr)
+        except OSError as exc:
+            raise EnvironmentProblem(f"no route from here to {address}: {exc.strerror}",
+                                     hint="give --bind ADDRESS") from exc
+        return s.getsockname()[0]
+
+
+def make_server(directory: Path, bind: str, port: int, *, quiet: bool = False) -> _Server:
+    """A server for a finished mirror (its manifest must exist); not yet serving."""
+    read_manifest(directory)
+    handler = functools.partial(_Handler, directory=str(directory.resolve()))
+    cls = type("_Server6", (_Server,), {"address_family": socket.AF_INET6}) \
+        if ":" in bind else _Server
+    try:
+        server = cls((bind, port), handler)
+    except OSError as exc:
+        raise EnvironmentProblem(f"cannot listen on {bind}:{port}: {exc.strerror}",
+                                 hint="pick another --port or --bind") from exc
+    server.quiet = quiet
+    return server
+
+
+def base_url(bind: str, port: int) -> str:
+    host = f"[{bind}]" if ":" in bind else bind
+    return f"http://{host}:{port}/"
+
+
+def inventory_settings(manifest: dict, url: str) -> list[tuple[str, str, str]]:
+    """(variable, value, comment) lines for the inventory, from what the mirror holds."""
+    lines = []
+    for os_id, apt in (manifest.get("apt") or {}).items():
+        lines.append(("dsk_mirror_url", url + apt["path"], f"apt, nodes running {os_id}"))
+    if manifest.get("wheels"):
+        lines.append(("trainer_env_pip_find_links", url + manifest["wheels"]["path"],
+                      "pip, with trainer_env_pip_index_url left empty"))
+    return lines
+
+
+def serve_in_thread(server: _Server) -> threading.Thread:
+    thread = threading.Thread(target=server.serve_forever, name="dsk-mirror", daemon=True)
+    thread.start()
+    return thread
