@@ -27,6 +27,9 @@ app = typer.Typer(
 sandbox_app = typer.Typer(help="A local multi-node cluster (systemd-nspawn) to try everything.",
                           no_args_is_help=True)
 app.add_typer(sandbox_app, name="sandbox")
+mirror_app = typer.Typer(help="An offline package mirror (apt + wheels) for air-gapped "
+                              "clusters.", no_args_is_help=True)
+app.add_typer(mirror_app, name="mirror")
 
 _state: dict[str, Any] = {"debug": False, "runs_dir": None}
 
@@ -344,6 +347,99 @@ def sandbox_link(
         state = "restored" if clear else f"limited to {rate}"
         _console().print(f"sandbox {name}: link of {node} {state}", markup=False,
                          highlight=False)
+
+    _guard(body)
+
+
+@mirror_app.command("build")
+def mirror_build(
+    inventory: InventoryOpt,
+    out: Annotated[Path, typer.Option("--out", help="Mirror directory.")] = Path("mirror"),
+    os_ids: Annotated[list[str] | None, typer.Option(
+        "--os", help="Nodes' OS: debian-12, ubuntu-22.04, ubuntu-24.04 (repeat; default: "
+                     "this control node's).")] = None,
+    apt_sources: Annotated[list[str] | None, typer.Option(
+        "--apt-sources", help="[OS=]FILE of one-line `deb` sources to resolve from "
+                              "(needed for an OS other than this control node's).")] = None,
+    dpkg_status: Annotated[Path | None, typer.Option(
+        "--dpkg-status", help="A node's /var/lib/dpkg/status: leave out what it has "
+                              "(default: the full dependency closure).")] = None,
+    packages: Annotated[list[str] | None, typer.Option(
+        "--package", help="Another apt package (name or name=version; repeat).")] = None,
+    gpu_stack: Annotated[bool, typer.Option(
+        "--gpu-stack/--no-gpu-stack",
+        help="Include the NVIDIA stack (driver, CUDA, NCCL ...) for nodes with GPUs.")] = True,
+    wheels: Annotated[bool, typer.Option(
+        "--wheels/--no-wheels", help="Download the trainer environment's wheels.")] = True,
+    pip_index_url: Annotated[str | None, typer.Option(
+        "--pip-index-url", help="Index to download wheels from (default: pip's).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+) -> None:
+    """Download every apt package and wheel the inventory's nodes install."""
+
+    def body() -> None:
+        from dsk_provision import mirror
+
+        inv = _load(inventory)
+        oses = list(dict.fromkeys(_split(os_ids) or [mirror.host_os_id()]))
+        plan = mirror.plan_mirror(inv, oses, extra_packages=_split(packages) or (),
+                                  gpu_stack=gpu_stack)
+        sources = mirror.parse_apt_sources_options(apt_sources or [], oses)
+        err = _console(stderr=True)
+        for note in plan.notes:
+            err.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
+        manifest = mirror.build_mirror(
+            plan, out, apt_sources=sources, dpkg_status=dpkg_status, wheels=wheels,
+            pip_args=["--index-url", pip_index_url] if pip_index_url else [],
+            progress=lambda m: err.print(f"  {m}", markup=False, highlight=False))
+        if as_json:
+            _print_json(manifest)
+            return
+        out_c = _console()
+        for os_id, apt in manifest["apt"].items():
+            out_c.print(f"{os_id}: {len(apt['packages'])} apt packages in {out / apt['path']}",
+                        markup=False, highlight=False)
+        if manifest["wheels"]:
+            out_c.print(f"wheels: {len(manifest['wheels']['files'])} files in "
+                        f"{out / manifest['wheels']['path']}", markup=False, highlight=False)
+        out_c.print(f"serve it: dsk-provision mirror serve --dir {out} --bind ADDRESS",
+                    markup=False, highlight=False)
+
+    _guard(body)
+
+
+@mirror_app.command("serve")
+def mirror_serve(
+    directory: Annotated[Path, typer.Option("--dir", help="A built mirror.")] = Path("mirror"),
+    bind: Annotated[str | None, typer.Option(
+        "--bind", help="Address to listen on (default: the one that reaches the "
+                       "inventory's first node, else 127.0.0.1).")] = None,
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="TCP port.")] = 8080,
+    inventory: Annotated[Path | None, typer.Option(
+        "--inventory", "-i", help="Pick the bind address that reaches these nodes.")] = None,
+) -> None:
+    """Serve a built mirror in the foreground; prints the inventory settings to use."""
+
+    def body() -> None:
+        from dsk_provision import mirror_serve as ms
+        from dsk_provision.mirror import read_manifest
+
+        first = _load(inventory).first_node.address if inventory and bind is None else None
+        address = ms.check_bind(bind, inventory_first_address=first)
+        manifest = read_manifest(directory)
+        server = ms.make_server(directory, address, port)
+        url = ms.base_url(address, port)
+        out = _console()
+        out.print(f"serving {directory} on {url} (Ctrl-C stops it)", markup=False,
+                  highlight=False)
+        out.print("inventory settings (all.vars, or per group when nodes differ):",
+                  markup=False)
+        for var, value, comment in ms.inventory_settings(manifest, url):
+            out.print(f"  {var}: {value}    # {comment}", markup=False, highlight=False)
+        try:
+            server.serve_forever()
+        finally:
+            server.server_close()
 
     _guard(body)
 
