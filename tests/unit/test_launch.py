@@ -254,3 +254,58 @@ def test_timeout_stops_everything(tmp_path):
 def test_ipv6_rendezvous_endpoint_is_bracketed(tmp_path):
     inv = make_inventory(tmp_path, [("n1", "fd00::11", {}), ("n2", "fd00::12", {})])
     assert launch.rendezvous_endpoint(inv) == "[fd00::11]:29500"
+
+
+# ---------------------------------------------------------------------- train, locally
+
+FAKE_TRAINER = textwrap.dedent("""\
+    #!{python}
+    # Stands in for torchrun + trainer.train: writes metrics like rank 0 would.
+    import json, math, os
+    os.makedirs("out", exist_ok=True)
+    losses = {losses!r}
+    with open("out/metrics.jsonl", "w") as fh:
+        for step, loss in enumerate(losses, 1):
+            fh.write(json.dumps({{"step": step, "loss": float(loss)}}) + "\\n")
+    with open("out/summary.json", "w") as fh:
+        json.dump({{"steps": len(losses)}}, fh)
+""")
+
+
+def fake_train_inventory(tmp_path: Path, losses: list) -> Inventory:
+    root = tmp_path / "node1"
+    root.mkdir()
+    fake = root / "python"
+    fake.write_text(FAKE_TRAINER.format(python=sys.executable, losses=[str(x) for x in losses]))
+    fake.chmod(0o755)
+    return make_inventory(tmp_path, [("node1", "127.0.0.1", {
+        "dsk_root": str(root), "dsk_python": str(fake), "ansible_connection": "local"})])
+
+
+TINY = Path(__file__).resolve().parents[2] / "trainer" / "configs" / "tiny.toml"
+
+
+def test_train_fetches_metrics_and_reports_losses(tmp_path):
+    inv = fake_train_inventory(tmp_path, [5.5, 3.0, 1.25])
+    result = launch.train(inv, TINY, runs_dir=tmp_path / "runs", timeout_s=60)
+    assert (result.first_loss, result.last_loss, result.steps) == (5.5, 1.25, 3)
+    assert result.metrics_path == result.run_dir / "metrics.jsonl"
+    assert result.summary == {"steps": 3}
+    shipped = tmp_path / "node1" / "runs" / result.run_dir.name / "config" / "tiny.toml"
+    assert shipped.read_text() == TINY.read_text()
+
+
+def test_train_fails_on_a_non_finite_loss(tmp_path):
+    inv = fake_train_inventory(tmp_path, [5.5, float("nan")])
+    with pytest.raises(RunFailed, match="not finite from step 2"):
+        launch.train(inv, TINY, runs_dir=tmp_path / "runs", timeout_s=60)
+
+
+def test_train_refuses_a_config_that_does_not_fit_before_any_change(tmp_path):
+    config = tmp_path / "two.toml"
+    config.write_text(TINY.read_text().replace("dp_shard = -1", "dp_shard = 2"))
+    inv = make_inventory(tmp_path, [(f"node{i}", f"10.0.0.{i}", {}) for i in (1, 2, 3)])
+    with pytest.raises(InputError) as err:
+        launch.train(inv, config, runs_dir=tmp_path / "runs")
+    assert "parallel" in str(err.value) and str(config) in str(err.value)
+    assert not (tmp_path / "runs").exists()
