@@ -217,6 +217,7 @@ class AptRule:
     expression: str
     when: str = "true"
     origin: str = "'distribution'"
+    gpu: bool = False            # part of the NVIDIA stack (`--no-gpu-stack` leaves it out)
 
 
 APT_RULES = (
@@ -234,7 +235,8 @@ APT_RULES = (
             "['nvidia-container-toolkit', 'nvidia-container-toolkit-base']"
             " | dsk_pin_all(containers_toolkit_version)",
             when="containers_enabled and (node_gpus > 0 or containers_toolkit_force)",
-            origin="'NVIDIA container toolkit repository (containers_toolkit_repo_url)'"),
+            origin="'NVIDIA container toolkit repository (containers_toolkit_repo_url)'",
+            gpu=True),
     AptRule("nvidia_driver", ("nvidia_driver_packages", "nvidia_driver_cuda_repo_packages",
                               "nvidia_driver_distro_packages"),
             "nvidia_driver_packages if nvidia_driver_packages else "
@@ -243,18 +245,18 @@ APT_RULES = (
             "['open' if nvidia_driver_open_kernel else 'proprietary']",
             when="nvidia_driver_enabled and (node_gpus > 0 or nvidia_driver_force)",
             origin="'NVIDIA CUDA repository (cuda_repo_url)' "
-                   "if nvidia_driver_source == 'cuda-repo' else 'distribution'"),
+                   "if nvidia_driver_source == 'cuda-repo' else 'distribution'", gpu=True),
     AptRule("cuda", ("cuda_packages",), "cuda_packages",
             when="cuda_enabled and (node_gpus > 0 or cuda_force)",
-            origin="'NVIDIA CUDA repository (cuda_repo_url)'"),
+            origin="'NVIDIA CUDA repository (cuda_repo_url)'", gpu=True),
     AptRule("nccl", ("nccl_packages", "nccl_version"), "nccl_packages | dsk_pin_all(nccl_version)",
             when="nccl_enabled and (node_gpus > 0 or nccl_force)",
-            origin="'NVIDIA CUDA repository (cuda_repo_url)'"),
+            origin="'NVIDIA CUDA repository (cuda_repo_url)'", gpu=True),
     AptRule("fabric_manager", ("fabric_manager_package",), "[fabric_manager_package]",
             when="fabric_manager_enabled and (node_gpus > 0 or fabric_manager_force)",
-            origin="'NVIDIA CUDA repository (cuda_repo_url)'"),
+            origin="'NVIDIA CUDA repository (cuda_repo_url)'", gpu=True),
     AptRule("nccl_tests", ("nccl_tests_build_tools",), "nccl_tests_build_tools",
-            when="nccl_tests_enabled and nccl_tests_url and node_gpus > 0"),
+            when="nccl_tests_enabled and nccl_tests_url and node_gpus > 0", gpu=True),
 )
 # Variables named like package lists that are not apt package lists of a node.
 NOT_APT_PACKAGE_LISTS = frozenset({
@@ -264,8 +266,6 @@ NOT_APT_PACKAGE_LISTS = frozenset({
     "nvidia_driver_cuda_repo_packages",
 })
 PIP_PACKAGES_VAR = "trainer_env_pip_packages"
-# Roles that only a GPU cluster needs; `--no-gpu-stack` leaves their packages out.
-GPU_ROLES = frozenset({"nvidia_driver", "cuda", "nccl", "fabric_manager", "nccl_tests"})
 _CONVENTION_RE = re.compile(r"(?P<role>[a-z0-9_]+?)_(?:[a-z0-9]+_)?packages")
 
 
@@ -472,7 +472,7 @@ def plan_mirror(inventory, oses: Sequence[str] | None = None, *,
                 plan.notes.append(note)
         requests: dict[str, PackageRequest] = {}
         for rule in (*APT_RULES, *convention):
-            if rule.role not in roles or (not gpu_stack and rule.role in GPU_ROLES):
+            if rule.role not in roles or (not gpu_stack and rule.gpu):
                 continue
             for node in inventory.nodes:
                 _apply_rule(rule, roles, node, env, requests, plan.notes, target)
@@ -786,6 +786,7 @@ def build_mirror(plan: MirrorPlan, out: Path, *, apt_sources: Mapping[str, Path]
             debs = _build_flat_repo(fresh, [r.spec for r in reqs], status, sources[target.id],
                                     where=f"the {target.id} sources")
             _replace_dir(fresh, final)
+            debs = [final / d.name for d in debs]
             index = parse_packages_index((final / "Packages").read_text())
             for entry in index:
                 entry["sha256"] = sha256_file(final / entry["file"])
