@@ -45,7 +45,8 @@ def test_ansible_lint_production_clean():
 
 
 def test_playbook_runs_the_roles_in_order_with_a_tag_each():
-    play = yaml.safe_load((REPO / "playbooks/gpu_stack.yml").read_text())[0]
+    check, play = yaml.safe_load((REPO / "playbooks/gpu_stack.yml").read_text())
+    assert check["tags"] == ["always"]
     assert [r["role"] for r in play["roles"]] == GPU_ROLES
     for entry in play["roles"]:
         assert entry["tags"] == ["gpu_stack", entry["role"]]
@@ -116,6 +117,24 @@ def test_inconsistent_pins_fail_naming_the_variable(tmp_path, role, extra, messa
     assert proc.returncode != 0, out[-3000:]
     assert message in out, out[-3000:]
     assert "changed: [" not in out, out[-3000:]
+
+
+def test_misspelled_knob_stops_the_playbook_before_any_role(tmp_path):
+    (tmp_path / "hosts.yml").write_text(yaml.safe_dump({"all": {"children": {"nodes": {
+        "hosts": {"localnode": {"ansible_connection": "local",
+                                "ansible_python_interpreter": sys.executable,
+                                "nccl_verison": "2.28.3-1+cuda13.0",
+                                "nccl_version": "2.28.3-1+cuda13.0"}}}}}}))
+    env = dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_NOCOLOR="1",
+               ANSIBLE_LOCAL_TEMP=str(tmp_path / "ltmp"))
+    proc = subprocess.run([str(BIN / "ansible-playbook"), "-i", str(tmp_path / "hosts.yml"),
+                           str(REPO / "playbooks/gpu_stack.yml"), "--check"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=180)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert "nccl_verison: not a variable of the GPU roles" in out, out[-3000:]
+    assert "nccl_version:" not in out.split("not a variable")[0]  # the real knob is known
+    assert "TASK [nvidia_driver" not in out, out[-3000:]
 
 
 def test_good_values_get_past_validation_and_skip_with_reasons(tmp_path):
