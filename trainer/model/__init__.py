@@ -6,6 +6,7 @@ from trainer.model.model import (
     MTP,
     Block,
     Gate,
+    GroupedExperts,
     LossOutput,
     ModelArgs,
     MoE,
@@ -16,6 +17,6 @@ from trainer.model.model import (
 )
 
 __all__ = [
-    "MLA", "MLP", "MTP", "Block", "Gate", "LossOutput", "ModelArgs", "MoE", "RMSNorm",
-    "Transformer", "count_params", "flops_per_token",
+    "MLA", "MLP", "MTP", "Block", "Gate", "GroupedExperts", "LossOutput", "ModelArgs", "MoE",
+    "RMSNorm", "Transformer", "count_params", "flops_per_token",
 ]

@@ -1,7 +1,7 @@
 """A DeepSeek-V3-style decoder: MLA attention, DeepSeekMoE FFN, optional MTP.
 
 Plain single-device PyTorch, read top to bottom: ModelArgs, RMSNorm, RoPE, MLA, MLP,
-Gate, MoE, Block, MTP, Transformer. There is no parallelism in here: data, tensor,
+Gate, GroupedExperts, MoE, Block, MTP, Transformer. There is no parallelism in here: data, tensor,
 expert and pipeline parallelism are applied from outside (trainer/parallel/), which is
 why layers live in an nn.ModuleDict keyed by str(index): names stay stable when a
 pipeline stage drops layers and when checkpoints are saved.
@@ -198,6 +198,37 @@ class Gate(nn.Module):
         return weights * self.route_scale, indices
 
 
+class GroupedExperts(nn.Module):
+    """The routed experts' SwiGLU weights stacked in 3-D tensors (expert first), so that
+    one grouped GEMM runs all experts on GPU, and expert parallelism can later shard the
+    expert dimension from outside. On CPU (or without torch._grouped_mm) the experts run
+    one after another."""
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+        self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x: tokens sorted by expert; counts: tokens per expert (sums to len(x))."""
+        if x.is_cuda and hasattr(torch, "_grouped_mm"):
+            return self._grouped(x, counts)
+        outs = []
+        for e, chunk in enumerate(x.split(counts.tolist())):
+            h = F.silu(F.linear(chunk, self.w1[e])) * F.linear(chunk, self.w3[e])
+            outs.append(F.linear(h, self.w2[e]))
+        return torch.cat(outs)
+
+    def _grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        x = x.to(dtype)
+        w1, w2, w3 = (w.to(dtype).transpose(-2, -1) for w in (self.w1, self.w2, self.w3))
+        h = F.silu(torch._grouped_mm(x, w1, offs=offsets)) * torch._grouped_mm(x, w3, offs=offsets)
+        return torch._grouped_mm(h, w2, offs=offsets)
+
+
 class MoE(nn.Module):
     """DeepSeekMoE: shared experts see every token, each token also visits top-k of many
     fine-grained routed experts."""
@@ -208,9 +239,7 @@ class MoE(nn.Module):
         self.topk = args.n_activated_experts
         self.bias_update_speed = args.bias_update_speed
         self.gate = Gate(args)
-        self.experts = nn.ModuleList(
-            MLP(args.dim, args.moe_inter_dim) for _ in range(args.n_routed_experts)
-        )
+        self.experts = GroupedExperts(args.n_routed_experts, args.dim, args.moe_inter_dim)
         self.shared_experts = (
             MLP(args.dim, args.n_shared_experts * args.moe_inter_dim)
             if args.n_shared_experts > 0 else None
@@ -227,10 +256,8 @@ class MoE(nn.Module):
         self.tokens_per_expert = counts.detach()
         order = flat.argsort(stable=True)
         token_ids = order // self.topk
-        routed = x[token_ids]
-        outs = [expert(chunk) for expert, chunk in
-                zip(self.experts, routed.split(counts.tolist()), strict=True)]
-        y_sorted = torch.cat(outs) * weights.flatten()[order].unsqueeze(-1).to(x.dtype)
+        y_sorted = self.experts(x[token_ids], counts)
+        y_sorted = y_sorted * weights.flatten()[order].unsqueeze(-1).to(y_sorted.dtype)
         y = torch.zeros_like(x).index_add_(0, token_ids, y_sorted.to(x.dtype))
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
@@ -322,6 +349,10 @@ class Transformer(nn.Module):
             elif isinstance(module, Gate):
                 nn.init.normal_(module.weight, std=std)
                 module.expert_bias.zero_()
+            elif isinstance(module, GroupedExperts):
+                nn.init.normal_(module.w1, std=std)
+                nn.init.normal_(module.w3, std=std)
+                nn.init.normal_(module.w2, std=depth_std)
         self.freqs_cis = precompute_rope(
             self.args.qk_rope_head_dim, self.args.max_seq_len, self.args.rope_theta
         ).to(self.embed.weight.device)
