@@ -137,3 +137,12 @@ def test_train_exits_2_with_one_line_naming_the_field(tmp_path):
     assert len(lines) == 1, proc.stderr
     assert f"{bad}: model.n_heads:" in lines[0]
     assert not (tmp_path / "r").exists()
+
+
+def test_train_exits_2_when_degrees_do_not_fit_the_world(tmp_path):
+    cfg = tmp_path / "dp2.toml"
+    cfg.write_text(dump_toml(tiny_with("parallel", "dp_shard", 2)))
+    proc = _run("", "-m", "trainer.train", "--config", str(cfg), "--out", str(tmp_path / "r"))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == (f"error: {cfg}: parallel: dp_replicate*dp_shard*tp*pp = "
+                                   "1*2*1*1 = 2, but the world size is 1")
