@@ -1,5 +1,9 @@
 """Validation reports: ``report.json`` (machines) and ``report.md`` (people).
 
+The Markdown holds the checks per node, the compute benchmark per node, the all-reduce
+across nodes, within each node beside nccl-tests' all_reduce_perf where it ran, the
+isolation of a slow node, and links the busbw plot (PNG, drawn by ``plots.py``).
+
 Both are rendered from one plain dict (``ValidationReport.to_dict()``) and written whole:
 into a temporary file beside the target, then renamed, so a reader never sees half a file.
 """
@@ -102,7 +106,7 @@ def _checks(report: dict[str, Any]) -> list[str]:
 
 def _allreduce(report: dict[str, Any]) -> list[str]:
     bench = report.get("allreduce")
-    lines = ["", "## All-reduce", ""]
+    lines = ["", "## All-reduce across nodes", ""]
     if not bench:
         return lines + ["The benchmark produced no result (see the failures above)."]
     nccl = f", NCCL {bench['nccl']}" if bench.get("nccl") else ""
@@ -130,8 +134,72 @@ def _allreduce(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _gpu_perf(report: dict[str, Any]) -> list[str]:
+    perf = report.get("gpu_perf") or {}
+    if not perf:
+        return []
+    lines = ["", "## Compute per device", ""]
+    first = next(iter(perf.values()))
+    lines += [f"bf16 matmul {first['matmul']['size']}^3 and a copy of "
+              f"{first['copy_bytes'] / (1 << 20):.0f} MiB (read + write counted), "
+              f"{first['warmup']} warm-up + {first['iters']} timed calls.", ""]
+    rows = [[node, f"{r['name']} {r['index']}", f"{r['matmul_tflops']:.2f}",
+             f"{r['copy_gbs']:.1f}"] for node, result in perf.items() for r in result["devices"]]
+    return lines + _table(["node", "device", "matmul TFLOP/s", "copy GB/s"], rows, align="llrr")
+
+
+def _best_busbw(row: dict) -> float:
+    return max(row["out_of_place"]["busbw_gbs"], row["in_place"]["busbw_gbs"])
+
+
+def _side_by_side(report: dict[str, Any]) -> list[str]:
+    intra = report.get("intra_node") or {}
+    nccl = report.get("nccl_tests") or {}
+    nodes = [n for n in report.get("nodes") or [] if n in intra or n in nccl]
+    if not nodes:
+        return []
+    lines = ["", "## All-reduce within each node", "",
+             "busbw in GB/s (the better of out-of-place and in-place): this tool's benchmark "
+             "(torch.distributed) beside nccl-tests' all_reduce_perf with the same sizes.", ""]
+    header, sizes = ["size (B)"], set()
+    columns = []
+    for node in nodes:
+        if node in intra:
+            header.append(f"{node} ours")
+            columns.append({r["size"]: _best_busbw(r) for r in intra[node].get("results") or []})
+        if node in nccl:
+            header.append(f"{node} nccl-tests")
+            columns.append({r["size"]: _best_busbw(r) for r in nccl[node].get("results") or []})
+    for col in columns:
+        sizes |= set(col)
+    rows = [[size] + [f"{col[size]:.3f}" if size in col else "-" for col in columns]
+            for size in sorted(sizes)]
+    return lines + _table(header, rows, align="r" * len(header))
+
+
+def _isolation(report: dict[str, Any]) -> list[str]:
+    iso = report.get("isolation")
+    if not iso:
+        return []
+    lines = ["", "## Isolation", "",
+             "The cross-node all-reduce was too slow, so it ran again on pairs of nodes.", ""]
+    rows = [[" + ".join(p["nodes"]), "-" if p["busbw_gbs"] is None else f"{p['busbw_gbs']:.4f}",
+             "slow" if p["slow"] else "ok"] for p in iso.get("pairs") or []]
+    lines += _table(["pair", "busbw GB/s", "verdict"], rows, align="lrl")
+    named = [f"node **{n}**" for n in iso.get("slow_nodes") or []]
+    named += [f"link **{a} - {b}**" for a, b in iso.get("slow_links") or []]
+    lines += ["", "Culprit: " + (", ".join(named) if named else "none found among pairs") + "."]
+    return lines
+
+
+def _plots(report: dict[str, Any]) -> list[str]:
+    return [line for name in report.get("plots") or [] for line in ("", f"![busbw]({name})")]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
-    return "\n".join(_summary(report) + _checks(report) + _allreduce(report)) + "\n"
+    parts = (_summary(report) + _checks(report) + _gpu_perf(report) + _allreduce(report)
+             + _side_by_side(report) + _isolation(report) + _plots(report))
+    return "\n".join(parts) + "\n"
 
 
 def write_markdown(report: dict[str, Any], path: Path) -> Path:

@@ -46,11 +46,19 @@ def bench(busbw=0.5, wrong=0, world=3):
                          "out_of_place": mode(wrong), "in_place": mode(0)}]}
 
 
-@pytest.mark.parametrize("name", list(checks.NODE_CHECKS))
+@pytest.mark.parametrize("name", [n for n in checks.NODE_CHECKS
+                                  if n not in checks.GPU_NODE_CHECKS])
 def test_every_node_check_passes_on_healthy_facts(name):
     result = checks.NODE_CHECKS[name](facts(), SANDBOX)
     assert result.status == "pass", result
     assert result.node == "node2"
+
+
+@pytest.mark.parametrize("name", checks.GPU_NODE_CHECKS)
+def test_gpu_checks_skip_with_a_reason_on_a_cpu_node(name):
+    result = checks.NODE_CHECKS[name](facts(), SANDBOX)
+    assert result.status == "skip", result
+    assert result.message and result.node == "node2"
 
 
 @pytest.mark.parametrize("name, bad_facts, bad_thresholds, words", [

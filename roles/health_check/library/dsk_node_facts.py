@@ -58,6 +58,22 @@ options:
     description: PCI device listing (tests point it at a fake tree).
     type: path
     default: /sys/bus/pci/devices
+  cuda_home:
+    description: CUDA toolkit directory whose version.json (or bin/nvcc) gives the CUDA version.
+    type: path
+    default: /usr/local/cuda
+  nccl_conf:
+    description: NCCL settings file whose text is reported.
+    type: path
+    default: /etc/nccl.conf
+  dcgm_level:
+    description: dcgmi diag run level (1 quick, 2 medium, 3 long); 0 runs no diagnostics.
+    type: int
+    default: 1
+  dcgm_timeout:
+    description: Seconds the DCGM diagnostics may take.
+    type: int
+    default: 600
 """
 
 RETURN = r"""
@@ -210,6 +226,153 @@ def ssh_peers(peers: list[str], timeout: int) -> dict[str, bool]:
         return dict(zip(peers, pool.map(reach, peers), strict=True))
 
 
+# nvidia-smi fields, in this order, one CSV line per GPU (parsed on the control node).
+# Drivers before 535 call the clock reasons clocks_throttle_reasons.*; newer ones accept
+# clocks_event_reasons.* (and keep the old name as an alias for a while).
+GPU_QUERY = ("index,name,pci.bus_id,driver_version,persistence_mode,"
+             "ecc.errors.uncorrected.volatile.total,pcie.link.gen.current,pcie.link.gen.max,"
+             "pcie.link.width.current,pcie.link.width.max,{reasons}.active")
+GPU_QUERY_REASONS = ("clocks_event_reasons", "clocks_throttle_reasons")
+REMAPPED_QUERY = "gpu_bus_id,remapped_rows.pending,remapped_rows.failure"
+XID_RE = re.compile(r"NVRM: Xid")
+
+
+def _first_line(text: str, rc: int) -> str:
+    lines = [line for line in (text or "").strip().splitlines() if line.strip()]
+    return lines[-1][:300] if lines else f"rc {rc}"
+
+
+def nvidia_smi_facts(skipped: dict) -> dict:
+    """Raw nvidia-smi outputs: the per-GPU query, remapped rows, NVLink status."""
+    out: dict = {"query": None, "query_fields": None, "remapped_rows": None, "nvlink": None}
+    if not shutil.which("nvidia-smi"):
+        skipped["nvidia_smi"] = "nvidia-smi is not installed"
+        return out
+    errors = []
+    for reasons in GPU_QUERY_REASONS:
+        fields = GPU_QUERY.format(reasons=reasons)
+        rc, text, err = _run(["nvidia-smi", f"--query-gpu={fields}",
+                              "--format=csv,noheader,nounits"], 60)
+        if rc == 0:
+            out["query"], out["query_fields"] = text, fields
+            break
+        errors.append(_first_line(err or text, rc))
+    else:
+        skipped["nvidia_smi"] = f"nvidia-smi --query-gpu failed: {errors[-1]}"
+        return out
+    rc, text, err = _run(["nvidia-smi", f"--query-remapped-rows={REMAPPED_QUERY}",
+                          "--format=csv,noheader,nounits"], 60)
+    if rc == 0:
+        out["remapped_rows"] = text
+    else:
+        skipped["remapped_rows"] = ("nvidia-smi --query-remapped-rows: "
+                                    + _first_line(err or text, rc))
+    rc, text, err = _run(["nvidia-smi", "nvlink", "-s"], 60)
+    if rc == 0:
+        out["nvlink"] = text
+    else:
+        skipped["nvlink"] = f"nvidia-smi nvlink -s: {_first_line(err or text, rc)}"
+    return out
+
+
+def cuda_version(cuda_home: str, skipped: dict) -> str | None:
+    text = _read(os.path.join(cuda_home, "version.json"))
+    if text:
+        try:
+            return str(json.loads(text)["cuda"]["version"])
+        except (ValueError, KeyError, TypeError):
+            pass
+    nvcc = os.path.join(cuda_home, "bin", "nvcc")
+    if os.access(nvcc, os.X_OK):
+        rc, out, _ = _run([nvcc, "--version"], 30)
+        match = re.search(r"release \S+, V(\d+(?:\.\d+)+)", out)
+        if rc == 0 and match:
+            return match.group(1)
+    skipped["cuda_version"] = f"no CUDA toolkit at {cuda_home} (version.json, bin/nvcc)"
+    return None
+
+
+def nccl_package_version(skipped: dict) -> str | None:
+    if not shutil.which("dpkg-query"):
+        skipped["nccl_version"] = "dpkg-query is not installed (not a Debian/Ubuntu node)"
+        return None
+    rc, out, err = _run(["dpkg-query", "-W", "-f=${Version}", "libnccl2"], 30)
+    if rc != 0 or not out.strip():
+        skipped["nccl_version"] = "libnccl2 is not installed"
+        return None
+    return out.strip()
+
+
+def kernel_xid_lines(skipped: dict) -> list[str] | None:
+    """NVIDIA XID lines of the kernel log (dmesg, else the journal); None when unreadable."""
+    reasons = []
+    for argv in (["dmesg", "--notime"], ["journalctl", "-k", "-b", "--no-pager", "-q"]):
+        if not shutil.which(argv[0]):
+            reasons.append(f"{argv[0]}: not installed")
+            continue
+        rc, out, err = _run(argv, 60)
+        if rc == 0:
+            return [line.strip() for line in out.splitlines() if XID_RE.search(line)][-50:]
+        reasons.append(f"{argv[0]}: {_first_line(err or out, rc)}")
+    skipped["xid_errors"] = "kernel log unreadable (" + "; ".join(reasons) + ")"
+    return None
+
+
+def infiniband_ports(root: str = "/sys/class/infiniband") -> dict | None:
+    """{"<hca>/<port>": {"state", "rate", "link_layer"}}; None without an RDMA device."""
+    if not os.path.isdir(root) or not os.listdir(root):
+        return None
+    ports = {}
+    for hca in sorted(os.listdir(root)):
+        base = os.path.join(root, hca, "ports")
+        for port in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+            where = os.path.join(base, port)
+            ports[f"{hca}/{port}"] = {
+                name: (_read(os.path.join(where, name)) or "").strip() or None
+                for name in ("state", "rate", "link_layer")}
+    return ports
+
+
+def nccl_settings(path: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k.startswith("NCCL_")}
+    return {"conf_path": path, "conf": _read(path), "env": env}
+
+
+def dcgm_diag(level: int, timeout: int, skipped: dict) -> str | None:
+    if level <= 0:
+        skipped["dcgm_diag"] = "health_check_dcgm_level is 0"
+        return None
+    if not shutil.which("dcgmi"):
+        skipped["dcgm_diag"] = "dcgmi is not installed (DCGM)"
+        return None
+    rc, out, err = _run(["dcgmi", "diag", "-r", str(level)], timeout)
+    if not out.strip():
+        skipped["dcgm_diag"] = f"dcgmi diag -r {level}: {_first_line(err, rc)}"
+        return None
+    return out
+
+
+def systemd_running() -> bool:
+    return os.path.isdir("/run/systemd/system")
+
+
+def gpu_stack(params: dict, skipped: dict, gpus_present: bool) -> dict:
+    """Raw outputs for the GPU node checks; parsing happens on the control node."""
+    stack: dict = {"nvidia_smi": None, "cuda_version": None, "nccl_version": None,
+                   "xid_lines": None, "dcgm_diag": None}
+    if gpus_present:
+        stack["nvidia_smi"] = nvidia_smi_facts(skipped)
+        stack["cuda_version"] = cuda_version(params["cuda_home"], skipped)
+        stack["nccl_version"] = nccl_package_version(skipped)
+        stack["xid_lines"] = kernel_xid_lines(skipped)
+        stack["dcgm_diag"] = dcgm_diag(params["dcgm_level"], params["dcgm_timeout"], skipped)
+    stack["infiniband"] = infiniband_ports()
+    stack["nvidia_peermem"] = os.path.isdir("/sys/module/nvidia_peermem")
+    stack["nccl_settings"] = nccl_settings(params["nccl_conf"])
+    stack["systemd"] = systemd_running()
+    return stack
+
+
 def gather(params: dict) -> dict:
     skipped: dict[str, str] = {}
     total, available = memory_mb()
@@ -248,6 +411,7 @@ def gather(params: dict) -> dict:
         "python": python_facts(params["python"], params["python_timeout"], skipped),
         "time_synced": time_synced(skipped),
         "ssh_peers": peers,
+        "gpu_stack": gpu_stack(params, skipped, bool(detected) or driver is not None),
         "skipped": skipped,
     }
 
@@ -264,6 +428,10 @@ def main() -> None:
             "check_ssh": {"type": "bool", "default": True},
             "ssh_timeout": {"type": "int", "default": 5},
             "sysfs_pci_root": {"type": "path", "default": "/sys/bus/pci/devices"},
+            "cuda_home": {"type": "path", "default": "/usr/local/cuda"},
+            "nccl_conf": {"type": "path", "default": "/etc/nccl.conf"},
+            "dcgm_level": {"type": "int", "default": 1},
+            "dcgm_timeout": {"type": "int", "default": 600},
         },
         supports_check_mode=True,
     )

@@ -1,0 +1,85 @@
+"""Find the slow node or link behind a slow cluster-wide all-reduce.
+
+When the all-reduce across every node misses its busbw threshold, the same benchmark runs
+on pairs of nodes. The pairs are the edges of a ring over the nodes in inventory order
+(node i with node i+1, the last with the first), so every node sits in two pairs with two
+different partners, whatever the cluster's size. Pairs that share no node run at the same
+time: a ring needs two rounds (three when the number of nodes is odd), so isolation costs
+three benchmark runs at most, not one per pair.
+
+Verdict: a node slow in every pair it is in is the culprit; a slow pair whose two nodes
+are each fine elsewhere is a slow link. Two nodes make a single pair, which can only
+name the link between them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+Pair = tuple[str, str]
+
+
+def ring_pairs(names: list[str]) -> list[Pair]:
+    if len(names) < 2:
+        return []
+    if len(names) == 2:
+        return [(names[0], names[1])]
+    return [(names[i], names[(i + 1) % len(names)]) for i in range(len(names))]
+
+
+def rounds(pairs: list[Pair]) -> list[list[Pair]]:
+    """Pairs grouped so that no node is in two pairs of one round (greedy, in order)."""
+    out: list[list[Pair]] = []
+    for pair in pairs:
+        for group in out:
+            if not any(set(pair) & set(other) for other in group):
+                group.append(pair)
+                break
+        else:
+            out.append([pair])
+    return out
+
+
+@dataclass
+class Verdict:
+    pairs: dict[Pair, float | None]           # busbw per pair (None: the run failed)
+    slow: set[Pair] = field(default_factory=set)
+    slow_nodes: list[str] = field(default_factory=list)
+    slow_links: list[Pair] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"pairs": [{"nodes": list(p), "busbw_gbs": v, "slow": p in self.slow}
+                          for p, v in self.pairs.items()],
+                "slow_nodes": list(self.slow_nodes),
+                "slow_links": [list(p) for p in self.slow_links]}
+
+
+def judge(names: list[str], pairs: dict[Pair, float | None], minimum: float) -> Verdict:
+    """Name the slow nodes and links from per-pair busbw (None counts as slow)."""
+    verdict = Verdict(pairs=dict(pairs))
+    verdict.slow = {p for p, v in pairs.items() if v is None or v < minimum}
+    for name in names:
+        mine = [p for p in pairs if name in p]
+        if len(mine) >= 2 and all(p in verdict.slow for p in mine):
+            verdict.slow_nodes.append(name)
+    for pair in pairs:
+        if pair in verdict.slow and not set(pair) & set(verdict.slow_nodes):
+            verdict.slow_links.append(pair)
+    return verdict
+
+
+def isolate(names: list[str], measure: Callable[[Pair], float | None], minimum: float,
+            *, parallel: bool = True) -> Verdict:
+    """Run measure(pair) -> busbw for every ring pair, a round at a time; judge."""
+    results: dict[Pair, float | None] = {}
+    for group in rounds(ring_pairs(names)):
+        if parallel and len(group) > 1:
+            with ThreadPoolExecutor(max_workers=len(group)) as pool:
+                values = list(pool.map(measure, group))
+        else:
+            values = [measure(p) for p in group]
+        results.update(zip(group, values, strict=True))
+    ordered = {p: results[p] for p in ring_pairs(names)}
+    return judge(names, ordered, minimum)
