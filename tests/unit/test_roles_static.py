@@ -101,12 +101,14 @@ def test_no_strict_host_key_checking_off_anywhere():
 
 # --- argument_specs at run time --------------------------------------------------------
 
-def _run_role(tmp_path: Path, role: str, extra: dict) -> subprocess.CompletedProcess:
-    play = tmp_path / "play.yml"
-    play.write_text(yaml.safe_dump([{
-        "name": "Run one role", "hosts": "nodes", "gather_facts": False,
-        "roles": [{"role": role}],
-    }]))
+def _run_role(tmp_path: Path, role: str, extra: dict,
+              playbook: Path | None = None) -> subprocess.CompletedProcess:
+    play = playbook or tmp_path / "play.yml"
+    if playbook is None:
+        play.write_text(yaml.safe_dump([{
+            "name": "Run one role", "hosts": "nodes", "gather_facts": False,
+            "roles": [{"role": role}],
+        }]))
     inventory = tmp_path / "hosts.yml"
     inventory.write_text(yaml.safe_dump({"all": {"children": {"nodes": {"hosts": {
         "localnode": {"ansible_connection": "local", "ansible_python_interpreter": sys.executable,
@@ -141,6 +143,16 @@ def test_argument_specs_reject_bad_variables_before_any_task(tmp_path, role, ext
     assert variable in out, out[-3000:]
     tasks = [line for line in out.splitlines() if line.startswith("TASK [")]
     assert len(tasks) == 1 and "Validating arguments against arg spec" in tasks[0], tasks
+
+
+@pytest.mark.parametrize("playbook", ["preflight.yml", "validate.yml"])
+def test_misspelled_role_variable_stops_the_run_before_any_role(tmp_path, playbook):
+    proc = _run_role(tmp_path, "", {"common_pakages": ["jq"], "dsk_run_dir": str(tmp_path)},
+                     playbook=REPO / "playbooks" / playbook)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert "Unknown variables common_pakages" in out, out[-3000:]
+    assert not [line for line in out.splitlines() if line.startswith("TASK [") and " : " in line]
 
 
 def test_preflight_passes_in_check_mode_with_good_variables(tmp_path):
