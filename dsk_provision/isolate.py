@@ -7,9 +7,11 @@ different partners, whatever the cluster's size. Pairs that share no node run at
 time: a ring needs two rounds (three when the number of nodes is odd), so isolation costs
 three benchmark runs at most, not one per pair.
 
-Verdict: a node slow in every pair it is in is the culprit; a slow pair whose two nodes
+A pair is slow when it misses the busbw threshold and reaches less than half of the
+best pair. Verdict: a node slow in every pair it is in is the culprit; a slow pair whose two nodes
 are each fine elsewhere is a slow link. Two nodes make a single pair, which can only
-name the link between them.
+name the link between them. When every pair is slow (three nodes or more), no single
+node or link is to blame: the network as a whole, or the threshold, is.
 """
 
 from __future__ import annotations
@@ -48,18 +50,34 @@ class Verdict:
     slow: set[Pair] = field(default_factory=set)
     slow_nodes: list[str] = field(default_factory=list)
     slow_links: list[Pair] = field(default_factory=list)
+    all_slow: bool = False
 
     def to_dict(self) -> dict:
         return {"pairs": [{"nodes": list(p), "busbw_gbs": v, "slow": p in self.slow}
                           for p, v in self.pairs.items()],
                 "slow_nodes": list(self.slow_nodes),
-                "slow_links": [list(p) for p in self.slow_links]}
+                "slow_links": [list(p) for p in self.slow_links],
+                "all_slow": self.all_slow}
+
+
+# A pair is slow when it misses the threshold and also reaches less than this share of the
+# best pair: pairs run with the cluster's (possibly small) sizes miss an absolute threshold
+# by noise alone, while a throttled link is slower by orders of magnitude.
+RELATIVE = 0.5
 
 
 def judge(names: list[str], pairs: dict[Pair, float | None], minimum: float) -> Verdict:
-    """Name the slow nodes and links from per-pair busbw (None counts as slow)."""
+    """Name the slow nodes and links from per-pair busbw (None: the run failed, slow)."""
     verdict = Verdict(pairs=dict(pairs))
-    verdict.slow = {p for p, v in pairs.items() if v is None or v < minimum}
+    best = max((v for v in pairs.values() if v is not None), default=None)
+    below = {p for p, v in pairs.items() if v is None or v < minimum}
+    verdict.slow = {p for p in below
+                    if pairs[p] is None or best is None or pairs[p] < RELATIVE * best}
+    if below and (not verdict.slow or (len(names) > 2 and verdict.slow == set(pairs))):
+        verdict.slow = below
+        verdict.all_slow = len(names) > 2
+        if verdict.all_slow:
+            return verdict
     for name in names:
         mine = [p for p in pairs if name in p]
         if len(mine) >= 2 and all(p in verdict.slow for p in mine):

@@ -323,14 +323,25 @@ def _isolate(inventory, run_dir, args, console, timeout_s, transport, merged, re
                 f"{name} is fine with other nodes" if len(names) > 2 else
                 f"the pair {a}+{b} is slow ({show(value)}); two nodes cannot tell which "
                 f"is to blame"))
-    if not verdict.slow_nodes and not verdict.slow_links:
+    if verdict.all_slow:
+        report.checks.append(checks_mod.CheckResult(
+            checks_mod.CLUSTER, "allreduce_isolation", checks_mod.SKIP, None, minimum,
+            "every pair of nodes is slow too: the network as a whole (or the threshold) is "
+            "at fault, not one node"))
+    elif not verdict.slow_nodes and not verdict.slow_links:
         report.checks.append(checks_mod.CheckResult(
             checks_mod.CLUSTER, "allreduce_isolation", checks_mod.SKIP, None, minimum,
             "every pair of nodes is fast enough: the slowness needs more nodes at once"))
 
 
-def _plot(report: ValidationReport) -> None:
+def _plot(report: ValidationReport, console) -> None:
     from dsk_provision import plots
+
+    try:
+        import matplotlib  # noqa: F401 - only to say why no plot is drawn
+    except ImportError:
+        console.print("no plot: matplotlib is not installed", markup=False, highlight=False)
+        return
 
     series = {}
     if report.allreduce:
@@ -430,7 +441,7 @@ def validate(inventory, *, runs_dir: Path | None = None, begin: str = "1K",
         if isolate and busbw is not None and busbw.failed and len(names) >= 2:
             _isolate(inventory, run_dir, args, console, timeout_s, transport, merged, report)
 
-    _plot(report)
+    _plot(report, console)
     report.elapsed_s = time.monotonic() - started
     json_path, md_path = report_mod.write_reports(report.to_dict(), run_dir)
     print_table(report, console)

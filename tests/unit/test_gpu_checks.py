@@ -319,3 +319,18 @@ def test_isolation_names_a_slow_link_and_a_failed_run():
     assert verdict.slow_nodes == ["c"]
     two = isolate.judge(["a", "b"], {("a", "b"): 0.001}, 0.05)
     assert two.slow_nodes == [] and two.slow_links == [("a", "b")]
+
+
+def test_isolation_names_nobody_when_every_pair_is_slow():
+    verdict = isolate.isolate(["a", "b", "c"], lambda pair: 0.001, 0.05)
+    assert verdict.all_slow and verdict.slow_nodes == [] and verdict.slow_links == []
+
+
+def test_isolation_tolerates_noise_below_the_threshold():
+    # Small messages: the healthy pair misses the absolute threshold, but is 40x faster.
+    verdict = isolate.judge(["node1", "node2", "node3"],
+                            {("node1", "node2"): 0.001, ("node2", "node3"): 0.001,
+                             ("node3", "node1"): 0.040}, 0.05)
+    assert verdict.slow_nodes == ["node2"] and not verdict.all_slow
+    two = isolate.judge(["a", "b"], {("a", "b"): 0.04}, 0.05)
+    assert two.slow_links == [("a", "b")]

@@ -136,3 +136,43 @@ def test_validate_on_two_local_nodes_writes_reports_and_names_the_bad_node(tmp_p
     assert "- **node2** `gpu_count`: 1 GPU(s) detected, 0 declared" in (
         run_dir / "report.md").read_text()
     assert "gpu_count" in out.getvalue() and "FAIL" in out.getvalue()
+
+
+def test_markdown_shows_compute_side_by_side_isolation_and_plot(tmp_path):
+    from dsk_provision import checks as checks_mod
+
+    rep = sample(tmp_path)
+    rep.gpu_perf = {"node1": {"device": "cuda", "matmul": {"size": 8192}, "copy_bytes": 4 << 30,
+                              "warmup": 5, "iters": 20,
+                              "devices": [{"index": 0, "name": "NVIDIA H200",
+                                           "matmul_tflops": 801.5, "copy_gbs": 4301.2}]}}
+    nccl = checks_mod.parse_nccl_tests(
+        (Path(__file__).parent / "fixtures/gpu/all_reduce_perf_8gpu.txt").read_text())
+    ours = json.loads(json.dumps(nccl))
+    ours["results"][-1]["in_place"]["busbw_gbs"] = 380.0
+    ours["results"][-1]["out_of_place"]["busbw_gbs"] = 379.0
+    rep.intra_node = {"node1": ours}
+    rep.nccl_tests = {"node1": nccl}
+    rep.isolation = {"pairs": [{"nodes": ["node1", "node2"], "busbw_gbs": 0.001, "slow": True},
+                               {"nodes": ["node2", "node3"], "busbw_gbs": None, "slow": True},
+                               {"nodes": ["node3", "node1"], "busbw_gbs": 0.5, "slow": False}],
+                     "slow_nodes": ["node2"], "slow_links": [], "all_slow": False}
+    rep.plots = ["allreduce_busbw.png"]
+    text = report.render_markdown(rep.to_dict())
+    assert "| node1 | NVIDIA H200 0 | 801.50 | 4301.2 |" in text
+    assert "| size (B) | node1 ours | node1 nccl-tests |" in text
+    assert "| 8589934592 | 380.000 | 386.420 |" in text
+    assert "| node2 + node3 | - | slow |" in text
+    assert "Culprit: node **node2**." in text
+    assert "![busbw](allreduce_busbw.png)" in text
+
+
+def test_plot_is_a_png_with_one_line_per_test(tmp_path):
+    from dsk_provision import plots
+
+    path = plots.plot_busbw({"across nodes": [(1024, 0.1), (2048, 0.2)],
+                             "within node1": [(1024, 1.0), (2048, 2.0)], "empty": []},
+                            tmp_path / "busbw.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plots.plot_busbw({"empty": []}, tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()
