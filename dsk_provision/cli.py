@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from dsk_provision.errors import DskError, InputError
+from dsk_provision.errors import DskError, InputError, RunFailed
 
 app = typer.Typer(
     name="dsk-provision",
@@ -203,8 +203,14 @@ def validate(
         inv = _load(inventory)
         from dsk_provision.validate import validate as run_validate
 
-        report = run_validate(inv, runs_dir=_state["runs_dir"], begin=begin, end=end,
-                              factor=factor, console=_console(stderr=as_json))
+        try:
+            report = run_validate(inv, runs_dir=_state["runs_dir"], begin=begin, end=end,
+                                  factor=factor, console=_console(stderr=as_json))
+        except RunFailed as exc:
+            # A failed check still has a full report: machines reading --json get it too.
+            if as_json and getattr(exc, "report", None) is not None:
+                _print_json(exc.report.to_dict())
+            raise
         if as_json:
             _print_json(report.to_dict())
         else:

@@ -171,6 +171,22 @@ def test_validate_failed_report_exits_1(monkeypatch):
     assert result.exit_code == 1 and "validate FAILED" in result.output
 
 
+def test_validate_json_prints_the_report_of_a_failed_run(monkeypatch):
+    from dsk_provision.errors import RunFailed
+
+    def validate(inventory, **kw):
+        exc = RunFailed("allreduce_busbw failed on gpu02", nodes=["gpu02"])
+        exc.report = types.SimpleNamespace(to_dict=lambda: {"passed": False, "failed": ["gpu02"]})
+        raise exc
+
+    monkeypatch.setitem(sys.modules, "dsk_provision.validate",
+                        types.SimpleNamespace(validate=validate))
+    result = _invoke("validate", "-i", str(EXAMPLE), "--json")
+    assert result.exit_code == 1
+    assert json.loads(result.stdout) == {"passed": False, "failed": ["gpu02"]}
+    assert "gpu02" in result.stderr
+
+
 def test_validate_rejects_bad_sizes():
     result = _invoke("validate", "-i", str(EXAMPLE), "--begin", "64M", "--end", "1M")
     assert result.exit_code == 2 and "--begin" in result.output
