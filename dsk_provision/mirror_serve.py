@@ -12,6 +12,7 @@ import socket
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from dsk_provision.errors import EnvironmentProblem, InputError
 from dsk_provision.mirror import read_manifest
@@ -102,6 +103,10 @@ def inventory_settings(manifest: dict, url: str) -> list[tuple[str, str, str]]:
     if manifest.get("wheels"):
         lines.append(("trainer_env_pip_find_links", url + manifest["wheels"]["path"],
                       "pip, with trainer_env_pip_index_url left empty"))
+        host = urlsplit(url).hostname or ""
+        if url.startswith("http://") and host not in ("127.0.0.1", "localhost", "::1"):
+            lines.append(("trainer_env_pip_trusted_host", host, "pip accepts plain HTTP from it"))
+        lines.append(("trainer_env_pip_no_index", "true", "pip asks no index"))
     return lines
 
 

@@ -251,6 +251,11 @@ def test_serve_files_but_not_hidden_paths(tmp_path):
         settings = mirror_serve.inventory_settings(mirror.read_manifest(out), url)
         assert ("dsk_mirror_url", url + "apt/debian-12/") == settings[0][:2]
         assert settings[1][:2] == ("trainer_env_pip_find_links", url + "wheels/")
+        names = [name for name, _value, _why in settings]
+        assert "trainer_env_pip_trusted_host" not in names  # loopback needs no trust
+        assert ("trainer_env_pip_no_index", "true") in [s[:2] for s in settings]
+        remote = mirror_serve.inventory_settings(mirror.read_manifest(out), "http://10.0.0.5:8080/")
+        assert ("trainer_env_pip_trusted_host", "10.0.0.5") in [s[:2] for s in remote]
     finally:
         server.shutdown()
         server.server_close()
