@@ -83,6 +83,9 @@ def _run(inventory, repo_url, tmp_path, pins, *, check=False, **extra):
         "nvidia_driver_version": pins["driver"], "fabric_manager_force": True,
         "cuda_force": True, "cuda_repo_url": repo_url, "nccl_force": True,
         "nccl_version": pins["nccl"], "containers_enabled": False, "dsk_nccl_env": NCCL_ENV,
+        # Valid IPoIB input; the nodes have neither ib0 nor ifupdown, so nothing is written.
+        "rdma_ipoib_enabled": True,
+        "rdma_ipoib_interfaces": [{"device": "ib0", "address": "10.10.0.11/16"}],
         **extra,
     }
     return run_playbook(str(REPO / "playbooks/gpu_stack.yml"), inventory, command="gpu-stack",

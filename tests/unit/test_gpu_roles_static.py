@@ -107,6 +107,9 @@ BAD_PINS = [
     ("nvidia_driver", {"nvidia_driver_version": "570.86.15", "nvidia_driver_force": True},
      "nvidia_driver_version=570.86.15"),
     ("nccl", {"dsk_nccl_env": {"nccl_debug": "INFO"}}, "dsk_nccl_env.nccl_debug"),
+    ("rdma", {"rdma_distro_packages": [], "rdma_ipoib_enabled": True,
+              "rdma_ipoib_interfaces": [{"device": "ib0", "address": "10.10.0.11"}]},
+     'rdma_ipoib_interfaces: {"address": "10.10.0.11", "device": "ib0"}'),
 ]
 
 
