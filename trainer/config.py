@@ -86,6 +86,7 @@ class TrainingConfig:
     seed: int = 0
     dtype: str = "auto"  # auto: bfloat16 autocast on GPU, float32 on CPU
     activation_checkpoint: str = "none"
+    compile: bool = False
 
 
 @dataclass
@@ -101,7 +102,14 @@ class ParallelConfig:
     dp_shard: int = -1  # -1: every rank not used by the other degrees
     tp: int = 1
     pp: int = 1
-    ep: int = 1
+    ep: int = 1  # borrowed from dp_shard: dp_shard = (dp_shard / ep) * ep
+    pp_schedule: str = "1f1b"
+    pp_microbatches: int = 0  # 0: one per pipeline stage
+
+    @property
+    def n_microbatches(self) -> int:
+        """Pipeline micro-batches that one training micro-batch is split into."""
+        return self.pp_microbatches or self.pp
 
 
 @dataclass
@@ -151,7 +159,7 @@ def _schema_error(error: Any, file: str) -> InputError:
 
 
 def _check_rules(raw: dict[str, Any], cfg: TrainConfig, file: str) -> None:
-    m, t, d, p = cfg.model, cfg.training, cfg.data, cfg.parallel
+    m, t, d = cfg.model, cfg.training, cfg.data
 
     def fail(field_name: str, message: str) -> None:
         raise InputError(message, file=file, field=field_name)
@@ -186,10 +194,49 @@ def _check_rules(raw: dict[str, Any], cfg: TrainConfig, file: str) -> None:
              f"({t.steps})")
     if d.kind == "shards" and not d.path:
         fail("data.path", "data.kind = 'shards' needs data.path (a directory with index.json)")
-    for name in ("tp", "pp", "ep"):
-        if getattr(p, name) != 1:
-            fail(f"parallel.{name}", f"{name} = {getattr(p, name)}: this trainer version "
-                 "provides data parallelism only (dp_replicate, dp_shard); set it to 1")
+    _check_parallel_rules(cfg, fail)
+
+
+def _check_parallel_rules(cfg: TrainConfig, fail: Any) -> None:
+    """Rules between the parallel degrees and the model that need no world size."""
+    m, t, p = cfg.model, cfg.training, cfg.parallel
+    if p.tp > 1:
+        for name, value in (("model.n_heads", m.n_heads), ("model.vocab_size", m.vocab_size),
+                            ("model.inter_dim", m.inter_dim), ("training.seq_len", t.seq_len)):
+            if value % p.tp:
+                fail("parallel.tp", f"tp ({p.tp}) must divide {name} ({value})")
+        shared = m.n_shared_experts * m.moe_inter_dim
+        if shared % p.tp:
+            fail("parallel.tp", f"tp ({p.tp}) must divide the shared experts' hidden size "
+                 f"(model.n_shared_experts * model.moe_inter_dim = {shared})")
+        if m.mtp_depth:
+            fail("parallel.tp", "tensor parallelism does not support MTP in this version; "
+                 "set model.mtp_depth = 0 or tp = 1")
+    if p.ep > 1:
+        if m.n_routed_experts % p.ep:
+            fail("parallel.ep", f"ep ({p.ep}) must divide model.n_routed_experts "
+                 f"({m.n_routed_experts})")
+        if m.n_layers == m.n_dense_layers:
+            fail("parallel.ep", "ep > 1 needs MoE layers (model.n_dense_layers < n_layers)")
+        if p.tp > 1:
+            fail("parallel.ep", "ep > 1 together with tp > 1 is not supported in this version "
+                 "(routed experts are replicated under tp); set one of them to 1")
+    if p.pp > 1:
+        if m.n_layers < p.pp:
+            fail("parallel.pp", f"pp ({p.pp}) exceeds model.n_layers ({m.n_layers}): every "
+                 "stage needs at least one layer")
+        if m.mtp_depth:
+            fail("parallel.pp", "pipeline parallelism does not support MTP in this version; "
+                 "set model.mtp_depth = 0 or pp = 1")
+        if p.tp > 1 or p.ep > 1:
+            fail("parallel.pp", "pp > 1 combines with data parallelism only in this version "
+                 "(set tp and ep to 1)")
+        if t.micro_batch_size % p.n_microbatches:
+            fail("parallel.pp_microbatches", f"{p.n_microbatches} pipeline micro-batches must "
+                 f"divide training.micro_batch_size ({t.micro_batch_size})")
+        if p.pp_schedule == "1f1b" and p.n_microbatches < p.pp:
+            fail("parallel.pp_microbatches", f"1F1B needs at least pp ({p.pp}) micro-batches, "
+                 f"got {p.n_microbatches}")
 
 
 def parse_config(raw: dict[str, Any], file: str = "<config>") -> TrainConfig:
@@ -245,7 +292,8 @@ def resolve_dp_shard(cfg: TrainConfig, world_size: int) -> int:
 
 
 def check_world_size(cfg: TrainConfig, world_size: int) -> None:
-    """Raise InputError unless dp_replicate * dp_shard * tp * pp == world_size."""
+    """Raise InputError unless dp_replicate * dp_shard * tp * pp == world_size, ep divides
+    dp_shard, and model parallelism is not combined with plain DDP."""
     p = cfg.parallel
     dp_shard = resolve_dp_shard(cfg, world_size)
     product = p.dp_replicate * dp_shard * p.tp * p.pp
@@ -255,3 +303,12 @@ def check_world_size(cfg: TrainConfig, world_size: int) -> None:
             f"{product}, but the world size is {world_size}",
             file=cfg.path or None, field="parallel",
             hint="set parallel.dp_shard = -1 to use every rank, or change the node count")
+    if dp_shard % p.ep:
+        raise InputError(
+            f"ep ({p.ep}) must divide dp_shard ({dp_shard}): expert parallelism borrows its "
+            "ranks from dp_shard", file=cfg.path or None, field="parallel.ep")
+    if p.dp_replicate > 1 and dp_shard == 1 and (p.tp > 1 or p.pp > 1):
+        raise InputError(
+            "plain DDP (dp_replicate > 1, dp_shard = 1) does not combine with tp or pp; "
+            "use dp_shard > 1 (FSDP or HSDP) instead", file=cfg.path or None,
+            field="parallel.dp_replicate")

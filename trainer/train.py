@@ -53,6 +53,16 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def layout_suffix(dims, p) -> str:
+    """The model-parallel part of the header line, e.g. ", tp 2, pp 2 (1f1b x 2)"."""
+    parts = [f"tp {dims.tp}"] if dims.tp > 1 else []
+    if dims.ep > 1:
+        parts.append(f"ep {dims.ep}")
+    if dims.pp > 1:
+        parts.append(f"pp {dims.pp} ({p.pp_schedule} x {p.n_microbatches})")
+    return "".join(", " + x for x in parts)
+
+
 def init_distributed():
     """Process group from torchrun's environment, or a one-process group (no network)."""
     import torch
@@ -109,7 +119,8 @@ def train(cfg: TrainConfig, out_dir: Path, device) -> dict[str, Any]:
     from trainer.data import Loader, build_source
     from trainer.metrics import MetricsWriter, format_line, peak_flops, peak_memory_gib
     from trainer.model import ModelArgs, Transformer
-    from trainer.parallel import ParallelDims, parallelize
+    from trainer.parallel import ParallelDims, clip_grad_norm, parallelize
+    from trainer.parallel.pipeline import Pipeline, split_model
 
     rank, world_size = dist.get_rank(), dist.get_world_size()
     t = cfg.training
@@ -127,8 +138,34 @@ def train(cfg: TrainConfig, out_dir: Path, device) -> dict[str, Any]:
         model = Transformer(args)
     n_params, n_active = model.num_params(), model.num_params(active_only=True)
     flops_per_token = model.flops_per_token(t.seq_len)
-    moe_layers = model.moe_layers()
-    train_module = parallelize(model, dims, device, t.activation_checkpoint)
+    # MoE layers by their index among all of the model's MoE layers: a pipeline stage
+    # holds some of them, and the loads of all are summed over every rank at once
+    moe_index = {name: i for i, name in enumerate(
+        n for n, b in model.layers.items() if b.ffn in model.moe_layers())}
+    n_moe = len(moe_index)
+    use_bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and device.type == "cuda")
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16
+                else contextlib.nullcontext())
+    pipeline = None
+    if dims.pp > 1:
+        pp_rank = dims.pp_rank(device.type)
+        split_model(model, dims.pp, pp_rank)
+    moe_layers = {moe_index[n]: b.ffn for n, b in model.layers.items() if n in moe_index}
+    train_module = parallelize(model, dims, device, t.activation_checkpoint, t.compile)
+    if dims.pp > 1:
+        with autocast:
+            pipeline = Pipeline(train_module, pp_rank, dims.submesh(device.type, "pp"), device,
+                                p.pp_schedule, p.n_microbatches, t.grad_accum_steps,
+                                (t.micro_batch_size, t.seq_len))
+        pp_loads = {i: torch.zeros(args.n_routed_experts, dtype=torch.long, device=device)
+                    for i in moe_layers}
+
+        def count_load(moe, _inputs, _output) -> None:  # every pipeline micro-batch's routing
+            pp_loads[moe.load_index].add_(moe.tokens_per_expert)
+
+        for i, moe in moe_layers.items():
+            moe.load_index = i
+            moe.register_forward_hook(count_load)
     optimizer, scheduler = build_optimizer(model, cfg)
     loader = Loader(source, t.micro_batch_size, t.grad_accum_steps,
                     dims.dp_rank(device.type), dims.dp_degree, device)
@@ -144,15 +181,13 @@ def train(cfg: TrainConfig, out_dir: Path, device) -> dict[str, Any]:
         if rank == 0:
             print(f"resumed from {checkpoint.step_dir(ckpt_root, resume)}", flush=True)
 
-    use_bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and device.type == "cuda")
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16
-                else contextlib.nullcontext())
     peak = peak_flops(device)
     tokens_per_step = loader.global_batch * t.seq_len
     writer = MetricsWriter(out_dir) if rank == 0 else None
     if rank == 0:
         print(f"model: {n_params / 1e6:,.1f}M parameters, {n_active / 1e6:,.1f}M active | "
-              f"world {world_size} ({dims.dp_replicate}x{dims.dp_shard} dp) | "
+              f"world {world_size} ({dims.dp_replicate}x{dims.dp_shard} dp"
+              f"{layout_suffix(dims, p)}) | "
               f"{'bf16' if use_bf16 else 'fp32'} on {device.type} | "
               f"{tokens_per_step:,} tokens/step", flush=True)
 
@@ -162,11 +197,16 @@ def train(cfg: TrainConfig, out_dir: Path, device) -> dict[str, Any]:
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         micro_batches = loader.next_step()
-        loads = [torch.zeros(args.n_routed_experts, dtype=torch.long, device=device)
-                 for _ in moe_layers]
+        loads = torch.zeros(n_moe, args.n_routed_experts, dtype=torch.long, device=device)
         sums = torch.zeros(2, device=device)  # lm loss, mtp loss (micro-batch means)
         for i, (inputs, targets) in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
+            if pipeline is not None:  # the schedule handles FSDP's gradient sync itself
+                with autocast:
+                    loss = pipeline.step(inputs, targets)
+                if loss is not None:
+                    sums[0] += loss.float()
+                continue
             sync = contextlib.nullcontext()
             if dims.ddp_enabled and not last:
                 sync = train_module.no_sync()
@@ -177,25 +217,31 @@ def train(cfg: TrainConfig, out_dir: Path, device) -> dict[str, Any]:
                     out = train_module(inputs, targets)
                 (out.loss / len(micro_batches)).backward()
             sums += torch.stack([out.lm_loss.detach(), out.mtp_loss.detach()]).float()
-            for acc, moe in zip(loads, moe_layers, strict=True):
-                acc += moe.tokens_per_expert
+            for j, moe in moe_layers.items():
+                loads[j] += moe.tokens_per_expert
+        if pipeline is not None:
+            for j, acc in pp_loads.items():
+                loads[j] += acc
+                acc.zero_()
         sums /= len(micro_batches)
-        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        grad_norm = (clip_grad_norm(list(model.parameters()), t.grad_clip,
+                                    dims.submesh(device.type, "pp").get_group()
+                                    if dims.pp > 1 else None)
                      if t.grad_clip > 0 else None)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
-        if world_size > 1:
+        if world_size > 1:  # with pp, only the last stage's ranks hold a loss
             dist.all_reduce(sums)
-            sums /= world_size
+            sums /= world_size // dims.pp
         balance = None
-        if moe_layers:
-            stacked = torch.stack(loads)
+        if n_moe:
+            stacked = loads
             if world_size > 1:
                 dist.all_reduce(stacked)
-            for moe, load in zip(moe_layers, stacked, strict=True):
-                moe.update_bias(load)
+            for j, moe in moe_layers.items():
+                moe.update_bias(stacked[j])
             balance = (stacked.max(dim=1).values.float() / stacked.float().mean(dim=1)).max()
         if grad_norm is not None and hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()

@@ -59,7 +59,11 @@ def test_shipped_configs_are_valid(name):
         ("training", "seq_len", 65, "training.seq_len", "max_seq_len"),
         ("training", "warmup_steps", 41, "training.warmup_steps", "exceeds steps"),
         ("data", "kind", "shards", "data.path", "index.json"),
-        ("parallel", "tp", 2, "parallel.tp", "data parallelism only"),
+        ("parallel", "tp", 3, "parallel.tp", "must divide model.n_heads"),
+        ("parallel", "ep", 3, "parallel.ep", "must divide model.n_routed_experts"),
+        ("parallel", "pp", 3, "parallel.pp", "exceeds model.n_layers"),
+        ("parallel", "pp_schedule", "zb", "parallel.pp_schedule", "gpipe"),
+        ("training", "compile", "yes", "training.compile", "expected boolean"),
         ("parallel", "dp_shard", 0, "parallel.dp_shard", ""),
         ("checkpointing", "interval", 5, "checkpointing", "unknown key"),
     ],
@@ -71,6 +75,64 @@ def test_bad_field_is_named(section, key, value, field, words):
     assert err.value.file == "cfg.toml"
     assert str(err.value).startswith(f"cfg.toml: {field}: ")
     assert words in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "words"),
+    [
+        ({"parallel": {"tp": 2}, "model": {"mtp_depth": 1}}, "parallel.tp", "MTP"),
+        ({"parallel": {"tp": 2}, "training": {"seq_len": 63}}, "parallel.tp",
+         "must divide training.seq_len"),
+        ({"parallel": {"tp": 2}, "model": {"moe_inter_dim": 33}}, "parallel.tp",
+         "shared experts"),
+        ({"parallel": {"tp": 2, "ep": 2}}, "parallel.ep", "together with tp"),
+        ({"parallel": {"ep": 2}, "model": {"n_dense_layers": 2}}, "parallel.ep", "MoE layers"),
+        ({"parallel": {"pp": 2}, "model": {"mtp_depth": 1}}, "parallel.pp", "MTP"),
+        ({"parallel": {"pp": 2, "tp": 2}}, "parallel.pp", "data parallelism only"),
+        ({"parallel": {"pp": 2, "pp_microbatches": 3}}, "parallel.pp_microbatches",
+         "must divide training.micro_batch_size"),
+        ({"parallel": {"pp": 2, "pp_microbatches": 1}}, "parallel.pp_microbatches",
+         "1F1B needs at least pp (2)"),
+    ],
+)
+def test_parallel_rules_name_the_field(changes, field, words):
+    doc = copy.deepcopy(TINY)
+    for section, values in changes.items():
+        doc.setdefault(section, {}).update(values)
+    with pytest.raises(InputError) as err:
+        parse_config(doc, "cfg.toml")
+    assert err.value.field == field and err.value.file == "cfg.toml"
+    assert words in str(err.value)
+
+
+def test_parallel_layouts_are_accepted():
+    for parallel in ({"tp": 2}, {"ep": 2}, {"pp": 2, "pp_schedule": "gpipe"},
+                     {"pp": 2, "pp_microbatches": 4}, {"tp": 4, "dp_shard": 2}):
+        doc = copy.deepcopy(TINY)
+        doc["parallel"].update(parallel)
+        cfg = parse_config(doc, "cfg.toml")
+        assert cfg.parallel.n_microbatches == parallel.get("pp_microbatches", cfg.parallel.pp)
+    cfg = parse_config(tiny_with("training", "compile", True), "cfg.toml")
+    assert cfg.training.compile is True
+
+
+def test_world_size_checks_every_degree():
+    cfg = parse_config(tiny_with("parallel", "tp", 2), "cfg.toml")
+    check_world_size(cfg, 2)  # dp_shard 1
+    check_world_size(cfg, 4)  # dp_shard 2
+    with pytest.raises(InputError, match="not divisible by dp_replicate\\*tp\\*pp = 2"):
+        check_world_size(cfg, 3)
+    ep = parse_config(tiny_with("parallel", "ep", 2), "cfg.toml")
+    check_world_size(ep, 2)
+    check_world_size(ep, 4)
+    with pytest.raises(InputError, match="ep \\(2\\) must divide dp_shard \\(1\\)") as err:
+        check_world_size(ep, 1)
+    assert err.value.field == "parallel.ep"
+    doc = copy.deepcopy(TINY)
+    doc["parallel"].update({"dp_replicate": 2, "dp_shard": 1, "tp": 2})
+    with pytest.raises(InputError, match="plain DDP") as err:
+        check_world_size(parse_config(doc, "cfg.toml"), 4)
+    assert err.value.field == "parallel.dp_replicate"
 
 
 def test_missing_required_key_is_named():

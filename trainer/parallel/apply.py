@@ -1,12 +1,18 @@
-"""Apply parallelism to a single-device model, from outside, in one fixed order:
+"""Apply parallelism to a single-device model, from outside, in one fixed order
+(pipeline parallelism splits the model into its stage before this; see pipeline.py):
 
-1. tensor / expert parallelism (not in this version: config validation rejects tp, ep > 1)
+1. tensor parallelism with sequence parallelism (tensor.py), then expert parallelism
+   (expert.py)
 2. activation checkpointing: each transformer block recomputes its activations in backward
-3. torch.compile (not in this version)
+3. torch.compile of each transformer block (training.compile)
 4. data parallelism:
    - dp_shard > 1: FSDP2 ``fully_shard`` on each block, then on the root. Parameters,
      gradients and optimizer state are sharded over dp_shard; with dp_replicate > 1 too,
-     the mesh is 2-D and FSDP2 runs as HSDP (shard inside, replicate across).
+     the mesh is 2-D and FSDP2 runs as HSDP (shard inside, replicate across). With tp,
+     parameters are 2-D (dp x tp). With ep, each MoE's routed experts get their own
+     ``fully_shard`` over the ranks that hold the same experts (dp_shard / ep, x
+     dp_replicate); expert.py scales their gradients by 1 / ep, so that they are averaged
+     over the whole data-parallel degree like the others.
    - dp_replicate > 1 and dp_shard == 1: DistributedDataParallel (full replicas,
      gradients all-reduced in buckets during backward).
 """
@@ -22,10 +28,13 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     checkpoint_wrapper,
 )
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer.model import Transformer
+from trainer.model import MoE, Transformer
 from trainer.parallel.dims import ParallelDims
+from trainer.parallel.expert import apply_ep
+from trainer.parallel.tensor import apply_tp
 
 DDP_PARAMETERS = inspect.signature(DistributedDataParallel.__init__).parameters
 
@@ -43,8 +52,20 @@ def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
                                              checkpoint_impl=CheckpointImpl.NO_REENTRANT)
 
 
+def apply_compile(model: Transformer) -> None:
+    """Compile each transformer block in place (names and parameters unchanged)."""
+    for block in model.layers.values():
+        block.compile()
+    if model.mtp is not None:
+        model.mtp.block.compile()
+
+
 def apply_fsdp(model: Transformer, dims: ParallelDims, device_type: str) -> None:
     mesh = dims.dp_mesh(device_type)
+    if dims.ep > 1:
+        expert_mesh = dims.expert_dp_mesh(device_type)
+        for moe in [m for m in model.modules() if isinstance(m, MoE)]:
+            fully_shard(moe.experts, mesh=expert_mesh)
     for block in model.layers.values():
         fully_shard(block, mesh=mesh)
     if model.mtp is not None:
@@ -53,15 +74,22 @@ def apply_fsdp(model: Transformer, dims: ParallelDims, device_type: str) -> None
 
 
 def parallelize(model: Transformer, dims: ParallelDims, device: torch.device,
-                activation_checkpoint: str = "none") -> nn.Module:
-    """Return the module to train (the model itself, or its DDP wrapper)."""
-    if dims.tp > 1 or dims.ep > 1 or dims.pp > 1:
-        raise ValueError("tensor, expert and pipeline parallelism are not in this version")
+                activation_checkpoint: str = "none", compile: bool = False) -> nn.Module:
+    """Return the module to train (the model itself, or its DDP wrapper). With pp > 1,
+    ``model`` is this rank's stage (pipeline.split_model)."""
+    if dims.tp > 1:
+        apply_tp(model, dims.submesh(device.type, "tp"))
+    if dims.ep > 1:
+        apply_ep(model, dims.submesh(device.type, "ep"))
     apply_activation_checkpointing(model, activation_checkpoint)
+    if compile:
+        apply_compile(model)
     if dims.fsdp_enabled:
         apply_fsdp(model, dims, device.type)
         return model
     if dims.ddp_enabled:
+        if dims.tp > 1 or dims.pp > 1 or dims.ep > 1:
+            raise ValueError("plain DDP does not combine with tp, pp or ep; use dp_shard > 1")
         group = dims.dp_mesh(device.type).get_group()
         # the selection bias starts equal and is updated identically on every rank from
         # all-reduced loads, so buffers need no broadcast in each forward
@@ -72,3 +100,29 @@ def parallelize(model: Transformer, dims: ParallelDims, device: torch.device,
             model, device_ids=[device.index] if device.type == "cuda" else None,
             process_group=group, **no_buffer_sync)
     return model
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float, pp_group=None) -> torch.Tensor:
+    """Clip to a global gradient norm over every parameter of every rank and return the
+    norm before clipping. Parameters may be DTensors on different meshes (FSDP, tp, ep):
+    the norm is taken per mesh and combined; with ``pp_group`` the stages' squared norms
+    are summed too."""
+    grads = [p.grad for p in params if p.grad is not None]
+    by_mesh: dict[object, list[torch.Tensor]] = {}
+    for g in grads:
+        by_mesh.setdefault(g.device_mesh if isinstance(g, DTensor) else None, []).append(g)
+    device = grads[0].device if grads else torch.device("cpu")
+    total_sq = torch.zeros((), device=device, dtype=torch.float32)
+    for group in by_mesh.values():
+        norm = torch.nn.utils.get_total_norm(group, 2.0)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        total_sq = total_sq + norm.float() ** 2
+    if pp_group is not None:
+        torch.distributed.all_reduce(total_sq, group=pp_group)
+    total = total_sq.sqrt()
+    coef = min(1.0, max_norm / (float(total) + 1e-6))
+    if coef < 1.0:
+        for g in grads:
+            g.mul_(coef)
+    return total

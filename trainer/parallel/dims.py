@@ -12,8 +12,11 @@ class ParallelDims:
     """Degrees of data (replicate, shard), tensor, pipeline and expert parallelism.
 
     dp_replicate * dp_shard * tp * pp must equal world_size. Expert parallelism borrows
-    ranks from dp_shard * tp (as in torchtitan), so ep must divide that product and does
-    not enter the world-size product. dp_shard = -1 takes every rank the others leave.
+    its ranks from dp_shard (dp_shard = dp_shard_mod_ep * ep, as torchtitan does without
+    tp), so ep must divide dp_shard and does not enter the world-size product: each group
+    of ep data-parallel ranks splits the routed experts between them, and the
+    dp_shard_mod_ep (x dp_replicate) ranks that hold the same experts shard and reduce
+    them. dp_shard = -1 takes every rank the others leave.
     """
 
     dp_replicate: int
@@ -41,9 +44,8 @@ class ParallelDims:
             raise ValueError(
                 f"dp_replicate*dp_shard*tp*pp = {self.dp_replicate}*{self.dp_shard}*{self.tp}"
                 f"*{self.pp} = {product}, but the world size is {self.world_size}")
-        if (self.dp_shard * self.tp) % self.ep:
-            raise ValueError(f"ep ({self.ep}) must divide dp_shard*tp "
-                             f"({self.dp_shard * self.tp})")
+        if self.dp_shard % self.ep:
+            raise ValueError(f"ep ({self.ep}) must divide dp_shard ({self.dp_shard})")
 
     @property
     def dp_degree(self) -> int:
@@ -63,36 +65,72 @@ class ParallelDims:
         """Plain DDP: replicas only. With dp_shard > 1 too, FSDP runs as HSDP instead."""
         return self.dp_replicate > 1 and self.dp_shard == 1
 
+    @property
+    def dp_shard_mod_ep(self) -> int:
+        """Ranks of dp_shard that hold the same experts."""
+        return self.dp_shard // self.ep
+
     def build_mesh(self, device_type: str) -> DeviceMesh:
-        """The world mesh, dims (pp, dp_replicate, dp_shard, tp), degree-1 dims left out,
-        plus the flattened "dp" mesh. Built once, on every rank."""
+        """The world mesh, built once on every rank.
+
+        Dims (pp, dp_replicate, dp_shard, tp), degree-1 dims left out; with ep > 1,
+        dp_shard is split into (dp_shard_mod_ep, ep), both kept even when of degree 1,
+        and flattened back into "dp_shard". With dp_replicate and dp_shard both present,
+        they are also flattened into "dp"."""
         if "world" in self._meshes:
             return self._meshes["world"]
-        dims = [(n, d) for n, d in (("pp", self.pp), ("dp_replicate", self.dp_replicate),
-                                     ("dp_shard", self.dp_shard), ("tp", self.tp)) if d > 1]
+        shard = ([("dp_shard_mod_ep", self.dp_shard_mod_ep), ("ep", self.ep)] if self.ep > 1
+                 else [("dp_shard", self.dp_shard)])
+        dims = [(n, d) for n, d in [("pp", self.pp), ("dp_replicate", self.dp_replicate),
+                                     *shard, ("tp", self.tp)]
+                if d > 1 or n in ("dp_shard_mod_ep", "ep")]
         if not dims:
             dims = [("dp_shard", 1)]
         names = tuple(n for n, _ in dims)
         mesh = init_device_mesh(device_type, tuple(d for _, d in dims), mesh_dim_names=names)
-        dp_names = tuple(n for n in names if n in ("dp_replicate", "dp_shard"))
-        if len(dp_names) > 1:
-            mesh[dp_names]._flatten("dp")
+        if self.ep > 1:
+            self._meshes["dp_shard"] = mesh[("dp_shard_mod_ep", "ep")]._flatten("dp_shard")
+        if self._has("dp_replicate") and self._has("dp_shard"):
+            if self.ep > 1:
+                flat = mesh[("dp_replicate", "dp_shard_mod_ep", "ep")]._flatten("dp")
+            else:
+                flat = mesh[("dp_replicate", "dp_shard")]._flatten("dp")
+            self._meshes["dp"] = flat
         self._meshes["world"] = mesh
         return mesh
+
+    def _has(self, name: str) -> bool:
+        return {"pp": self.pp, "dp_replicate": self.dp_replicate, "tp": self.tp}.get(
+            name, self.dp_shard) > 1 or (name == "dp_shard" and self.ep > 1)
 
     def dp_mesh(self, device_type: str) -> DeviceMesh:
         """The data-parallel mesh: 1-D ("dp_replicate" or "dp_shard") or 2-D for HSDP."""
         mesh = self.build_mesh(device_type)
-        names = tuple(n for n in ("dp_replicate", "dp_shard")
-                      if n in (mesh.mesh_dim_names or ()))
+        names = tuple(n for n in ("dp_replicate", "dp_shard") if self._has(n))
+        if names == ("dp_shard",) and "dp_shard" in self._meshes:  # flattened (ep)
+            return self._meshes["dp_shard"]
+        return mesh[names or ("dp_shard",)]
+
+    def expert_dp_mesh(self, device_type: str) -> DeviceMesh:
+        """With ep > 1: the mesh over which routed experts are sharded by FSDP (the ranks
+        that hold the same experts): ("dp_replicate", "dp_shard_mod_ep") or the latter."""
+        mesh = self.build_mesh(device_type)
+        names = (("dp_replicate",) if self.dp_replicate > 1 else ()) + ("dp_shard_mod_ep",)
         return mesh[names]
+
+    def submesh(self, device_type: str, name: str) -> DeviceMesh:
+        """The 1-D mesh of "tp", "ep" or "pp" (its degree must be > 1)."""
+        return self.build_mesh(device_type)[name]
 
     def dp_rank(self, device_type: str) -> int:
         """This rank's position among the data-parallel ranks (0 when dp is off)."""
         if not self.dp_enabled:
             return 0
-        mesh = self.build_mesh(device_type)
-        names = mesh.mesh_dim_names or ()
-        if "dp_replicate" in names and "dp_shard" in names:
-            return mesh["dp"].get_local_rank()
-        return mesh[("dp_replicate" if "dp_replicate" in names else "dp_shard")].get_local_rank()
+        self.build_mesh(device_type)
+        if self._has("dp_replicate") and self._has("dp_shard"):
+            return self._meshes["dp"].get_local_rank()
+        return self.dp_mesh(device_type).get_local_rank()
+
+    def pp_rank(self, device_type: str) -> int:
+        """This rank's pipeline stage (0 when pp is off)."""
+        return self.build_mesh(device_type)["pp"].get_local_rank() if self.pp > 1 else 0
