@@ -1,6 +1,7 @@
 """Every parallel layout trains like one process: DDP, FSDP, tensor (+ sequence) parallel,
 expert parallel, pipeline parallel (GPipe, 1F1B) on 2 CPU processes, three 2 x 2
-combinations on 4, and a checkpoint saved under FSDP resumed under TP and in one process.
+combinations on 4, a checkpoint saved under FSDP resumed under TP and in one process,
+and torch.compile'd blocks in one process.
 
 To keep the processes few, one torchrun runs several layouts one after another: this
 file is also the script it runs (``python -m torch.distributed.run ... THIS JOBS.json``).
@@ -60,22 +61,27 @@ QLORA = {"model": {"q_lora_rank": 16}}
 LAYOUTS = {
     "single": (1, ACC2),
     "single_qlora": (1, {**ACC2, **QLORA}),
+    "single_compile": (1, {"training": {"grad_accum_steps": 2, "compile": True}}),
     "ddp2": (2, {"parallel": {"dp_replicate": 2, "dp_shard": 1}}),
     "fsdp2": (2, {"parallel": {"dp_shard": -1},
                   "checkpoint": {"interval": 3, "keep_last": 2}}),
     "tp2": (2, {**ACC2, "parallel": {"tp": 2}}),
     "tp2_qlora": (2, {"training": {"grad_accum_steps": 2}, "parallel": {"tp": 2}, **QLORA}),
-    "ep2": (2, {"parallel": {"ep": 2}}),
+    "ep2": (2, {"parallel": {"ep": 2}, "checkpoint": {"interval": 3, "keep_last": 2}}),
     "pp2_gpipe": (2, {**ACC2, "parallel": {"pp": 2, "pp_schedule": "gpipe"}}),
-    "pp2_1f1b": (2, {**ACC2, "parallel": {"pp": 2, "pp_schedule": "1f1b"}}),
+    "pp2_1f1b": (2, {**ACC2, "parallel": {"pp": 2, "pp_schedule": "1f1b"},
+                     "checkpoint": {"interval": 3, "keep_last": 2}}),
     "fsdp2_tp2": (4, {"parallel": {"dp_shard": 2, "tp": 2}}),
     "pp2_fsdp2": (4, {"parallel": {"dp_shard": 2, "pp": 2, "pp_schedule": "1f1b"}}),
     "fsdp4_ep2": (4, {"training": {"micro_batch_size": 2}, "parallel": {"ep": 2}}),
-    # resumed after step 3 from fsdp2's checkpoint, in another layout
+    # resumed after step 3 from another layout's checkpoint
     "resume_tp2": (2, {**ACC2, "parallel": {"tp": 2}}),
     "resume_single": (1, ACC2),
+    "resume_pp2_from_ep2": (2, {**ACC2, "parallel": {"pp": 2}}),
+    "resume_single_from_pp2": (1, ACC2),
 }
-RESUMED = {"resume_tp2", "resume_single"}
+RESUMED = {"resume_tp2": "fsdp2", "resume_single": "fsdp2", "resume_pp2_from_ep2": "ep2",
+           "resume_single_from_pp2": "pp2_1f1b"}
 
 
 def run_jobs(nproc: int, jobs: list[dict], tmp: Path) -> None:
@@ -92,13 +98,14 @@ def run_jobs(nproc: int, jobs: list[dict], tmp: Path) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, dict[int, float]]:
-    """Train every layout (2-process ones first: the resumes need fsdp2's checkpoint)."""
+    """Train every layout; a resume runs after the layout whose checkpoint it loads (the
+    jobs of one torchrun run in order: 2 processes, then 1, then 4)."""
     tmp = tmp_path_factory.mktemp("layouts")
     jobs: dict[int, list[dict]] = {1: [], 2: [], 4: []}
     for name, (nproc, sections) in LAYOUTS.items():
         job = {"config": str(write_config(tmp, name, **sections)), "out": str(tmp / name)}
         if name in RESUMED:
-            job["resume_from"] = str(tmp / "fsdp2" / "checkpoints" / "step-000003")
+            job["resume_from"] = str(tmp / RESUMED[name] / "checkpoints" / "step-000003")
         jobs[nproc].append(job)
     for nproc in (2, 1, 4):
         run_jobs(nproc, jobs[nproc], tmp)
@@ -138,10 +145,14 @@ def test_tensor_parallel_with_compressed_queries(runs):
     assert_matches(runs["tp2_qlora"], runs["single_qlora"], range(1, STEPS + 1))
 
 
+def test_compiled_blocks_train_like_eager_ones(runs):
+    assert_matches(runs["single_compile"], runs["single"], range(1, STEPS + 1))
+
+
 @pytest.mark.parametrize("name", sorted(RESUMED))
-def test_fsdp_checkpoint_resumes_in_another_layout(runs, name):
+def test_checkpoint_resumes_in_another_layout(runs, name):
     assert sorted(k for k in runs[name] if k != "header") == [4, 5, 6]
-    assert_matches(runs[name], runs["fsdp2"], [4, 5, 6])
+    assert_matches(runs[name], runs[RESUMED[name]], [4, 5, 6])
 
 
 def main(spec: str) -> int:
