@@ -1,0 +1,99 @@
+"""The pure pieces of trainer/parallel/: stage split, expert-major reordering,
+ParallelDims checks, the gradient-scaling and all-reduce autograd Functions, the
+one-process form of clip_grad_norm."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainer.model import ModelArgs, Transformer
+from trainer.parallel import ParallelDims, clip_grad_norm
+from trainer.parallel.expert import _expert_major_order, _ScaleGrad
+from trainer.parallel.pipeline import split_model, stage_layers
+
+
+@pytest.mark.parametrize(("n_layers", "pp", "expected"), [
+    (2, 2, [[0], [1]]),
+    (5, 2, [[0, 1, 2], [3, 4]]),
+    (7, 3, [[0, 1, 2], [3, 4], [5, 6]]),
+    (4, 4, [[0], [1], [2], [3]]),
+])
+def test_stage_layers_are_contiguous_and_cover_the_model(n_layers, pp, expected):
+    stages = [stage_layers(n_layers, pp, s) for s in range(pp)]
+    assert stages == expected
+
+
+def test_split_model_keeps_names_and_ends():
+    torch.manual_seed(0)
+    full = Transformer(ModelArgs(n_layers=3))
+    names = set(full.state_dict())
+    first = split_model(Transformer(ModelArgs(n_layers=3)), 2, 0)
+    last = split_model(Transformer(ModelArgs(n_layers=3)), 2, 1)
+    assert list(first.layers) == ["0", "1"] and list(last.layers) == ["2"]
+    assert first.embed is not None and first.output is None and first.norm is None
+    assert last.embed is None and last.output is not None
+    assert set(first.state_dict()) | set(last.state_dict()) == names
+    assert not set(first.state_dict()) & set(last.state_dict())
+    # the two stages chained compute the full model's logits
+    torch.manual_seed(0)
+    ref = Transformer(ModelArgs(n_layers=3))
+    first.load_state_dict({k: v for k, v in ref.state_dict().items()
+                           if k in first.state_dict()})
+    last.load_state_dict({k: v for k, v in ref.state_dict().items() if k in last.state_dict()})
+    tokens = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(last(first(tokens)), ref(tokens))
+
+
+def test_expert_major_order():
+    # 2 source ranks x 2 local experts; received rows: src0 [e0: 2 rows, e1: 1],
+    # src1 [e0: 1, e1: 3]
+    recv = torch.tensor([[2, 1], [1, 3]])
+    order = _expert_major_order(recv)
+    # rows 0-1 (src0 e0), 3 (src1 e0), 2 (src0 e1), 4-6 (src1 e1)
+    assert order.tolist() == [0, 1, 3, 2, 4, 5, 6]
+    assert _expert_major_order(torch.zeros(2, 2, dtype=torch.long)).numel() == 0
+
+
+def test_scale_grad_scales_only_the_gradient():
+    x = torch.ones(3, requires_grad=True)
+    y = _ScaleGrad.apply(x, 0.25)
+    assert torch.equal(y, x.detach())
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.full((3,), 0.25))
+
+
+@pytest.mark.parametrize(("kwargs", "words"), [
+    ({"dp_replicate": 1, "dp_shard": 2, "tp": 2, "pp": 1, "ep": 1, "world_size": 2},
+     "world size is 2"),
+    ({"dp_replicate": 1, "dp_shard": 2, "tp": 1, "pp": 1, "ep": 4, "world_size": 2},
+     "ep (4) must divide dp_shard (2)"),
+    ({"dp_replicate": 1, "dp_shard": -1, "tp": 3, "pp": 1, "ep": 1, "world_size": 4},
+     "not divisible"),
+])
+def test_parallel_dims_reject_bad_degrees(kwargs, words):
+    with pytest.raises(ValueError) as err:
+        ParallelDims(**kwargs)
+    assert words in str(err.value)
+
+
+def test_parallel_dims_fill_and_split():
+    dims = ParallelDims(1, -1, 1, 2, 2, 8)
+    assert dims.dp_shard == 4 and dims.dp_shard_mod_ep == 2 and dims.dp_degree == 4
+    assert dims.fsdp_enabled and not dims.ddp_enabled
+
+
+def test_clip_grad_norm_matches_torch_in_one_process():
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    for m in (a, b):
+        m(torch.randn(2, 4)).pow(2).sum().backward()
+    b.load_state_dict(a.state_dict())
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        pb.grad = pa.grad.clone()
+    ours = clip_grad_norm(list(a.parameters()), 0.5)
+    theirs = torch.nn.utils.clip_grad_norm_(list(b.parameters()), 0.5)
+    torch.testing.assert_close(ours, theirs)
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(pa.grad, pb.grad)
