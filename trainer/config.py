@@ -228,9 +228,6 @@ def _check_parallel_rules(cfg: TrainConfig, fail: Any) -> None:
         if m.mtp_depth:
             fail("parallel.pp", "pipeline parallelism does not support MTP in this version; "
                  "set model.mtp_depth = 0 or pp = 1")
-        if p.tp > 1 or p.ep > 1:
-            fail("parallel.pp", "pp > 1 combines with data parallelism only in this version "
-                 "(set tp and ep to 1)")
         if t.micro_batch_size % p.n_microbatches:
             fail("parallel.pp_microbatches", f"{p.n_microbatches} pipeline micro-batches must "
                  f"divide training.micro_batch_size ({t.micro_batch_size})")

@@ -149,7 +149,7 @@ def train(cfg: TrainConfig, out_dir: Path, device) -> dict[str, Any]:
     pipeline = None
     if dims.pp > 1:
         pp_rank = dims.pp_rank(device.type)
-        split_model(model, dims.pp, pp_rank)
+        split_model(model, dims.pp, pp_rank, seq_shards=dims.tp)
     moe_layers = {moe_index[n]: b.ffn for n, b in model.layers.items() if n in moe_index}
     train_module = parallelize(model, dims, device, t.activation_checkpoint, t.compile)
     if dims.pp > 1:

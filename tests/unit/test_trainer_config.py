@@ -88,7 +88,6 @@ def test_bad_field_is_named(section, key, value, field, words):
         ({"parallel": {"tp": 2, "ep": 2}}, "parallel.ep", "together with tp"),
         ({"parallel": {"ep": 2}, "model": {"n_dense_layers": 2}}, "parallel.ep", "MoE layers"),
         ({"parallel": {"pp": 2}, "model": {"mtp_depth": 1}}, "parallel.pp", "MTP"),
-        ({"parallel": {"pp": 2, "tp": 2}}, "parallel.pp", "data parallelism only"),
         ({"parallel": {"pp": 2, "pp_microbatches": 3}}, "parallel.pp_microbatches",
          "must divide training.micro_batch_size"),
         ({"parallel": {"pp": 2, "pp_microbatches": 1}}, "parallel.pp_microbatches",

@@ -40,8 +40,11 @@ def stage_layers(n_layers: int, pp: int, stage: int) -> list[int]:
     return list(range(start, start + base + (1 if stage < extra else 0)))
 
 
-def split_model(model: Transformer, pp: int, stage: int) -> Transformer:
-    """Turn ``model`` in place into pipeline stage ``stage`` of ``pp`` and return it."""
+def split_model(model: Transformer, pp: int, stage: int, seq_shards: int = 1) -> Transformer:
+    """Turn ``model`` in place into pipeline stage ``stage`` of ``pp`` and return it.
+
+    ``seq_shards``: the tp degree; with sequence parallelism the hidden states a stage
+    receives hold 1/tp of the sequence, and RoPE needs the full length."""
     if model.mtp is not None:
         raise ValueError("pipeline parallelism does not support MTP in this version")
     keep = {str(i) for i in stage_layers(model.args.n_layers, pp, stage)}
@@ -56,8 +59,11 @@ def split_model(model: Transformer, pp: int, stage: int) -> Transformer:
         model.output = None
 
     def stage_forward(x: torch.Tensor) -> torch.Tensor:
-        h = model.embed(x) if model.embed is not None else x
-        freqs_cis = model.freqs_cis[: x.size(1)]
+        if model.embed is not None:
+            h, seqlen = model.embed(x), x.size(1)
+        else:
+            h, seqlen = x, x.size(1) * seq_shards
+        freqs_cis = model.freqs_cis[:seqlen]
         for layer in model.layers.values():
             h = layer(h, freqs_cis)
         if model.output is not None:

@@ -2,8 +2,9 @@
 
 Layout over the "tp" mesh dimension (DTensor ``parallelize_module``):
 
-- The residual stream between blocks is sequence-sharded (``Shard(1)``); RMSNorms run
-  on their sequence shard (``SequenceParallel``).
+- The residual stream between modules is this rank's sequence shard as a plain tensor
+  (``Shard(1)`` of the full activations, so that pipeline stages can send it); RMSNorms
+  run on their shard (``SequenceParallel``).
 - ``embed``: rows (vocabulary) sharded, output reduce-scattered to ``Shard(1)``.
 - MLA: the input is all-gathered along the sequence, then the head-parallel projections
   run on ``n_heads / tp`` local heads: ``wq`` (or ``wq_b``) and ``wkv_b`` colwise, ``wo``
@@ -113,7 +114,7 @@ def _parallelize_attention(attn: MLA, mesh: DeviceMesh) -> None:
         "wkv_a": ReplicateLocal(),
         "kv_norm": ReplicateLocal(),
         "wkv_b": ColwiseParallel(),
-        "wo": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+        "wo": RowwiseParallel(output_layouts=Shard(1)),
     }
     if attn.q_lora_rank == 0:
         plan["wq"] = ColwiseParallel()
@@ -142,7 +143,7 @@ def _parallelize_moe(moe: MoE, mesh: DeviceMesh) -> None:
         use_local_output=True))
     parallelize_module(moe, mesh, PrepareModuleOutput(
         output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),),
-        use_local_output=False))
+        use_local_output=True))
 
 
 def apply_tp(model: Transformer, mesh: DeviceMesh) -> None:
@@ -150,22 +151,21 @@ def apply_tp(model: Transformer, mesh: DeviceMesh) -> None:
     if model.mtp is not None:
         raise ValueError("tensor parallelism does not support MTP in this version")
     parallelize_module(model, mesh, {
-        "embed": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1),
-                                use_local_output=False),
-        "norm": SequenceParallel(),
+        "embed": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        "norm": SequenceParallel(use_local_output=True),
         "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate(),
                                   use_local_output=True),
     })
     for block in model.layers.values():
-        parallelize_module(block, mesh, {"attn_norm": SequenceParallel(),
-                                         "ffn_norm": SequenceParallel()})
+        parallelize_module(block, mesh, {"attn_norm": SequenceParallel(use_local_output=True),
+                                         "ffn_norm": SequenceParallel(use_local_output=True)})
         _parallelize_attention(block.attn, mesh)
         if isinstance(block.ffn, MoE):
             _parallelize_moe(block.ffn, mesh)
         else:
             parallelize_module(block.ffn, mesh, {
                 "w1": ColwiseParallel(), "w3": ColwiseParallel(),
-                "w2": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+                "w2": RowwiseParallel(output_layouts=Shard(1)),
             })
             parallelize_module(block.ffn, mesh, PrepareModuleInput(
                 input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)))
