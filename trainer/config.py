@@ -218,9 +218,6 @@ def _check_parallel_rules(cfg: TrainConfig, fail: Any) -> None:
                  f"({m.n_routed_experts})")
         if m.n_layers == m.n_dense_layers:
             fail("parallel.ep", "ep > 1 needs MoE layers (model.n_dense_layers < n_layers)")
-        if p.tp > 1:
-            fail("parallel.ep", "ep > 1 together with tp > 1 is not supported in this version "
-                 "(routed experts are replicated under tp); set one of them to 1")
     if p.pp > 1:
         if m.n_layers < p.pp:
             fail("parallel.pp", f"pp ({p.pp}) exceeds model.n_layers ({m.n_layers}): every "

@@ -85,7 +85,6 @@ def test_bad_field_is_named(section, key, value, field, words):
          "must divide training.seq_len"),
         ({"parallel": {"tp": 2}, "model": {"moe_inter_dim": 33}}, "parallel.tp",
          "shared experts"),
-        ({"parallel": {"tp": 2, "ep": 2}}, "parallel.ep", "together with tp"),
         ({"parallel": {"ep": 2}, "model": {"n_dense_layers": 2}}, "parallel.ep", "MoE layers"),
         ({"parallel": {"pp": 2}, "model": {"mtp_depth": 1}}, "parallel.pp", "MTP"),
         ({"parallel": {"pp": 2, "pp_microbatches": 3}}, "parallel.pp_microbatches",

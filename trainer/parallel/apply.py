@@ -78,7 +78,7 @@ def parallelize(model: Transformer, dims: ParallelDims, device: torch.device,
     """Return the module to train (the model itself, or its DDP wrapper). With pp > 1,
     ``model`` is this rank's stage (pipeline.split_model)."""
     if dims.tp > 1:
-        apply_tp(model, dims.submesh(device.type, "tp"))
+        apply_tp(model, dims.submesh(device.type, "tp"), routed_experts=dims.ep == 1)
     if dims.ep > 1:
         apply_ep(model, dims.submesh(device.type, "ep"))
     apply_activation_checkpointing(model, activation_checkpoint)

@@ -16,7 +16,9 @@ Layout over the "tp" mesh dimension (DTensor ``parallelize_module``):
 - Dense MLP: ``w1``/``w3`` colwise, ``w2`` rowwise (output ``Shard(1)``).
 - MoE: the input is all-gathered along the sequence; the router and the routed experts
   are replicated (every tp rank routes the same tokens the same way, so their gradients
-  agree); the shared experts are colwise/rowwise; the sum leaves as ``Shard(1)``.
+  agree), or with ep the routed experts are left to expert parallelism, whose groups
+  then exchange the same tokens on every tp rank; the shared experts are
+  colwise/rowwise; the sum leaves as ``Shard(1)``.
 - ``norm`` sequence parallel; ``output`` colwise on the vocabulary with the logits
   gathered (``Replicate``), so the loss is the plain cross-entropy on every tp rank.
 
@@ -129,8 +131,10 @@ def _parallelize_attention(attn: MLA, mesh: DeviceMesh) -> None:
     attn.n_heads = attn.n_heads // tp  # heads on this rank: the views in forward use it
 
 
-def _parallelize_moe(moe: MoE, mesh: DeviceMesh) -> None:
-    plan: dict[str, ParallelStyle] = {"gate": ReplicateLocal(), "experts": ReplicateLocal()}
+def _parallelize_moe(moe: MoE, mesh: DeviceMesh, routed_experts: bool) -> None:
+    plan: dict[str, ParallelStyle] = {"gate": ReplicateLocal()}
+    if routed_experts:
+        plan["experts"] = ReplicateLocal()
     if moe.shared_experts is not None:
         plan.update({
             "shared_experts.w1": ColwiseParallel(),
@@ -146,8 +150,10 @@ def _parallelize_moe(moe: MoE, mesh: DeviceMesh) -> None:
         use_local_output=True))
 
 
-def apply_tp(model: Transformer, mesh: DeviceMesh) -> None:
-    """Shard ``model`` in place over the 1-D tp ``mesh`` (see the module docstring)."""
+def apply_tp(model: Transformer, mesh: DeviceMesh, routed_experts: bool = True) -> None:
+    """Shard ``model`` in place over the 1-D tp ``mesh`` (see the module docstring).
+    ``routed_experts=False`` leaves the routed experts to expert parallelism, which then
+    runs the same way on every tp rank (their tokens agree)."""
     if model.mtp is not None:
         raise ValueError("tensor parallelism does not support MTP in this version")
     parallelize_module(model, mesh, {
@@ -161,7 +167,7 @@ def apply_tp(model: Transformer, mesh: DeviceMesh) -> None:
                                          "ffn_norm": SequenceParallel(use_local_output=True)})
         _parallelize_attention(block.attn, mesh)
         if isinstance(block.ffn, MoE):
-            _parallelize_moe(block.ffn, mesh)
+            _parallelize_moe(block.ffn, mesh, routed_experts)
         else:
             parallelize_module(block.ffn, mesh, {
                 "w1": ColwiseParallel(), "w3": ColwiseParallel(),
