@@ -99,6 +99,9 @@ class _HostState:
         self.skipped = self.rescued = 0
 
 
+_NOTE_ACTIONS = ("debug", "ansible.builtin.debug")
+
+
 class _EventView:
     """Turns ansible-runner events into per-host state, host logs and console output."""
 
@@ -107,6 +110,7 @@ class _EventView:
         self.failed: dict[str, str] = {}
         self.unreachable: dict[str, str] = {}
         self.stats: dict[str, dict[str, int]] | None = None
+        self.notes: dict[str, list[str]] = {}
         self.console = console
         self.logs_dir = run_dir / "hosts"
         self.logs_dir.mkdir(parents=True, exist_ok=True)
@@ -129,6 +133,9 @@ class _EventView:
         if self._live is not None:
             self._live.update(self._table())
             self._live.__exit__(None, None, None)
+            for message, hosts in self.notes.items():
+                self.console.print(f"note ({', '.join(hosts)}): {message}", markup=False,
+                                   highlight=False, soft_wrap=True)
         for fh in self._logs.values():
             fh.close()
 
@@ -170,6 +177,11 @@ class _EventView:
         elif kind == "runner_on_ok" and host:
             changed = isinstance(res, dict) and bool(res.get("changed"))
             status = "changed" if changed else "ok"
+            is_note = data.get("task_action") in _NOTE_ACTIONS
+            if is_note and isinstance(res, dict) and res.get("msg"):
+                # Roles explain their skips with a debug message: show it, never hide it.
+                message = _shorten(str(res["msg"]))
+                self.notes.setdefault(message, []).append(host)
         elif kind == "runner_on_failed" and host:
             message = failure_message(res)
             if data.get("ignore_errors"):

@@ -33,7 +33,7 @@ from .image import ensure_image
 Progress = Callable[[str], None] | None
 # Packages nodes lack that the roles install; served by the sandbox's apt mirror.
 MIRROR_PACKAGES = ("pciutils", "chrony", "jq", "rdma-core", "ibverbs-utils",
-                   "infiniband-diags", "perftest")
+                   "infiniband-diags", "perftest", "podman")
 BOOT_TIMEOUT_S = float(os.environ.get("DSK_SANDBOX_BOOT_TIMEOUT", "90"))
 
 

@@ -30,6 +30,8 @@ def render_inventory(*, cluster_name: str, nodes: Sequence[tuple[str, str]], key
                 "dsk_socket_ifname": "eth0",
                 "dsk_nccl_env": {},
                 "dsk_mirror_url": mirror_url,
+                # Daemonless, so it needs nothing from the node's cgroup setup.
+                "containers_runtime": "podman",
                 "ansible_user": "root",
                 "ansible_python_interpreter": "/usr/bin/python3",
                 "ansible_ssh_private_key_file": str(key_file),

@@ -94,6 +94,23 @@ def test_trainer_imports_on_every_node(bootstrapped_cluster, node_ssh):
         assert proc.stdout.strip() == "/opt/dsk/trainer/__init__.py", proc.stdout
 
 
+def test_gpu_stack_parts_that_apply_to_cpu_nodes_ran(bootstrapped_cluster, node_ssh):
+    """The sandbox has no GPUs: the RDMA userspace, the container runtime and the NCCL
+    settings apply and are installed from the mirror; the GPU-only roles say why not."""
+    bootstrapped_cluster.require_success()
+    for _name, ip in _nodes(bootstrapped_cluster.info):
+        pkgs = node_ssh(ip, "dpkg-query -W -f='${Package} ${Status}\\n' "
+                        "rdma-core ibverbs-utils infiniband-diags perftest podman").stdout
+        for pkg in ("rdma-core", "ibverbs-utils", "infiniband-diags", "perftest", "podman"):
+            assert f"{pkg} install ok installed" in pkgs, pkgs
+        assert "NCCL_SOCKET_IFNAME=eth0" in node_ssh(ip, "cat /etc/nccl.conf").stdout
+        assert node_ssh(ip, "podman --version").stdout.startswith("podman version")
+        limits = node_ssh(ip, "cat /etc/security/limits.d/*memlock*").stdout
+        assert "unlimited" in limits
+    out = bootstrapped_cluster.output
+    assert "no NVIDIA GPU" in out, "the driver role must say why it skips"
+
+
 def test_validate_playbook_writes_node_facts(bootstrapped_cluster, tmp_path):
     from dsk_provision.inventory import load_inventory
     from dsk_provision.runner import run_playbook

@@ -56,7 +56,7 @@ def test_successful_run_records_events_recap_and_host_log(tmp_path):
 
     assert result.rc == 0 and result.ok
     assert result.recap["localhost"]["changed"] == 1  # the marker file
-    assert result.recap["localhost"]["ok"] == 2
+    assert result.recap["localhost"]["ok"] == 3
     assert result.recap["localhost"]["skipped"] == 3
     assert result.recap["localhost"]["failed"] == 0
     assert not result.failed and not result.unreachable
@@ -76,6 +76,8 @@ def test_successful_run_records_events_recap_and_host_log(tmp_path):
     out = log.read_text()  # plain line-per-event output when not a terminal
     assert "localhost: changed     Write a marker file" in out
     assert "recap" in out and "unreachable" in out
+    # A role's skip reason reaches the console, not only the event files.
+    assert "Skipping the widget: no widget on localhost" in out
 
 
 def test_failures_raise_run_failed_naming_hosts_and_hide_no_log_data(tmp_path):
