@@ -65,13 +65,15 @@ def main() -> int:
     base = next((r for r in rows if r["nodes"] == 1), None)
     result = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-        "host": {"cpus": _cpus(), "kernel": platform.release(), "python": platform.python_version()},
+        "host": {"cpus": _cpus(), "kernel": platform.release(),
+                 "python": platform.python_version()},
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
-    print("| nodes | sandbox up (s) | first bootstrap (s) | idempotent re-run (s) | re-run vs 1 node |")
+    print("| nodes | sandbox up (s) | first bootstrap (s) | idempotent re-run (s) "
+          "| re-run vs 1 node |")
     print("|---:|---:|---:|---:|---:|")
     for r in rows:
         ratio = f"{r['rerun_s'] / base['rerun_s']:.2f}x" if base else "-"
