@@ -212,6 +212,10 @@ def _check_parallel_rules(cfg: TrainConfig, fail: Any) -> None:
         if m.mtp_depth:
             fail("parallel.tp", "tensor parallelism does not support MTP in this version; "
                  "set model.mtp_depth = 0 or tp = 1")
+        if t.compile:
+            fail("training.compile", "torch.compile does not combine with tp > 1 in this "
+                 "version (its backward fails on the sequence-parallel layout); set "
+                 "training.compile = false or tp = 1")
     if p.ep > 1:
         if m.n_routed_experts % p.ep:
             fail("parallel.ep", f"ep ({p.ep}) must divide model.n_routed_experts "

@@ -55,7 +55,8 @@ def write_config(tmp: Path, name: str, **sections) -> Path:
     return path
 
 
-# name -> (processes, config sections); all with a global batch of 8 sequences
+# name -> (processes, config sections); all with a global batch of 8 sequences; ep2 and
+# pp2_tp2 also recompute activations in backward
 ACC2 = {"training": {"grad_accum_steps": 2}}
 QLORA = {"model": {"q_lora_rank": 16}}
 LAYOUTS = {
@@ -67,14 +68,16 @@ LAYOUTS = {
                   "checkpoint": {"interval": 3, "keep_last": 2}}),
     "tp2": (2, {**ACC2, "parallel": {"tp": 2}}),
     "tp2_qlora": (2, {"training": {"grad_accum_steps": 2}, "parallel": {"tp": 2}, **QLORA}),
-    "ep2": (2, {"parallel": {"ep": 2}, "checkpoint": {"interval": 3, "keep_last": 2}}),
+    "ep2": (2, {"parallel": {"ep": 2}, "checkpoint": {"interval": 3, "keep_last": 2},
+                "training": {"activation_checkpoint": "full"}}),
     "pp2_gpipe": (2, {**ACC2, "parallel": {"pp": 2, "pp_schedule": "gpipe"}}),
     "pp2_1f1b": (2, {**ACC2, "parallel": {"pp": 2, "pp_schedule": "1f1b"},
                      "checkpoint": {"interval": 3, "keep_last": 2}}),
     "fsdp2_tp2": (4, {"parallel": {"dp_shard": 2, "tp": 2}}),
     "pp2_fsdp2": (4, {"parallel": {"dp_shard": 2, "pp": 2, "pp_schedule": "1f1b"}}),
     "fsdp4_ep2": (4, {"training": {"micro_batch_size": 2}, "parallel": {"ep": 2}}),
-    "pp2_tp2": (4, {**ACC2, "parallel": {"pp": 2, "tp": 2}}),
+    "pp2_tp2": (4, {"training": {"grad_accum_steps": 2, "activation_checkpoint": "full"},
+                    "parallel": {"pp": 2, "tp": 2}}),
     "pp2_ep2": (4, {"parallel": {"pp": 2, "ep": 2, "pp_schedule": "gpipe"}}),
     "tp2_ep2": (4, {"parallel": {"tp": 2, "ep": 2}}),
     # resumed after step 3 from another layout's checkpoint

@@ -86,6 +86,8 @@ def test_bad_field_is_named(section, key, value, field, words):
         ({"parallel": {"tp": 2}, "model": {"moe_inter_dim": 33}}, "parallel.tp",
          "shared experts"),
         ({"parallel": {"ep": 2}, "model": {"n_dense_layers": 2}}, "parallel.ep", "MoE layers"),
+        ({"parallel": {"tp": 2}, "training": {"compile": True}}, "training.compile",
+         "does not combine with tp"),
         ({"parallel": {"pp": 2}, "model": {"mtp_depth": 1}}, "parallel.pp", "MTP"),
         ({"parallel": {"pp": 2, "pp_microbatches": 3}}, "parallel.pp_microbatches",
          "must divide training.micro_batch_size"),
