@@ -168,6 +168,7 @@ def test_checkpoint_resumes_in_another_layout(runs, name):
 def main(spec: str) -> int:
     """Run the jobs of ``spec`` one after another in this process group."""
     import contextlib
+    import gc
     import io
 
     import torch.distributed as dist
@@ -191,7 +192,12 @@ def main(spec: str) -> int:
                 train(cfg, out, device)
             if rank == 0:
                 (out / "stdout.txt").write_text(captured.getvalue())
+            # free the job's DDP/FSDP state and its communication threads now, as
+            # trainer.train.main does before it destroys the process group
+            gc.collect()
+            dist.barrier()
     finally:
+        gc.collect()
         dist.destroy_process_group()
     return 0
 
