@@ -209,9 +209,6 @@ def _check_parallel_rules(cfg: TrainConfig, fail: Any) -> None:
         if shared % p.tp:
             fail("parallel.tp", f"tp ({p.tp}) must divide the shared experts' hidden size "
                  f"(model.n_shared_experts * model.moe_inter_dim = {shared})")
-        if m.mtp_depth:
-            fail("parallel.tp", "tensor parallelism does not support MTP in this version; "
-                 "set model.mtp_depth = 0 or tp = 1")
         if t.compile:
             fail("training.compile", "torch.compile does not combine with tp > 1 in this "
                  "version (its backward fails on the sequence-parallel layout); set "

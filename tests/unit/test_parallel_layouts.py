@@ -58,7 +58,7 @@ def write_config(tmp: Path, name: str, **sections) -> Path:
 # name -> (processes, config sections); all with a global batch of 8 sequences; ep2 and
 # pp2_tp2 also recompute activations in backward
 ACC2 = {"training": {"grad_accum_steps": 2}}
-QLORA = {"model": {"q_lora_rank": 16}}
+QLORA = {"model": {"q_lora_rank": 16, "mtp_depth": 1}}  # compressed queries and MTP
 LAYOUTS = {
     "single": (1, ACC2),
     "single_qlora": (1, {**ACC2, **QLORA}),
@@ -118,7 +118,9 @@ def runs(tmp_path_factory) -> dict[str, dict[int, float]]:
     result = {}
     for name in LAYOUTS:
         lines = (tmp / name / "metrics.jsonl").read_text().splitlines()
-        result[name] = {m["step"]: m["loss"] for m in map(json.loads, lines)}
+        metrics = list(map(json.loads, lines))
+        result[name] = {m["step"]: m["loss"] for m in metrics}
+        result[name]["mtp"] = {m["step"]: m["mtp_loss"] for m in metrics}
         header = (tmp / name / "stdout.txt").read_text().splitlines()[0]
         result[name]["header"] = header
     return result
@@ -134,7 +136,7 @@ def assert_matches(layout: dict, reference: dict, steps) -> None:
                                   "pp2_ep2", "tp2_ep2"])
 def test_layout_matches_one_process(runs, name):
     reference = runs["single"]
-    assert sorted(k for k in runs[name] if k != "header") == list(range(1, STEPS + 1))
+    assert sorted(k for k in runs[name] if isinstance(k, int)) == list(range(1, STEPS + 1))
     assert_matches(runs[name], reference, range(1, STEPS + 1))
     assert runs[name][STEPS] < runs[name][1] - 1.0  # it learns
 
@@ -151,8 +153,10 @@ def test_layouts_are_what_the_header_says(runs):
     assert "(1x2 dp, tp 2, ep 2)" in runs["tp2_ep2"]["header"]
 
 
-def test_tensor_parallel_with_compressed_queries(runs):
+def test_tensor_parallel_with_compressed_queries_and_mtp(runs):
     assert_matches(runs["tp2_qlora"], runs["single_qlora"], range(1, STEPS + 1))
+    assert runs["single_qlora"]["mtp"][1] > 0
+    assert_matches(runs["tp2_qlora"]["mtp"], runs["single_qlora"]["mtp"], range(1, STEPS + 1))
 
 
 def test_compiled_blocks_train_like_eager_ones(runs):
@@ -161,7 +165,7 @@ def test_compiled_blocks_train_like_eager_ones(runs):
 
 @pytest.mark.parametrize("name", sorted(RESUMED))
 def test_checkpoint_resumes_in_another_layout(runs, name):
-    assert sorted(k for k in runs[name] if k != "header") == [4, 5, 6]
+    assert sorted(k for k in runs[name] if isinstance(k, int)) == [4, 5, 6]
     assert_matches(runs[name], runs[RESUMED[name]], [4, 5, 6])
 
 

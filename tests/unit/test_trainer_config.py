@@ -80,7 +80,6 @@ def test_bad_field_is_named(section, key, value, field, words):
 @pytest.mark.parametrize(
     ("changes", "field", "words"),
     [
-        ({"parallel": {"tp": 2}, "model": {"mtp_depth": 1}}, "parallel.tp", "MTP"),
         ({"parallel": {"tp": 2}, "training": {"seq_len": 63}}, "parallel.tp",
          "must divide training.seq_len"),
         ({"parallel": {"tp": 2}, "model": {"moe_inter_dim": 33}}, "parallel.tp",

@@ -371,9 +371,12 @@ class Transformer(nn.Module):
         lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         if self.mtp is None:
             return LossOutput(lm_loss, lm_loss, torch.zeros((), device=lm_loss.device))
-        # position i: main hidden state + embedding of token i+1 -> predict token i+2
-        mtp_h = self.mtp(h[:, :-1], self.embed(targets[:, :-1]), freqs_cis[: seqlen - 1])
-        mtp_logits = self.output(mtp_h)
+        # position i: main hidden state + embedding of token i+1 -> predict token i+2.
+        # The MTP block runs over the whole sequence (the last position has no token i+2
+        # and is dropped from the loss; causal attention keeps the others unchanged), so
+        # its input keeps the main model's length and layout.
+        mtp_h = self.mtp(h, self.embed(targets), freqs_cis)
+        mtp_logits = self.output(mtp_h)[:, :-1]
         mtp_loss = F.cross_entropy(mtp_logits.flatten(0, 1).float(), targets[:, 1:].flatten())
         return LossOutput(lm_loss + self.args.mtp_loss_weight * mtp_loss, lm_loss, mtp_loss)
 

@@ -21,6 +21,8 @@ Layout over the "tp" mesh dimension (DTensor ``parallelize_module``):
   colwise/rowwise; the sum leaves as ``Shard(1)``.
 - ``norm`` sequence parallel; ``output`` colwise on the vocabulary with the logits
   gathered (``Replicate``), so the loss is the plain cross-entropy on every tp rank.
+- MTP: its norms and ``eh_proj`` run per token on the sequence shards
+  (``SequenceParallel``), its block like the others; it uses the same head.
 
 Replicated parameters are ``Replicate`` DTensors (so FSDP, gradient clipping and DCP
 treat every parameter alike); their modules run on local tensors (see ``local_forward``).
@@ -43,7 +45,7 @@ from torch.distributed.tensor.parallel import (
 )
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
-from trainer.model import MLA, MoE, Transformer
+from trainer.model import MLA, Block, MoE, Transformer
 
 
 def local_forward(module: nn.Module) -> None:
@@ -154,8 +156,6 @@ def apply_tp(model: Transformer, mesh: DeviceMesh, routed_experts: bool = True) 
     """Shard ``model`` in place over the 1-D tp ``mesh`` (see the module docstring).
     ``routed_experts=False`` leaves the routed experts to expert parallelism, which then
     runs the same way on every tp rank (their tokens agree)."""
-    if model.mtp is not None:
-        raise ValueError("tensor parallelism does not support MTP in this version")
     parallelize_module(model, mesh, {
         "embed": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
         "norm": SequenceParallel(use_local_output=True),
@@ -163,15 +163,25 @@ def apply_tp(model: Transformer, mesh: DeviceMesh, routed_experts: bool = True) 
                                   use_local_output=True),
     })
     for block in model.layers.values():
-        parallelize_module(block, mesh, {"attn_norm": SequenceParallel(use_local_output=True),
-                                         "ffn_norm": SequenceParallel(use_local_output=True)})
-        _parallelize_attention(block.attn, mesh)
-        if isinstance(block.ffn, MoE):
-            _parallelize_moe(block.ffn, mesh, routed_experts)
-        else:
-            parallelize_module(block.ffn, mesh, {
-                "w1": ColwiseParallel(), "w3": ColwiseParallel(),
-                "w2": RowwiseParallel(output_layouts=Shard(1)),
-            })
-            parallelize_module(block.ffn, mesh, PrepareModuleInput(
-                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)))
+        _parallelize_block(block, mesh, routed_experts)
+    if model.mtp is not None:
+        # per-token modules on the sequence shards; the head is the model's own output
+        parallelize_module(model.mtp, mesh, {
+            name: SequenceParallel(use_local_output=True)
+            for name in ("hnorm", "enorm", "eh_proj", "norm")})
+        _parallelize_block(model.mtp.block, mesh, routed_experts)
+
+
+def _parallelize_block(block: Block, mesh: DeviceMesh, routed_experts: bool) -> None:
+    parallelize_module(block, mesh, {"attn_norm": SequenceParallel(use_local_output=True),
+                                     "ffn_norm": SequenceParallel(use_local_output=True)})
+    _parallelize_attention(block.attn, mesh)
+    if isinstance(block.ffn, MoE):
+        _parallelize_moe(block.ffn, mesh, routed_experts)
+    else:
+        parallelize_module(block.ffn, mesh, {
+            "w1": ColwiseParallel(), "w3": ColwiseParallel(),
+            "w2": RowwiseParallel(output_layouts=Shard(1)),
+        })
+        parallelize_module(block.ffn, mesh, PrepareModuleInput(
+            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)))
