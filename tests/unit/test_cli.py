@@ -74,6 +74,24 @@ def test_check_with_bad_training_config(monkeypatch, tmp_path):
     assert f"error: {tmp_path / 't.toml'}: model.dim: must be a positive integer" in result.output
 
 
+@pytest.mark.parametrize("edit, field", [
+    (("n_heads = 4", "n_heads = 0"), "model.n_heads"),         # out of range
+    (("dim = 64", 'dim = "64"'), "model.dim"),                 # wrong type
+    (("[training]", "[training]\nstepz = 3"), "training.stepz"),  # unknown key
+])
+def test_real_bad_training_configs_exit_2_naming_the_field(tmp_path, edit, field):
+    """The real trainer.config, through both commands that take a config; nothing runs."""
+    text = (REPO / "trainer" / "configs" / "tiny.toml").read_text()
+    assert edit[0] in text
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text.replace(edit[0], edit[1], 1))
+    for args in (("check", "-i", str(EXAMPLE), "--config", str(bad)),
+                 ("train", "-i", str(EXAMPLE), "--config", str(bad))):
+        result = _invoke(*args)
+        assert result.exit_code == 2, result.output
+        assert f"{bad}: {field}" in result.output and "Traceback" not in result.output
+
+
 def test_unexpected_error_is_one_line_unless_debug(monkeypatch):
     import dsk_provision.inventory as inventory
 
