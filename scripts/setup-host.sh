@@ -5,7 +5,7 @@
 set -euo pipefail
 VENV=${VENV:-.venv}
 APT_PACKAGES=(systemd-container mmdebstrap iproute2 dpkg-dev python3-venv openssh-client
-              rsync ca-certificates)
+              ca-certificates)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
