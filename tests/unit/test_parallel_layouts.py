@@ -1,5 +1,5 @@
 """Every parallel layout trains like one process: DDP, FSDP, tensor (+ sequence) parallel,
-expert parallel, pipeline parallel (GPipe, 1F1B) on 2 CPU processes, six 2 x 2
+expert parallel, pipeline parallel (GPipe, 1F1B) on 2 CPU processes, seven 2 x 2
 combinations on 4, a checkpoint saved under FSDP resumed under TP and in one process,
 and torch.compile'd blocks in one process.
 
@@ -80,6 +80,8 @@ LAYOUTS = {
                     "parallel": {"pp": 2, "tp": 2}}),
     "pp2_ep2": (4, {"parallel": {"pp": 2, "ep": 2, "pp_schedule": "gpipe"}}),
     "tp2_ep2": (4, {"parallel": {"tp": 2, "ep": 2}}),
+    "hsdp2x2_ep2": (4, {"training": {"micro_batch_size": 2},
+                        "parallel": {"dp_replicate": 2, "dp_shard": 2, "ep": 2}}),
     # resumed after step 3 from another layout's checkpoint
     "resume_tp2": (2, {**ACC2, "parallel": {"tp": 2}}),
     "resume_single": (1, ACC2),
@@ -133,7 +135,7 @@ def assert_matches(layout: dict, reference: dict, steps) -> None:
 
 @pytest.mark.parametrize("name", ["ddp2", "fsdp2", "tp2", "ep2", "pp2_gpipe", "pp2_1f1b",
                                   "fsdp2_tp2", "pp2_fsdp2", "fsdp4_ep2", "pp2_tp2",
-                                  "pp2_ep2", "tp2_ep2"])
+                                  "pp2_ep2", "tp2_ep2", "hsdp2x2_ep2"])
 def test_layout_matches_one_process(runs, name):
     reference = runs["single"]
     assert sorted(k for k in runs[name] if isinstance(k, int)) == list(range(1, STEPS + 1))
@@ -151,6 +153,7 @@ def test_layouts_are_what_the_header_says(runs):
     assert "(1x1 dp, tp 2, pp 2 (1f1b x 2))" in runs["pp2_tp2"]["header"]
     assert "(1x2 dp, ep 2, pp 2 (gpipe x 2))" in runs["pp2_ep2"]["header"]
     assert "(1x2 dp, tp 2, ep 2)" in runs["tp2_ep2"]["header"]
+    assert "(2x2 dp, ep 2)" in runs["hsdp2x2_ep2"]["header"]
 
 
 def test_tensor_parallel_with_compressed_queries_and_mtp(runs):
