@@ -466,6 +466,12 @@ def failure(report: ValidationReport) -> RunFailed:
                      nodes=nodes, hint=f"report in {report.run_dir / 'report.md'}")
 
 
+def _node_list(nodes: tuple[str, ...], total: int) -> str:
+    if len(nodes) > 1 and len(nodes) == total:
+        return f"all {total} nodes"
+    return ", ".join(nodes)
+
+
 def print_table(report: ValidationReport, console) -> None:
     """One screen: every check for small clusters, only what did not pass for large ones."""
     from rich.table import Table
@@ -478,10 +484,23 @@ def print_table(report: ValidationReport, console) -> None:
     for col in ("node", "check", "value", "threshold", "result"):
         table.add_column(col, overflow="fold")
     style = {"pass": "green", "fail": "bold red", "skip": "yellow"}
+    # Skips repeat one reason over many checks and nodes (every GPU check on a CPU node):
+    # one row per reason and set of nodes, the reason in the value column.
+    skipped: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+    by_check: dict[tuple[str, str], list[str]] = {}
     for c in shown:
+        if c.status == checks_mod.SKIP:
+            by_check.setdefault((c.check, c.message or "-"), []).append(c.node)
+            continue
         table.add_row(Text(c.node), Text(c.check), Text(report_mod.format_value(c.value)),
                       Text(report_mod.format_value(c.threshold)),
                       Text(report_mod.STATUS_MARK[c.status], style=style[c.status]))
+    for (check, reason), nodes in by_check.items():
+        skipped.setdefault((reason, tuple(nodes)), []).append(check)
+    for (reason, nodes), names in skipped.items():
+        who = _node_list(nodes, len(report.nodes))
+        table.add_row(Text(who), Text(", ".join(names)), Text(reason), Text("-"),
+                      Text(report_mod.STATUS_MARK[checks_mod.SKIP], style=style["skip"]))
     console.print(table)
     counts = report.summary()
     console.print(f"{counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped"

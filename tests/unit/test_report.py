@@ -176,3 +176,31 @@ def test_plot_is_a_png_with_one_line_per_test(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plots.plot_busbw({"empty": []}, tmp_path / "none.png") is None
     assert not (tmp_path / "none.png").exists()
+
+
+def test_console_table_groups_skips_by_reason_and_keeps_failures(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from dsk_provision.checks import CheckResult
+    from dsk_provision.validate import print_table
+
+    nodes = ["node1", "node2", "node3"]
+    checks = [CheckResult(n, "disk_free", "pass", 80, 50, "") for n in nodes]
+    checks.append(CheckResult("node2", "mem_available", "fail", 10, 1024, "below 1024 MB"))
+    for name in ("gpu_model", "driver_version", "nvlink"):
+        checks += [CheckResult(n, name, "skip", None, None, "no GPU on this node") for n in nodes]
+    checks.append(CheckResult("node3", "time_synced", "skip", None, None, "no timedatectl"))
+    report = ValidationReport(run_dir=tmp_path, cluster="demo", profile="cpu-sandbox",
+                              nodes=nodes, thresholds={}, checks=checks)
+    out = io.StringIO()
+    print_table(report, Console(file=out, width=200))
+    text = out.getvalue()
+    rows = [line for line in text.splitlines() if "│" in line]
+    gpu_rows = [r for r in rows if "no GPU on this node" in r]
+    assert len(gpu_rows) == 1 and "all 3 nodes" in gpu_rows[0]
+    assert "gpu_model, driver_version, nvlink" in gpu_rows[0]
+    assert any("node3" in r and "no timedatectl" in r for r in rows)
+    assert any("node2" in r and "mem_available" in r and "FAIL" in r for r in rows)
+    assert "4 passed" not in text and "3 passed, 1 failed, 10 skipped" in text
