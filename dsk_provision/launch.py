@@ -2,10 +2,11 @@
 
 One torchrun per node, started over SSH (or locally for ``ansible_connection: local``):
 
-    {dsk_python} -m torch.distributed.run --nnodes N --nproc_per_node P --node_rank i
+    {dsk_python} -m torch.distributed.run --nnodes N --nproc_per_node P
         --rdzv_backend c10d --rdzv_endpoint <first node>:<dsk_rdzv_port> --rdzv_id <run-id>
         --tee 3 --log-dir <run>/torchrun-logs/<node> -m <module> <args>
 
+The c10d rendezvous hands out node ranks itself (torchrun ignores --node_rank with it).
 The trainer package and any files go to ``{dsk_root}/runs/<run-id>/`` on every node first
 (a tar stream into ``tar -x`` on the node). Every output line comes back prefixed with the
 node name and lands in ``<run_dir>/logs/<node>.log``. When one node's torchrun exits
@@ -308,7 +309,6 @@ def torchrun_argv(inventory, node_index: int, module: str, module_args: list[str
         node_python(node), "-m", "torch.distributed.run",
         "--nnodes", str(len(inventory.nodes)),
         "--nproc_per_node", str(nproc_for(node, nproc_per_node)),
-        "--node_rank", str(node_index),
         "--rdzv_backend", "c10d",
         "--rdzv_endpoint", rendezvous_endpoint(inventory),
         "--rdzv_id", run_id,
