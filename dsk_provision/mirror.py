@@ -36,7 +36,8 @@ from typing import Any
 import yaml
 
 from dsk_provision.errors import EnvironmentProblem, InputError
-from dsk_provision.sandbox.host import file_lock, require_tools, run, write_file
+from dsk_provision.files import write_file
+from dsk_provision.sandbox.host import file_lock, require_tools, run
 
 Progress = Callable[[str], None] | None
 

@@ -11,27 +11,17 @@ into a temporary file beside the target, then renamed, so a reader never sees ha
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from dsk_provision.files import write_file
 
 STATUS_MARK = {"pass": "PASS", "fail": "FAIL", "skip": "skip"}
 
 
 def write_whole(path: Path, text: str) -> Path:
     """Write text to path atomically (temp file in the same directory + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_file(Path(path), text)
 
 
 def write_json(report: dict[str, Any], path: Path) -> Path:

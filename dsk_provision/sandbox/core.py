@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dsk_provision.errors import EnvironmentProblem, InputError
+from dsk_provision.files import write_file
 
 from . import naming, network, nodes, render
 from .host import (
@@ -26,7 +27,6 @@ from .host import (
     run,
     spawn_detached,
     stop_pids,
-    write_file,
 )
 from .image import ensure_image
 

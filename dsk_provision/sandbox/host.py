@@ -9,7 +9,6 @@ import re
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -64,21 +63,6 @@ def run(cmd: Sequence[str], *, check: bool = True, input: str | None = None,
         raise EnvironmentProblem(f"command failed ({proc.returncode}): {' '.join(cmd)}"
                                  + ("\n  " + "\n  ".join(detail) if detail else ""))
     return proc
-
-
-def write_file(path: Path, content: str | bytes, mode: int = 0o644) -> None:
-    """Write a file whole: a temp file in the same directory, then rename over the target."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = content.encode() if isinstance(content, str) else content
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def proc_cmdline(pid: int) -> list[str] | None:

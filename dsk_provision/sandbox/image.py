@@ -15,8 +15,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from dsk_provision.files import write_file
+
 from . import naming
-from .host import file_lock, run, write_file
+from .host import file_lock, run
 
 # Bump when the customisation below changes, so cached images are rebuilt.
 RECIPE_VERSION = 2

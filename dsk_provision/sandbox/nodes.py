@@ -8,9 +8,10 @@ import time
 from pathlib import Path
 
 from dsk_provision.errors import EnvironmentProblem
+from dsk_provision.files import write_file
 
 from . import naming
-from .host import run, spawn_detached, write_file
+from .host import run, spawn_detached
 
 
 def node_paths(state_dir: Path, node: str) -> dict[str, Path]:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dsk_provision import files
 from dsk_provision.errors import EnvironmentProblem, InputError
 from dsk_provision.mirror import _release, _validate_packages
 from dsk_provision.sandbox import core, host, image, naming, network, render
@@ -252,9 +253,9 @@ def test_mirror_release_hashes_index(tmp_path):
 
 def test_write_file_whole_with_mode(tmp_path):
     target = tmp_path / "d" / "key"
-    host.write_file(target, "x", 0o600)
+    files.write_file(target, "x", 0o600)
     assert target.read_text() == "x" and (target.stat().st_mode & 0o777) == 0o600
-    host.write_file(target, "y", 0o600)
+    files.write_file(target, "y", 0o600)
     assert target.read_text() == "y" and list(target.parent.iterdir()) == [target]
 
 
