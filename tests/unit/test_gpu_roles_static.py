@@ -149,3 +149,59 @@ def test_good_values_get_past_validation_and_skip_with_reasons(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert "Skipping the CUDA toolkit: no NVIDIA GPU on this node" in out, out[-3000:]
+
+
+def _node_state_probe():
+    import importlib.util
+
+    path = ROLES / "cuda/library/dsk_gpu_node_state.py"
+    spec = importlib.util.spec_from_file_location("dsk_gpu_node_state", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.probe
+
+
+def _fake_node(root: Path, pci: dict[str, tuple[str, str]], dev: list[str], ib: list[str],
+               version: str | None, modprobe: bool) -> dict:
+    for address, (vendor, pci_class) in pci.items():
+        (root / "pci" / address).mkdir(parents=True)
+        (root / "pci" / address / "vendor").write_text(vendor + "\n")
+        (root / "pci" / address / "class").write_text(pci_class + "\n")
+    (root / "dev").mkdir()
+    for name in dev:
+        (root / "dev" / name).write_text("")
+    for name in ib:
+        (root / "ib" / name).mkdir(parents=True)
+    if version is not None:
+        (root / "version").write_text(version)
+    if modprobe:
+        (root / "modprobe").write_text("")
+    return {"sysfs_pci": str(root / "pci"), "dev_dir": str(root / "dev"),
+            "infiniband_dir": str(root / "ib"), "driver_version_file": str(root / "version"),
+            "modprobe_paths": [str(root / "missing-modprobe"), str(root / "modprobe")]}
+
+
+def test_node_state_probe_on_a_gpu_node(tmp_path):
+    params = _fake_node(
+        tmp_path,
+        {"0000:18:00.0": ("0x10de", "0x030200"), "0000:19:00.0": ("0x10de", "0x030000"),
+         "0000:1a:00.0": ("0x10de", "0x068000"), "0000:00:01.0": ("0x8086", "0x030000")},
+        dev=["nvidia0"], ib=["mlx5_1", "mlx5_0"],
+        version="NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.95.05  "
+                "Release Build\n",
+        modprobe=True)
+    assert _node_state_probe()(params) == {
+        "gpu_count": 2, "nvswitch": True, "rdma_devices": ["mlx5_0", "mlx5_1"],
+        "driver_loaded": "580.95.05", "modprobe": str(tmp_path / "modprobe")}
+
+
+def test_node_state_probe_on_a_bare_node(tmp_path):
+    params = _fake_node(tmp_path, {"0000:00:01.0": ("0x1af4", "0x020000")}, dev=["null"],
+                        ib=[], version=None, modprobe=False)
+    params["infiniband_dir"] = str(tmp_path / "no-such-class")
+    assert _node_state_probe()(params) == {
+        "gpu_count": 0, "nvswitch": False, "rdma_devices": [], "driver_loaded": "",
+        "modprobe": ""}
+    # An NVSwitch without a PCI bridge of class 0x0680 still shows up as a device node.
+    (tmp_path / "dev/nvidia-nvswitch0").write_text("")
+    assert _node_state_probe()(params)["nvswitch"] is True
