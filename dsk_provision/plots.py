@@ -6,9 +6,10 @@ CLI does not pay for the import unless a report is drawn.
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from pathlib import Path
+
+from dsk_provision.files import write_file
 
 
 def busbw_series(bench: dict | None) -> list[tuple[int, float]]:
@@ -42,16 +43,9 @@ def plot_busbw(series: dict[str, list[tuple[int, float]]], path: Path, *,
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize="small")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-        os.close(fd)
-        try:
-            fig.savefig(tmp, format="png")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        write_file(Path(path), buf.getvalue())
     finally:
         plt.close(fig)
     return path
