@@ -119,12 +119,18 @@ class CheckpointConfig:
 
 
 @dataclass
+class MetricsConfig:
+    tensorboard: bool = False  # rank 0 also writes the per-step scalars to <out>/tensorboard
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig
     training: TrainingConfig
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     path: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -253,6 +259,7 @@ def parse_config(raw: dict[str, Any], file: str = "<config>") -> TrainConfig:
         data=DataConfig(**raw.get("data", {})),
         parallel=ParallelConfig(**raw.get("parallel", {})),
         checkpoint=CheckpointConfig(**raw.get("checkpoint", {})),
+        metrics=MetricsConfig(**raw.get("metrics", {})),
         path=file,
     )
     _check_rules(raw, cfg, file)

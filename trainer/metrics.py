@@ -1,4 +1,5 @@
-"""Per-step training metrics: throughput, MFU, memory; the console line and JSON lines."""
+"""Per-step training metrics: throughput, MFU, memory; the console line, JSON lines and,
+with ``[metrics] tensorboard = true``, TensorBoard scalars."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from trainer.config import InputError
 
 # Dense bf16 tensor-core peak per GPU in TFLOP/s (no sparsity), from the vendor data
 # sheets. Matched against torch.cuda.get_device_name in order: longer names first.
@@ -52,12 +55,59 @@ def format_line(m: dict[str, Any], total_steps: int) -> str:
             f"tok/s {m['tokens_per_s']:,.0f} | mfu {mfu} | mem {m['peak_mem_gib']:.1f} GiB")
 
 
-class MetricsWriter:
-    """Appends one JSON object per step to <out>/metrics.jsonl (rank 0 only)."""
+TENSORBOARD_DIR = "tensorboard"
 
-    def __init__(self, out_dir: Path):
+
+def tensorboard_requested(out_dir: Path) -> tuple[bool, str]:
+    """``metrics.tensorboard`` and the config file's name, from the resolved config that
+    rank 0 writes to <out>/config.json before training starts."""
+    try:
+        resolved = json.loads((out_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False, ""
+    return bool(resolved.get("metrics", {}).get("tensorboard", False)), resolved.get("path", "")
+
+
+def open_summary_writer(log_dir: Path, config_file: str = ""):
+    """A torch.utils.tensorboard SummaryWriter, or InputError naming metrics.tensorboard
+    when the tensorboard package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise InputError("the tensorboard package is not installed; pip install "
+                         "'tensorboard==2.21.0' (or the trainer extra), or set "
+                         "metrics.tensorboard = false", file=config_file or None,
+                         field="metrics.tensorboard") from None
+    return SummaryWriter(log_dir=str(log_dir))
+
+
+class MetricsWriter:
+    """Appends one JSON object per step to <out>/metrics.jsonl (rank 0 only) and, when
+    TensorBoard is on, writes the step's numeric metrics as scalars to <out>/tensorboard,
+    each under its metrics.jsonl key (null values are left out).
+
+    ``tensorboard=None`` takes ``metrics.tensorboard`` from <out>/config.json. A missing
+    tensorboard package raises InputError here, before the first step."""
+
+    def __init__(self, out_dir: Path, tensorboard: bool | None = None, config_file: str = ""):
         self.path = out_dir / "metrics.jsonl"
+        if tensorboard is None:
+            tensorboard, found = tensorboard_requested(out_dir)
+            config_file = config_file or found
+        self.tensorboard = (open_summary_writer(out_dir / TENSORBOARD_DIR, config_file)
+                            if tensorboard else None)
 
     def write(self, m: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(m) + "\n")
+        if self.tensorboard is not None:
+            step = int(m["step"])
+            for key, value in m.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(key, float(value), step)
+            self.tensorboard.flush()  # a killed run keeps every step it logged
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
