@@ -7,8 +7,10 @@ the first seq_len, targets the last seq_len.
 
 Shard format (written by ``python -m trainer.prepare``): a directory with
 ``index.json`` = {"format": "dsk-tokens-v1", "dtype": "uint16" | "uint32",
-"vocab_size": int, "tokenizer": "byte", "shards": [{"file": str, "tokens": int}, ...]}
-and the raw little-endian token arrays it names.
+"vocab_size": int, "tokenizer": {"kind": "byte" | "tokenizers", "vocab_size": int,
+"doc_separator": int, and for "tokenizers" "path", "sha256", "doc_separator_token"},
+"shards": [{"file": str, "tokens": int}, ...]} and the raw little-endian token arrays it
+names. Shards whose vocabulary exceeds model.vocab_size are refused.
 """
 
 from __future__ import annotations
