@@ -183,7 +183,8 @@ def train(cfg: TrainConfig, out_dir: Path, device) -> dict[str, Any]:
 
     peak = peak_flops(device)
     tokens_per_step = loader.global_batch * t.seq_len
-    writer = MetricsWriter(out_dir) if rank == 0 else None
+    writer = (MetricsWriter(out_dir, cfg.metrics.tensorboard, cfg.path)
+              if rank == 0 else None)
     if rank == 0:
         print(f"model: {n_params / 1e6:,.1f}M parameters, {n_active / 1e6:,.1f}M active | "
               f"world {world_size} ({dims.dp_replicate}x{dims.dp_shard} dp"
@@ -289,6 +290,7 @@ def train(cfg: TrainConfig, out_dir: Path, device) -> dict[str, Any]:
         "config": cfg.path,
     }
     if rank == 0:
+        writer.close()
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     dist.barrier()
     return summary
