@@ -30,8 +30,10 @@ def render_inventory(*, cluster_name: str, nodes: Sequence[tuple[str, str]], key
                 "dsk_socket_ifname": "eth0",
                 "dsk_nccl_env": {},
                 "dsk_mirror_url": mirror_url,
-                # Daemonless, so it needs nothing from the node's cgroup setup.
+                # Daemonless, so it needs nothing from the node's cgroup setup; its
+                # default overlay storage cannot stack on the nodes' overlayfs root.
                 "containers_runtime": "podman",
+                "containers_podman_storage_driver": "vfs",
                 "ansible_user": "root",
                 "ansible_python_interpreter": "/usr/bin/python3",
                 "ansible_ssh_private_key_file": str(key_file),

@@ -105,6 +105,12 @@ def test_gpu_stack_parts_that_apply_to_cpu_nodes_ran(bootstrapped_cluster, node_
             assert f"{pkg} install ok installed" in pkgs, pkgs
         assert "NCCL_SOCKET_IFNAME=eth0" in node_ssh(ip, "cat /etc/nccl.conf").stdout
         assert node_ssh(ip, "podman --version").stdout.startswith("podman version")
+        # The runtime works, not just installs: its storage and services are healthy.
+        driver = node_ssh(ip, "podman info --format '{{.Store.GraphDriverName}}'").stdout
+        assert driver.strip() == "vfs"
+        state = node_ssh(ip, "systemctl is-system-running; systemctl --failed --plain --no-legend",
+                         check=False).stdout
+        assert state.split() == ["running"], state
         limits = node_ssh(ip, "cat /etc/security/limits.d/*memlock*").stdout
         assert "unlimited" in limits
     out = bootstrapped_cluster.output
