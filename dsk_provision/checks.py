@@ -490,42 +490,33 @@ def check_driver_version(facts: dict, thresholds: dict) -> CheckResult:
     return _result(facts, "driver_version", PASS, have, want, f"driver {have} as pinned")
 
 
-def check_cuda_version(facts: dict, thresholds: dict) -> CheckResult:
-    want = _pins(facts).get("cuda_version")
+def _check_pinned_version(facts: dict, check: str, label: str, missing: str,
+                          matches) -> CheckResult:
+    """A version read on the node against the inventory pin of the same name."""
+    want = _pins(facts).get(check)
     want = str(want) if want else None
-    skip = _no_gpu(facts, "cuda_version", want)
+    skip = _no_gpu(facts, check, want)
     if skip:
         return skip
-    have = _stack(facts).get("cuda_version")
+    have = _stack(facts).get(check)
     if not have:
-        return _result(facts, "cuda_version", FAIL, None, want,
-                       _why(facts, "cuda_version") or "no CUDA toolkit found")
+        return _result(facts, check, FAIL, None, want, _why(facts, check) or missing)
     if not want:
-        return _result(facts, "cuda_version", SKIP, have, None,
-                       "no cuda_version pin in the inventory")
-    if have != want and not str(have).startswith(want + "."):
-        return _result(facts, "cuda_version", FAIL, have, want,
-                       f"CUDA {have} installed, {want} pinned")
-    return _result(facts, "cuda_version", PASS, have, want, f"CUDA {have}")
+        return _result(facts, check, SKIP, have, None, f"no {check} pin in the inventory")
+    if not matches(str(have), want):
+        return _result(facts, check, FAIL, have, want, f"{label} {have} installed, {want} pinned")
+    return _result(facts, check, PASS, have, want, f"{label} {have}")
+
+
+def check_cuda_version(facts: dict, thresholds: dict) -> CheckResult:
+    return _check_pinned_version(
+        facts, "cuda_version", "CUDA", "no CUDA toolkit found",
+        lambda have, want: have == want or have.startswith(want + "."))
 
 
 def check_nccl_version(facts: dict, thresholds: dict) -> CheckResult:
-    want = _pins(facts).get("nccl_version")
-    want = str(want) if want else None
-    skip = _no_gpu(facts, "nccl_version", want)
-    if skip:
-        return skip
-    have = _stack(facts).get("nccl_version")
-    if not have:
-        return _result(facts, "nccl_version", FAIL, None, want,
-                       _why(facts, "nccl_version") or "libnccl2 not found")
-    if not want:
-        return _result(facts, "nccl_version", SKIP, have, None,
-                       "no nccl_version pin in the inventory")
-    if have != want:
-        return _result(facts, "nccl_version", FAIL, have, want,
-                       f"libnccl2 {have} installed, {want} pinned")
-    return _result(facts, "nccl_version", PASS, have, want, f"libnccl2 {have}")
+    return _check_pinned_version(facts, "nccl_version", "libnccl2", "libnccl2 not found",
+                                 lambda have, want: have == want)
 
 
 def check_persistence_mode(facts: dict, thresholds: dict) -> CheckResult:
