@@ -21,7 +21,7 @@ from . import naming
 from .host import file_lock, run
 
 # Bump when the customisation below changes, so cached images are rebuilt.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 SUITE = "bookworm"
 MIRRORS = (
     "deb http://deb.debian.org/debian bookworm main",
@@ -42,6 +42,11 @@ MASKED_UNITS = (
     # boot it sometimes fails with 219/CGROUP on hosts with hybrid cgroups, leaving the
     # node "degraded" and non-root logins refused.
     "systemd-user-sessions.service",
+    # Installed with podman by the containers role: a daily update of containers labelled
+    # for it, of which the sandbox has none. It also runs at install, and there it
+    # sometimes fails to clean up its cgroup ("Input/output error") on such hosts, which
+    # leaves the node "degraded".
+    "podman-auto-update.service", "podman-auto-update.timer",
 )
 SSHD_CONFIG = """\
 # dsk-provision sandbox: host keys are generated on the host before first boot.
