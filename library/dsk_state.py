@@ -31,7 +31,10 @@ options:
     default: []
     suboptions:
       path: {description: Absolute path., type: path, required: true}
-      content: {description: The whole expected content (omit to check attributes only)., type: str}
+      content:
+        description: The whole expected content; without it and the checksums only the
+          attributes are checked (a directory, for instance).
+        type: str
       sha1: {description: Expected SHA-1 of the content (instead of I(content))., type: str}
       sha256:
         description: Expected SHA-256 of the content (keeps secrets out of the arguments).
@@ -78,10 +81,13 @@ options:
     suboptions:
       name: {description: Package name., type: str, required: true}
       version:
-        description: Pinned version, or a prefix ending in "*"; empty for any.
+        description: >-
+          Pinned version: a full Debian version, an upstream version ("580.159.04" matches
+          580.159.04-1), or a prefix ending in "*"; empty for any.
         type: str
         default: ""
       hold: {description: Must be held (dpkg selection "hold")., type: bool, default: false}
+      var: {description: The variable that holds the pin (named in the drift line)., type: str}
   services:
     description: systemd services and whether they must be enabled and active.
     type: list
@@ -99,6 +105,14 @@ options:
     suboptions:
       python: {description: The environment's interpreter., type: path, required: true}
       pins: {description: The pins., type: list, elements: str, required: true}
+  kernel_modules:
+    description: >-
+      Kernel modules that must be loaded where they can be: a module not under /sys/module
+      that I(modprobe) can load (modprobe -n) is drift; one this kernel lacks is not.
+    type: dict
+    suboptions:
+      names: {description: Module names., type: list, elements: str, required: true}
+      modprobe: {description: Path of modprobe; empty when it is not installed., type: str}
   archive_trees:
     description: >-
       Trees unpacked from a tar archive on the node: every member must exist in I(dest)
@@ -120,7 +134,8 @@ drift:
   elements: str
 drift_by_kind:
   description: The same lines by option (files, blocks, lines, absent, packages, services,
-    python_packages, archive_trees), for roles that converge one part at a time.
+    python_packages, kernel_modules, archive_trees), for roles that converge one part at
+    a time.
   returned: always
   type: dict
 """
@@ -176,6 +191,8 @@ def _name_of(lookup, ident: int) -> str:
 
 def file_drift(spec: dict) -> list[str]:
     path = spec["path"]
+    if spec.get("content") is None and not spec.get("sha1") and not spec.get("sha256"):
+        return attribute_drift(path, spec.get("owner"), spec.get("group"), spec.get("mode"))
     data = _read(path)
     if data is None:
         return [f"{path}: missing"]
@@ -221,11 +238,12 @@ def line_drift(spec: dict) -> list[str]:
 
 
 def version_matches(have: str, want: str) -> bool:
+    """As the GPU roles' pins: the full version, or the upstream part before a revision."""
     if not want:
         return True
     if want.endswith("*"):
         return have.startswith(want[:-1])
-    return have == want
+    return have == want or have.startswith(want + "-")
 
 
 def package_drift(specs: list[dict], rows: str) -> list[str]:
@@ -242,7 +260,8 @@ def package_drift(specs: list[dict], rows: str) -> list[str]:
         if status[1:2] != "i":
             drift.append(f"package {name}: not installed")
         elif not version_matches(version, want):
-            drift.append(f"package {name}: version {version}, wanted {want}")
+            source = f" ({spec['var']})" if spec.get("var") else ""
+            drift.append(f"package {name}: version {version}, wanted {want}{source}")
         elif spec.get("hold") and status[0] != "h":
             drift.append(f"package {name}: not held")
     return drift
@@ -287,6 +306,20 @@ def python_drift(spec: dict | None, run=subprocess.run) -> list[str]:
         pin, _, have = line.partition(" ")
         found = "not installed" if have == "None" else "have " + have
         drift.append(f"python package {pin}: {found}")
+    return drift
+
+
+def module_drift(spec: dict | None, sys_module: str = "/sys/module",
+                 run=subprocess.run) -> list[str]:
+    if not spec or not spec.get("modprobe"):
+        return []
+    drift = []
+    for name in spec["names"]:
+        if os.path.isdir(os.path.join(sys_module, name)):
+            continue
+        if run([spec["modprobe"], "-n", "-q", name], capture_output=True,
+               check=False).returncode == 0:
+            drift.append(f"kernel module {name}: available, not loaded")
     return drift
 
 
@@ -348,6 +381,7 @@ def probe(params: dict, run=subprocess.run) -> dict[str, list[str]]:
                      if packages else []),
         "services": service_drift(params.get("services") or [], run),
         "python_packages": python_drift(params.get("python_packages"), run),
+        "kernel_modules": module_drift(params.get("kernel_modules"), run=run),
         "archive_trees": [line for spec in params.get("archive_trees") or []
                           for line in tree_drift(spec["archive"], spec["dest"])],
     }
@@ -373,7 +407,8 @@ def main() -> None:
             "packages": {"type": "list", "elements": "dict", "default": [], "options": {
                 "name": {"type": "str", "required": True},
                 "version": {"type": "str", "default": ""},
-                "hold": {"type": "bool", "default": False}}},
+                "hold": {"type": "bool", "default": False},
+                "var": {"type": "str"}}},
             "services": {"type": "list", "elements": "dict", "default": [], "options": {
                 "name": {"type": "str", "required": True},
                 "enabled": {"type": "bool", "default": True},
@@ -381,6 +416,9 @@ def main() -> None:
             "python_packages": {"type": "dict", "options": {
                 "python": {"type": "path", "required": True},
                 "pins": {"type": "list", "elements": "str", "required": True}}},
+            "kernel_modules": {"type": "dict", "options": {
+                "names": {"type": "list", "elements": "str", "required": True},
+                "modprobe": {"type": "str", "default": ""}}},
             "archive_trees": {"type": "list", "elements": "dict", "default": [], "options": {
                 "archive": {"type": "path", "required": True},
                 "dest": {"type": "path", "required": True}}},

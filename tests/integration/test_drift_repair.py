@@ -48,6 +48,8 @@ BREAKS = {
     "GPU stack file edited": (
         "echo '* soft memlock 64' > /etc/security/limits.d/90-dsk-rdma-memlock.conf",
         "grep -q unlimited /etc/security/limits.d/90-dsk-rdma-memlock.conf"),
+    "RDMA package removed": (
+        "dpkg -r perftest", "dpkg-query -W -f='${db:Status-Abbrev}' perftest | grep -q '^ii'"),
     "container settings mode": (
         "chmod 0600 /etc/containers/storage.conf",
         "test $(stat -c %a /etc/containers/storage.conf) = 644"),

@@ -154,7 +154,7 @@ def test_good_values_get_past_validation_and_skip_with_reasons(tmp_path):
 def _node_state_probe():
     import importlib.util
 
-    path = ROLES / "cuda/library/dsk_gpu_node_state.py"
+    path = ROLES.parent / "library/dsk_gpu_node_state.py"
     spec = importlib.util.spec_from_file_location("dsk_gpu_node_state", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

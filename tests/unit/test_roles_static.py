@@ -199,9 +199,19 @@ FAKE_HGX = {
 }
 
 
+def _pci_facts(sysfs: Path, nvswitch_ids: list[str], tmp_path: Path) -> dict:
+    spec = importlib.util.spec_from_file_location(
+        "dsk_gpu_node_state", REPO / "library" / "dsk_gpu_node_state.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    (tmp_path / "dev").mkdir(exist_ok=True)
+    return module.pci_facts({"sysfs_pci": str(sysfs), "nvswitch_pci_ids": nvswitch_ids,
+                             "dev_dir": str(tmp_path / "dev"),
+                             "nvswitch_proc_dir": str(tmp_path / "no-nvswitch-driver")})
+
+
 def test_pci_scan_counts_nvidia_gpus_and_nvswitches(tmp_path):
-    scan = _module("preflight", "dsk_pci_gpus").scan
-    facts = scan(str(_fake_pci(tmp_path / "pci", FAKE_HGX)), {"0x22a3"})
+    facts = _pci_facts(_fake_pci(tmp_path / "pci", FAKE_HGX), ["0x22A3"], tmp_path)
     assert facts["dsk_gpu_count_detected"] == 3
     assert [g["address"] for g in facts["dsk_gpus_detected"]] == [
         "0000:18:00.0", "0000:2a:00.0", "0000:3a:00.0"]
@@ -210,11 +220,11 @@ def test_pci_scan_counts_nvidia_gpus_and_nvswitches(tmp_path):
 
 
 def test_pci_scan_of_a_cpu_machine_finds_nothing(tmp_path):
-    scan = _module("preflight", "dsk_pci_gpus").scan
     root = _fake_pci(tmp_path / "pci", {"0000:00:02.0": ("0x8086", "0x030000", "0x1234")})
-    facts = scan(str(root), set())
+    facts = _pci_facts(root, [], tmp_path)
     assert facts["dsk_gpu_count_detected"] == 0
     assert facts["dsk_nvswitch_count"] == 0
+    assert facts["dsk_has_nvswitch"] is False
 
 
 def test_node_facts_gpu_models_and_driver_version(tmp_path, monkeypatch):

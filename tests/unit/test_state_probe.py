@@ -52,6 +52,12 @@ def test_a_file_is_checked_for_content_checksums_mode_and_owner(tmp_path):
     assert "owner" in state.file_drift(dict(spec, mode="0600", owner="nobody-at-all"))[0]
     path.unlink()
     assert state.file_drift(spec) == [f"{path}: missing"]
+    # Attributes alone, of a directory for instance.
+    (tmp_path / "d").mkdir(mode=0o700)
+    assert state.file_drift({"path": str(tmp_path / "d"), "mode": "0755"}) == [
+        f"{tmp_path / 'd'}: mode 0700, wanted 0755"]
+    assert state.file_drift({"path": str(tmp_path / "none"), "mode": "0755"}) == [
+        f"{tmp_path / 'none'}: missing"]
 
 
 BLOCK = "10.0.0.11 node1\n10.0.0.12 node2\n"
@@ -106,6 +112,10 @@ def test_packages_must_be_installed_at_the_pinned_version_and_held():
     assert state.package_drift([dict(held, version="2.27.*")], DPKG_ROWS) == [
         "package libnccl2: version 2.28.3-1+cuda13.0, wanted 2.27.*"]
     assert state.package_drift([dict(held, version="2.28.3*")], DPKG_ROWS) == []
+    # An upstream version matches its Debian revisions, as in the GPU roles' pins.
+    assert state.package_drift([dict(held, version="2.28.3")], DPKG_ROWS) == []
+    assert state.package_drift([dict(held, version="2.28")], DPKG_ROWS) == [
+        "package libnccl2: version 2.28.3-1+cuda13.0, wanted 2.28"]
     assert state.package_drift([{"name": "podman", "hold": True}], DPKG_ROWS) == [
         "package podman: not held"]
 
@@ -137,6 +147,20 @@ def test_python_pins_are_read_from_metadata_and_a_missing_interpreter_is_drift(t
         "python package no-such-distribution==1.0: not installed"]
     missing = str(tmp_path / "venv" / "bin" / "python")
     assert state.python_drift({"python": missing, "pins": pins}) == [f"{missing}: missing"]
+
+
+def test_kernel_modules_that_could_be_loaded_but_are_not_are_drift(tmp_path):
+    (tmp_path / "ib_core").mkdir()
+    loadable = {"ib_uverbs"}
+
+    def fake_modprobe(argv, **_kw):
+        return subprocess.CompletedProcess(argv, 0 if argv[-1] in loadable else 1)
+
+    spec = {"names": ["ib_core", "ib_uverbs", "nvidia_peermem"], "modprobe": "/sbin/modprobe"}
+    assert state.module_drift(spec, str(tmp_path), fake_modprobe) == [
+        "kernel module ib_uverbs: available, not loaded"]
+    # Without modprobe nothing can be loaded now: the modules wait for the next boot.
+    assert state.module_drift(dict(spec, modprobe=""), str(tmp_path), fake_modprobe) == []
 
 
 def _archive(tmp_path: Path) -> Path:
@@ -183,7 +207,7 @@ def test_probe_sorts_drift_by_kind_and_reports_absent_paths(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["files", "blocks", "lines", "absent", "packages", "services",
-                                  "python_packages", "archive_trees"])
+                                  "python_packages", "kernel_modules", "archive_trees"])
 def test_every_kind_is_an_option_and_documented(kind):
     assert f"\n  {kind}:\n" in state.DOCUMENTATION
     assert f'"{kind}"' in (REPO / "library" / "dsk_state.py").read_text()

@@ -1,5 +1,6 @@
 #!/usr/bin/python
-"""Everything the GPU roles gate on, read from sysfs, /dev and /proc in one execution."""
+"""Everything preflight checks and the GPU roles gate on, read from sysfs, /dev and /proc
+in one execution."""
 
 from __future__ import annotations
 
@@ -12,15 +13,31 @@ DOCUMENTATION = r"""
 module: dsk_gpu_node_state
 short_description: Detect NVIDIA GPUs, NVSwitches, HCAs, the loaded driver and modprobe
 description:
-  - One read-only probe for the GPU roles, so that a run costs one module execution per
-    host instead of one per question.
+  - One read-only probe for preflight and the GPU roles, so that a bootstrap costs one
+    module execution per host instead of one per question (preflight runs it; the GPU
+    roles run it only when preflight did not, e.g. gpu_stack.yml on its own).
   - A GPU is a PCI function of vendor 0x10de with class 0x0300xx (VGA) or 0x0302xx
     (3D controller). An NVSwitch is an NVIDIA PCI function of class 0x0680xx (other
     bridge) or shows up as /dev/nvidia-nvswitch*.
   - RDMA devices are the entries of /sys/class/infiniband; the loaded driver version is
     read from /proc/driver/nvidia/version.
+  - Besides the keys below it sets facts (ansible_facts) for later roles -
+    dsk_gpu_count_detected, dsk_gpus_detected (list of {address, device_id}),
+    dsk_nvswitch_count (NVIDIA functions whose id is in I(nvswitch_pci_ids) or of class
+    0x0680), dsk_has_nvswitch (that count, a non-empty /proc/driver/nvidia-nvswitch/devices
+    or a /dev/nvidia-nvswitch* node), dsk_rdma_devices, dsk_nvidia_driver_loaded,
+    dsk_modprobe.
   - Supports check mode.
 options:
+  nvswitch_pci_ids:
+    description: NVSwitch PCI device ids, hex with 0x prefix.
+    type: list
+    elements: str
+    default: []
+  nvswitch_proc_dir:
+    description: The NVSwitch driver's device list (non-empty on a loaded NVSwitch driver).
+    type: path
+    default: /proc/driver/nvidia-nvswitch/devices
   sysfs_pci:
     description: Where PCI functions are listed (tests point it at a fake tree).
     type: path
@@ -112,6 +129,31 @@ def probe(params: dict) -> dict:
     }
 
 
+def pci_facts(params: dict) -> dict:
+    """Preflight's facts: the GPUs by PCI address and the NVSwitches."""
+    ids = {value.strip().lower() for value in params.get("nvswitch_pci_ids") or []}
+    gpus: list[dict] = []
+    nvswitches = 0
+    for entry in _listdir(params["sysfs_pci"]):
+        base = os.path.join(params["sysfs_pci"], entry)
+        if _read(os.path.join(base, "vendor")).strip().lower() != NVIDIA_VENDOR:
+            continue
+        pci_class = _read(os.path.join(base, "class")).strip().lower()[:6]
+        device = _read(os.path.join(base, "device")).strip().lower()
+        if pci_class in GPU_CLASSES:
+            gpus.append({"address": entry, "device_id": device})
+        elif device in ids or pci_class == BRIDGE_OTHER_CLASS:
+            nvswitches += 1
+    proc_dir = params.get("nvswitch_proc_dir") or "/proc/driver/nvidia-nvswitch/devices"
+    nodes = [n for n in _listdir(params["dev_dir"]) if n.startswith("nvidia-nvswitch")]
+    return {
+        "dsk_gpu_count_detected": len(gpus),
+        "dsk_gpus_detected": gpus,
+        "dsk_nvswitch_count": nvswitches,
+        "dsk_has_nvswitch": nvswitches > 0 or bool(_listdir(proc_dir)) or bool(nodes),
+    }
+
+
 def main() -> None:
     module = AnsibleModule(
         argument_spec={
@@ -121,10 +163,16 @@ def main() -> None:
             "driver_version_file": {"type": "path", "default": "/proc/driver/nvidia/version"},
             "modprobe_paths": {"type": "list", "elements": "path",
                                "default": ["/usr/sbin/modprobe", "/sbin/modprobe"]},
+            "nvswitch_pci_ids": {"type": "list", "elements": "str", "default": []},
+            "nvswitch_proc_dir": {"type": "path",
+                                  "default": "/proc/driver/nvidia-nvswitch/devices"},
         },
         supports_check_mode=True,
     )
-    module.exit_json(changed=False, **probe(module.params))
+    state = probe(module.params)
+    facts = dict(pci_facts(module.params), dsk_rdma_devices=state["rdma_devices"],
+                 dsk_nvidia_driver_loaded=state["driver_loaded"], dsk_modprobe=state["modprobe"])
+    module.exit_json(changed=False, ansible_facts=facts, **state)
 
 
 if __name__ == "__main__":
