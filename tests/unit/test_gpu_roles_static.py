@@ -47,10 +47,30 @@ def test_ansible_lint_production_clean():
 def test_playbook_runs_the_roles_in_order_with_a_tag_each():
     check, play = yaml.safe_load((REPO / "playbooks/gpu_stack.yml").read_text())
     assert check["tags"] == ["always"]
-    assert [r["role"] for r in play["roles"]] == GPU_ROLES
-    for entry in play["roles"]:
-        assert entry["tags"] == ["gpu_stack", entry["role"]]
+    includes = [t for t in play["tasks"] if "ansible.builtin.include_role" in t
+                and "tasks_from" not in t["ansible.builtin.include_role"]]
+    assert [t["ansible.builtin.include_role"]["name"] for t in includes] == GPU_ROLES
+    for task in includes:
+        role = task["ansible.builtin.include_role"]["name"]
+        assert task["tags"] == ["gpu_stack", role]
+        assert task["ansible.builtin.include_role"]["apply"] == {"tags": ["gpu_stack", role]}
     assert "serial" in play
+
+
+def test_gpu_only_roles_are_included_only_where_they_apply():
+    """A CPU node skips each GPU-only role with one evaluation, and is told why."""
+    _check, play = yaml.safe_load((REPO / "playbooks/gpu_stack.yml").read_text())
+    whens = {t["ansible.builtin.include_role"]["name"]: t.get("when", "")
+             for t in play["tasks"] if "ansible.builtin.include_role" in t
+             and "tasks_from" not in t["ansible.builtin.include_role"]}
+    for role in ("nvidia_driver", "cuda", "nccl_tests"):
+        assert "gpu_stack_has_gpu" in whens[role] and "_force" in whens[role], role
+    assert "cuda_hw_nvswitch" in whens["fabric_manager"]
+    for role in ("nccl", "rdma", "containers"):  # parts of them apply to every node
+        assert whens[role] == "", role
+    skipped = play["vars"]["gpu_stack_skipped"]
+    for role in ("nvidia_driver", "fabric_manager", "cuda", "nccl_tests"):
+        assert f"['{role} (" in skipped, role
 
 
 @pytest.mark.parametrize("role", GPU_ROLES)
