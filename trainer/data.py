@@ -16,6 +16,7 @@ names. Shards whose vocabulary exceeds model.vocab_size are refused.
 from __future__ import annotations
 
 import json
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -49,12 +50,22 @@ class SyntheticData:
         return float(-(p * np.log(p)).sum())
 
     def sample(self, index: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, index])
-        out = np.empty(self.seq_len + 1, dtype=np.int64)
-        out[0] = rng.integers(0, self.vocab_size)
-        choices = np.searchsorted(self.cumulative, rng.random(self.seq_len), side="right")
+        return self.sample_many([index])[0]
+
+    def sample_many(self, indices: list[int]) -> np.ndarray:
+        """Samples ``indices`` as rows of one array. The chains are walked in lockstep,
+        one vectorised step per position, so a batch costs seq_len numpy operations
+        rather than seq_len per sample; each row equals ``sample(i)``."""
+        out = np.empty((len(indices), self.seq_len + 1), dtype=np.int64)
+        choices = np.empty((len(indices), self.seq_len), dtype=np.int64)
+        for row, index in enumerate(indices):
+            rng = np.random.default_rng([self.seed, index])
+            out[row, 0] = rng.integers(0, self.vocab_size)
+            choices[row] = np.searchsorted(self.cumulative, rng.random(self.seq_len),
+                                           side="right")
+        walk, steps = out.T, choices.T  # position-major views: each step is contiguous
         for i in range(self.seq_len):
-            out[i + 1] = self.successors[out[i], choices[i]]
+            walk[i + 1] = self.successors[walk[i], steps[i]]
         return out
 
 
@@ -103,6 +114,9 @@ class TokenShards:
         offset = (index - int(self.starts[shard])) * self.seq_len
         return np.asarray(self.arrays[shard][offset: offset + self.seq_len + 1], dtype=np.int64)
 
+    def sample_many(self, indices: list[int]) -> np.ndarray:
+        return np.stack([self.sample(i) for i in indices])
+
 
 class Loader:
     """Deterministic per-rank batches with a resumable position.
@@ -121,21 +135,41 @@ class Loader:
         self.dp_degree = dp_degree
         self.device = device
         self.samples_consumed = 0  # global, over all ranks
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="data")
+        self._ahead: tuple[int, Future] | None = None  # (base sample, its rows)
 
     @property
     def global_batch(self) -> int:
         return self.micro_batch * self.grad_accum * self.dp_degree
 
-    def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The micro-batches (inputs, targets) of this rank for the next optimizer step."""
-        base = self.samples_consumed
-        micro_batches = []
+    def _rows(self, base: int) -> list[np.ndarray]:
+        """This rank's micro-batches of the step that starts at global sample ``base``."""
+        rows = []
         for m in range(self.grad_accum):
             first = base + (m * self.dp_degree + self.dp_rank) * self.micro_batch
-            rows = np.stack([self.source.sample(first + j) for j in range(self.micro_batch)])
-            batch = torch.from_numpy(rows).to(self.device, non_blocking=True)
-            micro_batches.append((batch[:, :-1], batch[:, 1:]))
+            rows.append(self.source.sample_many(range(first, first + self.micro_batch)))
+        return rows
+
+    def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The micro-batches (inputs, targets) of this rank for the next optimizer step.
+
+        The following step's samples are prepared in a background thread meanwhile (the
+        synthetic chain is walked on the CPU), so the accelerator does not wait for them."""
+        base = self.samples_consumed
+        if self._ahead is not None and self._ahead[0] == base:
+            rows = self._ahead[1].result()
+        else:
+            rows = self._rows(base)
         self.samples_consumed += self.global_batch
+        self._ahead = (self.samples_consumed,
+                       self._pool.submit(self._rows, self.samples_consumed))
+        micro_batches = []
+        for array in rows:
+            batch = torch.from_numpy(array)
+            if self.device.type == "cuda":
+                batch = batch.pin_memory()
+            batch = batch.to(self.device, non_blocking=True)
+            micro_batches.append((batch[:, :-1], batch[:, 1:]))
         return micro_batches
 
     def state_dict(self) -> dict[str, int]:

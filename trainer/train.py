@@ -31,6 +31,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", help="run directory (default ./runs/<time>); a run "
                         "resumes from its newest complete checkpoint")
     parser.add_argument("--steps", type=int, help="override training.steps")
+    parser.add_argument("--profile-step", type=int, metavar="N",
+                        help="profile step N with torch.profiler: a Chrome trace per rank "
+                        "in <out>/profile/, and rank 0 prints where the GPU time went")
     return parser.parse_args(argv)
 
 
@@ -102,16 +105,42 @@ def build_optimizer(model, cfg: TrainConfig):
     t = cfg.training
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    # the fused CUDA kernel when every parameter is a plain CUDA tensor (one GPU, DDP);
+    # sharded (DTensor) parameters keep the default multi-tensor implementation
+    from torch.distributed.tensor import DTensor
+    fused = all(p.is_cuda and not isinstance(p, DTensor) for p in decay + no_decay)
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": t.weight_decay},
          {"params": no_decay, "weight_decay": 0.0}],
-        lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+        lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=fused or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, t.warmup_steps, t.steps, t.min_lr_ratio))
     return optimizer, scheduler
 
 
-def train(cfg: TrainConfig, out_dir: Path, device) -> dict[str, Any]:
+def profile_report(prof, step: int, elapsed: float, out_dir: Path, rank: int) -> None:
+    """Write step ``step``'s trace and, on rank 0, print its kernel time by family."""
+    from trainer.bench.step_profile import kernel_times
+
+    trace_dir = out_dir / "profile"
+    trace_dir.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(trace_dir / f"step-{step}-rank-{rank}.json"))
+    if rank != 0:
+        return
+    _kernels, by_family, busy_ms = kernel_times(prof)
+    if not by_family:  # no accelerator kernels (CPU)
+        print(f"profile of step {step}: {elapsed * 1e3:.1f} ms | trace in {trace_dir}",
+              flush=True)
+        return
+    families = ", ".join(f"{name} {ms:.1f}" for name, ms in
+                         sorted(by_family.items(), key=lambda kv: -kv[1]) if ms >= 0.05)
+    print(f"profile of step {step}: {elapsed * 1e3:.1f} ms, kernels {busy_ms:.1f} ms "
+          f"({100 * busy_ms / (elapsed * 1e3):.0f}%) | ms by family: {families} | "
+          f"trace in {trace_dir}", flush=True)
+
+
+def train(cfg: TrainConfig, out_dir: Path, device,
+          profile_step: int | None = None) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
 
@@ -196,6 +225,13 @@ def train(cfg: TrainConfig, out_dir: Path, device) -> dict[str, Any]:
     for step in range(start_step + 1, t.steps + 1):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        prof = None
+        if step == profile_step:
+            from torch.profiler import ProfilerActivity, profile
+            activities = [ProfilerActivity.CPU] + (
+                [ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            prof = profile(activities=activities)
+            prof.__enter__()
         t0 = time.perf_counter()
         micro_batches = loader.next_step()
         loads = torch.zeros(n_moe, args.n_routed_experts, dtype=torch.long, device=device)
@@ -250,6 +286,9 @@ def train(cfg: TrainConfig, out_dir: Path, device) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - t0
+        if prof is not None:
+            prof.__exit__(None, None, None)
+            profile_report(prof, step, elapsed, out_dir, rank)
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {step}")
 
@@ -312,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = init_distributed()
         rank = dist.get_rank()
-        train(cfg, choose_out_dir(args.out), device)
+        train(cfg, choose_out_dir(args.out), device, args.profile_step)
     except InputError as exc:
         if rank == 0:
             print(f"error: {exc.message}", file=sys.stderr)

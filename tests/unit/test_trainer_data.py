@@ -28,6 +28,24 @@ def test_synthetic_is_deterministic_and_learnable():
     assert all(s[i + 1] in a.successors[s[i]] for i in range(32))
 
 
+def test_a_batch_of_chains_equals_the_chains_one_by_one():
+    source = SyntheticData(512, 64, seed=5)
+    batch = source.sample_many([3, 9, 4])
+    for row, index in zip(batch, [3, 9, 4], strict=True):
+        assert np.array_equal(row, source.sample(index))
+
+
+def test_the_prefetched_step_is_the_step_a_fresh_loader_computes():
+    source = SyntheticData(64, 8, seed=2)
+    run = Loader(source, 2, 2, 0, 1, torch.device("cpu"))
+    run.next_step()  # prepares step 2 in the background
+    second = run.next_step()
+    fresh = Loader(source, 2, 2, 0, 1, torch.device("cpu"))
+    fresh.load_state_dict({"samples_consumed": 4})
+    for (a, _), (b, _) in zip(second, fresh.next_step(), strict=True):
+        assert torch.equal(a, b)
+
+
 def _union(dp_degree: int, micro_batch: int, accum: int, steps: int = 2) -> list[list[int]]:
     source = SyntheticData(64, 8, seed=1)
     rows = []

@@ -136,3 +136,23 @@ def test_mtp_adds_a_weighted_loss_and_gets_gradients():
     assert torch.allclose(out.loss, out.lm_loss + 0.5 * out.mtp_loss)
     out.loss.backward()
     assert model.mtp.eh_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("mtp_depth", [0, 1])
+def test_flops_per_token_matches_counted_matmuls(mtp_depth):
+    """The MFU numerator against torch's own count of the matmul and attention FLOPs of
+    one forward and backward pass (routed experts: only the chosen ones run)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    args = ModelArgs(dim=64, inter_dim=128, moe_inter_dim=32, n_layers=3, n_heads=4,
+                     n_routed_experts=8, n_activated_experts=2, vocab_size=512,
+                     max_seq_len=64, mtp_depth=mtp_depth)
+    model = Transformer(args)
+    batch, seq = 2, 64
+    tokens = torch.randint(0, args.vocab_size, (batch, seq + 1))
+    with FlopCounterMode(display=False) as counter:
+        model(tokens[:, :-1], tokens[:, 1:]).loss.backward()
+    counted = counter.get_total_flops()
+    estimated = model.flops_per_token(seq) * batch * seq
+    # the estimate counts norm weights as parameters (no matmul): a fraction of a percent
+    assert abs(estimated - counted) / counted < 0.02, (estimated, counted)

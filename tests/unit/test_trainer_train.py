@@ -74,6 +74,18 @@ def test_tiny_loss_falls_in_one_process(tmp_path):
     assert metrics[0]["max_expert_load_ratio"] >= 1.0 and metrics[0]["mfu"] is None
 
 
+def test_profile_step_writes_a_trace(tmp_path):
+    cmd = [sys.executable, "-m", "trainer.train", "--config",
+           str(ROOT / "trainer" / "configs" / "tiny.toml"), "--out", str(tmp_path / "run"),
+           "--steps", "3", "--profile-step", "2"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    trace = tmp_path / "run" / "profile" / "step-2-rank-0.json"
+    assert json.loads(trace.read_text())["traceEvents"]
+    assert re.search(r"^profile of step 2: [\d.]+ ms", proc.stdout, re.M), proc.stdout
+
+
 @pytest.fixture(scope="module")
 def single_process_losses(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("single")

@@ -73,18 +73,22 @@ class RMSNorm(nn.Module):
 
 
 def precompute_rope(head_dim: int, max_seq_len: int, theta: float) -> torch.Tensor:
-    """Complex rotations e^(i * pos * theta^(-2j/d)), shape (max_seq_len, head_dim // 2)."""
+    """Rotations by pos * theta^(-2j/d) as (cos, sin) pairs, shape (max_seq_len, head_dim // 2,
+    2), fp32. Real-valued, so that torch.compile fuses the rotation into its neighbours
+    (inductor generates no code for complex tensors)."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), freqs)
-    return torch.polar(torch.ones_like(angles), angles)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
 
 def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """Rotate x (batch, seq, heads, head_dim) by position; computed in fp32."""
-    dtype = x.dtype
-    xc = torch.view_as_complex(x.float().view(*x.shape[:-1], -1, 2))
-    xc = xc * freqs_cis.view(1, xc.size(1), 1, xc.size(-1))
-    return torch.view_as_real(xc).flatten(3).to(dtype)
+    """Rotate x (batch, seq, heads, head_dim) by position; the pairs (x[2j], x[2j+1]) are
+    rotated as complex numbers x[2j] + i x[2j+1] (DeepSeek's layout), computed in fp32."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x1, x2 = xf[..., 0], xf[..., 1]
+    rot = freqs_cis.view(1, xf.size(1), 1, xf.size(-2), 2)
+    cos, sin = rot[..., 0], rot[..., 1]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(3).to(x.dtype)
 
 
 class MLA(nn.Module):
@@ -251,17 +255,28 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, indices = self.gate(x)
-        flat = indices.flatten()
-        counts = torch.bincount(flat, minlength=self.n_routed_experts)
+        flat = indices.flatten()  # slot t * topk + k: token t's k-th expert
+        by_expert, order = flat.sort(stable=True)  # slots grouped by expert
+        # tokens per expert from the sorted slots' boundaries: fixed-size and free of
+        # atomics (bincount would size its output from the data, so the host would wait
+        # for the GPU, and the compiled graph would split, in every MoE layer)
+        experts = torch.arange(self.n_routed_experts + 1, device=flat.device)
+        counts = torch.searchsorted(by_expert, experts).diff()
         self.tokens_per_expert = counts.detach()
-        order = flat.argsort(stable=True)
-        token_ids = order // self.topk
-        y_sorted = self.experts(x[token_ids], counts)
-        y_sorted = y_sorted * weights.flatten()[order].unsqueeze(-1).to(y_sorted.dtype)
-        y = torch.zeros_like(x).index_add_(0, token_ids, y_sorted.to(x.dtype))
+        rank = torch.empty_like(order)  # where each slot lands in that grouping
+        rank[order] = torch.arange(order.numel(), device=order.device)
+        # Both moves are copies by a permutation (never a gather of repeated rows), so
+        # neither the forward nor the backward needs atomic adds: in, each token's row is
+        # repeated top-k times and the slots are scattered to their place in expert order
+        # (backward: a gather, then the sum of each token's k rows); out, the reverse.
+        slots = x.unsqueeze(1).expand(-1, self.topk, -1).reshape(-1, shape[-1])
+        x_sorted = torch.index_copy(torch.empty_like(slots), 0, rank, slots)
+        y_sorted = self.experts(x_sorted, counts)
+        y = torch.index_copy(torch.empty_like(y_sorted), 0, order, y_sorted)
+        y = (y.view(-1, self.topk, shape[-1]) * weights.unsqueeze(-1).to(y.dtype)).sum(dim=1)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
-        return y.view(shape)
+        return y.to(x.dtype).view(shape)
 
     @torch.no_grad()
     def update_bias(self, tokens_per_expert: torch.Tensor) -> None:
@@ -357,27 +372,45 @@ class Transformer(nn.Module):
             self.args.qk_rope_head_dim, self.args.max_seq_len, self.args.rope_theta
         ).to(self.embed.weight.device)
 
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token embeddings, in the autocast dtype when autocast is on, so that the
+        residual stream is bf16 like the activations around it (norms and RoPE still
+        compute in fp32)."""
+        h = self.embed(tokens)
+        device_type = h.device.type
+        if torch.is_autocast_enabled(device_type):
+            h = h.to(torch.get_autocast_dtype(device_type))
+        return h
+
+    def head_loss(self, h: torch.Tensor, targets: torch.Tensor, shift: int = 0) -> torch.Tensor:
+        """Mean cross-entropy (fp32) of the output head's logits for the normed hidden
+        states ``h`` against ``targets``; ``shift`` drops the last positions of the logits
+        and the first of the targets. Its own method so that training.compile can compile
+        the head and the loss together (the fp32 logits then need not be materialised)."""
+        logits = self.output(h)
+        if shift:
+            logits, targets = logits[:, :-shift], targets[:, shift:]
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None):
         """tokens (batch, seq) -> logits (batch, seq, vocab) when targets is None, else a
         LossOutput (mean cross-entropy over all target tokens)."""
         seqlen = tokens.size(1)
         freqs_cis = self.freqs_cis[:seqlen]
-        h = self.embed(tokens)
+        h = self.embed_tokens(tokens)
         for layer in self.layers.values():
             h = layer(h, freqs_cis)
-        logits = self.output(self.norm(h))
         if targets is None:
-            return logits
-        lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+            return self.output(self.norm(h))
+        lm_loss = self.head_loss(self.norm(h), targets)
         if self.mtp is None:
             return LossOutput(lm_loss, lm_loss, torch.zeros((), device=lm_loss.device))
         # position i: main hidden state + embedding of token i+1 -> predict token i+2.
         # The MTP block runs over the whole sequence (the last position has no token i+2
         # and is dropped from the loss; causal attention keeps the others unchanged), so
         # its input keeps the main model's length and layout.
-        mtp_h = self.mtp(h, self.embed(targets), freqs_cis)
-        mtp_logits = self.output(mtp_h)[:, :-1]
-        mtp_loss = F.cross_entropy(mtp_logits.flatten(0, 1).float(), targets[:, 1:].flatten())
+        mtp_h = self.mtp(h, self.embed_tokens(targets), freqs_cis)
+        mtp_loss = self.head_loss(mtp_h, targets, shift=1)
         return LossOutput(lm_loss + self.args.mtp_loss_weight * mtp_loss, lm_loss, mtp_loss)
 
     def moe_layers(self) -> list[MoE]:
@@ -399,8 +432,9 @@ class Transformer(nn.Module):
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 x active non-embedding parameters (forward and
-        backward matmuls) + the attention score and value products, 6 * layers * heads *
-        (qk_head_dim + v_head_dim) * seq_len (no discount for the causal mask, as in
+        backward matmuls; with MTP, the shared output head counts twice, as it runs twice)
+        + the attention score and value products, 6 * heads * (qk_head_dim + v_head_dim) *
+        seq_len per block, the MTP block included (no discount for the causal mask, as in
         torchtitan and the PaLM paper)."""
         return flops_per_token(self.args, seq_len, self.num_params(active_only=True))
 
@@ -433,5 +467,10 @@ def count_params(args: ModelArgs, active_only: bool = False, include_mtp: bool =
 
 def flops_per_token(args: ModelArgs, seq_len: int, active_params: int) -> float:
     embedding = args.vocab_size * args.dim
-    attention = 6 * args.n_layers * args.n_heads * (args.qk_head_dim + args.v_head_dim) * seq_len
-    return 6.0 * (active_params - embedding) + attention
+    attention_layers = args.n_layers + args.mtp_depth  # the MTP module runs a full block
+    attention = (6 * attention_layers * args.n_heads * (args.qk_head_dim + args.v_head_dim)
+                 * seq_len)
+    # MTP applies the shared output head a second time; its weights count once in
+    # active_params, its matmuls twice
+    shared_head = args.mtp_depth * args.vocab_size * args.dim
+    return 6.0 * (active_params - embedding + shared_head) + attention

@@ -53,11 +53,14 @@ def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
 
 
 def apply_compile(model: Transformer) -> None:
-    """Compile each transformer block in place (names and parameters unchanged)."""
+    """Compile each transformer block in place (names and parameters unchanged), and the
+    output head with its loss (on the pipeline stage that holds them)."""
     for block in model.layers.values():
         block.compile()
     if model.mtp is not None:
         model.mtp.block.compile()
+    if model.output is not None:
+        model.head_loss = torch.compile(model.head_loss)
 
 
 def apply_fsdp(model: Transformer, dims: ParallelDims, device_type: str) -> None:
@@ -121,8 +124,14 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, pp_group=None) -
     if pp_group is not None:
         torch.distributed.all_reduce(total_sq, group=pp_group)
     total = total_sq.sqrt()
-    coef = min(1.0, max_norm / (float(total) + 1e-6))
-    if coef < 1.0:
-        for g in grads:
-            g.mul_(coef)
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    plain = by_mesh.pop(None, [])
+    if plain:  # one multi-tensor kernel, and no wait for the norm on the host
+        torch._foreach_mul_(plain, coef)
+    sharded = [g for group in by_mesh.values() for g in group]
+    if sharded:
+        scale = float(coef)
+        if scale < 1.0:
+            for g in sharded:
+                g.mul_(scale)
     return total

@@ -60,7 +60,7 @@ def split_model(model: Transformer, pp: int, stage: int, seq_shards: int = 1) ->
 
     def stage_forward(x: torch.Tensor) -> torch.Tensor:
         if model.embed is not None:
-            h, seqlen = model.embed(x), x.size(1)
+            h, seqlen = model.embed_tokens(x), x.size(1)
         else:
             h, seqlen = x, x.size(1) * seq_shards
         freqs_cis = model.freqs_cis[:seqlen]
