@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -50,10 +51,16 @@ def _toml_value(value) -> str:
     return json.dumps(str(value))
 
 
+# every layout starts from these, then applies its own overrides: a micro-batch that fits
+# every layout on one GPU's share, eager unless the layout compiles
+COMMON = {"training.micro_batch_size": 4, "training.compile": False}
+
+
 def write_config(base: dict, overrides: dict, path: Path) -> None:
     doc = {section: dict(values) for section, values in base.items()}
     doc["model"]["mtp_depth"] = 0
     doc.setdefault("checkpoint", {})["interval"] = 0
+    overrides = {**COMMON, **overrides}
     for dotted, value in overrides.items():
         section, key = dotted.split(".")
         doc.setdefault(section, {})[key] = value
@@ -65,7 +72,31 @@ def write_config(base: dict, overrides: dict, path: Path) -> None:
     path.write_text("\n".join(lines))
 
 
-def run_layout(name: str, base: dict, steps: int, work: Path) -> dict:
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid``, from /proc (children before grandchildren)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, queue = [], [pid]
+    while queue:
+        for child in parents.get(queue.pop(0), []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def run_layout(name: str, base: dict, steps: int, work: Path, timeout: float) -> dict:
     gpus, overrides = LAYOUTS[name]
     cfg = work / f"{name}.toml"
     write_config(base, overrides, cfg)
@@ -73,12 +104,31 @@ def run_layout(name: str, base: dict, steps: int, work: Path) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={gpus}", "-m", "trainer.train", "--config", str(cfg),
            "--steps", str(steps), "--out", str(out)]
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               PYTHONFAULTHANDLER="1")
     started = time.monotonic()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    # a layout that hangs is stopped with all its workers (torchrun starts them in their
+    # own sessions): SIGABRT first, so that each worker's faulthandler prints where it
+    # was stuck, then SIGKILL to whatever is left
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        tree = descendants(proc.pid)
+        for pid in tree:
+            _signal(pid, signal.SIGABRT)
+        try:
+            stdout, stderr = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            for pid in [proc.pid, *tree]:
+                _signal(pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+        return {"layout": name, "gpus": gpus, "ok": False, "wall_s": round(timeout),
+                "error": f"timed out after {timeout:.0f} s:\n" + (stdout + stderr)[-12000:]}
     elapsed = time.monotonic() - started
     if proc.returncode != 0:
-        tail = (proc.stdout + proc.stderr)[-3000:]
+        tail = (stdout + stderr)[-3000:]
         return {"layout": name, "gpus": gpus, "ok": False, "error": tail, "wall_s": elapsed}
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
@@ -97,13 +147,15 @@ def main() -> int:
     parser.add_argument("--layouts", nargs="+", default=["base", "fsdp2", "tp2", "ep2", "pp2"],
                         choices=sorted(LAYOUTS))
     parser.add_argument("--out", type=Path, default=Path("layouts.json"))
+    parser.add_argument("--timeout", type=float, default=300,
+                        help="seconds a layout may take before it is stopped (default 300)")
     args = parser.parse_args()
 
     base = tomllib.loads(args.config.read_text())
     rows = []
     with tempfile.TemporaryDirectory(prefix="dsk-layouts-") as tmp:
         for name in args.layouts:
-            row = run_layout(name, base, args.steps, Path(tmp))
+            row = run_layout(name, base, args.steps, Path(tmp), args.timeout)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "losses"}), flush=True)
             args.out.write_text(json.dumps({"config": str(args.config), "steps": args.steps,
