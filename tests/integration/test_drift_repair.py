@@ -4,14 +4,19 @@ touching it, and the run after the repair must change nothing.
 
 Its own 2-node sandbox "drift" (root, systemd-nspawn), bootstrapped once for the module;
 taken down even when a test fails, and cleared first in case an interrupted run left it.
+The trainer shipped is a copy taken at the start, so that an edit under trainer/ during
+the tests is not mistaken for drift.
 """
 
 from __future__ import annotations
 
+import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[2]
 SANDBOX_NAME = "drift"
 NODES = 2
 MIRROR_LIST = "/etc/apt/sources.list.d/dsk-mirror.list"
@@ -63,11 +68,18 @@ def cluster(request, tmp_path_factory, ssh_argv):
 
     request.addfinalizer(lambda: sandbox.down(SANDBOX_NAME))
     sandbox.down(SANDBOX_NAME)  # leftovers of an interrupted run
+    trainer = tmp_path_factory.mktemp("src") / "trainer"
+    shutil.copytree(REPO / "trainer", trainer,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache"))
+    _TRAINER_SOURCE.append(str(trainer))
     info = sandbox.up(SANDBOX_NAME, NODES)
     inventory = load_inventory(info.inventory_path)
     first = _bootstrap(inventory, tmp_path_factory.mktemp("first"))
     assert first.ok, first.failed
     return info, inventory, ssh_argv
+
+
+_TRAINER_SOURCE: list[str] = []
 
 
 def _bootstrap(inventory, runs_dir, *, check: bool = False):
@@ -76,7 +88,8 @@ def _bootstrap(inventory, runs_dir, *, check: bool = False):
     from dsk_provision.runner import run_playbook
 
     return run_playbook("site.yml", inventory, command="bootstrap", runs_dir=runs_dir,
-                        check=check, console=Console(quiet=True))
+                        check=check, console=Console(quiet=True),
+                        extra_vars={"trainer_env_source_dir": _TRAINER_SOURCE[-1]})
 
 
 def _on(cluster, node: str, command: str) -> subprocess.CompletedProcess:
