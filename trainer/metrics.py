@@ -68,7 +68,7 @@ def tensorboard_requested(out_dir: Path) -> tuple[bool, str]:
     return bool(resolved.get("metrics", {}).get("tensorboard", False)), resolved.get("path", "")
 
 
-def open_summary_writer(log_dir: Path, config_file: str = ""):
+def open_summary_writer(log_dir: Path, config_file: str = "", purge_step: int | None = None):
     """A torch.utils.tensorboard SummaryWriter, or InputError naming metrics.tensorboard
     when the tensorboard package is missing."""
     try:
@@ -78,7 +78,7 @@ def open_summary_writer(log_dir: Path, config_file: str = ""):
                          "'tensorboard==2.21.0' (or the trainer extra), or set "
                          "metrics.tensorboard = false", file=config_file or None,
                          field="metrics.tensorboard") from None
-    return SummaryWriter(log_dir=str(log_dir))
+    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
 
 class MetricsWriter:
@@ -87,15 +87,35 @@ class MetricsWriter:
     each under its metrics.jsonl key (null values are left out).
 
     ``tensorboard=None`` takes ``metrics.tensorboard`` from <out>/config.json. A missing
-    tensorboard package raises InputError here, before the first step."""
+    tensorboard package raises InputError here, before the first step.
 
-    def __init__(self, out_dir: Path, tensorboard: bool | None = None, config_file: str = ""):
+    ``resumed_from``: the checkpoint step a resumed run starts after. The steps the earlier
+    run logged past it (it went on after its last checkpoint) are dropped from
+    metrics.jsonl and from TensorBoard, so each step appears once."""
+
+    def __init__(self, out_dir: Path, tensorboard: bool | None = None, config_file: str = "",
+                 resumed_from: int | None = None):
         self.path = out_dir / "metrics.jsonl"
         if tensorboard is None:
             tensorboard, found = tensorboard_requested(out_dir)
             config_file = config_file or found
-        self.tensorboard = (open_summary_writer(out_dir / TENSORBOARD_DIR, config_file)
+        if resumed_from is not None:
+            self._truncate(resumed_from)
+        purge = None if resumed_from is None else resumed_from + 1
+        self.tensorboard = (open_summary_writer(out_dir / TENSORBOARD_DIR, config_file, purge)
                             if tensorboard else None)
+
+    def _truncate(self, last_step: int) -> None:
+        try:
+            lines = self.path.read_text().splitlines()
+        except FileNotFoundError:
+            return
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= last_step]
+        if len(kept) == len(lines):
+            return
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
 
     def write(self, m: dict[str, Any]) -> None:
         with open(self.path, "a") as f:

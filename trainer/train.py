@@ -212,7 +212,8 @@ def train(cfg: TrainConfig, out_dir: Path, device,
 
     peak = peak_flops(device)
     tokens_per_step = loader.global_batch * t.seq_len
-    writer = (MetricsWriter(out_dir, cfg.metrics.tensorboard, cfg.path)
+    writer = (MetricsWriter(out_dir, cfg.metrics.tensorboard, cfg.path,
+                            resumed_from=start_step if resume is not None else None)
               if rank == 0 else None)
     if rank == 0:
         print(f"model: {n_params / 1e6:,.1f}M parameters, {n_active / 1e6:,.1f}M active | "

@@ -100,3 +100,24 @@ def test_missing_package_fails_at_start_naming_the_field(tmp_path):
     assert str(cfg) in errors[0]
     assert not (out / "metrics.jsonl").exists()  # stopped before the first step
     assert "training failed" not in proc.stderr
+
+
+def test_a_resumed_writer_logs_every_step_once(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from trainer.metrics import MetricsWriter
+
+    def log(writer, steps, loss):
+        for step in steps:
+            writer.write({"step": step, "loss": loss + step, "mfu": None})
+        writer.close()
+
+    log(MetricsWriter(tmp_path, tensorboard=True), [1, 2, 3, 4], 10.0)  # saved at 2, died at 4
+    log(MetricsWriter(tmp_path, tensorboard=True, resumed_from=2), [3, 4, 5], 20.0)
+    metrics = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["step"], m["loss"]) for m in metrics] == [(1, 11), (2, 12), (3, 23), (4, 24),
+                                                          (5, 25)]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 11), (2, 12), (3, 23),
+                                                                    (4, 24), (5, 25)]

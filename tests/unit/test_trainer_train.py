@@ -123,9 +123,13 @@ def test_resume_continues_like_an_uninterrupted_run(tmp_path, nproc):
     shutil.copytree(ckpts / "step-000004", resumed_dir / "step-000004")
     shutil.copytree(ckpts / "step-000006", resumed_dir / "step-000006")
     (resumed_dir / "step-000006" / "COMPLETE").unlink()
-    proc, rest = train(cfg, tmp_path / "resumed", nproc=nproc, steps=8)
+    # it had logged steps 1-6; steps 5 and 6 are done again and must appear once
+    full_lines = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    (tmp_path / "resumed" / "metrics.jsonl").write_text("\n".join(full_lines[:6]) + "\n")
+    proc, logged = train(cfg, tmp_path / "resumed", nproc=nproc, steps=8)
     assert "resumed from" in proc.stdout and "step-000004" in proc.stdout
-    assert [m["step"] for m in rest] == [5, 6, 7, 8]
+    assert [m["step"] for m in logged] == [1, 2, 3, 4, 5, 6, 7, 8]
+    rest = logged[4:]
     expected = losses(full)
     for m in rest:
         assert abs(m["loss"] - expected[m["step"]]) < RESUME_TOLERANCE, (m, expected)
