@@ -97,3 +97,41 @@ def test_clip_grad_norm_matches_torch_in_one_process():
     torch.testing.assert_close(ours, theirs)
     for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(pa.grad, pb.grad)
+
+
+def test_selective_checkpointing_recomputes_all_but_matmuls():
+    """Same loss and gradients in every mode; in backward, "full" runs the forward
+    matmuls again, "selective" only the cheap ops between them (here SiLU and sort)."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from trainer.model.model import ModelArgs, Transformer
+    from trainer.parallel.apply import apply_activation_checkpointing
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    tokens = torch.randint(0, 256, (2, 65), generator=torch.Generator().manual_seed(1))
+    runs = {}
+    for mode in ("none", "selective", "full"):
+        torch.manual_seed(0)
+        model = Transformer(ModelArgs(dim=64, n_layers=3, mtp_depth=1, max_seq_len=64))
+        apply_activation_checkpointing(model, mode)
+        out = model(tokens[:, :-1], tokens[:, 1:])
+        with CountOps() as ops:
+            out.loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        runs[mode] = (out.loss.item(), grads, ops.calls)
+    for mode in ("selective", "full"):
+        assert runs[mode][0] == runs["none"][0]
+        assert torch.allclose(runs[mode][1], runs["none"][1], atol=1e-6)
+    none, selective, full = (runs[m][2] for m in ("none", "selective", "full"))
+    assert selective["mm"] == none["mm"] < full["mm"]
+    assert selective["silu"] > none["silu"] and selective["sort"] > none["sort"]

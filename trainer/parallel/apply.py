@@ -4,6 +4,7 @@
 1. tensor parallelism with sequence parallelism (tensor.py), then expert parallelism
    (expert.py)
 2. activation checkpointing: each transformer block recomputes its activations in backward
+   (all of them, or with "selective" all but the outputs of matmuls and attention)
 3. torch.compile of each transformer block (training.compile)
 4. data parallelism:
    - dp_shard > 1: FSDP2 ``fully_shard`` on each block, then on the root. Parameters,
@@ -39,17 +40,47 @@ from trainer.parallel.tensor import apply_tp
 DDP_PARAMETERS = inspect.signature(DistributedDataParallel.__init__).parameters
 
 
+def _selective_policy():
+    """Save the outputs of matmuls and attention, recompute everything else (norms,
+    activations, RoPE, casts, routing) in backward."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    aten = torch.ops.aten
+    names = ["mm", "addmm", "bmm", "_grouped_mm", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+             "_scaled_dot_product_flash_attention_for_cpu"]
+    save = {getattr(aten, n).default for n in names if hasattr(aten, n)}
+
+    def policy(_ctx, op, *_args, **_kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+def _checkpointed(module: nn.Module, mode: str) -> nn.Module:
+    if mode == "full":
+        return checkpoint_wrapper(module, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    policy = _selective_policy()
+    return checkpoint_wrapper(
+        module, checkpoint_impl=CheckpointImpl.NO_REENTRANT,
+        context_fn=lambda: create_selective_checkpoint_contexts(policy))
+
+
 def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
-    """mode "full": wrap every block so its activations are recomputed in backward."""
+    """mode "full": every block recomputes all of its activations in backward; "selective":
+    every block keeps the outputs of its matmuls and attention and recomputes the rest
+    (norms, activations, RoPE, casts, routing), which frees most of the elementwise
+    activations for little recomputation."""
     if mode == "none":
         return
-    if mode != "full":
+    if mode not in ("full", "selective"):
         raise ValueError(f"unknown activation checkpointing mode {mode!r}")
     for name, block in list(model.layers.items()):
-        model.layers[name] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+        model.layers[name] = _checkpointed(block, mode)
     if model.mtp is not None:
-        model.mtp.block = checkpoint_wrapper(model.mtp.block,
-                                             checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+        model.mtp.block = _checkpointed(model.mtp.block, mode)
 
 
 def apply_compile(model: Transformer) -> None:
