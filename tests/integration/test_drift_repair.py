@@ -82,14 +82,15 @@ def cluster(request, tmp_path_factory, ssh_argv):
 _TRAINER_SOURCE: list[str] = []
 
 
-def _bootstrap(inventory, runs_dir, *, check: bool = False):
+def _bootstrap(inventory, runs_dir, *, check: bool = False, extra: dict | None = None):
     from rich.console import Console
 
     from dsk_provision.runner import run_playbook
 
     return run_playbook("site.yml", inventory, command="bootstrap", runs_dir=runs_dir,
                         check=check, console=Console(quiet=True),
-                        extra_vars={"trainer_env_source_dir": _TRAINER_SOURCE[-1]})
+                        extra_vars={"trainer_env_source_dir": _TRAINER_SOURCE[-1],
+                                    **(extra or {})})
 
 
 def _on(cluster, node: str, command: str) -> subprocess.CompletedProcess:
@@ -144,3 +145,14 @@ def test_one_break_alone_is_repaired(cluster, tmp_path, what):
     assert _changed(result) == {"node1": 0, "node2": _changed(result)["node2"]}
     assert _changed(result)["node2"] > 0
     assert _on(cluster, "node2", repaired).returncode == 0, f"{what} was not repaired"
+
+
+def test_forced_converge_runs_every_role_and_changes_nothing(cluster, tmp_path):
+    """dsk_force_converge runs the converge tasks without drift: they are idempotent too."""
+    inventory = cluster[1]
+    quiet = _bootstrap(inventory, tmp_path / "quiet")
+    forced = _bootstrap(inventory, tmp_path / "forced", extra={"dsk_force_converge": True})
+    assert forced.ok, forced.failed
+    assert all(count == 0 for count in _changed(forced).values()), _changed(forced)
+    # The converge tasks ran: more tasks were ok than in a run that found no drift.
+    assert forced.recap["node1"]["ok"] > quiet.recap["node1"]["ok"], (forced.recap, quiet.recap)
