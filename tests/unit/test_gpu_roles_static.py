@@ -13,24 +13,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import BIN, REPO, ROLES, run_role, tool
 
-REPO = Path(__file__).resolve().parents[2]
-ROLES = REPO / "roles"
-BIN = Path(sys.executable).parent
 GPU_ROLES = ["nvidia_driver", "fabric_manager", "cuda", "nccl", "rdma", "containers",
              "nccl_tests"]
 PATHS = [f"roles/{r}" for r in GPU_ROLES] + ["playbooks/gpu_stack.yml"]
 
 
-def _tool(name: str) -> str:
-    path = BIN / name
-    if not path.exists():
-        pytest.skip(f"{name} is not installed in {BIN} (pip install -e .[dev])")
-    return str(path)
-
-
 def test_yamllint_clean():
-    proc = subprocess.run([_tool("yamllint"), "-s", *PATHS, "inventory/gpu-h200-local"],
+    proc = subprocess.run([tool("yamllint"), "-s", *PATHS, "inventory/gpu-h200-local"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -38,7 +29,7 @@ def test_yamllint_clean():
 @pytest.mark.slow
 def test_ansible_lint_production_clean():
     env = dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), NO_COLOR="1")
-    proc = subprocess.run([_tool("ansible-lint"), "--profile", "production", "--nocolor",
+    proc = subprocess.run([tool("ansible-lint"), "--profile", "production", "--nocolor",
                            *PATHS], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
@@ -79,23 +70,6 @@ def test_role_has_vars_for_every_supported_distribution(role):
         assert (ROLES / role / "vars" / f"{name}.yml").is_file(), (role, name)
 
 
-def _run_role(tmp_path: Path, role: str, extra: dict) -> subprocess.CompletedProcess:
-    (tmp_path / "play.yml").write_text(yaml.safe_dump([{
-        "name": "Run one role", "hosts": "nodes", "gather_facts": False,
-        "roles": [{"role": role}]}]))
-    (tmp_path / "hosts.yml").write_text(yaml.safe_dump({"all": {"children": {"nodes": {
-        "hosts": {"localnode": {"ansible_connection": "local",
-                                "ansible_python_interpreter": sys.executable}}}}}}))
-    (tmp_path / "extra.yml").write_text(yaml.safe_dump(extra))
-    env = dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),
-               ANSIBLE_ROLES_PATH=str(ROLES), ANSIBLE_LOCAL_TEMP=str(tmp_path / "ltmp"),
-               ANSIBLE_REMOTE_TEMP=str(tmp_path / "rtmp"), ANSIBLE_NOCOLOR="1")
-    return subprocess.run([str(BIN / "ansible-playbook"), "-i", str(tmp_path / "hosts.yml"),
-                           str(tmp_path / "play.yml"), "--check",
-                           "-e", f"@{tmp_path / 'extra.yml'}"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
-
-
 BAD_ARGUMENTS = [
     ("nvidia_driver", {"nvidia_driver_source": "cuda-rep"}, "nvidia_driver_source"),
     ("nvidia_driver", {"nvidia_driver_allow_reboot": "maybe"}, "nvidia_driver_allow_reboot"),
@@ -111,7 +85,7 @@ BAD_ARGUMENTS = [
 @pytest.mark.parametrize(("role", "extra", "variable"), BAD_ARGUMENTS,
                          ids=[f"{r}-{v}" for r, _, v in BAD_ARGUMENTS])
 def test_argument_specs_reject_bad_values_before_any_task(tmp_path, role, extra, variable):
-    proc = _run_role(tmp_path, role, extra)
+    proc = run_role(tmp_path, role, extra)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]
     assert "Validation of arguments failed" in out, out[-3000:]
@@ -135,7 +109,7 @@ BAD_PINS = [
 
 @pytest.mark.parametrize(("role", "extra", "message"), BAD_PINS, ids=[m for *_, m in BAD_PINS])
 def test_inconsistent_pins_fail_naming_the_variable(tmp_path, role, extra, message):
-    proc = _run_role(tmp_path, role, extra)
+    proc = run_role(tmp_path, role, extra)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]
     assert message in out, out[-3000:]
@@ -165,7 +139,7 @@ def test_good_values_get_past_validation_and_skip_with_reasons(tmp_path):
     if any((Path("/sys/bus/pci/devices") / d / "vendor").read_text().strip() == "0x10de"
            for d in os.listdir("/sys/bus/pci/devices")):
         pytest.skip("this machine has NVIDIA devices")
-    proc = _run_role(tmp_path, "cuda", {"cuda_version": "13.0"})
+    proc = run_role(tmp_path, "cuda", {"cuda_version": "13.0"})
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert "Skipping the CUDA toolkit: no NVIDIA GPU on this node" in out, out[-3000:]

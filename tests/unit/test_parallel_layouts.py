@@ -11,48 +11,22 @@ runs in one process with micro_batch_size 4 and grad_accum_steps 2.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+from helpers import tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = tomllib.loads((ROOT / "trainer" / "configs" / "tiny.toml").read_text())
 STEPS = 6
 # the layouts reduce in other orders than one process; measured differences are below
 # 1e-5 for tp, ep and pp and below 1e-4 for FSDP; the tolerance leaves room for other
 # CPUs' math libraries
 TOLERANCE = 2e-3
-
-
-def dump_toml(doc: dict) -> str:
-    lines = []
-    for table, values in doc.items():
-        lines.append(f"[{table}]")
-        for key, value in values.items():
-            if isinstance(value, bool):
-                lines.append(f"{key} = {str(value).lower()}")
-            elif isinstance(value, str):
-                lines.append(f'{key} = "{value}"')
-            else:
-                lines.append(f"{key} = {value}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def write_config(tmp: Path, name: str, **sections) -> Path:
-    doc = copy.deepcopy(TINY)
-    for section, values in sections.items():
-        doc.setdefault(section, {}).update(values)
-    path = tmp / f"{name}.toml"
-    path.write_text(dump_toml(doc))
-    return path
 
 
 # name -> (processes, config sections); all with a global batch of 8 sequences; ep2 and
@@ -111,7 +85,7 @@ def runs(tmp_path_factory) -> dict[str, dict[int, float]]:
     tmp = tmp_path_factory.mktemp("layouts")
     jobs: dict[int, list[dict]] = {1: [], 2: [], 4: []}
     for name, (nproc, sections) in LAYOUTS.items():
-        job = {"config": str(write_config(tmp, name, **sections)), "out": str(tmp / name)}
+        job = {"config": str(tiny_config(tmp, name, **sections)), "out": str(tmp / name)}
         if name in RESUMED:
             job["resume_from"] = str(tmp / RESUMED[name] / "checkpoints" / "step-000003")
         jobs[nproc].append(job)

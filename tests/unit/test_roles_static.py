@@ -15,20 +15,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import REPO, ROLES, run_role, tool
 
-REPO = Path(__file__).resolve().parents[2]
-ROLES = REPO / "roles"
-BIN = Path(sys.executable).parent
 ALL_ROLES = sorted(p.name for p in ROLES.iterdir() if (p / "tasks").is_dir())
 BOOTSTRAP_PLAYBOOKS = ["site.yml", "boilerplate.yml", "preflight.yml", "common.yml",
                        "ssh_trust.yml", "trainer_env.yml", "validate.yml"]
-
-
-def _tool(name: str) -> str:
-    path = BIN / name
-    if not path.exists():
-        pytest.skip(f"{name} is not installed in {BIN} (pip install -e .[dev])")
-    return str(path)
 
 
 def _load(path: Path):
@@ -37,7 +28,7 @@ def _load(path: Path):
 
 
 def test_yamllint_clean():
-    proc = subprocess.run([_tool("yamllint"), "-s", "playbooks", "roles"], cwd=REPO,
+    proc = subprocess.run([tool("yamllint"), "-s", "playbooks", "roles"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -45,7 +36,7 @@ def test_yamllint_clean():
 @pytest.mark.slow
 def test_ansible_lint_production_clean():
     env = dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), NO_COLOR="1")
-    proc = subprocess.run([_tool("ansible-lint"), "--profile", "production", "--nocolor",
+    proc = subprocess.run([tool("ansible-lint"), "--profile", "production", "--nocolor",
                            "playbooks", "roles"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
@@ -103,23 +94,7 @@ def test_no_strict_host_key_checking_off_anywhere():
 
 def _run_role(tmp_path: Path, role: str, extra: dict,
               playbook: Path | None = None) -> subprocess.CompletedProcess:
-    play = playbook or tmp_path / "play.yml"
-    if playbook is None:
-        play.write_text(yaml.safe_dump([{
-            "name": "Run one role", "hosts": "nodes", "gather_facts": False,
-            "roles": [{"role": role}],
-        }]))
-    inventory = tmp_path / "hosts.yml"
-    inventory.write_text(yaml.safe_dump({"all": {"children": {"nodes": {"hosts": {
-        "localnode": {"ansible_connection": "local", "ansible_python_interpreter": sys.executable,
-                      "dsk_gpus_per_node": 0}}}}}}))
-    (tmp_path / "extra.yml").write_text(yaml.safe_dump(extra))
-    env = dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),
-               ANSIBLE_ROLES_PATH=str(ROLES), ANSIBLE_LOCAL_TEMP=str(tmp_path / "ltmp"),
-               ANSIBLE_REMOTE_TEMP=str(tmp_path / "rtmp"), ANSIBLE_NOCOLOR="1")
-    return subprocess.run([str(BIN / "ansible-playbook"), "-i", str(inventory), str(play),
-                           "--check", "-e", f"@{tmp_path / 'extra.yml'}"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    return run_role(tmp_path, role, extra, playbook, host_vars={"dsk_gpus_per_node": 0})
 
 
 WRONG_TYPES = [

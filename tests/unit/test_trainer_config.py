@@ -6,30 +6,15 @@ import copy
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+from helpers import TINY, dump_toml
 
 from trainer.config import InputError, check_world_size, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "trainer" / "configs"
-TINY = tomllib.loads((CONFIGS / "tiny.toml").read_text())
-
-
-def dump_toml(doc: dict) -> str:
-    """Enough TOML for these configs: tables of scalars."""
-    lines = []
-    for table, values in doc.items():
-        lines.append(f"[{table}]")
-        for key, value in values.items():
-            if isinstance(value, str):
-                lines.append(f'{key} = "{value}"')
-            else:
-                lines.append(f"{key} = {str(value).lower() if isinstance(value, bool) else value}")
-        lines.append("")
-    return "\n".join(lines)
 
 
 def tiny_with(section: str, key: str, value) -> dict:

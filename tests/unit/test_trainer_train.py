@@ -3,43 +3,22 @@ resume continues exactly, activation checkpointing changes nothing numerically."
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+from helpers import tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = tomllib.loads((ROOT / "trainer" / "configs" / "tiny.toml").read_text())
 # DDP/FSDP reduce in a different order than one process does; measured differences are
 # below 1e-4, the tolerance leaves room for other CPUs' math libraries.
 PARALLEL_TOLERANCE = 2e-3
 RESUME_TOLERANCE = 1e-6
-
-
-def dump_toml(doc: dict) -> str:
-    lines = []
-    for table, values in doc.items():
-        lines.append(f"[{table}]")
-        for key, value in values.items():
-            lines.append(f'{key} = "{value}"' if isinstance(value, str) else f"{key} = {value}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def config(tmp_path: Path, name: str, **sections) -> Path:
-    doc = copy.deepcopy(TINY)
-    for section, values in sections.items():
-        doc.setdefault(section, {}).update(values)
-    path = tmp_path / f"{name}.toml"
-    path.write_text(dump_toml(doc))
-    return path
 
 
 def train(cfg: Path, out: Path, nproc: int = 1, steps: int | None = None):
@@ -89,14 +68,14 @@ def test_profile_step_writes_a_trace(tmp_path):
 @pytest.fixture(scope="module")
 def single_process_losses(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("single")
-    cfg = config(tmp, "acc2", training={"grad_accum_steps": 2})  # same global batch as 2 x 1
+    cfg = tiny_config(tmp, "acc2", training={"grad_accum_steps": 2})  # same global batch as 2 x 1
     return losses(train(cfg, tmp / "run", steps=8)[1])
 
 
 @pytest.mark.parametrize("mode", ["fsdp", "ddp"])
 def test_two_process_run_matches_one_process(tmp_path, single_process_losses, mode):
     parallel = {"dp_shard": -1} if mode == "fsdp" else {"dp_replicate": 2, "dp_shard": 1}
-    cfg = config(tmp_path, mode, parallel=parallel)
+    cfg = tiny_config(tmp_path, mode, parallel=parallel)
     proc, metrics = train(cfg, tmp_path / "run", nproc=2, steps=8)
     two = losses(metrics)
     assert two.keys() == single_process_losses.keys()
@@ -110,7 +89,7 @@ def test_two_process_run_matches_one_process(tmp_path, single_process_losses, mo
 
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_resume_continues_like_an_uninterrupted_run(tmp_path, nproc):
-    cfg = config(tmp_path, "ckpt", checkpoint={"interval": 2, "keep_last": 3})
+    cfg = tiny_config(tmp_path, "ckpt", checkpoint={"interval": 2, "keep_last": 3})
     _, full = train(cfg, tmp_path / "full", nproc=nproc, steps=8)
     ckpts = tmp_path / "full" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-000004", "step-000006",
@@ -144,10 +123,10 @@ def test_activation_checkpointing_and_mtp_and_shards(tmp_path):
                    cwd=ROOT, check=True, capture_output=True, timeout=60)
     base = {"data": {"kind": "shards", "path": str(tmp_path / "data")},
             "model": {"mtp_depth": 1}}
-    plain = config(tmp_path, "plain", **base)
+    plain = tiny_config(tmp_path, "plain", **base)
     _, a = train(plain, tmp_path / "a", steps=6)
     for mode in ("full", "selective"):
-        ac = config(tmp_path, mode, training={"activation_checkpoint": mode}, **base)
+        ac = tiny_config(tmp_path, mode, training={"activation_checkpoint": mode}, **base)
         _, b = train(ac, tmp_path / mode, steps=6)
         for x, y in zip(a, b, strict=True):
             assert abs(x["loss"] - y["loss"]) < 1e-5, mode

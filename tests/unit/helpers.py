@@ -1,0 +1,78 @@
+"""Helpers shared by the unit tests (imported as ``helpers``: pytest puts this directory
+on sys.path). Not collected: the file name does not start with test_."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+ROLES = REPO / "roles"
+BIN = Path(sys.executable).parent
+TINY = tomllib.loads((REPO / "trainer" / "configs" / "tiny.toml").read_text())
+
+
+def tool(name: str) -> str:
+    """The path of a dev tool in this virtualenv; the test is skipped, saying what to
+    install, when the tool is missing."""
+    path = BIN / name
+    if not path.exists():
+        pytest.skip(f"{name} is not installed in {BIN} (pip install -e .[dev])")
+    return str(path)
+
+
+def run_role(tmp_path: Path, role: str, extra: dict, playbook: Path | None = None,
+             host_vars: dict | None = None) -> subprocess.CompletedProcess:
+    """``ansible-playbook --check`` of one role (or of ``playbook``) against this machine
+    through a local connection, with ``extra`` as extra vars."""
+    play = playbook or tmp_path / "play.yml"
+    if playbook is None:
+        play.write_text(yaml.safe_dump([{
+            "name": "Run one role", "hosts": "nodes", "gather_facts": False,
+            "roles": [{"role": role}],
+        }]))
+    host = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable,
+            **(host_vars or {})}
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text(yaml.safe_dump(
+        {"all": {"children": {"nodes": {"hosts": {"localnode": host}}}}}))
+    (tmp_path / "extra.yml").write_text(yaml.safe_dump(extra))
+    env = dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),
+               ANSIBLE_ROLES_PATH=str(ROLES), ANSIBLE_LOCAL_TEMP=str(tmp_path / "ltmp"),
+               ANSIBLE_REMOTE_TEMP=str(tmp_path / "rtmp"), ANSIBLE_NOCOLOR="1")
+    return subprocess.run([str(BIN / "ansible-playbook"), "-i", str(inventory), str(play),
+                           "--check", "-e", f"@{tmp_path / 'extra.yml'}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+
+
+def dump_toml(doc: dict) -> str:
+    """Enough TOML for the trainer's configs: tables of scalars."""
+    lines = []
+    for table, values in doc.items():
+        lines.append(f"[{table}]")
+        for key, value in values.items():
+            if isinstance(value, bool):
+                lines.append(f"{key} = {str(value).lower()}")
+            elif isinstance(value, str):
+                lines.append(f'{key} = "{value}"')
+            else:
+                lines.append(f"{key} = {value}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def tiny_config(tmp: Path, name: str, **sections) -> Path:
+    """tiny.toml with ``sections`` merged into its tables, written to tmp/<name>.toml."""
+    doc = copy.deepcopy(TINY)
+    for section, values in sections.items():
+        doc.setdefault(section, {}).update(values)
+    path = tmp / f"{name}.toml"
+    path.write_text(dump_toml(doc))
+    return path
