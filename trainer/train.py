@@ -232,7 +232,7 @@ def train(cfg: TrainConfig, out_dir: Path, device,
             activities = [ProfilerActivity.CPU] + (
                 [ProfilerActivity.CUDA] if device.type == "cuda" else [])
             prof = profile(activities=activities)
-            prof.__enter__()
+            prof.start()
         t0 = time.perf_counter()
         micro_batches = loader.next_step()
         loads = torch.zeros(n_moe, args.n_routed_experts, dtype=torch.long, device=device)
@@ -288,7 +288,7 @@ def train(cfg: TrainConfig, out_dir: Path, device,
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - t0
         if prof is not None:
-            prof.__exit__(None, None, None)
+            prof.stop()
             profile_report(prof, step, elapsed, out_dir, rank)
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {step}")

@@ -26,7 +26,6 @@ This module must only need torch: the nodes have the trainer package, not dsk_pr
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -35,6 +34,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from trainer.bench import write_json_whole
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 _DTYPES = {
@@ -263,13 +264,6 @@ def format_table(result: dict) -> str:
     return head + "\n".join(lines) + "\n#\n" + tail
 
 
-def _write_json_whole(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m trainer.bench.allreduce",
                                      description=__doc__.split("\n\n")[0])
@@ -330,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write(format_table(result))
             sys.stdout.flush()
             if args.json_out:
-                _write_json_whole(args.json_out, result)
+                write_json_whole(args.json_out, result)
         dist.barrier()
     finally:
         dist.destroy_process_group()

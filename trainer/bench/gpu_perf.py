@@ -18,7 +18,6 @@ This module must only need torch: the nodes have the trainer package, not dsk_pr
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import sys
@@ -26,6 +25,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from trainer.bench import write_json_whole
 
 CUDA_DEFAULTS = {"size": 8192, "copy_mib": 4096}
 CPU_DEFAULTS = {"size": 512, "copy_mib": 64}
@@ -111,14 +112,6 @@ def measure(size: int | None = None, copy_mib: int | None = None, warmup: int = 
     }
 
 
-def _write_json_whole(path: Path, data: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m trainer.bench.gpu_perf",
                                      description=__doc__.splitlines()[0])
@@ -151,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
     if args.json_out:
         path = Path(str(args.json_out).replace("{node}", os.environ.get("GROUP_RANK", "0")))
-        _write_json_whole(path, result)
+        write_json_whole(path, result)
     return 0
 
 

@@ -21,6 +21,7 @@ import torch
 
 from trainer.config import load_config
 from trainer.model import ModelArgs, Transformer
+from trainer.train import build_optimizer
 
 FAMILIES = [  # first match wins; matched against the kernel's name, lower case
     ("attention", r"flash|fmha|attention|sdpa|cudnn.*(fprop|bprop)|mha"),
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.compile:
         from trainer.parallel.apply import apply_compile
         apply_compile(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    opt, _scheduler = build_optimizer(model, cfg)  # the trainer's own AdamW
     tokens = torch.randint(0, margs.vocab_size, (mbs, seq + 1), device=device)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
 

@@ -14,9 +14,10 @@ from trainer.model.model import (
     Transformer,
     count_params,
     flops_per_token,
+    lm_cross_entropy,
 )
 
 __all__ = [
     "MLA", "MLP", "MTP", "Block", "Gate", "GroupedExperts", "LossOutput", "ModelArgs", "MoE",
-    "RMSNorm", "Transformer", "count_params", "flops_per_token",
+    "RMSNorm", "Transformer", "count_params", "flops_per_token", "lm_cross_entropy",
 ]

@@ -324,6 +324,11 @@ class MTP(nn.Module):
         return self.norm(self.block(x, freqs_cis))
 
 
+def lm_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of logits (batch, seq, vocab), computed in fp32."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
 class LossOutput(NamedTuple):
     loss: torch.Tensor  # what to back-propagate: lm_loss + mtp_loss_weight * mtp_loss
     lm_loss: torch.Tensor
@@ -390,7 +395,7 @@ class Transformer(nn.Module):
         logits = self.output(h)
         if shift:
             logits, targets = logits[:, :-shift], targets[:, shift:]
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return lm_cross_entropy(logits, targets)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None):
         """tokens (batch, seq) -> logits (batch, seq, vocab) when targets is None, else a

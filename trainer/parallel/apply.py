@@ -57,12 +57,13 @@ def _selective_policy():
     return policy
 
 
-def _checkpointed(module: nn.Module, mode: str) -> nn.Module:
-    if mode == "full":
+def _checkpointed(module: nn.Module, policy) -> nn.Module:
+    """``module`` wrapped to recompute in backward: everything (``policy`` None), or what
+    the selective ``policy`` does not save."""
+    if policy is None:
         return checkpoint_wrapper(module, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
-    policy = _selective_policy()
     return checkpoint_wrapper(
         module, checkpoint_impl=CheckpointImpl.NO_REENTRANT,
         context_fn=lambda: create_selective_checkpoint_contexts(policy))
@@ -77,10 +78,11 @@ def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
         return
     if mode not in ("full", "selective"):
         raise ValueError(f"unknown activation checkpointing mode {mode!r}")
+    policy = _selective_policy() if mode == "selective" else None
     for name, block in list(model.layers.items()):
-        model.layers[name] = _checkpointed(block, mode)
+        model.layers[name] = _checkpointed(block, policy)
     if model.mtp is not None:
-        model.mtp.block = _checkpointed(model.mtp.block, mode)
+        model.mtp.block = _checkpointed(model.mtp.block, policy)
 
 
 def apply_compile(model: Transformer) -> None:

@@ -24,11 +24,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-from trainer.model import Transformer
+from trainer.model import Transformer, lm_cross_entropy
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
@@ -74,10 +73,6 @@ def split_model(model: Transformer, pp: int, stage: int, seq_shards: int = 1) ->
     return model
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-
-
 class Pipeline:
     """One rank's stage and schedule. ``step`` runs one training micro-batch through the
     whole pipeline (forward and backward of every pipeline micro-batch)."""
@@ -98,7 +93,7 @@ class Pipeline:
             p.grad = None
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return lm_loss(logits, targets) * self.loss_scale
+        return lm_cross_entropy(logits, targets) * self.loss_scale
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
         """Returns the micro-batch's mean loss (unscaled) on the last stage, else None."""
