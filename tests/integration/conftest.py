@@ -22,7 +22,8 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-SANDBOX_NAME = "itest"
+# DSK_ITEST_SANDBOX lets two checkouts run the integration suite side by side.
+SANDBOX_NAME = os.environ.get("DSK_ITEST_SANDBOX", "itest")
 SANDBOX_NODES = 3
 
 

@@ -99,12 +99,12 @@ def test_venv_works_inside_nodes(sandbox_cluster, node_ssh):
 
 
 def test_status_and_idempotent_up(sandbox_cluster):
-    rows = sandbox.status("itest")
+    rows = sandbox.status(sandbox_cluster.name)
     assert len(rows) == 1 and rows[0]["mirror"] == "running"
     assert [(n["name"], n["state"]) for n in rows[0]["nodes"]] == [
         ("node1", "running"), ("node2", "running"), ("node3", "running")]
     before = json.loads((sandbox_cluster.state_dir / "state.json").read_text())
-    again = sandbox.up("itest", 3)
+    again = sandbox.up(sandbox_cluster.name, 3)
     after = json.loads((sandbox_cluster.state_dir / "state.json").read_text())
     assert again.to_dict() == sandbox_cluster.to_dict()
     assert [n["pid"] for n in after["nodes"]] == [n["pid"] for n in before["nodes"]]
@@ -118,15 +118,15 @@ def test_subnet_in_use_is_refused_before_any_change(sandbox_cluster):
 
 
 def test_link_rate(sandbox_cluster):
-    veth = naming.veth_name("itest", 2)
+    veth = naming.veth_name(sandbox_cluster.name, 2)
     try:
-        sandbox.set_link_rate("itest", "node2", "10mbit")
+        sandbox.set_link_rate(sandbox_cluster.name, "node2", "10mbit")
         assert "rate 10Mbit" in host.run(["tc", "qdisc", "show", "dev", veth]).stdout
     finally:
-        sandbox.set_link_rate("itest", "node2", None)
+        sandbox.set_link_rate(sandbox_cluster.name, "node2", None)
     assert "tbf" not in host.run(["tc", "qdisc", "show", "dev", veth]).stdout
     with pytest.raises(InputError):
-        sandbox.set_link_rate("itest", "node9", "10mbit")
+        sandbox.set_link_rate(sandbox_cluster.name, "node9", "10mbit")
 
 
 def _leftovers(name: str, state: dict) -> list[str]:
