@@ -28,3 +28,13 @@ def test_unknown_setting_and_self_reference_are_errors():
         defaults.resolve("dsk_no_such_setting")
     with pytest.raises(ValueError, match="refers to itself"):
         defaults.resolve("dsk_root", {"dsk_root": "{{ dsk_root }}/x"})
+
+
+def test_role_defaults_are_read_from_the_role():
+    version = defaults.role_defaults("nccl_tests")["nccl_tests_version"]
+    assert defaults.resolve("nccl_tests_version", role="nccl_tests") == version
+    assert defaults.resolve("nccl_tests_version", {"nccl_tests_version": "9.9"},
+                            role="nccl_tests") == "9.9"
+    # A role's own lookups fall back to the cluster-wide defaults.
+    assert defaults.resolve("dsk_rdzv_port", role="nccl_tests") == \
+        defaults.cluster_defaults()["dsk_rdzv_port"]
