@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainer.model.args import ModelArgs
+
 try:  # on the control node the project's error types are importable
     from dsk_provision.errors import InputError
 except ImportError:  # on a node only the trainer package is shipped
@@ -37,36 +39,6 @@ except ImportError:  # on a node only the trainer package is shipped
 
 
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "train_config.schema.json"
-
-
-@dataclass
-class ModelConfig:
-    vocab_size: int
-    dim: int
-    n_layers: int
-    n_heads: int
-    inter_dim: int
-    moe_inter_dim: int = 0  # 0: same as inter_dim
-    n_dense_layers: int = 1
-    n_routed_experts: int = 8
-    n_shared_experts: int = 1
-    n_activated_experts: int = 2
-    n_expert_groups: int = 1
-    topk_groups: int = 1
-    score_func: str = "softmax"
-    route_scale: float = 1.0
-    bias_update_speed: float = 0.001
-    q_lora_rank: int = 0
-    kv_lora_rank: int = 512
-    qk_nope_head_dim: int = 128
-    qk_rope_head_dim: int = 64
-    v_head_dim: int = 128
-    rope_theta: float = 10000.0
-    max_seq_len: int = 4096
-    norm_eps: float = 1e-6
-    init_std: float = 0.02
-    mtp_depth: int = 0
-    mtp_loss_weight: float = 0.3
 
 
 @dataclass
@@ -125,7 +97,7 @@ class MetricsConfig:
 
 @dataclass
 class TrainConfig:
-    model: ModelConfig
+    model: ModelArgs
     training: TrainingConfig
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -248,9 +220,7 @@ def parse_config(raw: dict[str, Any], file: str = "<config>") -> TrainConfig:
     errors = sorted(validator.iter_errors(raw), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
         raise _schema_error(jsonschema.exceptions.best_match(errors), file)
-    model = ModelConfig(**raw["model"])
-    if not model.moe_inter_dim:
-        model.moe_inter_dim = model.inter_dim
+    model = ModelArgs(**raw["model"])
     if "max_seq_len" not in raw["model"]:
         model.max_seq_len = max(model.max_seq_len, raw["training"]["seq_len"])
     cfg = TrainConfig(
@@ -280,37 +250,61 @@ def load_config(path: str | Path) -> TrainConfig:
     return parse_config(raw, file)
 
 
-def resolve_dp_shard(cfg: TrainConfig, world_size: int) -> int:
-    """The dp_shard degree for a world size (-1 fills what the other degrees leave)."""
-    p = cfg.parallel
-    others = p.dp_replicate * p.tp * p.pp
-    if p.dp_shard == -1:
+class DegreeError(ValueError):
+    """Parallel degrees that do not fit the world size; ``field`` names the config key."""
+
+    def __init__(self, message: str, field: str | None = None, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.hint = hint
+
+
+def resolve_degrees(dp_replicate: int, dp_shard: int, tp: int, pp: int, ep: int,
+                    world_size: int) -> int:
+    """The rules between the parallel degrees and the world size, for config validation
+    and for ParallelDims: every degree >= 1 (dp_shard may be -1: every rank the others
+    leave), dp_replicate * dp_shard * tp * pp == world_size, ep divides dp_shard (expert
+    parallelism borrows its ranks from it), and plain DDP (dp_replicate > 1, dp_shard = 1)
+    is not combined with tp or pp. Returns dp_shard with -1 resolved; raises DegreeError."""
+    for name, value in (("dp_replicate", dp_replicate), ("tp", tp), ("pp", pp), ("ep", ep)):
+        if value < 1:
+            raise DegreeError(f"parallel degree {name} must be >= 1, got {value}",
+                              f"parallel.{name}")
+    if world_size < 1:
+        raise DegreeError(f"the world size must be >= 1, got {world_size}")
+    if dp_shard == -1:
+        others = dp_replicate * tp * pp
         if world_size % others:
-            raise InputError(
+            raise DegreeError(
                 f"world size {world_size} is not divisible by dp_replicate*tp*pp = {others}",
-                file=cfg.path or None, field="parallel.dp_replicate")
-        return world_size // others
-    return p.dp_shard
+                "parallel.dp_replicate")
+        dp_shard = world_size // others
+    if dp_shard < 1:
+        raise DegreeError(f"dp_shard must be >= 1 or -1, got {dp_shard}", "parallel.dp_shard")
+    product = dp_replicate * dp_shard * tp * pp
+    if product != world_size:
+        raise DegreeError(
+            f"dp_replicate*dp_shard*tp*pp = {dp_replicate}*{dp_shard}*{tp}*{pp} = "
+            f"{product}, but the world size is {world_size}", "parallel",
+            "set parallel.dp_shard = -1 to use every rank, or change the node count")
+    if dp_shard % ep:
+        raise DegreeError(
+            f"ep ({ep}) must divide dp_shard ({dp_shard}): expert parallelism borrows its "
+            "ranks from dp_shard", "parallel.ep")
+    if dp_replicate > 1 and dp_shard == 1 and (tp > 1 or pp > 1):
+        raise DegreeError(
+            "plain DDP (dp_replicate > 1, dp_shard = 1) does not combine with tp or pp; "
+            "use dp_shard > 1 (FSDP or HSDP) instead", "parallel.dp_replicate")
+    return dp_shard
 
 
 def check_world_size(cfg: TrainConfig, world_size: int) -> None:
-    """Raise InputError unless dp_replicate * dp_shard * tp * pp == world_size, ep divides
-    dp_shard, and model parallelism is not combined with plain DDP."""
+    """Raise InputError, naming the file and field, unless the config's parallel degrees
+    fit ``world_size`` (see resolve_degrees)."""
     p = cfg.parallel
-    dp_shard = resolve_dp_shard(cfg, world_size)
-    product = p.dp_replicate * dp_shard * p.tp * p.pp
-    if product != world_size:
-        raise InputError(
-            f"dp_replicate*dp_shard*tp*pp = {p.dp_replicate}*{dp_shard}*{p.tp}*{p.pp} = "
-            f"{product}, but the world size is {world_size}",
-            file=cfg.path or None, field="parallel",
-            hint="set parallel.dp_shard = -1 to use every rank, or change the node count")
-    if dp_shard % p.ep:
-        raise InputError(
-            f"ep ({p.ep}) must divide dp_shard ({dp_shard}): expert parallelism borrows its "
-            "ranks from dp_shard", file=cfg.path or None, field="parallel.ep")
-    if p.dp_replicate > 1 and dp_shard == 1 and (p.tp > 1 or p.pp > 1):
-        raise InputError(
-            "plain DDP (dp_replicate > 1, dp_shard = 1) does not combine with tp or pp; "
-            "use dp_shard > 1 (FSDP or HSDP) instead", file=cfg.path or None,
-            field="parallel.dp_replicate")
+    try:
+        resolve_degrees(p.dp_replicate, p.dp_shard, p.tp, p.pp, p.ep, world_size)
+    except DegreeError as exc:
+        raise InputError(exc.message, file=cfg.path or None, field=exc.field,
+                         hint=exc.hint) from None

@@ -147,7 +147,7 @@ def train(cfg: TrainConfig, out_dir: Path, device,
     from trainer import checkpoint
     from trainer.data import Loader, build_source
     from trainer.metrics import MetricsWriter, format_line, peak_flops, peak_memory_gib
-    from trainer.model import ModelArgs, Transformer
+    from trainer.model import Transformer
     from trainer.parallel import ParallelDims, clip_grad_norm, parallelize
     from trainer.parallel.pipeline import Pipeline, split_model
 
@@ -162,7 +162,7 @@ def train(cfg: TrainConfig, out_dir: Path, device,
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
 
     torch.manual_seed(t.seed)  # same initial weights on every rank
-    args = ModelArgs.from_config(cfg.model)
+    args = cfg.model
     with torch.device(device):
         model = Transformer(args)
     n_params, n_active = model.num_params(), model.num_params(active_only=True)

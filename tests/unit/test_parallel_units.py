@@ -71,6 +71,8 @@ def test_scale_grad_scales_only_the_gradient():
      "ep (4) must divide dp_shard (2)"),
     ({"dp_replicate": 1, "dp_shard": -1, "tp": 3, "pp": 1, "ep": 1, "world_size": 4},
      "not divisible"),
+    ({"dp_replicate": 2, "dp_shard": 1, "tp": 2, "pp": 1, "ep": 1, "world_size": 4},
+     "plain DDP"),
 ])
 def test_parallel_dims_reject_bad_degrees(kwargs, words):
     with pytest.raises(ValueError) as err:

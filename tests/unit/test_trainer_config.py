@@ -192,3 +192,34 @@ def test_train_exits_2_when_degrees_do_not_fit_the_world(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == (f"error: {cfg}: parallel: dp_replicate*dp_shard*tp*pp = "
                                    "1*2*1*1 = 2, but the world size is 1")
+
+
+def test_schema_and_model_args_name_the_same_fields():
+    import dataclasses
+    import json
+
+    from trainer.config import SCHEMA_PATH
+    from trainer.model.args import ModelArgs
+
+    schema = json.loads(SCHEMA_PATH.read_text())["properties"]["model"]
+    assert set(schema["properties"]) == {f.name for f in dataclasses.fields(ModelArgs)}
+    assert set(schema["required"]) <= set(schema["properties"])
+    # the dataclass holds the defaults; the schema only types and bounds
+    assert not [k for k, v in schema["properties"].items() if "default" in v]
+
+
+def test_model_args_import_no_torch():
+    proc = _run("import sys, trainer.model.args as a\n"
+                "a.ModelArgs(inter_dim=96)\n"
+                "print('torch' in sys.modules, a.ModelArgs(inter_dim=96).moe_inter_dim)")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "96"]
+
+
+def test_left_out_sizes_follow_other_fields():
+    doc = copy.deepcopy(TINY)
+    del doc["model"]["moe_inter_dim"], doc["model"]["max_seq_len"]
+    doc["training"]["seq_len"] = 8192
+    cfg = parse_config(doc, "cfg.toml")
+    assert cfg.model.moe_inter_dim == cfg.model.inter_dim
+    assert cfg.model.max_seq_len == 8192

@@ -14,7 +14,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "trainer" / "configs"
 
 
 def args_of(name: str) -> ModelArgs:
-    return ModelArgs.from_config(load_config(CONFIGS / f"{name}.toml").model)
+    return load_config(CONFIGS / f"{name}.toml").model
 
 
 def test_671b_parameter_counts_match_deepseek_v3():

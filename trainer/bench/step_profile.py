@@ -20,7 +20,7 @@ from collections import defaultdict
 import torch
 
 from trainer.config import load_config
-from trainer.model import ModelArgs, Transformer
+from trainer.model import Transformer
 from trainer.train import build_optimizer
 
 FAMILIES = [  # first match wins; matched against the kernel's name, lower case
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.model.mtp_depth = 0
     device = torch.device("cuda", 0)
     torch.manual_seed(0)
-    margs = ModelArgs.from_config(cfg.model)
+    margs = cfg.model
     with device:
         model = Transformer(margs)
     if args.compile:

@@ -1,23 +1,25 @@
-"""Single-device model code; parallelism is applied from outside (trainer.parallel)."""
+"""Single-device model code; parallelism is applied from outside (trainer.parallel).
 
-from trainer.model.model import (
-    MLA,
-    MLP,
-    MTP,
-    Block,
-    Gate,
-    GroupedExperts,
-    LossOutput,
-    ModelArgs,
-    MoE,
-    RMSNorm,
-    Transformer,
-    count_params,
-    flops_per_token,
-    lm_cross_entropy,
-)
+``trainer.model.args`` (ModelArgs) imports no torch, so the config loader reads it on the
+control node; the torch modules load on first use of any other name of this package.
+"""
 
-__all__ = [
-    "MLA", "MLP", "MTP", "Block", "Gate", "GroupedExperts", "LossOutput", "ModelArgs", "MoE",
-    "RMSNorm", "Transformer", "count_params", "flops_per_token", "lm_cross_entropy",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from trainer.model.args import ModelArgs
+
+_FROM_MODEL = {
+    "MLA", "MLP", "MTP", "Block", "Gate", "GroupedExperts", "LossOutput", "MoE", "RMSNorm",
+    "Transformer", "count_params", "flops_per_token", "lm_cross_entropy",
+}
+
+__all__ = ["ModelArgs", *sorted(_FROM_MODEL)]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_MODEL:
+        return getattr(importlib.import_module("trainer.model.model"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,64 +1,23 @@
 """A DeepSeek-V3-style decoder: MLA attention, DeepSeekMoE FFN, optional MTP.
 
-Plain single-device PyTorch, read top to bottom: ModelArgs, RMSNorm, RoPE, MLA, MLP,
-Gate, GroupedExperts, MoE, Block, MTP, Transformer. There is no parallelism in here: data, tensor,
-expert and pipeline parallelism are applied from outside (trainer/parallel/), which is
-why layers live in an nn.ModuleDict keyed by str(index): names stay stable when a
+Plain single-device PyTorch, read top to bottom: RMSNorm, RoPE, MLA, MLP, Gate,
+GroupedExperts, MoE, Block, MTP, Transformer (ModelArgs, the dimensions, live in args.py,
+free of torch). There is no parallelism in here: data, tensor, expert and pipeline
+parallelism are applied from outside (trainer/parallel/), which is why layers live in an
+nn.ModuleDict keyed by str(index): names stay stable when a
 pipeline stage drops layers and when checkpoints are saved.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@dataclass
-class ModelArgs:
-    vocab_size: int = 256
-    dim: int = 64
-    inter_dim: int = 128  # dense SwiGLU hidden size
-    moe_inter_dim: int = 32  # one expert's hidden size
-    n_layers: int = 2
-    n_dense_layers: int = 1  # the first layers use the dense MLP
-    n_heads: int = 4
-    # DeepSeekMoE
-    n_routed_experts: int = 4
-    n_shared_experts: int = 1
-    n_activated_experts: int = 2  # top-k
-    n_expert_groups: int = 1
-    topk_groups: int = 1
-    score_func: str = "softmax"  # or "sigmoid" (DeepSeek-V3)
-    route_scale: float = 1.0
-    bias_update_speed: float = 0.001  # aux-loss-free balancing; 0 turns it off
-    # MLA
-    q_lora_rank: int = 0  # 0: queries are projected directly
-    kv_lora_rank: int = 32
-    qk_nope_head_dim: int = 16
-    qk_rope_head_dim: int = 8
-    v_head_dim: int = 16
-    rope_theta: float = 10000.0
-    max_seq_len: int = 256
-    norm_eps: float = 1e-6
-    init_std: float = 0.02
-    # multi-token prediction
-    mtp_depth: int = 0  # 0 or 1
-    mtp_loss_weight: float = 0.3
-
-    @classmethod
-    def from_config(cls, model_config: object) -> ModelArgs:
-        """Build from trainer.config.ModelConfig (same field names)."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in vars(model_config).items() if k in names})
-
-    @property
-    def qk_head_dim(self) -> int:
-        return self.qk_nope_head_dim + self.qk_rope_head_dim
+from trainer.model.args import ModelArgs
 
 
 class RMSNorm(nn.Module):

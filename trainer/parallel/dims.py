@@ -6,17 +6,21 @@ from dataclasses import dataclass, field
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from trainer.config import resolve_degrees
+
 
 @dataclass
 class ParallelDims:
     """Degrees of data (replicate, shard), tensor, pipeline and expert parallelism.
 
-    dp_replicate * dp_shard * tp * pp must equal world_size. Expert parallelism borrows
-    its ranks from dp_shard (dp_shard = dp_shard_mod_ep * ep, as torchtitan does without
-    tp), so ep must divide dp_shard and does not enter the world-size product: each group
-    of ep data-parallel ranks splits the routed experts between them, and the
-    dp_shard_mod_ep (x dp_replicate) ranks that hold the same experts shard and reduce
-    them. dp_shard = -1 takes every rank the others leave.
+    The rules between the degrees and the world size live in
+    trainer.config.resolve_degrees (a bad combination raises its DegreeError, a
+    ValueError): dp_replicate * dp_shard * tp * pp == world_size, and dp_shard = -1 takes
+    every rank the others leave. Expert parallelism borrows its ranks from dp_shard
+    (dp_shard = dp_shard_mod_ep * ep, as torchtitan does without tp), so ep must divide
+    dp_shard and does not enter the world-size product: each group of ep data-parallel
+    ranks splits the routed experts between them, and the dp_shard_mod_ep (x
+    dp_replicate) ranks that hold the same experts shard and reduce them.
     """
 
     dp_replicate: int
@@ -28,24 +32,8 @@ class ParallelDims:
     _meshes: dict[str, DeviceMesh] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        for name in ("dp_replicate", "tp", "pp", "ep", "world_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"parallel degree {name} must be >= 1, got {getattr(self, name)}")
-        if self.dp_shard == -1:
-            others = self.dp_replicate * self.tp * self.pp
-            if self.world_size % others:
-                raise ValueError(f"world size {self.world_size} is not divisible by "
-                                 f"dp_replicate*tp*pp = {others}")
-            self.dp_shard = self.world_size // others
-        if self.dp_shard < 1:
-            raise ValueError(f"dp_shard must be >= 1 or -1, got {self.dp_shard}")
-        product = self.dp_replicate * self.dp_shard * self.tp * self.pp
-        if product != self.world_size:
-            raise ValueError(
-                f"dp_replicate*dp_shard*tp*pp = {self.dp_replicate}*{self.dp_shard}*{self.tp}"
-                f"*{self.pp} = {product}, but the world size is {self.world_size}")
-        if self.dp_shard % self.ep:
-            raise ValueError(f"ep ({self.ep}) must divide dp_shard ({self.dp_shard})")
+        self.dp_shard = resolve_degrees(self.dp_replicate, self.dp_shard, self.tp, self.pp,
+                                        self.ep, self.world_size)
 
     @property
     def dp_degree(self) -> int:
