@@ -10,7 +10,6 @@ Exit codes: 0 done, 2 bad configuration (one line naming the field), 1 anything 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import math
@@ -44,16 +43,6 @@ def apply_overrides(cfg: TrainConfig, steps: int | None) -> None:
         raise InputError(f"--steps must be at least 1, got {steps}", field="--steps")
     cfg.training.steps = steps
     cfg.training.warmup_steps = min(cfg.training.warmup_steps, steps)
-
-
-def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Multiplier of the peak lr for the update of 0-based step ``step``: linear warmup
-    over ``warmup`` steps, then cosine decay to min_ratio at the last step."""
-    if step < warmup:
-        return (step + 1) / warmup
-    span = max(1, total - warmup - 1)
-    progress = min(1.0, (step - warmup) / span)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def layout_suffix(dims, p) -> str:
@@ -99,228 +88,30 @@ def choose_out_dir(requested: str | None) -> Path:
     return Path(box[0])
 
 
-def build_optimizer(model, cfg: TrainConfig):
-    import torch
-
-    t = cfg.training
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    # the fused CUDA kernel when every parameter is a plain CUDA tensor (one GPU, DDP);
-    # sharded (DTensor) parameters keep the default multi-tensor implementation
-    from torch.distributed.tensor import DTensor
-    fused = all(p.is_cuda and not isinstance(p, DTensor) for p in decay + no_decay)
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": t.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=fused or None)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, t.warmup_steps, t.steps, t.min_lr_ratio))
-    return optimizer, scheduler
-
-
-def profile_report(prof, step: int, elapsed: float, out_dir: Path, rank: int) -> None:
-    """Write step ``step``'s trace and, on rank 0, print its kernel time by family."""
-    from trainer.bench.step_profile import kernel_times
-
-    trace_dir = out_dir / "profile"
-    trace_dir.mkdir(parents=True, exist_ok=True)
-    prof.export_chrome_trace(str(trace_dir / f"step-{step}-rank-{rank}.json"))
-    if rank != 0:
-        return
-    _kernels, by_family, busy_ms = kernel_times(prof)
-    if not by_family:  # no accelerator kernels (CPU)
-        print(f"profile of step {step}: {elapsed * 1e3:.1f} ms | trace in {trace_dir}",
-              flush=True)
-        return
-    families = ", ".join(f"{name} {ms:.1f}" for name, ms in
-                         sorted(by_family.items(), key=lambda kv: -kv[1]) if ms >= 0.05)
-    print(f"profile of step {step}: {elapsed * 1e3:.1f} ms, kernels {busy_ms:.1f} ms "
-          f"({100 * busy_ms / (elapsed * 1e3):.0f}%) | ms by family: {families} | "
-          f"trace in {trace_dir}", flush=True)
-
-
-def train(cfg: TrainConfig, out_dir: Path, device,
-          profile_step: int | None = None) -> dict[str, Any]:
-    import torch
-    import torch.distributed as dist
-
+def resume(ckpt_root: Path, train_step, loader, device, rank: int) -> int | None:
+    """Load the newest complete checkpoint under ``ckpt_root`` into the model, optimizer,
+    schedule and data position; return its step, or None when there is none."""
     from trainer import checkpoint
-    from trainer.data import Loader, build_source
-    from trainer.metrics import MetricsWriter, format_line, peak_flops, peak_memory_gib
-    from trainer.model import Transformer
-    from trainer.parallel import ParallelDims, clip_grad_norm, parallelize
-    from trainer.parallel.pipeline import Pipeline, split_model
 
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    t = cfg.training
-    check_world_size(cfg, world_size)
-    p = cfg.parallel
-    dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, p.ep, world_size)
-    source = build_source(cfg, cfg.path)
+    latest = checkpoint.latest_step(ckpt_root)
+    if latest is None:
+        return None
+    state = checkpoint.load(ckpt_root, latest, train_step.model, train_step.optimizer, device)
+    train_step.scheduler.load_state_dict(state["scheduler"])
+    loader.load_state_dict(state["data"])
     if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+        print(f"resumed from {checkpoint.step_dir(ckpt_root, latest)}", flush=True)
+    return state["step"]
 
-    torch.manual_seed(t.seed)  # same initial weights on every rank
-    args = cfg.model
-    with torch.device(device):
-        model = Transformer(args)
-    n_params, n_active = model.num_params(), model.num_params(active_only=True)
-    flops_per_token = model.flops_per_token(t.seq_len)
-    # MoE layers by their index among all of the model's MoE layers: a pipeline stage
-    # holds some of them, and the loads of all are summed over every rank at once
-    moe_index = {name: i for i, name in enumerate(
-        n for n, b in model.layers.items() if b.ffn in model.moe_layers())}
-    n_moe = len(moe_index)
-    use_bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and device.type == "cuda")
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16
-                else contextlib.nullcontext())
-    pipeline = None
-    if dims.pp > 1:
-        pp_rank = dims.pp_rank(device.type)
-        split_model(model, dims.pp, pp_rank, seq_shards=dims.tp)
-    moe_layers = {moe_index[n]: b.ffn for n, b in model.layers.items() if n in moe_index}
-    train_module = parallelize(model, dims, device, t.activation_checkpoint, t.compile)
-    if dims.pp > 1:
-        with autocast:
-            pipeline = Pipeline(train_module, pp_rank, dims.submesh(device.type, "pp"), device,
-                                p.pp_schedule, p.n_microbatches, t.grad_accum_steps,
-                                (t.micro_batch_size, t.seq_len))
-        pp_loads = {i: torch.zeros(args.n_routed_experts, dtype=torch.long, device=device)
-                    for i in moe_layers}
 
-        def count_load(moe, _inputs, _output) -> None:  # every pipeline micro-batch's routing
-            pp_loads[moe.load_index].add_(moe.tokens_per_expert)
-
-        for i, moe in moe_layers.items():
-            moe.load_index = i
-            moe.register_forward_hook(count_load)
-    optimizer, scheduler = build_optimizer(model, cfg)
-    loader = Loader(source, t.micro_batch_size, t.grad_accum_steps,
-                    dims.dp_rank(device.type), dims.dp_degree, device)
-
-    ckpt_root = out_dir / "checkpoints"
-    start_step = 0
-    resume = checkpoint.latest_step(ckpt_root)
-    if resume is not None:
-        state = checkpoint.load(ckpt_root, resume, model, optimizer, device)
-        scheduler.load_state_dict(state["scheduler"])
-        loader.load_state_dict(state["data"])
-        start_step = state["step"]
-        if rank == 0:
-            print(f"resumed from {checkpoint.step_dir(ckpt_root, resume)}", flush=True)
-
-    peak = peak_flops(device)
-    tokens_per_step = loader.global_batch * t.seq_len
-    writer = (MetricsWriter(out_dir, cfg.metrics.tensorboard, cfg.path,
-                            resumed_from=start_step if resume is not None else None)
-              if rank == 0 else None)
-    if rank == 0:
-        print(f"model: {n_params / 1e6:,.1f}M parameters, {n_active / 1e6:,.1f}M active | "
-              f"world {world_size} ({dims.dp_replicate}x{dims.dp_shard} dp"
-              f"{layout_suffix(dims, p)}) | "
-              f"{'bf16' if use_bf16 else 'fp32'} on {device.type} | "
-              f"{tokens_per_step:,} tokens/step", flush=True)
-
-    history: list[dict[str, Any]] = []
-    for step in range(start_step + 1, t.steps + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        prof = None
-        if step == profile_step:
-            from torch.profiler import ProfilerActivity, profile
-            activities = [ProfilerActivity.CPU] + (
-                [ProfilerActivity.CUDA] if device.type == "cuda" else [])
-            prof = profile(activities=activities)
-            prof.start()
-        t0 = time.perf_counter()
-        micro_batches = loader.next_step()
-        loads = torch.zeros(n_moe, args.n_routed_experts, dtype=torch.long, device=device)
-        sums = torch.zeros(2, device=device)  # lm loss, mtp loss (micro-batch means)
-        for i, (inputs, targets) in enumerate(micro_batches):
-            last = i == len(micro_batches) - 1
-            if pipeline is not None:  # the schedule handles FSDP's gradient sync itself
-                with autocast:
-                    loss = pipeline.step(inputs, targets)
-                if loss is not None:
-                    sums[0] += loss.float()
-                continue
-            sync = contextlib.nullcontext()
-            if dims.ddp_enabled and not last:
-                sync = train_module.no_sync()
-            elif dims.fsdp_enabled:
-                model.set_requires_gradient_sync(last)
-            with sync:
-                with autocast:
-                    out = train_module(inputs, targets)
-                (out.loss / len(micro_batches)).backward()
-            sums += torch.stack([out.lm_loss.detach(), out.mtp_loss.detach()]).float()
-            for j, moe in moe_layers.items():
-                loads[j] += moe.tokens_per_expert
-        if pipeline is not None:
-            for j, acc in pp_loads.items():
-                loads[j] += acc
-                acc.zero_()
-        sums /= len(micro_batches)
-        grad_norm = (clip_grad_norm(list(model.parameters()), t.grad_clip,
-                                    dims.submesh(device.type, "pp").get_group()
-                                    if dims.pp > 1 else None)
-                     if t.grad_clip > 0 else None)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-        if world_size > 1:  # with pp, only the last stage's ranks hold a loss
-            dist.all_reduce(sums)
-            sums /= world_size // dims.pp
-        balance = None
-        if n_moe:
-            stacked = loads
-            if world_size > 1:
-                dist.all_reduce(stacked)
-            for j, moe in moe_layers.items():
-                moe.update_bias(stacked[j])
-            balance = (stacked.max(dim=1).values.float() / stacked.float().mean(dim=1)).max()
-        if grad_norm is not None and hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
-        loss, mtp_loss = sums.tolist()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - t0
-        if prof is not None:
-            prof.stop()
-            profile_report(prof, step, elapsed, out_dir, rank)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {step}")
-
-        tokens_per_s = tokens_per_step / elapsed
-        per_device = tokens_per_s / world_size
-        metrics = {
-            "step": step, "loss": loss,
-            "mtp_loss": mtp_loss if args.mtp_depth else None,
-            "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
-            "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": per_device,
-            "mfu": None if peak is None else per_device * flops_per_token / peak,
-            "peak_mem_gib": peak_memory_gib(device),
-            "max_expert_load_ratio": None if balance is None else float(balance),
-            "step_time_s": elapsed,
-        }
-        history.append(metrics)
-        if rank == 0:
-            print(format_line(metrics, t.steps), flush=True)
-            writer.write(metrics)
-
-        if cfg.checkpoint.interval and (step % cfg.checkpoint.interval == 0 or step == t.steps):
-            checkpoint.save(ckpt_root, step, model, optimizer,
-                            {"step": step, "scheduler": scheduler.state_dict(),
-                             "data": loader.state_dict()},
-                            cfg.checkpoint.keep_last, device)
-
+def summarize(history: list[dict[str, Any]], cfg: TrainConfig, start_step: int,
+              world_size: int, n_params: int, n_active: int, peak: float | None
+              ) -> dict[str, Any]:
     timed = history[1:] or history  # the first step includes warm-up
-    summary = {
+    return {
         "first_loss": history[0]["loss"] if history else None,
         "last_loss": history[-1]["loss"] if history else None,
-        "steps": t.steps,
+        "steps": cfg.training.steps,
         "start_step": start_step,
         "tokens_per_s": (sum(m["tokens_per_s"] for m in timed) / len(timed)) if timed else None,
         "mfu": (sum(m["mfu"] for m in timed) / len(timed)) if timed and peak else None,
@@ -329,6 +120,93 @@ def train(cfg: TrainConfig, out_dir: Path, device,
         "active_params": n_active,
         "config": cfg.path,
     }
+
+
+def train(cfg: TrainConfig, out_dir: Path, device,
+          profile_step: int | None = None) -> dict[str, Any]:
+    """Set up the model, its parallelism, optimizer and data on this rank, then run the
+    steps (trainer/step.py) from the newest checkpoint on; return the run's summary."""
+    import torch
+    import torch.distributed as dist
+
+    from trainer import checkpoint
+    from trainer.data import Loader, build_source
+    from trainer.metrics import MetricsWriter, format_line, peak_flops, peak_memory_gib
+    from trainer.model import Transformer
+    from trainer.parallel import ParallelDims
+    from trainer.profiling import profile_report, start_profiler
+    from trainer.step import build_step, uses_bf16
+
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    t, p = cfg.training, cfg.parallel
+    check_world_size(cfg, world_size)
+    dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, p.ep, world_size)
+    source = build_source(cfg, cfg.path)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+
+    torch.manual_seed(t.seed)  # same initial weights on every rank
+    with torch.device(device):
+        model = Transformer(cfg.model)
+    n_params, n_active = model.num_params(), model.num_params(active_only=True)
+    flops_per_token = model.flops_per_token(t.seq_len)
+    train_step = build_step(model, cfg, dims, device)
+    loader = Loader(source, t.micro_batch_size, t.grad_accum_steps,
+                    dims.dp_rank(device.type), dims.dp_degree, device)
+    ckpt_root = out_dir / "checkpoints"
+    resumed = resume(ckpt_root, train_step, loader, device, rank)
+    start_step = resumed or 0
+
+    peak = peak_flops(device)
+    tokens_per_step = loader.global_batch * t.seq_len
+    writer = (MetricsWriter(out_dir, cfg.metrics.tensorboard, cfg.path, resumed_from=resumed)
+              if rank == 0 else None)
+    if rank == 0:
+        print(f"model: {n_params / 1e6:,.1f}M parameters, {n_active / 1e6:,.1f}M active | "
+              f"world {world_size} ({dims.dp_replicate}x{dims.dp_shard} dp"
+              f"{layout_suffix(dims, p)}) | "
+              f"{'bf16' if uses_bf16(t.dtype, device) else 'fp32'} on {device.type} | "
+              f"{tokens_per_step:,} tokens/step", flush=True)
+
+    history: list[dict[str, Any]] = []
+    for step in range(start_step + 1, t.steps + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        prof = start_profiler(device.type) if step == profile_step else None
+        t0 = time.perf_counter()
+        result = train_step(loader.next_step())
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - t0
+        if prof is not None:
+            prof.stop()
+            profile_report(prof, step, elapsed, out_dir, rank)
+        if not math.isfinite(result.loss):
+            raise FloatingPointError(f"loss is {result.loss} at step {step}")
+
+        per_device = tokens_per_step / elapsed / world_size
+        metrics = {
+            "step": step, "loss": result.loss,
+            "mtp_loss": result.mtp_loss if cfg.model.mtp_depth else None,
+            "lr": result.lr, "grad_norm": result.grad_norm,
+            "tokens_per_s": tokens_per_step / elapsed, "tokens_per_s_per_device": per_device,
+            "mfu": None if peak is None else per_device * flops_per_token / peak,
+            "peak_mem_gib": peak_memory_gib(device),
+            "max_expert_load_ratio": result.max_expert_load_ratio,
+            "step_time_s": elapsed,
+        }
+        history.append(metrics)
+        if rank == 0:
+            print(format_line(metrics, t.steps), flush=True)
+            writer.write(metrics)
+        if cfg.checkpoint.interval and (step % cfg.checkpoint.interval == 0 or step == t.steps):
+            checkpoint.save(ckpt_root, step, train_step.model, train_step.optimizer,
+                            {"step": step, "scheduler": train_step.scheduler.state_dict(),
+                             "data": loader.state_dict()},
+                            cfg.checkpoint.keep_last, device)
+
+    summary = summarize(history, cfg, start_step, world_size, n_params, n_active, peak)
     if rank == 0:
         writer.close()
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -13,51 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
-from collections import defaultdict
 
 import torch
 
 from trainer.config import load_config
 from trainer.model import Transformer
-from trainer.train import build_optimizer
-
-FAMILIES = [  # first match wins; matched against the kernel's name, lower case
-    ("attention", r"flash|fmha|attention|sdpa|cudnn.*(fprop|bprop)|mha"),
-    ("grouped gemm", r"grouped|group_gemm|ragged"),
-    ("gemm", r"gemm|sm90_xmma|cutlass|cublas|nvjet|matmul|splitk"),
-    ("adam", r"adam|foreach|multi_tensor"),
-    ("index/sort/scatter", r"index|scatter|gather|sort|radix|bincount|histogram|cumsum|scan"),
-    ("reduction", r"reduce|norm|softmax|cross_entropy|nll|logsumexp|sum_"),
-    ("copy/cast", r"copy|cast|convert|memcpy|memset|fill|cat"),
-    ("elementwise", r"elementwise|vectorized|unrolled|triton|silu|mul|add"),
-]
-
-
-def family(name: str) -> str:
-    low = name.lower()
-    for fam, pattern in FAMILIES:
-        if re.search(pattern, low):
-            return fam
-    return "other"
-
-
-def kernel_times(prof, steps: int = 1) -> tuple[dict[str, list[float]], dict[str, float], float]:
-    """From a finished torch.profiler run over ``steps`` steps: per kernel [ms, calls] per
-    step, ms per step by family, and the total kernel ms per step. Profiler annotations
-    (user ranges such as ``Optimizer.step#AdamW.step``) are not kernels and are left out."""
-    kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    for evt in prof.events():
-        if evt.device_type != torch.autograd.DeviceType.CUDA or "#" in evt.name:
-            continue
-        k = kernels[evt.name]
-        k[0] += evt.device_time / 1e3 / steps
-        k[1] += 1 / steps
-    by_family: dict[str, float] = defaultdict(float)
-    for name, (ms, _n) in kernels.items():
-        by_family[family(name)] += ms
-    return dict(kernels), dict(by_family), sum(v[0] for v in kernels.values())
+from trainer.optim import build_optimizer
+from trainer.profiling import kernel_times
 
 
 def main(argv: list[str] | None = None) -> int:
