@@ -900,7 +900,7 @@ GPU_NODE_CHECKS = ("gpu_model", "driver_version", "cuda_version", "nccl_version"
 
 def run_perf_checks(node: str, perf: dict | None, thresholds: dict,
                     error: str | None = None) -> list[CheckResult]:
-    """matmul TFLOP/s and memory copy GB/s of trainer.bench.gpu_perf, per device, on one node.
+    """matmul TFLOP/s and memory copy GB/s of trainer.probes.gpu_perf, per device, on one node.
 
     The slowest device is the node's value: one slow GPU holds back every collective.
     """
@@ -951,7 +951,7 @@ def _num(text: str) -> float:
 
 
 def parse_nccl_tests(text: str) -> dict[str, Any]:
-    """all_reduce_perf's table, in the shape of trainer.bench.allreduce's results."""
+    """all_reduce_perf's table, in the shape of trainer.probes.allreduce's results."""
     ranks = None
     header = re.search(r"nThread\s+(\d+)\s+nGpus\s+(\d+)", text)
     rank_lines = re.findall(r"^#\s+Rank\s+\d+", text, re.MULTILINE)

@@ -5,8 +5,8 @@
 2. the ``validate.yml`` playbook writes one facts JSON per node into ``<run>/facts/``;
    the node checks (GPU, versions against the inventory's pins, fabric, disk, memory,
    clock) judge them;
-3. ``trainer.bench.gpu_perf`` measures matmul and memory copy on every node;
-4. ``trainer.bench.allreduce`` runs within each node (one process per GPU; skipped on a
+3. ``trainer.probes.gpu_perf`` measures matmul and memory copy on every node;
+4. ``trainer.probes.allreduce`` runs within each node (one process per GPU; skipped on a
    node of one process), then across every node; nccl-tests' ``all_reduce_perf`` runs
    within each node where it is installed, with the same sizes, for comparison;
 5. a cross-node busbw below its threshold on two or more nodes starts isolation
@@ -36,9 +36,9 @@ from dsk_provision import report as report_mod
 from dsk_provision.errors import InputError, RunFailed
 
 _SIZE_RE = re.compile(r"^\d+[KMG]?$", re.IGNORECASE)
-BENCH_MODULE = "trainer.bench.allreduce"
+BENCH_MODULE = "trainer.probes.allreduce"
 BENCH_JSON = "allreduce.json"
-PERF_MODULE = "trainer.bench.gpu_perf"
+PERF_MODULE = "trainer.probes.gpu_perf"
 PLOT_FILE = "allreduce_busbw.png"
 # Where the nccl_tests role installs all_reduce_perf (roles/nccl_tests/defaults/main.yml).
 NCCL_TESTS_DIR = "/opt/nccl-tests"
@@ -162,7 +162,7 @@ def _bench_or_error(inventory, run_dir, args, console, timeout_s, transport, npr
 
 def run_gpu_perf(inventory, run_dir: Path, console, timeout_s, transport,
                  args: list[str] | None = None) -> tuple[dict[str, dict | None], str | None]:
-    """trainer.bench.gpu_perf on every node (one process each): {node: result or None}."""
+    """trainer.probes.gpu_perf on every node (one process each): {node: result or None}."""
     from dsk_provision.launch import fetch, remote_run_dir, run_torchrun
 
     step = _step_dir(run_dir, "perf")
@@ -368,7 +368,7 @@ def validate(inventory, *, runs_dir: Path | None = None, begin: str = "1K",
     ``end`` defaults to the profile's benchmark size (16M on the sandbox, 8G on GPU
     profiles, where busbw needs large messages to approach link speed). ``perf``,
     ``intra_node``, ``nccl_tests`` and ``isolate`` turn those steps off (tests use it);
-    ``perf_args`` go to trainer.bench.gpu_perf (e.g. ["--size", "1024"]).
+    ``perf_args`` go to trainer.probes.gpu_perf (e.g. ["--size", "1024"]).
     """
     from dsk_provision import rundir
     from dsk_provision.runner import run_playbook

@@ -1,4 +1,4 @@
-"""trainer.bench.gpu_perf on the real GPUs: every device measured, plausible figures."""
+"""trainer.probes.gpu_perf on the real GPUs: every device measured, plausible figures."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from trainer.bench import gpu_perf
+from trainer.probes import gpu_perf
 
 pytestmark = pytest.mark.gpu
 

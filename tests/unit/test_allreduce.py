@@ -1,4 +1,4 @@
-"""trainer.bench.allreduce: sizes, nccl-tests bandwidth formulas, and a real 2-rank gloo run."""
+"""trainer.probes.allreduce: sizes, nccl-tests bandwidth formulas, and a real 2-rank gloo run."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.bench import allreduce
+from trainer.probes import allreduce
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -58,7 +58,7 @@ def test_two_ranks_gloo_on_loopback(tmp_path):
     out = tmp_path / "allreduce.json"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "trainer.bench.allreduce", "--begin", "1K", "--end", "64K", "--factor", "4",
+         "-m", "trainer.probes.allreduce", "--begin", "1K", "--end", "64K", "--factor", "4",
          "--warmup", "1", "--iters", "3", "--json-out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

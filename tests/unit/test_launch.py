@@ -214,7 +214,7 @@ def test_fail_fast_stops_others_and_names_the_node(tmp_path, capsys):
     # The trainer was shipped into each node's run directory, and each wrote its PID file.
     for i in (1, 2, 3):
         remote = tmp_path / f"node{i}" / "runs" / run_dir.name
-        assert (remote / "trainer" / "bench" / "allreduce.py").is_file()
+        assert (remote / "trainer" / "probes" / "allreduce.py").is_file()
         assert (remote / f"torchrun-node{i}.pid").is_file()
 
 

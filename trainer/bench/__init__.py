@@ -1,16 +1,3 @@
-"""Benchmarks shipped to the nodes with the trainer (run under torchrun)."""
-
-from __future__ import annotations
-
-import json
-import os
-from pathlib import Path
-
-
-def write_json_whole(path: Path, data: dict) -> None:
-    """Write ``data`` as JSON so that a reader never sees a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+"""Development benchmarks of the trainer (where a step's GPU time goes, attention
+backends), run by hand on one GPU. The probes that ``dsk-provision validate`` runs on the
+nodes live in trainer/probes."""

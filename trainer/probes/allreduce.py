@@ -2,7 +2,7 @@
 
 Run under torchrun on every node:
 
-    python -m trainer.bench.allreduce --begin 1K --end 16M --factor 2 \
+    python -m trainer.probes.allreduce --begin 1K --end 16M --factor 2 \
         --warmup 5 --iters 20 [--dtype float32] [--json-out FILE]
 
 NCCL when CUDA is available, gloo otherwise. For each size the all-reduce (sum) is timed
@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from trainer.bench import write_json_whole
+from trainer.probes import write_json_whole
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 _DTYPES = {
@@ -265,7 +265,7 @@ def format_table(result: dict) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m trainer.bench.allreduce",
+    parser = argparse.ArgumentParser(prog="python -m trainer.probes.allreduce",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--begin", default="1K", help="smallest size in bytes (1K, 16M, ...)")
     parser.add_argument("--end", default="16M", help="largest size in bytes")

@@ -3,7 +3,7 @@
 Run on a node, directly or under torchrun (each node's local rank 0 measures every local
 device in turn; other local ranks only wait):
 
-    python -m trainer.bench.gpu_perf [--size 8192] [--copy-mib 4096] [--iters 20]
+    python -m trainer.probes.gpu_perf [--size 8192] [--copy-mib 4096] [--iters 20]
         [--warmup 5] [--json-out FILE]
 
 On CUDA: an N x N x N bf16 matmul (2 N^3 flops) timed with CUDA events after a warm-up,
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.bench import write_json_whole
+from trainer.probes import write_json_whole
 
 CUDA_DEFAULTS = {"size": 8192, "copy_mib": 4096}
 CPU_DEFAULTS = {"size": 512, "copy_mib": 64}
@@ -113,7 +113,7 @@ def measure(size: int | None = None, copy_mib: int | None = None, warmup: int = 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m trainer.bench.gpu_perf",
+    parser = argparse.ArgumentParser(prog="python -m trainer.probes.gpu_perf",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, help="matmul N (default 8192 on CUDA, 512 on CPU)")
     parser.add_argument("--copy-mib", type=int,
