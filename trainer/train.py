@@ -180,7 +180,8 @@ def train(cfg: TrainConfig, out_dir: Path, device,
         pp_rank = dims.pp_rank(device.type)
         split_model(model, dims.pp, pp_rank, seq_shards=dims.tp)
     moe_layers = {moe_index[n]: b.ffn for n, b in model.layers.items() if n in moe_index}
-    train_module = parallelize(model, dims, device, t.activation_checkpoint, t.compile)
+    train_module = parallelize(model, dims, device, t.activation_checkpoint, t.compile,
+                               t.fp8)
     if dims.pp > 1:
         with autocast:
             pipeline = Pipeline(train_module, pp_rank, dims.submesh(device.type, "pp"), device,
