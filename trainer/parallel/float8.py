@@ -109,8 +109,8 @@ def linear_config(recipe: str, fsdp: bool, emulate: bool = False):
 class Float8GroupedExperts(GroupedExperts):
     """GroupedExperts whose grouped GEMMs run in FP8 (rowwise scales, e4m3) through
     torchao; the same parameters, state dict and CPU path as GroupedExperts. Each expert's
-    token group is padded to a multiple of 16 rows in a buffer of fixed size (tokens +
-    16 x experts), so the shapes do not depend on the routing."""
+    token group is padded to a multiple of 16 rows in a buffer of fixed size (about tokens
+    + 16 x experts), so the shapes do not depend on the routing."""
 
     def _grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         from torchao.prototype.moe_training import _to_fp8_rowwise_then_scaled_grouped_mm
@@ -126,7 +126,9 @@ class Float8GroupedExperts(GroupedExperts):
         rows = torch.arange(x.size(0), device=x.device)
         group = torch.searchsorted(ends, rows, right=True).clamp(max=n_experts - 1)
         dest = rows - starts[group] + padded_starts[group]
-        capacity = x.size(0) + ALIGN * n_experts
+        # rows of the padded buffer, a multiple of 16 too: the weight gradient's GEMM reads
+        # it transposed, with this many elements between rows
+        capacity = (x.size(0) + ALIGN * n_experts + ALIGN - 1) // ALIGN * ALIGN
         x_pad = torch.index_copy(x.new_zeros(capacity, x.size(1)), 0, dest, x)
         offs = padded_ends.to(torch.int32)
 
