@@ -1,5 +1,6 @@
-"""FP8 training (training.fp8) on a GPU with FP8 matmuls: the FP8 grouped experts against
-the bf16 ones, and a few training steps whose losses stay within tolerance of bf16's.
+"""FP8 training (training.fp8) on a GPU with FP8 matmuls: the FP8 grouped experts
+(float8.Float8GroupedExperts) against the bf16 ones, and a few training steps whose losses
+stay within tolerance of bf16's.
 Skipped, saying why, without CUDA (conftest), without torchao, or on a GPU older than
 compute capability 8.9."""
 
@@ -68,8 +69,9 @@ def _train(tmp_path: Path, fp8: str, compile: bool, steps: int = 30) -> list[flo
          "--steps", str(steps)],
         cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    if fp8 != "off":  # every block linear and every MoE layer's experts in FP8
-        assert "fp8 (" in proc.stdout and " 0 grouped" not in proc.stdout, proc.stdout[:2000]
+    if fp8 != "off":  # the block linears in FP8, the head in bf16
+        line = next(x for x in proc.stdout.splitlines() if x.startswith("fp8 ("))
+        assert int(line.split(": ")[1].split()[0]) > 0 and "output" in line, line
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 

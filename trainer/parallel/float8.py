@@ -2,11 +2,13 @@
 
 The dense matmuls (attention projections, dense and shared-expert SwiGLUs, MTP's
 projection) become torchao ``Float8Linear`` modules with the configured recipe
-("tensorwise", "rowwise" or "rowwise_with_gw_hp"); the routed experts' grouped GEMMs run
-through torchao's FP8 rowwise grouped GEMM (``torchao.prototype.moe_training``), each
-expert's token group padded to a multiple of 16 rows as the FP8 kernel needs. The router
-(``Gate``, fp32) and the output head stay in bf16, as in DeepSeek-V3. Linears whose
-widths are not multiples of 16 stay bf16 too (the FP8 GEMM needs them aligned).
+("tensorwise", "rowwise" or "rowwise_with_gw_hp"). The router (``Gate``, fp32) and the
+output head stay in bf16, as in DeepSeek-V3; so do linears whose widths are not multiples
+of 16 (the FP8 GEMM needs them aligned) and, in training, the routed experts' grouped
+GEMMs. ``Float8GroupedExperts`` runs those through torchao's FP8 rowwise grouped GEMM
+(``torchao.prototype.moe_training``), each expert's token group padded to a multiple of
+16 rows as the FP8 kernel needs; it trains correctly on a Hopper GPU but was measured
+slower than bf16 there (see ``apply_fp8``), so the trainer does not use it.
 
 With FSDP2 and the tensorwise recipe, parameters are all-gathered in float8
 (``enable_fsdp_float8_all_gather``); each parameter's scale is then taken from its
@@ -143,11 +145,14 @@ class Float8GroupedExperts(GroupedExperts):
 
 
 def apply_fp8(model: Transformer, recipe: str, device: torch.device, fsdp: bool = False,
-              emulate: bool = False) -> dict[str, list[str]]:
+              emulate: bool = False, grouped_experts: bool = False) -> dict[str, list[str]]:
     """Convert ``model`` in place for FP8 training with ``recipe`` and return what was
     converted: {"linear": [...], "grouped": [...], "bf16": [...]} by module name.
-    ``emulate`` (tests only) runs torchao's float8 arithmetic without FP8 hardware and
-    leaves the grouped experts in bf16."""
+    ``grouped_experts`` also moves the routed experts to the FP8 grouped GEMM
+    (Float8GroupedExperts); the trainer leaves it off, because on torch 2.11 with torchao
+    0.18 that GEMM ran slower than the bf16 one at the shapes of small.toml and wide.toml
+    (docs/benchmarks.md, bench/fp8_kernels.py). ``emulate`` (tests only) runs torchao's
+    float8 arithmetic without FP8 hardware."""
     if not emulate:
         check_support(recipe, device)
     elif recipe not in RECIPES:
@@ -160,7 +165,7 @@ def apply_fp8(model: Transformer, recipe: str, device: torch.device, fsdp: bool 
     convert_to_float8_training(model, config=config,
                                module_filter_fn=lambda m, fqn: fqn in linears)
     grouped = []
-    if not emulate and grouped_fp8_available(device):
+    if grouped_experts and not emulate and grouped_fp8_available(device):
         for name, module in model.named_modules():
             if type(module) is GroupedExperts and all(
                     w.size(-1) % ALIGN == 0 and w.size(-2) % ALIGN == 0
