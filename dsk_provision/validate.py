@@ -33,6 +33,7 @@ from typing import Any
 
 from dsk_provision import checks as checks_mod
 from dsk_provision import report as report_mod
+from dsk_provision.defaults import resolve
 from dsk_provision.errors import InputError, RunFailed
 
 _SIZE_RE = re.compile(r"^\d+[KMG]?$", re.IGNORECASE)
@@ -42,7 +43,6 @@ PERF_MODULE = "trainer.probes.gpu_perf"
 PLOT_FILE = "allreduce_busbw.png"
 # Where the nccl_tests role installs all_reduce_perf (roles/nccl_tests/defaults/main.yml).
 NCCL_TESTS_DIR = "/opt/nccl-tests"
-NCCL_TESTS_VERSION = "2.17.6"
 # Above this many nodes the printed table shows only what did not pass.
 FULL_TABLE_MAX_NODES = 8
 
@@ -188,7 +188,7 @@ def run_gpu_perf(inventory, run_dir: Path, console, timeout_s, transport,
 
 def nccl_tests_path(node) -> str:
     base = node.vars.get("nccl_tests_install_dir") or NCCL_TESTS_DIR
-    version = node.vars.get("nccl_tests_version") or NCCL_TESTS_VERSION
+    version = resolve("nccl_tests_version", node.vars, role="nccl_tests")
     return f"{base}/{version}/build/all_reduce_perf"
 
 

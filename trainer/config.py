@@ -59,6 +59,7 @@ class TrainingConfig:
     dtype: str = "auto"  # auto: bfloat16 autocast on GPU, float32 on CPU
     activation_checkpoint: str = "none"
     compile: bool = False
+    fp8: str = "off"  # or a torchao float8 recipe: tensorwise, rowwise, rowwise_with_gw_hp
 
 
 @dataclass
@@ -187,6 +188,9 @@ def _check_parallel_rules(cfg: TrainConfig, fail: Any) -> None:
         if shared % p.tp:
             fail("parallel.tp", f"tp ({p.tp}) must divide the shared experts' hidden size "
                  f"(model.n_shared_experts * model.moe_inter_dim = {shared})")
+        if t.fp8 != "off":
+            fail("training.fp8", "FP8 training does not combine with tp > 1 in this version; "
+                 "set training.fp8 = \"off\" or tp = 1")
         if t.compile:
             fail("training.compile", "torch.compile does not combine with tp > 1 in this "
                  "version (its backward fails on the sequence-parallel layout); set "

@@ -187,7 +187,8 @@ def build_step(model: Transformer, cfg: TrainConfig, dims: ParallelDims,
         split_model(model, dims.pp, pp_rank, seq_shards=dims.tp)
     moe_layers = {moe_index[n]: b.ffn for n, b in model.layers.items() if n in moe_index}
     t = cfg.training
-    train_module = parallelize(model, dims, device, t.activation_checkpoint, t.compile)
+    train_module = parallelize(model, dims, device, t.activation_checkpoint, t.compile,
+                               t.fp8)
     if dims.pp > 1:
         return PipelineStep(model, train_module, pp_rank, dims, device, cfg, moe_layers,
                             len(moe_index))

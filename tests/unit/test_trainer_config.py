@@ -23,7 +23,7 @@ def tiny_with(section: str, key: str, value) -> dict:
     return doc
 
 
-@pytest.mark.parametrize("name", ["tiny", "small", "16b", "671b"])
+@pytest.mark.parametrize("name", ["tiny", "small", "wide", "16b", "671b"])
 def test_shipped_configs_are_valid(name):
     cfg = load_config(CONFIGS / f"{name}.toml")
     assert cfg.model.n_layers >= 2 and cfg.path.endswith(f"{name}.toml")

@@ -1,6 +1,7 @@
 """Apply parallelism to a single-device model, from outside, in one fixed order
 (pipeline parallelism splits the model into its stage before this; see pipeline.py):
 
+0. FP8 training (training.fp8, float8.py): torchao float8 linears and FP8 grouped GEMMs
 1. tensor parallelism with sequence parallelism (tensor.py), then expert parallelism
    (expert.py)
 2. activation checkpointing: each transformer block recomputes its activations in backward
@@ -110,9 +111,15 @@ def apply_fsdp(model: Transformer, dims: ParallelDims, device_type: str) -> None
 
 
 def parallelize(model: Transformer, dims: ParallelDims, device: torch.device,
-                activation_checkpoint: str = "none", compile: bool = False) -> nn.Module:
+                activation_checkpoint: str = "none", compile: bool = False,
+                fp8: str = "off") -> nn.Module:
     """Return the module to train (the model itself, or its DDP wrapper). With pp > 1,
-    ``model`` is this rank's stage (pipeline.split_model)."""
+    ``model`` is this rank's stage (pipeline.split_model). ``fp8`` (a torchao recipe, or
+    "off") converts the dense and expert matmuls first (float8.py)."""
+    if fp8 != "off":
+        from trainer.parallel.float8 import apply_fp8
+
+        apply_fp8(model, fp8, device, fsdp=dims.fsdp_enabled)
     if dims.tp > 1:
         apply_tp(model, dims.submesh(device.type, "tp"), routed_experts=dims.ep == 1)
     if dims.ep > 1:
