@@ -717,16 +717,8 @@ def check_gpudirect_rdma(facts: dict, thresholds: dict) -> CheckResult:
     return _result(facts, "gpudirect_rdma", PASS, True, True, "nvidia_peermem loaded")
 
 
-def expected_nccl_settings(pins: dict) -> dict[str, str]:
-    """What the nccl role writes: dsk_nccl_env, NCCL_SOCKET_IFNAME from dsk_socket_ifname."""
-    want = {str(k): str(v) for k, v in (pins.get("dsk_nccl_env") or {}).items()}
-    if pins.get("dsk_socket_ifname") and "NCCL_SOCKET_IFNAME" not in want:
-        want["NCCL_SOCKET_IFNAME"] = str(pins["dsk_socket_ifname"])
-    return want
-
-
 def check_nccl_settings(facts: dict, thresholds: dict) -> CheckResult:
-    want = expected_nccl_settings(_pins(facts))
+    want = dict(_pins(facts).get("nccl_env") or {})
     skip = _no_gpu(facts, "nccl_settings", want or None)
     if skip:
         return skip
@@ -795,21 +787,24 @@ NODE_CHECKS: dict[str, Callable[[dict, dict], CheckResult]] = {
 SKIPPABLE = ("time_synced", "ssh_peers")
 
 
-# The inventory variables the node checks compare with (version pins, NCCL settings).
+# The inventory's version pins the node checks compare with.
 PIN_VARS = ("nvidia_driver_branch", "nvidia_driver_version", "cuda_version", "nccl_version",
-            "dsk_nccl_env", "dsk_socket_ifname", "rdma_gpudirect")
+            "rdma_gpudirect")
 
 
-def node_pins(node_vars: dict | None) -> dict:
-    """The pins of one node from its merged inventory variables (only those set)."""
-    return {k: node_vars[k] for k in PIN_VARS if (node_vars or {}).get(k) not in (None, "")}
+def node_pins(node) -> dict:
+    """What the node checks compare one node with: its version pins (only those set) and
+    its full NCCL environment (``nccl_env``, from the node's typed settings)."""
+    pins = {k: node.vars[k] for k in PIN_VARS if (node.vars or {}).get(k) not in (None, "")}
+    pins["nccl_env"] = dict(node.settings.nccl_env)
+    return pins
 
 
 def run_node_checks(node: str, facts: dict | None, thresholds: dict,
                     pins: dict | None = None) -> list[CheckResult]:
     """Every node check for one node; a check the role skipped is a skip with its reason.
 
-    ``pins`` are the node's inventory variables of PIN_VARS (see :func:`node_pins`).
+    ``pins`` come from :func:`node_pins`.
     """
     if facts is None:
         return [CheckResult(node, "facts", FAIL, None, None,

@@ -33,6 +33,7 @@ from typing import Any
 
 from dsk_provision import checks as checks_mod
 from dsk_provision import report as report_mod
+from dsk_provision.defaults import resolve
 from dsk_provision.errors import InputError, RunFailed
 
 _SIZE_RE = re.compile(r"^\d+[KMG]?$", re.IGNORECASE)
@@ -40,9 +41,6 @@ BENCH_MODULE = "trainer.bench.allreduce"
 BENCH_JSON = "allreduce.json"
 PERF_MODULE = "trainer.bench.gpu_perf"
 PLOT_FILE = "allreduce_busbw.png"
-# Where the nccl_tests role installs all_reduce_perf (roles/nccl_tests/defaults/main.yml).
-NCCL_TESTS_DIR = "/opt/nccl-tests"
-NCCL_TESTS_VERSION = "2.17.6"
 # Above this many nodes the printed table shows only what did not pass.
 FULL_TABLE_MAX_NODES = 8
 
@@ -163,7 +161,8 @@ def _bench_or_error(inventory, run_dir, args, console, timeout_s, transport, npr
 def run_gpu_perf(inventory, run_dir: Path, console, timeout_s, transport,
                  args: list[str] | None = None) -> tuple[dict[str, dict | None], str | None]:
     """trainer.bench.gpu_perf on every node (one process each): {node: result or None}."""
-    from dsk_provision.launch import fetch, remote_run_dir, run_torchrun
+    from dsk_provision.launch import remote_run_dir, run_torchrun
+    from dsk_provision.remote import fetch
 
     step = _step_dir(run_dir, "perf")
     out: dict[str, dict | None] = {n.name: None for n in inventory.nodes}
@@ -187,8 +186,9 @@ def run_gpu_perf(inventory, run_dir: Path, console, timeout_s, transport,
 
 
 def nccl_tests_path(node) -> str:
-    base = node.vars.get("nccl_tests_install_dir") or NCCL_TESTS_DIR
-    version = node.vars.get("nccl_tests_version") or NCCL_TESTS_VERSION
+    """Where the nccl_tests role installs all_reduce_perf on this node."""
+    base = resolve("nccl_tests_install_dir", node.vars, role="nccl_tests")
+    version = resolve("nccl_tests_version", node.vars, role="nccl_tests")
     return f"{base}/{version}/build/all_reduce_perf"
 
 
@@ -203,14 +203,14 @@ def nccl_tests_command(node, begin: str, end: str, factor: int, warmup: int, ite
 def run_nccl_tests(inventory, run_dir: Path, begin, end, factor, warmup, iters, transport,
                    timeout_s: float = 1800) -> dict[str, tuple[str, dict | str]]:
     """{node: ("ok", parsed) | ("skip", reason) | ("fail", reason)} for nodes with GPUs."""
-    from dsk_provision.launch import _resolve_transport, _run
+    from dsk_provision.remote import resolve_transport, run_command
 
     def one(node):
         if not node.gpus:
             return node.name, ("skip", "no GPU on this node")
         command = nccl_tests_command(node, begin, end, factor, warmup, iters)
-        rc, out = _run(_resolve_transport(transport, inventory, node), node, command,
-                       timeout=timeout_s)
+        rc, out = run_command(resolve_transport(transport, inventory, node), node, command,
+                              timeout=timeout_s)
         (run_dir / "nccl-tests").mkdir(parents=True, exist_ok=True)
         (run_dir / "nccl-tests" / f"{node.name}.txt").write_text(out or "")
         if rc == 3 and "not installed" in (out or ""):
@@ -405,7 +405,7 @@ def validate(inventory, *, runs_dir: Path | None = None, begin: str = "1K",
     facts = read_facts(run_dir, names)
     for node in inventory.nodes:
         results = checks_mod.run_node_checks(node.name, facts[node.name], merged,
-                                             checks_mod.node_pins(node.vars))
+                                             checks_mod.node_pins(node))
         if facts[node.name] is None and playbook_error is not None:
             results[0].message += f": {str(playbook_error).splitlines()[0]}"
         report.checks += results

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from dsk_provision import checks, isolate
+from dsk_provision.inventory import Node
 
 FIXTURES = Path(__file__).parent / "fixtures" / "gpu"
 H200 = checks.load_profile("h200-sxm-8")
@@ -56,11 +57,19 @@ def healthy() -> dict:
     }
 
 
-PINS = {"nvidia_driver_branch": "580", "nvidia_driver_version": "580.159.04",
-        "cuda_version": "13.0", "nccl_version": "2.28.3-1+cuda13.0",
-        "dsk_socket_ifname": "eth0",
-        "dsk_nccl_env": {"NCCL_IB_HCA": "mlx5_0,mlx5_1,mlx5_2,mlx5_3,mlx5_4,mlx5_5,mlx5_6,"
-                                        "mlx5_7"}}
+NODE_VARS = {"nvidia_driver_branch": "580", "nvidia_driver_version": "580.159.04",
+             "cuda_version": "13.0", "nccl_version": "2.28.3-1+cuda13.0",
+             "dsk_socket_ifname": "eth0",
+             "dsk_nccl_env": {"NCCL_IB_HCA": "mlx5_0,mlx5_1,mlx5_2,mlx5_3,mlx5_4,mlx5_5,"
+                                             "mlx5_6,mlx5_7"}}
+
+
+def pins_of(**node_vars) -> dict:
+    """What validate compares a node with, from the node's inventory variables."""
+    return checks.node_pins(Node("gpu7", "10.0.0.7", 22, "root", 8, {**NODE_VARS, **node_vars}))
+
+
+PINS = pins_of()
 
 
 def run(name: str, facts: dict, thresholds: dict | None = None, pins: dict | None = None):
@@ -189,7 +198,7 @@ IMPOSSIBLE = [
     ("infiniband", {}, {"ib_min_rate_gbps": 800}, None, "slower than 800 Gb/s"),
     ("infiniband", {"gpu_stack.infiniband": None}, {}, None, "8 port(s) expected"),
     ("gpudirect_rdma", {"gpu_stack.nvidia_peermem": False}, {}, None, "nvidia_peermem"),
-    ("nccl_settings", {}, {}, {**PINS, "dsk_socket_ifname": "ib0"},
+    ("nccl_settings", {}, {}, pins_of(dsk_socket_ifname="ib0"),
      "NCCL_SOCKET_IFNAME=eth0 (want ib0)"),
     ("nccl_settings", {"gpu_stack.nccl_settings": {"conf": None, "env": {}}}, {}, None,
      "no NCCL settings"),
