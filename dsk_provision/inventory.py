@@ -27,7 +27,8 @@ from dsk_provision.errors import InputError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 SCHEMA_PATH = PACKAGE_DIR / "schemas" / "inventory.schema.json"
-PROFILES_DIR = PACKAGE_DIR / "profiles"
+# The hardware profiles of `validate` (dsk_profile names one of them).
+PROFILES_DIR = PACKAGE_DIR / "validation" / "profiles"
 REPO_ROLES_DIR = PACKAGE_DIR.parent / "roles"
 
 NODES_GROUP = "nodes"
@@ -71,7 +72,8 @@ _INSECURE_SSH = (
 _PATTERN_ADVICE = {
     "dsk_cluster_name": "use lowercase letters, digits and '-', starting with a letter or "
                         "digit, at most 63 characters (e.g. 'prod-a')",
-    "dsk_profile": "use the name of a file under dsk_provision/profiles/ without '.yml'",
+    "dsk_profile": "use the name of a file under dsk_provision/validation/profiles/ without "
+                   "'.yml'",
     "dsk_root": "use an absolute path such as /opt/dsk",
     "dsk_python": "use an absolute path to the interpreter, e.g. /opt/dsk/venv/bin/python",
     "dsk_socket_ifname": "use a network interface name such as eth0 or ens1f0",
@@ -371,11 +373,10 @@ def _schema_problems(doc: _YamlDoc, kind: str, prefix: tuple, problems: _Problem
 
 @lru_cache(maxsize=1)
 def known_profiles() -> tuple[str, ...] | None:
-    """Names of hardware profiles, or None while dsk_provision/profiles/ does not exist."""
+    """Names of hardware profiles, or None while the profiles directory does not exist."""
     if not PROFILES_DIR.is_dir():
         return None
-    return tuple(sorted({p.stem for p in PROFILES_DIR.iterdir()
-                         if p.suffix in (".yml", ".yaml")}))
+    return tuple(sorted(p.stem for p in PROFILES_DIR.glob("*.yml")))
 
 
 @lru_cache(maxsize=1)
