@@ -13,8 +13,10 @@ node name and lands in ``<run_dir>/logs/<node>.log``. When one node's torchrun e
 non-zero the others are stopped by the PID their shell wrote before ``exec`` (never by
 name) and :class:`RunFailed` names the node, and the rank when torchrun's report shows it.
 
-The transport is injectable: anything with ``popen(node, command, stdin=...)`` works, so
-tests can run "nodes" as local processes.
+Nodes are reached through dsk_provision.remote; the transport is injectable (anything
+with ``argv`` and ``popen(node, command, stdin=...)``), so tests can run "nodes" as local
+processes. Paths, interpreter, rendezvous port and NCCL variables are the node's typed
+settings (``node.settings``, computed by dsk_provision.inventory).
 """
 
 from __future__ import annotations

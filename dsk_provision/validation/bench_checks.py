@@ -77,7 +77,7 @@ def run_benchmark_checks(bench: dict | None, thresholds: dict, nodes: int,
 
 def run_perf_checks(node: str, perf: dict | None, thresholds: dict,
                     error: str | None = None) -> list[CheckResult]:
-    """matmul TFLOP/s and memory copy GB/s of trainer.bench.gpu_perf, per device, on one node.
+    """matmul TFLOP/s and memory copy GB/s of the compute probe, per device, on one node.
 
     The slowest device is the node's value: one slow GPU holds back every collective.
     """

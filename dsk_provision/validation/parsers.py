@@ -165,7 +165,7 @@ def _num(text: str) -> float:
 
 
 def parse_nccl_tests(text: str) -> dict[str, Any]:
-    """all_reduce_perf's table, in the shape of trainer.bench.allreduce's results."""
+    """all_reduce_perf's table, in the shape of the all-reduce probe's results."""
     ranks = None
     header = re.search(r"nThread\s+(\d+)\s+nGpus\s+(\d+)", text)
     rank_lines = re.findall(r"^#\s+Rank\s+\d+", text, re.MULTILINE)
