@@ -201,7 +201,7 @@ def validate(
         if end is not None and lo > parse_size(end, "--end"):
             raise InputError(f"--begin {begin} is larger than --end {end}", field="--begin")
         inv = _load(inventory)
-        from dsk_provision.validate import validate as run_validate
+        from dsk_provision.validation.flow import validate as run_validate
 
         try:
             report = run_validate(inv, runs_dir=_state["runs_dir"], begin=begin, end=end,

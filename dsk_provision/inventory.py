@@ -17,16 +17,18 @@ import re
 import stat
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
 
+from dsk_provision import defaults
 from dsk_provision.errors import InputError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 SCHEMA_PATH = PACKAGE_DIR / "schemas" / "inventory.schema.json"
-PROFILES_DIR = PACKAGE_DIR / "profiles"
+# The hardware profiles of `validate` (dsk_profile names one of them).
+PROFILES_DIR = PACKAGE_DIR / "validation" / "profiles"
 REPO_ROLES_DIR = PACKAGE_DIR.parent / "roles"
 
 NODES_GROUP = "nodes"
@@ -70,7 +72,8 @@ _INSECURE_SSH = (
 _PATTERN_ADVICE = {
     "dsk_cluster_name": "use lowercase letters, digits and '-', starting with a letter or "
                         "digit, at most 63 characters (e.g. 'prod-a')",
-    "dsk_profile": "use the name of a file under dsk_provision/profiles/ without '.yml'",
+    "dsk_profile": "use the name of a file under dsk_provision/validation/profiles/ without "
+                   "'.yml'",
     "dsk_root": "use an absolute path such as /opt/dsk",
     "dsk_python": "use an absolute path to the interpreter, e.g. /opt/dsk/venv/bin/python",
     "dsk_socket_ifname": "use a network interface name such as eth0 or ens1f0",
@@ -80,8 +83,48 @@ _PATTERN_ADVICE = {
 
 
 @dataclass(frozen=True)
+class NodeSettings:
+    """The settings of a node that the control node acts on, with their defaults applied
+    (roles/dsk_defaults, read through dsk_provision.defaults). The schema has checked
+    their types; nothing here re-validates."""
+
+    root: PurePosixPath       # dsk_root: the trainer, its configs and runs live under it
+    python: str               # dsk_python: the trainer environment's interpreter
+    rdzv_port: int            # dsk_rdzv_port: torchrun's c10d rendezvous (first node)
+    socket_ifname: str | None  # dsk_socket_ifname; None: let the libraries choose
+    # Every NCCL_* variable of every rank, as the nccl role writes /etc/nccl.conf:
+    # NCCL_SOCKET_IFNAME from socket_ifname, then dsk_nccl_env over it.
+    nccl_env: dict[str, str]
+
+    def run_dir(self, run_id: str) -> PurePosixPath:
+        """Where a run's files live on the node: {dsk_root}/runs/<run-id>."""
+        return self.root / "runs" / run_id
+
+
+def full_nccl_env(socket_ifname: str | None, nccl_env: dict | None) -> dict[str, str]:
+    """NCCL_SOCKET_IFNAME derived from the socket interface, the explicit settings over it;
+    the same rule as dsk_nccl_env_full in roles/dsk_defaults/defaults/main.yml."""
+    env = {"NCCL_SOCKET_IFNAME": socket_ifname} if socket_ifname else {}
+    env.update({str(k): str(v) for k, v in (nccl_env or {}).items()})
+    return env
+
+
+def node_settings(values: dict[str, Any]) -> NodeSettings:
+    """A node's settings from its merged inventory variables and the cluster defaults."""
+    ifname = defaults.resolve("dsk_socket_ifname", values)
+    ifname = str(ifname) if ifname else None
+    return NodeSettings(
+        root=PurePosixPath(str(defaults.resolve("dsk_root", values))),
+        python=str(defaults.resolve("dsk_python", values)),
+        rdzv_port=int(defaults.resolve("dsk_rdzv_port", values)),
+        socket_ifname=ifname,
+        nccl_env=full_nccl_env(ifname, defaults.resolve("dsk_nccl_env", values)))
+
+
+@dataclass(frozen=True)
 class Node:
-    """One cluster node. ``vars`` are its host variables merged over group and all vars."""
+    """One cluster node. ``vars`` are its host variables merged over group and all vars;
+    ``settings`` are the typed settings computed from them once."""
 
     name: str
     address: str
@@ -89,6 +132,10 @@ class Node:
     user: str | None
     gpus: int
     vars: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    settings: NodeSettings = field(init=False, compare=False, hash=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "settings", node_settings(self.vars or {}))
 
 
 @dataclass
@@ -232,6 +279,11 @@ def _schema() -> dict:
     return json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
 
 
+def nccl_name_pattern() -> str:
+    """The rule for NCCL setting names (dsk_nccl_env keys), as the schema states it."""
+    return _schema()["$defs"]["vars"]["properties"]["dsk_nccl_env"]["propertyNames"]["pattern"]
+
+
 @lru_cache(maxsize=2)
 def _validator(kind: str):
     import jsonschema
@@ -292,11 +344,6 @@ def _schema_problems(doc: _YamlDoc, kind: str, prefix: tuple, problems: _Problem
                     msg += " (groups go under all.children)"
                 problems.add(doc.file, _dotted(path + (key,)), msg)
             continue
-        if v == "propertyNames":
-            problems.add(doc.file, _dotted(path + (err.instance,)),
-                         f"{err.instance!r} is not an NCCL_* variable name; only NCCL_* "
-                         "variables belong in dsk_nccl_env")
-            continue
         if v == "type":
             wanted = err.validator_value if isinstance(err.validator_value, list) \
                 else [err.validator_value]
@@ -326,11 +373,10 @@ def _schema_problems(doc: _YamlDoc, kind: str, prefix: tuple, problems: _Problem
 
 @lru_cache(maxsize=1)
 def known_profiles() -> tuple[str, ...] | None:
-    """Names of hardware profiles, or None while dsk_provision/profiles/ does not exist."""
+    """Names of hardware profiles, or None while the profiles directory does not exist."""
     if not PROFILES_DIR.is_dir():
         return None
-    return tuple(sorted({p.stem for p in PROFILES_DIR.iterdir()
-                         if p.suffix in (".yml", ".yaml")}))
+    return tuple(sorted(p.stem for p in PROFILES_DIR.glob("*.yml")))
 
 
 @lru_cache(maxsize=1)

@@ -13,8 +13,10 @@ node name and lands in ``<run_dir>/logs/<node>.log``. When one node's torchrun e
 non-zero the others are stopped by the PID their shell wrote before ``exec`` (never by
 name) and :class:`RunFailed` names the node, and the rank when torchrun's report shows it.
 
-The transport is injectable: anything with ``popen(node, command, stdin=...)`` works, so
-tests can run "nodes" as local processes.
+Nodes are reached through dsk_provision.remote; the transport is injectable (anything
+with ``argv`` and ``popen(node, command, stdin=...)``), so tests can run "nodes" as local
+processes. Paths, interpreter, rendezvous port and NCCL variables are the node's typed
+settings (``node.settings``, computed by dsk_provision.inventory).
 """
 
 from __future__ import annotations
@@ -30,22 +32,25 @@ import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Protocol
 
 from dsk_provision.errors import EnvironmentProblem, InputError, RunFailed
+from dsk_provision.remote import (
+    SshTransport,
+    Transport,
+    TransportChoice,
+    fetch,
+    find_node,
+    inventory_file,
+    put_tar,
+    resolve_transport,
+    run_command,
+)
 
 TRAINER_DIR = Path(__file__).resolve().parent.parent / "trainer"
-DEFAULT_ROOT = "/opt/dsk"
-DEFAULT_RDZV_PORT = 29500
 _MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
-_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-# ssh -o values that turn host key pinning off.
-_UNPINNED = {"stricthostkeychecking": {"no", "off", "accept-new", "false"},
-             "userknownhostsfile": {"/dev/null"}}
 # How long a stopped node may take before SIGKILL: torchrun itself gives its workers 30 s.
 STOP_GRACE_S = 40.0
 # After the first failure, other nodes that fail within this window are failing on
@@ -62,42 +67,9 @@ _ROOT_CAUSE_RANK_RE = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank:\s*(\d+)\)")
 # --------------------------------------------------------------------------- helpers
 
 
-def _var(node, name: str, default: Any = None) -> Any:
-    value = (node.vars or {}).get(name)
-    return default if value is None else value
-
-
-def _inventory_file(inventory) -> str | None:
-    path = getattr(inventory, "path", None)
-    return str(path) if path else None
-
-
-def _host_field(node, name: str) -> str:
-    return f"all.children.nodes.hosts.{node.name}.{name}"
-
-
-def remote_root(node) -> PurePosixPath:
-    return PurePosixPath(_var(node, "dsk_root", DEFAULT_ROOT))
-
-
 def remote_run_dir(node, run_id: str) -> PurePosixPath:
     """Where a run's files live on a node: {dsk_root}/runs/<run-id>."""
-    return remote_root(node) / "runs" / run_id
-
-
-def node_python(node) -> str:
-    return str(_var(node, "dsk_python", f"{remote_root(node)}/venv/bin/python"))
-
-
-def find_node(inventory, node):
-    """A Node from a Node or a node name."""
-    if not isinstance(node, str):
-        return node
-    for candidate in inventory.nodes:
-        if candidate.name == node:
-            return candidate
-    raise InputError(f"no node named {node!r} in the inventory", file=_inventory_file(inventory),
-                     field="all.children.nodes.hosts")
+    return node.settings.run_dir(run_id)
 
 
 class _Printer:
@@ -116,169 +88,16 @@ class _Printer:
                 self.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
-# --------------------------------------------------------------------------- transports
-
-
-class Transport(Protocol):
-    def argv(self, node, command: str) -> list[str]:
-        """The local argv that runs a shell command line on the node."""
-
-    def popen(self, node, command: str, *, stdin=None) -> subprocess.Popen:
-        """Start the command on the node; stdout and stderr merged, text lines."""
-
-
-def _split_ssh_options(tokens: list[str]) -> list[tuple[str, str]]:
-    """(key, value) pairs of every -o option in an ssh argument list, keys lowercased."""
-    options = []
-    i = 0
-    while i < len(tokens):
-        token = tokens[i]
-        value = None
-        if token == "-o" and i + 1 < len(tokens):
-            value = tokens[i + 1]
-            i += 1
-        elif token.startswith("-o") and len(token) > 2:
-            value = token[2:]
-        if value is not None:
-            key, _, rest = value.replace("=", " ", 1).partition(" ")
-            options.append((key.strip().lower(), rest.strip().strip('"').lower()))
-        i += 1
-    return options
-
-
-class SshTransport:
-    """OpenSSH with the inventory's user, port, key and common args; host keys pinned."""
-
-    def __init__(self, inventory=None, ssh: str = "ssh"):
-        self.inventory = inventory
-        self.ssh = ssh
-
-    def options(self, node) -> list[str]:
-        file = _inventory_file(self.inventory)
-        args: list[str] = []
-        for name in ("ansible_ssh_common_args", "ansible_ssh_extra_args"):
-            text = _var(node, name, "")
-            try:
-                tokens = shlex.split(str(text))
-            except ValueError as exc:
-                raise InputError(f"cannot parse the ssh arguments: {exc}", file=file,
-                                 field=_host_field(node, name)) from None
-            for key, value in _split_ssh_options(tokens):
-                if value in _UNPINNED.get(key, ()):
-                    raise InputError(
-                        f"'{key}={value}' turns host key checking off; host keys must be pinned",
-                        file=file, field=_host_field(node, name),
-                        hint="list the nodes' host keys in a known_hosts file and pass "
-                             "-o UserKnownHostsFile=FILE -o StrictHostKeyChecking=yes")
-            args += tokens
-        if str(_var(node, "ansible_host_key_checking", True)).lower() in ("false", "no", "0"):
-            raise InputError("host key checking is off; host keys must be pinned", file=file,
-                             field=_host_field(node, "ansible_host_key_checking"))
-        keys = {key for key, _ in _split_ssh_options(args)}
-        # Non-interactive, pinned, and quick to notice a dead node; options given first
-        # win in ssh, so the inventory's own values (already vetted above) come first.
-        extra = ["-o", "BatchMode=yes"]
-        if "stricthostkeychecking" not in keys:
-            extra += ["-o", "StrictHostKeyChecking=yes"]
-        if "connecttimeout" not in keys:
-            extra += ["-o", "ConnectTimeout=15"]
-        if "serveraliveinterval" not in keys:
-            extra += ["-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4"]
-        key_file = _var(node, "ansible_ssh_private_key_file")
-        out = list(args) + extra
-        if key_file:
-            if not Path(str(key_file)).expanduser().is_file():
-                raise InputError(f"private key {key_file} does not exist", file=file,
-                                 field=_host_field(node, "ansible_ssh_private_key_file"))
-            out += ["-i", str(Path(str(key_file)).expanduser()), "-o", "IdentitiesOnly=yes"]
-        port = node.port or _var(node, "ansible_port")
-        if port:
-            out += ["-p", str(port)]
-        user = node.user or _var(node, "ansible_user")
-        if user:
-            out += ["-l", str(user)]
-        return out
-
-    def argv(self, node, command: str) -> list[str]:
-        return [self.ssh, *self.options(node), str(node.address), command]
-
-    def popen(self, node, command: str, *, stdin=None) -> subprocess.Popen:
-        return _popen(self.argv(node, command), stdin)
-
-
-class LocalTransport:
-    """Runs the node's commands on this machine (``ansible_connection: local``)."""
-
-    def argv(self, node, command: str) -> list[str]:
-        return ["bash", "-c", command]
-
-    def popen(self, node, command: str, *, stdin=None) -> subprocess.Popen:
-        return _popen(self.argv(node, command), stdin)
-
-
-def _popen(argv: list[str], stdin) -> subprocess.Popen:
-    try:
-        return subprocess.Popen(argv, stdin=stdin if stdin is not None else subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                bufsize=1, errors="replace")
-    except FileNotFoundError as exc:
-        raise EnvironmentProblem(f"cannot run {argv[0]}: not installed",
-                                 hint="install openssh-client") from exc
-
-
-def transport_for(inventory, node) -> Transport:
-    """SSH unless the node says ansible_connection: local."""
-    connection = str(_var(node, "ansible_connection", "ssh"))
-    if connection == "local":
-        return LocalTransport()
-    if connection in ("ssh", "smart", "paramiko"):
-        return SshTransport(inventory)
-    raise InputError(f"connection {connection!r} cannot run torchrun; use ssh or local",
-                     file=_inventory_file(inventory),
-                     field=_host_field(node, "ansible_connection"))
-
-
-TransportChoice = Transport | Callable[[Any, Any], Transport] | None
-
-
-def _resolve_transport(choice: TransportChoice, inventory, node) -> Transport:
-    if choice is None:
-        return transport_for(inventory, node)
-    if hasattr(choice, "popen"):
-        return choice  # type: ignore[return-value]
-    return choice(inventory, node)
-
-
-def _run(transport: Transport, node, command: str, *, stdin=None, timeout: float = 120.0):
-    proc = transport.popen(node, command, stdin=stdin)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-        return 124, out
-    return proc.returncode, out
-
-
 # --------------------------------------------------------------------------- command lines
 
 
 def node_env(node, env: dict | None = None, *, remote_dir: PurePosixPath | str) -> dict[str, str]:
     """Environment for every rank on a node: PYTHONPATH, socket interface, NCCL variables."""
     out = {"PYTHONPATH": str(remote_dir), "PYTHONUNBUFFERED": "1"}
-    ifname = _var(node, "dsk_socket_ifname")
-    if ifname:
-        out["GLOO_SOCKET_IFNAME"] = str(ifname)
-        out["NCCL_SOCKET_IFNAME"] = str(ifname)
-    nccl_env = _var(node, "dsk_nccl_env", {}) or {}
-    if not isinstance(nccl_env, dict):
-        raise InputError("must be a mapping of variable names to values",
-                         field=_host_field(node, "dsk_nccl_env"))
-    for key, value in {**nccl_env, **(env or {})}.items():
-        if not _ENV_NAME_RE.match(str(key)):
-            raise InputError(f"{key!r} is not an environment variable name",
-                             field=_host_field(node, "dsk_nccl_env"))
-        out[str(key)] = "" if value is None else str(value)
+    if node.settings.socket_ifname:
+        out["GLOO_SOCKET_IFNAME"] = node.settings.socket_ifname
+    out.update(node.settings.nccl_env)
+    out.update({str(k): "" if v is None else str(v) for k, v in (env or {}).items()})
     return out
 
 
@@ -291,7 +110,7 @@ def nproc_for(node, nproc_per_node: int | None = None) -> int:
 
 def rendezvous_endpoint(inventory) -> str:
     first = inventory.nodes[0]
-    port = _var(first, "dsk_rdzv_port", DEFAULT_RDZV_PORT)
+    port = first.settings.rdzv_port
     host = f"[{first.address}]" if ":" in str(first.address) else str(first.address)
     return f"{host}:{port}"
 
@@ -306,7 +125,7 @@ def torchrun_argv(inventory, node_index: int, module: str, module_args: list[str
     node = inventory.nodes[node_index]
     remote = remote_run_dir(node, run_id)
     return [
-        node_python(node), "-m", "torch.distributed.run",
+        node.settings.python, "-m", "torch.distributed.run",
         "--nnodes", str(len(inventory.nodes)),
         "--nproc_per_node", str(nproc_for(node, nproc_per_node)),
         "--rdzv_backend", "c10d",
@@ -390,10 +209,8 @@ def ship(inventory, run_id: str, files: dict[str, Path] | None = None, *,
         threads = []
 
         def one(node):
-            remote = shlex.quote(str(remote_run_dir(node, run_id)))
-            with open(payload, "rb") as fh:
-                rc, out = _run(_resolve_transport(transport, inventory, node), node,
-                               f"mkdir -p {remote} && tar -x -m -C {remote}", stdin=fh)
+            rc, out = put_tar(resolve_transport(transport, inventory, node), node, payload,
+                              remote_run_dir(node, run_id))
             if rc != 0:
                 lines = (out or "").strip().splitlines()
                 failures[node.name] = lines[-1] if lines else f"exit {rc}"
@@ -411,26 +228,6 @@ def ship(inventory, run_id: str, files: dict[str, Path] | None = None, *,
         detail = "; ".join(f"{n}: {failures[n]}" for n in names)
         raise RunFailed(f"could not copy the trainer to {', '.join(names)} ({detail})",
                         nodes=names)
-
-
-def fetch(inventory, node, remote_path, local_path, *, transport: TransportChoice = None) -> Path:
-    """Copy one file from a node; written whole (temp + rename). Raises RunFailed."""
-    node = find_node(inventory, node)
-    local_path = Path(local_path)
-    local_path.parent.mkdir(parents=True, exist_ok=True)
-    proc = _resolve_transport(transport, inventory, node)
-    argv = proc.argv(node, f"cat -- {shlex.quote(str(remote_path))}")
-    tmp = local_path.with_name(f".{local_path.name}.part")
-    with open(tmp, "wb") as out:
-        result = subprocess.run(argv, stdout=out, stderr=subprocess.PIPE, timeout=300)
-    if result.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        reason = result.stderr.decode(errors="replace").strip().splitlines()
-        raise RunFailed(f"could not fetch {remote_path} from {node.name}: "
-                        f"{reason[-1] if reason else 'exit ' + str(result.returncode)}",
-                        nodes=[node.name])
-    os.replace(tmp, local_path)
-    return local_path
 
 
 def fetch_first(inventory, remote_relative: str, run_id: str, local_path, *,
@@ -513,13 +310,13 @@ def _stop(transport: Transport, node, run: NodeRun, run_id: str) -> None:
     run.stopped = True
     deadline = time.monotonic() + STOP_GRACE_S
     while run.proc.poll() is None and time.monotonic() < deadline:
-        _run(transport, node, stop_command(node, run_id, "TERM"), timeout=30)
+        run_command(transport, node, stop_command(node, run_id, "TERM"), timeout=30)
         try:
             run.proc.wait(timeout=3)
         except subprocess.TimeoutExpired:
             pass
     if run.proc.poll() is None:
-        _run(transport, node, stop_command(node, run_id, "KILL"), timeout=30)
+        run_command(transport, node, stop_command(node, run_id, "KILL"), timeout=30)
         try:
             run.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -533,7 +330,7 @@ def run_torchrun(inventory, module: str, module_args: list[str], *, run_dir: Pat
                  transport: TransportChoice = None) -> LaunchResult:
     """Ship, start torchrun on every node, stream logs, fail fast. Raises RunFailed."""
     if not inventory.nodes:
-        raise InputError("the inventory has no nodes", file=_inventory_file(inventory),
+        raise InputError("the inventory has no nodes", file=inventory_file(inventory),
                          field="all.children.nodes.hosts")
     if not _MODULE_RE.match(module):
         raise InputError(f"{module!r} is not a Python module name", field="module")
@@ -543,7 +340,7 @@ def run_torchrun(inventory, module: str, module_args: list[str], *, run_dir: Pat
         raise InputError(f"run directory name {run_id!r} cannot be a run id", field="run_dir")
     if nproc_per_node is not None and nproc_per_node < 1:
         raise InputError("must be at least 1", field="nproc_per_node")
-    transports = {n.name: _resolve_transport(transport, inventory, n) for n in inventory.nodes}
+    transports = {n.name: resolve_transport(transport, inventory, n) for n in inventory.nodes}
     commands = [torchrun_command(inventory, i, module, list(module_args), run_id=run_id,
                                  nproc_per_node=nproc_per_node, env=env)
                 for i in range(len(inventory.nodes))]
@@ -720,7 +517,6 @@ def train(inventory, config_path: Path, *, runs_dir: Path | None = None, console
 
 
 __all__ = [
-    "LaunchResult", "LocalTransport", "SshTransport", "TrainResult", "fetch", "fetch_first",
-    "node_env", "nproc_for", "run_torchrun", "ship", "stop_command", "torchrun_argv",
-    "torchrun_command", "train", "transport_for",
+    "LaunchResult", "TrainResult", "fetch_first", "node_env", "nproc_for", "remote_run_dir",
+    "run_torchrun", "ship", "stop_command", "torchrun_argv", "torchrun_command", "train",
 ]

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import yaml
 
+from dsk_provision.defaults import resolve
+
 
 def ssh_common_args(known_hosts: Path, control_dir: Path) -> str:
     # ControlPath lives in the state dir so that `down` can close every master
@@ -24,11 +26,12 @@ def render_inventory(*, cluster_name: str, nodes: Sequence[tuple[str, str]], key
                 "dsk_cluster_name": cluster_name,
                 "dsk_profile": "cpu-sandbox",
                 "dsk_gpus_per_node": 0,
-                "dsk_root": "/opt/dsk",
-                "dsk_python": "/opt/dsk/venv/bin/python",
-                "dsk_rdzv_port": 29500,
+                # The cluster defaults, written out so that the file shows them.
+                "dsk_root": resolve("dsk_root"),
+                "dsk_python": resolve("dsk_python"),
+                "dsk_rdzv_port": resolve("dsk_rdzv_port"),
                 "dsk_socket_ifname": "eth0",
-                "dsk_nccl_env": {},
+                "dsk_nccl_env": resolve("dsk_nccl_env"),
                 "dsk_mirror_url": mirror_url,
                 # Daemonless, so it needs nothing from the node's cgroup setup; its
                 # default overlay storage cannot stack on the nodes' overlayfs root.

@@ -1,7 +1,7 @@
 """The health_check module and the GPU node checks on this machine's real GPUs.
 
 The module is run directly (as Ansible would run it), its raw outputs parsed by
-dsk_provision.checks; the whole `validate` then runs with a local connection where
+dsk_provision.validation; the whole `validate` then runs with a local connection where
 ansible-runner is installed.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dsk_provision import checks
+from dsk_provision.validation import node_checks, parsers, profiles
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.gpu
@@ -42,15 +42,15 @@ def test_node_facts_and_gpu_checks_on_this_machine(gpu_out):
         "nccl_conf": "/etc/nccl.conf", "dcgm_level": 1, "dcgm_timeout": 600})
     (gpu_out / "facts.json").write_text(json.dumps(facts, indent=2) + "\n")
     smi = facts["gpu_stack"]["nvidia_smi"]
-    rows = checks.parse_gpu_query(smi["query"], smi["query_fields"])
+    rows = parsers.parse_gpu_query(smi["query"], smi["query_fields"])
     assert len(rows) == count, facts["skipped"]
     assert all(r["name"] and r["driver_version"] for r in rows)
     if smi["nvlink"] is not None:
-        assert set(checks.parse_nvlink(smi["nvlink"])) == set(range(count))
-    results = checks.run_node_checks("local", facts, checks.load_profile("h200-sxm-8"))
+        assert set(parsers.parse_nvlink(smi["nvlink"])) == set(range(count))
+    results = node_checks.run_node_checks("local", facts, profiles.load_profile("h200-sxm-8"))
     (gpu_out / "checks.json").write_text(json.dumps([r.to_dict() for r in results], indent=2))
     by = {r.check: r for r in results}
-    for name in checks.GPU_NODE_CHECKS:
+    for name in node_checks.GPU_NODE_CHECKS:
         assert by[name].message, by[name]
         assert by[name].message != "no GPU on this node"
     assert by["gpu_count"].status == "pass"
@@ -64,7 +64,7 @@ def test_validate_with_a_local_connection(gpu_out, tmp_path):
         pytest.skip("ansible-playbook is not on PATH")
     from dsk_provision.errors import RunFailed
     from dsk_provision.inventory import load_inventory
-    from dsk_provision.validate import validate
+    from dsk_provision.validation.flow import validate
 
     count = torch.cuda.device_count()
     hosts = tmp_path / "hosts.yml"

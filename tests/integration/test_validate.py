@@ -8,7 +8,7 @@ import pytest
 
 from dsk_provision.errors import RunFailed
 from dsk_provision.inventory import load_inventory
-from dsk_provision.validate import validate
+from dsk_provision.validation.flow import validate
 
 pytestmark = pytest.mark.slow
 

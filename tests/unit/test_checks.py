@@ -6,9 +6,9 @@ import copy
 
 import pytest
 
-from dsk_provision import checks
 from dsk_provision.errors import InputError
 from dsk_provision.inventory import Inventory, Node
+from dsk_provision.validation import bench_checks, node_checks, profiles, results
 
 FACTS = {
     "host": "node2",
@@ -27,7 +27,7 @@ FACTS = {
     "ssh_peers": {"node1": True, "node3": True},
     "skipped": {},
 }
-SANDBOX = checks.load_profile("cpu-sandbox")
+SANDBOX = profiles.load_profile("cpu-sandbox")
 
 
 def facts(**changes):
@@ -46,17 +46,17 @@ def bench(busbw=0.5, wrong=0, world=3):
                          "out_of_place": mode(wrong), "in_place": mode(0)}]}
 
 
-@pytest.mark.parametrize("name", [n for n in checks.NODE_CHECKS
-                                  if n not in checks.GPU_NODE_CHECKS])
+@pytest.mark.parametrize("name", [n for n in node_checks.NODE_CHECKS
+                                  if n not in node_checks.GPU_NODE_CHECKS])
 def test_every_node_check_passes_on_healthy_facts(name):
-    result = checks.NODE_CHECKS[name](facts(), SANDBOX)
+    result = node_checks.NODE_CHECKS[name](facts(), SANDBOX)
     assert result.status == "pass", result
     assert result.node == "node2"
 
 
-@pytest.mark.parametrize("name", checks.GPU_NODE_CHECKS)
+@pytest.mark.parametrize("name", node_checks.GPU_NODE_CHECKS)
 def test_gpu_checks_skip_with_a_reason_on_a_cpu_node(name):
-    result = checks.NODE_CHECKS[name](facts(), SANDBOX)
+    result = node_checks.NODE_CHECKS[name](facts(), SANDBOX)
     assert result.status == "skip", result
     assert result.message and result.node == "node2"
 
@@ -73,63 +73,64 @@ def test_gpu_checks_skip_with_a_reason_on_a_cpu_node(name):
     ("time_synced", {"time_synced": False}, {"require_time_sync": True}, "not synchronised"),
 ])
 def test_each_node_check_can_fail_naming_the_node(name, bad_facts, bad_thresholds, words):
-    result = checks.NODE_CHECKS[name](facts(**bad_facts), {**SANDBOX, **bad_thresholds})
+    result = node_checks.NODE_CHECKS[name](facts(**bad_facts), {**SANDBOX, **bad_thresholds})
     assert result.status == "fail"
     assert result.node == "node2"
     assert words in result.message
 
 
 def test_unknown_time_sync_is_a_skip_with_reason():
-    result = checks.check_time_synced(facts(time_synced=None), SANDBOX)
+    result = node_checks.check_time_synced(facts(time_synced=None), SANDBOX)
     assert result.status == "skip" and "unknown" in result.message
 
 
 def test_unsynchronised_clock_is_shown_not_judged_when_not_required():
-    result = checks.check_time_synced(facts(time_synced=False), {"require_time_sync": False})
+    result = node_checks.check_time_synced(facts(time_synced=False), {"require_time_sync": False})
     assert result.status == "skip" and result.value is False
 
 
 def test_role_skips_are_reported_with_reason():
-    results = checks.run_node_checks("node2", facts(skipped={"time_synced": "no chrony"}),
+    results = node_checks.run_node_checks("node2", facts(skipped={"time_synced": "no chrony"}),
                                      SANDBOX)
     skipped = [r for r in results if r.check == "time_synced"]
     assert skipped[0].status == "skip" and skipped[0].message == "no chrony"
 
 
 def test_missing_facts_fail_naming_node():
-    (result,) = checks.run_node_checks("node3", None, SANDBOX)
+    (result,) = node_checks.run_node_checks("node3", None, SANDBOX)
     assert result.status == "fail" and result.node == "node3" and result.check == "facts"
 
 
 def test_allreduce_correct_pass_and_fail():
-    assert checks.check_allreduce_correct(bench(), SANDBOX).status == "pass"
-    bad = checks.check_allreduce_correct(bench(wrong=5), SANDBOX)
+    assert bench_checks.check_allreduce_correct(bench(), SANDBOX).status == "pass"
+    bad = bench_checks.check_allreduce_correct(bench(wrong=5), SANDBOX)
     assert bad.status == "fail" and "5 wrong" in bad.message and "16777216 B" in bad.message
 
 
 def test_allreduce_busbw_uses_largest_size_and_can_fail():
-    ok = checks.check_allreduce_busbw(bench(busbw=0.5), SANDBOX, nodes=3)
+    ok = bench_checks.check_allreduce_busbw(bench(busbw=0.5), SANDBOX, nodes=3)
     assert ok.status == "pass" and ok.value == 0.5
-    bad = checks.check_allreduce_busbw(bench(busbw=0.5), {"allreduce_min_busbw_gbs": 10**6},
+    bad = bench_checks.check_allreduce_busbw(bench(busbw=0.5), {"allreduce_min_busbw_gbs": 10**6},
                                        nodes=3)
-    assert bad.status == "fail" and bad.node == checks.CLUSTER
+    assert bad.status == "fail" and bad.node == results.CLUSTER
     assert "16777216 B" in bad.message
 
 
 def test_single_node_threshold_is_used_for_one_node():
-    profile = checks.load_profile("h100-sxm-8")
-    assert checks.busbw_threshold(profile, 1) == 315
-    assert checks.busbw_threshold(profile, 2) == 280
+    profile = profiles.load_profile("h100-sxm-8")
+    assert bench_checks.busbw_threshold(profile, 1) == 315
+    assert bench_checks.busbw_threshold(profile, 2) == 280
 
 
 def test_one_rank_busbw_is_skipped():
-    assert checks.check_allreduce_busbw(bench(world=1), SANDBOX, nodes=1).status == "skip"
+    assert bench_checks.check_allreduce_busbw(bench(world=1), SANDBOX, nodes=1).status == "skip"
 
 
 def test_profiles_load_and_cover_the_gpu_kinds():
-    assert {"cpu-sandbox", "h100-sxm-8", "h200-sxm-8", "a100-sxm-8"} <= set(checks.profile_names())
-    for name in checks.profile_names():
-        profile = checks.read_profile(name)
+    names = set(profiles.profile_names())
+    assert {"cpu-sandbox", "h100-sxm-8", "h200-sxm-8", "a100-sxm-8"} <= names
+    for name in profiles.profile_names():
+        profile = profiles.read_profile(name)
         assert profile["thresholds"]["allreduce_max_wrong"] == 0
         assert "allreduce_min_busbw_gbs" in profile["thresholds"]
 
@@ -144,7 +145,7 @@ def test_inventory_thresholds_override_profile(tmp_path):
     inv = inventory(tmp_path, dsk_profile="h100-sxm-8",
                     dsk_thresholds={"allreduce_min_busbw_gbs": 100,
                                     "min_disk_free_gb": {"/opt/dsk": 2000}})
-    name, merged = checks.resolve_thresholds(inv, {"min_mem_available_mb": 1})
+    name, merged = profiles.resolve_thresholds(inv, {"min_mem_available_mb": 1})
     assert name == "h100-sxm-8"
     assert merged["allreduce_min_busbw_gbs"] == 100
     assert merged["min_disk_free_gb"] == {"/": 50, "/opt/dsk": 2000}
@@ -155,17 +156,17 @@ def test_inventory_thresholds_override_profile(tmp_path):
 def test_bad_threshold_names_field_and_file(tmp_path):
     inv = inventory(tmp_path, dsk_thresholds={"allreduce_min_busbw": 1})
     with pytest.raises(InputError) as err:
-        checks.resolve_thresholds(inv)
+        profiles.resolve_thresholds(inv)
     assert "all.vars.dsk_thresholds.allreduce_min_busbw" in str(err.value)
     assert str(tmp_path / "hosts.yml") in str(err.value)
     inv = inventory(tmp_path, dsk_thresholds={"min_mem_available_mb": "lots"})
     with pytest.raises(InputError, match="min_mem_available_mb"):
-        checks.resolve_thresholds(inv)
+        profiles.resolve_thresholds(inv)
 
 
 def test_unknown_profile_and_gpu_nodes_without_profile(tmp_path):
     with pytest.raises(InputError, match="dsk_profile"):
-        checks.resolve_thresholds(inventory(tmp_path, dsk_profile="tpu-v5"))
+        profiles.resolve_thresholds(inventory(tmp_path, dsk_profile="tpu-v5"))
     with pytest.raises(InputError, match="dsk_profile"):
-        checks.resolve_thresholds(inventory(tmp_path, gpus=8))
-    assert checks.resolve_thresholds(inventory(tmp_path))[0] == "cpu-sandbox"
+        profiles.resolve_thresholds(inventory(tmp_path, gpus=8))
+    assert profiles.resolve_thresholds(inventory(tmp_path))[0] == "cpu-sandbox"

@@ -173,7 +173,7 @@ def _fake_validate(passed: bool, calls: list):
 
 def test_validate_parses_sizes_and_prints_json(monkeypatch):
     calls: list = []
-    monkeypatch.setitem(sys.modules, "dsk_provision.validate", _fake_validate(True, calls))
+    monkeypatch.setitem(sys.modules, "dsk_provision.validation.flow", _fake_validate(True, calls))
     result = _invoke("validate", "-i", str(EXAMPLE), "--begin", "8K", "--end", "1M",
                      "--factor", "4", "--json")
     assert result.exit_code == 0, result.output
@@ -184,7 +184,7 @@ def test_validate_parses_sizes_and_prints_json(monkeypatch):
 
 
 def test_validate_failed_report_exits_1(monkeypatch):
-    monkeypatch.setitem(sys.modules, "dsk_provision.validate", _fake_validate(False, []))
+    monkeypatch.setitem(sys.modules, "dsk_provision.validation.flow", _fake_validate(False, []))
     result = _invoke("validate", "-i", str(EXAMPLE))
     assert result.exit_code == 1 and "validate FAILED" in result.output
 
@@ -197,7 +197,7 @@ def test_validate_json_prints_the_report_of_a_failed_run(monkeypatch):
         exc.report = types.SimpleNamespace(to_dict=lambda: {"passed": False, "failed": ["gpu02"]})
         raise exc
 
-    monkeypatch.setitem(sys.modules, "dsk_provision.validate",
+    monkeypatch.setitem(sys.modules, "dsk_provision.validation.flow",
                         types.SimpleNamespace(validate=validate))
     result = _invoke("validate", "-i", str(EXAMPLE), "--json")
     assert result.exit_code == 1

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from dsk_provision import checks, isolate
+from dsk_provision.inventory import Node
+from dsk_provision.validation import bench_checks, isolation, node_checks, parsers, profiles
 
 FIXTURES = Path(__file__).parent / "fixtures" / "gpu"
-H200 = checks.load_profile("h200-sxm-8")
+H200 = profiles.load_profile("h200-sxm-8")
 
 
 def fixture(name: str) -> str:
@@ -56,65 +57,74 @@ def healthy() -> dict:
     }
 
 
-PINS = {"nvidia_driver_branch": "580", "nvidia_driver_version": "580.159.04",
-        "cuda_version": "13.0", "nccl_version": "2.28.3-1+cuda13.0",
-        "dsk_socket_ifname": "eth0",
-        "dsk_nccl_env": {"NCCL_IB_HCA": "mlx5_0,mlx5_1,mlx5_2,mlx5_3,mlx5_4,mlx5_5,mlx5_6,"
-                                        "mlx5_7"}}
+NODE_VARS = {"nvidia_driver_branch": "580", "nvidia_driver_version": "580.159.04",
+             "cuda_version": "13.0", "nccl_version": "2.28.3-1+cuda13.0",
+             "dsk_socket_ifname": "eth0",
+             "dsk_nccl_env": {"NCCL_IB_HCA": "mlx5_0,mlx5_1,mlx5_2,mlx5_3,mlx5_4,mlx5_5,"
+                                             "mlx5_6,mlx5_7"}}
+
+
+def pins_of(**node_vars) -> dict:
+    """What validate compares a node with, from the node's inventory variables."""
+    node = Node("gpu7", "10.0.0.7", 22, "root", 8, {**NODE_VARS, **node_vars})
+    return node_checks.node_pins(node)
+
+
+PINS = pins_of()
 
 
 def run(name: str, facts: dict, thresholds: dict | None = None, pins: dict | None = None):
     facts = {**facts, "pins": PINS if pins is None else pins}
-    return checks.NODE_CHECKS[name](facts, {**H200, **(thresholds or {})})
+    return node_checks.NODE_CHECKS[name](facts, {**H200, **(thresholds or {})})
 
 
 # --------------------------------------------------------------------------- parsing
 
 
 def test_parse_query_reads_every_gpu_and_field():
-    rows = checks.parse_gpu_query(fixture("nvidia_smi_query_h200x8.csv"),
+    rows = parsers.parse_gpu_query(fixture("nvidia_smi_query_h200x8.csv"),
                                   fixture("query_fields.txt").strip())
     assert len(rows) == 8
     assert rows[3]["pci.bus_id"] == "00000000:5D:00.0"
     assert rows[0]["persistence_mode"] == "Enabled"
     assert rows[0]["pcie.link.width.max"] == "16"
-    assert checks.clock_reasons(rows[0]["reasons"]) == ["gpu_idle"]
+    assert parsers.clock_reasons(rows[0]["reasons"]) == ["gpu_idle"]
 
 
 def test_unknown_values_and_clock_bits():
-    rows = checks.parse_gpu_query("0, X, b, 1, [N/A], [Not Supported], 1, 4, 8, 16, 0x48",
+    rows = parsers.parse_gpu_query("0, X, b, 1, [N/A], [Not Supported], 1, 4, 8, 16, 0x48",
                                   fixture("query_fields.txt").strip())
     assert rows[0]["persistence_mode"] is None
     assert rows[0]["ecc.errors.uncorrected.volatile.total"] is None
-    assert checks.clock_reasons("0x48") == ["hw_slowdown", "hw_thermal_slowdown"]
-    assert checks.clock_reasons("0x1000") == ["unknown_0x1000"]
+    assert parsers.clock_reasons("0x48") == ["hw_slowdown", "hw_thermal_slowdown"]
+    assert parsers.clock_reasons("0x1000") == ["unknown_0x1000"]
 
 
 def test_parse_nvlink_counts_links_up_and_down():
-    links = checks.parse_nvlink(fixture("nvlink_s_h200x8.txt"))
+    links = parsers.parse_nvlink(fixture("nvlink_s_h200x8.txt"))
     assert sorted(links) == list(range(8))
     assert links[5]["up"] == 18 and links[5]["down"] == 0
     broken = "GPU 0: NVIDIA H200 (UUID: x)\n\t Link 0: 26.562 GB/s\n\t Link 1: <inactive>\n"
-    assert checks.parse_nvlink(broken)[0] == {"up": 1, "down": 1, "gbs": [26.562]}
+    assert parsers.parse_nvlink(broken)[0] == {"up": 1, "down": 1, "gbs": [26.562]}
 
 
 def test_parse_xid_lines():
-    events = checks.parse_xid(fixture("kernel_log_xid.txt").splitlines())
+    events = parsers.parse_xid(fixture("kernel_log_xid.txt").splitlines())
     assert [(e["pci"], e["xid"]) for e in events] == [("0000:2a:00", 79), ("0000:5d:00", 48)]
 
 
 def test_parse_ib_dcgm_and_nccl_conf():
-    assert checks.parse_ib_rate("400 Gb/sec (4X NDR)") == 400.0
-    assert checks.parse_ib_state("4: ACTIVE") == "ACTIVE"
-    assert checks.parse_nccl_conf(fixture("nccl.conf"))["NCCL_SOCKET_IFNAME"] == "eth0"
-    diag = checks.parse_dcgm_diag(fixture("dcgmi_diag_r1_fail.txt"))
+    assert parsers.parse_ib_rate("400 Gb/sec (4X NDR)") == 400.0
+    assert parsers.parse_ib_state("4: ACTIVE") == "ACTIVE"
+    assert parsers.parse_nccl_conf(fixture("nccl.conf"))["NCCL_SOCKET_IFNAME"] == "eth0"
+    diag = parsers.parse_dcgm_diag(fixture("dcgmi_diag_r1_fail.txt"))
     assert diag["Page Retirement/Row Remap"].startswith("Fail")
     assert diag["Persistence Mode"] == "Pass"
     assert "DCGM Version" not in diag
 
 
 def test_parse_nccl_tests_table():
-    parsed = checks.parse_nccl_tests(fixture("all_reduce_perf_8gpu.txt"))
+    parsed = parsers.parse_nccl_tests(fixture("all_reduce_perf_8gpu.txt"))
     assert parsed["world_size"] == 8
     assert [r["size"] for r in parsed["results"]] == [1 << 20, 16 << 20, 256 << 20, 8 << 30]
     assert parsed["results"][-1]["in_place"]["busbw_gbs"] == 386.42
@@ -140,7 +150,7 @@ def test_health_check_module_reads_infiniband_sysfs(tmp_path):
 # --------------------------------------------------------------------------- checks
 
 
-@pytest.mark.parametrize("name", checks.GPU_NODE_CHECKS)
+@pytest.mark.parametrize("name", node_checks.GPU_NODE_CHECKS)
 def test_every_gpu_check_passes_on_a_healthy_h200_node(name):
     result = run(name, healthy())
     assert result.status == "pass", result
@@ -189,7 +199,7 @@ IMPOSSIBLE = [
     ("infiniband", {}, {"ib_min_rate_gbps": 800}, None, "slower than 800 Gb/s"),
     ("infiniband", {"gpu_stack.infiniband": None}, {}, None, "8 port(s) expected"),
     ("gpudirect_rdma", {"gpu_stack.nvidia_peermem": False}, {}, None, "nvidia_peermem"),
-    ("nccl_settings", {}, {}, {**PINS, "dsk_socket_ifname": "ib0"},
+    ("nccl_settings", {}, {}, pins_of(dsk_socket_ifname="ib0"),
      "NCCL_SOCKET_IFNAME=eth0 (want ib0)"),
     ("nccl_settings", {"gpu_stack.nccl_settings": {"conf": None, "env": {}}}, {}, None,
      "no NCCL settings"),
@@ -220,7 +230,7 @@ def _apply(facts, path, value):
 
 
 def test_every_gpu_check_is_proven_able_to_fail():
-    assert {case[0] for case in IMPOSSIBLE} == set(checks.GPU_NODE_CHECKS)
+    assert {case[0] for case in IMPOSSIBLE} == set(node_checks.GPU_NODE_CHECKS)
 
 
 def test_missing_tools_are_skips_with_reasons():
@@ -246,10 +256,10 @@ def test_gpu_node_without_nvidia_smi_fails_with_the_reason():
 
 
 def test_run_node_checks_passes_pins_through():
-    results = checks.run_node_checks("gpu7", healthy(), H200, PINS)
+    results = node_checks.run_node_checks("gpu7", healthy(), H200, PINS)
     by = {r.check: r for r in results}
     assert by["driver_version"].status == "pass"
-    failed = checks.run_node_checks("gpu7", healthy(), H200, {"cuda_version": "12.8"})
+    failed = node_checks.run_node_checks("gpu7", healthy(), H200, {"cuda_version": "12.8"})
     assert {r.check: r for r in failed}["cuda_version"].status == "fail"
 
 
@@ -261,7 +271,7 @@ PERF = {"device": "cuda", "matmul": {"size": 8192}, "copy_bytes": 4 << 30,
 
 
 def test_perf_checks_pass_and_name_the_slowest_device():
-    matmul, copy_bw = checks.run_perf_checks("gpu7", PERF, H200)
+    matmul, copy_bw = bench_checks.run_perf_checks("gpu7", PERF, H200)
     assert matmul.status == copy_bw.status == "pass"
     assert matmul.value == 793.0 and copy_bw.value == 4293.0
 
@@ -269,13 +279,13 @@ def test_perf_checks_pass_and_name_the_slowest_device():
 @pytest.mark.parametrize("key, check", [("matmul_min_tflops", "matmul_tflops"),
                                         ("copy_min_gbs", "copy_bandwidth")])
 def test_perf_checks_fail_with_an_impossible_threshold(key, check):
-    results = {r.check: r for r in checks.run_perf_checks("gpu7", PERF, {**H200, key: 1e9})}
+    results = {r.check: r for r in bench_checks.run_perf_checks("gpu7", PERF, {**H200, key: 1e9})}
     assert results[check].status == "fail"
     assert results[check].node == "gpu7" and "NVIDIA H200 7" in results[check].message
 
 
 def test_perf_checks_fail_without_a_result():
-    results = checks.run_perf_checks("gpu7", None, H200, error="torchrun failed on gpu7")
+    results = bench_checks.run_perf_checks("gpu7", None, H200, error="torchrun failed on gpu7")
     assert [r.status for r in results] == ["fail", "fail"]
     assert results[0].message == "torchrun failed on gpu7"
 
@@ -285,12 +295,12 @@ def test_perf_checks_fail_without_a_result():
 
 def test_ring_pairs_and_rounds():
     names = ["n1", "n2", "n3", "n4"]
-    pairs = isolate.ring_pairs(names)
+    pairs = isolation.ring_pairs(names)
     assert pairs == [("n1", "n2"), ("n2", "n3"), ("n3", "n4"), ("n4", "n1")]
-    assert isolate.rounds(pairs) == [[("n1", "n2"), ("n3", "n4")], [("n2", "n3"), ("n4", "n1")]]
-    assert len(isolate.rounds(isolate.ring_pairs(["a", "b", "c"]))) == 3
-    assert isolate.ring_pairs(["a", "b"]) == [("a", "b")]
-    assert isolate.ring_pairs(["a"]) == []
+    assert isolation.rounds(pairs) == [[("n1", "n2"), ("n3", "n4")], [("n2", "n3"), ("n4", "n1")]]
+    assert len(isolation.rounds(isolation.ring_pairs(["a", "b", "c"]))) == 3
+    assert isolation.ring_pairs(["a", "b"]) == [("a", "b")]
+    assert isolation.ring_pairs(["a"]) == []
 
 
 @pytest.mark.parametrize("count", [3, 4, 7, 16])
@@ -303,7 +313,7 @@ def test_isolation_names_the_slow_node(count):
         measured.append(pair)
         return 0.001 if slow in pair else 0.5
 
-    verdict = isolate.isolate(names, measure, 0.05)
+    verdict = isolation.isolate(names, measure, 0.05)
     assert verdict.slow_nodes == [slow]
     assert verdict.slow_links == []
     assert len(measured) == count
@@ -311,26 +321,26 @@ def test_isolation_names_the_slow_node(count):
 
 def test_isolation_names_a_slow_link_and_a_failed_run():
     names = ["a", "b", "c", "d"]
-    verdict = isolate.judge(names, {("a", "b"): 0.5, ("b", "c"): 0.001, ("c", "d"): 0.5,
+    verdict = isolation.judge(names, {("a", "b"): 0.5, ("b", "c"): 0.001, ("c", "d"): 0.5,
                                     ("d", "a"): 0.5}, 0.05)
     assert verdict.slow_nodes == [] and verdict.slow_links == [("b", "c")]
-    verdict = isolate.judge(names, {("a", "b"): 0.5, ("b", "c"): None, ("c", "d"): None,
+    verdict = isolation.judge(names, {("a", "b"): 0.5, ("b", "c"): None, ("c", "d"): None,
                                     ("d", "a"): 0.5}, 0.05)
     assert verdict.slow_nodes == ["c"]
-    two = isolate.judge(["a", "b"], {("a", "b"): 0.001}, 0.05)
+    two = isolation.judge(["a", "b"], {("a", "b"): 0.001}, 0.05)
     assert two.slow_nodes == [] and two.slow_links == [("a", "b")]
 
 
 def test_isolation_names_nobody_when_every_pair_is_slow():
-    verdict = isolate.isolate(["a", "b", "c"], lambda pair: 0.001, 0.05)
+    verdict = isolation.isolate(["a", "b", "c"], lambda pair: 0.001, 0.05)
     assert verdict.all_slow and verdict.slow_nodes == [] and verdict.slow_links == []
 
 
 def test_isolation_tolerates_noise_below_the_threshold():
     # Small messages: the healthy pair misses the absolute threshold, but is 40x faster.
-    verdict = isolate.judge(["node1", "node2", "node3"],
+    verdict = isolation.judge(["node1", "node2", "node3"],
                             {("node1", "node2"): 0.001, ("node2", "node3"): 0.001,
                              ("node3", "node1"): 0.040}, 0.05)
     assert verdict.slow_nodes == ["node2"] and not verdict.all_slow
-    two = isolate.judge(["a", "b"], {("a", "b"): 0.04}, 0.05)
+    two = isolation.judge(["a", "b"], {("a", "b"): 0.04}, 0.05)
     assert two.slow_links == [("a", "b")]

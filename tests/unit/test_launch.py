@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dsk_provision import launch
+from dsk_provision import launch, remote
 from dsk_provision.errors import InputError, RunFailed
 from dsk_provision.inventory import Inventory, Node
 
@@ -45,7 +45,7 @@ def three_nodes(tmp_path, key, **extra):
 
 def test_ssh_argv_uses_inventory_and_pins_host_keys(tmp_path, key):
     inv = three_nodes(tmp_path, key)
-    argv = launch.SshTransport(inv).argv(inv.nodes[1], "hostname")
+    argv = remote.SshTransport(inv).argv(inv.nodes[1], "hostname")
     assert argv[0] == "ssh"
     assert argv[-2:] == ["10.213.7.12", "hostname"]
     joined = " ".join(argv)
@@ -61,7 +61,7 @@ def test_ssh_argv_uses_inventory_and_pins_host_keys(tmp_path, key):
 def test_ssh_argv_adds_strict_checking_when_absent(tmp_path, key):
     inv = make_inventory(tmp_path, [("node1", "10.0.0.1", {"ansible_port": 2222})],
                          ansible_ssh_private_key_file=str(key))
-    argv = launch.SshTransport(inv).argv(inv.nodes[0], "true")
+    argv = remote.SshTransport(inv).argv(inv.nodes[0], "true")
     assert "StrictHostKeyChecking=yes" in argv
 
 
@@ -75,7 +75,7 @@ def test_ssh_refuses_unpinned_host_keys(tmp_path, key, common):
     inv = make_inventory(tmp_path, [("node1", "10.0.0.1", {})],
                          ansible_ssh_private_key_file=str(key), ansible_ssh_common_args=common)
     with pytest.raises(InputError) as err:
-        launch.SshTransport(inv).argv(inv.nodes[0], "true")
+        remote.SshTransport(inv).argv(inv.nodes[0], "true")
     assert "ansible_ssh_common_args" in str(err.value)
     assert str(inv.path) in str(err.value)
 
@@ -84,7 +84,7 @@ def test_missing_key_names_field_and_file(tmp_path):
     inv = make_inventory(tmp_path, [("node1", "10.0.0.1", {})],
                          ansible_ssh_private_key_file=str(tmp_path / "nope"))
     with pytest.raises(InputError) as err:
-        launch.SshTransport(inv).argv(inv.nodes[0], "true")
+        remote.SshTransport(inv).argv(inv.nodes[0], "true")
     assert "ansible_ssh_private_key_file" in str(err.value)
 
 
@@ -124,10 +124,17 @@ def test_env_has_pythonpath_ifname_and_nccl(tmp_path, key):
     assert env["EXTRA"] == "a b"
 
 
-def test_bad_env_name_is_input_error(tmp_path):
-    inv = make_inventory(tmp_path, [("n1", "10.0.0.1", {"dsk_nccl_env": {"BAD NAME": 1}})])
-    with pytest.raises(InputError, match="dsk_nccl_env"):
-        launch.node_env(inv.nodes[0], remote_dir="/x")
+def test_env_takes_the_settings_defaults_and_explicit_nccl_socket(tmp_path):
+    inv = make_inventory(tmp_path, [("n1", "10.0.0.1", {
+        "dsk_socket_ifname": "eth0", "dsk_nccl_env": {"NCCL_SOCKET_IFNAME": "ib0"}})])
+    env = launch.node_env(inv.nodes[0], remote_dir="/x")
+    assert env["GLOO_SOCKET_IFNAME"] == "eth0" and env["NCCL_SOCKET_IFNAME"] == "ib0"
+    bare = Node("n2", "10.0.0.2", 22, "root", 0, {})
+    assert "NCCL_SOCKET_IFNAME" not in launch.node_env(bare, remote_dir="/x")
+    hosts = tmp_path / "hosts.yml"
+    argv = launch.torchrun_argv(Inventory(hosts, [bare], {}, hosts), 0, "m", [], run_id="r")
+    assert argv[0] == bare.settings.python == f"{bare.settings.root}/venv/bin/python"
+    assert argv[argv.index("--rdzv_endpoint") + 1] == f"10.0.0.2:{bare.settings.rdzv_port}"
 
 
 def test_torchrun_command_records_pid_and_quotes(tmp_path, key):
@@ -154,7 +161,7 @@ def test_bad_module_name(tmp_path):
     inv = make_inventory(tmp_path, [("n1", "10.0.0.1", {})])
     with pytest.raises(InputError, match="module"):
         launch.run_torchrun(inv, "trainer.train; reboot", [], run_dir=tmp_path / "r1",
-                            transport=launch.LocalTransport())
+                            transport=remote.LocalTransport())
 
 
 # ---------------------------------------------------------------------- fail fast, locally
@@ -235,11 +242,11 @@ def test_all_succeed_and_fetch(tmp_path):
     assert result.exit_codes == {"node1": 0, "node2": 0}
     assert result.world_size == 2
     assert "done" in result.logs["node2"].read_text()
-    remote = Path(result.remote_dirs["node2"]) / "config" / "cfg.toml"
-    got = launch.fetch(inv, "node2", remote, tmp_path / "back" / "cfg.toml")
+    shipped = Path(result.remote_dirs["node2"]) / "config" / "cfg.toml"
+    got = remote.fetch(inv, "node2", shipped, tmp_path / "back" / "cfg.toml")
     assert got.read_text() == "x = 1\n"
     with pytest.raises(RunFailed) as err:
-        launch.fetch(inv, "node1", "/nonexistent/file", tmp_path / "back" / "none")
+        remote.fetch(inv, "node1", "/nonexistent/file", tmp_path / "back" / "none")
     assert err.value.nodes == ["node1"]
 
 

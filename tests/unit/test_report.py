@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from dsk_provision import report
-from dsk_provision.checks import CheckResult
-from dsk_provision.validate import ValidationReport
+from dsk_provision.validation import report
+from dsk_provision.validation.flow import ValidationReport
+from dsk_provision.validation.results import CheckResult
 
 FACTS = {
     "os": {"distribution": "Debian", "version": "12"}, "kernel": "6.1.0", "cpus": 2,
@@ -91,7 +91,7 @@ def test_validate_on_two_local_nodes_writes_reports_and_names_the_bad_node(tmp_p
     from dsk_provision import runner
     from dsk_provision.errors import RunFailed
     from dsk_provision.inventory import Inventory, Node
-    from dsk_provision.validate import validate
+    from dsk_provision.validation.flow import validate
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -139,14 +139,14 @@ def test_validate_on_two_local_nodes_writes_reports_and_names_the_bad_node(tmp_p
 
 
 def test_markdown_shows_compute_side_by_side_isolation_and_plot(tmp_path):
-    from dsk_provision import checks as checks_mod
+    from dsk_provision.validation import parsers
 
     rep = sample(tmp_path)
     rep.gpu_perf = {"node1": {"device": "cuda", "matmul": {"size": 8192}, "copy_bytes": 4 << 30,
                               "warmup": 5, "iters": 20,
                               "devices": [{"index": 0, "name": "NVIDIA H200",
                                            "matmul_tflops": 801.5, "copy_gbs": 4301.2}]}}
-    nccl = checks_mod.parse_nccl_tests(
+    nccl = parsers.parse_nccl_tests(
         (Path(__file__).parent / "fixtures/gpu/all_reduce_perf_8gpu.txt").read_text())
     ours = json.loads(json.dumps(nccl))
     ours["results"][-1]["in_place"]["busbw_gbs"] = 380.0
@@ -168,7 +168,7 @@ def test_markdown_shows_compute_side_by_side_isolation_and_plot(tmp_path):
 
 
 def test_plot_is_a_png_with_one_line_per_test(tmp_path):
-    from dsk_provision import plots
+    from dsk_provision.validation import plots
 
     path = plots.plot_busbw({"across nodes": [(1024, 0.1), (2048, 0.2)],
                              "within node1": [(1024, 1.0), (2048, 2.0)], "empty": []},
@@ -183,8 +183,8 @@ def test_console_table_groups_skips_by_reason_and_keeps_failures(tmp_path):
 
     from rich.console import Console
 
-    from dsk_provision.checks import CheckResult
-    from dsk_provision.validate import print_table
+    from dsk_provision.validation.flow import print_table
+    from dsk_provision.validation.results import CheckResult
 
     nodes = ["node1", "node2", "node3"]
     checks = [CheckResult(n, "disk_free", "pass", 80, 50, "") for n in nodes]

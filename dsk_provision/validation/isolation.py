@@ -20,6 +20,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from dsk_provision.validation.results import CLUSTER, FAIL, SKIP, CheckResult
+
 Pair = tuple[str, str]
 
 
@@ -101,3 +103,43 @@ def isolate(names: list[str], measure: Callable[[Pair], float | None], minimum: 
         results.update(zip(group, values, strict=True))
     ordered = {p: results[p] for p in ring_pairs(names)}
     return judge(names, ordered, minimum)
+
+
+def isolation_checks(verdict: Verdict, names: list[str], minimum: float | None
+                     ) -> list[CheckResult]:
+    """The verdict as checks: a fail per slow node and per node of a slow link, or a
+    cluster-wide skip saying why no single node is to blame."""
+    out: list[CheckResult] = []
+
+    def show(v):
+        return "run failed" if v is None else f"{v:.4f} GB/s"
+
+    for name in verdict.slow_nodes:
+        mine = {p: v for p, v in verdict.pairs.items() if name in p}
+        detail = ", ".join(f"with {p[1] if p[0] == name else p[0]}: {show(v)}"
+                           for p, v in mine.items())
+        worst = max((v for v in mine.values() if v is not None), default=None)
+        out.append(CheckResult(
+            name, "allreduce_isolation", FAIL, None if worst is None else round(worst, 4),
+            minimum,
+            f"slow in every pair it is in ({detail}): this node or its link is the culprit"))
+    for a, b in verdict.slow_links:
+        value = verdict.pairs[(a, b)]
+        for name in (a, b):
+            out.append(CheckResult(
+                name, "allreduce_isolation", FAIL,
+                None if value is None else round(value, 4), minimum,
+                f"the link between {a} and {b} is slow ({show(value)}); "
+                f"{name} is fine with other nodes" if len(names) > 2 else
+                f"the pair {a}+{b} is slow ({show(value)}); two nodes cannot tell which "
+                f"is to blame"))
+    if verdict.all_slow:
+        out.append(CheckResult(
+            CLUSTER, "allreduce_isolation", SKIP, None, minimum,
+            "every pair of nodes is slow too: the network as a whole (or the threshold) is "
+            "at fault, not one node"))
+    elif not verdict.slow_nodes and not verdict.slow_links:
+        out.append(CheckResult(
+            CLUSTER, "allreduce_isolation", SKIP, None, minimum,
+            "every pair of nodes is fast enough: the slowness needs more nodes at once"))
+    return out

@@ -1,172 +1,27 @@
-"""Validation checks: small functions of a node's facts (or the benchmark) and thresholds.
+"""Node checks: small functions of one node's facts (from the health_check role, one JSON
+per node at ``<run_dir>/facts/<host>.json``), its thresholds and its inventory pins.
 
-Facts come from the health_check role, one JSON per node at ``<run_dir>/facts/<host>.json``.
-Thresholds come from a hardware profile (``dsk_provision/profiles/<name>.yml``), overridden
-by the inventory's ``dsk_thresholds`` mapping, overridden by the caller. Every check
-returns a :class:`CheckResult` that names the node; what cannot be judged is a ``skip``
-with the reason, never a silent pass.
+Every check returns a :class:`CheckResult` that names the node; what cannot be judged is
+a ``skip`` with the reason, never a silent pass.
 """
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
 
-import yaml
-
-from dsk_provision.errors import InputError
-
-PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
-PASS, FAIL, SKIP = "pass", "fail", "skip"
-CLUSTER = "cluster"  # the node name of results that belong to all nodes together
-
-# Every threshold a profile may set, with its type and meaning.
-THRESHOLDS: dict[str, tuple[type | tuple[type, ...], str]] = {
-    "require_cuda": (bool, "torch must see CUDA on every node"),
-    "require_time_sync": (bool, "clocks must be synchronised (NTP/chrony)"),
-    "min_disk_free_gb": (dict, "free space per mount point, GB"),
-    "min_mem_available_mb": ((int, float), "available memory per node, MB"),
-    "allreduce_min_busbw_gbs": ((int, float),
-                                "all-reduce busbw at the largest size, more than one node, GB/s"),
-    "allreduce_min_busbw_gbs_single_node": ((int, float),
-                                            "all-reduce busbw at the largest size, one node, GB/s"),
-    "allreduce_max_wrong": (int, "wrong elements allowed in the all-reduce check"),
-    "gpu_model": (str, "text every GPU's name must contain (case-insensitive)"),
-    "require_persistence_mode": (bool, "nvidia-smi persistence mode must be Enabled"),
-    "max_ecc_uncorrected": (int, "volatile uncorrected ECC errors allowed per GPU"),
-    "max_xid_errors": (int, "NVIDIA XID events allowed in the kernel log since boot"),
-    "throttle_reasons_allowed": (list, "clock event (throttle) reasons that are no problem"),
-    "pcie_min_gen": (int, "lowest PCIe generation the GPU's link may support (max gen)"),
-    "pcie_min_width": (int, "lowest PCIe link width (lanes) a GPU may run at"),
-    "nvlink_min_links_up": (int, "NVLink links up per GPU"),
-    "ib_min_ports_active": (int, "InfiniBand/RoCE ports in state ACTIVE per node"),
-    "ib_min_rate_gbps": ((int, float), "rate of every active InfiniBand port, Gb/s"),
-    "require_gpudirect": (bool, "nvidia_peermem loaded where GPUs and HCAs are present"),
-    "matmul_min_tflops": ((int, float), "bf16 matmul per GPU (per CPU node without GPUs), TFLOP/s"),
-    "copy_min_gbs": ((int, float), "device memory copy per GPU, read + write, GB/s"),
-}
-
-
-@dataclass
-class CheckResult:
-    node: str
-    check: str
-    status: str  # pass | fail | skip
-    value: Any
-    threshold: Any
-    message: str
-
-    @property
-    def failed(self) -> bool:
-        return self.status == FAIL
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-# --------------------------------------------------------------------------- thresholds
-
-
-def profile_names() -> list[str]:
-    return sorted(p.stem for p in PROFILES_DIR.glob("*.yml"))
-
-
-def read_profile(name: str, *, file: str | None = None,
-                 field: str = "all.vars.dsk_profile") -> dict[str, Any]:
-    """A hardware profile (description, benchmark settings, thresholds), checked.
-
-    An unknown name is an InputError naming ``field`` in ``file`` (the inventory).
-    """
-    path = PROFILES_DIR / f"{name}.yml"
-    if not path.is_file():
-        raise InputError(f"unknown hardware profile {name!r}", file=file, field=field,
-                         hint=f"choose one of: {', '.join(profile_names())}")
-    data = yaml.safe_load(path.read_text()) or {}
-    _check_thresholds(data.get("thresholds") or {}, file=str(path), prefix="thresholds")
-    return {"name": name, "description": data.get("description", ""),
-            "benchmark": dict(data.get("benchmark") or {}),
-            "thresholds": dict(data.get("thresholds") or {})}
-
-
-def load_profile(name: str, *, file: str | None = None,
-                 field: str = "all.vars.dsk_profile") -> dict[str, Any]:
-    """The thresholds of a hardware profile."""
-    return read_profile(name, file=file, field=field)["thresholds"]
-
-
-def profile_name(inventory) -> str:
-    """The inventory's dsk_profile; cpu-sandbox for an inventory without GPUs."""
-    name = inventory.vars.get("dsk_profile")
-    if name:
-        return str(name)
-    if any(n.gpus for n in inventory.nodes):
-        raise InputError("GPU nodes need a hardware profile for their thresholds",
-                         file=str(inventory.path) if getattr(inventory, "path", None) else None,
-                         field="all.vars.dsk_profile",
-                         hint=f"set dsk_profile to one of: {', '.join(profile_names())}")
-    return "cpu-sandbox"
-
-
-def _check_thresholds(values: Any, *, file: str | None, prefix: str) -> None:
-    if not isinstance(values, dict):
-        raise InputError("must be a mapping of threshold names to values", file=file,
-                         field=prefix)
-    for key, value in values.items():
-        where = f"{prefix}.{key}"
-        if key not in THRESHOLDS:
-            raise InputError(f"unknown threshold {key!r}", file=file, field=where,
-                             hint=f"known: {', '.join(sorted(THRESHOLDS))}")
-        kind, _ = THRESHOLDS[key]
-        ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
-        if kind is bool:
-            ok = isinstance(value, bool)
-        if not ok:
-            raise InputError(f"{value!r} is not a valid value ({THRESHOLDS[key][1]})",
-                             file=file, field=where)
-        if kind is list:
-            if not all(isinstance(v, str) for v in value):
-                raise InputError(f"{value!r} must be a list of names", file=file, field=where)
-        elif kind is str:
-            if not value.strip():
-                raise InputError("must not be empty", file=file, field=where)
-        elif key == "min_disk_free_gb":
-            for mount, gb in value.items():
-                if isinstance(gb, bool) or not isinstance(gb, (int, float)) or gb < 0:
-                    raise InputError(f"{gb!r} is not a number of GB", file=file,
-                                     field=f"{where}.{mount}")
-        elif kind is not bool and value < 0:
-            raise InputError(f"{value!r} must not be negative", file=file, field=where)
-
-
-def _merge(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = {**out[key], **value}
-        else:
-            out[key] = value
-    return out
-
-
-def resolve_thresholds(inventory, overrides: dict | None = None) -> tuple[str, dict[str, Any]]:
-    """(profile name, thresholds): profile, then inventory dsk_thresholds, then overrides."""
-    file = str(inventory.path) if getattr(inventory, "path", None) else None
-    name = profile_name(inventory)
-    thresholds = load_profile(name, file=file)
-    from_inventory = inventory.vars.get("dsk_thresholds") or {}
-    _check_thresholds(from_inventory, file=file, prefix="all.vars.dsk_thresholds")
-    thresholds = _merge(thresholds, from_inventory)
-    if overrides:
-        _check_thresholds(overrides, file=None, prefix="thresholds")
-        thresholds = _merge(thresholds, overrides)
-    return str(name), thresholds
-
-
-# --------------------------------------------------------------------------- node checks
+from dsk_provision.validation.parsers import (
+    clock_reasons,
+    parse_dcgm_diag,
+    parse_gpu_query,
+    parse_ib_rate,
+    parse_ib_state,
+    parse_int,
+    parse_nccl_conf,
+    parse_nvlink,
+    parse_remapped_rows,
+    parse_xid,
+)
+from dsk_provision.validation.results import FAIL, PASS, SKIP, CheckResult
 
 
 def _result(facts: dict, check: str, status: str, value, threshold, message: str) -> CheckResult:
@@ -263,156 +118,6 @@ def check_time_synced(facts: dict, thresholds: dict) -> CheckResult:
         return _result(facts, "time_synced", SKIP, False, False,
                        "clock not synchronised, but the profile does not require it")
     return _result(facts, "time_synced", FAIL, False, True, "clock not synchronised")
-
-
-# --------------------------------------------------------------------------- GPU node parsing
-#
-# The health_check role reports raw command outputs under facts["gpu_stack"]; these
-# functions read them. Formats: nvidia-smi --query-gpu ... --format=csv,noheader,nounits
-# (one line per GPU, fields in the order the role asked for, "[N/A]"/"[Not Supported]"
-# for unknown), nvidia-smi --query-remapped-rows, nvidia-smi nvlink -s, the kernel log's
-# "NVRM: Xid (PCI:<bus>): <code>, ..." lines, /sys/class/infiniband/<hca>/ports/<n>/{state,
-# rate}, /etc/nccl.conf (KEY=VALUE lines) and the table of `dcgmi diag -r <level>`.
-
-# Bits of clocks_event_reasons.active (nvml.h, nvmlClocksEventReason*).
-CLOCK_REASON_BITS = {
-    0x1: "gpu_idle",
-    0x2: "applications_clocks_setting",
-    0x4: "sw_power_cap",
-    0x8: "hw_slowdown",
-    0x10: "sync_boost",
-    0x20: "sw_thermal_slowdown",
-    0x40: "hw_thermal_slowdown",
-    0x80: "hw_power_brake_slowdown",
-    0x100: "display_clock_setting",
-}
-_UNKNOWN = ("[n/a]", "[not supported]", "n/a", "[unknown error]", "")
-_XID_RE = re.compile(r"Xid \(PCI:([0-9A-Fa-f:.]+)\):\s*(\d+)")
-_NVLINK_GPU_RE = re.compile(r"^GPU (\d+):")
-_NVLINK_LINK_RE = re.compile(r"^\s*Link (\d+):\s*(.+?)\s*$")
-_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*Gb/sec")
-
-
-def _field(value: str) -> str | None:
-    value = value.strip()
-    return None if value.lower() in _UNKNOWN else value
-
-
-def _int(value: str | None) -> int | None:
-    if value is None:
-        return None
-    try:
-        return int(value, 0)
-    except ValueError:
-        return None
-
-
-def parse_gpu_query(text: str | None, fields: str | None) -> list[dict[str, Any]]:
-    """One dict per GPU, keyed by the query's field names (…reasons.active -> "reasons")."""
-    if not text or not fields:
-        return []
-    names = [f.strip() for f in fields.split(",")]
-    names = ["reasons" if n.endswith("reasons.active") else n for n in names]
-    gpus = []
-    for line in text.strip().splitlines():
-        values = [_field(v) for v in line.split(",")]
-        if len(values) != len(names):
-            continue
-        gpus.append(dict(zip(names, values, strict=True)))
-    return gpus
-
-
-def clock_reasons(mask: str | None) -> list[str] | None:
-    value = _int(mask)
-    if value is None:
-        return None
-    names = [name for bit, name in CLOCK_REASON_BITS.items() if value & bit]
-    unknown = value & ~sum(CLOCK_REASON_BITS)
-    return names + ([f"unknown_0x{unknown:x}"] if unknown else [])
-
-
-def parse_remapped_rows(text: str | None) -> dict[str, dict[str, int | None]]:
-    """{bus id: {"pending": n, "failure": n}} (Yes/No count as 1/0)."""
-    out = {}
-    for line in (text or "").strip().splitlines():
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) != 3:
-            continue
-
-        def number(v: str) -> int | None:
-            low = v.lower()
-            return 1 if low == "yes" else 0 if low == "no" else _int(_field(v))
-
-        out[parts[0]] = {"pending": number(parts[1]), "failure": number(parts[2])}
-    return out
-
-
-def parse_nvlink(text: str | None) -> dict[int, dict[str, Any]]:
-    """{GPU index: {"up": n, "down": n, "gbs": [per active link]}} from nvidia-smi nvlink -s."""
-    out: dict[int, dict[str, Any]] = {}
-    current = None
-    for line in (text or "").splitlines():
-        gpu = _NVLINK_GPU_RE.match(line)
-        if gpu:
-            current = out.setdefault(int(gpu.group(1)), {"up": 0, "down": 0, "gbs": []})
-            continue
-        link = _NVLINK_LINK_RE.match(line)
-        if link and current is not None:
-            speed = re.match(r"(\d+(?:\.\d+)?)\s*GB/s", link.group(2))
-            if speed:
-                current["up"] += 1
-                current["gbs"].append(float(speed.group(1)))
-            else:
-                current["down"] += 1
-    return out
-
-
-def parse_xid(lines: list[str] | None) -> list[dict[str, Any]]:
-    out = []
-    for line in lines or []:
-        match = _XID_RE.search(line)
-        if match:
-            out.append({"pci": match.group(1), "xid": int(match.group(2)), "line": line})
-    return out
-
-
-def parse_ib_rate(text: str | None) -> float | None:
-    match = _RATE_RE.match(text or "")
-    return float(match.group(1)) if match else None
-
-
-def parse_ib_state(text: str | None) -> str | None:
-    """'4: ACTIVE' -> 'ACTIVE'."""
-    if not text:
-        return None
-    return text.split(":", 1)[-1].strip().upper()
-
-
-def parse_nccl_conf(text: str | None) -> dict[str, str]:
-    out = {}
-    for line in (text or "").splitlines():
-        line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        key, _, value = line.partition("=")
-        out[key.strip()] = value.strip().strip('"')
-    return out
-
-
-def parse_dcgm_diag(text: str | None) -> dict[str, str]:
-    """{test: "Pass" | "Fail" | "Warn" | "Skip" ...} from the table of dcgmi diag."""
-    out = {}
-    for line in (text or "").splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) != 2 or not cells[0] or cells[0].startswith(("-", "=")):
-            continue
-        verdict = cells[1].split(" ", 1)[0].capitalize()
-        if verdict in ("Pass", "Fail", "Warn", "Skip"):
-            out[cells[0]] = cells[1]
-    return out
-
-
-# --------------------------------------------------------------------------- GPU node checks
 
 
 def _stack(facts: dict) -> dict:
@@ -541,7 +246,7 @@ def check_ecc_errors(facts: dict, thresholds: dict) -> CheckResult:
     if stand_in:
         return stand_in
     key = "ecc.errors.uncorrected.volatile.total"
-    counts = {r["index"]: _int(r.get(key)) for r in rows}
+    counts = {r["index"]: parse_int(r.get(key)) for r in rows}
     known = {i: c for i, c in counts.items() if c is not None}
     if not known:
         return _result(facts, "ecc_errors", SKIP, None, allowed,
@@ -629,8 +334,10 @@ def check_pcie_link(facts: dict, thresholds: dict) -> CheckResult:
         return stand_in
     bad, values = [], []
     for r in rows:
-        gen_now, gen_max = _int(r.get("pcie.link.gen.current")), _int(r.get("pcie.link.gen.max"))
-        w_now, w_max = _int(r.get("pcie.link.width.current")), _int(r.get("pcie.link.width.max"))
+        gen_now = parse_int(r.get("pcie.link.gen.current"))
+        gen_max = parse_int(r.get("pcie.link.gen.max"))
+        w_now = parse_int(r.get("pcie.link.width.current"))
+        w_max = parse_int(r.get("pcie.link.width.max"))
         values.append(f"Gen{gen_now}/{gen_max} x{w_now}/{w_max}")
         if None in (gen_max, w_now, w_max):
             bad.append(f"GPU {r['index']}: link not reported")
@@ -717,16 +424,8 @@ def check_gpudirect_rdma(facts: dict, thresholds: dict) -> CheckResult:
     return _result(facts, "gpudirect_rdma", PASS, True, True, "nvidia_peermem loaded")
 
 
-def expected_nccl_settings(pins: dict) -> dict[str, str]:
-    """What the nccl role writes: dsk_nccl_env, NCCL_SOCKET_IFNAME from dsk_socket_ifname."""
-    want = {str(k): str(v) for k, v in (pins.get("dsk_nccl_env") or {}).items()}
-    if pins.get("dsk_socket_ifname") and "NCCL_SOCKET_IFNAME" not in want:
-        want["NCCL_SOCKET_IFNAME"] = str(pins["dsk_socket_ifname"])
-    return want
-
-
 def check_nccl_settings(facts: dict, thresholds: dict) -> CheckResult:
-    want = expected_nccl_settings(_pins(facts))
+    want = dict(_pins(facts).get("nccl_env") or {})
     skip = _no_gpu(facts, "nccl_settings", want or None)
     if skip:
         return skip
@@ -795,21 +494,24 @@ NODE_CHECKS: dict[str, Callable[[dict, dict], CheckResult]] = {
 SKIPPABLE = ("time_synced", "ssh_peers")
 
 
-# The inventory variables the node checks compare with (version pins, NCCL settings).
+# The inventory's version pins the node checks compare with.
 PIN_VARS = ("nvidia_driver_branch", "nvidia_driver_version", "cuda_version", "nccl_version",
-            "dsk_nccl_env", "dsk_socket_ifname", "rdma_gpudirect")
+            "rdma_gpudirect")
 
 
-def node_pins(node_vars: dict | None) -> dict:
-    """The pins of one node from its merged inventory variables (only those set)."""
-    return {k: node_vars[k] for k in PIN_VARS if (node_vars or {}).get(k) not in (None, "")}
+def node_pins(node) -> dict:
+    """What the node checks compare one node with: its version pins (only those set) and
+    its full NCCL environment (``nccl_env``, from the node's typed settings)."""
+    pins = {k: node.vars[k] for k in PIN_VARS if (node.vars or {}).get(k) not in (None, "")}
+    pins["nccl_env"] = dict(node.settings.nccl_env)
+    return pins
 
 
 def run_node_checks(node: str, facts: dict | None, thresholds: dict,
                     pins: dict | None = None) -> list[CheckResult]:
     """Every node check for one node; a check the role skipped is a skip with its reason.
 
-    ``pins`` are the node's inventory variables of PIN_VARS (see :func:`node_pins`).
+    ``pins`` come from :func:`node_pins`.
     """
     if facts is None:
         return [CheckResult(node, "facts", FAIL, None, None,
@@ -825,155 +527,7 @@ def run_node_checks(node: str, facts: dict | None, thresholds: dict,
     return out
 
 
-# --------------------------------------------------------------------------- benchmark checks
-
-
-def _largest(bench: dict) -> dict | None:
-    rows = bench.get("results") or []
-    return max(rows, key=lambda r: r["size"]) if rows else None
-
-
-def check_allreduce_correct(bench: dict, thresholds: dict, *, node: str = CLUSTER,
-                            check: str = "allreduce_correct") -> CheckResult:
-    allowed = int(thresholds.get("allreduce_max_wrong", 0))
-    wrong = int(bench.get("wrong_total", 0))
-    if not bench.get("results"):
-        return CheckResult(node, check, FAIL, None, allowed,
-                           "the benchmark reported no sizes")
-    if wrong > allowed:
-        bad = [f"{r['size']} B {mode.replace('_', '-')}" for r in bench["results"]
-               for mode in ("out_of_place", "in_place") if r[mode]["wrong"]]
-        return CheckResult(node, check, FAIL, wrong, allowed,
-                           f"{wrong} wrong element(s) at {', '.join(bad)}")
-    return CheckResult(node, check, PASS, wrong, allowed,
-                       f"sums correct at {len(bench['results'])} sizes")
-
-
-def busbw_threshold(thresholds: dict, nodes: int) -> float | None:
-    if nodes == 1 and "allreduce_min_busbw_gbs_single_node" in thresholds:
-        return float(thresholds["allreduce_min_busbw_gbs_single_node"])
-    value = thresholds.get("allreduce_min_busbw_gbs")
-    return None if value is None else float(value)
-
-
-def check_allreduce_busbw(bench: dict, thresholds: dict, nodes: int, *,
-                          node: str = CLUSTER, check: str = "allreduce_busbw") -> CheckResult:
-    """busbw at the largest size (the better of out-of-place and in-place) >= threshold."""
-    minimum = busbw_threshold(thresholds, nodes)
-    row = _largest(bench)
-    if row is None:
-        return CheckResult(node, check, FAIL, None, minimum,
-                           "the benchmark reported no sizes")
-    if int(bench.get("world_size") or 0) < 2:
-        return CheckResult(node, check, SKIP, 0.0, minimum,
-                           "one rank: an all-reduce moves nothing over a bus")
-    busbw = max(row["out_of_place"]["busbw_gbs"], row["in_place"]["busbw_gbs"])
-    value = round(busbw, 3) if math.isfinite(busbw) else busbw
-    if minimum is None:
-        return CheckResult(node, check, SKIP, value, None,
-                           "no busbw threshold in the profile")
-    where = f"{row['size']} B, {bench.get('world_size')} ranks on {nodes} node(s)"
-    if busbw < minimum:
-        return CheckResult(node, check, FAIL, value, minimum,
-                           f"busbw {busbw:.3f} GB/s < {minimum:g} GB/s ({where})")
-    return CheckResult(node, check, PASS, value, minimum,
-                       f"busbw {busbw:.3f} GB/s ({where})")
-
-
-def run_benchmark_checks(bench: dict | None, thresholds: dict, nodes: int,
-                         error: str | None = None) -> list[CheckResult]:
-    if bench is None:
-        message = error or "the all-reduce benchmark produced no result"
-        return [CheckResult(CLUSTER, "allreduce_run", FAIL, None, None, message)]
-    return [check_allreduce_correct(bench, thresholds),
-            check_allreduce_busbw(bench, thresholds, nodes)]
-
-
 GPU_NODE_CHECKS = ("gpu_model", "driver_version", "cuda_version", "nccl_version",
                    "persistence_mode", "ecc_errors", "remapped_rows", "xid_errors",
                    "clock_throttle", "pcie_link", "nvlink", "infiniband", "gpudirect_rdma",
                    "nccl_settings", "dcgm_diag")
-
-
-# --------------------------------------------------------------------------- compute checks
-
-
-def run_perf_checks(node: str, perf: dict | None, thresholds: dict,
-                    error: str | None = None) -> list[CheckResult]:
-    """matmul TFLOP/s and memory copy GB/s of trainer.probes.gpu_perf, per device, on one node.
-
-    The slowest device is the node's value: one slow GPU holds back every collective.
-    """
-    specs = (("matmul_tflops", "matmul_min_tflops", "TFLOP/s", "bf16 matmul"),
-             ("copy_gbs", "copy_min_gbs", "GB/s", "memory copy (read + write)"))
-    out = []
-    for key, limit, unit, what in specs:
-        check = "matmul_tflops" if key == "matmul_tflops" else "copy_bandwidth"
-        minimum = thresholds.get(limit)
-        if perf is None:
-            out.append(CheckResult(node, check, FAIL, None, minimum,
-                                   error or "the compute benchmark produced no result"))
-            continue
-        devices = perf.get("devices") or []
-        if not devices:
-            out.append(CheckResult(node, check, FAIL, None, minimum, "no device measured"))
-            continue
-        worst = min(devices, key=lambda d: d[key])
-        value = round(float(worst[key]), 3)
-        kind = perf.get("device", "?")
-        where = f"{worst.get('name', kind)} {worst.get('index', '')}".strip()
-        if minimum is None:
-            out.append(CheckResult(node, check, SKIP, value, None,
-                                   f"no {limit} threshold in the profile"))
-        elif worst[key] < minimum:
-            out.append(CheckResult(node, check, FAIL, value, minimum,
-                                   f"{what} {worst[key]:.3f} {unit} < {minimum:g} {unit} "
-                                   f"on {where}"))
-        else:
-            out.append(CheckResult(node, check, PASS, value, minimum,
-                                   f"{what}: slowest of {len(devices)} {kind} device(s) "
-                                   f"{worst[key]:.3f} {unit}"))
-    return out
-
-
-# --------------------------------------------------------------------------- nccl-tests
-
-_NCCL_ROW_RE = re.compile(
-    r"^\s*(\d+)\s+(\d+)\s+(\S+)\s+(\S+)\s+(-?\d+)"
-    r"\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s*$")
-
-
-def _num(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        return float("nan")
-
-
-def parse_nccl_tests(text: str) -> dict[str, Any]:
-    """all_reduce_perf's table, in the shape of trainer.probes.allreduce's results."""
-    ranks = None
-    header = re.search(r"nThread\s+(\d+)\s+nGpus\s+(\d+)", text)
-    rank_lines = re.findall(r"^#\s+Rank\s+\d+", text, re.MULTILINE)
-    if rank_lines:
-        ranks = len(rank_lines)
-    elif header:
-        ranks = int(header.group(1)) * int(header.group(2))
-    results = []
-    for line in text.splitlines():
-        match = _NCCL_ROW_RE.match(line)
-        if not match:
-            continue
-        g = match.groups()
-
-        def mode(t, a, b, w):
-            wrong = int(w) if w.isdigit() else 0
-            return {"time_us": _num(t), "algbw_gbs": _num(a), "busbw_gbs": _num(b),
-                    "wrong": wrong}
-
-        results.append({"size": int(g[0]), "count": int(g[1]), "type": g[2], "redop": g[3],
-                        "out_of_place": mode(*g[5:9]), "in_place": mode(*g[9:13])})
-    avg = re.search(r"Avg bus bandwidth\s*:\s*([\d.]+)", text)
-    wrong = sum(r["out_of_place"]["wrong"] + r["in_place"]["wrong"] for r in results)
-    return {"world_size": ranks, "backend": "nccl-tests", "results": results,
-            "wrong_total": wrong, "avg_busbw_gbs": float(avg.group(1)) if avg else None}
