@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import shlex
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,8 +33,8 @@ from typing import Any
 from dsk_provision import checks as checks_mod
 from dsk_provision import report as report_mod
 from dsk_provision.errors import InputError, RunFailed
+from dsk_provision.sizes import read_size
 
-_SIZE_RE = re.compile(r"^\d+[KMG]?$", re.IGNORECASE)
 BENCH_MODULE = "trainer.bench.allreduce"
 BENCH_JSON = "allreduce.json"
 PERF_MODULE = "trainer.bench.gpu_perf"
@@ -98,12 +97,6 @@ class ValidationReport:
             "isolation": self.isolation,
             "plots": list(self.plots),
         }
-
-
-def _check_size(value: str, name: str) -> str:
-    if not _SIZE_RE.match(str(value)):
-        raise InputError(f"{value!r} is not a size (use e.g. 1K, 16M, 8G)", field=name)
-    return str(value)
 
 
 def read_facts(run_dir: Path, nodes: list[str]) -> dict[str, dict | None]:
@@ -375,8 +368,8 @@ def validate(inventory, *, runs_dir: Path | None = None, begin: str = "1K",
 
     profile_name, merged = checks_mod.resolve_thresholds(inventory, thresholds)
     profile = checks_mod.read_profile(profile_name)
-    end = _check_size(end or profile["benchmark"].get("end", "16M"), "end")
-    begin = _check_size(begin, "begin")
+    end = read_size(end or profile["benchmark"].get("end", "16M"), "end").text
+    begin = read_size(begin, "begin").text
     if int(factor) < 2:
         raise InputError(f"factor must be at least 2, got {factor}", field="factor")
     if int(warmup) < 0 or int(iters) < 1:
