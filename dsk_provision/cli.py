@@ -71,7 +71,7 @@ InventoryOpt = Annotated[Path, typer.Option(
     "--inventory", "-i", help="Inventory: a hosts.yml file or a directory holding one.")]
 
 
-def _size_option(flag: str, *, help: str) -> Any:  # noqa: A002 - Typer's own keyword
+def _size_option(flag: str, *, help: str) -> Any:
     """An option that takes a size ('1K', '16M'): read by the one size parser, so that a
     typo fails before any connection, with the option's name in the message."""
 
