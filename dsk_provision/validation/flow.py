@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import json
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,12 +26,12 @@ from typing import Any
 
 from dsk_provision.errors import InputError, RunFailed
 from dsk_provision.launch import nproc_for
+from dsk_provision.sizes import read_size
 from dsk_provision.validation import bench_checks, isolation, node_checks, probes
 from dsk_provision.validation import report as report_files
 from dsk_provision.validation.profiles import read_profile, resolve_thresholds
 from dsk_provision.validation.results import CLUSTER, FAIL, PASS, SKIP, CheckResult
 
-_SIZE_RE = re.compile(r"^\d+[KMG]?$", re.IGNORECASE)
 PLOT_FILE = "allreduce_busbw.png"
 # Above this many nodes the printed table shows only what did not pass.
 FULL_TABLE_MAX_NODES = 8
@@ -89,12 +88,6 @@ class ValidationReport:
             "isolation": self.isolation,
             "plots": list(self.plots),
         }
-
-
-def _check_size(value: str, name: str) -> str:
-    if not _SIZE_RE.match(str(value)):
-        raise InputError(f"{value!r} is not a size (use e.g. 1K, 16M, 8G)", field=name)
-    return str(value)
 
 
 def read_facts(run_dir: Path, nodes: list[str]) -> dict[str, dict | None]:
@@ -203,8 +196,8 @@ def validate(inventory, *, runs_dir: Path | None = None, begin: str = "1K",
 
     profile_name, merged = resolve_thresholds(inventory, thresholds)
     profile = read_profile(profile_name)
-    end = _check_size(end or profile["benchmark"].get("end", "16M"), "end")
-    begin = _check_size(begin, "begin")
+    end = read_size(end or profile["benchmark"].get("end", "16M"), "end").text
+    begin = read_size(begin, "begin").text
     if int(factor) < 2:
         raise InputError(f"factor must be at least 2, got {factor}", field="factor")
     if int(warmup) < 0 or int(iters) < 1:

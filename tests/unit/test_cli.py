@@ -264,3 +264,55 @@ def test_sandbox_commands(monkeypatch):
     assert seen["link"] == [("dsk", "node2", "10mbit"), ("dsk", "node2", None)]
     neither = _invoke("sandbox", "link", "node2")
     assert neither.exit_code == 2 and "--rate" in neither.output
+
+
+@pytest.mark.parametrize("args, option", [
+    (("--begin", "lots"), "--begin"),
+    (("--end", "1.5K"), "--end"),   # the benchmarks on the nodes read whole numbers only
+    (("--begin", "1T"), "--begin"),  # ... and no T suffix
+    (("--begin", "0"), "--begin"),
+])
+def test_a_bad_size_fails_before_the_inventory_is_read(args, option):
+    result = _invoke("validate", "-i", "/nonexistent/hosts.yml", *args)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"error: {option}: "), result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_the_library_reads_sizes_as_the_cli_does(monkeypatch, tmp_path):
+    """validate() checks its sizes with the CLI's parser, before any playbook runs."""
+    import dsk_provision.runner as runner
+    from dsk_provision.inventory import load_inventory
+    from dsk_provision.validation.flow import validate
+
+    monkeypatch.setattr(runner, "run_playbook", lambda *a, **kw: pytest.fail("ran"))
+    inv = load_inventory(EXAMPLE)
+    for kw, field in (({"begin": "1T"}, "begin"), ({"end": "1.5K"}, "end")):
+        with pytest.raises(InputError, match=f"^{field}: .* is not a size"):
+            validate(inv, runs_dir=tmp_path, **kw)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_is_data_brackets_print_as_written(monkeypatch):
+    """No rich markup on the consoles: a name with brackets is not eaten as a style tag."""
+    fake = types.SimpleNamespace(set_link_rate=lambda name, node, rate: None,
+                                 status=lambda name=None: [])
+    monkeypatch.setitem(sys.modules, "dsk_provision.sandbox", fake)
+    monkeypatch.setattr("dsk_provision.sandbox", fake, raising=False)
+    result = _invoke("sandbox", "link", "node[b]", "--clear")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "sandbox dsk: link of node[b] restored\n"
+    result = _invoke("sandbox", "status", "--name", "[red]x")
+    assert result.stdout == "no sandbox named [red]x is running\n"
+
+
+def test_debug_shows_the_traceback_and_keeps_the_exit_code(monkeypatch):
+    import dsk_provision.inventory as inventory
+
+    def missing(path):
+        raise EnvironmentProblem("ssh is not installed")
+
+    monkeypatch.setattr(inventory, "load_inventory", missing)
+    result = _invoke("--debug", "check", "-i", str(EXAMPLE))
+    assert result.exit_code == 3
+    assert "Traceback" in result.stderr and "error: ssh is not installed" in result.stderr

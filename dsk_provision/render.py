@@ -1,0 +1,165 @@
+"""What the command line shows: its consoles, result tables, summaries and JSON output.
+
+Everything printed here is data (paths, host names, addresses, package names), so rich
+markup and highlighting are off on the consoles themselves: a bracket in a path prints
+as written. Results go to stdout; errors, notes and progress that must not mix with
+``--json`` output go to stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+
+@functools.cache
+def console(*, stderr: bool = False) -> Console:
+    """The one stdout console (or, with ``stderr``, the one stderr console)."""
+    from rich.console import Console
+
+    return Console(stderr=stderr, markup=False, highlight=False)
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def error(message: str) -> None:
+    console(stderr=True).print(f"error: {message}", soft_wrap=True)
+
+
+def progress(out: Console) -> Callable[[str], None]:
+    """A progress callback for library functions: one indented line per message."""
+    return lambda message: out.print(f"  {message}")
+
+
+# ---------------------------------------------------------------------------- check
+
+def inventory_json(inv, config: Path | None) -> dict[str, Any]:
+    return {
+        "inventory": str(inv.path), "cluster": inv.cluster_name, "profile": inv.profile,
+        "total_gpus": inv.total_gpus, "config": str(config) if config else None,
+        "nodes": [{"name": n.name, "address": n.address, "port": n.port,
+                   "user": n.user, "gpus": n.gpus} for n in inv.nodes],
+    }
+
+
+def inventory_summary(inv, config: Path | None) -> None:
+    """The nodes in rank order, then one line on the cluster (and one on the config)."""
+    from rich.table import Table
+
+    out = console()
+    table = Table(title=f"cluster {inv.cluster_name} ({inv.path})", title_justify="left")
+    for col in ("rank", "node", "address", "port", "user", "gpus"):
+        table.add_column(col, justify="right" if col in ("rank", "port", "gpus") else "left")
+    for rank, n in enumerate(inv.nodes):
+        table.add_row(str(rank), n.name, n.address, str(n.port), n.user or "-", str(n.gpus))
+    out.print(table)
+    out.print(f"{len(inv.nodes)} node(s), {inv.total_gpus} GPU(s), profile "
+              f"{inv.profile or '-'}; rendezvous on {inv.first_node.name}: inventory OK")
+    if config is not None:
+        out.print(f"training config {config}: OK")
+
+
+# ---------------------------------------------------------------------------- validate
+
+def validate_verdict(report) -> None:
+    verdict = "PASSED" if report.passed else "FAILED"
+    console().print(f"validate {verdict}; report in {report.run_dir}")
+
+
+# ---------------------------------------------------------------------------- sandbox
+
+def sandbox_up(name: str, info) -> None:
+    """The new sandbox's inventory, and the commands that take it from here."""
+    out = console()
+    inv = info.inventory_path
+    out.print(f"sandbox {name} is up with {len(info.nodes)} node(s); inventory: {inv}")
+    out.print("next:")
+    for cmd in (f"dsk-provision check -i {inv}", f"dsk-provision bootstrap -i {inv}",
+                f"dsk-provision validate -i {inv}",
+                f"dsk-provision train -i {inv} --config trainer/configs/tiny.toml",
+                f"dsk-provision sandbox down --name {name}"):
+        out.print(f"  {cmd}")
+
+
+def sandbox_down(name: str) -> None:
+    console().print(f"sandbox {name} is down")
+
+
+def sandbox_status(rows: list[dict[str, Any]], name: str | None) -> None:
+    """One table row per node (the sandbox's own columns on its first node's row), then
+    where each sandbox's inventory is."""
+    out = console()
+    if not rows:
+        out.print("no sandbox" + (f" named {name}" if name else "") + " is running")
+        return
+    from rich.table import Table
+
+    table = Table()
+    for col in ("sandbox", "subnet", "mirror", "node", "address", "state"):
+        table.add_column(col)
+    for row in rows:
+        nodes = row.get("nodes") or [{}]
+        for i, node in enumerate(nodes):
+            node = node if isinstance(node, dict) else {"name": node}
+            head = (row.get("name"), row.get("subnet"), row.get("mirror")) if i == 0 \
+                else ("", "", "")
+            table.add_row(*(_cell(v) for v in head), _cell(node.get("name")),
+                          _cell(node.get("ip")), _cell(node.get("state")))
+    out.print(table)
+    for row in rows:
+        inv = row.get("inventory_path") or row.get("inventory")
+        if inv:
+            out.print(f"{row.get('name')}: inventory {inv}", soft_wrap=True)
+
+
+def sandbox_link(name: str, node: str, rate: str | None) -> None:
+    state = "restored" if rate is None else f"limited to {rate}"
+    console().print(f"sandbox {name}: link of {node} {state}")
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, list | tuple):
+        return ", ".join(_cell(v) for v in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_cell(v)}" for k, v in value.items())
+    return str(value)
+
+
+# ---------------------------------------------------------------------------- mirror
+
+def mirror_notes(notes: Iterable[str]) -> None:
+    err = console(stderr=True)
+    for note in notes:
+        err.print(f"note: {note}", soft_wrap=True)
+
+
+def mirror_built(manifest: dict[str, Any], out_dir: Path) -> None:
+    """What the mirror holds and where, and how to serve it."""
+    out = console()
+    for os_id, apt in manifest["apt"].items():
+        out.print(f"{os_id}: {len(apt['packages'])} apt packages in {out_dir / apt['path']}")
+    if manifest["wheels"]:
+        out.print(f"wheels: {len(manifest['wheels']['files'])} files in "
+                  f"{out_dir / manifest['wheels']['path']}")
+    out.print(f"serve it: dsk-provision mirror serve --dir {out_dir} --bind ADDRESS")
+
+
+def mirror_serving(directory: Path, url: str,
+                   settings: Iterable[tuple[str, str, str]]) -> None:
+    """Where the mirror is served, and the inventory variables that point nodes at it."""
+    out = console()
+    out.print(f"serving {directory} on {url} (Ctrl-C stops it)")
+    out.print("inventory settings (all.vars, or per group when nodes differ):")
+    for var, value, comment in settings:
+        out.print(f"  {var}: {value}    # {comment}")
