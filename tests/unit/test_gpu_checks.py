@@ -10,11 +10,11 @@ naming the node, with a deliberately impossible threshold or a broken fact.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from helpers import node_module
 
 from dsk_provision import checks, isolate
 
@@ -122,10 +122,7 @@ def test_parse_nccl_tests_table():
 
 
 def test_health_check_module_reads_infiniband_sysfs(tmp_path):
-    path = Path(__file__).parents[2] / "roles/health_check/library/dsk_node_facts.py"
-    spec = importlib.util.spec_from_file_location("dsk_node_facts", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = node_module(Path(__file__).parents[2] / "roles/health_check/library/dsk_node_facts.py")
     port = tmp_path / "mlx5_0" / "ports" / "1"
     port.mkdir(parents=True)
     (port / "state").write_text("4: ACTIVE\n")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import BIN, REPO, ROLES, run_role, tool
+from helpers import BIN, REPO, ROLES, node_module, run_role, tool
 
 GPU_ROLES = ["nvidia_driver", "fabric_manager", "cuda", "nccl", "rdma", "containers",
              "nccl_tests"]
@@ -146,13 +146,7 @@ def test_good_values_get_past_validation_and_skip_with_reasons(tmp_path):
 
 
 def _node_state_probe():
-    import importlib.util
-
-    path = ROLES.parent / "library/dsk_gpu_node_state.py"
-    spec = importlib.util.spec_from_file_location("dsk_gpu_node_state", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.probe
+    return node_module(REPO / "library/dsk_gpu_node_state.py").probe
 
 
 def _fake_node(root: Path, pci: dict[str, tuple[str, str]], dev: list[str], ib: list[str],

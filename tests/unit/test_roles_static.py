@@ -7,7 +7,6 @@ variable and expect the run to stop at the role's argument validation, before an
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import REPO, ROLES, run_role, tool
+from helpers import REPO, ROLES, node_module, run_role, tool
 
 ALL_ROLES = sorted(p.name for p in ROLES.iterdir() if (p / "tasks").is_dir())
 BOOTSTRAP_PLAYBOOKS = ["site.yml", "boilerplate.yml", "preflight.yml", "common.yml",
@@ -147,10 +146,7 @@ def test_preflight_passes_in_check_mode_with_good_variables(tmp_path):
 # --- the roles' own modules ------------------------------------------------------------
 
 def _module(role: str, name: str):
-    spec = importlib.util.spec_from_file_location(name, ROLES / role / "library" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return node_module(ROLES / role / "library" / f"{name}.py")
 
 
 def _fake_pci(root: Path, devices: dict[str, tuple[str, str, str]]) -> Path:
@@ -175,10 +171,7 @@ FAKE_HGX = {
 
 
 def _pci_facts(sysfs: Path, nvswitch_ids: list[str], tmp_path: Path) -> dict:
-    spec = importlib.util.spec_from_file_location(
-        "dsk_gpu_node_state", REPO / "library" / "dsk_gpu_node_state.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = node_module(REPO / "library" / "dsk_gpu_node_state.py")
     (tmp_path / "dev").mkdir(exist_ok=True)
     return module.pci_facts({"sysfs_pci": str(sysfs), "nvswitch_pci_ids": nvswitch_ids,
                              "dev_dir": str(tmp_path / "dev"),
