@@ -16,7 +16,7 @@ short_description: Detect NVIDIA GPUs, NVSwitches, HCAs, the loaded driver and m
 description:
   - One read-only probe for preflight and the GPU roles, so that a bootstrap costs one
     module execution per host instead of one per question (preflight runs it; the GPU
-    roles run it only when preflight did not, e.g. gpu_stack.yml on its own).
+    roles run it only when preflight did not, e.g. site.yml --tags gpu_stack).
   - A GPU is a PCI function of vendor 0x10de with class 0x0300xx (VGA) or 0x0302xx
     (3D controller). An NVSwitch is an NVIDIA PCI function of class 0x0680xx (other
     bridge) or shows up as /dev/nvidia-nvswitch*.
