@@ -8,6 +8,7 @@ import os
 import re
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.dsk_pci import SYSFS_PCI, scan
 
 DOCUMENTATION = r"""
 module: dsk_gpu_node_state
@@ -15,7 +16,7 @@ short_description: Detect NVIDIA GPUs, NVSwitches, HCAs, the loaded driver and m
 description:
   - One read-only probe for preflight and the GPU roles, so that a bootstrap costs one
     module execution per host instead of one per question (preflight runs it; the GPU
-    roles run it only when preflight did not, e.g. gpu_stack.yml on its own).
+    roles run it only when preflight did not, e.g. site.yml --tags gpu_stack).
   - A GPU is a PCI function of vendor 0x10de with class 0x0300xx (VGA) or 0x0302xx
     (3D controller). An NVSwitch is an NVIDIA PCI function of class 0x0680xx (other
     bridge) or shows up as /dev/nvidia-nvswitch*.
@@ -84,9 +85,6 @@ modprobe:
   type: str
 """
 
-NVIDIA_VENDOR = "0x10de"
-GPU_CLASSES = ("0x0300", "0x0302")
-BRIDGE_OTHER_CLASS = "0x0680"
 DRIVER_VERSION = re.compile(r"\s(\d{3,}\.\d+(?:\.\d+)?)\s")
 
 
@@ -106,58 +104,41 @@ def _listdir(path: str) -> list[str]:
 
 
 def probe(params: dict) -> dict:
-    gpus = 0
-    nvswitch_pci = False
-    for entry in _listdir(params["sysfs_pci"]):
-        base = os.path.join(params["sysfs_pci"], entry)
-        if _read(os.path.join(base, "vendor")).strip().lower() != NVIDIA_VENDOR:
-            continue
-        pci_class = _read(os.path.join(base, "class")).strip().lower()
-        if pci_class.startswith(GPU_CLASSES):
-            gpus += 1
-        elif pci_class.startswith(BRIDGE_OTHER_CLASS):
-            nvswitch_pci = True
+    """The state the GPU roles gate on (one PCI scan)."""
+    return _probe(params, scan(params["sysfs_pci"], params.get("nvswitch_pci_ids") or []))
+
+
+def _probe(params: dict, pci: dict) -> dict:
     nvswitch_nodes = [n for n in _listdir(params["dev_dir"]) if n.startswith("nvidia-nvswitch")]
     match = DRIVER_VERSION.search(_read(params["driver_version_file"]))
     modprobe = next((p for p in params["modprobe_paths"] if os.path.exists(p)), "")
     return {
-        "gpu_count": gpus,
-        "nvswitch": nvswitch_pci or bool(nvswitch_nodes),
+        "gpu_count": len(pci["gpus"]),
+        "nvswitch": pci["nvswitches"] > 0 or bool(nvswitch_nodes),
         "rdma_devices": _listdir(params["infiniband_dir"]),
         "driver_loaded": match.group(1) if match else "",
         "modprobe": modprobe,
     }
 
 
-def pci_facts(params: dict) -> dict:
+def pci_facts(params: dict, pci: dict | None = None) -> dict:
     """Preflight's facts: the GPUs by PCI address and the NVSwitches."""
-    ids = {value.strip().lower() for value in params.get("nvswitch_pci_ids") or []}
-    gpus: list[dict] = []
-    nvswitches = 0
-    for entry in _listdir(params["sysfs_pci"]):
-        base = os.path.join(params["sysfs_pci"], entry)
-        if _read(os.path.join(base, "vendor")).strip().lower() != NVIDIA_VENDOR:
-            continue
-        pci_class = _read(os.path.join(base, "class")).strip().lower()[:6]
-        device = _read(os.path.join(base, "device")).strip().lower()
-        if pci_class in GPU_CLASSES:
-            gpus.append({"address": entry, "device_id": device})
-        elif device in ids or pci_class == BRIDGE_OTHER_CLASS:
-            nvswitches += 1
-    proc_dir = params.get("nvswitch_proc_dir") or "/proc/driver/nvidia-nvswitch/devices"
+    if pci is None:
+        pci = scan(params["sysfs_pci"], params.get("nvswitch_pci_ids") or [])
     nodes = [n for n in _listdir(params["dev_dir"]) if n.startswith("nvidia-nvswitch")]
     return {
-        "dsk_gpu_count_detected": len(gpus),
-        "dsk_gpus_detected": gpus,
-        "dsk_nvswitch_count": nvswitches,
-        "dsk_has_nvswitch": nvswitches > 0 or bool(_listdir(proc_dir)) or bool(nodes),
+        "dsk_gpu_count_detected": len(pci["gpus"]),
+        "dsk_gpus_detected": pci["gpus"],
+        "dsk_nvswitch_count": pci["nvswitches"],
+        "dsk_has_nvswitch": (pci["nvswitches"] > 0 or bool(_listdir(params["nvswitch_proc_dir"]))
+                             or bool(nodes)),
     }
 
 
 def main() -> None:
     module = AnsibleModule(
         argument_spec={
-            "sysfs_pci": {"type": "path", "default": "/sys/bus/pci/devices"},
+            "sysfs_pci": {"type": "path", "default": SYSFS_PCI},
             "dev_dir": {"type": "path", "default": "/dev"},
             "infiniband_dir": {"type": "path", "default": "/sys/class/infiniband"},
             "driver_version_file": {"type": "path", "default": "/proc/driver/nvidia/version"},
@@ -169,8 +150,9 @@ def main() -> None:
         },
         supports_check_mode=True,
     )
-    state = probe(module.params)
-    facts = dict(pci_facts(module.params), dsk_rdma_devices=state["rdma_devices"],
+    pci = scan(module.params["sysfs_pci"], module.params["nvswitch_pci_ids"])
+    state = _probe(module.params, pci)
+    facts = dict(pci_facts(module.params, pci), dsk_rdma_devices=state["rdma_devices"],
                  dsk_nvidia_driver_loaded=state["driver_loaded"], dsk_modprobe=state["modprobe"])
     module.exit_json(changed=False, ansible_facts=facts, **state)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from dsk_provision.defaults import resolve
 from dsk_provision.validation.parsers import (
     clock_reasons,
     parse_dcgm_diag,
@@ -494,15 +495,20 @@ NODE_CHECKS: dict[str, Callable[[dict, dict], CheckResult]] = {
 SKIPPABLE = ("time_synced", "ssh_peers")
 
 
-# The inventory's version pins the node checks compare with.
-PIN_VARS = ("nvidia_driver_branch", "nvidia_driver_version", "cuda_version", "nccl_version",
-            "rdma_gpudirect")
+# The version pins the node checks compare with, by the role whose defaults hold them.
+PIN_VARS = {"nvidia_driver_branch": "nvidia_driver", "nvidia_driver_version": "nvidia_driver",
+            "cuda_version": "cuda", "nccl_version": "nccl", "rdma_gpudirect": "rdma"}
 
 
 def node_pins(node) -> dict:
-    """What the node checks compare one node with: its version pins (only those set) and
-    its full NCCL environment (``nccl_env``, from the node's typed settings)."""
-    pins = {k: node.vars[k] for k in PIN_VARS if (node.vars or {}).get(k) not in (None, "")}
+    """What the node checks compare one node with: its version pins (the inventory's value,
+    else the default bootstrap installs; empty ones left out) and its full NCCL environment
+    (``nccl_env``, from the node's typed settings)."""
+    pins = {}
+    for name, role in PIN_VARS.items():
+        value = resolve(name, node.vars or {}, role=role)
+        if value not in (None, ""):
+            pins[name] = value
     pins["nccl_env"] = dict(node.settings.nccl_env)
     return pins
 

@@ -23,6 +23,11 @@ pytestmark = pytest.mark.gpu
 
 
 def _module():
+    import ansible.module_utils
+
+    # The module imports ansible.module_utils.dsk_pci, shipped from the repo's module_utils.
+    if str(REPO / "module_utils") not in ansible.module_utils.__path__:
+        ansible.module_utils.__path__.append(str(REPO / "module_utils"))
     path = REPO / "roles/health_check/library/dsk_node_facts.py"
     spec = importlib.util.spec_from_file_location("dsk_node_facts", path)
     module = importlib.util.module_from_spec(spec)

@@ -71,7 +71,7 @@ def inventory(gpus_sandbox):
 
     inv = load_inventory(gpus_sandbox.inventory_path)
     # The apt mirror (rdma packages) is the common role's business; bootstrap runs it first.
-    run_playbook("common.yml", inv, command="gpu-stack-common")
+    run_playbook("site.yml", inv, command="gpu-stack-common", tags=["common"])
     return inv
 
 
@@ -88,7 +88,7 @@ def _run(inventory, repo_url, tmp_path, pins, *, check=False, **extra):
         "rdma_ipoib_interfaces": [{"device": "ib0", "address": "10.10.0.11/16"}],
         **extra,
     }
-    return run_playbook(str(REPO / "playbooks/gpu_stack.yml"), inventory, command="gpu-stack",
+    return run_playbook("site.yml", inventory, command="gpu-stack", tags=["gpu_stack"],
                         runs_dir=tmp_path, extra_vars=extra_vars, check=check)
 
 

@@ -28,6 +28,22 @@ def tool(name: str) -> str:
     return str(path)
 
 
+def node_module(path: Path):
+    """Import an Ansible module of the repo (``library/x.py``, ``roles/r/library/x.py``) in
+    this process, with the repo's module_utils importable the way Ansible ships them
+    (``ansible.module_utils.<name>``)."""
+    import importlib.util
+
+    import ansible.module_utils
+
+    if str(REPO / "module_utils") not in ansible.module_utils.__path__:
+        ansible.module_utils.__path__.append(str(REPO / "module_utils"))
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_role(tmp_path: Path, role: str, extra: dict, playbook: Path | None = None,
              host_vars: dict | None = None) -> subprocess.CompletedProcess:
     """``ansible-playbook --check`` of one role (or of ``playbook``) against this machine

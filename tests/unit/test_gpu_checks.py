@@ -10,11 +10,11 @@ naming the node, with a deliberately impossible threshold or a broken fact.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from helpers import node_module
 
 from dsk_provision.inventory import Node
 from dsk_provision.validation import bench_checks, isolation, node_checks, parsers, profiles
@@ -132,10 +132,7 @@ def test_parse_nccl_tests_table():
 
 
 def test_health_check_module_reads_infiniband_sysfs(tmp_path):
-    path = Path(__file__).parents[2] / "roles/health_check/library/dsk_node_facts.py"
-    spec = importlib.util.spec_from_file_location("dsk_node_facts", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = node_module(Path(__file__).parents[2] / "roles/health_check/library/dsk_node_facts.py")
     port = tmp_path / "mlx5_0" / "ports" / "1"
     port.mkdir(parents=True)
     (port / "state").write_text("4: ACTIVE\n")
@@ -261,6 +258,20 @@ def test_run_node_checks_passes_pins_through():
     assert by["driver_version"].status == "pass"
     failed = node_checks.run_node_checks("gpu7", healthy(), H200, {"cuda_version": "12.8"})
     assert {r.check: r for r in failed}["cuda_version"].status == "fail"
+
+
+def test_pins_the_inventory_leaves_unset_are_the_defaults_bootstrap_installs():
+    from dsk_provision.defaults import resolve
+
+    node = Node("gpu7", "10.0.0.7", 22, "root", 8, {})
+    pins = node_checks.node_pins(node)
+    assert pins["nvidia_driver_branch"] == resolve("nvidia_driver_branch")
+    assert pins["cuda_version"] == resolve("cuda_version")
+    assert pins["nccl_version"] == resolve("nccl_version", role="nccl")
+    assert "nvidia_driver_version" not in pins  # empty by default: any release of the branch
+    assert node_checks.node_pins(Node("gpu7", "10.0.0.7", 22, "root", 8,
+                                      {"cuda_version": "12.8"}))["nccl_version"].endswith(
+        "+cuda12.8")
 
 
 # --------------------------------------------------------------------------- compute checks

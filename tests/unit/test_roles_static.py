@@ -7,7 +7,6 @@ variable and expect the run to stop at the role's argument validation, before an
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -15,11 +14,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import REPO, ROLES, run_role, tool
+from helpers import REPO, ROLES, node_module, run_role, tool
 
 ALL_ROLES = sorted(p.name for p in ROLES.iterdir() if (p / "tasks").is_dir())
-BOOTSTRAP_PLAYBOOKS = ["site.yml", "boilerplate.yml", "preflight.yml", "common.yml",
-                       "ssh_trust.yml", "trainer_env.yml", "validate.yml"]
+ENTRY_PLAYBOOKS = ["site.yml", "validate.yml"]
+COMPONENT_PLAYBOOKS = ["preflight.yml", "common.yml", "gpu_stack.yml", "ssh_trust.yml",
+                       "trainer_env.yml"]
 
 
 def _load(path: Path):
@@ -42,15 +42,40 @@ def test_ansible_lint_production_clean():
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
 
 
+def _imports(path: Path) -> list[str]:
+    """The playbooks ``path`` imports, recursively, in order."""
+    out = []
+    for item in _load(path):
+        name = item.get("ansible.builtin.import_playbook")
+        if name:
+            out.append(name)
+            out += _imports(path.parent / name)
+    return out
+
+
 def test_bootstrap_playbooks_exist_and_site_imports_every_concern():
-    for name in BOOTSTRAP_PLAYBOOKS:
-        assert (REPO / "playbooks" / name).is_file(), name
     site = _load(REPO / "playbooks" / "site.yml")
     assert site[0]["ansible.builtin.import_playbook"] == "boilerplate.yml"
     assert "always" in _load(REPO / "playbooks" / "boilerplate.yml")[0]["tags"]
     imported = {item["ansible.builtin.import_playbook"]: item.get("tags", []) for item in site}
-    for concern in ("preflight", "common", "ssh_trust", "trainer_env"):
-        assert imported[f"{concern}.yml"] == [concern]
+    for concern in ("preflight", "common", "gpu_stack", "ssh_trust", "trainer_env"):
+        assert imported[f"components/{concern}.yml"] == [concern]
+
+
+@pytest.mark.parametrize("entry", ENTRY_PLAYBOOKS)
+def test_entry_playbooks_run_the_inventory_check_once_and_first(entry):
+    imports = _imports(REPO / "playbooks" / entry)
+    assert imports[0] == "boilerplate.yml", imports
+    assert imports.count("boilerplate.yml") == 1, imports
+
+
+@pytest.mark.parametrize("component", COMPONENT_PLAYBOOKS)
+def test_component_playbooks_do_not_repeat_the_check(component):
+    path = REPO / "playbooks" / "components" / component
+    assert path.is_file(), path
+    assert "boilerplate.yml" not in _imports(path)
+    assert all(item.get("name") != "Check the control node and the inventory"
+               for item in _load(path))
 
 
 @pytest.mark.parametrize("role", ALL_ROLES)
@@ -120,7 +145,7 @@ def test_argument_specs_reject_bad_variables_before_any_task(tmp_path, role, ext
     assert len(tasks) == 1 and "Validating arguments against arg spec" in tasks[0], tasks
 
 
-@pytest.mark.parametrize("playbook", ["preflight.yml", "validate.yml"])
+@pytest.mark.parametrize("playbook", ENTRY_PLAYBOOKS)
 def test_misspelled_role_variable_stops_the_run_before_any_role(tmp_path, playbook):
     proc = _run_role(tmp_path, "", {"common_pakages": ["jq"], "dsk_run_dir": str(tmp_path)},
                      playbook=REPO / "playbooks" / playbook)
@@ -147,10 +172,7 @@ def test_preflight_passes_in_check_mode_with_good_variables(tmp_path):
 # --- the roles' own modules ------------------------------------------------------------
 
 def _module(role: str, name: str):
-    spec = importlib.util.spec_from_file_location(name, ROLES / role / "library" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return node_module(ROLES / role / "library" / f"{name}.py")
 
 
 def _fake_pci(root: Path, devices: dict[str, tuple[str, str, str]]) -> Path:
@@ -175,10 +197,7 @@ FAKE_HGX = {
 
 
 def _pci_facts(sysfs: Path, nvswitch_ids: list[str], tmp_path: Path) -> dict:
-    spec = importlib.util.spec_from_file_location(
-        "dsk_gpu_node_state", REPO / "library" / "dsk_gpu_node_state.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = node_module(REPO / "library" / "dsk_gpu_node_state.py")
     (tmp_path / "dev").mkdir(exist_ok=True)
     return module.pci_facts({"sysfs_pci": str(sysfs), "nvswitch_pci_ids": nvswitch_ids,
                              "dev_dir": str(tmp_path / "dev"),

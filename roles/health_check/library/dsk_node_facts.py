@@ -12,6 +12,7 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.dsk_pci import SYSFS_PCI, scan
 
 DOCUMENTATION = r"""
 module: dsk_node_facts
@@ -28,32 +29,32 @@ options:
   gpus_declared:
     description: GPUs the inventory declares.
     type: int
-    default: 0
+    required: true
   dsk_root:
     description: Root of dsk files; its free space is reported.
     type: path
-    default: /opt/dsk
+    required: true
   python:
     description: Trainer interpreter to probe.
     type: path
-    default: /opt/dsk/venv/bin/python
+    required: true
   python_timeout:
     description: Seconds for the interpreter probe.
     type: int
-    default: 120
+    required: true
   ssh_peers:
     description: Names of the other nodes.
     type: list
     elements: str
-    default: []
+    required: true
   check_ssh:
     description: Test SSH to every peer.
     type: bool
-    default: true
+    required: true
   ssh_timeout:
     description: Seconds per SSH test.
     type: int
-    default: 5
+    required: true
   sysfs_pci_root:
     description: PCI device listing (tests point it at a fake tree).
     type: path
@@ -61,19 +62,19 @@ options:
   cuda_home:
     description: CUDA toolkit directory whose version.json (or bin/nvcc) gives the CUDA version.
     type: path
-    default: /usr/local/cuda
+    required: true
   nccl_conf:
     description: NCCL settings file whose text is reported.
     type: path
-    default: /etc/nccl.conf
+    required: true
   dcgm_level:
     description: dcgmi diag run level (1 quick, 2 medium, 3 long); 0 runs no diagnostics.
     type: int
-    default: 1
+    required: true
   dcgm_timeout:
     description: Seconds the DCGM diagnostics may take.
     type: int
-    default: 600
+    required: true
 """
 
 RETURN = r"""
@@ -84,8 +85,6 @@ node_facts:
 """
 
 
-NVIDIA_VENDOR = "0x10de"
-GPU_CLASSES = ("0x0300", "0x0302")
 DRIVER_VERSION_FILE = "/proc/driver/nvidia/version"
 PYTHON_PROBE = r"""
 import json, sys
@@ -147,16 +146,8 @@ def free_gb(path: str) -> float:
 
 
 def pci_gpus(root: str) -> list[str]:
-    found = []
-    entries = sorted(os.listdir(root)) if os.path.isdir(root) else []
-    for entry in entries:
-        base = os.path.join(root, entry)
-        if (_read(os.path.join(base, "vendor")) or "").strip().lower() != NVIDIA_VENDOR:
-            continue
-        if (_read(os.path.join(base, "class")) or "").strip().lower()[:6] in GPU_CLASSES:
-            device = (_read(os.path.join(base, "device")) or "").strip().lower()
-            found.append("10de:" + device.removeprefix("0x"))
-    return found
+    """The NVIDIA GPUs on the PCI bus as vendor:device ids."""
+    return ["10de:" + gpu["device_id"].removeprefix("0x") for gpu in scan(root)["gpus"]]
 
 
 def gpu_models(pci_ids: list[str], skipped: dict) -> list[str]:
@@ -420,18 +411,18 @@ def main() -> None:
     module = AnsibleModule(
         argument_spec={
             "host": {"type": "str", "required": True},
-            "gpus_declared": {"type": "int", "default": 0},
-            "dsk_root": {"type": "path", "default": "/opt/dsk"},
-            "python": {"type": "path", "default": "/opt/dsk/venv/bin/python"},
-            "python_timeout": {"type": "int", "default": 120},
-            "ssh_peers": {"type": "list", "elements": "str", "default": []},
-            "check_ssh": {"type": "bool", "default": True},
-            "ssh_timeout": {"type": "int", "default": 5},
-            "sysfs_pci_root": {"type": "path", "default": "/sys/bus/pci/devices"},
-            "cuda_home": {"type": "path", "default": "/usr/local/cuda"},
-            "nccl_conf": {"type": "path", "default": "/etc/nccl.conf"},
-            "dcgm_level": {"type": "int", "default": 1},
-            "dcgm_timeout": {"type": "int", "default": 600},
+            "gpus_declared": {"type": "int", "required": True},
+            "dsk_root": {"type": "path", "required": True},
+            "python": {"type": "path", "required": True},
+            "python_timeout": {"type": "int", "required": True},
+            "ssh_peers": {"type": "list", "elements": "str", "required": True},
+            "check_ssh": {"type": "bool", "required": True},
+            "ssh_timeout": {"type": "int", "required": True},
+            "sysfs_pci_root": {"type": "path", "default": SYSFS_PCI},
+            "cuda_home": {"type": "path", "required": True},
+            "nccl_conf": {"type": "path", "required": True},
+            "dcgm_level": {"type": "int", "required": True},
+            "dcgm_timeout": {"type": "int", "required": True},
         },
         supports_check_mode=True,
     )
