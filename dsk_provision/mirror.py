@@ -388,8 +388,13 @@ def plan_mirror(inventory, oses: Sequence[str] | None = None, *,
         roles = read_role_vars(roles_dir, target)
         lists = package_lists(roles)
         requests: dict[str, PackageRequest] = {}
+        seen: set[str] = set()
         for node in inventory.nodes:
             gpus = int(node.gpus or 0) if gpu_stack else 0
+            key = json.dumps([node.vars, gpus], sort_keys=True, default=str)
+            if key in seen:  # nodes alike install alike
+                continue
+            seen.add(key)
             values = RoleValues(roles, node.vars, mirror_facts(target, gpus))
             for role, var in lists:
                 _request(values, role, var, requests, plan.notes, target)
