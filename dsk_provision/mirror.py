@@ -28,7 +28,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,72 +202,139 @@ def _release(repo: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------
-# What the roles install, read from their files as data.
+# What the roles install: their own package-list variables, rendered by Ansible.
 
-@dataclass(frozen=True)
-class AptRule:
-    """Where one role names apt packages: a Jinja expression over the role's variables
-    (defaults, then the inventory, then the role's vars/), and when the role installs them.
-
-    `node_gpus` (the node's declared GPUs) is available to `when`, as the roles' own GPU
-    detection is not: the mirror is built before any node is reached.
-    """
-
-    role: str
-    variables: tuple[str, ...]
-    expression: str
-    when: str = "true"
-    origin: str = "'distribution'"
-    gpu: bool = False            # part of the NVIDIA stack (`--no-gpu-stack` leaves it out)
-
-
-APT_RULES = (
-    AptRule("common", ("common_packages", "common_extra_packages"),
-            "common_packages + common_extra_packages"),
-    AptRule("trainer_env", ("trainer_env_system_packages",), "trainer_env_system_packages"),
-    AptRule("rdma", ("rdma_distro_packages", "rdma_package_versions"),
-            "rdma_distro_packages | dsk_pin(rdma_package_versions)",
-            when="rdma_enabled and rdma_stack == 'distro'"),
-    AptRule("containers", ("containers_runtime_packages", "containers_runtime_version"),
-            "[containers_runtime_packages[containers_runtime]] | dsk_pin("
-            "{containers_runtime_packages[containers_runtime]: containers_runtime_version})",
-            when="containers_enabled"),
-    AptRule("containers", ("containers_toolkit_version",),
-            "['nvidia-container-toolkit', 'nvidia-container-toolkit-base']"
-            " | dsk_pin_all(containers_toolkit_version)",
-            when="containers_enabled and (node_gpus > 0 or containers_toolkit_force)",
-            origin="'NVIDIA container toolkit repository (containers_toolkit_repo_url)'",
-            gpu=True),
-    AptRule("nvidia_driver", ("nvidia_driver_packages", "nvidia_driver_cuda_repo_packages",
-                              "nvidia_driver_distro_packages"),
-            "nvidia_driver_packages if nvidia_driver_packages else "
-            "(nvidia_driver_cuda_repo_packages if nvidia_driver_source == 'cuda-repo' "
-            "else nvidia_driver_distro_packages)"
-            "['open' if nvidia_driver_open_kernel else 'proprietary']",
-            when="nvidia_driver_enabled and (node_gpus > 0 or nvidia_driver_force)",
-            origin="'NVIDIA CUDA repository (cuda_repo_url)' "
-                   "if nvidia_driver_source == 'cuda-repo' else 'distribution'", gpu=True),
-    AptRule("cuda", ("cuda_packages",), "cuda_packages",
-            when="cuda_enabled and (node_gpus > 0 or cuda_force)",
-            origin="'NVIDIA CUDA repository (cuda_repo_url)'", gpu=True),
-    AptRule("nccl", ("nccl_packages", "nccl_version"), "nccl_packages | dsk_pin_all(nccl_version)",
-            when="nccl_enabled and (node_gpus > 0 or nccl_force)",
-            origin="'NVIDIA CUDA repository (cuda_repo_url)'", gpu=True),
-    AptRule("fabric_manager", ("fabric_manager_package",), "[fabric_manager_package]",
-            when="fabric_manager_enabled and (node_gpus > 0 or fabric_manager_force)",
-            origin="'NVIDIA CUDA repository (cuda_repo_url)'", gpu=True),
-    AptRule("nccl_tests", ("nccl_tests_build_tools",), "nccl_tests_build_tools",
-            when="nccl_tests_enabled and nccl_tests_url and node_gpus > 0", gpu=True),
-)
-# Variables named like package lists that are not apt package lists of a node.
-NOT_APT_PACKAGE_LISTS = frozenset({
-    "trainer_env_pip_packages",       # Python packages: the wheels/ part of the mirror
-    "containers_runtime_packages",    # a runtime -> package map, read by a rule above
-    "nvidia_driver_distro_packages",  # per-kernel-flavour maps, read by a rule above
-    "nvidia_driver_cuda_repo_packages",
-})
+# Each role exposes what it installs as `<role>_apt_packages` or `<role>_<part>_apt_packages`
+# in its defaults or vars (names, or {name, version, ...} items as the GPU roles' pinned
+# installs take them), empty where the role installs nothing on a node; its install
+# task reads the same variable. `<same prefix>_apt_origin` says where they come from.
+APT_LIST_SUFFIX = "_apt_packages"
+ORIGIN_SUFFIX = "_apt_origin"
 PIP_PACKAGES_VAR = "trainer_env_pip_packages"
-_CONVENTION_RE = re.compile(r"(?P<role>[a-z0-9_]+?)_(?:[a-z0-9]+_)?packages")
+# A full Debian version (upstream-revision): pinned in the mirror as name=version. An
+# upstream version alone ("580.159.04") is resolved by the node against what the mirror
+# carries (its newest).
+_FULL_VERSION_RE = re.compile(r"[A-Za-z0-9.+~:]+-[A-Za-z0-9.+~]+")
+
+
+def mirror_facts(target: TargetOS, gpus: int) -> dict[str, Any]:
+    """The facts the roles' package lists read, for a node of `target` with `gpus` GPUs,
+    before any node is reached: the hardware a node of the inventory may have (NVSwitches
+    where there are GPUs, an RDMA device everywhere)."""
+    distribution, version = target.role_vars.split("-", 1)
+    facts = {"distribution": distribution, "distribution_version": version,
+             "distribution_major_version": version.split(".")[0],
+             "distribution_release": "", "os_family": "Debian",
+             "architecture": platform.machine()}
+    return {"ansible_facts": facts, **{f"ansible_{k}": v for k, v in facts.items()},
+            "cuda_hw_gpu_count": gpus, "cuda_hw_nvswitch": gpus > 0,
+            "cuda_hw_rdma_devices": ["any"], "cuda_hw_driver_loaded": "",
+            "cuda_hw_modprobe": ""}
+
+
+def _trusted(value: Any) -> Any:
+    """Role files are templates Ansible renders: mark their strings so (ansible-core 2.19)."""
+    from ansible.template import trust_as_template
+
+    if isinstance(value, str):
+        return trust_as_template(value)
+    if isinstance(value, list):
+        return [_trusted(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _trusted(v) for k, v in value.items()}
+    return value
+
+
+def _read_role_file(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise EnvironmentProblem(f"cannot read {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise InputError(f"not valid YAML: {exc}", file=str(path)) from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InputError("must be a mapping of variable names to values", file=str(path))
+    return {str(k): v for k, v in data.items()}
+
+
+def read_role_vars(roles_dir: Path, target: TargetOS) -> dict[str, dict[str, Any]]:
+    """Per role: {'defaults': {...}, 'vars': {...}} with vars/main.yml and
+    vars/<OS>.yml merged (both rank above the inventory, as in Ansible)."""
+    roles: dict[str, dict[str, Any]] = {}
+    for role_dir in sorted(p for p in roles_dir.iterdir() if p.is_dir()):
+        defaults, role_vars = {}, {}
+        for name in ("main.yml", "main.yaml"):
+            if (role_dir / "defaults" / name).is_file():
+                defaults.update(_read_role_file(role_dir / "defaults" / name))
+        for name in ("main.yml", f"{target.role_vars}.yml"):
+            if (role_dir / "vars" / name).is_file():
+                role_vars.update(_read_role_file(role_dir / "vars" / name))
+        roles[role_dir.name] = {"defaults": defaults, "vars": role_vars}
+    return roles
+
+
+def package_lists(roles: Mapping[str, Mapping[str, dict]]) -> list[tuple[str, str]]:
+    """(role, variable) of every package list the roles expose, in role order."""
+    found = []
+    for role, files in roles.items():
+        names = {**files["defaults"], **files["vars"]}
+        found += [(role, var) for var in names
+                  if var.startswith(role + "_") and var.endswith(APT_LIST_SUFFIX)]
+    return found
+
+
+class RoleValues:
+    """The roles' variables for one node of one OS, layered as Ansible layers them (every
+    role's defaults, the inventory, every role's vars, the facts) and rendered by Ansible's
+    own templar, so the mirror reads exactly what the roles' tasks read."""
+
+    def __init__(self, roles: Mapping[str, Mapping[str, dict]], node_vars: Mapping[str, Any],
+                 facts: Mapping[str, Any]):
+        from ansible.parsing.dataloader import DataLoader
+        from ansible.template import Templar
+
+        layers: dict[str, Any] = {}
+        for files in roles.values():
+            layers.update(files["defaults"])
+        layers.update(node_vars)
+        for files in roles.values():
+            layers.update(files["vars"])
+        layers.update(facts)
+        self.defined = set(layers)
+        self.templar = Templar(loader=DataLoader(), variables=_trusted(layers))
+
+    def get(self, name: str) -> Any:
+        """The rendered value; LookupError (with Ansible's message) where it cannot be known
+        before the nodes are reached (a fact the mirror does not set, a missing variable)."""
+        from ansible.errors import AnsibleError
+        from ansible.template import trust_as_template
+
+        try:
+            return self.templar.template(trust_as_template("{{ " + name + " }}"))
+        except AnsibleError as exc:
+            message = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+            raise LookupError(message) from exc
+
+
+def package_specs(value: Any, where: str) -> list[str]:
+    """A rendered package list -> apt specs (name, or name=version for a full version)."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise LookupError(f"{where} is not a list of package names")
+    specs = []
+    for item in value:
+        if isinstance(item, dict) and isinstance(item.get("name"), str):
+            version = str(item.get("version") or "")
+            pinned = _FULL_VERSION_RE.fullmatch(version)
+            specs.append(f"{item['name']}={version}" if pinned else item["name"])
+        elif isinstance(item, str):
+            specs.append(item)
+        else:
+            raise LookupError(f"{where}: {item!r} is neither a package name nor {{name, ...}}")
+    return [spec.strip() for spec in specs if spec.strip()]
 
 
 @dataclass
@@ -302,194 +369,45 @@ class MirrorPlan:
                 "pip": self.pip, "notes": self.notes}
 
 
-class _Unresolved(Exception):
-    """A role value that cannot be known before the nodes are reached (facts, filters)."""
-
-
-def _read_role_file(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise EnvironmentProblem(f"cannot read {path}: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise InputError(f"not valid YAML: {exc}", file=str(path)) from exc
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise InputError("must be a mapping of variable names to values", file=str(path))
-    return {str(k): v for k, v in data.items()}
-
-
-def read_role_vars(roles_dir: Path, target: TargetOS) -> dict[str, dict[str, Any]]:
-    """Per role: {'defaults': {...}, 'vars': {...}} with vars/main.yml and
-    vars/<OS>.yml merged (both rank above the inventory, as in Ansible)."""
-    roles: dict[str, dict[str, Any]] = {}
-    for role_dir in sorted(p for p in roles_dir.iterdir() if p.is_dir()):
-        defaults, role_vars = {}, {}
-        for name in ("main.yml", "main.yaml"):
-            if (role_dir / "defaults" / name).is_file():
-                defaults.update(_read_role_file(role_dir / "defaults" / name))
-        for name in ("main.yml", f"{target.role_vars}.yml"):
-            if (role_dir / "vars" / name).is_file():
-                role_vars.update(_read_role_file(role_dir / "vars" / name))
-        roles[role_dir.name] = {"defaults": defaults, "vars": role_vars}
-    return roles
-
-
-def _jinja_env():
-    import jinja2
-
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
-
-    def pin(names: Iterable[str], versions: Mapping[str, str] | None) -> list[str]:
-        versions = versions or {}
-        return [f"{n}={versions[n]}" if versions.get(n) else str(n) for n in names]
-
-    def pin_all(names: Iterable[str], version: str | None) -> list[str]:
-        return [f"{n}={version}" if version else str(n) for n in names]
-
-    env.filters.update({
-        "dsk_pin": pin, "dsk_pin_all": pin_all,
-        "bool": lambda v: v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes"),
-        "dirname": os.path.dirname, "basename": os.path.basename,
-    })
-    return env
-
-
-class _Scope:
-    """Variables as Ansible layers them, templated on demand like Ansible does lazily."""
-
-    def __init__(self, env, layers: Sequence[Mapping[str, Any]]):
-        self.env = env
-        self.raw: dict[str, Any] = {}
-        for layer in layers:
-            self.raw.update(layer)
-        self.done: dict[str, Any] = {}
-        self.busy: set[str] = set()
-
-    def get(self, name: str) -> Any:
-        if name in self.done:
-            return self.done[name]
-        if name not in self.raw:
-            raise _Unresolved(f"{name} is not defined before the nodes are reached")
-        if name in self.busy:
-            raise _Unresolved(f"{name} refers to itself")
-        self.busy.add(name)
-        try:
-            value = self.template(self.raw[name])
-        finally:
-            self.busy.discard(name)
-        self.done[name] = value
-        return value
-
-    def template(self, value: Any) -> Any:
-        if isinstance(value, list):
-            return [self.template(v) for v in value]
-        if isinstance(value, dict):
-            return {k: self.template(v) for k, v in value.items()}
-        if not isinstance(value, str) or ("{{" not in value and "{%" not in value):
-            return value
-        stripped = value.strip()
-        single = re.fullmatch(r"\{\{(.*)\}\}", stripped, re.S)
-        if single and "{{" not in single.group(1):
-            return self.evaluate(single.group(1))
-        return self._run(lambda: self.env.from_string(value), "render", value)
-
-    def evaluate(self, expression: str) -> Any:
-        return self._run(lambda: self.env.compile_expression(expression,
-                                                             undefined_to_none=False),
-                         "call", expression)
-
-    def _run(self, compile_it: Callable[[], Any], how: str, text: str) -> Any:
-        import jinja2
-        from jinja2 import meta
-
-        try:
-            names = meta.find_undeclared_variables(self.env.parse(
-                text if how == "render" else "{{ " + text + " }}"))
-            context = {n: self.get(n) for n in names if n in self.raw or n in self.done}
-            compiled = compile_it()
-            result = compiled.render(context) if how == "render" else compiled(**context)
-        except _Unresolved:
-            raise
-        except jinja2.UndefinedError as exc:
-            raise _Unresolved(f"{text.strip()!r}: {exc.message}") from exc
-        except jinja2.TemplateError as exc:
-            raise _Unresolved(f"{text.strip()!r}: {exc}") from exc
-        except (TypeError, KeyError, IndexError, AttributeError, ValueError) as exc:
-            raise _Unresolved(f"{text.strip()!r}: {exc}") from exc
-        if isinstance(result, jinja2.Undefined):
-            raise _Unresolved(f"{text.strip()!r} is undefined")
-        return result
-
-
-def _package_list(value: Any, where: str) -> list[str]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise _Unresolved(f"{where} is not a list of package names")
-    return [v.strip() for v in value if v.strip()]
-
-
-def _convention_rules(roles: Mapping[str, Mapping[str, dict]]) -> tuple[list[AptRule], list[str]]:
-    """Rules for `<role>_packages` / `<role>_<word>_packages` lists no APT_RULES entry reads
-    (installed on every node, from the distribution); notes for other shapes."""
-    known = {v for rule in APT_RULES for v in rule.variables} | NOT_APT_PACKAGE_LISTS
-    rules, notes = [], []
-    for role, files in roles.items():
-        for layer in ("defaults", "vars"):
-            for var, value in files[layer].items():
-                m = _CONVENTION_RE.fullmatch(var)
-                if not m or var in known or not var.startswith(role + "_"):
-                    continue
-                known.add(var)
-                if isinstance(value, list | str):
-                    rules.append(AptRule(role, (var,), var))
-                else:
-                    notes.append(f"{role}: {var} is not a list of package names; "
-                                 "the mirror leaves it out")
-    return rules, notes
-
-
 def plan_mirror(inventory, oses: Sequence[str] | None = None, *,
                 roles_dir: Path | None = None, extra_packages: Sequence[str] = (),
                 gpu_stack: bool = True) -> MirrorPlan:
     """Every apt package (per target OS) and pinned pip requirement the inventory's nodes
-    install, read from the roles' defaults and vars and the inventory's variables."""
+    install: each role's `*_apt_packages` variables, rendered by Ansible for every node
+    with the inventory's variables and the facts of the target OS. `gpu_stack=False`
+    renders them as for nodes without GPUs."""
     from dsk_provision.inventory import REPO_ROLES_DIR
 
     roles_dir = roles_dir or REPO_ROLES_DIR
     targets = [target_os(o) for o in (oses or [host_os_id()])]
     extras = _validate_extra(extra_packages)
-    env = _jinja_env()
     plan = MirrorPlan(oses=[t.id for t in targets], apt={}, pip=[],
                       inventory=str(getattr(inventory, "path", "")))
     pip: dict[str, None] = {}
     for target in targets:
         roles = read_role_vars(roles_dir, target)
-        convention, notes = _convention_rules(roles)
-        for note in notes:
-            if note not in plan.notes:
-                plan.notes.append(note)
+        lists = package_lists(roles)
         requests: dict[str, PackageRequest] = {}
-        for rule in (*APT_RULES, *convention):
-            if rule.role not in roles or (not gpu_stack and rule.gpu):
+        seen: set[str] = set()
+        for node in inventory.nodes:
+            gpus = int(node.gpus or 0) if gpu_stack else 0
+            key = json.dumps([node.vars, gpus], sort_keys=True, default=str)
+            if key in seen:  # nodes alike install alike
                 continue
-            for node in inventory.nodes:
-                _apply_rule(rule, roles, node, env, requests, plan.notes, target)
+            seen.add(key)
+            values = RoleValues(roles, node.vars, mirror_facts(target, gpus))
+            for role, var in lists:
+                _request(values, role, var, requests, plan.notes, target)
+            if PIP_PACKAGES_VAR in values.defined:
+                try:
+                    for req in package_specs(values.get(PIP_PACKAGES_VAR), PIP_PACKAGES_VAR):
+                        pip.setdefault(req, None)
+                except LookupError as exc:
+                    raise InputError(f"cannot read the trainer's Python packages: {exc}",
+                                     file=str(inventory.path), field=PIP_PACKAGES_VAR) from exc
         for spec in extras:
             requests.setdefault(spec, PackageRequest(spec)).sources.append("--package")
         plan.apt[target.id] = sorted(requests.values(), key=lambda r: r.spec)
-        if "trainer_env" in roles:
-            for node in inventory.nodes:
-                scope = _Scope(env, [roles["trainer_env"]["defaults"], node.vars,
-                                     roles["trainer_env"]["vars"]])
-                try:
-                    for req in _package_list(scope.get(PIP_PACKAGES_VAR), PIP_PACKAGES_VAR):
-                        pip.setdefault(req, None)
-                except _Unresolved as exc:
-                    raise InputError(f"cannot read the trainer's Python packages: {exc}",
-                                     file=str(inventory.path), field=PIP_PACKAGES_VAR) from exc
     plan.pip = list(pip)
     if not any(plan.apt.values()):
         raise InputError(f"no role under {roles_dir} names apt packages for these nodes",
@@ -497,34 +415,23 @@ def plan_mirror(inventory, oses: Sequence[str] | None = None, *,
     return plan
 
 
-def _apply_rule(rule: AptRule, roles, node, env, requests: dict[str, PackageRequest],
-                notes: list[str], target: TargetOS) -> None:
-    files = roles[rule.role]
-    layers = [files["defaults"]]
-    # Other roles' defaults are visible too (fabric_manager reads nvidia_driver_branch).
-    for other, other_files in roles.items():
-        if other != rule.role:
-            layers.insert(0, other_files["defaults"])
-    layers += [node.vars, files["vars"], {"node_gpus": int(node.gpus or 0)}]
-    scope = _Scope(env, layers)
+def _request(values: RoleValues, role: str, var: str, requests: dict[str, PackageRequest],
+             notes: list[str], target: TargetOS) -> None:
+    origin_var = var.removesuffix(APT_LIST_SUFFIX) + ORIGIN_SUFFIX
     try:
-        if not scope.evaluate(rule.when):
-            return
-        specs = _package_list(scope.evaluate(rule.expression), ", ".join(rule.variables))
-        origin = str(scope.evaluate(rule.origin))
-    except _Unresolved as exc:
-        note = (f"{rule.role} ({', '.join(rule.variables)}) on {target.id}: left out, "
-                f"{exc}")
+        specs = package_specs(values.get(var), var)
+        origin = str(values.get(origin_var)) if origin_var in values.defined else "distribution"
+    except LookupError as exc:
+        note = f"{role} ({var}) on {target.id}: left out, {exc}"
         if note not in notes:
             notes.append(note)
         return
     for spec in specs:
         if not _PACKAGE_RE.fullmatch(spec):
             raise InputError(f"{spec!r} is not a Debian package name (name or name=version)",
-                             file=f"roles/{rule.role} or the inventory",
-                             field=", ".join(rule.variables))
+                             file=f"roles/{role} or the inventory", field=var)
         req = requests.setdefault(spec, PackageRequest(spec, origin))
-        tag = f"{rule.role}:{rule.variables[0]}"
+        tag = f"{role}:{var}"
         if tag not in req.sources:
             req.sources.append(tag)
 

@@ -21,9 +21,15 @@ description:
     (files, blocks and lines in files, absent paths, Debian packages, services, the pinned
     packages of a Python environment, a tree unpacked from an archive); the module reads
     their real state in one Python process and returns one line per difference in
-    I(drift). A role runs its converge tasks only when I(drift) is not empty.
+    I(drift), and whether the role must run its converge tasks in I(converge).
+  - Roles call it through the dsk_verify role, with the resource lists
+    their vars/main.yml declares once for both this probe and the converge tasks.
   - It changes nothing, never reports a change and runs the same in check mode.
 options:
+  force:
+    description: Converge even without drift (check mode, dsk_force_converge).
+    type: bool
+    default: false
   files:
     description: Files whose content and attributes must match.
     type: list
@@ -38,6 +44,9 @@ options:
       sha1: {description: Expected SHA-1 of the content (instead of I(content))., type: str}
       sha256:
         description: Expected SHA-256 of the content (keeps secrets out of the arguments).
+        type: str
+      src:
+        description: Where the converge task copies the file from (not read here).
         type: str
       owner: {description: Owner name (not checked when omitted)., type: str}
       group: {description: Group name (not checked when omitted)., type: str}
@@ -132,6 +141,10 @@ drift:
   returned: always
   type: list
   elements: str
+converge:
+  description: Whether the converge tasks must run (some drift, or I(force)).
+  returned: always
+  type: bool
 drift_by_kind:
   description: The same lines by option (files, blocks, lines, absent, packages, services,
     python_packages, kernel_modules, archive_trees), for roles that converge one part at
@@ -395,7 +408,8 @@ def main() -> None:
         argument_spec={
             "files": {"type": "list", "elements": "dict", "default": [], "options": {
                 "path": {"type": "path", "required": True}, "content": {"type": "str"},
-                "sha1": {"type": "str"}, "sha256": {"type": "str"}, **_ATTRS}},
+                "sha1": {"type": "str"}, "sha256": {"type": "str"}, "src": {"type": "str"},
+                **_ATTRS}},
             "blocks": {"type": "list", "elements": "dict", "default": [], "options": {
                 "path": {"type": "path", "required": True},
                 "marker": {"type": "str", "required": True},
@@ -422,12 +436,14 @@ def main() -> None:
             "archive_trees": {"type": "list", "elements": "dict", "default": [], "options": {
                 "archive": {"type": "path", "required": True},
                 "dest": {"type": "path", "required": True}}},
+            "force": {"type": "bool", "default": False},
         },
         supports_check_mode=True,
     )
     by_kind = probe(module.params)
-    module.exit_json(changed=False, drift=[line for lines in by_kind.values() for line in lines],
-                     drift_by_kind=by_kind)
+    drift = [line for lines in by_kind.values() for line in lines]
+    module.exit_json(changed=False, drift=drift, drift_by_kind=by_kind,
+                     converge=bool(drift) or module.params["force"])
 
 
 if __name__ == "__main__":

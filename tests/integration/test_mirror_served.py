@@ -19,7 +19,8 @@ PACKAGE = "tree"  # neither in the node image nor in the sandbox's mirror
 def test_node_installs_from_built_mirror(sandbox_cluster, node_ssh, tmp_path):
     roles = tmp_path / "roles"
     (roles / "tools/defaults").mkdir(parents=True)
-    (roles / "tools/defaults/main.yml").write_text(yaml.safe_dump({"tools_packages": [PACKAGE]}))
+    (roles / "tools/defaults/main.yml").write_text(
+        yaml.safe_dump({"tools_apt_packages": [PACKAGE]}))
     inv = SimpleNamespace(path=Path("hosts.yml"), vars={},
                           nodes=[Node("node1", "10.0.0.1", 22, "root", 0, {})])
     plan = mirror.plan_mirror(inv, ["debian-12"], roles_dir=roles)

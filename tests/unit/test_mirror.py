@@ -21,28 +21,46 @@ from dsk_provision.inventory import Node, load_inventory
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _role(root: Path, name: str, defaults: dict, os_vars: dict | None = None) -> None:
+def _role(root: Path, name: str, defaults: dict, os_vars: dict | None = None,
+          role_vars: dict | None = None) -> None:
     (root / name / "defaults").mkdir(parents=True)
     (root / name / "defaults/main.yml").write_text(yaml.safe_dump(defaults))
-    if os_vars is not None:
+    if os_vars is not None or role_vars is not None:
         (root / name / "vars").mkdir()
+    if os_vars is not None:
         (root / name / "vars/Debian-12.yml").write_text(yaml.safe_dump(os_vars))
+    if role_vars is not None:
+        (root / name / "vars/main.yml").write_text(yaml.safe_dump(role_vars))
 
 
 @pytest.fixture
 def roles(tmp_path) -> Path:
+    """Roles shaped like the real ones: knobs in defaults, the package list a role installs
+    (`<role>_apt_packages`, empty where it installs none) computed in vars/main.yml."""
     root = tmp_path / "roles"
-    _role(root, "common", {"common_packages": ["jq", "pciutils"], "common_extra_packages": []})
+    _role(root, "common", {"common_packages": ["jq", "pciutils"], "common_extra_packages": []},
+          role_vars={"common_apt_packages": "{{ common_packages + common_extra_packages }}"})
     _role(root, "rdma", {"rdma_enabled": True, "rdma_stack": "distro",
                          "rdma_distro_packages": ["rdma-core", "perftest"],
-                         "rdma_package_versions": {"rdma-core": "44.0-2"}})
+                         "rdma_package_versions": {"rdma-core": "44.0-2"}},
+          role_vars={
+              "rdma_stack_packages": (
+                  "{%- set out = [] -%}{%- for n in rdma_distro_packages -%}"
+                  "{%- set _ = out.append({'name': n, 'version': rdma_package_versions.get(n, '')})"
+                  " -%}{%- endfor -%}{{ out | to_json }}"),
+              "rdma_apt_packages": "{{ (rdma_stack_packages | from_json) if rdma_enabled "
+                                   "and rdma_stack == 'distro' else [] }}"})
     _role(root, "cuda", {"cuda_enabled": True, "cuda_force": False, "cuda_version": "13.0",
-                         "cuda_packages": ["cuda-toolkit-{{ cuda_version | replace('.', '-') }}"]})
-    _role(root, "extras", {"extras_tool_packages": ["tree"]})
+                         "cuda_packages": ["cuda-toolkit-{{ cuda_version | replace('.', '-') }}"]},
+          role_vars={"cuda_apt_packages": "{{ cuda_packages if cuda_enabled and "
+                                          "(cuda_hw_gpu_count | int > 0 or cuda_force) else [] }}",
+                     "cuda_apt_origin": "NVIDIA CUDA repository (cuda_repo_url)"})
+    _role(root, "extras", {"extras_tool_apt_packages": ["tree"]})
     _role(root, "trainer_env", {
         "trainer_env_system_packages": ["python3-venv"],
         "trainer_env_torch_version": "2.13.0",
-        "trainer_env_pip_packages": ["torch=={{ trainer_env_torch_version }}", "numpy==2.4.6"]})
+        "trainer_env_pip_packages": ["torch=={{ trainer_env_torch_version }}", "numpy==2.4.6"]},
+        role_vars={"trainer_env_apt_packages": "{{ trainer_env_system_packages }}"})
     return root
 
 
@@ -61,8 +79,8 @@ def test_plan_reads_role_package_lists(roles):
     assert _specs(plan) == ["jq", "pciutils", "perftest", "python3-venv", "rdma-core=44.0-2",
                             "tree"]
     by_spec = {r.spec: r for r in plan.apt["debian-12"]}
-    assert by_spec["jq"].sources == ["common:common_packages"]
-    assert by_spec["tree"].sources == ["extras:extras_tool_packages"]  # naming convention
+    assert by_spec["jq"].sources == ["common:common_apt_packages"]
+    assert by_spec["tree"].sources == ["extras:extras_tool_apt_packages"]  # naming convention
     assert by_spec["jq"].origin == "distribution"
     assert plan.pip == ["torch==2.13.0", "numpy==2.4.6"]
 
@@ -78,7 +96,7 @@ def test_gpu_nodes_add_the_gpu_stack_rendered(roles):
 
 
 def test_inventory_overrides_defaults_and_role_vars_override_inventory(roles):
-    (roles / "common/vars").mkdir()
+    (roles / "common/vars").mkdir(exist_ok=True)
     (roles / "common/vars/Debian-12.yml").write_text("common_packages: [jq, chrony]\n")
     inv = _inventory((0, {"common_extra_packages": ["htop"], "common_packages": ["ignored"],
                           "rdma_stack": "doca-ofed", "trainer_env_torch_version": "2.12.1"}))
@@ -91,15 +109,15 @@ def test_inventory_overrides_defaults_and_role_vars_override_inventory(roles):
 
 
 def test_fact_dependent_values_become_notes(roles):
-    _role(roles, "headers", {"headers_packages": ["linux-headers-{{ ansible_kernel }}"]})
+    _role(roles, "headers", {"headers_apt_packages": ["linux-headers-{{ ansible_kernel }}"]})
     plan = mirror.plan_mirror(_inventory((0, {})), ["debian-12"], roles_dir=roles)
     assert not [s for s in _specs(plan) if s.startswith("linux-headers")]
-    assert any("headers_packages" in n and "ansible_kernel" in n for n in plan.notes)
+    assert any("headers_apt_packages" in n and "ansible_kernel" in n for n in plan.notes)
 
 
 def test_bad_package_names_name_the_variable(roles):
     inv = _inventory((0, {"common_extra_packages": ["jq; rm -rf /"]}))
-    with pytest.raises(InputError, match="common_packages"):
+    with pytest.raises(InputError, match="common_apt_packages"):
         mirror.plan_mirror(inv, ["debian-12"], roles_dir=roles)
     with pytest.raises(InputError, match="--package"):
         mirror.plan_mirror(_inventory((0, {})), ["debian-12"], roles_dir=roles,

@@ -211,3 +211,28 @@ def test_probe_sorts_drift_by_kind_and_reports_absent_paths(tmp_path):
 def test_every_kind_is_an_option_and_documented(kind):
     assert f"\n  {kind}:\n" in state.DOCUMENTATION
     assert f'"{kind}"' in (REPO / "library" / "dsk_state.py").read_text()
+
+
+def _run_module(tmp_path, args: dict) -> dict:
+    import json
+
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps({"ANSIBLE_MODULE_ARGS": args}))
+    proc = subprocess.run([sys.executable, str(REPO / "library" / "dsk_state.py"), str(path)],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_the_module_says_when_to_converge_drift_or_force(tmp_path):
+    """The roles' one gate: converge on drift, or when forced (check mode, dsk_force_converge);
+    a declared resource may carry the converge task's source (src), which is not read."""
+    wanted = tmp_path / "f"
+    wanted.write_text("x")
+    same = {"files": [{"path": str(wanted), "content": "x", "src": "/control/node/f"}]}
+    differs = {"files": [{"path": str(wanted), "content": "y"}]}
+    assert _run_module(tmp_path, same)["converge"] is False
+    assert _run_module(tmp_path, {**same, "force": True})["converge"] is True
+    result = _run_module(tmp_path, differs)
+    assert result["converge"] is True and result["changed"] is False
+    assert result["drift"] == [f"{wanted}: content differs"]
