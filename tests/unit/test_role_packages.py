@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import tool
 
 from dsk_provision import mirror
-from tests.unit.helpers import tool
 
 REPO = Path(__file__).resolve().parents[2]
 ROLES = REPO / "roles"
