@@ -157,7 +157,7 @@ class Inventory:
 
     @property
     def cluster_name(self) -> str:
-        return str(self.vars.get("dsk_cluster_name") or "cluster")
+        return str(defaults.resolve("dsk_cluster_name", self.vars))
 
     @property
     def profile(self) -> str | None:

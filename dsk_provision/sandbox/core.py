@@ -113,7 +113,7 @@ def resolve_venv(venv: Path | None) -> Path:
     hint = "make one with `/usr/bin/python3 -m venv .venv` (see `make setup`)"
     if venv is not None:
         raise InputError(problem, field="venv", hint=hint)
-    raise EnvironmentProblem(problem + "; nodes run the trainer from it at /opt/dsk/venv",
+    raise EnvironmentProblem(problem + f"; nodes run the trainer from it at {nodes.node_venv()}",
                              hint=hint + " and run dsk-provision from it")
 
 

@@ -7,6 +7,7 @@ import socket
 import time
 from pathlib import Path
 
+from dsk_provision.defaults import resolve
 from dsk_provision.errors import EnvironmentProblem
 from dsk_provision.files import write_file
 
@@ -70,13 +71,19 @@ def write_identity(root: Path, node: str, hosts_text: str, authorized_key: str) 
     return f"{parts[0]} {parts[1]}"
 
 
+def node_venv() -> str:
+    """Where the nodes expect the trainer's virtualenv: the directory of dsk_python's
+    default (roles/dsk_defaults), which the sandbox fills with the host's .venv."""
+    return str(Path(resolve("dsk_python")).parent.parent)
+
+
 def start(name: str, node: str, root: Path, venv: Path, state_dir: Path) -> int:
     machine = naming.machine_name(name, node)
     cmd = ["systemd-nspawn", "-q", "-D", str(root), "--boot", "--keep-unit", "--register=no",
            f"--machine={machine}", f"--hostname={node}",
            f"--network-namespace-path=/run/netns/{naming.netns_name(name, node)}",
            "--resolv-conf=off", "--timezone=off", "--link-journal=no", "--console=passive",
-           f"--bind-ro={venv}:/opt/dsk/venv"]
+           f"--bind-ro={venv}:{node_venv()}"]
     return spawn_detached(cmd, state_dir / "logs" / f"{node}.log",
                           state_dir / "logs" / f".{node}.pid")
 
