@@ -685,13 +685,15 @@ def load_inventory(path: str | Path) -> Inventory:
             problems.add(docs[0].file, host,
                          f"host_vars for {host!r}, which is not a host of the inventory: "
                          "rename the file after the node or remove it")
-    nodes = _semantic_checks(doc, group_vars, host_vars, known_hosts, problems)
+    specs = _semantic_checks(doc, group_vars, host_vars, known_hosts, problems)
     problems.raise_if_any()
+    # Built only now: a node's settings are computed from values that passed every check.
+    nodes = [Node(**spec) for spec in specs]
     return Inventory(path=given, nodes=nodes, vars=all_vars, hosts_file=hosts_file)
 
 
 def _semantic_checks(doc: _YamlDoc, group_vars: dict[str, dict], host_vars: dict[str, dict],
-                     known_hosts: tuple[str, ...], problems: _Problems) -> list[Node]:
+                     known_hosts: tuple[str, ...], problems: _Problems) -> list[dict]:
     file = doc.file
     root = _as_dict(_as_dict(doc.data).get("all"))
 
@@ -750,7 +752,7 @@ def _semantic_checks(doc: _YamlDoc, group_vars: dict[str, dict], host_vars: dict
                          f"host {name!r} is not in group 'nodes': move it under "
                          "all.children.nodes.hosts or remove it")
 
-    nodes: list[Node] = []
+    nodes: list[dict] = []  # Node fields, one mapping per node
     by_address: dict[tuple[str, int], str] = {}
     groups_by_name = {name: g for name, _p, g in _walk_groups(root, ("all",))}
     for e in unique:
@@ -804,7 +806,7 @@ def _semantic_checks(doc: _YamlDoc, group_vars: dict[str, dict], host_vars: dict
         elif not isinstance(gpus, int) or isinstance(gpus, bool) or not 0 <= gpus <= 16:
             gpus = 0  # the schema already reported it
         user = merged.get("ansible_user", merged.get("ansible_ssh_user"))
-        nodes.append(Node(name=e.name, address=str(address) if address else "",
+        nodes.append(dict(name=e.name, address=str(address) if address else "",
                           port=port or DEFAULT_SSH_PORT,
                           user=str(user) if user is not None else None,
                           gpus=int(gpus), vars=merged))
