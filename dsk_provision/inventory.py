@@ -287,8 +287,9 @@ def _control_char_problems(file: Path, value: Any, path: tuple, lines: dict,
         line = lines.get(where)
         at = f" (line {line})" if line else ""
         char = _CONTROL_CHAR.search(text).group()
+        shown = repr(text) if len(text) <= 60 else repr(text[:57]) + "..."
         problems.add(file, _dotted(where) or "(top level)",
-                     f"{what} {text!r} holds the control character {char!r}{at}: "
+                     f"{what} {shown} holds the control character {char!r}{at}: "
                      "write it on one line, without control characters")
 
     if isinstance(value, str):
