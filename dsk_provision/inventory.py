@@ -1,9 +1,14 @@
 """Load and validate an inventory: JSON Schema first, then semantic rules. No connection is made.
 
 An inventory is plain Ansible YAML: a file (``hosts.yml``) or a directory holding one, plus
-optional ``group_vars/<group>.yml`` next to it (Ansible reads those too, so they are
-validated the same way). The cluster's nodes are the hosts of the group ``nodes``, in file
-order; that order is the node-rank order.
+optional ``group_vars/<group>.yml`` and ``host_vars/<host>.yml`` (or directories of such
+files) next to it. Ansible reads those too, so they are validated the same way and merged
+into each node's variables in Ansible's order. The cluster's nodes are the hosts of the
+group ``nodes``, in file order; that order is the node-rank order.
+
+No string anywhere may hold a control character; dsk_* and connection values may hold no
+Jinja2 template (Ansible would evaluate it on the control node); ssh arguments are judged
+by dsk_provision.ssh_options.
 
 Every problem found is reported at once, each with its file and dotted field path.
 """
@@ -22,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from dsk_provision import defaults
+from dsk_provision import defaults, ssh_options
 from dsk_provision.errors import InputError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -58,17 +63,19 @@ ANSIBLE_VARS = (
     "ansible_control_path", "ansible_remote_tmp",
 )
 
-_HOSTNAME_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
-_NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-_NUMERIC_DOTTED = re.compile(r"^[0-9.]+$")
-_INSECURE_SSH = (
-    (re.compile(r"StrictHostKeyChecking\s*=?\s*(no|off|accept-new)\b", re.I),
-     "StrictHostKeyChecking must stay 'yes': pin the nodes' host keys in a known_hosts "
-     "file (UserKnownHostsFile=...) instead"),
-    (re.compile(r"UserKnownHostsFile\s*=?\s*/dev/null", re.I),
-     "UserKnownHostsFile=/dev/null disables host key pinning: point it at a known_hosts "
-     "file holding the nodes' keys"),
-)
+# Used with fullmatch: '$' alone would also match before a final newline.
+_HOSTNAME_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+_NUMERIC_DOTTED = re.compile(r"[0-9.]+")
+# Any C0/C1 control character, DEL included: a newline in a value can add lines to the
+# files the roles write from it (a second apt source from dsk_mirror_url).
+_CONTROL_CHAR = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_TEMPLATE = re.compile(r"\{[{%#]")
+# Values Ansible must take literally: the tool reads them itself (dsk_*) or they say how
+# to reach a node; a template there would run on the control node under Ansible only.
+_LITERAL_VARS = ("ansible_host", "ansible_user", "ansible_port", "ansible_connection",
+                 "ansible_private_key_file", "ansible_host_key_checking")
+_LITERAL_PREFIXES = ("dsk_", "ansible_ssh_")
 _PATTERN_ADVICE = {
     "dsk_cluster_name": "use lowercase letters, digits and '-', starting with a letter or "
                         "digit, at most 63 characters (e.g. 'prod-a')",
@@ -269,7 +276,33 @@ def _read_yaml(file: Path, problems: _Problems, *, top_field: str) -> _YamlDoc |
         problems.add(file, _dotted(path),
                      f"is written twice (lines {first} and {line}); YAML keeps only the last "
                      "one: remove or rename one of them")
+    _control_char_problems(file, data, (), lines, problems)
     return _YamlDoc(file, data, lines)
+
+
+def _control_char_problems(file: Path, value: Any, path: tuple, lines: dict,
+                           problems: _Problems) -> None:
+    """Every key and string holding a control character (newline, tab, escape ...)."""
+    def report(where: tuple, text: str, what: str) -> None:
+        line = lines.get(where)
+        at = f" (line {line})" if line else ""
+        char = _CONTROL_CHAR.search(text).group()
+        shown = repr(text) if len(text) <= 60 else repr(text[:57]) + "..."
+        problems.add(file, _dotted(where) or "(top level)",
+                     f"{what} {shown} holds the control character {char!r}{at}: "
+                     "write it on one line, without control characters")
+
+    if isinstance(value, str):
+        if _CONTROL_CHAR.search(value):
+            report(path, value, "the value")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, str) and _CONTROL_CHAR.search(key):
+                report(path + (key,), key, "the name")
+            _control_char_problems(file, item, path + (key,), lines, problems)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _control_char_problems(file, item, path + (i,), lines, problems)
 
 
 # --------------------------------------------------------------------------- schema
@@ -408,13 +441,13 @@ def _check_address(address: Any) -> str | None:
         except ValueError:
             return f"{address!r} is not a valid IPv6 address"
         return None
-    if _NUMERIC_DOTTED.match(address):
+    if _NUMERIC_DOTTED.fullmatch(address):
         try:
             ipaddress.IPv4Address(address)
         except ValueError:
             return f"{address!r} is not a valid IPv4 address (four numbers 0-255)"
         return None
-    if len(address) > 253 or not all(_HOSTNAME_LABEL.match(lbl)
+    if len(address) > 253 or not all(_HOSTNAME_LABEL.fullmatch(lbl)
                                      for lbl in address.rstrip(".").split(".")):
         return (f"{address!r} is not a valid host name (letters, digits and '-' between dots) "
                 "or IP address")
@@ -428,15 +461,40 @@ def _canonical_address(address: str) -> str:
         return address.lower().rstrip(".")
 
 
+def _templates(value: Any) -> list[str]:
+    """The strings inside ``value`` that Jinja2 would treat as a template."""
+    if isinstance(value, str):
+        return [value] if _TEMPLATE.search(value) else []
+    if isinstance(value, dict):
+        return [t for k, v in value.items() for t in _templates(k) + _templates(v)]
+    if isinstance(value, list):
+        return [t for v in value for t in _templates(v)]
+    return []
+
+
 def _check_vars(file: Path, prefix: str, values: dict, problems: _Problems,
-                lines: dict | None = None, line_prefix: tuple = ()) -> None:
-    """Rules that apply wherever variables are set: typos, profiles, SSH safety, key files."""
+                known_hosts: tuple[str, ...], lines: dict | None = None,
+                line_prefix: tuple = ()) -> None:
+    """Rules that apply wherever variables are set: typos, profiles, templates, SSH safety,
+    key files. ``known_hosts``: the cluster's declared known-hosts file(s)."""
     known = known_variables()
+
+    def where_at(key: Any) -> tuple[str, str]:
+        line = (lines or {}).get(line_prefix + (key,))
+        return (f"{prefix}.{key}" if prefix else str(key)), (f" (line {line})" if line else "")
+
+    for name, why in ssh_options.node_ssh_problems(values, known_hosts):
+        where, at = where_at(name)
+        problems.add(file, where, f"{why}{at}")
     for key, value in values.items():
         key_s = str(key)
-        where = f"{prefix}.{key_s}" if prefix else key_s
-        line = (lines or {}).get(line_prefix + (key,))
-        at = f" (line {line})" if line else ""
+        where, at = where_at(key)
+        if key_s in _LITERAL_VARS or key_s.startswith(_LITERAL_PREFIXES):
+            for text in _templates(value)[:1]:
+                problems.add(file, where,
+                             f"{text!r} is a Jinja2 template{at}: {key_s} must be a plain "
+                             "value (Ansible would evaluate the template on the control "
+                             "node); write the value itself")
         if key_s not in known:
             close = difflib.get_close_matches(key_s, sorted(known), n=1, cutoff=0.8)
             if close:
@@ -449,11 +507,6 @@ def _check_vars(file: Path, prefix: str, values: dict, problems: _Problems,
                              f"unknown profile {value!r}{at}: use one of "
                              f"{', '.join(profiles) or '(none defined)'} "
                              f"(files in {PROFILES_DIR})")
-        if key_s in ("ansible_ssh_common_args", "ansible_ssh_extra_args", "ansible_ssh_args") \
-                and isinstance(value, str):
-            for pattern, advice in _INSECURE_SSH:
-                if pattern.search(value):
-                    problems.add(file, where, f"{advice}{at}")
         if key_s in ("ansible_ssh_private_key_file", "ansible_private_key_file") \
                 and isinstance(value, str) and "{{" not in value:
             key_path = Path(value).expanduser()
@@ -522,19 +575,70 @@ def _find_hosts_file(path: Path) -> Path:
     return path
 
 
-def _group_vars_files(group_vars_dir: Path) -> list[tuple[str, Path]]:
-    """(group, file) pairs, as Ansible reads them: group_vars/<g>.yml or group_vars/<g>/*.yml."""
-    found: list[tuple[str, Path]] = []
-    if not group_vars_dir.is_dir():
-        return found
-    for entry in sorted(group_vars_dir.iterdir()):
-        if entry.is_file() and entry.suffix in (".yml", ".yaml"):
-            found.append((entry.stem, entry))
-        elif entry.is_dir():
-            for sub in sorted(entry.iterdir()):
-                if sub.is_file() and sub.suffix in (".yml", ".yaml"):
-                    found.append((entry.name, sub))
+VARS_EXTENSIONS = (".yml", ".yaml", ".json")
+
+
+def _dir_vars_files(directory: Path) -> list[Path]:
+    """Files of a <name>/ directory, as Ansible reads them: sorted, recursive, no hidden or
+    backup files, with a YAML/JSON extension or none."""
+    found: list[Path] = []
+    for entry in sorted(directory.iterdir(), key=lambda p: p.name):
+        if entry.name.startswith(".") or entry.name.endswith("~"):
+            continue
+        if entry.is_dir() and not entry.suffix:
+            found += _dir_vars_files(entry)
+        elif entry.is_file() and (not entry.suffix or entry.suffix in VARS_EXTENSIONS):
+            found.append(entry)
     return found
+
+
+def _vars_files(vars_dir: Path) -> list[tuple[str, Path]]:
+    """(group or host, file) pairs of group_vars/ or host_vars/, as Ansible finds them: for
+    each name the first of <name> (file or directory), <name>.yml, .yaml, .json."""
+    if not vars_dir.is_dir():
+        return []
+    names = set()
+    for entry in vars_dir.iterdir():
+        if entry.name.startswith(".") or entry.name.endswith("~"):
+            continue
+        if entry.suffix in VARS_EXTENSIONS:
+            names.add(entry.name[:-len(entry.suffix)])
+        elif not entry.suffix:
+            names.add(entry.name)
+    found: list[tuple[str, Path]] = []
+    for name in sorted(names):
+        for ext in ("",) + VARS_EXTENSIONS:
+            candidate = vars_dir / f"{name}{ext}"
+            if candidate.is_dir():
+                found += [(name, f) for f in _dir_vars_files(candidate)]
+                break
+            if candidate.is_file():
+                found.append((name, candidate))
+                break
+    return found
+
+
+def _read_vars_dir(vars_dir: Path, problems: _Problems) -> dict[str, list[_YamlDoc]]:
+    """group_vars/ or host_vars/: the mappings read, by group or host, schema-checked."""
+    docs: dict[str, list[_YamlDoc]] = {}
+    for name, file in _vars_files(vars_dir):
+        doc = _read_yaml(file, problems, top_field=name)
+        if doc is None or doc.data is None:
+            continue
+        if not isinstance(doc.data, dict):
+            problems.add(file, name, f"must be a mapping of variable names to values, "
+                                     f"found {_type_name(doc.data)}")
+            continue
+        _schema_problems(doc, "vars", (), problems)
+        docs.setdefault(name, []).append(doc)
+    return docs
+
+
+def _merged(docs: list[_YamlDoc]) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for d in docs:
+        merged.update(d.data)
+    return merged
 
 
 def load_inventory(path: str | Path) -> Inventory:
@@ -547,23 +651,24 @@ def load_inventory(path: str | Path) -> Inventory:
     problems = _Problems()
 
     doc = _read_yaml(hosts_file, problems, top_field="all")
-    group_vars: dict[str, dict] = {}
-    for group, gv_file in _group_vars_files(hosts_file.parent / "group_vars"):
-        gv = _read_yaml(gv_file, problems, top_field=group)
-        if gv is None or gv.data is None:
-            continue
-        if not isinstance(gv.data, dict):
-            problems.add(gv_file, group, f"must be a mapping of variable names to values, "
-                                         f"found {_type_name(gv.data)}")
-            continue
-        _schema_problems(gv, "vars", (), problems)
-        _check_vars(gv_file, "", gv.data, problems, gv.lines)
-        group_vars.setdefault(group, {}).update(gv.data)
+    group_docs = _read_vars_dir(hosts_file.parent / "group_vars", problems)
+    host_docs = _read_vars_dir(hosts_file.parent / "host_vars", problems)
+    group_vars = {name: _merged(docs) for name, docs in group_docs.items()}
+    host_vars = {name: _merged(docs) for name, docs in host_docs.items()}
+    data = doc.data if doc is not None else None
+    root = _as_dict(_as_dict(data).get("all"))
+    # The cluster-wide variables: all.vars, then group_vars/all over them (Ansible's order).
+    all_vars = dict(_as_dict(root.get("vars")))
+    all_vars.update(group_vars.get("all", {}))
+    known_hosts = ssh_options.declared_known_hosts(all_vars)
+
+    for docs in list(group_docs.values()) + list(host_docs.values()):
+        for d in docs:
+            _check_vars(d.file, "", d.data, problems, known_hosts, d.lines)
     if doc is None:
         problems.raise_if_any()
         raise AssertionError("unreachable: a failed read always records a problem")
 
-    data = doc.data
     if data is None:
         problems.add(hosts_file, "all", "the file is empty: an inventory needs "
                                         "all.children.nodes.hosts (see inventory/example/)")
@@ -574,26 +679,32 @@ def load_inventory(path: str | Path) -> Inventory:
         problems.raise_if_any()
 
     _schema_problems(doc, "inventory", (), problems)
-    nodes = _semantic_checks(doc, group_vars, problems)
+    every: dict[str, list] = {}
+    _all_group_hosts(root, ("all",), every)
+    for host, docs in host_docs.items():
+        if host not in every:
+            problems.add(docs[0].file, host,
+                         f"host_vars for {host!r}, which is not a host of the inventory: "
+                         "rename the file after the node or remove it")
+    specs = _semantic_checks(doc, group_vars, host_vars, known_hosts, problems)
     problems.raise_if_any()
-
-    all_vars = dict(_as_dict(_as_dict(data.get("all")).get("vars")))
-    all_vars.update(group_vars.get("all", {}))
+    # Built only now: a node's settings are computed from values that passed every check.
+    nodes = [Node(**spec) for spec in specs]
     return Inventory(path=given, nodes=nodes, vars=all_vars, hosts_file=hosts_file)
 
 
-def _semantic_checks(doc: _YamlDoc, group_vars: dict[str, dict],
-                     problems: _Problems) -> list[Node]:
+def _semantic_checks(doc: _YamlDoc, group_vars: dict[str, dict], host_vars: dict[str, dict],
+                     known_hosts: tuple[str, ...], problems: _Problems) -> list[dict]:
     file = doc.file
     root = _as_dict(_as_dict(doc.data).get("all"))
 
     for _name, gpath, group in _walk_groups(root, ("all",)):
         gvars = _as_dict(group.get("vars"))
-        _check_vars(file, _dotted(gpath + ("vars",)), gvars, problems, doc.lines,
+        _check_vars(file, _dotted(gpath + ("vars",)), gvars, problems, known_hosts, doc.lines,
                     gpath + ("vars",))
         for host, hostvars in _as_dict(group.get("hosts")).items():
             _check_vars(file, _dotted(gpath + ("hosts", host)), _as_dict(hostvars), problems,
-                        doc.lines, gpath + ("hosts", host))
+                        known_hosts, doc.lines, gpath + ("hosts", host))
     all_inline = _as_dict(root.get("vars"))
     if "dsk_gpus" in all_inline:
         problems.add(file, "all.vars.dsk_gpus",
@@ -642,19 +753,24 @@ def _semantic_checks(doc: _YamlDoc, group_vars: dict[str, dict],
                          f"host {name!r} is not in group 'nodes': move it under "
                          "all.children.nodes.hosts or remove it")
 
-    nodes: list[Node] = []
+    nodes: list[dict] = []  # Node fields, one mapping per node
     by_address: dict[tuple[str, int], str] = {}
     groups_by_name = {name: g for name, _p, g in _walk_groups(root, ("all",))}
     for e in unique:
+        # Ansible's precedence: group vars of hosts.yml (all, then each group from the
+        # outside in) < group_vars/all < group_vars/<group> < the host's vars in hosts.yml
+        # < host_vars/<host>.
         merged: dict[str, Any] = dict(all_inline)
-        merged.update(group_vars.get("all", {}))
         for g in e.groups:
             merged.update(_as_dict(_as_dict(groups_by_name.get(g)).get("vars")))
+        merged.update(group_vars.get("all", {}))
+        for g in e.groups:
             merged.update(group_vars.get(g, {}))
         merged.update(e.hostvars)
+        merged.update(host_vars.get(e.name, {}))
         hpath = _dotted(e.path)
 
-        if not _NODE_NAME.match(e.name):
+        if not _NODE_NAME.fullmatch(e.name):
             problems.add(file, hpath, f"node name {e.name!r} is not usable: use letters, digits, "
                                       "'.', '-' or '_' (it names log files and ranks)")
         addr_key = "ansible_host" if "ansible_host" in merged else (
@@ -691,7 +807,7 @@ def _semantic_checks(doc: _YamlDoc, group_vars: dict[str, dict],
         elif not isinstance(gpus, int) or isinstance(gpus, bool) or not 0 <= gpus <= 16:
             gpus = 0  # the schema already reported it
         user = merged.get("ansible_user", merged.get("ansible_ssh_user"))
-        nodes.append(Node(name=e.name, address=str(address) if address else "",
+        nodes.append(dict(name=e.name, address=str(address) if address else "",
                           port=port or DEFAULT_SSH_PORT,
                           user=str(user) if user is not None else None,
                           gpus=int(gpus), vars=merged))

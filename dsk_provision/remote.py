@@ -16,11 +16,8 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
+from dsk_provision import ssh_options
 from dsk_provision.errors import EnvironmentProblem, InputError, RunFailed
-
-# ssh -o values that turn host key pinning off.
-_UNPINNED = {"stricthostkeychecking": {"no", "off", "accept-new", "false"},
-             "userknownhostsfile": {"/dev/null"}}
 
 
 def _var(node, name: str, default: Any = None) -> Any:
@@ -61,25 +58,6 @@ class Transport(Protocol):
         """Start the command on the node; stdout and stderr merged, text lines."""
 
 
-def _split_ssh_options(tokens: list[str]) -> list[tuple[str, str]]:
-    """(key, value) pairs of every -o option in an ssh argument list, keys lowercased."""
-    options = []
-    i = 0
-    while i < len(tokens):
-        token = tokens[i]
-        value = None
-        if token == "-o" and i + 1 < len(tokens):
-            value = tokens[i + 1]
-            i += 1
-        elif token.startswith("-o") and len(token) > 2:
-            value = token[2:]
-        if value is not None:
-            key, _, rest = value.replace("=", " ", 1).partition(" ")
-            options.append((key.strip().lower(), rest.strip().strip('"').lower()))
-        i += 1
-    return options
-
-
 class SshTransport:
     """OpenSSH with the inventory's user, port, key and common args; host keys pinned."""
 
@@ -89,26 +67,18 @@ class SshTransport:
 
     def options(self, node) -> list[str]:
         file = inventory_file(self.inventory)
+        cluster_vars = getattr(self.inventory, "vars", None) or node.vars or {}
+        problems = ssh_options.node_ssh_problems(
+            node.vars or {}, ssh_options.declared_known_hosts(cluster_vars))
+        if problems:
+            name, why = problems[0]
+            raise InputError(why, file=file, field=host_field(node, name))
         args: list[str] = []
+        keys: set[str] = set()
         for name in ("ansible_ssh_common_args", "ansible_ssh_extra_args"):
-            text = _var(node, name, "")
-            try:
-                tokens = shlex.split(str(text))
-            except ValueError as exc:
-                raise InputError(f"cannot parse the ssh arguments: {exc}", file=file,
-                                 field=host_field(node, name)) from None
-            for key, value in _split_ssh_options(tokens):
-                if value in _UNPINNED.get(key, ()):
-                    raise InputError(
-                        f"'{key}={value}' turns host key checking off; host keys must be pinned",
-                        file=file, field=host_field(node, name),
-                        hint="list the nodes' host keys in a known_hosts file and pass "
-                             "-o UserKnownHostsFile=FILE -o StrictHostKeyChecking=yes")
-            args += tokens
-        if str(_var(node, "ansible_host_key_checking", True)).lower() in ("false", "no", "0"):
-            raise InputError("host key checking is off; host keys must be pinned", file=file,
-                             field=host_field(node, "ansible_host_key_checking"))
-        keys = {key for key, _ in _split_ssh_options(args)}
+            parsed = ssh_options.parse_args(str(_var(node, name, "")))
+            args += parsed.tokens
+            keys |= parsed.keywords()
         # Non-interactive, pinned, and quick to notice a dead node; options given first
         # win in ssh, so the inventory's own values (already vetted above) come first.
         extra = ["-o", "BatchMode=yes"]

@@ -311,6 +311,9 @@ def run_playbook(playbook: str, inventory: Inventory, *, command: str,
         "ANSIBLE_NOCOLOR": "1",
         "ANSIBLE_FORCE_COLOR": "0",
         "ANSIBLE_RETRY_FILES_ENABLED": "0",
+        # ansible.cfg pins host keys; a caller's ANSIBLE_HOST_KEY_CHECKING=False would
+        # override it, so the environment handed to Ansible says so too.
+        "ANSIBLE_HOST_KEY_CHECKING": "True",
         # ansible-playbook must come from the same environment as this process.
         "PATH": os.pathsep.join([str(Path(sys.executable).parent),
                                  os.environ.get("PATH", "/usr/bin:/bin")]),

@@ -47,7 +47,7 @@ BAD_CASES = {
     "bad_ssh_port.yml": ("all.children.nodes.hosts.node1.ansible_port", "from 1 to 65535"),
     "bad_rdzv_port.yml": ("all.vars.dsk_rdzv_port", "from 1 to 65535"),
     "bad_profile.yml": ("all.vars.dsk_profile", "'H100 SXM'"),
-    "insecure_ssh.yml": ("all.vars.ansible_ssh_common_args", "StrictHostKeyChecking must stay"),
+    "insecure_ssh.yml": ("all.vars.ansible_ssh_common_args", "host keys must be pinned"),
 }
 
 
