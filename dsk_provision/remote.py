@@ -17,6 +17,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 from dsk_provision.errors import EnvironmentProblem, InputError, RunFailed
+from dsk_provision.files import make_private_dir, open_private
 
 # ssh -o values that turn host key pinning off.
 _UNPINNED = {"stricthostkeychecking": {"no", "off", "accept-new", "false"},
@@ -214,11 +215,11 @@ def fetch(inventory, node, remote_path, local_path, *, transport: TransportChoic
     """Copy one file from a node; written whole (temp + rename). Raises RunFailed."""
     node = find_node(inventory, node)
     local_path = Path(local_path)
-    local_path.parent.mkdir(parents=True, exist_ok=True)
+    make_private_dir(local_path.parent)
     proc = resolve_transport(transport, inventory, node)
     argv = proc.argv(node, f"cat -- {shlex.quote(str(remote_path))}")
     tmp = local_path.with_name(f".{local_path.name}.part")
-    with open(tmp, "wb") as out:
+    with open_private(tmp, "wb") as out:
         result = subprocess.run(argv, stdout=out, stderr=subprocess.PIPE, timeout=300)
     if result.returncode != 0:
         tmp.unlink(missing_ok=True)
