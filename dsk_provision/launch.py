@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from dsk_provision.addresses import host_port
 from dsk_provision.errors import EnvironmentProblem, InputError, RunFailed
 from dsk_provision.files import make_private_dir, open_private
 from dsk_provision.remote import (
@@ -111,9 +112,7 @@ def nproc_for(node, nproc_per_node: int | None = None) -> int:
 
 def rendezvous_endpoint(inventory) -> str:
     first = inventory.nodes[0]
-    port = first.settings.rdzv_port
-    host = f"[{first.address}]" if ":" in str(first.address) else str(first.address)
-    return f"{host}:{port}"
+    return host_port(first.address, first.settings.rdzv_port)
 
 
 def pid_file(node, run_id: str) -> PurePosixPath:
