@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from dsk_provision import defaults, ssh_options
+from dsk_provision.addresses import host_port
 from dsk_provision.errors import InputError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -793,7 +794,8 @@ def _semantic_checks(doc: _YamlDoc, group_vars: dict[str, dict], host_vars: dict
             key = (_canonical_address(str(address)), port)
             if key in by_address:
                 problems.add(file, f"{hpath}.{addr_key or 'ansible_host'}",
-                             f"{address}:{port} is also the address of node {by_address[key]!r}: "
+                             f"{host_port(address, port)} is also the address of node "
+                             f"{by_address[key]!r}: "
                              "every node needs its own address (or its own ansible_port)")
             else:
                 by_address[key] = e.name

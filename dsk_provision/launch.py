@@ -35,7 +35,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from dsk_provision.addresses import host_port
 from dsk_provision.errors import EnvironmentProblem, InputError, RunFailed
+from dsk_provision.files import make_private_dir, open_private
 from dsk_provision.remote import (
     SshTransport,
     Transport,
@@ -110,9 +112,7 @@ def nproc_for(node, nproc_per_node: int | None = None) -> int:
 
 def rendezvous_endpoint(inventory) -> str:
     first = inventory.nodes[0]
-    port = first.settings.rdzv_port
-    host = f"[{first.address}]" if ":" in str(first.address) else str(first.address)
-    return f"{host}:{port}"
+    return host_port(first.address, first.settings.rdzv_port)
 
 
 def pid_file(node, run_id: str) -> PurePosixPath:
@@ -345,8 +345,7 @@ def run_torchrun(inventory, module: str, module_args: list[str], *, run_dir: Pat
                                  nproc_per_node=nproc_per_node, env=env)
                 for i in range(len(inventory.nodes))]
     printer = _Printer(console)
-    log_dir = run_dir / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = make_private_dir(run_dir / "logs")
 
     ship(inventory, run_id, files, transport=transport)
 
@@ -355,7 +354,7 @@ def run_torchrun(inventory, module: str, module_args: list[str], *, run_dir: Pat
     try:
         for node, command in zip(inventory.nodes, commands, strict=True):
             log_path = log_dir / f"{node.name}.log"
-            log_path.write_text("")
+            open_private(log_path, "w").close()
             run = NodeRun(node.name, transports[node.name].popen(node, command), log_path)
             run.reader = threading.Thread(target=_stream, args=(run, printer), daemon=True)
             run.reader.start()

@@ -14,6 +14,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from dsk_provision.addresses import host_port
 from dsk_provision.errors import EnvironmentProblem, InputError
 from dsk_provision.mirror import read_manifest
 
@@ -84,15 +85,14 @@ def make_server(directory: Path, bind: str, port: int, *, quiet: bool = False) -
     try:
         server = cls((bind, port), handler)
     except OSError as exc:
-        raise EnvironmentProblem(f"cannot listen on {bind}:{port}: {exc.strerror}",
+        raise EnvironmentProblem(f"cannot listen on {host_port(bind, port)}: {exc.strerror}",
                                  hint="pick another --port or --bind") from exc
     server.quiet = quiet
     return server
 
 
 def base_url(bind: str, port: int) -> str:
-    host = f"[{bind}]" if ":" in bind else bind
-    return f"http://{host}:{port}/"
+    return f"http://{host_port(bind, port)}/"
 
 
 def inventory_settings(manifest: dict, url: str) -> list[tuple[str, str, str]]:

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from dsk_provision import ssh_options
 from dsk_provision.errors import EnvironmentProblem, InputError, RunFailed
+from dsk_provision.files import make_private_dir, open_private
 
 
 def _var(node, name: str, default: Any = None) -> Any:
@@ -180,16 +181,30 @@ def put_tar(transport: Transport, node, tar_path: Path, remote_dir: PurePosixPat
                    timeout=timeout)
 
 
-def fetch(inventory, node, remote_path, local_path, *, transport: TransportChoice = None) -> Path:
-    """Copy one file from a node; written whole (temp + rename). Raises RunFailed."""
+FETCH_TIMEOUT_S = 300.0
+
+
+def fetch(inventory, node, remote_path, local_path, *, transport: TransportChoice = None,
+          timeout: float = FETCH_TIMEOUT_S) -> Path:
+    """Copy one file from a node; written whole (temp + rename), or not at all. Raises
+    RunFailed naming the node when the copy fails or takes longer than ``timeout``."""
     node = find_node(inventory, node)
     local_path = Path(local_path)
-    local_path.parent.mkdir(parents=True, exist_ok=True)
+    make_private_dir(local_path.parent)
     proc = resolve_transport(transport, inventory, node)
     argv = proc.argv(node, f"cat -- {shlex.quote(str(remote_path))}")
     tmp = local_path.with_name(f".{local_path.name}.part")
-    with open(tmp, "wb") as out:
-        result = subprocess.run(argv, stdout=out, stderr=subprocess.PIPE, timeout=300)
+    try:
+        with open_private(tmp, "wb") as out:
+            result = subprocess.run(argv, stdout=out, stderr=subprocess.PIPE, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        tmp.unlink(missing_ok=True)
+        raise RunFailed(f"could not fetch {remote_path} from {node.name}: no answer within "
+                        f"{timeout:g} s", nodes=[node.name],
+                        hint=f"check that {node.name} is up and reachable") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     if result.returncode != 0:
         tmp.unlink(missing_ok=True)
         reason = result.stderr.decode(errors="replace").strip().splitlines()

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dsk_provision.errors import EnvironmentProblem, RunFailed
+from dsk_provision.files import make_private_dir, make_private_tree, open_private, write_private
 from dsk_provision.rundir import new_run_dir
 
 if TYPE_CHECKING:
@@ -113,7 +114,7 @@ class _EventView:
         self.notes: dict[str, list[str]] = {}
         self.console = console
         self.logs_dir = run_dir / "hosts"
-        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.logs_dir)
         self._logs: dict[str, Any] = {}
         self._task = ""
         self._live = None
@@ -147,7 +148,8 @@ class _EventView:
         fh = self._logs.get(host)
         if fh is None:
             safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in host)
-            fh = self._logs[host] = open(self.logs_dir / f"{safe}.log", "a", encoding="utf-8")
+            fh = self._logs[host] = open_private(self.logs_dir / f"{safe}.log", "a",
+                                                  encoding="utf-8")
         fh.write(f"{time.strftime('%H:%M:%S')} {line}\n")
         if stdout.strip():
             fh.write(stdout.rstrip() + "\n")
@@ -303,7 +305,7 @@ def run_playbook(playbook: str, inventory: Inventory, *, command: str,
 
     run_dir = new_run_dir(command, runs_dir)
     private = run_dir / "ansible"
-    (private / "tmp").mkdir(parents=True)
+    make_private_dir(private / "tmp")
     envvars = {
         "ANSIBLE_CONFIG": str(ANSIBLE_CFG),
         "ANSIBLE_ROLES_PATH": str(ROLES_DIR),
@@ -342,11 +344,13 @@ def run_playbook(playbook: str, inventory: Inventory, *, command: str,
             quiet=True,
             json_mode=False,
         )
+    # ansible-runner writes its artifacts with the umask's modes: close them down too.
+    make_private_tree(private)
     elapsed = time.monotonic() - started
     rc = int(runner.rc if runner.rc is not None else 1)
     result = PlaybookResult(run_dir=run_dir, rc=rc, recap=view.recap(), failed=view.failed,
                             unreachable=view.unreachable, elapsed_s=round(elapsed, 2))
-    (run_dir / "recap.json").write_text(json.dumps(
+    write_private(run_dir / "recap.json", json.dumps(
         {**result.to_dict(), "playbook": playbook_name, "command": command, "check": check,
          "limit": limit, "tags": tags, "status": runner.status}, indent=2) + "\n")
     render_recap(result, console)

@@ -11,6 +11,7 @@ This module must stay free of torch: the control node validates configs with it.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import tomllib
 from dataclasses import dataclass, field
@@ -114,27 +115,68 @@ def _schema() -> dict[str, Any]:
     return json.loads(SCHEMA_PATH.read_text())
 
 
+_TYPE_WORDS = {"integer": "integer", "number": "number", "boolean": "boolean",
+               "string": "string", "object": "table", "array": "array"}
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str | None:
+    """The closest choice to a misspelled word, as the inventory's check suggests them."""
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _bounds(schema: dict[str, Any]) -> str:
+    """A field's allowed range in words: 'at least 1', 'greater than 0 and at most 1'."""
+    words = []
+    for key, text in (("minimum", "at least"), ("exclusiveMinimum", "greater than"),
+                      ("maximum", "at most"), ("exclusiveMaximum", "less than")):
+        if key in schema:
+            words.append(f"{text} {schema[key]}")
+    return " and ".join(words)
+
+
 def _schema_error(error: Any, file: str) -> InputError:
-    """Turn one jsonschema error into an InputError naming the offending field."""
+    """Turn one jsonschema error into an InputError in the project's words, naming the file
+    and the offending field (JSON Schema's own wording names neither)."""
     parent = ".".join(str(p) for p in error.absolute_path)
+    field_name = parent or "(top level)"
+    schema = error.schema if isinstance(error.schema, dict) else {}
+    about = f" ({schema['description']})" if schema.get("description") else ""
 
     def join(name: str) -> str:
         return f"{parent}.{name}" if parent else name
 
     if error.validator == "additionalProperties":
-        known = set(error.schema.get("properties", {}))
-        unknown = sorted(k for k in error.instance if k not in known)
+        known = sorted(schema.get("properties", {}))
+        unknown = sorted(str(k) for k in error.instance if k not in known)
         name = unknown[0] if unknown else "?"
-        return InputError(f"unknown key (known keys: {', '.join(sorted(known))})",
-                          file=file, field=join(name))
+        close = _did_you_mean(name, known)
+        advice = f"did you mean {close!r}?" if close else f"known keys here: {', '.join(known)}"
+        more = f" (also unknown: {', '.join(unknown[1:])})" if len(unknown) > 1 else ""
+        return InputError(f"unknown key {name!r}: {advice}{more}", file=file, field=join(name))
     if error.validator == "required":
         missing = [k for k in error.validator_value if k not in error.instance]
         return InputError("required key is missing", file=file, field=join(missing[0]))
     if error.validator == "type":
         expected = error.validator_value
         return InputError(f"expected {expected}, got {type(error.instance).__name__} "
-                          f"{error.instance!r}", file=file, field=parent or "(top level)")
-    return InputError(error.message, file=file, field=parent or "(top level)")
+                          f"{error.instance!r}", file=file, field=field_name)
+    if error.validator in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
+        return InputError(f"must be {_bounds(schema)}, got {error.instance!r}{about}",
+                          file=file, field=field_name)
+    if error.validator == "enum":
+        choices = [str(c) for c in error.validator_value]
+        close = _did_you_mean(str(error.instance), choices)
+        advice = f"did you mean {close!r}? " if close and close != str(error.instance) else ""
+        return InputError(f"{error.instance!r} is not allowed: {advice}use one of "
+                          f"{', '.join(choices)}", file=file, field=field_name)
+    if error.validator == "not" and isinstance(error.validator_value, dict) \
+            and "const" in error.validator_value:
+        return InputError(f"must not be {error.validator_value['const']!r}{about}",
+                          file=file, field=field_name)
+    if error.validator == "minLength":
+        return InputError("must not be empty", file=file, field=field_name)
+    return InputError(error.message, file=file, field=field_name)
 
 
 def _check_rules(raw: dict[str, Any], cfg: TrainConfig, file: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from dsk_provision.files import write_file
+from dsk_provision.files import write_private
 
 
 def busbw_series(bench: dict | None) -> list[tuple[int, float]]:
@@ -45,7 +45,7 @@ def plot_busbw(series: dict[str, list[tuple[int, float]]], path: Path, *,
         ax.legend(fontsize="small")
         buf = io.BytesIO()
         fig.savefig(buf, format="png")
-        write_file(Path(path), buf.getvalue())
+        write_private(Path(path), buf.getvalue())
     finally:
         plt.close(fig)
     return path

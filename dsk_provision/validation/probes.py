@@ -18,6 +18,7 @@ from pathlib import Path
 
 from dsk_provision.defaults import resolve
 from dsk_provision.errors import RunFailed
+from dsk_provision.files import write_private
 from dsk_provision.launch import fetch_first, remote_run_dir, run_torchrun
 from dsk_provision.remote import fetch, resolve_transport, run_command
 from dsk_provision.validation.parsers import parse_nccl_tests
@@ -131,8 +132,7 @@ def run_nccl_tests(inventory, run_dir: Path, begin, end, factor, warmup, iters, 
         command = nccl_tests_command(node, begin, end, factor, warmup, iters)
         rc, out = run_command(resolve_transport(transport, inventory, node), node, command,
                               timeout=timeout_s)
-        (run_dir / "nccl-tests").mkdir(parents=True, exist_ok=True)
-        (run_dir / "nccl-tests" / f"{node.name}.txt").write_text(out or "")
+        write_private(run_dir / "nccl-tests" / f"{node.name}.txt", out or "")
         if rc == _NOT_INSTALLED and "not installed" in (out or ""):
             return node.name, ("skip", f"nccl-tests not installed ({nccl_tests_path(node)})")
         parsed = parse_nccl_tests(out or "")

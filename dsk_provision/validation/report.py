@@ -14,14 +14,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dsk_provision.files import write_file
+from dsk_provision.files import write_private
 
 STATUS_MARK = {"pass": "PASS", "fail": "FAIL", "skip": "skip"}
 
 
 def write_whole(path: Path, text: str) -> Path:
-    """Write text to path atomically (temp file in the same directory + rename)."""
-    return write_file(Path(path), text)
+    """Write text to path atomically (temp file in the same directory + rename), private
+    (0600) as everything in a run directory."""
+    return write_private(Path(path), text)
 
 
 def write_json(report: dict[str, Any], path: Path) -> Path:

@@ -35,23 +35,29 @@ def _module():
     return module
 
 
-def test_node_facts_and_gpu_checks_on_this_machine(gpu_out):
+@pytest.fixture(scope="module")
+def facts() -> dict:
+    """This machine's node facts, gathered once by the health_check module."""
     import torch
 
     pytest.importorskip("ansible", reason="ansible-core is not installed")
     count = torch.cuda.device_count()
-    facts = _module().gather({
+    return _module().gather({
         "host": "local", "gpus_declared": count, "dsk_root": "/tmp", "python": sys.executable,
         "python_timeout": 120, "ssh_peers": [], "check_ssh": False, "ssh_timeout": 5,
         "sysfs_pci_root": "/sys/bus/pci/devices", "cuda_home": "/usr/local/cuda",
         "nccl_conf": "/etc/nccl.conf", "dcgm_level": 1, "dcgm_timeout": 600})
+
+
+def test_node_facts_and_gpu_checks_on_this_machine(facts, gpu_out):
+    import torch
+
+    count = torch.cuda.device_count()
     (gpu_out / "facts.json").write_text(json.dumps(facts, indent=2) + "\n")
     smi = facts["gpu_stack"]["nvidia_smi"]
     rows = parsers.parse_gpu_query(smi["query"], smi["query_fields"])
     assert len(rows) == count, facts["skipped"]
     assert all(r["name"] and r["driver_version"] for r in rows)
-    if smi["nvlink"] is not None:
-        assert set(parsers.parse_nvlink(smi["nvlink"])) == set(range(count))
     results = node_checks.run_node_checks("local", facts, profiles.load_profile("h200-sxm-8"))
     (gpu_out / "checks.json").write_text(json.dumps([r.to_dict() for r in results], indent=2))
     by = {r.check: r for r in results}
@@ -59,6 +65,21 @@ def test_node_facts_and_gpu_checks_on_this_machine(gpu_out):
         assert by[name].message, by[name]
         assert by[name].message != "no GPU on this node"
     assert by["gpu_count"].status == "pass"
+
+
+def test_every_gpu_lists_its_nvlink_links(facts):
+    """nvidia-smi nvlink -s lists every GPU, where there is NVLink to list: a machine with
+    one GPU has no peer to link to (and a PCIe GPU lists nothing), so there it skips."""
+    import torch
+
+    count = torch.cuda.device_count()
+    if count < 2:
+        pytest.skip(f"{count} GPU on this machine: NVLink needs a peer GPU, nothing to check")
+    smi = facts["gpu_stack"]["nvidia_smi"]
+    if smi["nvlink"] is None:
+        reason = facts["skipped"].get("nvlink", "nvidia-smi said nothing")
+        pytest.skip(f"no NVLink report: {reason}")
+    assert set(parsers.parse_nvlink(smi["nvlink"])) == set(range(count))
 
 
 def test_validate_with_a_local_connection(gpu_out, tmp_path):

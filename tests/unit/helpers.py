@@ -3,6 +3,7 @@ on sys.path). Not collected: the file name does not start with test_."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import subprocess
@@ -92,3 +93,29 @@ def tiny_config(tmp: Path, name: str, **sections) -> Path:
     path = tmp / f"{name}.toml"
     path.write_text(dump_toml(doc))
     return path
+
+
+@contextlib.contextmanager
+def umask(mask: int):
+    """Run the block under ``mask`` (a permissive one shows what follows the umask)."""
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def loose_paths(root: Path, skip: tuple[str, ...] = ()) -> list[str]:
+    """Paths under ``root`` (and root) that group or others may read, write or enter,
+    with their modes; names in ``skip`` are not descended into."""
+    import stat
+
+    loose = []
+    for path in [root, *sorted(root.rglob("*"))]:
+        rel = path.relative_to(root)
+        if any(part in skip for part in rel.parts) or path.is_symlink():
+            continue
+        mode = stat.S_IMODE(path.lstat().st_mode)
+        if mode & 0o077:
+            loose.append(f"{rel} {mode:04o}")
+    return loose

@@ -6,6 +6,7 @@ pin that cannot work fails with a message naming the variable.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -194,3 +195,74 @@ def test_node_state_probe_on_a_bare_node(tmp_path):
     # An NVSwitch without a PCI bridge of class 0x0680 still shows up as a device node.
     (tmp_path / "dev/nvidia-nvswitch0").write_text("")
     assert _node_state_probe()(params)["nvswitch"] is True
+
+
+# Ansible's own steps for a play's batches: template the play's keywords with the
+# play-level variables, then split the hosts by serial (PlaybookExecutor.run). HostVars
+# exist once an earlier play ran, as site.yml's inventory check does before this play.
+SERIAL_BATCHES = """\
+import json, sys
+from ansible.plugins.loader import init_plugin_loader
+init_plugin_loader()
+from ansible.executor.playbook_executor import PlaybookExecutor
+from ansible.inventory.manager import InventoryManager
+from ansible.parsing.dataloader import DataLoader
+from ansible.playbook import Playbook
+from ansible.template import Templar
+from ansible.vars.hostvars import HostVars
+from ansible.vars.manager import VariableManager
+playbook, after_a_play, *inventories = sys.argv[1:]
+out = []
+for source in inventories:
+    loader = DataLoader()
+    inventory = InventoryManager(loader=loader, sources=[source])
+    variables = VariableManager(loader=loader, inventory=inventory)
+    if after_a_play == "yes":
+        HostVars(inventory=inventory, variable_manager=variables, loader=loader)
+    play = Playbook.load(playbook, variable_manager=variables, loader=loader).get_plays()[0]
+    play.post_validate(Templar(loader=loader, variables=variables.get_vars(play=play)))
+    executor = PlaybookExecutor.__new__(PlaybookExecutor)
+    executor._inventory = inventory
+    out.append([len(batch) for batch in executor._get_serialized_batches(play)])
+print(json.dumps(out))
+"""
+
+
+def gpu_stack_batches(tmp_path: Path, cases: list[dict], after_a_play: bool = True) -> list:
+    """The GPU stack play's batch sizes on four nodes, one inventory per case (all.vars)."""
+    script = tmp_path / "batches.py"
+    script.write_text(SERIAL_BATCHES)
+    sources = []
+    for i, all_vars in enumerate(cases):
+        source = tmp_path / f"hosts{i}.yml"
+        source.write_text(yaml.safe_dump({"all": {"vars": all_vars, "children": {"nodes": {
+            "hosts": {name: {} for name in ("n1", "n2", "n3", "n4")}}}}}))
+        sources.append(str(source))
+    env = dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),
+               ANSIBLE_ROLES_PATH=str(ROLES), ANSIBLE_LOCAL_TEMP=str(tmp_path / "ltmp"))
+    proc = subprocess.run([sys.executable, str(script), str(REPO / GPU_STACK),
+                           "yes" if after_a_play else "no", *sources],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_driver_reboots_roll_one_node_at_a_time_unless_the_inventory_says_otherwise(tmp_path):
+    cases = [
+        {},                                                      # no reboots: all at once
+        {"nvidia_driver_allow_reboot": True},                    # reboots: one at a time
+        {"nvidia_driver_allow_reboot": "false"},
+        {"dsk_gpu_stack_serial": 2},                             # explicit values win
+        {"nvidia_driver_allow_reboot": True, "dsk_gpu_stack_serial": 2},
+        {"nvidia_driver_allow_reboot": True, "dsk_gpu_stack_serial": "100%"},
+    ]
+    assert gpu_stack_batches(tmp_path, cases) == [
+        [4], [1, 1, 1, 1], [4], [2, 2], [2, 2], [4]]
+
+
+def test_gpu_stack_serial_defaults_live_in_dsk_defaults():
+    cluster = yaml.safe_load((ROLES / "dsk_defaults" / "defaults" / "main.yml").read_text())
+    assert cluster["nvidia_driver_allow_reboot"] is False
+    assert cluster["dsk_gpu_stack_serial"] == "100%"
+    own = yaml.safe_load((ROLES / "nvidia_driver" / "defaults" / "main.yml").read_text())
+    assert "nvidia_driver_allow_reboot" not in own  # one home

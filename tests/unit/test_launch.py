@@ -316,3 +316,26 @@ def test_train_refuses_a_config_that_does_not_fit_before_any_change(tmp_path):
         launch.train(inv, config, runs_dir=tmp_path / "runs")
     assert "parallel" in str(err.value) and str(config) in str(err.value)
     assert not (tmp_path / "runs").exists()
+
+
+def test_fetch_that_times_out_names_the_node_and_leaves_no_part_file(tmp_path, monkeypatch):
+    import os
+    import subprocess
+
+    inv = local_nodes(tmp_path, ["ok"])
+    never_written = tmp_path / "node1" / "fifo"
+    os.mkfifo(never_written)  # cat blocks on it: a node that stopped answering
+    real_run = subprocess.run
+
+    def impatient_run(*args, **kwargs):  # the fetch's own time limit, shortened
+        return real_run(*args, **{**kwargs, "timeout": 0.5})
+
+    monkeypatch.setattr(subprocess, "run", impatient_run)
+    local = tmp_path / "back" / "result.json"
+    started = time.monotonic()
+    with pytest.raises(RunFailed) as err:
+        remote.fetch(inv, "node1", never_written, local)
+    assert time.monotonic() - started < 10
+    assert err.value.nodes == ["node1"]
+    assert f"could not fetch {never_written} from node1: no answer within" in str(err.value)
+    assert list(local.parent.iterdir()) == []  # neither the file nor its .part

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import loose_paths, umask
 
 from dsk_provision.validation import report
 from dsk_provision.validation.flow import ValidationReport
@@ -116,8 +117,8 @@ def test_validate_on_two_local_nodes_writes_reports_and_names_the_bad_node(tmp_p
 
     monkeypatch.setattr(runner, "run_playbook", fake_playbook)
     out = io.StringIO()
-    with pytest.raises(RunFailed) as err:
-        # Tiny sizes reach no meaningful busbw: that check is switched off here.
+    # Tiny sizes reach no meaningful busbw: that check is switched off here.
+    with pytest.raises(RunFailed) as err, umask(0o000):
         validate(inv, runs_dir=tmp_path / "runs", begin="1K", end="4K", warmup=1, iters=2,
                  console=Console(file=out, width=120), timeout_s=120,
                  thresholds={"allreduce_min_busbw_gbs": 0})
@@ -136,6 +137,9 @@ def test_validate_on_two_local_nodes_writes_reports_and_names_the_bad_node(tmp_p
     assert "- **node2** `gpu_count`: 1 GPU(s) detected, 0 declared" in (
         run_dir / "report.md").read_text()
     assert "gpu_count" in out.getvalue() and "FAIL" in out.getvalue()
+    # Reports, probe logs and fetched results are private whatever the umask (the facts
+    # here come from the stand-in above; the role's modes are tested in test_files).
+    assert loose_paths(run_dir, skip=("facts",)) == []
 
 
 def test_markdown_shows_compute_side_by_side_isolation_and_plot(tmp_path):

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import loose_paths, umask
 from rich.console import Console
 
 from dsk_provision.errors import RunFailed
@@ -50,8 +51,9 @@ def _console(tmp_path: Path) -> tuple[Console, Path]:
 def test_successful_run_records_events_recap_and_host_log(tmp_path):
     inv = load_inventory(_inventory(tmp_path, {"localhost": "ansible_host: 127.0.0.1"}))
     console, log = _console(tmp_path)
-    result = run_playbook(PLAY, inv, command="unit", runs_dir=tmp_path / "runs",
-                          console=console)
+    with umask(0o000):  # the run directory is private whatever the umask
+        result = run_playbook(PLAY, inv, command="unit", runs_dir=tmp_path / "runs",
+                              console=console)
     console.file.close()
 
     assert result.rc == 0 and result.ok
@@ -72,6 +74,7 @@ def test_successful_run_records_events_recap_and_host_log(tmp_path):
     assert "skipped     Fail when asked" in host_log
     recap = json.loads((run_dir / "recap.json").read_text())
     assert recap["recap"]["localhost"]["changed"] == 1
+    assert loose_paths(run_dir) == []
 
     out = log.read_text()  # plain line-per-event output when not a terminal
     assert "localhost: changed     Write a marker file" in out

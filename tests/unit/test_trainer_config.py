@@ -63,6 +63,37 @@ def test_bad_field_is_named(section, key, value, field, words):
 
 
 @pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("parallel", "dp_shard", 0, "parallel.dp_shard: must not be 0 (-1: all ranks left over)"),
+        ("training", "lr", -1.0, "training.lr: must be greater than 0, got -1.0"),
+        ("model", "vocab_size", 1, "model.vocab_size: must be at least 2, got 1"),
+        ("model", "dimm", 64, "model.dimm: unknown key 'dimm': did you mean 'dim'?"),
+        ("training", "warmup_stesp", 3,
+         "training.warmup_stesp: unknown key 'warmup_stesp': did you mean 'warmup_steps'?"),
+        ("checkpointing", "interval", 5,
+         "checkpointing: unknown key 'checkpointing': did you mean 'checkpoint'?"),
+        ("model", "score_func", "sigmod", "model.score_func: 'sigmod' is not allowed: "
+         "did you mean 'sigmoid'? use one of softmax, sigmoid"),
+        ("parallel", "pp_schedule", "zb",
+         "parallel.pp_schedule: 'zb' is not allowed: use one of gpipe, 1f1b"),
+    ],
+)
+def test_schema_errors_are_in_plain_words_with_suggestions(section, key, value, message):
+    """Not JSON Schema's wording ("0 should not be valid under {'const': 0}")."""
+    with pytest.raises(InputError) as err:
+        parse_config(tiny_with(section, key, value), "cfg.toml")
+    assert str(err.value) == f"cfg.toml: {message}"
+
+
+def test_unknown_key_without_a_close_match_lists_the_known_ones():
+    with pytest.raises(InputError) as err:
+        parse_config(tiny_with("metrics", "wandb", True), "cfg.toml")
+    assert str(err.value) == ("cfg.toml: metrics.wandb: unknown key 'wandb': "
+                              "known keys here: tensorboard")
+
+
+@pytest.mark.parametrize(
     ("changes", "field", "words"),
     [
         ({"parallel": {"tp": 2}, "training": {"seq_len": 63}}, "parallel.tp",
