@@ -66,6 +66,9 @@ app.add_typer(sandbox_app, name="sandbox")
 mirror_app = typer.Typer(help="An offline package mirror (apt + wheels) for air-gapped "
                               "clusters.", no_args_is_help=True)
 app.add_typer(mirror_app, name="mirror")
+nodes_app = typer.Typer(help="Change the cluster's nodes through the inventory.",
+                        no_args_is_help=True)
+app.add_typer(nodes_app, name="nodes")
 
 InventoryOpt = Annotated[Path, typer.Option(
     "--inventory", "-i", help="Inventory: a hosts.yml file or a directory holding one.")]
@@ -198,12 +201,49 @@ def train(
         "--nproc-per-node", min=1,
         help="Processes per node (default: its GPUs, or 1 on CPU-only nodes).")] = None,
 ) -> None:
-    """Start the bundled trainer with torchrun on every node; stream its logs."""
+    """Start the bundled trainer with torchrun on every node in service (cordoned nodes
+    are left out); stream its logs."""
     inv = _load(inventory)
     from dsk_provision.launch import train as run_train
 
-    run_train(inv, config, runs_dir=_runs_dir(ctx), console=render.console(),
+    left_out = [n for n in inv.nodes if n.cordoned]
+    for node in left_out:
+        render.console().print(f"train: {node.name} is cordoned ({node.cordoned}): left out",
+                               markup=False, highlight=False)
+    run_train(inv.in_service(), config, runs_dir=_runs_dir(ctx), console=render.console(),
               nproc_per_node=nproc_per_node)
+
+
+@nodes_app.command("cordon")
+def nodes_cordon(
+    inventory: InventoryOpt,
+    name: Annotated[str, typer.Argument(help="The node to take out of service.")],
+    reason: Annotated[str, typer.Option("--reason", help="Why (kept in the inventory).")],
+) -> None:
+    """Keep a node in the inventory but out of `train` and the cluster-wide benchmarks
+    of `validate` (written as its dsk_cordoned in the hosts file)."""
+    from dsk_provision.inventory_edit import set_cordon
+
+    inv = set_cordon(_load(inventory), name, reason)
+    render.line(f"{name} cordoned ({reason}); {len(inv.active_nodes)} of {len(inv.nodes)} "
+                f"nodes in service; written to {inv.hosts_file}")
+
+
+@nodes_app.command("uncordon")
+def nodes_uncordon(
+    inventory: InventoryOpt,
+    name: Annotated[str, typer.Argument(help="The node to put back into service.")],
+) -> None:
+    """Put a cordoned node back into service."""
+    from dsk_provision.inventory_edit import set_cordon
+
+    inv = _load(inventory)
+    if inv.node(name).cordoned is None:
+        render.line(f"{name} is not cordoned: nothing to do")
+        return
+    inv = set_cordon(inv, name, None)
+    render.line(f"{name} is back in service; {len(inv.active_nodes)} of {len(inv.nodes)} "
+                f"nodes in service; written to {inv.hosts_file}")
 
 
 @sandbox_app.command("up")
