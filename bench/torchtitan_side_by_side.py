@@ -115,9 +115,12 @@ def torchtitan_worker(config: Path, micro_batch: int, steps: int, skip: int) -> 
     job.compile.enable = s["job"]["compile.enable"]
     job.compile.components = list(s["job"]["compile.components"])
     job.activation_checkpoint.mode = s["job"]["activation_checkpoint.mode"]
+    # as torchtitan's trainer does: sets max_seq_len, the MoE backend (moe_impl), grouped GEMMs
+    args.update_from_config(job)
     with torch.device(device):
         model = DeepSeekV3Model(args)
-    model.init_weights(buffer_device=device)
+    with torch.no_grad():  # as torchtitan's trainer initialises it
+        model.init_weights(buffer_device=device)
     dims = ParallelDims(dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=1, ep=1, etp=1,
                         world_size=1)
     model = parallelize_deepseekv3(model, dims, job)
@@ -169,7 +172,7 @@ def torchtitan_worker(config: Path, micro_batch: int, steps: int, skip: int) -> 
     peak = peak_flops(device)
     return {"run": "torchtitan", "ok": True, "torchtitan": torchtitan.__version__,
             "settings": s, "tokens_per_s": tps,
-            "mfu": tps * s["flops_per_token"] / (peak * 1e12) if peak else None,
+            "mfu": tps * s["flops_per_token"] / peak if peak else None,
             "step_time_s": sum(r["step_time_s"] for r in timed) / len(timed),
             "peak_mem_gib": peak_memory_gib(device), "first_loss": rows[0]["loss"],
             "last_loss": rows[-1]["loss"], "losses": [r["loss"] for r in rows]}
