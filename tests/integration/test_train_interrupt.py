@@ -43,7 +43,7 @@ def _children(pid: int) -> list[int]:
 @pytest.mark.parametrize(("signum", "to_group", "code"), [
     (signal.SIGTERM, False, 143),   # kill, a scheduler ending the job
     (signal.SIGINT, True, 130),     # Ctrl-C: the terminal signals the foreground group
-])
+], ids=["SIGTERM", "Ctrl-C"])
 def test_a_signal_to_train_leaves_nothing_running(sandbox_cluster, node_ssh, tmp_path,
                                                   signum, to_group, code):
     config = tmp_path / "long.toml"

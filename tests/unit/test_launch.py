@@ -411,7 +411,7 @@ all:
     ("SIGINT", True, 130),   # Ctrl-C: the terminal signals the whole foreground group
     ("SIGTERM", False, 143),
     ("SIGHUP", False, 129),
-])
+], ids=["Ctrl-C", "SIGTERM", "SIGHUP"])
 def test_a_signal_to_train_stops_every_node_and_leaves_no_client(tmp_path, signum, to_group,
                                                                   code):
     import os
