@@ -10,8 +10,10 @@ The c10d rendezvous hands out node ranks itself (torchrun ignores --node_rank wi
 The trainer package and any files go to ``{dsk_root}/runs/<run-id>/`` on every node first
 (a tar stream into ``tar -x`` on the node). Every output line comes back prefixed with the
 node name and lands in ``<run_dir>/logs/<node>.log``. When one node's torchrun exits
-non-zero the others are stopped by the PID their shell wrote before ``exec`` (never by
-name) and :class:`RunFailed` names the node, and the rank when torchrun's report shows it.
+non-zero the others are stopped (:func:`stop_command`: torchrun's own process group and
+every process carrying the run's marker, never by name) and :class:`RunFailed` names the
+node, and the rank when torchrun's report shows it. SIGINT, SIGTERM and SIGHUP stop the
+job on every started node before the launcher ends (:class:`Interrupted`).
 
 Nodes are reached through dsk_provision.remote; the transport is injectable (anything
 with ``argv`` and ``popen(node, command, stdin=...)``), so tests can run "nodes" as local
@@ -87,11 +89,14 @@ class _Printer:
 
     def line(self, text: str) -> None:
         with self.lock:
-            if self.console is None:
-                sys.stdout.write(text + "\n")
-                sys.stdout.flush()
-            else:
-                self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+            try:
+                if self.console is None:
+                    sys.stdout.write(text + "\n")
+                    sys.stdout.flush()
+                else:
+                    self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+            except OSError:
+                pass  # the terminal is gone (SIGHUP): the logs still get every line
 
 
 # --------------------------------------------------------------------------- command lines
