@@ -364,7 +364,7 @@ def test_stop_command_ends_torchruns_group_and_its_workers_sessions(tmp_path, mo
         rc, out = remote.run_command(transport, node,
                                      launch.stop_command(node, run_id, grace_s=1), timeout=30)
         assert rc == 0, out
-        assert time.monotonic() - started < 15
+        assert time.monotonic() - started < 30  # grace 1 s; the machine may be busy
         assert wait_gone(pids) == [], "processes of the run survived the stop"
         client.wait(timeout=10)
     finally:
