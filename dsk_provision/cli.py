@@ -15,7 +15,7 @@ import typer
 from typer.core import TyperGroup
 
 from dsk_provision import render
-from dsk_provision.errors import DskError, InputError, RunFailed
+from dsk_provision.errors import DskError, InputError, Interrupted, RunFailed
 from dsk_provision.sizes import Size, parse_size, read_size
 
 __all__ = ["app", "main", "parse_size"]
@@ -25,8 +25,9 @@ class _Commands(TyperGroup):
     """The root group: every command runs inside its ``invoke``, option parsing included.
 
     The library's typed errors become one ``error:`` line and their exit code
-    (InputError 2, EnvironmentProblem 3, RunFailed 1); anything else is one line and
-    exit 1. Tracebacks only with --debug.
+    (InputError 2, EnvironmentProblem 3, RunFailed 1, Interrupted 128 + the signal: 130
+    for SIGINT, 143 for SIGTERM, 129 for SIGHUP); anything else is one line and exit 1.
+    Tracebacks only with --debug.
     """
 
     def invoke(self, ctx: typer.Context) -> Any:
@@ -42,8 +43,11 @@ class _Commands(TyperGroup):
             render.error(str(exc))
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
+            import signal
+
+            stopped = Interrupted(signal.SIGINT)
             render.error("interrupted")
-            raise typer.Exit(130) from None
+            raise typer.Exit(stopped.exit_code) from None
         except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
             if ctx.params.get("debug"):
                 raise

@@ -50,3 +50,16 @@ class RunFailed(DskError):
     def __init__(self, message: str, *, nodes: list[str] | None = None, hint: str | None = None):
         super().__init__(message, hint=hint)
         self.nodes = list(nodes or [])
+
+
+class Interrupted(DskError):
+    """A signal (SIGINT, SIGTERM, SIGHUP) ended the command after cleaning up; the exit
+    code is the shell's for that signal, 128 + its number (130, 143, 129)."""
+
+    def __init__(self, signum: int, message: str | None = None, *, hint: str | None = None):
+        import signal
+
+        self.signum = int(signum)
+        self.signal_name = signal.Signals(self.signum).name
+        self.exit_code = 128 + self.signum
+        super().__init__(message or f"interrupted by {self.signal_name}", hint=hint)
