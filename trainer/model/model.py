@@ -31,13 +31,42 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).type_as(x)
 
 
-def precompute_rope(head_dim: int, max_seq_len: int, theta: float) -> torch.Tensor:
+def precompute_rope(args: ModelArgs) -> torch.Tensor:
     """Rotations by pos * theta^(-2j/d) as (cos, sin) pairs, shape (max_seq_len, head_dim // 2,
     2), fp32. Real-valued, so that torch.compile fuses the rotation into its neighbours
-    (inductor generates no code for complex tensors)."""
-    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), freqs)
+    (inductor generates no code for complex tensors).
+
+    With YaRN (``args.yarn``: max_seq_len > original_seq_len), the frequencies whose
+    wavelength is long against original_seq_len are divided by rope_factor, the short
+    ones kept, and those between blended by a linear ramp over the dimensions between the
+    ones that turn beta_fast and beta_slow times in original_seq_len, as DeepSeek-V3's
+    reference model computes them."""
+    dim, base = args.qk_rope_head_dim, args.rope_theta
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if args.yarn:
+        def correction_dim(rotations: float) -> float:
+            return (dim * math.log(args.original_seq_len / (rotations * 2 * math.pi))
+                    / (2 * math.log(base)))
+
+        low = max(math.floor(correction_dim(args.beta_fast)), 0)
+        high = min(math.ceil(correction_dim(args.beta_slow)), dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        smooth = 1 - ramp
+        freqs = freqs / args.rope_factor * (1 - smooth) + freqs * smooth
+    angles = torch.outer(torch.arange(args.max_seq_len, dtype=torch.float32), freqs)
     return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+def softmax_scale(args: ModelArgs) -> float:
+    """Attention's softmax scale: 1 / sqrt(qk_head_dim), times mscale'^2 with YaRN, where
+    mscale' = 0.1 * mscale * ln(rope_factor) + 1 (DeepSeek-V3's reference model)."""
+    scale = args.qk_head_dim**-0.5
+    if args.yarn:
+        m = 0.1 * args.mscale * math.log(args.rope_factor) + 1.0
+        scale = scale * m * m
+    return scale
 
 
 def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
@@ -79,7 +108,7 @@ class MLA(nn.Module):
             self.kv_lora_rank, self.n_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
         )
         self.wo = nn.Linear(self.n_heads * self.v_head_dim, args.dim, bias=False)
-        self.softmax_scale = self.qk_head_dim**-0.5
+        self.softmax_scale = softmax_scale(args)  # every attention path reads this one
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
@@ -305,8 +334,7 @@ class Transformer(nn.Module):
         self.mtp = MTP(args) if args.mtp_depth > 0 else None
         self.register_buffer(
             "freqs_cis",
-            precompute_rope(args.qk_rope_head_dim, args.max_seq_len, args.rope_theta),
-            persistent=False,
+            precompute_rope(args), persistent=False,
         )
         if self.embed.weight.device.type != "meta":
             self.init_weights()
@@ -332,9 +360,7 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.w1, std=std)
                 nn.init.normal_(module.w3, std=std)
                 nn.init.normal_(module.w2, std=depth_std)
-        self.freqs_cis = precompute_rope(
-            self.args.qk_rope_head_dim, self.args.max_seq_len, self.args.rope_theta
-        ).to(self.embed.weight.device)
+        self.freqs_cis = precompute_rope(self.args).to(self.embed.weight.device)
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token embeddings, in the autocast dtype when autocast is on, so that the
