@@ -138,6 +138,24 @@ def test_mtp_adds_a_weighted_loss_and_gets_gradients():
     assert model.mtp.eh_proj.weight.grad.abs().sum() > 0
 
 
+def test_mtp_projects_the_embedding_first_then_the_hidden_state():
+    """eh_proj's input is [enorm(embedding of token i+1), hnorm(hidden state i)], the
+    layout of the released DeepSeek-V3 MTP weights."""
+    torch.manual_seed(0)
+    args = ModelArgs(mtp_depth=1)
+    model = Transformer(args)
+    with torch.no_grad():  # keep the first half of eh_proj's input only
+        model.mtp.eh_proj.weight.copy_(torch.cat(
+            [torch.eye(args.dim), torch.zeros(args.dim, args.dim)], dim=1))
+        model.mtp.enorm.weight.uniform_(0.5, 1.5)
+    seen = {}
+    model.mtp.block.register_forward_pre_hook(lambda _m, inputs: seen.update(x=inputs[0]))
+    tokens = torch.randint(0, 256, (2, 16))
+    model(tokens[:, :-1], tokens[:, 1:])
+    expected = model.mtp.enorm(model.embed(tokens[:, 1:]))
+    assert torch.allclose(seen["x"], expected, atol=1e-6)
+
+
 @pytest.mark.parametrize("mtp_depth", [0, 1])
 def test_flops_per_token_matches_counted_matmuls(mtp_depth):
     """The MFU numerator against torch's own count of the matmul and attention FLOPs of

@@ -296,6 +296,9 @@ class MTP(nn.Module):
 
     Combines the main model's final hidden state at position i with the embedding of
     token i+1, runs one more block, and predicts token i+2 through the shared head.
+    ``eh_proj`` reads [enorm(embedding), hnorm(hidden state)], in this order: the layout of
+    the released DeepSeek-V3 MTP weights (the paper's equation writes the two the other
+    way round; see docs/trainer.md).
     """
 
     def __init__(self, args: ModelArgs):
@@ -308,7 +311,7 @@ class MTP(nn.Module):
 
     def forward(self, h: torch.Tensor, next_emb: torch.Tensor,
                 freqs_cis: torch.Tensor) -> torch.Tensor:
-        x = self.eh_proj(torch.cat([self.hnorm(h), self.enorm(next_emb)], dim=-1))
+        x = self.eh_proj(torch.cat([self.enorm(next_emb), self.hnorm(h)], dim=-1))
         return self.norm(self.block(x, freqs_cis))
 
 
