@@ -164,8 +164,9 @@ class Gate(nn.Module):
         self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim))
         self.register_buffer("expert_bias", torch.zeros(args.n_routed_experts))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (tokens, dim) -> (weights, indices), each (tokens, topk)."""
+    def forward(self, x: torch.Tensor, return_scores: bool = False):
+        """x: (tokens, dim) -> (weights, indices), each (tokens, topk); with
+        ``return_scores`` also the unbiased scores of every expert (tokens, experts)."""
         scores = F.linear(x.float(), self.weight.float())
         if self.score_func == "softmax":
             scores = scores.softmax(dim=-1)
@@ -187,7 +188,48 @@ class Gate(nn.Module):
         weights = original_scores.gather(1, indices)
         if self.score_func == "sigmoid":
             weights = weights / weights.sum(dim=-1, keepdim=True)
+        if return_scores:
+            return weights * self.route_scale, indices, original_scores
         return weights * self.route_scale, indices
+
+
+class AddBalanceLoss(torch.autograd.Function):
+    """Identity on ``y``; in backward, ``loss`` receives the gradient ``scale``. The
+    balance loss is thus minimised with the loss that ``y`` feeds, without being added to
+    it: it works the same where the loss is computed elsewhere (pipeline stages, another
+    rank). ``scale`` is the share of the step's objective that one forward carries (1 /
+    micro-batches), the same as the language-model loss gets."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, loss: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        ctx.loss_like = (loss.dtype, loss.device)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        dtype, device = ctx.loss_like
+        return grad, torch.full((), ctx.scale, dtype=dtype, device=device), None
+
+
+def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, n_experts: int,
+                          batch: int) -> torch.Tensor:
+    """DeepSeek-V3's sequence-wise balance loss (eq. 17-20) without its weight: for each
+    sequence, sum over experts of f_i * P_i, where f_i = N_r / (K_r T) x the tokens routed
+    to expert i and P_i the mean over the sequence's T tokens of the expert's score
+    normalised over all experts; averaged over the sequences. ``scores`` (tokens,
+    experts) unbiased; ``indices`` (tokens, topk) the chosen experts; tokens in sequence
+    order, ``batch`` sequences. Only P_i carries a gradient (to the router)."""
+    topk = indices.size(1)
+    probs = scores / scores.sum(dim=-1, keepdim=True)
+    probs = probs.view(batch, -1, n_experts)  # (batch, T, experts)
+    seq_len = probs.size(1)
+    slots = indices.view(batch, -1)
+    routed = torch.zeros(batch, n_experts, device=scores.device, dtype=probs.dtype)
+    routed.scatter_add_(1, slots, torch.ones_like(slots, dtype=probs.dtype))
+    f = routed * (n_experts / (topk * seq_len))  # (batch, experts)
+    p = probs.mean(dim=1)
+    return (f * p).sum(dim=1).mean()
 
 
 class GroupedExperts(nn.Module):
@@ -230,6 +272,9 @@ class MoE(nn.Module):
         self.n_routed_experts = args.n_routed_experts
         self.topk = args.n_activated_experts
         self.bias_update_speed = args.bias_update_speed
+        self.balance_loss_weight = args.balance_loss_weight
+        # the share of the step's objective one forward carries; the training step sets it
+        self.balance_grad_scale = 1.0
         self.gate = Gate(args)
         self.experts = GroupedExperts(args.n_routed_experts, args.dim, args.moe_inter_dim)
         self.shared_experts = (
@@ -242,7 +287,11 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        weights, indices = self.gate(x)
+        balance = self.balance_loss_weight > 0 and torch.is_grad_enabled()
+        if balance:
+            weights, indices, scores = self.gate(x, return_scores=True)
+        else:
+            weights, indices = self.gate(x)
         flat = indices.flatten()  # slot t * topk + k: token t's k-th expert
         by_expert, order = flat.sort(stable=True)  # slots grouped by expert
         # tokens per expert from the sorted slots' boundaries: fixed-size and free of
@@ -264,7 +313,12 @@ class MoE(nn.Module):
         y = (y.view(-1, self.topk, shape[-1]) * weights.unsqueeze(-1).to(y.dtype)).sum(dim=1)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
-        return y.to(x.dtype).view(shape)
+        y = y.to(x.dtype).view(shape)
+        if balance:
+            loss = self.balance_loss_weight * sequence_balance_loss(
+                scores, indices, self.n_routed_experts, shape[0] if len(shape) == 3 else 1)
+            y = AddBalanceLoss.apply(y, loss, self.balance_grad_scale)
+        return y
 
     @torch.no_grad()
     def update_bias(self, tokens_per_expert: torch.Tensor) -> None:
