@@ -263,6 +263,16 @@ def test_export_writes_bf16_shards(release):
                        tensors["model.embed_tokens.weight"])
 
 
+def test_bf16_import_loads_into_float32_models(release, tmp_path):
+    ckpt = tmp_path / "bf16"
+    assert convert.main(["import", "--from", str(release["src"]), "--to", str(ckpt),
+                         "--config", str(release["cfg_path"]), "--dtype", "bfloat16"]) == 0
+    imported = convert.read_checkpoint(ckpt, release["cfg"].model)
+    for name, tensor in release["state"].items():
+        assert imported[name].dtype == torch.float32
+        assert torch.equal(imported[name], tensor.to(torch.bfloat16).float()), name
+
+
 def _broken_copy(release, tmp: Path, edit) -> Path:
     """The release with ``edit`` applied to its tensors, in one file."""
     tensors = {}
