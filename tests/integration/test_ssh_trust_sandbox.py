@@ -63,7 +63,7 @@ def test_check_mode_from_a_fresh_inventory_changes_nothing(bootstrapped_cluster,
     before = {ip: _digests(node_ssh, ip) for _name, ip in info.nodes}
 
     # ssh_trust alone: the one concern that depends on what the control node holds (the
-    # whole site in check mode takes minutes more and found nothing else that differs).
+    # whole site in check mode takes minutes more).
     proc = _dsk(["bootstrap", "--check", "--tags", "ssh_trust", "-i", str(inventory)],
                 tmp_path / "state", tmp_path / "runs")
 
