@@ -131,10 +131,17 @@ def check(
         from trainer.config import load_config
 
         load_config(config)
+    from dsk_provision.state import claim_cluster_state_dir
+    from dsk_provision.trust import key_dir_warnings
+
+    # Read only: a state directory another inventory owns is refused here as at bootstrap.
+    claim_cluster_state_dir(inv.cluster_name, inv.hosts_file, create=False)
+    warnings = key_dir_warnings(inv)
     if as_json:
-        render.print_json(render.inventory_json(inv, config))
+        render.print_json({**render.inventory_json(inv, config), "warnings": warnings})
     else:
         render.inventory_summary(inv, config)
+        render.warnings(warnings)
 
 
 @app.command()

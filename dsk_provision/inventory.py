@@ -76,7 +76,8 @@ _TEMPLATE = re.compile(r"\{[{%#]")
 # Values Ansible must take literally: the tool reads them itself (dsk_*) or they say how
 # to reach a node; a template there would run on the control node under Ansible only.
 _LITERAL_VARS = ("ansible_host", "ansible_user", "ansible_port", "ansible_connection",
-                 "ansible_private_key_file", "ansible_host_key_checking")
+                 "ansible_private_key_file", "ansible_host_key_checking",
+                 "ssh_trust_key_dir")
 _LITERAL_PREFIXES = ("dsk_", "ansible_ssh_")
 _PATTERN_ADVICE = {
     "dsk_cluster_name": "use lowercase letters, digits and '-', starting with a letter or "

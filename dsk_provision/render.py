@@ -83,6 +83,13 @@ def inventory_summary(inv, config: Path | None) -> None:
         out.print(f"training config {config}: OK")
 
 
+def warnings(lines: Iterable[str]) -> None:
+    """Problems that do not stop a run, one line each, on stderr."""
+    err = console(stderr=True)
+    for line in lines:
+        err.print(f"warning: {line}", markup=False, highlight=False, soft_wrap=True)
+
+
 # ---------------------------------------------------------------------------- validate
 
 def validate_verdict(report) -> None:

@@ -303,6 +303,13 @@ def run_playbook(playbook: str, inventory: Inventory, *, command: str,
             raise InputError(f"--limit names hosts that are not nodes: {', '.join(unknown)} "
                              f"(nodes: {', '.join(sorted(known))})", field="--limit")
 
+    # The cluster's state directory (its key): claimed for this inventory before any run.
+    from dsk_provision.trust import playbook_vars
+
+    def say(text: str) -> None:
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    extra_vars = {**playbook_vars(inventory, check=check, say=say), **(extra_vars or {})}
     run_dir = new_run_dir(command, runs_dir)
     private = run_dir / "ansible"
     make_private_dir(private / "tmp")
@@ -335,7 +342,7 @@ def run_playbook(playbook: str, inventory: Inventory, *, command: str,
             inventory=str(Path(inventory.ansible_inventory_path).resolve()),
             ident=command,
             envvars=envvars,
-            extravars=extra_vars or None,
+            extravars=extra_vars,
             limit=",".join(limit) if limit else None,
             tags=",".join(tags) if tags else None,
             cmdline="--check --diff" if check else None,

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dsk_provision import state as cluster_state
 from dsk_provision.errors import EnvironmentProblem, InputError
 from dsk_provision.files import write_file
 
@@ -223,6 +224,9 @@ def _teardown(name: str, say: Callable[[str], None]) -> None:
             raise EnvironmentProblem(f"could not unmount everything under {sdir}",
                                      hint="check `findmnt -R " + str(sdir) + "`")
         shutil.rmtree(sdir)
+    # The cluster key and pinned host keys of the sandbox's inventory go with it.
+    if cluster_state.forget_cluster_state_dir(name, sdir / "hosts.yml"):
+        say(f"removed the cluster state of sandbox {name}")
 
 
 def _preflight(name: str, count: int | None = None) -> None:

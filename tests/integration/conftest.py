@@ -8,6 +8,8 @@ Fixtures for every integration test:
   node_ssh              node_ssh(ip, command, check=True) -> CompletedProcess, over SSH
                         with the sandbox's key and pinned host keys
   ssh_argv              ssh_argv(info, ip, command, known_hosts=None) -> ssh command line
+
+Every test runs with DSK_STATE_DIR set to a directory of the session (the clusters' keys).
 """
 
 from __future__ import annotations
@@ -56,6 +58,16 @@ def ssh_command(info, ip: str, command: str, *, known_hosts: Path | None = None)
             "-o", f"UserKnownHostsFile={kh}", "-o", "StrictHostKeyChecking=yes",
             "-o", "BatchMode=yes", "-o", "ControlPath=none", "-o", "ConnectTimeout=10",
             f"root@{ip}", command]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cluster_state_dirs(tmp_path_factory):
+    """The test clusters' state (their keys, pinned host keys) lives in the session's
+    temporary directory, not in root's home; every command the tests start inherits it."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("DSK_STATE_DIR", str(tmp_path_factory.mktemp("cluster-state")))
+    yield
+    patch.undo()
 
 
 @pytest.fixture(scope="session")

@@ -76,8 +76,11 @@ def test_host_keys_are_pinned(bootstrapped_cluster, node_ssh):
 
 def test_cluster_private_key_is_private(bootstrapped_cluster, node_ssh):
     bootstrapped_cluster.require_success()
+    from dsk_provision.inventory import load_inventory
+    from dsk_provision.trust import key_dir
+
     info = bootstrapped_cluster.info
-    local_key = info.inventory_path.parent / ".ssh_trust" / "id_ed25519"
+    local_key = key_dir(load_inventory(info.inventory_path)) / "id_ed25519"
     assert stat.S_IMODE(os.stat(local_key).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(local_key.parent).st_mode) == 0o700
     for _name, ip in _nodes(info):
