@@ -1,6 +1,7 @@
 """Serve a finished mirror over HTTP (foreground), and say what the inventory should set.
 
-Plain HTTP, read-only, hidden paths (builds in progress, the build lock) refused. Binding
+Plain HTTP, read-only, hidden paths (builds in progress, the build lock) refused, however
+they are spelled (percent-encoded included). Binding
 every address (0.0.0.0, ::) happens only when asked for explicitly.
 """
 
@@ -12,7 +13,7 @@ import socket
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from dsk_provision.addresses import host_port
 from dsk_provision.errors import EnvironmentProblem, InputError
@@ -21,10 +22,24 @@ from dsk_provision.mirror import read_manifest
 WILDCARDS = ("0.0.0.0", "::")
 
 
+def refused_path(request_path: str) -> bool:
+    """Whether a request path names something the mirror does not serve: a hidden name
+    (a build in progress, the build lock) or a parent directory, in any segment, judged
+    after percent-decoding (as the file system will see it). A lone "." is harmless and
+    apt sends it for flat repositories (URL/./InRelease)."""
+    path = request_path.split("?", 1)[0].split("#", 1)[0]
+    decoded = unquote(path, errors="strict")
+    return "\0" in decoded or "\\" in decoded or any(
+        segment.startswith(".") and segment != "." for segment in decoded.split("/"))
+
+
 class _Handler(SimpleHTTPRequestHandler):
     def send_head(self):
-        parts = self.path.split("?", 1)[0].split("/")
-        if any(p.startswith(".") and p not in (".",) for p in parts if p):
+        try:
+            refused = refused_path(self.path)
+        except UnicodeDecodeError:
+            refused = True
+        if refused:
             self.send_error(404, "not found")
             return None
         return super().send_head()
