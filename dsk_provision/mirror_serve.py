@@ -17,7 +17,7 @@ from urllib.parse import unquote, urlsplit
 
 from dsk_provision.addresses import host_port
 from dsk_provision.errors import EnvironmentProblem, InputError
-from dsk_provision.mirror import read_manifest
+from dsk_provision.mirror import REQUIREMENTS, read_manifest
 
 WILDCARDS = ("0.0.0.0", "::")
 
@@ -110,12 +110,22 @@ def base_url(bind: str, port: int) -> str:
     return f"http://{host_port(bind, port)}/"
 
 
-def inventory_settings(manifest: dict, url: str) -> list[tuple[str, str, str]]:
-    """(variable, value, comment) lines for the inventory, from what the mirror holds."""
+def inventory_settings(manifest: dict, url: str,
+                       directory: Path | None = None) -> list[tuple[str, str, str]]:
+    """(variable, value, comment) lines for the inventory, from what the mirror holds:
+    trust comes from this control node's manifest (the signing key's fingerprint, the
+    wheels' hashes in `directory`), never from what the server serves."""
     lines = []
     for os_id, apt in (manifest.get("apt") or {}).items():
         lines.append(("dsk_mirror_url", url + apt["path"], f"apt, nodes running {os_id}"))
+    if manifest.get("apt") and (manifest.get("signing_key") or {}).get("fingerprint"):
+        lines.append(("dsk_mirror_key_fingerprint", manifest["signing_key"]["fingerprint"],
+                      "the key that signs the mirror (from the manifest)"))
     if manifest.get("wheels"):
+        if directory is not None and (directory / REQUIREMENTS).is_file():
+            lines.append(("trainer_env_pip_requirements_file",
+                          str((directory / REQUIREMENTS).resolve()),
+                          "on this control node: wheels pinned by sha256"))
         lines.append(("trainer_env_pip_find_links", url + manifest["wheels"]["path"],
                       "pip, with trainer_env_pip_index_url left empty"))
         host = urlsplit(url).hostname or ""

@@ -26,7 +26,7 @@ def test_node_installs_from_built_mirror(sandbox_cluster, node_ssh, tmp_path):
     plan = mirror.plan_mirror(inv, ["debian-12"], roles_dir=roles)
     assert [r.spec for r in plan.apt["debian-12"]] == [PACKAGE]
     out = tmp_path / "mirror"
-    manifest = mirror.build_mirror(plan, out, wheels=False)
+    manifest = mirror.build_mirror(plan, out, signing_home=tmp_path / "signing", wheels=False)
     names = {p["name"] for p in manifest["apt"]["debian-12"]["packages"]}
     assert PACKAGE in names and "libc6" in names  # the whole dependency closure
     assert (out / "manifest.json").is_file()

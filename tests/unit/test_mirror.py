@@ -170,7 +170,8 @@ def test_interrupted_build_never_looks_complete(tmp_path, monkeypatch):
     sources = tmp_path / "s.list"
     sources.write_text("deb [trusted=yes] http://127.0.0.1:9/ ./\n")
     with pytest.raises(EnvironmentProblem):
-        mirror.build_mirror(plan, out, apt_sources={"debian-12": sources}, wheels=False)
+        mirror.build_mirror(plan, out, signing_home=tmp_path / "key", apt_sources={
+            "debian-12": sources}, wheels=False)
     assert not (out / "manifest.json").exists()
     with pytest.raises(InputError, match="not a finished mirror"):
         mirror.read_manifest(out)
