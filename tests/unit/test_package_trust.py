@@ -22,7 +22,12 @@ from helpers import BIN, REPO, ROLES, node_module
 from dsk_provision import mirror, mirror_serve, mirror_sign
 from dsk_provision.errors import InputError
 
-apt_key = node_module(REPO / "library/dsk_apt_key.py")
+
+@pytest.fixture(scope="module")
+def apt_key():
+    """library/dsk_apt_key.py, imported when a test needs it (importing Ansible's module
+    code at collection would patch sys.intern before torch is imported elsewhere)."""
+    return node_module(REPO / "library/dsk_apt_key.py")
 
 
 def _gpg(home: Path, *args: str) -> bytes:
@@ -99,7 +104,7 @@ def _repo(tmp_path: Path) -> Path:
     return repo
 
 
-def test_release_signed_as_apt_checks_it_and_tampering_shows(tmp_path):
+def test_release_signed_as_apt_checks_it_and_tampering_shows(tmp_path, apt_key):
     key = mirror_sign.ensure_key(tmp_path / "k", label="test")
     repo = _repo(tmp_path)
     assert not key.signed(repo)
@@ -166,7 +171,7 @@ def test_manifest_fingerprint_is_what_serve_tells_the_inventory(tmp_path):
 # ---------------------------------------------------------------------------------------
 # Pinned fingerprints: library/dsk_apt_key.py.
 
-def test_fingerprints_computed_as_gpg_computes_them(gpg_keys):
+def test_fingerprints_computed_as_gpg_computes_them(gpg_keys, apt_key):
     armored, binary = gpg_keys
     for fpr in armored:
         assert apt_key.primary_fingerprints(armored[fpr])[1] == [fpr]
@@ -176,7 +181,7 @@ def test_fingerprints_computed_as_gpg_computes_them(gpg_keys):
     assert sorted(apt_key.primary_fingerprints(both)[1]) == sorted(armored)
 
 
-def test_a_key_is_judged_by_every_primary_key_in_it(gpg_keys):
+def test_a_key_is_judged_by_every_primary_key_in_it(gpg_keys, apt_key):
     armored, _ = gpg_keys
     one, two = list(armored)
     assert apt_key.judge([one], [one]) is None
