@@ -341,6 +341,7 @@ def mirror_build(
 ) -> None:
     """Download every apt package and wheel the inventory's nodes install."""
     from dsk_provision import mirror
+    from dsk_provision.state import cluster_state_dir
 
     inv = _load(inventory)
     oses = list(dict.fromkeys(_split(os_ids) or [mirror.host_os_id()]))
@@ -348,8 +349,10 @@ def mirror_build(
                               gpu_stack=gpu_stack)
     sources = mirror.parse_apt_sources_options(apt_sources or [], oses)
     render.mirror_notes(plan.notes)
+    signing_home = cluster_state_dir(inv.cluster_name, create=True) / mirror.SIGNING_DIR
     manifest = mirror.build_mirror(
-        plan, out, apt_sources=sources, dpkg_status=dpkg_status, wheels=wheels,
+        plan, out, signing_home=signing_home, apt_sources=sources, dpkg_status=dpkg_status,
+        wheels=wheels,
         pip_args=["--index-url", pip_index_url] if pip_index_url else [],
         progress=render.progress(render.console(stderr=True)))
     if as_json:
@@ -377,7 +380,7 @@ def mirror_serve(
     manifest = read_manifest(directory)
     server = ms.make_server(directory, address, port)
     url = ms.base_url(address, port)
-    render.mirror_serving(directory, url, ms.inventory_settings(manifest, url))
+    render.mirror_serving(directory, url, ms.inventory_settings(manifest, url, directory))
     try:
         server.serve_forever()
     finally:

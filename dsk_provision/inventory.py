@@ -49,7 +49,7 @@ GROUP_KEYS = ("hosts", "vars", "children")
 DSK_VARS = (
     "dsk_cluster_name", "dsk_profile", "dsk_gpus_per_node", "dsk_gpus", "dsk_root",
     "dsk_python", "dsk_rdzv_port", "dsk_socket_ifname", "dsk_nccl_env", "dsk_mirror_url",
-    "dsk_thresholds", "dsk_cordoned",
+    "dsk_mirror_key_fingerprint", "dsk_thresholds", "dsk_cordoned",
 )
 ANSIBLE_VARS = (
     "ansible_host", "ansible_port", "ansible_user", "ansible_connection",
@@ -88,6 +88,8 @@ _PATTERN_ADVICE = {
     "dsk_python": "use an absolute path to the interpreter, e.g. /opt/dsk/venv/bin/python",
     "dsk_socket_ifname": "use a network interface name such as eth0 or ens1f0",
     "dsk_mirror_url": "use an http://, https:// or file:// URL",
+    "dsk_mirror_key_fingerprint": "use the 40 hex digits `dsk-provision mirror serve` prints, "
+                                  "without spaces",
     "ansible_user": "use a Unix user name such as root or ubuntu",
 }
 

@@ -13,7 +13,8 @@ Resolution uses the control node's apt-get with a private state directory (sourc
 lists, status, archives), so the host's own apt configuration is neither read nor
 changed. Against an empty dpkg status apt downloads the whole dependency closure, which
 is what a node with nothing but its base system needs. The result is a directory any
-HTTP server can serve; nodes use it as ``deb [trusted=yes] URL ./``.
+HTTP server can serve. Every Release is signed with the mirror's own key
+(dsk_provision.mirror_sign); nodes use it as ``deb [signed-by=KEYRING] URL ./``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import yaml
 
 from dsk_provision.errors import EnvironmentProblem, InputError
 from dsk_provision.files import write_file
+from dsk_provision.mirror_sign import SIGNING_DIR, SigningKey, ensure_key, public_key_name
 from dsk_provision.sandbox.host import file_lock, require_tools, run
 
 Progress = Callable[[str], None] | None
@@ -104,35 +106,42 @@ def _validate_packages(packages: Sequence[str]) -> list[str]:
 
 def build_apt_mirror(packages: Sequence[str], dpkg_status: Path, cache_dir: Path, *,
                      sources: Sequence[str] = BOOKWORM_SOURCES,
-                     progress: Progress = None) -> Path:
+                     progress: Progress = None) -> tuple[Path, str]:
     """Return a directory holding a flat apt repository with `packages` and whatever of
-    their dependencies `dpkg_status` lacks; cached in cache_dir by a hash of the inputs."""
+    their dependencies `dpkg_status` lacks, cached in cache_dir by a hash of the inputs,
+    and the fingerprint of the key that signs it (kept in cache_dir/mirror-signing, which
+    is not served)."""
     say = progress or (lambda _msg: None)
     pkgs = _validate_packages(packages)
     require_tools(["apt-get", "dpkg-scanpackages"])
+    key = ensure_key(cache_dir / SIGNING_DIR, label="sandbox")
     final = cache_dir / f"mirror-{mirror_key(pkgs, dpkg_status, sources)}"
-    if (final / "Release").exists():
-        return final
+    if (final / "Release").exists() and key.signed(final):
+        return final, key.fingerprint
     with file_lock(cache_dir / f".{final.name}.lock"):
-        if (final / "Release").exists():  # built meanwhile by another process
-            return final
+        if (final / "Release").exists():  # built meanwhile, or before signing existed
+            if not key.signed(final):
+                key.sign_repo(final)
+            return final, key.fingerprint
         for stale in cache_dir.glob(f".building-{final.name}-*"):  # from a killed build
             shutil.rmtree(stale, ignore_errors=True)
         lines = [f"deb [signed-by={DEBIAN_KEYRING}] {s}" for s in sources]
         say(f"building the apt mirror ({len(pkgs)} packages: {' '.join(pkgs)})")
         started = time.monotonic()
-        debs = _build_flat_repo(final, pkgs, dpkg_status.read_bytes(), lines,
+        debs = _build_flat_repo(final, pkgs, dpkg_status.read_bytes(), lines, key,
                                 where=", ".join(sources))
         size = sum(f.stat().st_size for f in debs) / 2**20
         say(f"apt mirror ready in {time.monotonic() - started:.0f} s: {len(debs)} packages, "
             f"{size:.1f} MiB")
-        return final
+        return final, key.fingerprint
 
 
 def _build_flat_repo(final: Path, pkgs: Sequence[str], dpkg_status: bytes,
-                     source_lines: Sequence[str], *, where: str) -> list[Path]:
-    """Download `pkgs` and what `dpkg_status` lacks of their dependencies, index them and
-    rename the finished repository to `final` (which must not exist). Returns the .debs.
+                     source_lines: Sequence[str], key: SigningKey, *,
+                     where: str) -> list[Path]:
+    """Download `pkgs` and what `dpkg_status` lacks of their dependencies, index them, sign
+    the index with `key` and rename the finished repository to `final` (which must not
+    exist). Returns the .debs.
 
     Everything happens in a sibling temp directory; `final` appears whole or not at all.
     """
@@ -184,6 +193,7 @@ def _build_flat_repo(final: Path, pkgs: Sequence[str], dpkg_status: bytes,
         write_file(repo / "Packages", index)
         write_file(repo / "Packages.gz", gzip.compress(index.encode(), mtime=0))
         write_file(repo / "Release", _release(repo))
+        key.sign_repo(repo)
         os.rename(repo, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -607,10 +617,68 @@ def _wheel_entry(path: Path) -> dict[str, Any]:
             "file": path.name, "size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
+REQUIREMENTS = "requirements-hashes.txt"
+
+
+def _python_tuple(digits: str) -> tuple[int, int] | None:
+    """"311" -> (3, 11), "3" -> (3, -1): the version in a wheel's Python tag."""
+    if not digits.isdigit():
+        return None
+    return (int(digits[0]), int(digits[1:]) if len(digits) > 1 else -1)
+
+
+def wheel_pythons(filename: str, pythons: Sequence[str]) -> list[str]:
+    """Which of `pythons` ("3.11" ...) a wheel installs on, read from the Python and ABI
+    tags of its file name (PEP 427): py3 / py2.py3 on any, cp311 on 3.11 only, cp39-abi3
+    on 3.9 and later."""
+    parts = filename[:-len(".whl")].split("-")
+    if len(parts) < 5:
+        return []
+    python_tags, abi_tags = parts[-3].split("."), parts[-2].split(".")
+    fits = []
+    for python in pythons:
+        major, minor = (int(x) for x in python.split(".")[:2])
+        for tag in python_tags:
+            version = _python_tuple(tag[2:]) if tag[:2] in ("py", "cp") else None
+            if version is None or version[0] != major:
+                continue
+            if version[1] == -1 and tag.startswith("py") \
+                    or version[1] == minor \
+                    or (version[1] <= minor and "abi3" in abi_tags):
+                fits.append(python)
+                break
+    return fits
+
+
+def hashed_requirements(wheels: Mapping[str, Any]) -> str:
+    """A pip requirements file pinning every wheel of the mirror (the whole dependency
+    closure) by version and sha256, from the manifest's wheel entries, for
+    `pip install --require-hashes -r`. A wheel that only some of the target Pythons can
+    install carries a python_version marker."""
+    pythons = list(wheels["python_versions"])
+    grouped: dict[tuple[str, str], dict[str, list[str]]] = {}
+    for entry in wheels["files"]:
+        for python in wheel_pythons(entry["file"], pythons):
+            by_python = grouped.setdefault((entry["name"], entry["version"]), {})
+            by_python.setdefault(python, []).append(entry["sha256"])
+    lines = ["# Every wheel of the mirror, pinned by version and sha256 (written by",
+             "# dsk-provision mirror build from the manifest): pip install --require-hashes -r"]
+    for (name, version), by_python in sorted(grouped.items()):
+        fits = [p for p in pythons if p in by_python]
+        marker = "" if fits == pythons else " ; " + " or ".join(
+            f'python_version == "{p}"' for p in fits)
+        hashes = sorted({h for p in fits for h in by_python[p]})
+        lines.append(f"{name}=={version}{marker} " + " ".join(f"--hash=sha256:{h}"
+                                                             for h in hashes))
+    return "\n".join(lines) + "\n"
+
+
 def write_manifest(out: Path, plan: MirrorPlan, apt: Mapping[str, dict],
-                   wheels: dict | None, *, created: str | None = None) -> dict:
+                   wheels: dict | None, *, signing_key: dict | None = None,
+                   created: str | None = None) -> dict:
     """Hash every file under `out` (but the manifest and hidden files) and write
-    manifest.json whole; it is the last file a build writes."""
+    manifest.json whole; it is the last file a build writes. `signing_key`: the
+    fingerprint (and public key file) of the key that signs every Release."""
     files = {}
     for path in sorted(out.rglob("*")):
         rel = path.relative_to(out)
@@ -622,8 +690,8 @@ def write_manifest(out: Path, plan: MirrorPlan, apt: Mapping[str, dict],
     manifest = {
         "format": MANIFEST_FORMAT, "tool": f"dsk-provision {__version__}",
         "created": created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "inventory": plan.inventory, "apt": dict(apt), "wheels": wheels,
-        "notes": plan.notes, "files": files,
+        "inventory": plan.inventory, "signing_key": signing_key, "apt": dict(apt),
+        "wheels": wheels, "notes": plan.notes, "files": files,
     }
     write_file(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     return manifest
@@ -651,11 +719,13 @@ def apt_dir(os_id: str) -> str:
     return f"apt/{os_id}"
 
 
-def build_mirror(plan: MirrorPlan, out: Path, *, apt_sources: Mapping[str, Path] | None = None,
+def build_mirror(plan: MirrorPlan, out: Path, *, signing_home: Path,
+                 apt_sources: Mapping[str, Path] | None = None,
                  dpkg_status: Path | None = None, wheels: bool = True,
                  pip_args: Sequence[str] = (), progress: Progress = None) -> dict:
-    """Download the plan into `out`: apt/<os>/ (flat repositories), wheels/, and last
-    manifest.json. Returns the manifest.
+    """Download the plan into `out`: apt/<os>/ (flat repositories, each Release signed by
+    the key kept in `signing_home`, made there on first use; never inside `out`), wheels/
+    with a hash-pinned requirements file, and last manifest.json. Returns the manifest.
 
     `dpkg_status`: a node's /var/lib/dpkg/status to leave out what it already has; by
     default the whole dependency closure is downloaded (a minimal node installs from it).
@@ -673,6 +743,10 @@ def build_mirror(plan: MirrorPlan, out: Path, *, apt_sources: Mapping[str, Path]
                              field="--dpkg-status") from exc
     require_tools(["apt-get", "dpkg-scanpackages"])
     out.mkdir(parents=True, exist_ok=True)
+    if signing_home.resolve().is_relative_to(out.resolve()):
+        raise InputError(f"the signing key's home {signing_home} is inside the mirror {out}, "
+                         "which is served", field="signing_home")
+    key = ensure_key(signing_home, label=plan.inventory or str(out))
     started = time.monotonic()
     with file_lock(out / ".build.lock"):
         # From here on the directory is not a finished mirror until the manifest returns.
@@ -692,6 +766,7 @@ def build_mirror(plan: MirrorPlan, out: Path, *, apt_sources: Mapping[str, Path]
             fresh = final.parent / f".new-{target.id}"
             shutil.rmtree(fresh, ignore_errors=True)
             debs = _build_flat_repo(fresh, [r.spec for r in reqs], status, sources[target.id],
+                                    key,
                                     where=f"the {target.id} sources")
             _replace_dir(fresh, final)
             debs = [final / d.name for d in debs]
@@ -725,9 +800,14 @@ def build_mirror(plan: MirrorPlan, out: Path, *, apt_sources: Mapping[str, Path]
                           "python_versions": sorted({t.python for t in targets}),
                           "platforms": sorted({p for t in targets for p in wheel_platforms(t)}),
                           "files": files}
-        elif (out / "wheels").is_dir():
-            shutil.rmtree(out / "wheels")
-        manifest = write_manifest(out, plan, apt, wheel_info)
+            write_file(out / REQUIREMENTS, hashed_requirements(wheel_info))
+        else:
+            if (out / "wheels").is_dir():
+                shutil.rmtree(out / "wheels")
+            (out / REQUIREMENTS).unlink(missing_ok=True)
+        signing = {"fingerprint": key.fingerprint,
+                   "public_key": [f"{a['path']}{public_key_name()}" for a in apt.values()]}
+        manifest = write_manifest(out, plan, apt, wheel_info, signing_key=signing)
     say(f"mirror ready in {out} ({time.monotonic() - started:.0f} s): "
         f"{len(manifest['files'])} files; manifest {out / MANIFEST}")
     return manifest

@@ -1,6 +1,7 @@
 """Serve a finished mirror over HTTP (foreground), and say what the inventory should set.
 
-Plain HTTP, read-only, hidden paths (builds in progress, the build lock) refused. Binding
+Plain HTTP, read-only, hidden paths (builds in progress, the build lock) refused, however
+they are spelled (percent-encoded included). Binding
 every address (0.0.0.0, ::) happens only when asked for explicitly.
 """
 
@@ -12,19 +13,33 @@ import socket
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from dsk_provision.addresses import host_port
 from dsk_provision.errors import EnvironmentProblem, InputError
-from dsk_provision.mirror import read_manifest
+from dsk_provision.mirror import REQUIREMENTS, read_manifest
 
 WILDCARDS = ("0.0.0.0", "::")
 
 
+def refused_path(request_path: str) -> bool:
+    """Whether a request path names something the mirror does not serve: a hidden name
+    (a build in progress, the build lock) or a parent directory, in any segment, judged
+    after percent-decoding (as the file system will see it). A lone "." is harmless and
+    apt sends it for flat repositories (URL/./InRelease)."""
+    path = request_path.split("?", 1)[0].split("#", 1)[0]
+    decoded = unquote(path, errors="strict")
+    return "\0" in decoded or "\\" in decoded or any(
+        segment.startswith(".") and segment != "." for segment in decoded.split("/"))
+
+
 class _Handler(SimpleHTTPRequestHandler):
     def send_head(self):
-        parts = self.path.split("?", 1)[0].split("/")
-        if any(p.startswith(".") and p not in (".",) for p in parts if p):
+        try:
+            refused = refused_path(self.path)
+        except UnicodeDecodeError:
+            refused = True
+        if refused:
             self.send_error(404, "not found")
             return None
         return super().send_head()
@@ -95,12 +110,22 @@ def base_url(bind: str, port: int) -> str:
     return f"http://{host_port(bind, port)}/"
 
 
-def inventory_settings(manifest: dict, url: str) -> list[tuple[str, str, str]]:
-    """(variable, value, comment) lines for the inventory, from what the mirror holds."""
+def inventory_settings(manifest: dict, url: str,
+                       directory: Path | None = None) -> list[tuple[str, str, str]]:
+    """(variable, value, comment) lines for the inventory, from what the mirror holds:
+    trust comes from this control node's manifest (the signing key's fingerprint, the
+    wheels' hashes in `directory`), never from what the server serves."""
     lines = []
     for os_id, apt in (manifest.get("apt") or {}).items():
         lines.append(("dsk_mirror_url", url + apt["path"], f"apt, nodes running {os_id}"))
+    if manifest.get("apt") and (manifest.get("signing_key") or {}).get("fingerprint"):
+        lines.append(("dsk_mirror_key_fingerprint", manifest["signing_key"]["fingerprint"],
+                      "the key that signs the mirror (from the manifest)"))
     if manifest.get("wheels"):
+        if directory is not None and (directory / REQUIREMENTS).is_file():
+            lines.append(("trainer_env_pip_requirements_file",
+                          str((directory / REQUIREMENTS).resolve()),
+                          "on this control node: wheels pinned by sha256"))
         lines.append(("trainer_env_pip_find_links", url + manifest["wheels"]["path"],
                       "pip, with trainer_env_pip_index_url left empty"))
         host = urlsplit(url).hostname or ""

@@ -174,6 +174,8 @@ def mirror_built(manifest: dict[str, Any], out_dir: Path) -> None:
     if manifest["wheels"]:
         out.print(f"wheels: {len(manifest['wheels']['files'])} files in "
                   f"{out_dir / manifest['wheels']['path']}")
+    if (manifest.get("signing_key") or {}).get("fingerprint"):
+        out.print(f"signed by key {manifest['signing_key']['fingerprint']}")
     out.print(f"serve it: dsk-provision mirror serve --dir {out_dir} --bind ADDRESS")
 
 

@@ -249,7 +249,8 @@ def _write_cluster_files(state: dict) -> None:
     write_file(sdir / "hosts.yml", render.render_inventory(
         cluster_name=state["name"], nodes=pairs, key_file=sdir / "ssh/id_ed25519",
         known_hosts=sdir / "ssh/known_hosts", control_dir=sdir / "cp",
-        mirror_url=state["mirror_url"]))
+        mirror_url=state["mirror_url"],
+        mirror_key_fingerprint=state.get("mirror_key_fingerprint", "")))
     _save_state(state)
 
 
@@ -324,7 +325,7 @@ def up(name: str = "dsk", nodes: int = 3, *, subnet: str | None = None,
         say(f"clearing leftovers of sandbox {name}")
     _teardown(name, say)
     image = ensure_image(say)
-    mirror_dir = build_apt_mirror(MIRROR_PACKAGES, image / "var/lib/dpkg/status",
+    mirror_dir, mirror_key = build_apt_mirror(MIRROR_PACKAGES, image / "var/lib/dpkg/status",
                                   naming.image_cache(), progress=say)
     sdir = naming.state_dir(name)
     (sdir / "ssh").mkdir(parents=True, mode=0o700)
@@ -336,6 +337,7 @@ def up(name: str = "dsk", nodes: int = 3, *, subnet: str | None = None,
     state = {"name": name, "state_dir": str(sdir), "subnet": str(net),
              "bridge_ip": naming.bridge_ip(net), "mirror_url": naming.mirror_url(net),
              "image": str(image), "mirror_dir": str(mirror_dir), "venv": str(venv_path),
+             "mirror_key_fingerprint": mirror_key,
              "mirror_pid": None, "nodes": []}
     _save_state(state)
     network.ensure_bridge(name, net)

@@ -18,8 +18,10 @@ def ssh_common_args(known_hosts: Path, control_dir: Path) -> str:
 
 
 def render_inventory(*, cluster_name: str, nodes: Sequence[tuple[str, str]], key_file: Path,
-                     known_hosts: Path, control_dir: Path, mirror_url: str) -> str:
-    """The sandbox's inventory, in the format of docs/architecture.md."""
+                     known_hosts: Path, control_dir: Path, mirror_url: str,
+                     mirror_key_fingerprint: str = "") -> str:
+    """The sandbox's inventory, in the format of docs/architecture.md; nodes trust the
+    mirror's key by `mirror_key_fingerprint` (the control node's record of it)."""
     doc = {
         "all": {
             "vars": {
@@ -33,6 +35,8 @@ def render_inventory(*, cluster_name: str, nodes: Sequence[tuple[str, str]], key
                 "dsk_socket_ifname": "eth0",
                 "dsk_nccl_env": resolve("dsk_nccl_env"),
                 "dsk_mirror_url": mirror_url,
+                **({"dsk_mirror_key_fingerprint": mirror_key_fingerprint}
+                   if mirror_key_fingerprint else {}),
                 # Daemonless, so it needs nothing from the node's cgroup setup; its
                 # default overlay storage cannot stack on the nodes' overlayfs root.
                 "containers_runtime": "podman",

@@ -9,6 +9,7 @@ repository offers. The rdma role runs for real from the sandbox's apt mirror.
 
 from __future__ import annotations
 
+import hashlib
 import socket
 import subprocess
 import sys
@@ -25,6 +26,9 @@ REPO_PORT = 8093  # the sandbox mirror uses 8080
 V1 = {"driver": "580.95.05", "nccl": "2.28.3-1+cuda13.0"}
 V2 = {"driver": "580.159.04", "nccl": "2.28.9-1+cuda13.0"}
 NCCL_ENV = {"NCCL_IB_HCA": "mlx5_0,mlx5_1", "NCCL_NET_GDR_LEVEL": "PHB"}
+# The fixture repository's own pins (its keyring package's sha256, its key's fingerprint),
+# in place of NVIDIA's: set by the nvidia_repo_url fixture.
+REPO_TRUST: dict = {}
 
 pytestmark = pytest.mark.slow
 
@@ -44,6 +48,11 @@ def nvidia_repo_url(gpus_sandbox, tmp_path_factory) -> str:
     import nvidia_repo
 
     repo = nvidia_repo.build_repo(tmp_path_factory.mktemp("nvrepo") / "repos")
+    keyring_deb = repo.root / repo.path / f"cuda-keyring_{nvidia_repo.KEYRING_VERSION}_all.deb"
+    REPO_TRUST.update(
+        cuda_repo_keyring_sha256={repo.path.rstrip("/"): hashlib.sha256(
+            keyring_deb.read_bytes()).hexdigest()},
+        cuda_repo_key_fingerprints=[repo.fingerprint])
     server = subprocess.Popen(
         [sys.executable, "-m", "http.server", "--bind", gpus_sandbox.bridge_ip, str(REPO_PORT),
          "--directory", str(repo.root)],
@@ -86,6 +95,7 @@ def _run(inventory, repo_url, tmp_path, pins, *, check=False, **extra):
         # Valid IPoIB input; the nodes have neither ib0 nor ifupdown, so nothing is written.
         "rdma_ipoib_enabled": True,
         "rdma_ipoib_interfaces": [{"device": "ib0", "address": "10.10.0.11/16"}],
+        **REPO_TRUST,
         **extra,
     }
     return run_playbook("site.yml", inventory, command="gpu-stack", tags=["gpu_stack"],

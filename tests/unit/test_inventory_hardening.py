@@ -300,6 +300,7 @@ def test_control_characters_are_refused_everywhere(tmp_path, where, text, field)
     ("dsk_cluster_name", "prod-a"), ("dsk_profile", "h100-sxm-8"), ("dsk_root", "/opt/dsk"),
     ("dsk_python", "/opt/dsk/venv/bin/python"), ("dsk_socket_ifname", "eth0"),
     ("dsk_mirror_url", "http://10.0.0.1:8080/"), ("ansible_user", "ubuntu"),
+    ("dsk_mirror_key_fingerprint", "EB693B3035CD5710E231E123A4B469963BF863CC"),
 ])
 def test_schema_patterns_hold_to_the_true_end(name, good):
     validator = inventory_mod._validator("vars")

@@ -170,7 +170,8 @@ def test_interrupted_build_never_looks_complete(tmp_path, monkeypatch):
     sources = tmp_path / "s.list"
     sources.write_text("deb [trusted=yes] http://127.0.0.1:9/ ./\n")
     with pytest.raises(EnvironmentProblem):
-        mirror.build_mirror(plan, out, apt_sources={"debian-12": sources}, wheels=False)
+        mirror.build_mirror(plan, out, signing_home=tmp_path / "key", apt_sources={
+            "debian-12": sources}, wheels=False)
     assert not (out / "manifest.json").exists()
     with pytest.raises(InputError, match="not a finished mirror"):
         mirror.read_manifest(out)
@@ -274,6 +275,33 @@ def test_serve_files_but_not_hidden_paths(tmp_path):
         assert ("trainer_env_pip_no_index", "true") in [s[:2] for s in settings]
         remote = mirror_serve.inventory_settings(mirror.read_manifest(out), "http://10.0.0.5:8080/")
         assert ("trainer_env_pip_trusted_host", "10.0.0.5") in [s[:2] for s in remote]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("path", [
+    "/%2ebuild.lock", "/%2Ebuild.lock", "/.build.lock", "/apt/%2e%2e/.build.lock",
+    "/apt/debian-12/%2e%2e/%2e%2e/.build.lock", "/%2enew-wheels/x", "/apt/..%2f.build.lock",
+    "/apt/debian-12/..%2F..%2F.new-wheels/x", "/%2e%2e/", "/apt/%2e%2e/apt/debian-12/Packages",
+])
+def test_serve_refuses_hidden_paths_however_spelled(tmp_path, path):
+    import http.client
+
+    out = _finished_mirror(tmp_path)
+    (out / ".build.lock").write_text("lock")
+    server = mirror_serve.make_server(out, "127.0.0.1", 0, quiet=True)
+    mirror_serve.serve_in_thread(server)
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=5)
+        conn.request("GET", "/apt/debian-12/./Packages")  # apt's flat-repository form
+        response = conn.getresponse()
+        assert (response.status, response.read()) == (200, b"Package: jq\n")
+        conn.request("GET", path)  # sent as written: http.client does not normalize
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 404
+        conn.close()
     finally:
         server.shutdown()
         server.server_close()
