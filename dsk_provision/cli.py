@@ -8,6 +8,7 @@ one place, the root command group below.
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,7 +16,7 @@ import typer
 from typer.core import TyperGroup
 
 from dsk_provision import render
-from dsk_provision.errors import DskError, InputError, RunFailed
+from dsk_provision.errors import DskError, InputError, RunFailed, signal_exit_code
 from dsk_provision.sizes import Size, parse_size, read_size
 
 __all__ = ["app", "main", "parse_size"]
@@ -25,7 +26,8 @@ class _Commands(TyperGroup):
     """The root group: every command runs inside its ``invoke``, option parsing included.
 
     The library's typed errors become one ``error:`` line and their exit code
-    (InputError 2, EnvironmentProblem 3, RunFailed 1); anything else is one line and
+    (InputError 2, EnvironmentProblem 3, RunFailed 1, ClusterBusy 75, Interrupted 128 +
+    the signal: 130 SIGINT, 143 SIGTERM, 129 SIGHUP); anything else is one line and
     exit 1. Tracebacks only with --debug.
     """
 
@@ -43,7 +45,7 @@ class _Commands(TyperGroup):
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             render.error("interrupted")
-            raise typer.Exit(130) from None
+            raise typer.Exit(signal_exit_code(signal.SIGINT)) from None
         except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
             if ctx.params.get("debug"):
                 raise

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 
 class DskError(Exception):
     """Base error: a message a person can act on, and the exit code the CLI uses."""
@@ -50,3 +52,25 @@ class RunFailed(DskError):
     def __init__(self, message: str, *, nodes: list[str] | None = None, hint: str | None = None):
         super().__init__(message, hint=hint)
         self.nodes = list(nodes or [])
+
+
+def signal_exit_code(signum: int) -> int:
+    """The exit code of a command stopped by signal ``signum``, as shells report it:
+    128 + the signal's number (130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP)."""
+    return 128 + int(signum)
+
+
+class Interrupted(DskError):
+    """A signal (Ctrl-C, SIGTERM, SIGHUP) stopped the run; what ran was stopped and the
+    run directory says so. Exit code: 128 + the signal's number."""
+
+    def __init__(self, message: str, *, signum: int = signal.SIGINT, hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.signum = int(signum)
+        self.exit_code = signal_exit_code(signum)
+
+
+class ClusterBusy(DskError):
+    """Another run holds the cluster's lock; says who. Nothing was started."""
+
+    exit_code = 75  # EX_TEMPFAIL: try again later

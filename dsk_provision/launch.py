@@ -38,6 +38,7 @@ from pathlib import Path, PurePosixPath
 from dsk_provision.addresses import host_port
 from dsk_provision.errors import EnvironmentProblem, InputError, RunFailed
 from dsk_provision.files import make_private_dir, open_private
+from dsk_provision.lock import holds_cluster_lock
 from dsk_provision.remote import (
     SshTransport,
     Transport,
@@ -324,6 +325,7 @@ def _stop(transport: Transport, node, run: NodeRun, run_id: str) -> None:
             run.proc.wait()
 
 
+@holds_cluster_lock("launch")
 def run_torchrun(inventory, module: str, module_args: list[str], *, run_dir: Path,
                  files: dict[str, Path] | None = None, nproc_per_node: int | None = None,
                  env: dict | None = None, console=None, timeout_s: float | None = None,
@@ -466,6 +468,7 @@ def _losses(metrics_path: Path) -> list[tuple[int, float]]:
     return out
 
 
+@holds_cluster_lock("train")
 def train(inventory, config_path: Path, *, runs_dir: Path | None = None, console=None,
           nproc_per_node: int | None = None, transport: TransportChoice = None,
           timeout_s: float | None = None) -> TrainResult:
