@@ -23,6 +23,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -34,6 +35,7 @@ from dsk_provision.state import cluster_state_dir
 
 LOCK_FILE = "lock"
 _held: dict[Path, list[int]] = {}  # lock path -> [fd, depth], this process's locks
+_held_guard = threading.Lock()  # validate's probes take the lock again from threads
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
@@ -64,13 +66,16 @@ def cluster_lock(cluster: str, command: str) -> Iterator[Path]:
     """Hold the cluster's lock for the ``with`` block; raise ClusterBusy naming the
     holder when another process holds it. Reentrant within a process."""
     path = lock_path(cluster)
-    mine = _held.get(path)
+    with _held_guard:
+        mine = _held.get(path)
+        if mine is not None:
+            mine[1] += 1
     if mine is not None:
-        mine[1] += 1
         try:
             yield path
         finally:
-            mine[1] -= 1
+            with _held_guard:
+                mine[1] -= 1
         return
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
@@ -97,10 +102,12 @@ def cluster_lock(cluster: str, command: str) -> Iterator[Path]:
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
         os.fsync(fd)
-        _held[path] = [fd, 1]
+        with _held_guard:
+            _held[path] = [fd, 1]
         yield path
     finally:
-        _held.pop(path, None)
+        with _held_guard:
+            _held.pop(path, None)
         try:
             os.ftruncate(fd, 0)  # no details of a finished run linger
         finally:
