@@ -8,7 +8,6 @@ one place, the root command group below.
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,7 +15,7 @@ import typer
 from typer.core import TyperGroup
 
 from dsk_provision import render
-from dsk_provision.errors import DskError, InputError, RunFailed, signal_exit_code
+from dsk_provision.errors import DskError, InputError, Interrupted, RunFailed
 from dsk_provision.sizes import Size, parse_size, read_size
 
 __all__ = ["app", "main", "parse_size"]
@@ -27,8 +26,8 @@ class _Commands(TyperGroup):
 
     The library's typed errors become one ``error:`` line and their exit code
     (InputError 2, EnvironmentProblem 3, RunFailed 1, ClusterBusy 75, Interrupted 128 +
-    the signal: 130 SIGINT, 143 SIGTERM, 129 SIGHUP); anything else is one line and
-    exit 1. Tracebacks only with --debug.
+    the signal: 130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP); anything else is one
+    line and exit 1. Tracebacks only with --debug.
     """
 
     def invoke(self, ctx: typer.Context) -> Any:
@@ -44,8 +43,11 @@ class _Commands(TyperGroup):
             render.error(str(exc))
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
+            import signal
+
+            stopped = Interrupted(signal.SIGINT)
             render.error("interrupted")
-            raise typer.Exit(signal_exit_code(signal.SIGINT)) from None
+            raise typer.Exit(stopped.exit_code) from None
         except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
             if ctx.params.get("debug"):
                 raise
@@ -68,6 +70,9 @@ app.add_typer(sandbox_app, name="sandbox")
 mirror_app = typer.Typer(help="An offline package mirror (apt + wheels) for air-gapped "
                               "clusters.", no_args_is_help=True)
 app.add_typer(mirror_app, name="mirror")
+nodes_app = typer.Typer(help="Change the cluster's nodes through the inventory.",
+                        no_args_is_help=True)
+app.add_typer(nodes_app, name="nodes")
 
 InventoryOpt = Annotated[Path, typer.Option(
     "--inventory", "-i", help="Inventory: a hosts.yml file or a directory holding one.")]
@@ -200,12 +205,49 @@ def train(
         "--nproc-per-node", min=1,
         help="Processes per node (default: its GPUs, or 1 on CPU-only nodes).")] = None,
 ) -> None:
-    """Start the bundled trainer with torchrun on every node; stream its logs."""
+    """Start the bundled trainer with torchrun on every node in service (cordoned nodes
+    are left out); stream its logs."""
     inv = _load(inventory)
     from dsk_provision.launch import train as run_train
 
-    run_train(inv, config, runs_dir=_runs_dir(ctx), console=render.console(),
+    left_out = [n for n in inv.nodes if n.cordoned]
+    for node in left_out:
+        render.console().print(f"train: {node.name} is cordoned ({node.cordoned}): left out",
+                               markup=False, highlight=False)
+    run_train(inv.in_service(), config, runs_dir=_runs_dir(ctx), console=render.console(),
               nproc_per_node=nproc_per_node)
+
+
+@nodes_app.command("cordon")
+def nodes_cordon(
+    inventory: InventoryOpt,
+    name: Annotated[str, typer.Argument(help="The node to take out of service.")],
+    reason: Annotated[str, typer.Option("--reason", help="Why (kept in the inventory).")],
+) -> None:
+    """Keep a node in the inventory but out of `train` and the cluster-wide benchmarks
+    of `validate` (written as its dsk_cordoned in the hosts file)."""
+    from dsk_provision.inventory_edit import set_cordon
+
+    inv = set_cordon(_load(inventory), name, reason)
+    render.line(f"{name} cordoned ({reason}); {len(inv.active_nodes)} of {len(inv.nodes)} "
+                f"nodes in service; written to {inv.hosts_file}")
+
+
+@nodes_app.command("uncordon")
+def nodes_uncordon(
+    inventory: InventoryOpt,
+    name: Annotated[str, typer.Argument(help="The node to put back into service.")],
+) -> None:
+    """Put a cordoned node back into service."""
+    from dsk_provision.inventory_edit import set_cordon
+
+    inv = _load(inventory)
+    if inv.node(name).cordoned is None:
+        render.line(f"{name} is not cordoned: nothing to do")
+        return
+    inv = set_cordon(inv, name, None)
+    render.line(f"{name} is back in service; {len(inv.active_nodes)} of {len(inv.nodes)} "
+                f"nodes in service; written to {inv.hosts_file}")
 
 
 @sandbox_app.command("up")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-
 
 class DskError(Exception):
     """Base error: a message a person can act on, and the exit code the CLI uses."""
@@ -54,20 +52,17 @@ class RunFailed(DskError):
         self.nodes = list(nodes or [])
 
 
-def signal_exit_code(signum: int) -> int:
-    """The exit code of a command stopped by signal ``signum``, as shells report it:
-    128 + the signal's number (130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP)."""
-    return 128 + int(signum)
-
-
 class Interrupted(DskError):
-    """A signal (Ctrl-C, SIGTERM, SIGHUP) stopped the run; what ran was stopped and the
-    run directory says so. Exit code: 128 + the signal's number."""
+    """A signal (SIGINT, SIGTERM, SIGHUP) ended the command after cleaning up; the exit
+    code is the shell's for that signal, 128 + its number (130, 143, 129)."""
 
-    def __init__(self, message: str, *, signum: int = signal.SIGINT, hint: str | None = None):
-        super().__init__(message, hint=hint)
+    def __init__(self, signum: int, message: str | None = None, *, hint: str | None = None):
+        import signal
+
         self.signum = int(signum)
-        self.exit_code = signal_exit_code(signum)
+        self.signal_name = signal.Signals(self.signum).name
+        self.exit_code = 128 + self.signum
+        super().__init__(message or f"interrupted by {self.signal_name}", hint=hint)
 
 
 class ClusterBusy(DskError):

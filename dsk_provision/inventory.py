@@ -15,6 +15,7 @@ Every problem found is reported at once, each with its file and dotted field pat
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import ipaddress
 import json
@@ -48,7 +49,7 @@ GROUP_KEYS = ("hosts", "vars", "children")
 DSK_VARS = (
     "dsk_cluster_name", "dsk_profile", "dsk_gpus_per_node", "dsk_gpus", "dsk_root",
     "dsk_python", "dsk_rdzv_port", "dsk_socket_ifname", "dsk_nccl_env", "dsk_mirror_url",
-    "dsk_thresholds",
+    "dsk_thresholds", "dsk_cordoned",
 )
 ANSIBLE_VARS = (
     "ansible_host", "ansible_port", "ansible_user", "ansible_connection",
@@ -145,6 +146,14 @@ class Node:
     def __post_init__(self) -> None:
         object.__setattr__(self, "settings", node_settings(self.vars or {}))
 
+    @property
+    def cordoned(self) -> str | None:
+        """Why the node is cordoned (dsk_cordoned), or None when it is in service."""
+        value = defaults.resolve("dsk_cordoned", self.vars or {})
+        if value is True:
+            return "cordoned"
+        return str(value) if value else None
+
 
 @dataclass
 class Inventory:
@@ -174,6 +183,23 @@ class Inventory:
     @property
     def total_gpus(self) -> int:
         return sum(n.gpus for n in self.nodes)
+
+    @property
+    def active_nodes(self) -> list[Node]:
+        """The nodes in service, in rank order: every node that is not cordoned."""
+        return [n for n in self.nodes if n.cordoned is None]
+
+    def in_service(self) -> Inventory:
+        """This inventory without its cordoned nodes: what `train` and the cluster-wide
+        benchmarks run on (the first node in service hosts the rendezvous)."""
+        active = self.active_nodes
+        if not active:
+            raise InputError("every node is cordoned: nothing is left to run on",
+                             file=str(self.hosts_file), field="dsk_cordoned",
+                             hint="uncordon a node: dsk-provision nodes uncordon -i "
+                                  f"{self.path} NAME")
+        return self if len(active) == len(self.nodes) else dataclasses.replace(
+            self, nodes=active)
 
     def node(self, name: str) -> Node:
         for n in self.nodes:
@@ -246,10 +272,13 @@ def _walk_nodes(node: yaml.Node, path: tuple, lines: dict, dups: list) -> None:
             _walk_nodes(item, path + (i,), lines, dups)
 
 
-def _read_yaml(file: Path, problems: _Problems, *, top_field: str) -> _YamlDoc | None:
-    """Parse one YAML file; syntax errors and duplicate keys become problems."""
+def _read_yaml(file: Path, problems: _Problems, *, top_field: str,
+               text: str | None = None) -> _YamlDoc | None:
+    """Parse one YAML file (or ``text``, as if it were that file's content); syntax errors
+    and duplicate keys become problems."""
     try:
-        text = file.read_text(encoding="utf-8")
+        if text is None:
+            text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         problems.add(file, top_field, f"is not UTF-8 text ({exc.reason}); save it as UTF-8")
         return None
@@ -642,16 +671,18 @@ def _merged(docs: list[_YamlDoc]) -> dict[str, Any]:
     return merged
 
 
-def load_inventory(path: str | Path) -> Inventory:
+def load_inventory(path: str | Path, *, hosts_text: str | None = None) -> Inventory:
     """Load ``path`` (a hosts file or a directory), validate it, and return the cluster.
 
+    ``hosts_text`` stands in for the hosts file's content: an edit is checked as the
+    inventory it would make before anything is written (dsk_provision.inventory_edit).
     Raises InputError listing every problem found, each with its file and field.
     """
     given = Path(path)
     hosts_file = _find_hosts_file(given)
     problems = _Problems()
 
-    doc = _read_yaml(hosts_file, problems, top_field="all")
+    doc = _read_yaml(hosts_file, problems, top_field="all", text=hosts_text)
     group_docs = _read_vars_dir(hosts_file.parent / "group_vars", problems)
     host_docs = _read_vars_dir(hosts_file.parent / "host_vars", problems)
     group_vars = {name: _merged(docs) for name, docs in group_docs.items()}

@@ -10,8 +10,10 @@ The c10d rendezvous hands out node ranks itself (torchrun ignores --node_rank wi
 The trainer package and any files go to ``{dsk_root}/runs/<run-id>/`` on every node first
 (a tar stream into ``tar -x`` on the node). Every output line comes back prefixed with the
 node name and lands in ``<run_dir>/logs/<node>.log``. When one node's torchrun exits
-non-zero the others are stopped by the PID their shell wrote before ``exec`` (never by
-name) and :class:`RunFailed` names the node, and the rank when torchrun's report shows it.
+non-zero the others are stopped (:func:`stop_command`: torchrun's own process group and
+every process carrying the run's marker, never by name) and :class:`RunFailed` names the
+node, and the rank when torchrun's report shows it. SIGINT, SIGTERM and SIGHUP stop the
+job on every started node before the launcher ends (:class:`Interrupted`).
 
 Nodes are reached through dsk_provision.remote; the transport is injectable (anything
 with ``argv`` and ``popen(node, command, stdin=...)``), so tests can run "nodes" as local
@@ -32,12 +34,14 @@ import tarfile
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from dsk_provision.addresses import host_port
-from dsk_provision.errors import EnvironmentProblem, InputError, RunFailed
+from dsk_provision.errors import EnvironmentProblem, InputError, Interrupted, RunFailed
 from dsk_provision.files import make_private_dir, open_private
+from dsk_provision.interrupts import InterruptGuard
 from dsk_provision.lock import holds_cluster_lock
 from dsk_provision.remote import (
     SshTransport,
@@ -56,6 +60,8 @@ _MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # How long a stopped node may take before SIGKILL: torchrun itself gives its workers 30 s.
 STOP_GRACE_S = 40.0
+# The environment variable that marks every process of a run on a node.
+RUN_MARKER_VAR = "DSK_RUN_ID"
 # After the first failure, other nodes that fail within this window are failing on
 # their own (or from the same cause) rather than being stopped by us.
 SETTLE_S = 1.0
@@ -84,23 +90,30 @@ class _Printer:
 
     def line(self, text: str) -> None:
         with self.lock:
-            if self.console is None:
-                sys.stdout.write(text + "\n")
-                sys.stdout.flush()
-            else:
-                self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+            try:
+                if self.console is None:
+                    sys.stdout.write(text + "\n")
+                    sys.stdout.flush()
+                else:
+                    self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+            except OSError:
+                pass  # the terminal is gone (SIGHUP): the logs still get every line
 
 
 # --------------------------------------------------------------------------- command lines
 
 
-def node_env(node, env: dict | None = None, *, remote_dir: PurePosixPath | str) -> dict[str, str]:
-    """Environment for every rank on a node: PYTHONPATH, socket interface, NCCL variables."""
+def node_env(node, env: dict | None = None, *, remote_dir: PurePosixPath | str,
+             run_id: str | None = None) -> dict[str, str]:
+    """Environment for every rank on a node: PYTHONPATH, socket interface, NCCL variables,
+    and the run's marker (see stop_command)."""
     out = {"PYTHONPATH": str(remote_dir), "PYTHONUNBUFFERED": "1"}
     if node.settings.socket_ifname:
         out["GLOO_SOCKET_IFNAME"] = node.settings.socket_ifname
     out.update(node.settings.nccl_env)
     out.update({str(k): "" if v is None else str(v) for k, v in (env or {}).items()})
+    if run_id is not None:
+        out[RUN_MARKER_VAR] = run_id
     return out
 
 
@@ -117,7 +130,15 @@ def rendezvous_endpoint(inventory) -> str:
 
 
 def pid_file(node, run_id: str) -> PurePosixPath:
+    """Holds the PID of the node's torchrun, which is also its process group's and
+    session's id."""
     return remote_run_dir(node, run_id) / f"torchrun-{node.name}.pid"
+
+
+def run_marker(run_id: str) -> str:
+    """An environment entry that torchrun and every process it starts inherit
+    (torchrun's workers run in sessions of their own, out of reach of its group)."""
+    return f"{RUN_MARKER_VAR}={run_id}"
 
 
 def torchrun_argv(inventory, node_index: int, module: str, module_args: list[str], *,
@@ -141,27 +162,66 @@ def torchrun_argv(inventory, node_index: int, module: str, module_args: list[str
 def torchrun_command(inventory, node_index: int, module: str, module_args: list[str], *,
                      run_id: str, nproc_per_node: int | None = None,
                      env: dict | None = None) -> str:
-    """The shell line run on a node: record the PID, then exec torchrun in the run dir."""
+    """The shell line run on a node: torchrun in the run dir, leading a session of its
+    own, its PID (= its process group's id) recorded first."""
     node = inventory.nodes[node_index]
     remote = remote_run_dir(node, run_id)
     argv = torchrun_argv(inventory, node_index, module, module_args, run_id=run_id,
                          nproc_per_node=nproc_per_node)
-    variables = [f"{k}={shlex.quote(v)}" for k, v in node_env(node, env, remote_dir=remote).items()]
+    variables = [f"{k}={shlex.quote(v)}"
+                 for k, v in node_env(node, env, remote_dir=remote, run_id=run_id).items()]
     q = shlex.quote
-    # `exec` keeps the shell's PID, so the PID file names torchrun itself.
+    # setsid makes the inner shell a session and process group leader (forking first
+    # when sshd already made the outer one a leader; -w waits and passes the exit code
+    # on); `exec` keeps its PID, so the PID file names torchrun and its group.
+    inner = (f"echo $$ > {q(str(pid_file(node, run_id)))} && "
+             f"exec env {' '.join(variables)} {' '.join(q(a) for a in argv)}")
     return (f"mkdir -p {q(str(remote))} && cd {q(str(remote))} && "
-            f"echo $$ > {q(str(pid_file(node, run_id)))} && "
-            f"exec env {' '.join(variables)} {' '.join(q(a) for a in argv)}")
+            f"exec setsid -w /bin/sh -c {q(inner)}")
 
 
-def stop_command(node, run_id: str, signal: str = "TERM") -> str:
-    """Signal the node's torchrun by its PID file, only if that PID is still this run's."""
-    q = shlex.quote
-    pid = q(str(pid_file(node, run_id)))
-    marker = q(f"--rdzv_id\t{run_id}\t")
-    return (f"[ -f {pid} ] || exit 0; p=$(cat {pid}); "
-            f"tr '\\0' '\\t' < /proc/$p/cmdline 2>/dev/null | grep -qF -- {marker} "
-            f"&& kill -{signal} $p; exit 0")
+# Runs on the node with sh. $1: the signal.
+_STOP_SCRIPT = r"""
+f={pid_file}; m={marker}; r={rdzv_marker}
+leader() {{
+  g=; [ -f "$f" ] || return 0; p=$(cat "$f" 2>/dev/null)
+  case "$p" in ''|*[!0-9]*) return 0 ;; esac
+  tr '\0' '\t' < /proc/$p/cmdline 2>/dev/null | grep -qF -- "$r" || return 0
+  s=$(cat /proc/$p/stat 2>/dev/null) || return 0; s=${{s##*) }}; set -- $s
+  [ "$3" = "$p" ] && g=$p
+}}
+marked() {{
+  grep -lsxzF -- "$m" /proc/[0-9]*/environ | sed -n 's#^/proc/\([0-9]*\)/environ$#\1#p'
+}}
+send() {{
+  leader; [ -n "$g" ] && kill -"$1" -- -"$g" 2>/dev/null
+  for q in $(marked); do kill -"$1" "$q" 2>/dev/null; done
+}}
+alive() {{ leader; [ -n "$g" ] || [ -n "$(marked)" ]; }}
+send TERM
+i=0
+while alive && [ $i -lt {ticks} ]; do sleep 0.2; i=$((i+1)); done
+alive && send KILL
+exit 0
+"""
+
+
+def stop_command(node, run_id: str, grace_s: float | None = None) -> str:
+    """Stop this run on a node: SIGTERM to torchrun's process group and to every process
+    that carries the run's marker, SIGKILL to whatever is left after ``grace_s``.
+
+    torchrun is signalled only while its PID file names a process whose command line
+    still carries this run's id and that leads its own group (never by name, never a
+    recycled PID); the marker reaches its workers and what they started, even after
+    torchrun itself is gone. Returns when nothing of the run is left, or after the KILL.
+    """
+    grace = STOP_GRACE_S if grace_s is None else grace_s
+    script = _STOP_SCRIPT.format(
+        pid_file=shlex.quote(str(pid_file(node, run_id))),
+        marker=shlex.quote(run_marker(run_id)),
+        rdzv_marker=shlex.quote(f"--rdzv_id\t{run_id}\t"),
+        ticks=max(1, math.ceil(grace / 0.2)))
+    return f"sh -c {shlex.quote(script)}"
 
 
 # --------------------------------------------------------------------------- shipping
@@ -307,22 +367,45 @@ def _pick_culprit(failed: list[NodeRun]) -> NodeRun:
 
 
 def _stop(transport: Transport, node, run: NodeRun, run_id: str) -> None:
-    """TERM by PID file until the node's process ends; KILL after the grace period."""
-    run.stopped = True
-    deadline = time.monotonic() + STOP_GRACE_S
-    while run.proc.poll() is None and time.monotonic() < deadline:
-        run_command(transport, node, stop_command(node, run_id, "TERM"), timeout=30)
+    """Stop the run on one node, whether or not our client still follows it: a client
+    that ended (a dropped connection) says nothing about the node's torchrun.
+
+    The node-side stop command escalates from SIGTERM to SIGKILL by itself and returns
+    when nothing of the run is left; it is repeated while our client still runs (its
+    torchrun may not have written its PID yet), and our client is killed last.
+    """
+    if run.proc.poll() is None:
+        run.stopped = True
+    run.quiet = True
+    command = stop_command(node, run_id)
+    deadline = time.monotonic() + STOP_GRACE_S + 15
+    while True:
+        run_command(transport, node, command, timeout=STOP_GRACE_S + 30)
         try:
             run.proc.wait(timeout=3)
+            return
         except subprocess.TimeoutExpired:
-            pass
-    if run.proc.poll() is None:
-        run_command(transport, node, stop_command(node, run_id, "KILL"), timeout=30)
-        try:
-            run.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            run.proc.kill()  # our own ssh client; the remote side is gone or unreachable
-            run.proc.wait()
+            if time.monotonic() > deadline:
+                break
+    run.proc.kill()  # our own client; the remote side is gone or unreachable
+    run.proc.wait()
+    # A remote command that started only now is stopped by its PID file all the same.
+    run_command(transport, node, command, timeout=STOP_GRACE_S + 30)
+
+
+def _stop_all(inventory, runs: list[NodeRun], transports: dict, run_id: str,
+              which: Callable[[NodeRun], bool] = lambda _run: True) -> None:
+    """_stop on every started node that ``which`` picks, all at once."""
+    by_name = {n.name: n for n in inventory.nodes}
+    threads = []
+    for run in runs:
+        if which(run):
+            t = threading.Thread(target=_stop, args=(transports[run.name], by_name[run.name],
+                                                     run, run_id), daemon=True)
+            t.start()
+            threads.append(t)
+    for t in threads:
+        t.join()
 
 
 @holds_cluster_lock("launch")
@@ -330,7 +413,11 @@ def run_torchrun(inventory, module: str, module_args: list[str], *, run_dir: Pat
                  files: dict[str, Path] | None = None, nproc_per_node: int | None = None,
                  env: dict | None = None, console=None, timeout_s: float | None = None,
                  transport: TransportChoice = None) -> LaunchResult:
-    """Ship, start torchrun on every node, stream logs, fail fast. Raises RunFailed."""
+    """Ship, start torchrun on every node, stream logs, fail fast. Raises RunFailed.
+
+    SIGINT, SIGTERM and SIGHUP stop the output, then the job on every node that was
+    started, and raise Interrupted (exit code 130, 143, 129).
+    """
     if not inventory.nodes:
         raise InputError("the inventory has no nodes", file=inventory_file(inventory),
                          field="all.children.nodes.hosts")
@@ -349,42 +436,58 @@ def run_torchrun(inventory, module: str, module_args: list[str], *, run_dir: Pat
     printer = _Printer(console)
     log_dir = make_private_dir(run_dir / "logs")
 
-    ship(inventory, run_id, files, transport=transport)
-
-    started = time.monotonic()
-    runs: list[NodeRun] = []
-    try:
-        for node, command in zip(inventory.nodes, commands, strict=True):
-            log_path = log_dir / f"{node.name}.log"
-            open_private(log_path, "w").close()
-            run = NodeRun(node.name, transports[node.name].popen(node, command), log_path)
-            run.reader = threading.Thread(target=_stream, args=(run, printer), daemon=True)
-            run.reader.start()
-            runs.append(run)
-        timed_out = _watch(runs, started, timeout_s)
-    except BaseException:
-        for node, run in zip(inventory.nodes, runs, strict=False):
-            if run.proc.poll() is None:
-                _stop(transports[node.name], node, run, run_id)
-        raise
-    failed = [r for r in runs if r.exit_code not in (None, 0)]
-    if failed or timed_out:
-        # Give nodes that fail on their own a moment to say so before we stop the rest.
-        settle_until = time.monotonic() + SETTLE_S
-        while time.monotonic() < settle_until and any(r.proc.poll() is None for r in runs):
-            _collect(runs)
-            time.sleep(0.05)
-        stoppers = []
-        for node, run in zip(inventory.nodes, runs, strict=True):
-            if run.proc.poll() is None:
-                run.quiet = True
-                printer.line(f"[{run.name}] stopping (its output goes on in {run.log_path})")
-                t = threading.Thread(target=_stop, args=(transports[node.name], node, run,
-                                                         run_id), daemon=True)
-                t.start()
-                stoppers.append(t)
-        for t in stoppers:
-            t.join()
+    with InterruptGuard() as guard:
+        with guard.held():  # a half-shipped run is not worth stopping: finish, then stop
+            ship(inventory, run_id, files, transport=transport)
+        started = time.monotonic()
+        runs: list[NodeRun] = []
+        try:
+            with guard.held():  # every client started is recorded, so it can be stopped
+                for node, command in zip(inventory.nodes, commands, strict=True):
+                    log_path = log_dir / f"{node.name}.log"
+                    open_private(log_path, "w").close()
+                    run = NodeRun(node.name, transports[node.name].popen(node, command),
+                                  log_path)
+                    runs.append(run)
+                    run.reader = threading.Thread(target=_stream, args=(run, printer),
+                                                  daemon=True)
+                    run.reader.start()
+            timed_out = _watch(runs, started, timeout_s)
+        except BaseException as exc:
+            with guard.held():
+                for run in runs:
+                    run.quiet = True
+                names = ", ".join(r.name for r in runs)
+                if isinstance(exc, Interrupted) and runs:
+                    printer.line(f"{exc.signal_name}: stopping {module} on {names} "
+                                 f"(SIGKILL after {STOP_GRACE_S:g} s)")
+                _stop_all(inventory, runs, transports, run_id)
+            if isinstance(exc, Interrupted):
+                stopped = [r.name for r in runs if r.stopped]
+                raise Interrupted(exc.signum, f"interrupted by {exc.signal_name}" + (
+                    f"; stopped {module} on {', '.join(stopped)}" if stopped else ""),
+                    hint=f"logs in {log_dir}") from None
+            raise
+        failed = [r for r in runs if r.exit_code not in (None, 0)]
+        if failed or timed_out:
+            with guard.held():
+                # Give nodes that fail on their own a moment to say so before we stop
+                # the rest.
+                settle_until = time.monotonic() + SETTLE_S
+                while time.monotonic() < settle_until and any(r.proc.poll() is None
+                                                              for r in runs):
+                    _collect(runs)
+                    time.sleep(0.05)
+                for run in runs:
+                    if run.proc.poll() is None:
+                        run.quiet = True
+                        printer.line(f"[{run.name}] stopping (its output goes on in "
+                                     f"{run.log_path})")
+                # Nodes whose client ended are stopped too: an ssh connection that
+                # dropped leaves its torchrun running. Only those that finished well
+                # are left alone.
+                _stop_all(inventory, runs, transports, run_id,
+                          which=lambda r: r.proc.poll() is None or r.proc.returncode != 0)
     _collect(runs)
     for run in runs:
         if run.reader:
@@ -520,5 +623,6 @@ def train(inventory, config_path: Path, *, runs_dir: Path | None = None, console
 
 __all__ = [
     "LaunchResult", "TrainResult", "fetch_first", "node_env", "nproc_for", "remote_run_dir",
-    "run_torchrun", "ship", "stop_command", "torchrun_argv", "torchrun_command", "train",
+    "run_marker", "run_torchrun", "ship", "stop_command", "torchrun_argv", "torchrun_command",
+    "train",
 ]

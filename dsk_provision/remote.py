@@ -123,10 +123,13 @@ class LocalTransport:
 
 
 def _popen(argv: list[str], stdin) -> subprocess.Popen:
+    # Each client gets its own session: a Ctrl-C at the terminal reaches this process
+    # only, which then stops the remote side in order; a client killed along with us
+    # would leave the remote command running with nobody to stop it.
     try:
         return subprocess.Popen(argv, stdin=stdin if stdin is not None else subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                bufsize=1, errors="replace")
+                                bufsize=1, errors="replace", start_new_session=True)
     except FileNotFoundError as exc:
         raise EnvironmentProblem(f"cannot run {argv[0]}: not installed",
                                  hint="install openssh-client") from exc
@@ -170,6 +173,10 @@ def run_command(transport: Transport, node, command: str, *, stdin=None,
         proc.kill()
         out, _ = proc.communicate()
         return 124, out
+    except BaseException:
+        proc.kill()  # interrupted: the client has its own session and would outlive us
+        proc.wait()
+        raise
     return proc.returncode, out
 
 

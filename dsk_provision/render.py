@@ -35,6 +35,11 @@ def error(message: str) -> None:
     console(stderr=True).print(f"error: {message}", soft_wrap=True)
 
 
+def line(message: str) -> None:
+    """One plain line on stdout."""
+    console().print(message)
+
+
 def progress(out: Console) -> Callable[[str], None]:
     """A progress callback for library functions: one indented line per message."""
     return lambda message: out.print(f"  {message}")
@@ -47,7 +52,8 @@ def inventory_json(inv, config: Path | None) -> dict[str, Any]:
         "inventory": str(inv.path), "cluster": inv.cluster_name, "profile": inv.profile,
         "total_gpus": inv.total_gpus, "config": str(config) if config else None,
         "nodes": [{"name": n.name, "address": n.address, "port": n.port,
-                   "user": n.user, "gpus": n.gpus} for n in inv.nodes],
+                   "user": n.user, "gpus": n.gpus, "cordoned": n.cordoned}
+                  for n in inv.nodes],
     }
 
 
@@ -57,13 +63,22 @@ def inventory_summary(inv, config: Path | None) -> None:
 
     out = console()
     table = Table(title=f"cluster {inv.cluster_name} ({inv.path})", title_justify="left")
-    for col in ("rank", "node", "address", "port", "user", "gpus"):
+    cordoned = [n for n in inv.nodes if n.cordoned]
+    columns = ("rank", "node", "address", "port", "user", "gpus") + (
+        ("cordoned",) if cordoned else ())
+    for col in columns:
         table.add_column(col, justify="right" if col in ("rank", "port", "gpus") else "left")
-    for rank, n in enumerate(inv.nodes):
-        table.add_row(str(rank), n.name, n.address, str(n.port), n.user or "-", str(n.gpus))
+    ranks = {n.name: rank for rank, n in enumerate(inv.active_nodes)}
+    for n in inv.nodes:
+        row = [str(ranks[n.name]) if n.name in ranks else "-", n.name, n.address, str(n.port),
+               n.user or "-", str(n.gpus)]
+        table.add_row(*row, *([n.cordoned or ""] if cordoned else []))
     out.print(table)
+    active = inv.active_nodes
+    where = (f"rendezvous on {active[0].name}" if active else "every node is cordoned")
     out.print(f"{len(inv.nodes)} node(s), {inv.total_gpus} GPU(s), profile "
-              f"{inv.profile or '-'}; rendezvous on {inv.first_node.name}: inventory OK")
+              f"{inv.profile or '-'}; {where}"
+              + (f"; {len(cordoned)} cordoned" if cordoned else "") + ": inventory OK")
     if config is not None:
         out.print(f"training config {config}: OK")
 

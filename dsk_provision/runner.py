@@ -416,10 +416,10 @@ def _run_locked(ansible_runner: Any, project_dir: Path, playbook_name: str,
         what = ("stopped ansible-playbook" if stopped
                 else "ansible-playbook had already ended")
         raise Interrupted(
+            watch.signum,
             f"{command} interrupted by {watch.signal_name}: {what}"
             + (f"; in the middle of a task: {', '.join(running)}" if stopped and running
                else ""),
-            signum=watch.signum,
             hint=f"recap in {run_dir / 'recap.json'}; run {command} again to converge")
     if stopped:
         lines = [f"{command}: no event from ansible-playbook for {idle:g} s: stopped it"

@@ -6,6 +6,8 @@ rank writing its own shards), train_state.json (step, scheduler, data position, 
 by rank 0), rng-rank<R>.pt (each rank's RNG state) and, last, COMPLETE: rank 0 writes it
 after a barrier that every rank reaches only once its part of the save has finished.
 A directory without COMPLETE is ignored on resume and replaced on the next save.
+``load_model`` reads the model alone from such a directory or from an imported one
+(trainer/convert.py), for ``train --init-from``.
 Resuming on several nodes needs the checkpoint folder on a file system they share.
 """
 
@@ -20,7 +22,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 MARKER = "COMPLETE"
 PREFIX = "step-"
@@ -100,3 +107,17 @@ def load(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.O
         if device.type == "cuda" and "cuda" in rng:
             torch.cuda.set_rng_state(rng["cuda"], device)
     return json.loads((path / "train_state.json").read_text())
+
+
+def load_model(path: Path, model: torch.nn.Module) -> None:
+    """Load only the model weights of the checkpoint at ``path`` into ``model`` (this
+    rank's part of it, in any parallel layout; collective). ``path`` is a checkpoint
+    written by ``python -m trainer.convert import`` or a run's step directory: both hold
+    the model under the "model" key. The optimizer, schedule and data position are not
+    touched."""
+    if not (path / ".metadata").is_file():
+        raise FileNotFoundError(f"{path}: not a checkpoint directory (no .metadata)")
+    model_sd = get_model_state_dict(model)
+    state = {"model": model_sd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(model, state["model"])

@@ -207,6 +207,9 @@ def _check_rules(raw: dict[str, Any], cfg: TrainConfig, file: str) -> None:
         fail("model.n_expert_groups", "group-limited routing needs at least 2 experts per group")
     if m.qk_rope_head_dim % 2:
         fail("model.qk_rope_head_dim", f"must be even, got {m.qk_rope_head_dim}")
+    if m.yarn and m.beta_fast <= m.beta_slow:
+        fail("model.beta_fast", f"beta_fast ({m.beta_fast}) must exceed model.beta_slow "
+             f"({m.beta_slow})")
     if "max_seq_len" in raw.get("model", {}) and t.seq_len > m.max_seq_len:
         fail("training.seq_len", f"seq_len ({t.seq_len}) exceeds model.max_seq_len "
              f"({m.max_seq_len})")

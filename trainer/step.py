@@ -45,6 +45,14 @@ def uses_bf16(dtype: str, device: torch.device) -> bool:
     return dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
 
 
+def set_balance_grad_scale(model: torch.nn.Module, scale: float) -> None:
+    """Give the sequence-wise balance loss of every MoE layer (MTP's included) the weight
+    that the language-model loss of one forward gets in the step's backward."""
+    for module in model.modules():
+        if isinstance(module, MoE):
+            module.balance_grad_scale = scale
+
+
 class Step:
     """What both paths share; a subclass runs the micro-batches (``accumulate``)."""
 
@@ -116,6 +124,8 @@ class PlainStep(Step):
                  n_moe: int):
         super().__init__(model, dims, device, cfg, moe_layers, n_moe)
         self.train_module = train_module
+        # each micro-batch's loss is back-propagated with weight 1 / micro-batches
+        set_balance_grad_scale(model, 1.0 / cfg.training.grad_accum_steps)
 
     def accumulate(self, micro_batches):
         losses, loads = self._zeros()
@@ -150,6 +160,7 @@ class PipelineStep(Step):
             self.pipeline = Pipeline(train_module, pp_rank, pp_mesh, device, p.pp_schedule,
                                      p.n_microbatches, t.grad_accum_steps,
                                      (t.micro_batch_size, t.seq_len))
+        set_balance_grad_scale(model, self.pipeline.loss_scale)
         # every pipeline micro-batch's routing, counted from here on (not the pipeline's
         # shape-inference run above)
         self.stage_loads = {i: torch.zeros(self.n_experts, dtype=torch.long, device=device)

@@ -1,9 +1,11 @@
-"""Entry point: python -m trainer.train --config FILE [--out DIR] [--steps N]
+"""Entry point: python -m trainer.train --config FILE [--out DIR] [--steps N] [--init-from CKPT]
 
 Runs under torchrun (process group from its environment: NCCL on GPU, gloo on CPU, the
 device from LOCAL_RANK) or alone as one process. Rank 0 prints one line per step and
 writes <out>/metrics.jsonl, <out>/config.json and, at the end, <out>/summary.json.
-A run resumes from the newest complete checkpoint under <out>/checkpoints.
+A run resumes from the newest complete checkpoint under <out>/checkpoints; a run without
+one starts from the model weights of --init-from (an imported release or another run's
+checkpoint) when given, with a fresh optimizer at step 0.
 Exit codes: 0 done, 2 bad configuration (one line naming the field), 1 anything else.
 """
 
@@ -30,6 +32,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", help="run directory (default ./runs/<time>); a run "
                         "resumes from its newest complete checkpoint")
     parser.add_argument("--steps", type=int, help="override training.steps")
+    parser.add_argument("--init-from", metavar="CKPT",
+                        help="start from the model weights of this checkpoint (from "
+                        "`python -m trainer.convert import`, or a run's checkpoints/step-N) "
+                        "with a fresh optimizer at step 0; a run that has checkpoints of "
+                        "its own resumes from them instead")
     parser.add_argument("--profile-step", type=int, metavar="N",
                         help="profile step N with torch.profiler: a Chrome trace per rank "
                         "in <out>/profile/, and rank 0 prints where the GPU time went")
@@ -122,10 +129,11 @@ def summarize(history: list[dict[str, Any]], cfg: TrainConfig, start_step: int,
     }
 
 
-def train(cfg: TrainConfig, out_dir: Path, device,
-          profile_step: int | None = None) -> dict[str, Any]:
+def train(cfg: TrainConfig, out_dir: Path, device, profile_step: int | None = None,
+          init_from: str | None = None) -> dict[str, Any]:
     """Set up the model, its parallelism, optimizer and data on this rank, then run the
-    steps (trainer/step.py) from the newest checkpoint on; return the run's summary."""
+    steps (trainer/step.py) from the newest checkpoint on (without one: from the weights
+    of ``init_from``, if given); return the run's summary."""
     import torch
     import torch.distributed as dist
 
@@ -157,6 +165,10 @@ def train(cfg: TrainConfig, out_dir: Path, device,
     ckpt_root = out_dir / "checkpoints"
     resumed = resume(ckpt_root, train_step, loader, device, rank)
     start_step = resumed or 0
+    if resumed is None and init_from:
+        checkpoint.load_model(Path(init_from), train_step.model)
+        if rank == 0:
+            print(f"initialised from {init_from}", flush=True)
 
     peak = peak_flops(device)
     tokens_per_step = loader.global_batch * t.seq_len
@@ -219,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config)
         apply_overrides(cfg, args.steps)
+        if args.init_from and not (Path(args.init_from) / ".metadata").is_file():
+            raise InputError("not a checkpoint directory (no .metadata)",
+                             file=args.init_from, field="--init-from")
     except InputError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
@@ -230,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = init_distributed()
         rank = dist.get_rank()
-        train(cfg, choose_out_dir(args.out), device, args.profile_step)
+        train(cfg, choose_out_dir(args.out), device, args.profile_step, args.init_from)
     except InputError as exc:
         if rank == 0:
             print(f"error: {exc.message}", file=sys.stderr)

@@ -17,7 +17,7 @@ from pathlib import Path
 from dsk_provision.errors import EnvironmentProblem, InputError
 from dsk_provision.files import write_file
 
-from . import naming, network, nodes, render
+from . import naming, network, nodefs, nodes, render
 from .host import (
     find_pids,
     kill_containers,
@@ -73,6 +73,58 @@ def _save_state(state: dict) -> None:
 def _node_alive(state: dict, node: dict) -> bool:
     machine = naming.machine_name(state["name"], node["name"])
     return pid_matches(node.get("pid"), f"--machine={machine}")
+
+
+def venv_identity(path: Path) -> tuple[int, int] | None:
+    """Device and inode of a directory, or None when it cannot be seen."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def venv_is_stale(seen: Path, host_venv: Path) -> bool:
+    """True when ``seen`` (the virtualenv as a node sees it) is no longer the directory
+    at ``host_venv``: a bind mount holds on to the directory it was made from, so a venv
+    deleted and made again in the same place leaves running nodes with the old one."""
+    then, now = venv_identity(seen), venv_identity(host_venv)
+    return then is not None and now is not None and then != now
+
+
+def _node_init_pid(state: dict, node: dict) -> int | None:
+    """PID (on the host) of the node's init: the child of its systemd-nspawn that lives
+    in another mount namespace."""
+    if not _node_alive(state, node):
+        return None
+    own = os.stat("/proc/self/ns/mnt").st_ino
+    try:
+        tasks = list(Path(f"/proc/{node['pid']}/task").iterdir())
+    except OSError:
+        return None
+    for task in tasks:
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in children:
+            try:
+                if os.stat(f"/proc/{child}/ns/mnt").st_ino != own:
+                    return int(child)
+            except OSError:
+                continue
+    return None
+
+
+def stale_venv_nodes(state: dict, host_venv: Path) -> list[dict]:
+    """Running nodes whose bound virtualenv is not the host's ``host_venv`` any more."""
+    stale = []
+    for node in state.get("nodes", []):
+        init = _node_init_pid(state, node)
+        if init is not None and venv_is_stale(
+                Path(f"/proc/{init}/root{nodes.node_venv()}"), host_venv):
+            stale.append(node)
+    return stale
 
 
 def _mirror_alive(state: dict) -> bool:
@@ -187,7 +239,7 @@ def _write_cluster_files(state: dict) -> None:
     pairs = [(n["name"], n["ip"]) for n in state["nodes"]]
     hosts_text = render.render_etc_hosts(state["name"], pairs)
     for n in state["nodes"]:
-        write_file(nodes.node_paths(sdir, n["name"])["root"] / "etc/hosts", hosts_text)
+        nodefs.write_file(nodes.node_paths(sdir, n["name"])["root"], "etc/hosts", hosts_text)
     write_file(sdir / "ssh/known_hosts", render.render_known_hosts(
         [(n["name"], n["ip"], n["host_key"]) for n in state["nodes"]]))
     write_file(sdir / "hosts.yml", render.render_inventory(
@@ -256,7 +308,12 @@ def up(name: str = "dsk", nodes: int = 3, *, subnet: str | None = None,
         if str(venv_path) != state["venv"]:
             raise InputError(f"sandbox {name} binds {state['venv']}, not {venv_path}",
                              field="venv", hint=f"take it down first: sandbox down --name {name}")
-        return _reconcile(state, count, say, started)
+        stale = stale_venv_nodes(state, venv_path)
+        if stale:
+            say(f"{', '.join(n['name'] for n in stale)} still see {venv_path} as it was "
+                "before it was deleted and made again (a bind mount keeps the directory it "
+                "was made from): restarting them")
+        return _reconcile(state, count, say, started, restart=[n["index"] for n in stale])
     net = net or naming.derive_subnet(name)
     network.check_subnet_free(name, net)  # before any change
     if state is not None or naming.state_dir(name).exists():
@@ -283,20 +340,21 @@ def up(name: str = "dsk", nodes: int = 3, *, subnet: str | None = None,
 
 
 def _reconcile(state: dict, count: int, say: Callable[[str], None],
-               started: float) -> SandboxInfo:
+               started: float, restart: list[int] | tuple[int, ...] = ()) -> SandboxInfo:
     """Make the running set exactly node1..node<count>: start missing or dead nodes,
-    remove nodes beyond count, then rewrite every file that lists the nodes."""
+    restart the nodes in ``restart`` (their disks kept), remove nodes beyond count, then
+    rewrite every file that lists the nodes."""
     name = state["name"]
     net = ipaddress.IPv4Network(state["subnet"])
     by_index = {n["index"]: n for n in state["nodes"]}
     extra = sorted(i for i in by_index if i > count)
     to_start = [i for i in range(1, count + 1)
-                if i not in by_index or not _node_alive(state, by_index[i])]
+                if i not in by_index or not _node_alive(state, by_index[i]) or i in restart]
     if not extra and not to_start and _mirror_alive(state):
         return _info(state)
     for i in extra:
         say(f"removing {naming.node_name(i)}")
-    if extra:
+    if extra or restart:
         _close_ssh_masters(Path(state["state_dir"]))
     for i in extra:
         _teardown_node(state, i, keep_disk=False)

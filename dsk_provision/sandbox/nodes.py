@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import secrets
 import socket
+import tempfile
 import time
 from pathlib import Path
 
 from dsk_provision.defaults import resolve
 from dsk_provision.errors import EnvironmentProblem
-from dsk_provision.files import write_file
 
-from . import naming
+from . import naming, nodefs
 from .host import run, spawn_detached
 
 
@@ -52,22 +52,27 @@ def write_identity(root: Path, node: str, hosts_text: str, authorized_key: str) 
 
     The host key is generated here, on the host, before the first boot, so that the
     sandbox can pin it; a node that already has one keeps it. Returns the public key.
+    A kept node disk is the node's to change, so all of this goes through nodefs, which
+    follows no link the node may have left in place of a file or directory.
     """
-    write_file(root / "etc/hostname", node + "\n")
-    write_file(root / "etc/hosts", hosts_text)
-    mid = root / "etc/machine-id"
-    if not mid.read_text().strip():
-        write_file(mid, secrets.token_hex(16) + "\n", 0o444)
-    ssh_dir = root / "root/.ssh"
-    ssh_dir.mkdir(mode=0o700, exist_ok=True)
-    ssh_dir.chmod(0o700)
-    write_file(ssh_dir / "authorized_keys", authorized_key.strip() + "\n", 0o600)
-    key = root / "etc/ssh/ssh_host_ed25519_key"
-    if not key.exists():
-        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"root@{node}",
-             "-f", str(key)])
-    key.chmod(0o600)
-    parts = (root / "etc/ssh/ssh_host_ed25519_key.pub").read_text().split()
+    nodefs.write_file(root, "etc/hostname", node + "\n")
+    nodefs.write_file(root, "etc/hosts", hosts_text)
+    if not (nodefs.read_file(root, "etc/machine-id") or b"").strip():
+        nodefs.write_file(root, "etc/machine-id", secrets.token_hex(16) + "\n", 0o444)
+    nodefs.make_dir(root, "root/.ssh", 0o700)
+    nodefs.write_file(root, "root/.ssh/authorized_keys", authorized_key.strip() + "\n", 0o600)
+    key_path = "etc/ssh/ssh_host_ed25519_key"
+    pub = nodefs.read_file(root, key_path + ".pub")
+    if not nodefs.chmod_file(root, key_path, 0o600) or pub is None or len(pub.split()) < 2:
+        # Made in a private directory of the host, then copied in.
+        with tempfile.TemporaryDirectory(prefix="dsk-hostkey-") as tmp:
+            key = Path(tmp) / "key"
+            run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"root@{node}",
+                 "-f", str(key)])
+            pub = Path(f"{key}.pub").read_bytes()
+            nodefs.write_file(root, key_path, key.read_bytes(), 0o600)
+        nodefs.write_file(root, key_path + ".pub", pub, 0o644)
+    parts = pub.decode(errors="replace").split()
     return f"{parts[0]} {parts[1]}"
 
 

@@ -153,7 +153,8 @@ def _isolate(inventory, run_dir, args, console, timeout_s, transport, merged, re
                   markup=False, highlight=False)
     verdict = isolation.isolate(names, measure, minimum)
     report.isolation = verdict.to_dict()
-    report.checks += isolation.isolation_checks(verdict, names, minimum)
+    report.checks += isolation.isolation_checks(verdict, names, minimum,
+                                                 str(inventory.path))
 
 
 def _plot(report: ValidationReport, console) -> None:
@@ -233,6 +234,16 @@ def validate(inventory, *, runs_dir: Path | None = None, begin: str = "1K",
             results[0].message += f": {str(playbook_error).splitlines()[0]}"
         report.checks += results
 
+    # Cordoned nodes get their node checks (they help the repair) but no benchmark:
+    # everything below runs on the nodes in service.
+    for node in inventory.nodes:
+        if node.cordoned:
+            report.checks.append(CheckResult(
+                node.name, "cordoned", SKIP, None, None,
+                f"cordoned ({node.cordoned}): left out of the benchmarks and the "
+                "cluster-wide all-reduce"))
+    inventory = inventory.in_service()
+    names = [n.name for n in inventory.nodes]
     missing = [n for n in names if facts[n] is None]
     args = probes.allreduce_args(begin, end, factor, warmup, iters)
     if missing:
@@ -281,8 +292,10 @@ def failure(report: ValidationReport) -> RunFailed:
     """RunFailed naming every failing node and check."""
     nodes: list[str] = []
     parts = []
+    cordoned = {c.node for c in report.checks if c.check == "cordoned"}
     for c in report.failures:
-        affected = report.nodes if c.node == CLUSTER else [c.node]
+        affected = ([n for n in report.nodes if n not in cordoned] if c.node == CLUSTER
+                    else [c.node])
         nodes += [n for n in affected if n not in nodes]
         parts.append(f"{c.node} {c.check}: {c.message}")
     return RunFailed(f"validation failed ({len(parts)} check(s)): " + "; ".join(parts),

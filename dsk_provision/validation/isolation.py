@@ -105,10 +105,16 @@ def isolate(names: list[str], measure: Callable[[Pair], float | None], minimum: 
     return judge(names, ordered, minimum)
 
 
-def isolation_checks(verdict: Verdict, names: list[str], minimum: float | None
-                     ) -> list[CheckResult]:
+def cordon_command(inventory_path: str, node: str, reason: str) -> str:
+    """The command that takes ``node`` out of service until it is repaired."""
+    return f"dsk-provision nodes cordon -i {inventory_path} {node} --reason {reason!r}"
+
+
+def isolation_checks(verdict: Verdict, names: list[str], minimum: float | None,
+                     inventory_path: str | None = None) -> list[CheckResult]:
     """The verdict as checks: a fail per slow node and per node of a slow link, or a
-    cluster-wide skip saying why no single node is to blame."""
+    cluster-wide skip saying why no single node is to blame. A node blamed alone gets the
+    command that cordons it (with ``inventory_path``)."""
     out: list[CheckResult] = []
 
     def show(v):
@@ -122,7 +128,10 @@ def isolation_checks(verdict: Verdict, names: list[str], minimum: float | None
         out.append(CheckResult(
             name, "allreduce_isolation", FAIL, None if worst is None else round(worst, 4),
             minimum,
-            f"slow in every pair it is in ({detail}): this node or its link is the culprit"))
+            f"slow in every pair it is in ({detail}): this node or its link is the culprit"
+            + (f"; to leave it out until it is repaired: "
+               f"{cordon_command(inventory_path, name, 'slow all-reduce')}"
+               if inventory_path else "")))
     for a, b in verdict.slow_links:
         value = verdict.pairs[(a, b)]
         for name in (a, b):

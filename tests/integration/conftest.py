@@ -2,6 +2,8 @@
 
 Fixtures for every integration test:
   sandbox_cluster       SandboxInfo of a 3-node sandbox named "itest" (session-scoped)
+  sandbox_name          that sandbox's name; a test that needs a sandbox of its own
+                        derives its name from it
   bootstrapped_cluster  BootstrapResult: that sandbox after one `dsk-provision bootstrap`
   node_ssh              node_ssh(ip, command, check=True) -> CompletedProcess, over SSH
                         with the sandbox's key and pinned host keys
@@ -64,6 +66,11 @@ def sandbox_cluster(request):
     request.addfinalizer(lambda: sandbox.down(SANDBOX_NAME))
     sandbox.down(SANDBOX_NAME)  # leftovers of an earlier, interrupted run
     return sandbox.up(SANDBOX_NAME, SANDBOX_NODES, progress=lambda m: print(f"sandbox: {m}"))
+
+
+@pytest.fixture(scope="session")
+def sandbox_name() -> str:
+    return SANDBOX_NAME
 
 
 @pytest.fixture(scope="session")

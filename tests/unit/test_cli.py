@@ -316,3 +316,29 @@ def test_debug_shows_the_traceback_and_keeps_the_exit_code(monkeypatch):
     result = _invoke("--debug", "check", "-i", str(EXAMPLE))
     assert result.exit_code == 3
     assert "Traceback" in result.stderr and "error: ssh is not installed" in result.stderr
+
+
+def test_nodes_cordon_uncordon_and_train_leaves_the_node_out(monkeypatch, tmp_path):
+    import shutil
+
+    inv_dir = tmp_path / "inv"
+    shutil.copytree(EXAMPLE, inv_dir)
+    before = (inv_dir / "hosts.yml").read_text()
+    result = _invoke("nodes", "cordon", "-i", str(inv_dir), "gpu01", "--reason", "PSU")
+    assert result.exit_code == 0, result.output
+    assert "gpu01 cordoned (PSU); 3 of 4 nodes in service" in result.stdout
+    calls = []
+    monkeypatch.setitem(sys.modules, "dsk_provision.launch", types.SimpleNamespace(
+        train=lambda inv, cfg, **kw: calls.append(inv)))
+    result = _invoke("train", "-i", str(inv_dir), "--config", "tiny.toml")
+    assert result.exit_code == 0, result.output
+    assert "gpu01 is cordoned (PSU): left out" in result.stdout
+    assert [n.name for n in calls[0].nodes] == ["gpu02", "gpu03", "gpu04"]
+    result = _invoke("check", "-i", str(inv_dir))
+    assert "rendezvous on gpu02; 1 cordoned" in result.stdout
+    result = _invoke("nodes", "uncordon", "-i", str(inv_dir), "gpu01")
+    assert result.exit_code == 0 and "back in service" in result.stdout
+    assert (inv_dir / "hosts.yml").read_text() == before
+    result = _invoke("nodes", "cordon", "-i", str(inv_dir), "gpu09", "--reason", "x")
+    assert result.exit_code == 2 and "no node named 'gpu09'" in result.stderr
+    assert (inv_dir / "hosts.yml").read_text() == before

@@ -355,3 +355,14 @@ def test_isolation_tolerates_noise_below_the_threshold():
     assert verdict.slow_nodes == ["node2"] and not verdict.all_slow
     two = isolation.judge(["a", "b"], {("a", "b"): 0.04}, 0.05)
     assert two.slow_links == [("a", "b")]
+
+
+def test_a_node_blamed_alone_gets_the_command_that_cordons_it():
+    verdict = isolation.isolate(["a", "b", "c"], lambda pair: 0.001 if "b" in pair else 0.5,
+                                0.05)
+    checks = isolation.isolation_checks(verdict, ["a", "b", "c"], 0.05, "inv/prod")
+    (blamed,) = [c for c in checks if c.node == "b"]
+    assert blamed.message.endswith(
+        "dsk-provision nodes cordon -i inv/prod b --reason 'slow all-reduce'")
+    without = isolation.isolation_checks(verdict, ["a", "b", "c"], 0.05)
+    assert "cordon" not in without[0].message

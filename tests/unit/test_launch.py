@@ -141,11 +141,15 @@ def test_torchrun_command_records_pid_and_quotes(tmp_path, key):
     inv = three_nodes(tmp_path, key)
     line = launch.torchrun_command(inv, 1, "trainer.train", ["--name", "a b; rm -rf /"],
                                    run_id="r1", env={"X": "1 2"})
-    assert "echo $$ > /opt/dsk/runs/r1/torchrun-node2.pid" in line
-    assert "exec env" in line
-    tokens = shlex.split(line.split("exec env ", 1)[1])
+    outer = shlex.split(line)
+    # torchrun leads a session (and so a process group) of its own, whose id it records.
+    assert outer[-5:-1] == ["setsid", "-w", "/bin/sh", "-c"]
+    inner = outer[-1]
+    assert inner.startswith("echo $$ > /opt/dsk/runs/r1/torchrun-node2.pid && exec env ")
+    tokens = shlex.split(inner.split("exec env ", 1)[1])
     assert "X=1 2" in tokens
     assert "PYTHONPATH=/opt/dsk/runs/r1" in tokens
+    assert "DSK_RUN_ID=r1" in tokens  # the marker that reaches torchrun's workers
     assert tokens[-1] == "a b; rm -rf /"  # one argument, not shell code
 
 
@@ -153,7 +157,7 @@ def test_stop_command_only_signals_this_runs_pid():
     node = Node("node2", "10.0.0.2", 22, "root", 0, {"dsk_root": "/opt/dsk"})
     line = launch.stop_command(node, "r1")
     assert "/opt/dsk/runs/r1/torchrun-node2.pid" in line
-    assert "kill -TERM $p" in line
+    assert 'kill -"$1" -- -"$g"' in line  # the process group, not only the PID
     assert "pkill" not in line and "killall" not in line
 
 
@@ -258,6 +262,214 @@ def test_timeout_stops_everything(tmp_path):
     assert sorted(err.value.nodes) == ["node1", "node2"]
 
 
+# ---------------------------------------------------------------------- stopping, locally
+
+# Stands in for torchrun: a helper in its own process group (dies with the group) and a
+# worker in a session of its own, as torchrun starts its workers, which starts a child of
+# its own. Every process appends its PID to ./pids. In "stubborn" mode all of them
+# ignore SIGTERM.
+FAKE_TORCHRUN = textwrap.dedent("""\
+    #!{python}
+    import os, signal, subprocess, sys, time
+    stubborn = os.path.basename(__file__) == "stubborn"
+    if stubborn:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    def note(pid):
+        with open("pids", "a") as fh:
+            fh.write(f"{{pid}}\\n")
+    note(os.getpid())
+    ignore = "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); " if stubborn else ""
+    helper = subprocess.Popen([sys.executable, "-c", ignore + "import time; time.sleep(300)"])
+    note(helper.pid)
+    worker = subprocess.Popen([sys.executable, "-c", ignore + (
+        "import subprocess, sys, time; "
+        "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); "
+        "open('pids', 'a').write(f'{{c.pid}}\\\\n'); time.sleep(300)")],
+        start_new_session=True)
+    note(worker.pid)
+    print("ranks running", flush=True)
+    time.sleep(300)
+""")
+
+
+def fake_torchrun_nodes(tmp_path: Path, modes: list[str]) -> Inventory:
+    nodes = []
+    for i, mode in enumerate(modes, 1):
+        root = tmp_path / f"node{i}"
+        root.mkdir()
+        fake = root / mode
+        fake.write_text(FAKE_TORCHRUN.format(python=sys.executable))
+        fake.chmod(0o755)
+        nodes.append((f"node{i}", f"127.0.0.{i}", {"dsk_root": str(root),
+                                                  "dsk_python": str(fake),
+                                                  "ansible_connection": "local"}))
+    return make_inventory(tmp_path, nodes)
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def wait_for_pids(path: Path, count: int, timeout: float = 30) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file():
+            pids = [int(x) for x in path.read_text().split()]
+            if len(pids) >= count:
+                return pids
+        time.sleep(0.05)
+    raise AssertionError(f"{path} did not list {count} processes within {timeout} s")
+
+
+def wait_gone(pids: list[int], timeout: float = 10) -> list[int]:
+    deadline = time.monotonic() + timeout
+    left = [p for p in pids if alive(p)]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = [p for p in left if alive(p)]
+    return left
+
+
+def kill_left(pids: list[int]) -> None:
+    import os
+    import signal
+
+    for pid in pids:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("mode", ["obedient", "stubborn"])
+def test_stop_command_ends_torchruns_group_and_its_workers_sessions(tmp_path, mode):
+    # A real process tree on this machine, started by the node command line: torchrun
+    # leads its own group, its worker leads a session of its own.
+    inv = fake_torchrun_nodes(tmp_path, [mode])
+    node = inv.nodes[0]
+    run_id = "20260101-000000-stop"
+    transport = remote.LocalTransport()
+    client = transport.popen(node, launch.torchrun_command(inv, 0, "trainer.train", [],
+                                                           run_id=run_id))
+    run_dir = Path(str(launch.remote_run_dir(node, run_id)))
+    pids = wait_for_pids(run_dir / "pids", 4)
+    try:
+        torchrun = int((run_dir / f"torchrun-{node.name}.pid").read_text())
+        assert torchrun == pids[0]
+        assert Path(f"/proc/{torchrun}/stat").read_text().rsplit(")", 1)[1].split()[2] \
+            == str(torchrun), "torchrun does not lead its own process group"
+        started = time.monotonic()
+        rc, out = remote.run_command(transport, node,
+                                     launch.stop_command(node, run_id, grace_s=1), timeout=30)
+        assert rc == 0, out
+        assert time.monotonic() - started < 30  # grace 1 s; the machine may be busy
+        assert wait_gone(pids) == [], "processes of the run survived the stop"
+        client.wait(timeout=10)
+    finally:
+        kill_left(pids)
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+
+
+def test_stop_command_leaves_a_recycled_pid_alone(tmp_path):
+    import subprocess
+
+    inv = fake_torchrun_nodes(tmp_path, ["obedient"])
+    node = inv.nodes[0]
+    run_dir = Path(str(launch.remote_run_dir(node, "r-old")))
+    run_dir.mkdir(parents=True)
+    # The PID file names a process that is not this run's torchrun (a recycled PID).
+    stranger = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        (run_dir / f"torchrun-{node.name}.pid").write_text(f"{stranger.pid}\n")
+        rc, _ = remote.run_command(remote.LocalTransport(), node,
+                                   launch.stop_command(node, "r-old", grace_s=1))
+        assert rc == 0
+        assert stranger.poll() is None
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+INTERRUPT_INVENTORY = """\
+all:
+  vars:
+    ansible_connection: local
+    dsk_gpus_per_node: 0
+  children:
+    nodes:
+      hosts:
+        node1: {{ansible_host: 127.0.0.1, dsk_root: {root1}, dsk_python: {python1}}}
+        node2: {{ansible_host: 127.0.0.2, dsk_root: {root2}, dsk_python: {python2}}}
+"""
+
+
+@pytest.mark.parametrize(("signum", "to_group", "code"), [
+    ("SIGINT", True, 130),   # Ctrl-C: the terminal signals the whole foreground group
+    ("SIGTERM", False, 143),
+    ("SIGHUP", False, 129),
+], ids=["Ctrl-C", "SIGTERM", "SIGHUP"])
+def test_a_signal_to_train_stops_every_node_and_leaves_no_client(tmp_path, signum, to_group,
+                                                                  code):
+    import os
+    import signal
+    import subprocess
+
+    fake_torchrun_nodes(tmp_path, ["obedient", "obedient"])
+    hosts = tmp_path / "inventory" / "hosts.yml"
+    hosts.parent.mkdir()
+    hosts.write_text(INTERRUPT_INVENTORY.format(
+        **{f"root{i}": tmp_path / f"node{i}" for i in (1, 2)},
+        **{f"python{i}": tmp_path / f"node{i}" / "obedient" for i in (1, 2)}))
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(repo), DSK_RUNS_DIR=str(tmp_path / "runs"))
+    cli = subprocess.Popen([sys.executable, "-m", "dsk_provision", "train", "-i", str(hosts),
+                            "--config", str(TINY)], cwd=tmp_path, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)
+    pids: list[int] = []
+    try:
+        for i in (1, 2):
+            (pid_list,) = wait_for_pids_glob(tmp_path / f"node{i}" / "runs", 4)
+            pids += pid_list
+        clients = children(cli.pid)
+        assert clients, "train started no client processes"
+        if to_group:
+            os.killpg(cli.pid, getattr(signal, signum))
+        else:
+            os.kill(cli.pid, getattr(signal, signum))
+        out, _ = cli.communicate(timeout=60)
+        assert cli.returncode == code, out
+        assert f"interrupted by {signum}; stopped trainer.train on node1, node2" in out
+        assert wait_gone(pids) == [], f"processes of the run survived {signum}:\n{out}"
+        assert wait_gone(clients, 1) == [], f"clients of train survived {signum}"
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.communicate()
+        kill_left(pids)
+
+
+def wait_for_pids_glob(runs: Path, count: int, timeout: float = 60) -> list[list[int]]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = list(runs.glob("*/pids"))
+        if found:
+            return [wait_for_pids(found[0], count, max(1, deadline - time.monotonic()))]
+        time.sleep(0.05)
+    raise AssertionError(f"no run under {runs} wrote its PIDs within {timeout} s")
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(x) for x in (task / "children").read_text().split()]
+    return out
+
+
 def test_ipv6_rendezvous_endpoint_is_bracketed(tmp_path):
     inv = make_inventory(tmp_path, [("n1", "fd00::11", {}), ("n2", "fd00::12", {})])
     assert launch.rendezvous_endpoint(inv) == "[fd00::11]:29500"
@@ -339,3 +551,24 @@ def test_fetch_that_times_out_names_the_node_and_leaves_no_part_file(tmp_path, m
     assert err.value.nodes == ["node1"]
     assert f"could not fetch {never_written} from node1: no answer within" in str(err.value)
     assert list(local.parent.iterdir()) == []  # neither the file nor its .part
+
+
+def test_interrupt_guard_holds_a_signal_until_the_block_ends():
+    import os
+    import signal
+
+    from dsk_provision.errors import Interrupted
+    from dsk_provision.interrupts import InterruptGuard
+
+    before = signal.getsignal(signal.SIGTERM)
+    finished = []
+    with pytest.raises(Interrupted) as err, InterruptGuard() as guard:
+        with guard.held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)  # the handler runs here and must not raise
+            os.kill(os.getpid(), signal.SIGHUP)  # a second signal changes nothing
+            time.sleep(0.1)
+            finished.append(True)
+    assert finished == [True]
+    assert err.value.exit_code == 143 and err.value.signal_name == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) == before  # the old handler is back

@@ -208,3 +208,55 @@ def test_console_table_groups_skips_by_reason_and_keeps_failures(tmp_path):
     assert any("node3" in r and "no timedatectl" in r for r in rows)
     assert any("node2" in r and "mem_available" in r and "FAIL" in r for r in rows)
     assert "4 passed" not in text and "3 passed, 1 failed, 10 skipped" in text
+
+
+@pytest.mark.slow
+def test_validate_leaves_a_cordoned_node_out_of_the_benchmarks(tmp_path, monkeypatch):
+    """A cordoned node gets its node checks and a "cordoned" skip, but the all-reduce runs
+    on the nodes in service only, and a cluster-wide failure does not name it."""
+    import io
+    import socket
+    import sys
+
+    from rich.console import Console
+
+    from dsk_provision import runner
+    from dsk_provision.errors import RunFailed
+    from dsk_provision.inventory import Inventory, Node
+    from dsk_provision.validation.flow import validate
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = [Node(f"node{i}", "127.0.0.1", 22, None, 0,
+                  {"dsk_root": str(tmp_path / f"node{i}"), "dsk_python": sys.executable,
+                   "dsk_rdzv_port": port, "ansible_connection": "local",
+                   "dsk_socket_ifname": "lo",
+                   **({"dsk_cordoned": "fan 2 dead"} if i == 1 else {})}) for i in (1, 2, 3)]
+    inv = Inventory(path=tmp_path / "hosts.yml", nodes=nodes, vars={"dsk_cluster_name": "t"},
+                    hosts_file=tmp_path / "hosts.yml")
+
+    def fake_playbook(playbook, inventory, *, command, runs_dir, extra_vars, console):
+        assert [n.name for n in inventory.nodes] == ["node1", "node2", "node3"]
+        facts_dir = Path(extra_vars["dsk_run_dir"]) / "facts"
+        facts_dir.mkdir(parents=True)
+        for node in inventory.nodes:
+            facts = dict(FACTS, host=node.name, hostname=node.name,
+                         ssh_peers={n.name: True for n in inventory.nodes if n is not node})
+            (facts_dir / f"{node.name}.json").write_text(json.dumps(facts))
+
+    monkeypatch.setattr(runner, "run_playbook", fake_playbook)
+    # An impossible busbw makes the cluster-wide check fail: it must name node2 and node3.
+    with pytest.raises(RunFailed) as err:
+        validate(inv, runs_dir=tmp_path / "runs", begin="1K", end="2K", warmup=1, iters=2,
+                 console=Console(file=io.StringIO(), width=120), timeout_s=120,
+                 thresholds={"allreduce_min_busbw_gbs": 1e9}, isolate=False)
+    assert err.value.nodes == ["node2", "node3"], str(err.value)
+    (run_dir,) = (tmp_path / "runs").glob("*-validate")
+    data = json.loads((run_dir / "report.json").read_text())
+    assert data["allreduce"]["world_size"] == 2
+    statuses = {(c["node"], c["check"]): c["status"] for c in data["checks"]}
+    assert statuses[("node1", "cordoned")] == "skip"
+    assert statuses[("node1", "gpu_count")] == "pass"
+    assert ("node2", "cordoned") not in statuses
+    assert "fan 2 dead" in (run_dir / "report.md").read_text()

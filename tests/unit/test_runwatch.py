@@ -21,7 +21,7 @@ import yaml
 from rich.console import Console
 
 from dsk_provision import runwatch, ssh_options
-from dsk_provision.errors import InputError, RunFailed, signal_exit_code
+from dsk_provision.errors import InputError, Interrupted, RunFailed
 from dsk_provision.inventory import load_inventory
 from dsk_provision.runner import run_playbook
 
@@ -220,7 +220,7 @@ def test_a_signal_stops_the_playbook_writes_the_recap_and_exits_128_plus_it(tmp_
             proc.kill()
             proc.communicate()
         _kill_leftovers(tmp_path)
-    assert proc.returncode == signal_exit_code(sig), out
+    assert proc.returncode == Interrupted(sig).exit_code == 128 + sig, out
     assert f"interrupted by {sig.name}: stopped ansible-playbook" in out
     assert not _wait_gone(sorted(tree)), "processes of the run outlived it"
     recap = json.loads(next((tmp_path / "runs").glob("*-unit/recap.json")).read_text())
@@ -231,7 +231,7 @@ def test_a_signal_stops_the_playbook_writes_the_recap_and_exits_128_plus_it(tmp_
 
 
 def test_exit_codes_of_signals():
-    assert [signal_exit_code(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)] \
+    assert [Interrupted(s).exit_code for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)] \
         == [130, 143, 129]
 
 

@@ -264,3 +264,98 @@ def test_pid_matches_checks_the_command_line():
     assert host.pid_matches(me, "python") or host.pid_matches(me, "pytest")
     assert not host.pid_matches(me, "no-such-marker-in-argv")
     assert not host.pid_matches(None, "python")
+
+
+# ---------------------------------------------------------------------- a node's kept disk
+
+def fake_node_root(tmp_path: Path) -> tuple[Path, Path]:
+    """A node root as the image leaves it, and a directory outside it standing for the
+    host's own files."""
+    root = tmp_path / "nodes" / "node1" / "root"
+    for d in ("etc/ssh", "root"):
+        (root / d).mkdir(parents=True)
+    (root / "etc/machine-id").write_text("")
+    outside = tmp_path / "host"
+    outside.mkdir()
+    outside.chmod(0o755)
+    secret = outside / "shadow"
+    secret.write_text("root:secret\n")
+    secret.chmod(0o640)
+    return root, outside
+
+
+def mode(path: Path) -> int:
+    return path.stat().st_mode & 0o7777
+
+
+def test_write_identity_replaces_links_to_host_files_without_touching_them(tmp_path):
+    from dsk_provision.sandbox import nodes
+
+    root, outside = fake_node_root(tmp_path)
+    secret = outside / "shadow"
+    # Links a node's root user could leave in its kept disk, absolute as the host sees them.
+    for name in ("etc/ssh/ssh_host_ed25519_key", "etc/hostname", "etc/machine-id"):
+        (root / name).unlink(missing_ok=True)
+        (root / name).symlink_to(secret)
+    (root / "etc/ssh/ssh_host_ed25519_key.pub").symlink_to(secret)
+    public = nodes.write_identity(root, "node1", "10.0.0.11 node1\n", "ssh-ed25519 AAAA test")
+    assert public.startswith("ssh-ed25519 ")
+    assert mode(secret) == 0o640 and secret.read_text() == "root:secret\n"
+    assert sorted(p.name for p in outside.iterdir()) == ["shadow"]
+    key = root / "etc/ssh/ssh_host_ed25519_key"
+    assert not key.is_symlink() and mode(key) == 0o600
+    assert (root / "etc/ssh/ssh_host_ed25519_key.pub").read_text().split()[1] == \
+        public.split()[1]
+    assert (root / "etc/hostname").read_text() == "node1\n"
+    assert len((root / "etc/machine-id").read_text().strip()) == 32
+    assert mode(root / "root/.ssh") == 0o700
+    assert mode(root / "root/.ssh/authorized_keys") == 0o600
+
+
+@pytest.mark.parametrize("linked", ["root/.ssh", "etc", "etc/ssh"])
+def test_write_identity_refuses_a_linked_directory_and_leaves_its_target_alone(tmp_path,
+                                                                                linked):
+    import shutil
+
+    from dsk_provision.sandbox import nodes
+
+    root, outside = fake_node_root(tmp_path)
+    if (root / linked).exists():
+        shutil.rmtree(root / linked)
+    (root / linked).symlink_to(outside)
+    with pytest.raises(EnvironmentProblem) as err:
+        nodes.write_identity(root, "node1", "10.0.0.11 node1\n", "ssh-ed25519 AAAA test")
+    assert str(root / linked) in str(err.value)
+    assert mode(outside) == 0o755
+    assert sorted(p.name for p in outside.iterdir()) == ["shadow"]
+    assert mode(outside / "shadow") == 0o640
+
+
+def test_a_node_keeps_its_host_key(tmp_path):
+    from dsk_provision.sandbox import nodes
+
+    root, _ = fake_node_root(tmp_path)
+    first = nodes.write_identity(root, "node1", "", "ssh-ed25519 AAAA test")
+    (root / "etc/ssh/ssh_host_ed25519_key").chmod(0o644)
+    assert nodes.write_identity(root, "node1", "", "ssh-ed25519 AAAA test") == first
+    assert mode(root / "etc/ssh/ssh_host_ed25519_key") == 0o600
+
+
+def test_a_venv_deleted_and_made_again_is_stale_for_a_node_that_holds_the_old_one(tmp_path):
+    import shutil
+
+    venv = tmp_path / ".venv"
+    venv.mkdir()
+    (venv / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    # What a bind mount does: hold on to the directory itself, not to its path.
+    held = os.open(venv, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        as_node_sees_it = Path(f"/proc/self/fd/{held}")
+        assert not core.venv_is_stale(as_node_sees_it, venv)
+        shutil.rmtree(venv)
+        venv.mkdir()  # a fresh clone in the same place
+        assert core.venv_is_stale(as_node_sees_it, venv)
+        assert not core.venv_is_stale(venv, venv)
+        assert not core.venv_is_stale(tmp_path / "nothing", venv)  # a node not up yet
+    finally:
+        os.close(held)

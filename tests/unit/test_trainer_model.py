@@ -138,6 +138,24 @@ def test_mtp_adds_a_weighted_loss_and_gets_gradients():
     assert model.mtp.eh_proj.weight.grad.abs().sum() > 0
 
 
+def test_mtp_projects_the_embedding_first_then_the_hidden_state():
+    """eh_proj's input is [enorm(embedding of token i+1), hnorm(hidden state i)], the
+    layout of the released DeepSeek-V3 MTP weights."""
+    torch.manual_seed(0)
+    args = ModelArgs(mtp_depth=1)
+    model = Transformer(args)
+    with torch.no_grad():  # keep the first half of eh_proj's input only
+        model.mtp.eh_proj.weight.copy_(torch.cat(
+            [torch.eye(args.dim), torch.zeros(args.dim, args.dim)], dim=1))
+        model.mtp.enorm.weight.uniform_(0.5, 1.5)
+    seen = {}
+    model.mtp.block.register_forward_pre_hook(lambda _m, inputs: seen.update(x=inputs[0]))
+    tokens = torch.randint(0, 256, (2, 16))
+    model(tokens[:, :-1], tokens[:, 1:])
+    expected = model.mtp.enorm(model.embed(tokens[:, 1:]))
+    assert torch.allclose(seen["x"], expected, atol=1e-6)
+
+
 @pytest.mark.parametrize("mtp_depth", [0, 1])
 def test_flops_per_token_matches_counted_matmuls(mtp_depth):
     """The MFU numerator against torch's own count of the matmul and attention FLOPs of
@@ -156,3 +174,67 @@ def test_flops_per_token_matches_counted_matmuls(mtp_depth):
     estimated = model.flops_per_token(seq) * batch * seq
     # the estimate counts norm weights as parameters (no matmul): a fraction of a percent
     assert abs(estimated - counted) / counted < 0.02, (estimated, counted)
+
+
+def _balance_loss_by_hand(x, weight, gate, topk, batch):
+    """DeepSeek-V3 eq. 17-20, one sequence at a time: sum_i f_i P_i, averaged."""
+    n = weight.size(0)
+    with torch.no_grad():
+        _, indices = gate(x)
+    scores = torch.sigmoid(x @ weight.T)
+    total = 0.0
+    per_seq = zip(scores.view(batch, -1, n), indices.view(batch, -1, topk), strict=True)
+    for seq_scores, seq_idx in per_seq:
+        t = seq_scores.size(0)
+        counts = torch.stack([(seq_idx == i).sum() for i in range(n)]).float()
+        f = counts * n / (topk * t)
+        p = (seq_scores / seq_scores.sum(dim=-1, keepdim=True)).mean(dim=0)
+        total = total + (f * p).sum()
+    return total / batch
+
+
+def test_sequence_balance_loss_moves_only_the_router_gradient_by_its_own():
+    import dataclasses
+
+    torch.manual_seed(0)
+    args = ModelArgs(n_layers=2, n_dense_layers=1, n_routed_experts=8, n_activated_experts=2,
+                     n_expert_groups=2, topk_groups=1, score_func="sigmoid", route_scale=2.5)
+    off = Transformer(args)
+    on = Transformer(dataclasses.replace(args, balance_loss_weight=0.01))
+    on.load_state_dict(off.state_dict())
+    seen = {}
+    on.layers["1"].ffn.register_forward_pre_hook(lambda _m, a: seen.update(x=a[0]))
+    tokens = torch.randint(0, 256, (3, 17))
+    loss_off = off(tokens[:, :-1], tokens[:, 1:]).loss
+    loss_on = on(tokens[:, :-1], tokens[:, 1:]).loss
+    assert torch.equal(loss_off, loss_on)  # the balance loss is not in the reported loss
+    loss_off.backward()
+    loss_on.backward()
+    grads_off = {n: p.grad for n, p in off.named_parameters()}
+    grads_on = {n: p.grad for n, p in on.named_parameters()}
+    # the experts, the head and the final norm see the same gradients bit for bit
+    for name in grads_on:
+        if name.startswith(("layers.1.ffn.experts", "layers.1.ffn.shared_experts", "output",
+                            "norm")):
+            assert torch.equal(grads_on[name], grads_off[name]), name
+    # the router's gradient moves by exactly the weighted balance loss's gradient
+    gate = on.layers["1"].ffn.gate
+    weight = gate.weight.detach().clone().requires_grad_()
+    x = seen["x"].detach().reshape(-1, args.dim)
+    (expected,) = torch.autograd.grad(0.01 * _balance_loss_by_hand(x, weight, gate, 2, 3),
+                                      weight)
+    moved = grads_on["layers.1.ffn.gate.weight"] - grads_off["layers.1.ffn.gate.weight"]
+    assert expected.abs().max() > 1e-5
+    assert torch.allclose(moved, expected, atol=1e-7, rtol=1e-4)
+    # and flows on into the layers below it, as a loss on the router's input does
+    assert not torch.equal(grads_on["layers.0.attn.wo.weight"],
+                           grads_off["layers.0.attn.wo.weight"])
+
+
+def test_balance_loss_off_leaves_the_graph_as_it_was():
+    torch.manual_seed(0)
+    moe = Transformer(ModelArgs()).layers["1"].ffn
+    x = torch.randn(2, 8, 64, requires_grad=True)
+    assert type(moe(x).grad_fn).__name__ != "AddBalanceLossBackward"
+    moe.balance_loss_weight = 1e-4
+    assert type(moe(x).grad_fn).__name__ == "AddBalanceLossBackward"

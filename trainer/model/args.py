@@ -30,6 +30,7 @@ class ModelArgs:
     score_func: str = "softmax"  # or "sigmoid" (DeepSeek-V3)
     route_scale: float = 1.0
     bias_update_speed: float = 0.001  # aux-loss-free balancing; 0 turns it off
+    balance_loss_weight: float = 0.0  # sequence-wise balance loss (V3: 0.0001); 0: off
     # MLA
     q_lora_rank: int = 0  # 0: queries are projected directly
     kv_lora_rank: int = 32
@@ -38,6 +39,13 @@ class ModelArgs:
     v_head_dim: int = 16
     rope_theta: float = 10000.0
     max_seq_len: int = 4096  # a config that leaves it out gets max(this, training.seq_len)
+    # YaRN RoPE scaling, on when max_seq_len > original_seq_len (as DeepSeek's reference
+    # model does); rope_factor 1 leaves RoPE and the softmax scale as they are
+    original_seq_len: int = 4096
+    rope_factor: float = 1.0
+    beta_fast: int = 32
+    beta_slow: int = 1
+    mscale: float = 1.0
     norm_eps: float = 1e-6
     init_std: float = 0.02
     # multi-token prediction
@@ -47,6 +55,11 @@ class ModelArgs:
     def __post_init__(self) -> None:
         if not self.moe_inter_dim:
             self.moe_inter_dim = self.inter_dim
+
+    @property
+    def yarn(self) -> bool:
+        """Whether YaRN scales RoPE and the softmax scale."""
+        return self.max_seq_len > self.original_seq_len and self.rope_factor != 1.0
 
     @property
     def qk_head_dim(self) -> int:

@@ -31,13 +31,42 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).type_as(x)
 
 
-def precompute_rope(head_dim: int, max_seq_len: int, theta: float) -> torch.Tensor:
+def precompute_rope(args: ModelArgs) -> torch.Tensor:
     """Rotations by pos * theta^(-2j/d) as (cos, sin) pairs, shape (max_seq_len, head_dim // 2,
     2), fp32. Real-valued, so that torch.compile fuses the rotation into its neighbours
-    (inductor generates no code for complex tensors)."""
-    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), freqs)
+    (inductor generates no code for complex tensors).
+
+    With YaRN (``args.yarn``: max_seq_len > original_seq_len), the frequencies whose
+    wavelength is long against original_seq_len are divided by rope_factor, the short
+    ones kept, and those between blended by a linear ramp over the dimensions between the
+    ones that turn beta_fast and beta_slow times in original_seq_len, as DeepSeek-V3's
+    reference model computes them."""
+    dim, base = args.qk_rope_head_dim, args.rope_theta
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if args.yarn:
+        def correction_dim(rotations: float) -> float:
+            return (dim * math.log(args.original_seq_len / (rotations * 2 * math.pi))
+                    / (2 * math.log(base)))
+
+        low = max(math.floor(correction_dim(args.beta_fast)), 0)
+        high = min(math.ceil(correction_dim(args.beta_slow)), dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        smooth = 1 - ramp
+        freqs = freqs / args.rope_factor * (1 - smooth) + freqs * smooth
+    angles = torch.outer(torch.arange(args.max_seq_len, dtype=torch.float32), freqs)
     return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+def softmax_scale(args: ModelArgs) -> float:
+    """Attention's softmax scale: 1 / sqrt(qk_head_dim), times mscale'^2 with YaRN, where
+    mscale' = 0.1 * mscale * ln(rope_factor) + 1 (DeepSeek-V3's reference model)."""
+    scale = args.qk_head_dim**-0.5
+    if args.yarn:
+        m = 0.1 * args.mscale * math.log(args.rope_factor) + 1.0
+        scale = scale * m * m
+    return scale
 
 
 def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
@@ -79,7 +108,7 @@ class MLA(nn.Module):
             self.kv_lora_rank, self.n_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
         )
         self.wo = nn.Linear(self.n_heads * self.v_head_dim, args.dim, bias=False)
-        self.softmax_scale = self.qk_head_dim**-0.5
+        self.softmax_scale = softmax_scale(args)  # every attention path reads this one
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
@@ -135,8 +164,9 @@ class Gate(nn.Module):
         self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim))
         self.register_buffer("expert_bias", torch.zeros(args.n_routed_experts))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (tokens, dim) -> (weights, indices), each (tokens, topk)."""
+    def forward(self, x: torch.Tensor, return_scores: bool = False):
+        """x: (tokens, dim) -> (weights, indices), each (tokens, topk); with
+        ``return_scores`` also the unbiased scores of every expert (tokens, experts)."""
         scores = F.linear(x.float(), self.weight.float())
         if self.score_func == "softmax":
             scores = scores.softmax(dim=-1)
@@ -158,7 +188,48 @@ class Gate(nn.Module):
         weights = original_scores.gather(1, indices)
         if self.score_func == "sigmoid":
             weights = weights / weights.sum(dim=-1, keepdim=True)
+        if return_scores:
+            return weights * self.route_scale, indices, original_scores
         return weights * self.route_scale, indices
+
+
+class AddBalanceLoss(torch.autograd.Function):
+    """Identity on ``y``; in backward, ``loss`` receives the gradient ``scale``. The
+    balance loss is thus minimised with the loss that ``y`` feeds, without being added to
+    it: it works the same where the loss is computed elsewhere (pipeline stages, another
+    rank). ``scale`` is the share of the step's objective that one forward carries (1 /
+    micro-batches), the same as the language-model loss gets."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, loss: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        ctx.loss_like = (loss.dtype, loss.device)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        dtype, device = ctx.loss_like
+        return grad, torch.full((), ctx.scale, dtype=dtype, device=device), None
+
+
+def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, n_experts: int,
+                          batch: int) -> torch.Tensor:
+    """DeepSeek-V3's sequence-wise balance loss (eq. 17-20) without its weight: for each
+    sequence, sum over experts of f_i * P_i, where f_i = N_r / (K_r T) x the tokens routed
+    to expert i and P_i the mean over the sequence's T tokens of the expert's score
+    normalised over all experts; averaged over the sequences. ``scores`` (tokens,
+    experts) unbiased; ``indices`` (tokens, topk) the chosen experts; tokens in sequence
+    order, ``batch`` sequences. Only P_i carries a gradient (to the router)."""
+    topk = indices.size(1)
+    probs = scores / scores.sum(dim=-1, keepdim=True)
+    probs = probs.view(batch, -1, n_experts)  # (batch, T, experts)
+    seq_len = probs.size(1)
+    slots = indices.view(batch, -1)
+    routed = torch.zeros(batch, n_experts, device=scores.device, dtype=probs.dtype)
+    routed.scatter_add_(1, slots, torch.ones_like(slots, dtype=probs.dtype))
+    f = routed * (n_experts / (topk * seq_len))  # (batch, experts)
+    p = probs.mean(dim=1)
+    return (f * p).sum(dim=1).mean()
 
 
 class GroupedExperts(nn.Module):
@@ -201,6 +272,9 @@ class MoE(nn.Module):
         self.n_routed_experts = args.n_routed_experts
         self.topk = args.n_activated_experts
         self.bias_update_speed = args.bias_update_speed
+        self.balance_loss_weight = args.balance_loss_weight
+        # the share of the step's objective one forward carries; the training step sets it
+        self.balance_grad_scale = 1.0
         self.gate = Gate(args)
         self.experts = GroupedExperts(args.n_routed_experts, args.dim, args.moe_inter_dim)
         self.shared_experts = (
@@ -213,7 +287,11 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        weights, indices = self.gate(x)
+        balance = self.balance_loss_weight > 0 and torch.is_grad_enabled()
+        if balance:
+            weights, indices, scores = self.gate(x, return_scores=True)
+        else:
+            weights, indices = self.gate(x)
         flat = indices.flatten()  # slot t * topk + k: token t's k-th expert
         by_expert, order = flat.sort(stable=True)  # slots grouped by expert
         # tokens per expert from the sorted slots' boundaries: fixed-size and free of
@@ -235,7 +313,12 @@ class MoE(nn.Module):
         y = (y.view(-1, self.topk, shape[-1]) * weights.unsqueeze(-1).to(y.dtype)).sum(dim=1)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
-        return y.to(x.dtype).view(shape)
+        y = y.to(x.dtype).view(shape)
+        if balance:
+            loss = self.balance_loss_weight * sequence_balance_loss(
+                scores, indices, self.n_routed_experts, shape[0] if len(shape) == 3 else 1)
+            y = AddBalanceLoss.apply(y, loss, self.balance_grad_scale)
+        return y
 
     @torch.no_grad()
     def update_bias(self, tokens_per_expert: torch.Tensor) -> None:
@@ -267,6 +350,9 @@ class MTP(nn.Module):
 
     Combines the main model's final hidden state at position i with the embedding of
     token i+1, runs one more block, and predicts token i+2 through the shared head.
+    ``eh_proj`` reads [enorm(embedding), hnorm(hidden state)], in this order: the layout of
+    the released DeepSeek-V3 MTP weights (the paper's equation writes the two the other
+    way round; see docs/trainer.md).
     """
 
     def __init__(self, args: ModelArgs):
@@ -279,7 +365,7 @@ class MTP(nn.Module):
 
     def forward(self, h: torch.Tensor, next_emb: torch.Tensor,
                 freqs_cis: torch.Tensor) -> torch.Tensor:
-        x = self.eh_proj(torch.cat([self.hnorm(h), self.enorm(next_emb)], dim=-1))
+        x = self.eh_proj(torch.cat([self.enorm(next_emb), self.hnorm(h)], dim=-1))
         return self.norm(self.block(x, freqs_cis))
 
 
@@ -305,8 +391,7 @@ class Transformer(nn.Module):
         self.mtp = MTP(args) if args.mtp_depth > 0 else None
         self.register_buffer(
             "freqs_cis",
-            precompute_rope(args.qk_rope_head_dim, args.max_seq_len, args.rope_theta),
-            persistent=False,
+            precompute_rope(args), persistent=False,
         )
         if self.embed.weight.device.type != "meta":
             self.init_weights()
@@ -332,9 +417,7 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.w1, std=std)
                 nn.init.normal_(module.w3, std=std)
                 nn.init.normal_(module.w2, std=depth_std)
-        self.freqs_cis = precompute_rope(
-            self.args.qk_rope_head_dim, self.args.max_seq_len, self.args.rope_theta
-        ).to(self.embed.weight.device)
+        self.freqs_cis = precompute_rope(self.args).to(self.embed.weight.device)
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token embeddings, in the autocast dtype when autocast is on, so that the
