@@ -25,9 +25,9 @@ class _Commands(TyperGroup):
     """The root group: every command runs inside its ``invoke``, option parsing included.
 
     The library's typed errors become one ``error:`` line and their exit code
-    (InputError 2, EnvironmentProblem 3, RunFailed 1, Interrupted 128 + the signal: 130
-    for SIGINT, 143 for SIGTERM, 129 for SIGHUP); anything else is one line and exit 1.
-    Tracebacks only with --debug.
+    (InputError 2, EnvironmentProblem 3, RunFailed 1, ClusterBusy 75, Interrupted 128 +
+    the signal: 130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP); anything else is one
+    line and exit 1. Tracebacks only with --debug.
     """
 
     def invoke(self, ctx: typer.Context) -> Any:

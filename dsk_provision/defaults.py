@@ -22,6 +22,9 @@ REPO_DIR = Path(__file__).resolve().parent.parent
 ROLES_DIR = REPO_DIR / "roles"
 DEFAULTS_ROLE = "dsk_defaults"
 DEFAULTS_FILE = ROLES_DIR / DEFAULTS_ROLE / "defaults" / "main.yml"
+# Ansible's settings (the runner points ANSIBLE_CONFIG here); the control node's ssh
+# keep-alives and connect timeout are read from it (ansible_setting).
+ANSIBLE_CFG = REPO_DIR / "ansible.cfg"
 _REFERENCE = re.compile(r"\{\{\s*([a-z_][a-z0-9_]*)\s*\}\}")
 
 
@@ -34,6 +37,16 @@ def role_defaults(role: str = DEFAULTS_ROLE) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of settings")
     return data
+
+
+@cache
+def ansible_setting(section: str, key: str) -> str | None:
+    """A setting of the repository's ansible.cfg as written (None when absent)."""
+    import configparser
+
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=None)
+    parser.read(ANSIBLE_CFG, encoding="utf-8")
+    return parser.get(section, key, fallback=None)
 
 
 def cluster_defaults() -> dict[str, Any]:

@@ -63,3 +63,9 @@ class Interrupted(DskError):
         self.signal_name = signal.Signals(self.signum).name
         self.exit_code = 128 + self.signum
         super().__init__(message or f"interrupted by {self.signal_name}", hint=hint)
+
+
+class ClusterBusy(DskError):
+    """Another run holds the cluster's lock; says who. Nothing was started."""
+
+    exit_code = 75  # EX_TEMPFAIL: try again later

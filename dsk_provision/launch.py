@@ -42,6 +42,7 @@ from dsk_provision.addresses import host_port
 from dsk_provision.errors import EnvironmentProblem, InputError, Interrupted, RunFailed
 from dsk_provision.files import make_private_dir, open_private
 from dsk_provision.interrupts import InterruptGuard
+from dsk_provision.lock import holds_cluster_lock
 from dsk_provision.remote import (
     SshTransport,
     Transport,
@@ -407,6 +408,7 @@ def _stop_all(inventory, runs: list[NodeRun], transports: dict, run_id: str,
         t.join()
 
 
+@holds_cluster_lock("launch")
 def run_torchrun(inventory, module: str, module_args: list[str], *, run_dir: Path,
                  files: dict[str, Path] | None = None, nproc_per_node: int | None = None,
                  env: dict | None = None, console=None, timeout_s: float | None = None,
@@ -569,6 +571,7 @@ def _losses(metrics_path: Path) -> list[tuple[int, float]]:
     return out
 
 
+@holds_cluster_lock("train")
 def train(inventory, config_path: Path, *, runs_dir: Path | None = None, console=None,
           nproc_per_node: int | None = None, transport: TransportChoice = None,
           timeout_s: float | None = None) -> TrainResult:

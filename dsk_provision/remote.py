@@ -85,10 +85,11 @@ class SshTransport:
         extra = ["-o", "BatchMode=yes"]
         if "stricthostkeychecking" not in keys:
             extra += ["-o", "StrictHostKeyChecking=yes"]
-        if "connecttimeout" not in keys:
-            extra += ["-o", "ConnectTimeout=15"]
-        if "serveraliveinterval" not in keys:
-            extra += ["-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4"]
+        # ConnectTimeout and the keep-alives: ansible.cfg's, so that Ansible and the
+        # launcher give up on a dead node alike.
+        for key, option in ssh_options.control_node_ssh_options().items():
+            if key not in keys:
+                extra += ["-o", option]
         key_file = _var(node, "ansible_ssh_private_key_file")
         out = list(args) + extra
         if key_file:

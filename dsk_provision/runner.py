@@ -5,7 +5,13 @@ Each run gets a run directory (see rundir.py) holding:
 - ``ansible/``: ansible-runner's private data dir; ``ansible/artifacts/<command>/`` keeps
   its artifacts (``job_events/*.json``, ``stdout``, ``rc``, ``status``),
 - ``hosts/<host>.log``: every result for that host, in order,
-- ``recap.json``: the per-host recap, failures and timings.
+- ``recap.json``: the per-host recap, failures and timings, and how the run ended
+  (``state``: ``finished``, ``interrupted`` by a signal, or ``timed out``; the hosts that
+  were in the middle of a task when it was stopped).
+
+A run holds its cluster's lock (dsk_provision.lock) and is watched (dsk_provision.runwatch):
+SIGINT, SIGTERM and SIGHUP stop ansible-playbook and raise Interrupted, and a run that
+sends no event for the idle timeout is stopped and fails, naming the hosts it waited on.
 
 Failure messages come from a result's ``msg``/``stderr`` only, and never from a task
 with ``no_log`` (Ansible censors those results; we keep them censored).
@@ -21,9 +27,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dsk_provision.errors import EnvironmentProblem, RunFailed
+from dsk_provision.defaults import ANSIBLE_CFG
+from dsk_provision.errors import EnvironmentProblem, Interrupted, RunFailed
 from dsk_provision.files import make_private_dir, make_private_tree, open_private, write_private
+from dsk_provision.lock import cluster_lock
 from dsk_provision.rundir import new_run_dir
+from dsk_provision.runwatch import IDLE_TIMEOUT_ENV, POLL_S, RunWatch, idle_timeout_s
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -33,7 +42,6 @@ if TYPE_CHECKING:
 REPO_DIR = Path(__file__).resolve().parent.parent
 PLAYBOOKS_DIR = REPO_DIR / "playbooks"
 ROLES_DIR = REPO_DIR / "roles"
-ANSIBLE_CFG = REPO_DIR / "ansible.cfg"
 
 RECAP_COLUMNS = ("ok", "changed", "failed", "unreachable", "skipped", "rescued")
 # playbook_on_stats keys -> our recap names
@@ -112,6 +120,7 @@ class _EventView:
         self.unreachable: dict[str, str] = {}
         self.stats: dict[str, dict[str, int]] | None = None
         self.notes: dict[str, list[str]] = {}
+        self.running: dict[str, str] = {}  # host -> the task it has started, not finished
         self.console = console
         self.logs_dir = run_dir / "hosts"
         make_private_dir(self.logs_dir)
@@ -176,6 +185,7 @@ class _EventView:
             self._say(f"  TASK {task}")
         elif kind == "runner_on_start" and host:
             self._state(host).task = task
+            self.running[host] = task
         elif kind == "runner_on_ok" and host:
             changed = isinstance(res, dict) and bool(res.get("changed"))
             status = "changed" if changed else "ok"
@@ -205,6 +215,7 @@ class _EventView:
                     self.stats[h][dst] = int(n)
 
         if status:
+            self.running.pop(host, None)
             st = self._state(host)
             st.task = task
             if status in ("ok", "changed", "failed", "unreachable", "skipped"):
@@ -217,6 +228,12 @@ class _EventView:
             if self._live is not None:
                 self._live.update(self._table())
         return True  # keep every event in the artifacts
+
+    def mark_stopped(self, why: str) -> None:
+        """A stopped run: say so in the log of every host that was running a task."""
+        for host, task in self.running.items():
+            self._log(host, f"stopped     {task}: {why}")
+            self._say(f"    {host}: stopped during {task}: {why}")
 
     # ---- rendering
     def _table(self):
@@ -279,11 +296,14 @@ def run_playbook(playbook: str, inventory: Inventory, *, command: str,
                  runs_dir: Path | None = None, limit: list[str] | None = None,
                  tags: list[str] | None = None, extra_vars: dict | None = None,
                  check: bool = False, console: Console | None = None,
-                 verbosity: int = 0) -> PlaybookResult:
+                 verbosity: int = 0, idle_timeout: float | None = None) -> PlaybookResult:
     """Run ``playbook`` (a name under playbooks/, or an absolute path) against ``inventory``.
 
     Shows live per-host progress, prints a recap table, and returns the result. Raises
-    RunFailed naming every failed or unreachable host with its first error.
+    RunFailed naming every failed or unreachable host with its first error, ClusterBusy
+    when another run holds the cluster's lock, Interrupted when a signal stopped the run.
+    ``idle_timeout``: seconds without an event before the run is stopped (default:
+    runwatch.idle_timeout_s()).
     """
     try:
         import ansible_runner
@@ -303,13 +323,28 @@ def run_playbook(playbook: str, inventory: Inventory, *, command: str,
             raise InputError(f"--limit names hosts that are not nodes: {', '.join(unknown)} "
                              f"(nodes: {', '.join(sorted(known))})", field="--limit")
 
-    # The cluster's state directory (its key): claimed for this inventory before any run.
+    idle = idle_timeout_s(idle_timeout)
+    with cluster_lock(inventory.cluster_name, command):
+        return _run_locked(ansible_runner, project_dir, playbook_name, inventory,
+                           command=command, runs_dir=runs_dir, limit=limit, tags=tags,
+                           extra_vars=extra_vars, check=check, console=console,
+                           verbosity=verbosity, idle=idle)
+
+
+def _run_locked(ansible_runner: Any, project_dir: Path, playbook_name: str,
+                inventory: Inventory, *, command: str, runs_dir: Path | None,
+                limit: list[str] | None, tags: list[str] | None, extra_vars: dict | None,
+                check: bool, console: Console, verbosity: int, idle: float) -> PlaybookResult:
+    """The body of run_playbook, inside the cluster's lock."""
+    # The cluster's state directory (its key): claimed for this inventory before any run,
+    # under the lock, so that two runs never claim or make a key at once.
     from dsk_provision.trust import playbook_vars
 
     def say(text: str) -> None:
         console.print(text, markup=False, highlight=False, soft_wrap=True)
 
     extra_vars = {**playbook_vars(inventory, check=check, say=say), **(extra_vars or {})}
+
     run_dir = new_run_dir(command, runs_dir)
     private = run_dir / "ansible"
     make_private_dir(private / "tmp")
@@ -334,7 +369,13 @@ def run_playbook(playbook: str, inventory: Inventory, *, command: str,
     started = time.monotonic()
     console.print(f"{command}: {playbook_name} on {len(hosts)} host(s); run directory {run_dir}",
                   markup=False, highlight=False, soft_wrap=True)
-    with _EventView(run_dir, hosts, console, live) as view:
+    watch = RunWatch(idle)
+
+    with _EventView(run_dir, hosts, console, live) as view, watch:
+        def on_event(event: dict) -> bool:
+            watch.note_event()
+            return view.handle(event)
+
         runner = ansible_runner.run(
             private_data_dir=str(private),
             project_dir=str(project_dir),
@@ -347,20 +388,59 @@ def run_playbook(playbook: str, inventory: Inventory, *, command: str,
             tags=",".join(tags) if tags else None,
             cmdline="--check --diff" if check else None,
             verbosity=verbosity or None,
-            event_handler=view.handle,
+            event_handler=on_event,
+            cancel_callback=watch.cancel_requested,
+            settings={"pexpect_timeout": POLL_S},
             quiet=True,
             json_mode=False,
         )
-    # ansible-runner writes its artifacts with the umask's modes: close them down too.
-    make_private_tree(private)
-    elapsed = time.monotonic() - started
-    rc = int(runner.rc if runner.rc is not None else 1)
-    result = PlaybookResult(run_dir=run_dir, rc=rc, recap=view.recap(), failed=view.failed,
-                            unreachable=view.unreachable, elapsed_s=round(elapsed, 2))
-    write_private(run_dir / "recap.json", json.dumps(
-        {**result.to_dict(), "playbook": playbook_name, "command": command, "check": check,
-         "limit": limit, "tags": tags, "status": runner.status}, indent=2) + "\n")
+        stopped = runner.status == "canceled" and watch.cancelled
+        if stopped:
+            # ansible-runner killed ansible-playbook's process group; anything of the run
+            # that left it (or outlived the kill) is stopped here, by PID.
+            watch.reap()
+            why = (f"interrupted by {watch.signal_name}" if watch.signum
+                   else f"no event for {idle:g} s")
+            view.mark_stopped(why)
+        # Signals stay caught until the recap is written: a second Ctrl-C cannot cut it.
+        # ansible-runner writes its artifacts with the umask's modes: close them down too.
+        make_private_tree(private)
+        elapsed = time.monotonic() - started
+        rc = int(runner.rc if runner.rc is not None else 1)
+        result = PlaybookResult(run_dir=run_dir, rc=rc, recap=view.recap(),
+                                failed=view.failed, unreachable=view.unreachable,
+                                elapsed_s=round(elapsed, 2))
+        state = "finished"
+        if stopped:
+            state = "interrupted" if watch.signum else "timed out"
+        write_private(run_dir / "recap.json", json.dumps(
+            {**result.to_dict(), "playbook": playbook_name, "command": command,
+             "check": check, "limit": limit, "tags": tags, "status": runner.status,
+             "state": state, "signal": watch.signal_name or None,
+             "idle_timeout_s": idle, "running": dict(view.running) if stopped else {},
+             "stragglers_stopped": [p.pid for p in watch.stopped]}, indent=2) + "\n")
     render_recap(result, console)
+
+    running = [f"{h} ({t})" for h, t in view.running.items()]
+    if watch.signum:
+        what = ("stopped ansible-playbook" if stopped
+                else "ansible-playbook had already ended")
+        raise Interrupted(
+            watch.signum,
+            f"{command} interrupted by {watch.signal_name}: {what}"
+            + (f"; in the middle of a task: {', '.join(running)}" if stopped and running
+               else ""),
+            hint=f"recap in {run_dir / 'recap.json'}; run {command} again to converge")
+    if stopped:
+        lines = [f"{command}: no event from ansible-playbook for {idle:g} s: stopped it"
+                 + (f"; still waiting on {', '.join(running)}" if running else "")]
+        lines += [f"  {h}: {msg}" for h, msg in view.failed.items()]
+        lines += [f"  {h}: unreachable: {msg}" for h, msg in view.unreachable.items()]
+        raise RunFailed("\n".join(lines),
+                        nodes=list(dict.fromkeys([*view.running, *view.failed,
+                                                  *view.unreachable])),
+                        hint=f"per-host logs in {run_dir / 'hosts'}; if a task really takes "
+                             f"longer, set {IDLE_TIMEOUT_ENV} (seconds)")
 
     if result.failed or result.unreachable:
         bad = list(result.failed) + [h for h in result.unreachable if h not in result.failed]

@@ -201,6 +201,30 @@ def args_problems(text: str, program: str, known_hosts: tuple[str, ...]) -> list
     return problems
 
 
+# What the control node's own ssh clients (the launcher's) take from ansible.cfg, so that
+# Ansible and the launcher notice a dead node alike: the keep-alives of its ssh_args and
+# its connect timeout.
+_SHARED_SSH_OPTIONS = {"serveraliveinterval": "ServerAliveInterval",
+                       "serveralivecountmax": "ServerAliveCountMax"}
+
+
+def control_node_ssh_options() -> dict[str, str]:
+    """ssh options (keyword lowercased -> ``-o`` value) that every ssh client the tool
+    starts uses unless the inventory sets them: ConnectTimeout from ansible.cfg's
+    ``timeout`` and the keep-alives of its ``ssh_args`` (their one home)."""
+    from dsk_provision.defaults import ansible_setting
+
+    out: dict[str, str] = {}
+    timeout = ansible_setting("defaults", "timeout")
+    if timeout:
+        out["connecttimeout"] = f"ConnectTimeout={timeout.strip()}"
+    for key, values, _text in parse_args(ansible_setting("ssh_connection", "ssh_args") or "")\
+            .options:
+        if key in _SHARED_SSH_OPTIONS and values:
+            out[key] = f"{_SHARED_SSH_OPTIONS[key]}={values[0]}"
+    return out
+
+
 def node_ssh_problems(values: Mapping[str, Any],
                       known_hosts: tuple[str, ...]) -> list[tuple[str, str]]:
     """(variable, reason) for every setting among ``values`` that would weaken host-key

@@ -1,9 +1,11 @@
 """The local sandbox cluster: Debian 12 nodes in systemd-nspawn containers, each in its
 own network namespace on a private bridge, with an apt mirror served on the bridge.
 
-See docs/sandbox.md. The CLI calls up, down, status and set_link_rate.
+See docs/sandbox.md. The CLI calls up, down, status and set_link_rate; the fault drills
+(tests/integration) stop a node with stop_node and start it again with up.
 """
 
-from .core import MIRROR_PACKAGES, SandboxInfo, down, set_link_rate, status, up
+from .core import MIRROR_PACKAGES, SandboxInfo, down, set_link_rate, status, stop_node, up
 
-__all__ = ["MIRROR_PACKAGES", "SandboxInfo", "down", "set_link_rate", "status", "up"]
+__all__ = ["MIRROR_PACKAGES", "SandboxInfo", "down", "set_link_rate", "status", "stop_node",
+           "up"]

@@ -430,3 +430,21 @@ def set_link_rate(name: str, node: str, rate: str | None) -> None:
         known = ", ".join(n["name"] for n in state["nodes"])
         raise InputError(f"sandbox {name} has no node {node!r} (nodes: {known})", field="node")
     network.set_rate(name, match[0]["index"], bits)
+
+
+def stop_node(name: str, node: str) -> None:
+    """Stop one node the way a machine dies (fault drills): its link goes silent first,
+    so its peers see no answer rather than a closed connection, then its container
+    stops. Its disk is kept; `up` starts it again with the same host key."""
+    _preflight(name)
+    state = _load_state(name)
+    if state is None:
+        raise InputError(f"no sandbox named {name}", field="name")
+    match = [n for n in state["nodes"] if n["name"] == node]
+    if not match:
+        known = ", ".join(n["name"] for n in state["nodes"])
+        raise InputError(f"sandbox {name} has no node {node!r} (nodes: {known})", field="node")
+    veth = naming.veth_name(name, match[0]["index"])
+    if network.link_exists(veth):
+        run(["ip", "link", "set", veth, "down"])
+    _teardown_node(state, match[0]["index"], keep_disk=True)

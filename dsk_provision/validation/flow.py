@@ -26,6 +26,7 @@ from typing import Any
 
 from dsk_provision.errors import InputError, RunFailed
 from dsk_provision.launch import nproc_for
+from dsk_provision.lock import holds_cluster_lock
 from dsk_provision.sizes import read_size
 from dsk_provision.validation import bench_checks, isolation, node_checks, probes
 from dsk_provision.validation import report as report_files
@@ -179,6 +180,7 @@ def _plot(report: ValidationReport, console) -> None:
         report.plots.append(path.name)
 
 
+@holds_cluster_lock("validate")
 def validate(inventory, *, runs_dir: Path | None = None, begin: str = "1K",
              end: str | None = None, factor: int = 2, console=None,
              thresholds: dict | None = None, warmup: int = 5, iters: int = 20,
