@@ -33,6 +33,7 @@ from dsk_provision.files import make_private_dir, make_private_tree, open_privat
 from dsk_provision.lock import cluster_lock
 from dsk_provision.rundir import new_run_dir
 from dsk_provision.runwatch import IDLE_TIMEOUT_ENV, POLL_S, RunWatch, idle_timeout_s
+from dsk_provision.ssh_options import pinned_ssh_environment
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -358,6 +359,8 @@ def _run_locked(ansible_runner: Any, project_dir: Path, playbook_name: str,
         # ansible.cfg pins host keys; a caller's ANSIBLE_HOST_KEY_CHECKING=False would
         # override it, so the environment handed to Ansible says so too.
         "ANSIBLE_HOST_KEY_CHECKING": "True",
+        # ... and so do the caller's ssh arguments and ssh program (keep-alives, pinning)
+        **pinned_ssh_environment(),
         # ansible-playbook must come from the same environment as this process.
         "PATH": os.pathsep.join([str(Path(sys.executable).parent),
                                  os.environ.get("PATH", "/usr/bin:/bin")]),

@@ -38,6 +38,20 @@ SSH_ARG_VARS = {
 # Where the cluster declares its known-hosts file (read from the cluster-wide variables).
 KNOWN_HOSTS_VAR = "ansible_ssh_common_args"
 HOST_KEY_CHECKING_VARS = ("ansible_host_key_checking", "ansible_ssh_host_key_checking")
+# The ssh program Ansible starts: only ssh itself (a wrapper could drop the pinning).
+SSH_PROGRAM_VARS = ("ansible_ssh_executable",)
+SSH_PROGRAMS = ("ssh", "/usr/bin/ssh")
+# Ansible settings in the caller's environment that would replace ansible.cfg's ssh
+# arguments (keep-alives, pinning) or its ssh program: the runner hands Ansible these
+# values instead, so only the inventory's variables (judged above) add to them.
+def pinned_ssh_environment() -> dict[str, str]:
+    from dsk_provision.defaults import ansible_setting
+
+    return {"ANSIBLE_SSH_ARGS": ansible_setting("ssh_connection", "ssh_args") or "",
+            "ANSIBLE_SSH_COMMON_ARGS": "", "ANSIBLE_SSH_EXTRA_ARGS": "",
+            "ANSIBLE_SCP_EXTRA_ARGS": "", "ANSIBLE_SFTP_EXTRA_ARGS": "",
+            "ANSIBLE_SSH_EXECUTABLE": "ssh"}
+
 
 # The programs' getopt strings (OpenSSH 9): a letter followed by ':' takes a value.
 _GETOPT = {
@@ -234,6 +248,11 @@ def node_ssh_problems(values: Mapping[str, Any],
         text = values.get(name)
         if isinstance(text, str):
             problems += [(name, why) for why in args_problems(text, program, known_hosts)]
+    for name in SSH_PROGRAM_VARS:
+        if name in values and str(values[name]).strip() not in SSH_PROGRAMS:
+            problems.append((name, f"{values[name]!r} runs another program than ssh on the "
+                                   "control node, which can ignore the pinned host keys: "
+                                   "remove it"))
     for name in HOST_KEY_CHECKING_VARS:
         if name in values and str(values[name]).strip().lower() not in _ANSIBLE_TRUE:
             problems.append((name, f"{values[name]!r} turns host key checking off; host keys "

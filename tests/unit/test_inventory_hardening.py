@@ -175,6 +175,59 @@ def test_runner_pins_host_key_checking_against_the_callers_environment(tmp_path,
     assert (tmp_path / "hkc.txt").read_text() == "True"
 
 
+def test_runner_hands_ansible_its_own_ssh_arguments_and_program(tmp_path, monkeypatch):
+    """The caller's ANSIBLE_SSH_* settings would replace ansible.cfg's ssh arguments (the
+    keep-alives) or run another program as ssh: the runner's values win."""
+    from rich.console import Console
+
+    from dsk_provision.defaults import ansible_setting
+    from dsk_provision.runner import run_playbook
+
+    def conf(name):
+        return ("{{ lookup('ansible.builtin.config', '" + name
+                + "', plugin_type='connection', plugin_name='ssh') }}")
+
+    play = tmp_path / "play.yml"
+    play.write_text(
+        "- hosts: nodes\n  gather_facts: false\n  tasks:\n"
+        "    - ansible.builtin.copy:\n"
+        f"        content: \"{conf('ssh_args')}|{conf('ssh_executable')}|"
+        f"{conf('ssh_common_args')}|{conf('ssh_extra_args')}\"\n"
+        "        dest: \"{{ out_file }}\"\n")
+    (tmp_path / "inv").mkdir()
+    (tmp_path / "inv/hosts.yml").write_text(yaml.safe_dump({"all": {
+        "vars": {"dsk_gpus_per_node": 0, "ansible_connection": "local",
+                 "ansible_python_interpreter": sys.executable,
+                 "ansible_remote_tmp": f"{tmp_path}/remote-tmp",
+                 "ansible_control_path_dir": f"{tmp_path}/cp",
+                 "out_file": str(tmp_path / "ssh.txt")},
+        "children": {"nodes": {"hosts": {"localhost": {"ansible_host": "127.0.0.1"}}}}}}))
+    monkeypatch.setenv("ANSIBLE_SSH_ARGS", "-o StrictHostKeyChecking=no")
+    monkeypatch.setenv("ANSIBLE_SSH_EXECUTABLE", str(tmp_path / "not-ssh"))
+    monkeypatch.setenv("ANSIBLE_SSH_COMMON_ARGS", "-F /tmp/cfg")
+    monkeypatch.setenv("ANSIBLE_SSH_EXTRA_ARGS", "-o UserKnownHostsFile=/dev/null")
+    console = Console(file=(tmp_path / "console.txt").open("w"), width=120)
+    result = run_playbook(str(play), load_inventory(tmp_path / "inv"), command="unit",
+                          runs_dir=tmp_path / "runs", console=console)
+    console.file.close()
+    assert result.ok, (tmp_path / "console.txt").read_text()
+    cfg_args = ansible_setting("ssh_connection", "ssh_args")
+    assert "ServerAliveInterval" in cfg_args
+    assert (tmp_path / "ssh.txt").read_text() == f"{cfg_args}|ssh||"
+
+
+@pytest.mark.parametrize("program, ok", [("ssh", True), ("/usr/bin/ssh", True),
+                                         ("/usr/local/bin/my-ssh", False), ("sshpass", False)])
+def test_only_ssh_itself_may_be_ansibles_ssh_program(tmp_path, program, ok):
+    inv_dir = write_inventory(tmp_path, {"ansible_ssh_executable": program})
+    if ok:
+        load_inventory(inv_dir)
+        return
+    err = refused(inv_dir)
+    assert err.field == "all.children.nodes.hosts.n1.ansible_ssh_executable"
+    assert "another program than ssh" in str(err)
+
+
 # --------------------------------------------------------------------------- host_vars
 
 def test_host_vars_merge_in_ansibles_order(tmp_path):
