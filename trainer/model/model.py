@@ -258,9 +258,13 @@ class GroupedExperts(nn.Module):
         dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
         offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
         x = x.to(dtype)
-        w1, w2, w3 = (w.to(dtype).transpose(-2, -1) for w in (self.w1, self.w2, self.w3))
-        h = F.silu(torch._grouped_mm(x, w1, offs=offsets)) * torch._grouped_mm(x, w3, offs=offsets)
-        return torch._grouped_mm(h, w2, offs=offsets)
+        # w1 and w3 in one grouped GEMM twice as wide: the weights are cast to the compute
+        # dtype (a copy) anyway, so stacking them costs nothing more, and the wider GEMM
+        # runs faster than the two narrow ones (docs/benchmarks.md)
+        w13 = torch.cat([self.w1, self.w3], dim=1).to(dtype).transpose(-2, -1)
+        h1, h3 = torch._grouped_mm(x, w13, offs=offsets).chunk(2, dim=-1)
+        w2 = self.w2.to(dtype).transpose(-2, -1)
+        return torch._grouped_mm(F.silu(h1) * h3, w2, offs=offsets)
 
 
 class MoE(nn.Module):
