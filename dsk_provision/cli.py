@@ -73,6 +73,9 @@ app.add_typer(mirror_app, name="mirror")
 nodes_app = typer.Typer(help="Change the cluster's nodes through the inventory.",
                         no_args_is_help=True)
 app.add_typer(nodes_app, name="nodes")
+hostkeys_app = typer.Typer(help="The nodes' SSH host keys: pin them on first contact.",
+                           no_args_is_help=True)
+app.add_typer(hostkeys_app, name="hostkeys")
 
 InventoryOpt = Annotated[Path, typer.Option(
     "--inventory", "-i", help="Inventory: a hosts.yml file or a directory holding one.")]
@@ -255,6 +258,35 @@ def nodes_uncordon(
     inv = set_cordon(inv, name, None)
     render.line(f"{name} is back in service; {len(inv.active_nodes)} of {len(inv.nodes)} "
                 f"nodes in service; written to {inv.hosts_file}")
+
+
+@hostkeys_app.command("scan")
+def hostkeys_scan(
+    inventory: InventoryOpt,
+    nodes: Annotated[list[str] | None, typer.Argument(
+        help="Only these nodes (default: every node of the inventory).")] = None,
+    expect: Annotated[Path | None, typer.Option(
+        "--expect", help="Pin without asking the keys whose fingerprints this file lists: "
+                         "lines 'NODE SHA256:...' or `ssh-keygen -l` output.")] = None,
+    replace: Annotated[list[str] | None, typer.Option(
+        "--replace", help="A reinstalled node whose recorded keys give way to its new "
+                          "ones (repeat or comma-separate); still confirmed or expected.")]
+        = None,
+    timeout: Annotated[int | None, typer.Option(
+        "--timeout", min=1, max=300,
+        help="Seconds to wait for each node [default: 10].")] = None,
+) -> None:
+    """Collect the nodes' host keys, show their fingerprints, and pin them in the
+    inventory's known_hosts file once confirmed or matched with --expect. A key that
+    differs from the recorded one is refused (exit code 4); a declined or unanswered
+    prompt writes nothing (exit code 1)."""
+    from dsk_provision import hostkeys
+
+    plan = hostkeys.trust(_load(inventory), nodes or None, expect=expect,
+                          confirm=render.host_keys_confirm, replace=_split(replace) or (),
+                          timeout=timeout or hostkeys.SCAN_TIMEOUT_S,
+                          show=render.host_keys_plan)
+    render.host_keys_done(plan)
 
 
 @sandbox_app.command("up")

@@ -187,3 +187,41 @@ def mirror_serving(directory: Path, url: str,
     out.print("inventory settings (all.vars, or per group when nodes differ):")
     for var, value, comment in settings:
         out.print(f"  {var}: {value}    # {comment}")
+
+
+# ---------------------------------------------------------------------------- hostkeys
+
+def host_keys_plan(plan) -> None:
+    """The scanned keys as `ssh-keygen -l` prints them (the node's name as comment), by
+    what happens to them; refusals and unreachable nodes are left to the error."""
+    out = console()
+    groups = (("new host keys, not pinned yet (compare them with the nodes' consoles):",
+               plan.new),
+              (f"already pinned in {plan.known_hosts}:", plan.known),
+              ("left out (no expected fingerprint vouches for them):", plan.unvouched))
+    for title, pairs in groups:
+        if pairs:
+            out.print(title)
+            for target, key in pairs:
+                out.print(f"  {key.fingerprint_line(target.name)}")
+    for target in plan.replaced:
+        out.print(f"{target.name}: its recorded keys will be replaced by the ones above")
+
+
+def host_keys_confirm(plan) -> bool:
+    """Ask on the terminal (stderr, answer on stdin) whether to pin the new keys; no
+    answer (end of input) is no."""
+    err = console(stderr=True)
+    err.print(f"pin these {len(plan.new)} key(s) in {plan.known_hosts}? [y/N] ", end="")
+    answer = sys.stdin.readline()
+    if not answer:
+        err.print("")
+    return answer.strip().lower() in ("y", "yes")
+
+
+def host_keys_done(plan) -> None:
+    if plan.new:
+        console().print(f"pinned {len(plan.new)} key(s) of "
+                        f"{len({t.name for t, _ in plan.new})} node(s) in {plan.known_hosts}")
+    else:
+        console().print(f"nothing to pin: every key is already in {plan.known_hosts}")
