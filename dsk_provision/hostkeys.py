@@ -466,6 +466,7 @@ def compare(target: Target, offered: list[HostKey], recorded: list[HostKey]) -> 
 
 def plan(scans: Sequence[NodeScan], known_hosts: Path, *,
          recorded_json: dict[str, list[HostKey]] | None = None,
+         recorded_json_file: str = HOST_KEYS_JSON,
          expected: dict[str, list[Expected]] | None = None,
          replace: Iterable[str] = ()) -> Plan:
     """Compare each node's offered keys with the known_hosts file, host_keys.json and the
@@ -482,7 +483,7 @@ def plan(scans: Sequence[NodeScan], known_hosts: Path, *,
             out.replaced.append(t)
         else:
             sources = ((str(known_hosts), known_hosts_keys(known_hosts, t)),
-                       (HOST_KEYS_JSON, (recorded_json or {}).get(t.name, [])))
+                       (recorded_json_file, (recorded_json or {}).get(t.name, [])))
             changed = [(where, why) for where, keys in sources
                        if (why := compare(t, s.keys, keys))]
             if changed:
@@ -568,7 +569,8 @@ def trust(inventory, names: Sequence[str] | None = None, *, expect: Path | None 
     path = known_hosts_path(inventory)
     expected = read_expected(expect, nodes) if expect is not None else None
     scans = scan(nodes, timeout=timeout)
-    p = plan(scans, path, recorded_json=host_keys_json(inventory), expected=expected,
+    p = plan(scans, path, recorded_json=host_keys_json(inventory),
+             recorded_json_file=str(host_keys_json_path(inventory)), expected=expected,
              replace=replace)
     if show is not None:
         show(p)

@@ -192,8 +192,9 @@ def mirror_serving(directory: Path, url: str,
 # ---------------------------------------------------------------------------- hostkeys
 
 def host_keys_plan(plan) -> None:
-    """The scanned keys as `ssh-keygen -l` prints them (the node's name as comment), by
-    what happens to them; refusals and unreachable nodes are left to the error."""
+    """The scanned keys as `ssh-keygen -lf` prints the known_hosts lines they make (the
+    node's name and address as comment), by what happens to them; refusals and
+    unreachable nodes are left to the error."""
     out = console()
     groups = (("new host keys, not pinned yet (compare them with the nodes' consoles):",
                plan.new),
@@ -201,9 +202,10 @@ def host_keys_plan(plan) -> None:
               ("left out (no expected fingerprint vouches for them):", plan.unvouched))
     for title, pairs in groups:
         if pairs:
-            out.print(title)
+            out.print(title, soft_wrap=True)
             for target, key in pairs:
-                out.print(f"  {key.fingerprint_line(target.name)}")
+                out.print(f"  {key.fingerprint_line(','.join(target.known_hosts_names))}",
+                          soft_wrap=True)
     for target in plan.replaced:
         out.print(f"{target.name}: its recorded keys will be replaced by the ones above")
 
@@ -212,10 +214,11 @@ def host_keys_confirm(plan) -> bool:
     """Ask on the terminal (stderr, answer on stdin) whether to pin the new keys; no
     answer (end of input) is no."""
     err = console(stderr=True)
-    err.print(f"pin these {len(plan.new)} key(s) in {plan.known_hosts}? [y/N] ", end="")
+    err.print(f"pin these {len(plan.new)} key(s) in {plan.known_hosts}? [y/N] ", end="",
+              soft_wrap=True)
     answer = sys.stdin.readline()
-    if not answer:
-        err.print("")
+    if not answer or not sys.stdin.isatty():
+        err.print("")  # the answer was not echoed: end the prompt's line
     return answer.strip().lower() in ("y", "yes")
 
 
