@@ -228,3 +228,23 @@ def host_keys_done(plan) -> None:
                         f"{len({t.name for t, _ in plan.new})} node(s) in {plan.known_hosts}")
     else:
         console().print(f"nothing to pin: every key is already in {plan.known_hosts}")
+
+
+# ---------------------------------------------------------------------------- init
+
+def inventory_written(result) -> None:
+    out = console()
+    s = result.settings
+    out.print(f"wrote {result.hosts_file} and {result.directory / 'group_vars' / 'all.yml'}: "
+              f"cluster {s.cluster_name}, {result.nodes} node(s), {s.gpus_per_node} GPU(s) "
+              f"per node, profile {s.profile or '(not chosen)'}", soft_wrap=True)
+    if result.facts:
+        for node, facts in result.facts.items():
+            out.print(f"  {node}: {facts.summary()}", soft_wrap=True)
+    warnings(result.notes)
+    out.print("next:")
+    if not result.facts:
+        out.print(f"  dsk-provision hostkeys scan -i {result.directory}", soft_wrap=True)
+    for cmd in (f"dsk-provision check -i {result.directory}",
+                f"dsk-provision bootstrap -i {result.directory}"):
+        out.print(f"  {cmd}", soft_wrap=True)
