@@ -194,20 +194,28 @@ done
 if command -v nvidia-smi >/dev/null 2>&1; then
   nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | sed 's/^/gpu_name=/'
 fi
-for d in /sys/class/net/*; do
-  n=${d##*/}
-  [ "$n" = lo ] && continue
-  echo "if=$n $(cat "$d/type" 2>/dev/null) $(cat "$d/operstate" 2>/dev/null)"
-done
 if command -v ip >/dev/null 2>&1; then
+  # The node's own network namespace (a container may see its host's /sys/class/net).
+  ip -o link show 2>/dev/null | awk '{n = $2; sub(/:$/, "", n); sub(/@.*/, "", n);
+    s = "unknown"; t = "";
+    for (i = 3; i < NF; i++) { if ($i == "state") s = tolower($(i + 1));
+                               if ($i ~ /^link\//) t = substr($i, 6) }
+    if (t != "loopback") print "if=" n " " t " " s }'
   ip -o -4 addr show 2>/dev/null | while read -r _ n _ a _; do echo "inet=$n $a"; done
+else
+  for d in /sys/class/net/*; do
+    n=${d##*/}
+    [ "$n" = lo ] && continue
+    case "$(cat "$d/type" 2>/dev/null)" in 1) t=ether;; 32) t=infiniband;; *) t=other;; esac
+    echo "if=$n $t $(cat "$d/operstate" 2>/dev/null)"
+  done
 fi
 """
 
 # What a comment may hold of a node's answers: they come from the node, so nothing that
 # could end the comment or the line.
 _COMMENT_UNSAFE = re.compile(r"[^A-Za-z0-9 .,:;/_()+@\[\]-]")
-_LINK_TYPES = {"1": "ethernet", "32": "infiniband"}
+_LINK_TYPES = {"ether": "ethernet", "infiniband": "infiniband"}
 
 
 def _clean(text: str, limit: int = 80) -> str:

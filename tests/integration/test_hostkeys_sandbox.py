@@ -107,3 +107,39 @@ def test_a_changed_host_key_is_refused_with_both_fingerprints(sandbox_cluster, t
     assert f"recorded {old.fingerprint}" in refused.stderr
     assert f"offered now {pinned[node2].fingerprint}" in refused.stderr
     assert known.read_text() == f"{node2},{ip2} {old.line}\n"
+
+
+def test_init_probe_fills_in_what_the_nodes_are(sandbox_cluster, sandbox_name, node_ssh,
+                                                tmp_path):
+    """`init --probe` on the sandbox: host keys confirmed through the same path, then the
+    nodes' real GPUs (none), OS and interfaces written into an inventory `check` accepts."""
+    nodes_file = tmp_path / "nodes.txt"
+    nodes_file.write_text("".join(f"{n} {ip}\n" for n, ip in sandbox_cluster.nodes))
+    inv = tmp_path / "probed"
+    proc = subprocess.run(
+        [str(EXE), "init", "-i", str(inv), "--hosts-file", str(nodes_file),
+         "--name", f"{sandbox_name}-init", "--user", "root",
+         "--key", str(sandbox_cluster.state_dir / "ssh/id_ed25519"), "--probe"],
+        cwd=REPO, env=dict(os.environ), input="y\n", capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    loaded = yaml.safe_load((inv / "group_vars/all.yml").read_text())
+    assert loaded["dsk_gpus_per_node"] == 0 and loaded["dsk_profile"] == "cpu-sandbox"
+    hosts_text = (inv / "hosts.yml").read_text()
+    for node, ip in sandbox_cluster.nodes:
+        ifname = node_ssh(ip, f"ip -o -4 addr show | awk '$4 ~ \"^{ip}/\" {{print $2}}'")\
+            .stdout.strip()
+        assert ifname and loaded["dsk_socket_ifname"] == ifname
+        line = next(ln for ln in hosts_text.splitlines() if ln.strip().startswith(f"{node}:"))
+        assert "# 0 GPUs; Debian GNU/Linux 12 (bookworm);" in line
+        assert f"{ifname} {ip}/" in line
+        # The node's own interfaces, not those of the machine its container runs on.
+        links = node_ssh(ip, "ip -o link show").stdout.splitlines()
+        names = {ln.split()[1].rstrip(":").split("@")[0] for ln in links} - {"lo"}
+        shown = {item.split()[0] for item in line.split("; ")[2].split(", ")}
+        assert shown == names
+    pinned = pinned_keys(sandbox_cluster)
+    assert all(k.line in (inv / "known_hosts").read_text() for k in pinned.values())
+    check = subprocess.run([str(EXE), "check", "-i", str(inv)], cwd=REPO, env=dict(os.environ),
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr

@@ -189,9 +189,9 @@ H100_NODE = """\
 os=Ubuntu 22.04.4 LTS
 """ + "".join(f"gpu=0000:{i:02x}:00.0 0x2330\ngpu_name=NVIDIA H100 80GB HBM3\n"
               for i in range(8)) + """\
-if=eth0 1 up
-if=ib0 32 up
-if=eno2 1 down
+if=eth0 ether up
+if=ib0 infiniband up
+if=eno2 ether down
 inet=eth0 10.0.0.11/24
 """
 
@@ -212,7 +212,7 @@ def test_probe_output_is_read():
 
 def test_what_a_node_says_cannot_leave_its_comment():
     facts = ii.parse_probe("os=Evil\nall: {}\ngpu_name=X\" # }\n\n\x1b[2J\n"
-                           "if=eth0 1 up\ninet=eth0 10.0.0.1/24\n")
+                           "if=eth0 ether up\ninet=eth0 10.0.0.1/24\n")
     hosts = [ii.HostSpec("n1", "10.0.0.1")]
     text = ii.render_hosts(hosts, ii.Settings("c", 0, "cpu-sandbox"), Path("/x"),
                            {"n1": facts})
@@ -229,7 +229,16 @@ def test_probe_reads_this_machine(tmp_path):
     os_release = dict(line.split("=", 1) for line in
                       Path("/etc/os-release").read_text().splitlines() if "=" in line)
     assert facts.os == os_release["PRETTY_NAME"].strip('"')
-    assert set(facts.interfaces) == set(os.listdir("/sys/class/net")) - {"lo"}
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    names = {ln.split()[1].rstrip(":").split("@")[0] for ln in links}
+    assert set(facts.interfaces) == names - {"lo"}
+    addresses = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True,
+                               text=True, check=True).stdout.splitlines()
+    for line in addresses:
+        words = line.split()
+        if words[1] != "lo":
+            assert words[3] in facts.addresses[words[1]]
     gpus = 0
     for dev in Path("/sys/bus/pci/devices").iterdir():
         if (dev / "vendor").read_text().strip() == "0x10de" and \
