@@ -567,6 +567,8 @@ def trust(inventory, names: Sequence[str] | None = None, *, expect: Path | None 
         raise InputError(f"--replace names {', '.join(sorted(unknown))}, which is not among "
                          "the nodes scanned", field="--replace")
     path = known_hosts_path(inventory)
+    # host_keys.json is this inventory's only if the state directory is (as `check` says).
+    state.claim_cluster_state_dir(inventory.cluster_name, inventory.hosts_file, create=False)
     expected = read_expected(expect, nodes) if expect is not None else None
     scans = scan(nodes, timeout=timeout)
     p = plan(scans, path, recorded_json=host_keys_json(inventory),
@@ -594,11 +596,6 @@ def trust(inventory, names: Sequence[str] | None = None, *, expect: Path | None 
             hint="check that the node is up and its sshd listens on that address and port")
     return p
 
-
-def unpinned_nodes(inventory) -> list[str]:
-    """The nodes that have no key in the inventory's known_hosts file."""
-    path = known_hosts_path(inventory)
-    return [t.name for t in targets(inventory) if not known_hosts_keys(path, t)]
 
 
 __all__ = ["HostKey", "HostKeyMismatch", "NodeScan", "NotConfirmed", "Plan", "Target",

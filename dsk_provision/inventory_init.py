@@ -16,6 +16,7 @@ the inventory is written with what was found: GPUs per node, the hardware profil
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 import shutil
@@ -498,10 +499,12 @@ def _stage(directory: Path, hosts_text: str, vars_text: str, stage: Path):
     (stage / "hosts.yml").write_text(hosts_text)
     (stage / "group_vars" / "all.yml").write_text(vars_text)
     try:
-        return load_inventory(stage)
+        inv = load_inventory(stage)
     except InputError as exc:
         # Name the file as it will be, not the staging copy.
         raise InputError(str(exc).replace(str(stage), str(directory))) from None
+    # The inventory it will be: its state directory (host_keys.json) is the final file's.
+    return dataclasses.replace(inv, path=directory, hosts_file=directory / "hosts.yml")
 
 
 def init_inventory(directory: Path, hosts: Sequence[HostSpec], settings: Settings, *,

@@ -311,3 +311,12 @@ def test_scan_command_exit_codes(cluster, tmp_path):
     assert changed.exit_code == 4 and "host key changed" in changed.output
     unknown = runner.invoke(app, ["hostkeys", "scan", "-i", inv, "gpu09"])
     assert unknown.exit_code == 2 and "gpu09" in unknown.output
+
+
+def test_a_state_directory_of_another_inventory_is_refused(cluster, tmp_path):
+    """host_keys.json belongs to the inventory that owns the state directory, as `check`
+    says: another inventory with the same cluster name is refused before any scan."""
+    state.claim_cluster_state_dir("hk", tmp_path / "elsewhere" / "hosts.yml")
+    with pytest.raises(InputError, match="already used by the inventory"):
+        hostkeys.trust(cluster["load"](), confirm=lambda p: True)
+    assert not cluster["known"].exists()

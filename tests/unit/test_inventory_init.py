@@ -13,6 +13,7 @@ from test_hostkeys import cluster as keyscan_cluster  # noqa: F401  (the fixture
 from typer.testing import CliRunner
 
 from dsk_provision import inventory_init as ii
+from dsk_provision import state
 from dsk_provision.cli import app
 from dsk_provision.errors import InputError
 from dsk_provision.inventory import load_inventory
@@ -274,6 +275,11 @@ def test_init_probe_pins_keys_then_fills_in_what_nodes_say(keyscan_cluster, tmp_
     assert result.facts["gpu02"].os == "Ubuntu 22.04.4 LTS"
     known = (inv / "known_hosts").read_text()
     assert all(k.line in known for k in keys.values())
+    # Again over the same, now used, inventory (its state directory claimed by it).
+    state.claim_cluster_state_dir("probed", inv / "hosts.yml")
+    ii.init_inventory(inv, hosts, ii.Settings("probed"), force=True, probe_nodes=True,
+                      expect=expect, transport=Answers())
+    assert load_inventory(inv).profile == "h100-sxm-8"
     # A key no fingerprint vouches for stops the probe before any node is asked.
     other = tmp_path / "other"
     subprocess.run(["ssh-keygen", "-q", "-N", "", "-t", "ed25519", "-f", str(other)],
