@@ -440,24 +440,22 @@ class Plan:
     refused: list[Refusal] = field(default_factory=list)
     unreachable: list[NodeScan] = field(default_factory=list)
     replaced: list[Target] = field(default_factory=list)
-    expected: bool = False
 
 
 def _describe(keys: Iterable[HostKey]) -> str:
     return ", ".join(f"{k.fingerprint} ({k.kind})" for k in keys) or "none"
 
 
-def compare(target: Target, offered: list[HostKey], recorded: list[HostKey]) -> str | None:
+def compare(offered: list[HostKey], recorded: list[HostKey]) -> str | None:
     """Why ``offered`` contradicts ``recorded`` (None: it does not). A recorded key type
     that the node now offers with another key, or a node that offers none of its
     recorded keys, has changed its host key."""
     if not recorded:
         return None
-    by_type = {k.type: k for k in recorded}
     for key in offered:
-        old = by_type.get(key.type)
-        if old is not None and old != key:
-            return f"recorded {old.fingerprint} ({old.kind}), offered now {key.fingerprint} " \
+        same_type = [k for k in recorded if k.type == key.type]
+        if same_type and key not in same_type:
+            return f"recorded {_describe(same_type)}, offered now {key.fingerprint} " \
                    f"({key.kind})"
     if not set(offered) & set(recorded):
         return f"recorded {_describe(recorded)}, offered now {_describe(offered)}"
@@ -473,7 +471,7 @@ def plan(scans: Sequence[NodeScan], known_hosts: Path, *,
     expected fingerprints. ``replace``: nodes whose recorded keys are to be replaced (a
     reinstalled node); their new keys still need confirmation or an expected match."""
     replace = set(replace)
-    out = Plan(known_hosts=known_hosts, expected=expected is not None)
+    out = Plan(known_hosts=known_hosts)
     for s in scans:
         t = s.target
         if s.error is not None:
@@ -485,7 +483,7 @@ def plan(scans: Sequence[NodeScan], known_hosts: Path, *,
             sources = ((str(known_hosts), known_hosts_keys(known_hosts, t)),
                        (recorded_json_file, (recorded_json or {}).get(t.name, [])))
             changed = [(where, why) for where, keys in sources
-                       if (why := compare(t, s.keys, keys))]
+                       if (why := compare(s.keys, keys))]
             if changed:
                 where, why = changed[0]
                 out.refused.append(Refusal(t.name, f"{t.name} ({t.address} port {t.port}): "

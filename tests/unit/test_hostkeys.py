@@ -320,3 +320,13 @@ def test_a_state_directory_of_another_inventory_is_refused(cluster, tmp_path):
     with pytest.raises(InputError, match="already used by the inventory"):
         hostkeys.trust(cluster["load"](), confirm=lambda p: True)
     assert not cluster["known"].exists()
+
+
+def test_two_recorded_keys_of_one_type_are_both_accepted(tmp_path):
+    """A known_hosts file may hold two keys of one type for a node (a rotation): the
+    node offering either is no change; a third key is."""
+    a, b, c = (keygen(tmp_path / n) for n in "abc")
+    assert hostkeys.compare([b], [a, b]) is None
+    assert hostkeys.compare([a], [a, b]) is None
+    why = hostkeys.compare([c], [a, b])
+    assert why and a.fingerprint in why and b.fingerprint in why and c.fingerprint in why
