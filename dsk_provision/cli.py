@@ -73,6 +73,9 @@ app.add_typer(mirror_app, name="mirror")
 nodes_app = typer.Typer(help="Change the cluster's nodes through the inventory.",
                         no_args_is_help=True)
 app.add_typer(nodes_app, name="nodes")
+hostkeys_app = typer.Typer(help="The nodes' SSH host keys: pin them on first contact.",
+                           no_args_is_help=True)
+app.add_typer(hostkeys_app, name="hostkeys")
 
 InventoryOpt = Annotated[Path, typer.Option(
     "--inventory", "-i", help="Inventory: a hosts.yml file or a directory holding one.")]
@@ -255,6 +258,93 @@ def nodes_uncordon(
     inv = set_cordon(inv, name, None)
     render.line(f"{name} is back in service; {len(inv.active_nodes)} of {len(inv.nodes)} "
                 f"nodes in service; written to {inv.hosts_file}")
+
+
+@app.command()
+def init(
+    inventory: Annotated[Path, typer.Option(
+        "--inventory", "-i", help="The directory to write hosts.yml and group_vars/all.yml "
+                                  "into.")],
+    hosts: Annotated[str | None, typer.Option(
+        "--hosts", help="Addresses and IPv4 ranges, comma-separated: "
+                        "10.0.0.11,10.0.0.12 or 10.0.0.11-10.0.0.18.")] = None,
+    hosts_file: Annotated[Path | None, typer.Option(
+        "--hosts-file", help="A file of 'name address [port]' lines.")] = None,
+    name: Annotated[str | None, typer.Option(
+        "--name", help="dsk_cluster_name [default: the directory's name].")] = None,
+    gpus: Annotated[int, typer.Option(
+        "--gpus", help="GPUs per node (--probe reads them).")] = 8,
+    profile: Annotated[str | None, typer.Option(
+        "--profile", help="Hardware profile of validate (--probe picks it from the GPUs' "
+                          "model).")] = None,
+    prefix: Annotated[str, typer.Option(
+        "--prefix", help="Node names for --hosts: PREFIX01, PREFIX02...")] = "gpu",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535,
+                                      help="SSH port of every node.")] = 22,
+    user: Annotated[str, typer.Option("--user", help="ansible_user.")] = "root",
+    key: Annotated[str, typer.Option(
+        "--key", help="ansible_ssh_private_key_file.")] = "~/.ssh/id_ed25519",
+    known_hosts: Annotated[str | None, typer.Option(
+        "--known-hosts", help="The known_hosts file that pins the nodes' host keys (absolute) "
+                              "[default: known_hosts in the inventory's directory].")] = None,
+    probe: Annotated[bool, typer.Option(
+        "--probe", help="Pin the host keys (as `hostkeys scan`), then read GPUs, OS and "
+                        "interfaces from the nodes over SSH.")] = False,
+    expect: Annotated[Path | None, typer.Option(
+        "--expect", help="With --probe: the nodes' expected host key fingerprints, as for "
+                         "`hostkeys scan --expect`.")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace an inventory already in the directory.")] = False,
+) -> None:
+    """Write a new, commented inventory (hosts.yml, group_vars/all.yml) that passes `check`."""
+    from dsk_provision import inventory_init as ii
+
+    if (hosts is None) == (hosts_file is None):
+        raise InputError("give the nodes with --hosts or with --hosts-file (one of them)",
+                         field="--hosts")
+    if expect is not None and not probe:
+        raise InputError("--expect checks host keys, which only --probe collects",
+                         field="--expect")
+    if hosts is not None:
+        specs = ii.hosts_from_list(hosts, prefix=prefix, port=port)
+    else:
+        specs = ii.hosts_from_file(hosts_file, port=port)
+    cluster = name if name is not None else Path(inventory).expanduser().absolute().name
+    settings = ii.Settings(cluster_name=cluster, gpus_per_node=gpus, profile=profile,
+                           user=user, key=key, known_hosts=known_hosts or "")
+    result = ii.init_inventory(inventory, specs, settings, force=force, probe_nodes=probe,
+                               expect=expect, confirm=render.host_keys_confirm,
+                               show=render.host_keys_plan)
+    render.inventory_written(result)
+
+
+@hostkeys_app.command("scan")
+def hostkeys_scan(
+    inventory: InventoryOpt,
+    nodes: Annotated[list[str] | None, typer.Argument(
+        help="Only these nodes (default: every node of the inventory).")] = None,
+    expect: Annotated[Path | None, typer.Option(
+        "--expect", help="Pin without asking the keys whose fingerprints this file lists: "
+                         "lines 'NODE SHA256:...' or `ssh-keygen -l` output.")] = None,
+    replace: Annotated[list[str] | None, typer.Option(
+        "--replace", help="A reinstalled node whose recorded keys give way to its new "
+                          "ones (repeat or comma-separate); still confirmed or expected.")]
+        = None,
+    timeout: Annotated[int | None, typer.Option(
+        "--timeout", min=1, max=300,
+        help="Seconds to wait for each node [default: 10].")] = None,
+) -> None:
+    """Collect the nodes' host keys, show their fingerprints, and pin them in the
+    inventory's known_hosts file once confirmed or matched with --expect. A key that
+    differs from the recorded one is refused (exit code 4); a declined or unanswered
+    prompt writes nothing (exit code 1)."""
+    from dsk_provision import hostkeys
+
+    plan = hostkeys.trust(_load(inventory), nodes or None, expect=expect,
+                          confirm=render.host_keys_confirm, replace=_split(replace) or (),
+                          timeout=timeout or hostkeys.SCAN_TIMEOUT_S,
+                          show=render.host_keys_plan)
+    render.host_keys_done(plan)
 
 
 @sandbox_app.command("up")

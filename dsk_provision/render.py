@@ -187,3 +187,64 @@ def mirror_serving(directory: Path, url: str,
     out.print("inventory settings (all.vars, or per group when nodes differ):")
     for var, value, comment in settings:
         out.print(f"  {var}: {value}    # {comment}")
+
+
+# ---------------------------------------------------------------------------- hostkeys
+
+def host_keys_plan(plan) -> None:
+    """The scanned keys as `ssh-keygen -lf` prints the known_hosts lines they make (the
+    node's name and address as comment), by what happens to them; refusals and
+    unreachable nodes are left to the error."""
+    out = console()
+    groups = (("new host keys, not pinned yet (compare them with the nodes' consoles):",
+               plan.new),
+              (f"already pinned in {plan.known_hosts}:", plan.known),
+              ("left out (no expected fingerprint vouches for them):", plan.unvouched))
+    for title, pairs in groups:
+        if pairs:
+            out.print(title, soft_wrap=True)
+            for target, key in pairs:
+                out.print(f"  {key.fingerprint_line(','.join(target.known_hosts_names))}",
+                          soft_wrap=True)
+    for target in plan.replaced:
+        out.print(f"{target.name}: its recorded keys will be replaced by the ones above")
+
+
+def host_keys_confirm(plan) -> bool:
+    """Ask on the terminal (stderr, answer on stdin) whether to pin the new keys; no
+    answer (end of input) is no."""
+    err = console(stderr=True)
+    err.print(f"pin these {len(plan.new)} key(s) in {plan.known_hosts}? [y/N] ", end="",
+              soft_wrap=True)
+    answer = sys.stdin.readline()
+    if not answer or not sys.stdin.isatty():
+        err.print("")  # the answer was not echoed: end the prompt's line
+    return answer.strip().lower() in ("y", "yes")
+
+
+def host_keys_done(plan) -> None:
+    if plan.new:
+        console().print(f"pinned {len(plan.new)} key(s) of "
+                        f"{len({t.name for t, _ in plan.new})} node(s) in {plan.known_hosts}")
+    else:
+        console().print(f"nothing to pin: every key is already in {plan.known_hosts}")
+
+
+# ---------------------------------------------------------------------------- init
+
+def inventory_written(result) -> None:
+    out = console()
+    s = result.settings
+    out.print(f"wrote {result.hosts_file} and {result.directory / 'group_vars' / 'all.yml'}: "
+              f"cluster {s.cluster_name}, {result.nodes} node(s), {s.gpus_per_node} GPU(s) "
+              f"per node, profile {s.profile or '(not chosen)'}", soft_wrap=True)
+    if result.facts:
+        for node, facts in result.facts.items():
+            out.print(f"  {node}: {facts.summary()}", soft_wrap=True)
+    warnings(result.notes)
+    out.print("next:")
+    if not result.facts:
+        out.print(f"  dsk-provision hostkeys scan -i {result.directory}", soft_wrap=True)
+    for cmd in (f"dsk-provision check -i {result.directory}",
+                f"dsk-provision bootstrap -i {result.directory}"):
+        out.print(f"  {cmd}", soft_wrap=True)
