@@ -157,13 +157,28 @@ def bootstrap(
     verbose: Annotated[int, typer.Option(
         "--verbose", "-v", count=True, help="More Ansible output.")] = 0,
 ) -> None:
-    """Provision the nodes: run playbooks/site.yml."""
+    """Provision the nodes: run playbooks/site.yml. Nodes provisioned before get only a
+    trust refresh when new ones are brought in (see docs/operations.md); --limit or
+    --tags run exactly what they say."""
     inv = _load(inventory)
-    from dsk_provision.runner import run_playbook
+    if limit or tags:
+        from dsk_provision.runner import run_playbook
 
-    run_playbook("site.yml", inv, command="bootstrap", runs_dir=_runs_dir(ctx),
-                 limit=_split(limit), tags=_split(tags), check=check_mode,
-                 console=render.console(), verbosity=verbose)
+        run_playbook("site.yml", inv, command="bootstrap", runs_dir=_runs_dir(ctx),
+                     limit=_split(limit), tags=_split(tags), check=check_mode,
+                     console=render.console(), verbosity=verbose)
+        return
+    _bring_in(ctx, inv, check=check_mode, verbose=verbose)
+
+
+def _bring_in(ctx: typer.Context, inv, *, check: bool, verbose: int) -> None:
+    """The planned bootstrap (dsk_provision.lifecycle.bring_in), with its summary."""
+    from dsk_provision.lifecycle import bring_in
+
+    outcome = bring_in(inv, check=check, say=render.line, runs_dir=_runs_dir(ctx),
+                       console=render.console(), verbosity=verbose)
+    if outcome.summary():
+        render.line(outcome.summary())
 
 
 @app.command()
@@ -255,6 +270,69 @@ def nodes_uncordon(
     inv = set_cordon(inv, name, None)
     render.line(f"{name} is back in service; {len(inv.active_nodes)} of {len(inv.nodes)} "
                 f"nodes in service; written to {inv.hosts_file}")
+
+
+@nodes_app.command("add")
+def nodes_add(
+    ctx: typer.Context,
+    inventory: InventoryOpt,
+    name: Annotated[str | None, typer.Argument(help="The new node's name.")] = None,
+    host: Annotated[str | None, typer.Option("--host", help="Its address.")] = None,
+    gpus: Annotated[int | None, typer.Option(
+        "--gpus", min=0, help="Its GPUs, when not the cluster's dsk_gpus_per_node.")] = None,
+    port: Annotated[int | None, typer.Option(
+        "--port", min=1, max=65535, help="Its SSH port (default 22).")] = None,
+    from_file: Annotated[Path | None, typer.Option(
+        "--from", help="Several nodes from a YAML list: '- {name: gpu09, host: 10.0.0.9}' "
+                       "(keys name, host, port, gpus).")] = None,
+    verbose: Annotated[int, typer.Option(
+        "--verbose", "-v", count=True, help="More Ansible output.")] = 0,
+) -> None:
+    """Write new nodes into the inventory, then bring them in: a full bootstrap of the new
+    nodes, a trust refresh of the others."""
+    from dsk_provision.inventory_edit import NewNode, add_nodes
+    from dsk_provision.lifecycle import read_node_file
+
+    if from_file is not None:
+        if name is not None or host is not None or gpus is not None or port is not None:
+            raise InputError("give either --from FILE or NAME --host ADDRESS, not both",
+                             field="--from")
+        nodes = read_node_file(from_file)
+    else:
+        if name is None or host is None:
+            raise InputError("name the node and its address: NAME --host ADDRESS "
+                             "(or --from FILE for several)", field="--host")
+        nodes = [NewNode(name, host, port=port, gpus=gpus)]
+    inv = add_nodes(_load(inventory), nodes)
+    render.line(f"added {', '.join(n.name for n in nodes)} to {inv.hosts_file}")
+    _bring_in(ctx, inv, check=False, verbose=verbose)
+
+
+@nodes_app.command("remove")
+def nodes_remove(
+    ctx: typer.Context,
+    inventory: InventoryOpt,
+    name: Annotated[str, typer.Argument(help="The node to take out of the cluster.")],
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    verbose: Annotated[int, typer.Option(
+        "--verbose", "-v", count=True, help="More Ansible output.")] = 0,
+) -> None:
+    """Take a node out: the remaining nodes forget its name, address and host key, then
+    the inventory drops it. The node is not contacted (a dead node can be removed)."""
+    from dsk_provision.lifecycle import check_removal, remove
+
+    inv = _load(inventory)
+    remaining = check_removal(inv, name)
+    if not yes:
+        typer.confirm(f"remove {name} ({inv.node(name).address}) from the cluster? "
+                      f"{len(remaining)} node(s) stay", abort=True)
+    outcome, smaller = remove(inv, name, say=render.line, runs_dir=_runs_dir(ctx),
+                              console=render.console(), verbosity=verbose)
+    render.line(f"{name} removed; {len(smaller.nodes)} node(s) in {smaller.hosts_file}")
+    if outcome.summary():
+        render.line(outcome.summary())
+    render.line("the cluster key is unchanged: a node that was not wiped may still hold "
+                "it (see docs/operations.md)")
 
 
 @sandbox_app.command("up")

@@ -1,0 +1,316 @@
+"""Bringing nodes into a cluster and taking them out, from the inventory.
+
+``bootstrap`` compares the inventory with the record of provisioned nodes
+(dsk_provision.provisioned) and plans:
+
+- no record (a first bootstrap): the full bootstrap of every node;
+- nothing new: the full bootstrap of every node too (it converges, repairs drift, and
+  brings nodes that missed a trust refresh up to date);
+- new nodes (not recorded, or recorded under another address or port): the full
+  bootstrap limited to them, then a *trust refresh* of the existing nodes only: the
+  tasks tagged ``etc_hosts`` and ``ssh_trust`` (/etc/hosts, known_hosts, ~/.ssh/config,
+  authorized keys). Their host keys are the ones recorded in host_keys.json
+  (``ssh_trust_recorded_nodes``): no facts are gathered there. An existing node that
+  does not answer is named, marked pending, and brought up to date next time.
+
+``remove`` refreshes the trust of the remaining nodes with the node left out
+(``dsk_removed_nodes``), so that none of them knows its name, address or host key any
+more, then takes it out of the inventory and the record. The node itself is not
+contacted: a dead node is removed the same way.
+
+The playbook runner is a parameter (``run``, default runner.run_playbook) so that the
+plans can be checked without a cluster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dsk_provision import provisioned, state
+from dsk_provision.errors import InputError, RunFailed
+
+if TYPE_CHECKING:
+    from dsk_provision.inventory import Inventory
+
+SITE_PLAYBOOK = "site.yml"
+# What a trust refresh runs of site.yml: the node list in /etc/hosts (roles/common) and
+# the ssh_trust role. Nothing else of the bootstrap is tagged with these.
+TRUST_REFRESH_TAGS = ("etc_hosts", "ssh_trust")
+# Extra variables read by the roles (roles/ssh_trust/defaults, roles/dsk_defaults).
+RECORDED_NODES_VAR = "ssh_trust_recorded_nodes"
+REMOVED_NODES_VAR = "dsk_removed_nodes"
+
+Say = Callable[[str], None]
+
+
+def _nodes(n: int) -> str:
+    return f"{n} node" if n == 1 else f"{n} nodes"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a bootstrap does, node by node."""
+
+    first: bool                      # no record: everything is bootstrapped
+    new: tuple[str, ...]             # full bootstrap
+    existing: tuple[str, ...]        # trust refresh only (when there are new nodes)
+    removed: tuple[str, ...] = ()    # recorded, no longer in the inventory
+    moved: tuple[str, ...] = ()      # among `new`: recorded under another address/port
+    pending: tuple[str, ...] = ()    # among `existing`: missed the last trust refresh
+
+    @property
+    def full(self) -> bool:
+        """Whether this is one full bootstrap of every node."""
+        return self.first or not self.new
+
+    def summary(self) -> str:
+        if self.first:
+            text = (f"no record of provisioned nodes: full bootstrap of all "
+                    f"{_nodes(len(self.new))}")
+        elif not self.new:
+            text = f"no new node: full bootstrap of all {_nodes(len(self.existing))}"
+        else:
+            new = f"{len(self.new)} new" if len(self.new) != 1 else "1 new"
+            text = (f"{new} {'node' if len(self.new) == 1 else 'nodes'}: full bootstrap "
+                    f"({', '.join(self.new)}); {len(self.existing)} existing: trust "
+                    "refresh only")
+        notes = []
+        if self.moved:
+            notes.append(f"at a new address or port: {', '.join(self.moved)}")
+        if self.pending:
+            notes.append(f"missed the last trust refresh: {', '.join(self.pending)}")
+        if self.removed:
+            notes.append(f"no longer in the inventory: {', '.join(self.removed)}")
+        return text + "".join(f"\n  {n}" for n in notes)
+
+
+def plan_bootstrap(inventory: Inventory,
+                   record: dict[str, provisioned.ProvisionedNode] | None,
+                   host_keys: dict[str, list[str]]) -> Plan:
+    """Which nodes of ``inventory`` are new and which are existing, from the ``record``
+    and the pinned ``host_keys``. A recorded node counts as existing only at the address
+    and port it was provisioned at, and with its host keys pinned (they are what the
+    other nodes will trust without asking it)."""
+    names = [n.name for n in inventory.nodes]
+    if record is None:
+        return Plan(first=True, new=tuple(names), existing=())
+    new, existing, moved = [], [], []
+    for node in inventory.nodes:
+        entry = record.get(node.name)
+        if entry is None or node.name not in host_keys:
+            new.append(node.name)
+        elif (entry.address, entry.port) != (node.address, int(node.port)):
+            new.append(node.name)
+            moved.append(node.name)
+        else:
+            existing.append(node.name)
+    return Plan(first=False, new=tuple(new), existing=tuple(existing),
+                removed=tuple(n for n in record if n not in set(names)),
+                moved=tuple(moved),
+                pending=tuple(n for n in existing if record[n].trust_pending))
+
+
+@dataclass
+class Outcome:
+    """What a bring-in or a removal did."""
+
+    plan: Plan | None
+    bootstrapped: list[str] = field(default_factory=list)   # full bootstrap done
+    refreshed: list[str] = field(default_factory=list)      # trust refresh done
+    missed: dict[str, str] = field(default_factory=dict)    # unreachable: why
+
+    def summary(self) -> str:
+        parts = []
+        if self.bootstrapped:
+            parts.append(f"bootstrapped: {', '.join(self.bootstrapped)}")
+        if self.refreshed:
+            parts.append(f"trust refreshed: {', '.join(self.refreshed)}")
+        lines = ["; ".join(parts)] if parts else []
+        for name, why in self.missed.items():
+            lines.append(f"{name} did not answer ({why}): it keeps the old node list and "
+                         "is brought up to date by the next bootstrap once it answers")
+        return "\n".join(lines)
+
+
+def _default_run() -> Callable[..., Any]:
+    from dsk_provision.runner import run_playbook
+
+    return run_playbook
+
+
+def _unreachable_only(exc: RunFailed) -> dict[str, str] | None:
+    """The unreachable hosts of a finished run that failed only because of them."""
+    result = getattr(exc, "result", None)
+    if result is None or result.failed or not result.unreachable:
+        return None
+    return dict(result.unreachable)
+
+
+def _completed(exc: RunFailed, hosts: list[str]) -> list[str]:
+    """The hosts of a finished but failed run that completed every play."""
+    result = getattr(exc, "result", None)
+    if result is None:
+        return []
+    bad = set(result.failed) | set(result.unreachable)
+    return [h for h in hosts if h not in bad]
+
+
+def bring_in(inventory: Inventory, *, run: Callable[..., Any] | None = None,
+             check: bool = False, say: Say = print, **run_options: Any) -> Outcome:
+    """Bootstrap what the inventory has that the record has not, as planned by
+    plan_bootstrap, and update the record (not in check mode). ``run_options`` go to
+    every run (runs_dir, console, verbosity)."""
+    run = run or _default_run()
+    # Refused before anything is read when another inventory owns the state directory.
+    directory = state.claim_cluster_state_dir(inventory.cluster_name, inventory.hosts_file,
+                                              create=False)
+    record = provisioned.load_record(directory)
+    plan = plan_bootstrap(inventory, record, provisioned.read_host_keys(directory))
+    say(plan.summary())
+    record = dict(record or {})
+    by_name = {n.name: n for n in inventory.nodes}
+
+    def keep(names: list[str]) -> None:
+        if check:
+            return
+        keys = provisioned.read_host_keys(directory)
+        when = provisioned.now()
+        for name in names:
+            record[name] = provisioned.provisioned(by_name[name], keys, when=when,
+                                                   before=record.get(name))
+        for name in plan.removed:
+            record.pop(name, None)
+        provisioned.write_record(directory, record)
+
+    if plan.full:
+        names = list(plan.new if plan.first else plan.existing)
+        try:
+            run(SITE_PLAYBOOK, inventory, command="bootstrap", check=check, **run_options)
+        except RunFailed as exc:
+            keep(_completed(exc, names))
+            raise
+        keep(names)
+        return Outcome(plan, bootstrapped=names)
+
+    recorded = {RECORDED_NODES_VAR: list(plan.existing)}
+    # New nodes first: their host keys are gathered and recorded, so that the existing
+    # nodes pin them next. A failure stops here: nothing of the addition is recorded, and
+    # the next bootstrap plans (and does) it again.
+    run(SITE_PLAYBOOK, inventory, command="bootstrap", limit=list(plan.new),
+        extra_vars=recorded, check=check, **run_options)
+    keep(list(plan.new))
+    outcome = Outcome(plan, bootstrapped=list(plan.new))
+    outcome.refreshed, outcome.missed = _trust_refresh(
+        inventory, list(plan.existing), run=run, command="trust-refresh",
+        extra_vars=recorded, check=check, run_options=run_options)
+    if not check:
+        when = provisioned.now()
+        for name in plan.existing:
+            record[name] = provisioned.refreshed(
+                record[name], when=None if name in outcome.missed else when)
+        provisioned.write_record(directory, record)
+    return outcome
+
+
+def _trust_refresh(inventory: Inventory, hosts: list[str], *, run: Callable[..., Any],
+                   command: str, extra_vars: dict[str, Any], check: bool,
+                   run_options: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
+    """The trust refresh of ``hosts``: which were refreshed, and which did not answer. A
+    run that fails on a node that answered raises."""
+    if not hosts:
+        return [], {}
+    try:
+        run(SITE_PLAYBOOK, inventory, command=command, limit=hosts,
+            tags=list(TRUST_REFRESH_TAGS), extra_vars=extra_vars, check=check,
+            **run_options)
+    except RunFailed as exc:
+        missed = _unreachable_only(exc)
+        if missed is None:
+            raise
+        return [h for h in hosts if h not in missed], missed
+    return list(hosts), {}
+
+
+def check_removal(inventory: Inventory, name: str) -> list[str]:
+    """The nodes that stay when ``name`` goes; an InputError (nothing changed) when it
+    cannot go."""
+    inventory.node(name)  # an InputError naming the nodes when there is none
+    remaining = [n.name for n in inventory.nodes if n.name != name]
+    if not remaining:
+        raise InputError(f"{name!r} is the inventory's only node: a cluster needs one",
+                         file=str(inventory.hosts_file),
+                         field=f"all.children.nodes.hosts.{name}")
+    return remaining
+
+
+def remove(inventory: Inventory, name: str, *, run: Callable[..., Any] | None = None,
+           say: Say = print, **run_options: Any) -> tuple[Outcome, Inventory]:
+    """Take node ``name`` out of the cluster: the remaining nodes forget it (/etc/hosts,
+    known_hosts, ~/.ssh/config), then the inventory and the record do. Returns what was
+    done and the inventory without the node. The node is never contacted."""
+    from dsk_provision.inventory_edit import remove_node
+
+    remaining = check_removal(inventory, name)
+    run = run or _default_run()
+    directory = state.claim_cluster_state_dir(inventory.cluster_name, inventory.hosts_file,
+                                              create=False)
+    keys = provisioned.read_host_keys(directory)
+    extra_vars = {REMOVED_NODES_VAR: [name],
+                  RECORDED_NODES_VAR: [n for n in remaining if n in keys]}
+    say(f"removing {name}: trust refresh of the {_nodes(len(remaining))} that stay")
+    refreshed, missed = _trust_refresh(inventory, remaining, run=run, command="nodes-remove",
+                                       extra_vars=extra_vars, check=False,
+                                       run_options=run_options)
+    smaller = remove_node(inventory, name)
+    record = provisioned.load_record(directory)
+    if record is not None:
+        record.pop(name, None)
+        when = provisioned.now()
+        for other in remaining:
+            if other in record:
+                record[other] = provisioned.refreshed(
+                    record[other], when=None if other in missed else when)
+        provisioned.write_record(directory, record)
+    return Outcome(None, refreshed=refreshed, missed=missed), smaller
+
+
+def read_node_file(path: Path) -> list[Any]:
+    """The nodes listed in ``path`` for ``nodes add --from``: a YAML list of mappings with
+    ``name`` and ``host`` and optionally ``port`` and ``gpus``."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+
+    from dsk_provision.inventory_edit import NewNode
+
+    try:
+        data = YAML(typ="safe").load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, YAMLError) as exc:
+        raise InputError(f"cannot be read: {exc}", file=str(path)) from exc
+    if not isinstance(data, list) or not data:
+        raise InputError("must be a YAML list of nodes, e.g. "
+                         "'- {name: gpu09, host: 10.0.0.9, gpus: 8}'", file=str(path))
+    nodes = []
+    for i, entry in enumerate(data):
+        where = f"[{i}]"
+        if not isinstance(entry, dict):
+            raise InputError("each node is a mapping with name and host", file=str(path),
+                             field=where)
+        unknown = sorted(set(entry) - {"name", "host", "port", "gpus"})
+        if unknown:
+            raise InputError(f"unknown keys {', '.join(map(str, unknown))} (known: name, "
+                             "host, port, gpus)", file=str(path), field=where)
+        for key in ("name", "host"):
+            if not isinstance(entry.get(key), str) or not entry[key].strip():
+                raise InputError(f"{key} is required and must be text", file=str(path),
+                                 field=f"{where}.{key}")
+        for key in ("port", "gpus"):
+            value = entry.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise InputError(f"{key} must be a whole number", file=str(path),
+                                 field=f"{where}.{key}")
+        nodes.append(NewNode(entry["name"].strip(), entry["host"].strip(),
+                             port=entry.get("port"), gpus=entry.get("gpus")))
+    return nodes
