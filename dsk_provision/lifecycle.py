@@ -203,6 +203,9 @@ def bring_in(inventory: Inventory, *, run: Callable[..., Any] | None = None,
         extra_vars=recorded, check=check, **run_options)
     keep(list(plan.new))
     outcome = Outcome(plan, bootstrapped=list(plan.new))
+    # The new nodes' host keys are recorded now too: the refresh asks no node for them.
+    pinned = provisioned.read_host_keys(directory)
+    recorded = {RECORDED_NODES_VAR: [*plan.existing, *(n for n in plan.new if n in pinned)]}
     outcome.refreshed, outcome.missed = _trust_refresh(
         inventory, list(plan.existing), run=run, command="trust-refresh",
         extra_vars=recorded, check=check, run_options=run_options)
@@ -265,6 +268,8 @@ def remove(inventory: Inventory, name: str, *, run: Callable[..., Any] | None = 
                                        extra_vars=extra_vars, check=False,
                                        run_options=run_options)
     smaller = remove_node(inventory, name)
+    # The refresh's record of host keys leaves it out already, unless no node answered.
+    provisioned.forget_host_keys(directory, name)
     record = provisioned.load_record(directory)
     if record is not None:
         record.pop(name, None)

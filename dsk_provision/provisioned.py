@@ -98,6 +98,18 @@ def read_host_keys(state_dir: Path) -> dict[str, list[str]]:
             if isinstance(keys, list) and keys}
 
 
+def forget_host_keys(state_dir: Path, name: str) -> bool:
+    """Drop node ``name`` from host_keys.json (written as the ssh_trust role writes it,
+    so that its next run finds nothing to change); returns whether it was there."""
+    keys = read_host_keys(state_dir)
+    if keys.pop(name, None) is None:
+        return False
+    write_private(Path(state_dir) / HOST_KEYS_FILE,
+                  json.dumps(keys, indent=4, sort_keys=True, separators=(",", ": "),
+                             ensure_ascii=False) + "\n")
+    return True
+
+
 def load_record(state_dir: Path) -> dict[str, ProvisionedNode] | None:
     """The record in ``state_dir``, by node name; None when there is none yet."""
     path = Path(state_dir) / NODES_FILE

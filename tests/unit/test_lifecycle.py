@@ -198,12 +198,16 @@ def test_addition_bootstraps_new_nodes_and_refreshes_trust_on_the_others(inv_dir
     outcome = lifecycle.bring_in(inv, run=run, say=said.append, runs_dir=Path("/r"))
     assert said[0] == "2 new nodes: full bootstrap (n4, n5); 3 existing: trust refresh only"
     new, refresh = run.calls
-    recorded = {lifecycle.RECORDED_NODES_VAR: ["n1", "n2", "n3"]}
     assert new["limit"] == ["n4", "n5"] and new.get("tags") is None
-    assert new["extra_vars"] == recorded and new["command"] == "bootstrap"
+    assert new["command"] == "bootstrap"
+    # The new nodes' keys are gathered by their own bootstrap; nobody else's are.
+    assert new["extra_vars"] == {lifecycle.RECORDED_NODES_VAR: ["n1", "n2", "n3"]}
     assert refresh["limit"] == ["n1", "n2", "n3"]
     assert refresh["tags"] == ["etc_hosts", "ssh_trust"]
-    assert refresh["extra_vars"] == recorded and refresh["runs_dir"] == Path("/r")
+    # The refresh gathers no host key: the new nodes' were recorded by their bootstrap.
+    assert refresh["extra_vars"] == {
+        lifecycle.RECORDED_NODES_VAR: ["n1", "n2", "n3", "n4", "n5"]}
+    assert refresh["runs_dir"] == Path("/r")
     assert (outcome.bootstrapped, outcome.refreshed) == (["n4", "n5"], ["n1", "n2", "n3"])
     record = _record(inv)
     assert sorted(record) == ["n1", "n2", "n3", "n4", "n5"]
@@ -292,6 +296,19 @@ def test_remove_refreshes_the_others_then_edits_inventory_and_record(inv_dir):
     assert sorted(_record(smaller)) == ["n1", "n3"] and outcome.refreshed == ["n1", "n3"]
     assert "n2" not in json.loads(
         (_state(smaller) / provisioned.HOST_KEYS_FILE).read_text())
+
+
+def test_a_dead_node_is_removed_even_when_no_remaining_node_answers(inv_dir):
+    lifecycle.bring_in(load_inventory(inv_dir), run=StandIn(), say=lambda s: None)
+    run = StandIn()
+    run.failures[0] = _unreachable("n1", "n3")  # the role's record was not rewritten
+    outcome, smaller = lifecycle.remove(load_inventory(inv_dir), "n2", run=run,
+                                        say=lambda s: None)
+    assert sorted(outcome.missed) == ["n1", "n3"] and outcome.refreshed == []
+    keys = json.loads((_state(smaller) / provisioned.HOST_KEYS_FILE).read_text())
+    assert sorted(keys) == ["n1", "n3"]
+    assert [n.name for n in load_inventory(inv_dir).nodes] == ["n1", "n3"]
+    assert all(e["trust_pending"] for e in _record(smaller).values())
 
 
 def test_remove_with_an_unreachable_remaining_node_names_it(inv_dir):
