@@ -290,8 +290,8 @@ def nodes_add(
 ) -> None:
     """Write new nodes into the inventory, then bring them in: a full bootstrap of the new
     nodes, a trust refresh of the others."""
-    from dsk_provision.inventory_edit import NewNode, add_nodes
-    from dsk_provision.lifecycle import read_node_file
+    from dsk_provision.inventory_edit import NewNode
+    from dsk_provision.lifecycle import add, read_node_file
 
     if from_file is not None:
         if name is not None or host is not None or gpus is not None or port is not None:
@@ -303,9 +303,11 @@ def nodes_add(
             raise InputError("name the node and its address: NAME --host ADDRESS "
                              "(or --from FILE for several)", field="--host")
         nodes = [NewNode(name, host, port=port, gpus=gpus)]
-    inv = add_nodes(_load(inventory), nodes)
+    outcome, inv = add(_load(inventory), nodes, say=render.line, runs_dir=_runs_dir(ctx),
+                       console=render.console(), verbosity=verbose)
     render.line(f"added {', '.join(n.name for n in nodes)} to {inv.hosts_file}")
-    _bring_in(ctx, inv, check=False, verbose=verbose)
+    if outcome.summary():
+        render.line(outcome.summary())
 
 
 @nodes_app.command("remove")

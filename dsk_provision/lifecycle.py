@@ -237,6 +237,38 @@ def _trust_refresh(inventory: Inventory, hosts: list[str], *, run: Callable[...,
     return list(hosts), {}
 
 
+def add(inventory: Inventory, nodes: list[Any], *, run: Callable[..., Any] | None = None,
+        say: Say = print, **run_options: Any) -> tuple[Outcome, Inventory]:
+    """Write ``nodes`` (inventory_edit.NewNode) into the hosts file, then bring_in.
+
+    When a new node does not answer at all (its bootstrap failed only because new nodes
+    were unreachable), the hosts file is put back as it was, byte for byte, and the
+    RunFailed says so; any other failure keeps the nodes in the hosts file, for a second
+    `bootstrap` to finish the addition."""
+    import os
+    import stat
+
+    from dsk_provision.files import write_file
+    from dsk_provision.inventory_edit import add_nodes
+
+    hosts_file = inventory.hosts_file
+    original = hosts_file.read_bytes()
+    larger = add_nodes(inventory, nodes)
+    written = hosts_file.read_bytes()
+    try:
+        return bring_in(larger, run=run, say=say, **run_options), larger
+    except RunFailed as exc:
+        added = {n.name for n in nodes}
+        missed = _unreachable_only(exc) or {}
+        if not missed or not set(missed) <= added or hosts_file.read_bytes() != written:
+            raise
+        write_file(hosts_file, original, mode=stat.S_IMODE(os.stat(hosts_file).st_mode))
+        raise RunFailed(f"{exc.message}\nnot added: {', '.join(sorted(missed))} did not "
+                        f"answer; {hosts_file} is back as it was", nodes=exc.nodes,
+                        hint="check the address, the port and that the control node "
+                             "trusts its host key, then add it again") from exc
+
+
 def check_removal(inventory: Inventory, name: str) -> list[str]:
     """The nodes that stay when ``name`` goes; an InputError (nothing changed) when it
     cannot go."""

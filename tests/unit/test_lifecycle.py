@@ -395,6 +395,31 @@ def test_nodes_add_writes_the_nodes_and_brings_them_in(inv_dir, tmp_path, monkey
     assert load_inventory(inv_dir).node("n6").gpus == 2
 
 
+def test_an_unreachable_new_node_leaves_the_inventory_as_it_was(inv_dir, monkeypatch):
+    run = StandIn()
+    monkeypatch.setattr(runner, "run_playbook", run)
+    assert _cli("bootstrap", "-i", str(inv_dir)).exit_code == 0
+    before = (inv_dir / "hosts.yml").read_bytes()
+    run.failures[1] = _unreachable("n4")
+    result = _cli("nodes", "add", "-i", str(inv_dir), "n4", "--host", "10.9.0.4")
+    assert result.exit_code == 1, result.output
+    assert "not added: n4 did not answer" in result.output
+    assert (inv_dir / "hosts.yml").read_bytes() == before
+    # A new node that answers but fails stays, for a second bootstrap to finish it.
+    failed = RunFailed("bootstrap failed on 1 host(s): n4", nodes=["n4"])
+    failed.result = types.SimpleNamespace(failed={"n4": "apt: no space left"},
+                                          unreachable={})
+    run.failures[2] = failed
+    result = _cli("nodes", "add", "-i", str(inv_dir), "n4", "--host", "10.9.0.4")
+    assert result.exit_code == 1 and "n4" in result.output
+    assert "n4" in [n.name for n in load_inventory(inv_dir).nodes]
+    assert "n4" not in _record(load_inventory(inv_dir))
+    run.calls.clear()
+    assert _cli("bootstrap", "-i", str(inv_dir)).exit_code == 0
+    assert [c.get("limit") for c in run.calls] == [["n4"], ["n1", "n2", "n3"]]
+    assert "n4" in _record(load_inventory(inv_dir))
+
+
 def test_bootstrap_with_limit_or_tags_runs_exactly_that(inv_dir, monkeypatch):
     run = StandIn()
     monkeypatch.setattr(runner, "run_playbook", run)
