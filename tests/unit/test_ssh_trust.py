@@ -368,6 +368,30 @@ def test_check_mode_before_the_first_run_reports_and_makes_nothing(tmp_path):
     assert not (tmp_path / "known_hosts").exists()
 
 
+def _task_result(out: str, task: str) -> str:
+    """The first word of the result line that follows ``TASK [ssh_trust : <task>]``."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"TASK [ssh_trust : {task}]"))
+    return next(line.split(":")[0] for line in lines[start + 1:] if line.strip())
+
+
+def test_recorded_nodes_keep_their_recorded_host_keys_without_gathering(tmp_path):
+    """What a trust refresh of the existing nodes relies on: no facts gathered there."""
+    (tmp_path / "home").mkdir()
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    (state_dir / "host_keys.json").write_text('{"localnode": ["ssh-ed25519 RECORDED"]}')
+    gather = "Gather the SSH host keys (only when run without preflight)"
+    extra = {**_role_vars(tmp_path), "dsk_cluster_state_dir": str(state_dir)}
+    asked = run_role(tmp_path, "ssh_trust", extra, host_vars={"dsk_gpus_per_node": 0})
+    assert asked.returncode == 0, (asked.stdout + asked.stderr)[-4000:]
+    assert _task_result(asked.stdout, gather) == "ok"
+    told = run_role(tmp_path, "ssh_trust", {**extra, "ssh_trust_recorded_nodes": ["localnode"]},
+                    host_vars={"dsk_gpus_per_node": 0})
+    assert told.returncode == 0, (told.stdout + told.stderr)[-4000:]
+    assert _task_result(told.stdout, gather) == "skipping"
+
+
 def _run_play(tmp_path: Path, extra: dict, check: bool) -> subprocess.CompletedProcess:
     play = tmp_path / "play.yml"
     play.write_text(yaml.safe_dump([{"name": "SSH trust", "hosts": "nodes",
