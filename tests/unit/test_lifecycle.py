@@ -493,3 +493,23 @@ def test_trust_refresh_selects_only_hosts_and_trust_tasks(inv_dir, tmp_path):
     # converge writes /etc/hosts there).
     full = [name for name, _ in _listed_tasks(inv_dir, tmp_path)]
     assert "common : List every node in /etc/hosts (trust refresh only)" not in full
+
+
+def test_etc_hosts_block_leaves_out_a_node_being_removed():
+    from ansible.parsing.dataloader import DataLoader
+    from ansible.plugins.loader import init_plugin_loader
+    from ansible.template import Templar, trust_as_template
+
+    init_plugin_loader()
+    template = (REPO / "roles" / "common" / "templates" / "etc_hosts_block.j2").read_text()
+    hostvars = {"n1": {"ansible_host": "10.9.0.1"}, "n2": {"ansible_host": "10.9.0.2"},
+                "n3": {"ansible_host": "10.9.0.3"}}
+
+    def render(removed):
+        variables = {"groups": {"nodes": list(hostvars)}, "hostvars": hostvars,
+                     "dsk_removed_nodes": removed}
+        return Templar(loader=DataLoader(), variables=variables).template(
+            trust_as_template(template)).splitlines()
+
+    assert render([]) == ["10.9.0.1 n1", "10.9.0.2 n2", "10.9.0.3 n3"]
+    assert render(["n2"]) == ["10.9.0.1 n1", "10.9.0.3 n3"]
