@@ -206,6 +206,9 @@ def bring_in(inventory: Inventory, *, run: Callable[..., Any] | None = None,
     # The new nodes' host keys are recorded now too: the refresh asks no node for them.
     pinned = provisioned.read_host_keys(directory)
     recorded = {RECORDED_NODES_VAR: [*plan.existing, *(n for n in plan.new if n in pinned)]}
+    if not check:
+        # Pending until refreshed: a refresh that is interrupted or fails is redone.
+        _mark_pending(directory, record, plan.existing)
     outcome.refreshed, outcome.missed = _trust_refresh(
         inventory, list(plan.existing), run=run, command="trust-refresh",
         extra_vars=recorded, check=check, run_options=run_options)
@@ -216,6 +219,14 @@ def bring_in(inventory: Inventory, *, run: Callable[..., Any] | None = None,
                 record[name], when=None if name in outcome.missed else when)
         provisioned.write_record(directory, record)
     return outcome
+
+
+def _mark_pending(directory: Path, record: dict[str, provisioned.ProvisionedNode],
+                  names: Any) -> None:
+    for name in names:
+        if name in record:
+            record[name] = provisioned.refreshed(record[name], when=None)
+    provisioned.write_record(directory, record)
 
 
 def _trust_refresh(inventory: Inventory, hosts: list[str], *, run: Callable[..., Any],
@@ -296,6 +307,9 @@ def remove(inventory: Inventory, name: str, *, run: Callable[..., Any] | None = 
     extra_vars = {REMOVED_NODES_VAR: [name],
                   RECORDED_NODES_VAR: [n for n in remaining if n in keys]}
     say(f"removing {name}: trust refresh of the {_nodes(len(remaining))} that stay")
+    record = provisioned.load_record(directory)
+    if record is not None:
+        _mark_pending(directory, record, remaining)
     refreshed, missed = _trust_refresh(inventory, remaining, run=run, command="nodes-remove",
                                        extra_vars=extra_vars, check=False,
                                        run_options=run_options)

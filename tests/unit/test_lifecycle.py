@@ -249,6 +249,25 @@ def test_a_node_that_answers_but_fails_the_refresh_fails_the_run(inv_dir):
         lifecycle.bring_in(inv, run=run, say=lambda s: None)
 
 
+def test_an_interrupted_trust_refresh_leaves_the_existing_nodes_pending(inv_dir):
+    from dsk_provision.errors import Interrupted
+
+    lifecycle.bring_in(load_inventory(inv_dir), run=StandIn(), say=lambda s: None)
+    inv = _add(inv_dir, NewNode("n4", "10.9.0.4"))
+    run = StandIn()
+    run.failures[1] = Interrupted(2)
+    with pytest.raises(Interrupted):
+        lifecycle.bring_in(inv, run=run, say=lambda s: None)
+    record = _record(inv)
+    assert [n for n, e in record.items() if e["trust_pending"]] == ["n1", "n2", "n3"]
+    assert not record["n4"]["trust_pending"]
+    said = []
+    lifecycle.bring_in(inv, run=StandIn(), say=said.append)
+    assert said[0].splitlines() == ["no new node: full bootstrap of all 4 nodes",
+                                    "  missed the last trust refresh: n1, n2, n3"]
+    assert not any(e["trust_pending"] for e in _record(inv).values())
+
+
 def test_a_failed_new_node_records_nothing_and_the_next_run_does_it_again(inv_dir):
     lifecycle.bring_in(load_inventory(inv_dir), run=StandIn(), say=lambda s: None)
     before = (_state(load_inventory(inv_dir)) / provisioned.NODES_FILE).read_bytes()
