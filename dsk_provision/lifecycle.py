@@ -50,6 +50,18 @@ def _nodes(n: int) -> str:
     return f"{n} node" if n == 1 else f"{n} nodes"
 
 
+# Lists of node names longer than this are shortened in summaries.
+_MAX_NAMES = 8
+
+
+def _names(names: Any) -> str:
+    """Node names for a summary line: all of them, or the first few and a count."""
+    names = list(names)
+    if len(names) <= _MAX_NAMES:
+        return ", ".join(names)
+    return f"{', '.join(names[:_MAX_NAMES])} and {len(names) - _MAX_NAMES} more"
+
+
 @dataclass(frozen=True)
 class Plan:
     """What a bootstrap does, node by node."""
@@ -75,15 +87,15 @@ class Plan:
         else:
             new = f"{len(self.new)} new" if len(self.new) != 1 else "1 new"
             text = (f"{new} {'node' if len(self.new) == 1 else 'nodes'}: full bootstrap "
-                    f"({', '.join(self.new)}); {len(self.existing)} existing: trust "
+                    f"({_names(self.new)}); {len(self.existing)} existing: trust "
                     "refresh only")
         notes = []
         if self.moved:
-            notes.append(f"at a new address or port: {', '.join(self.moved)}")
+            notes.append(f"at a new address or port: {_names(self.moved)}")
         if self.pending:
-            notes.append(f"missed the last trust refresh: {', '.join(self.pending)}")
+            notes.append(f"missed the last trust refresh: {_names(self.pending)}")
         if self.removed:
-            notes.append(f"no longer in the inventory: {', '.join(self.removed)}")
+            notes.append(f"no longer in the inventory: {_names(self.removed)}")
         return text + "".join(f"\n  {n}" for n in notes)
 
 
@@ -125,9 +137,9 @@ class Outcome:
     def summary(self) -> str:
         parts = []
         if self.bootstrapped:
-            parts.append(f"bootstrapped: {', '.join(self.bootstrapped)}")
+            parts.append(f"bootstrapped: {_names(self.bootstrapped)}")
         if self.refreshed:
-            parts.append(f"trust refreshed: {', '.join(self.refreshed)}")
+            parts.append(f"trust refreshed: {_names(self.refreshed)}")
         lines = ["; ".join(parts)] if parts else []
         for name, why in self.missed.items():
             lines.append(f"{name} did not answer ({why}): it keeps the old node list and "

@@ -175,6 +175,14 @@ def test_plan_counts_in_the_words_of_the_summary(inv_dir):
                               "refresh only")
 
 
+def test_long_lists_of_names_are_shortened(inv_dir):
+    inv = _add(inv_dir, *(NewNode(f"x{i:02}", f"10.9.1.{i}") for i in range(1, 11)))
+    plan = lifecycle.plan_bootstrap(inv, _recorded(inv, ["n1", "n2", "n3"]),
+                                    {"n1": [KEY], "n2": [KEY], "n3": [KEY]})
+    assert plan.summary() == ("10 new nodes: full bootstrap (x01, x02, x03, x04, x05, x06, "
+                              "x07, x08 and 2 more); 3 existing: trust refresh only")
+
+
 # --- the runs a bootstrap asks for -------------------------------------------------------
 
 def test_first_bootstrap_runs_everything_and_records_every_node(inv_dir):
