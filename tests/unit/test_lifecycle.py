@@ -540,3 +540,9 @@ def test_etc_hosts_block_leaves_out_a_node_being_removed():
 
     assert render([]) == ["10.9.0.1 n1", "10.9.0.2 n2", "10.9.0.3 n3"]
     assert render(["n2"]) == ["10.9.0.1 n1", "10.9.0.3 n3"]
+
+
+def test_nodes_commands_are_listed():
+    out = _cli("nodes", "--help").output
+    for command in ("add", "remove", "cordon", "uncordon"):
+        assert re.search(rf"^\W*{command}\s", out, re.MULTILINE), out
