@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,7 @@ from dsk_provision.lock import cluster_lock
 from dsk_provision.rundir import new_run_dir
 from dsk_provision.runwatch import IDLE_TIMEOUT_ENV, POLL_S, RunWatch, idle_timeout_s
 from dsk_provision.ssh_options import pinned_ssh_environment
+from dsk_provision.state import cluster_state_dir
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -325,7 +327,11 @@ def run_playbook(playbook: str, inventory: Inventory, *, command: str,
                              f"(nodes: {', '.join(sorted(known))})", field="--limit")
 
     idle = idle_timeout_s(idle_timeout)
-    with cluster_lock(inventory.cluster_name, command):
+    # A check-mode run changes nothing, here or on the nodes: before the cluster's first
+    # run it makes no state directory, not even for the lock (nothing is there to guard).
+    # Once the directory exists it takes the lock like every other run.
+    unguarded = check and not cluster_state_dir(inventory.cluster_name).exists()
+    with nullcontext() if unguarded else cluster_lock(inventory.cluster_name, command):
         return _run_locked(ansible_runner, project_dir, playbook_name, inventory,
                            command=command, runs_dir=runs_dir, limit=limit, tags=tags,
                            extra_vars=extra_vars, check=check, console=console,

@@ -418,10 +418,10 @@ def status(name: str | None = None) -> list[dict]:
     return result
 
 
-def set_link_rate(name: str, node: str, rate: str | None) -> None:
-    """Slow node's link to `rate` (tc syntax, e.g. "10mbit") both ways; None removes it."""
+def _node_entry(name: str, node: str) -> tuple[dict, dict]:
+    """The running sandbox's state and its entry for ``node``; InputError naming what
+    exists when either is missing."""
     _preflight(name)
-    bits = naming.parse_rate(rate) if rate is not None else None
     state = _load_state(name)
     if state is None:
         raise InputError(f"no sandbox named {name}", field="name")
@@ -429,22 +429,22 @@ def set_link_rate(name: str, node: str, rate: str | None) -> None:
     if not match:
         known = ", ".join(n["name"] for n in state["nodes"])
         raise InputError(f"sandbox {name} has no node {node!r} (nodes: {known})", field="node")
-    network.set_rate(name, match[0]["index"], bits)
+    return state, match[0]
+
+
+def set_link_rate(name: str, node: str, rate: str | None) -> None:
+    """Slow node's link to `rate` (tc syntax, e.g. "10mbit") both ways; None removes it."""
+    bits = naming.parse_rate(rate) if rate is not None else None
+    _state, entry = _node_entry(name, node)
+    network.set_rate(name, entry["index"], bits)
 
 
 def stop_node(name: str, node: str) -> None:
     """Stop one node the way a machine dies (fault drills): its link goes silent first,
     so its peers see no answer rather than a closed connection, then its container
     stops. Its disk is kept; `up` starts it again with the same host key."""
-    _preflight(name)
-    state = _load_state(name)
-    if state is None:
-        raise InputError(f"no sandbox named {name}", field="name")
-    match = [n for n in state["nodes"] if n["name"] == node]
-    if not match:
-        known = ", ".join(n["name"] for n in state["nodes"])
-        raise InputError(f"sandbox {name} has no node {node!r} (nodes: {known})", field="node")
-    veth = naming.veth_name(name, match[0]["index"])
+    state, entry = _node_entry(name, node)
+    veth = naming.veth_name(name, entry["index"])
     if network.link_exists(veth):
         run(["ip", "link", "set", veth, "down"])
-    _teardown_node(state, match[0]["index"], keep_disk=True)
+    _teardown_node(state, entry["index"], keep_disk=True)

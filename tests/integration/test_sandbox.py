@@ -77,19 +77,44 @@ def test_inventory_describes_the_sandbox(sandbox_cluster):
 
 
 def test_mirror_served_and_installable(sandbox_cluster, node_ssh):
+    """The sandbox's mirror serves its packages, signed: a node installs from it with apt
+    checking the signature against the key the inventory pins (a private source list, so
+    that the node's own sources, bootstrapped or not, stay as they are)."""
+    import base64
+    import importlib.util
+    import shlex
+
+    from dsk_provision import mirror_sign
+
     with urllib.request.urlopen(sandbox_cluster.mirror_url + "Packages", timeout=10) as r:
         index = r.read().decode()
     for pkg in sandbox.MIRROR_PACKAGES:
         assert f"Package: {pkg}\n" in index
+    with urllib.request.urlopen(sandbox_cluster.mirror_url + mirror_sign.public_key_name(),
+                                timeout=10) as r:
+        served_key = r.read()
+    spec = importlib.util.spec_from_file_location(
+        "dsk_apt_key", Path(__file__).resolve().parents[2] / "library/dsk_apt_key.py")
+    apt_key = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(apt_key)
+    binary, found = apt_key.primary_fingerprints(served_key)
+    pinned = yaml.safe_load(sandbox_cluster.inventory_path.read_text())["all"]["vars"][
+        "dsk_mirror_key_fingerprint"]
+    assert found == [pinned]
     ip = sandbox_cluster.nodes[2][1]
-    src = "/etc/apt/sources.list.d/dsk-sandbox-test.list"
+    keyring, src, lists = ("/tmp/dsk-sandbox-test.gpg", "/tmp/dsk-sandbox-test.list",
+                           "/tmp/dsk-sandbox-test-lists")
+    apt = (f"apt-get -q -o Dir::Etc::SourceList={src} -o Dir::Etc::SourceParts=/nonexistent "
+           f"-o Dir::State::Lists={lists}")
+    line = f"deb [signed-by={keyring}] {sandbox_cluster.mirror_url} ./"
     try:
-        node_ssh(ip, f"echo 'deb [trusted=yes] {sandbox_cluster.mirror_url} ./' > {src} && "
-                 "apt-get update -q && DEBIAN_FRONTEND=noninteractive "
-                 "apt-get install -y -q --no-install-recommends pciutils")
+        node_ssh(ip, f"echo {base64.b64encode(binary).decode()} | base64 -d > {keyring} && "
+                     f"echo {shlex.quote(line)} > {src} && mkdir -p {lists}/partial && "
+                     f"{apt} update && DEBIAN_FRONTEND=noninteractive "
+                     f"{apt} install -y --no-install-recommends pciutils")
         assert "lspci version" in node_ssh(ip, "lspci --version").stdout
     finally:
-        node_ssh(ip, f"rm -f {src}", check=False)
+        node_ssh(ip, f"rm -rf {src} {keyring} {lists}", check=False)
 
 
 def test_venv_works_inside_nodes(sandbox_cluster, node_ssh):

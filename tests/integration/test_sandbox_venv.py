@@ -44,8 +44,8 @@ def test_up_restarts_nodes_that_see_a_deleted_venv(tmp_path, ssh_argv, sandbox_n
         info = sandbox.up(name, 2, venv=venv, progress=said.append)
         assert any("node1, node2 still see" in line and "restarting them" in line
                    for line in said), said
-        for name, ip in info.nodes:
-            assert sees(ip, "second"), f"{name} still sees the deleted virtualenv"
+        for node, ip in info.nodes:
+            assert sees(ip, "second"), f"{node} still sees the deleted virtualenv"
         said.clear()
         sandbox.up(name, 2, venv=venv, progress=said.append)
         assert not any("restarting" in line for line in said), said  # nothing to do now

@@ -147,6 +147,19 @@ def test_no_known_hosts_file_may_be_named_when_none_is_declared(tmp_path):
     assert "declares (none)" in str(err)
 
 
+def _local_inventory(tmp_path, out_name: str) -> None:
+    """tmp_path/inv: this machine as the one node, over a local connection; the play
+    writes what it reads into tmp_path/out_name."""
+    (tmp_path / "inv").mkdir()
+    (tmp_path / "inv/hosts.yml").write_text(yaml.safe_dump({"all": {
+        "vars": {"dsk_gpus_per_node": 0, "ansible_connection": "local",
+                 "ansible_python_interpreter": sys.executable,
+                 "ansible_remote_tmp": f"{tmp_path}/remote-tmp",
+                 "ansible_control_path_dir": f"{tmp_path}/cp",
+                 "out_file": str(tmp_path / out_name)},
+        "children": {"nodes": {"hosts": {"localhost": {"ansible_host": "127.0.0.1"}}}}}}))
+
+
 def test_runner_pins_host_key_checking_against_the_callers_environment(tmp_path, monkeypatch):
     from rich.console import Console
 
@@ -158,14 +171,7 @@ def test_runner_pins_host_key_checking_against_the_callers_environment(tmp_path,
         "    - ansible.builtin.copy:\n"
         "        content: \"{{ lookup('ansible.builtin.config', 'HOST_KEY_CHECKING') }}\"\n"
         "        dest: \"{{ out_file }}\"\n")
-    (tmp_path / "inv").mkdir()
-    (tmp_path / "inv/hosts.yml").write_text(yaml.safe_dump({"all": {
-        "vars": {"dsk_gpus_per_node": 0, "ansible_connection": "local",
-                 "ansible_python_interpreter": sys.executable,
-                 "ansible_remote_tmp": f"{tmp_path}/remote-tmp",
-                 "ansible_control_path_dir": f"{tmp_path}/cp",
-                 "out_file": str(tmp_path / "hkc.txt")},
-        "children": {"nodes": {"hosts": {"localhost": {"ansible_host": "127.0.0.1"}}}}}}))
+    _local_inventory(tmp_path, "hkc.txt")
     monkeypatch.setenv("ANSIBLE_HOST_KEY_CHECKING", "False")
     console = Console(file=(tmp_path / "console.txt").open("w"), width=120)
     result = run_playbook(str(play), load_inventory(tmp_path / "inv"), command="unit",
@@ -194,14 +200,7 @@ def test_runner_hands_ansible_its_own_ssh_arguments_and_program(tmp_path, monkey
         f"        content: \"{conf('ssh_args')}|{conf('ssh_executable')}|"
         f"{conf('ssh_common_args')}|{conf('ssh_extra_args')}\"\n"
         "        dest: \"{{ out_file }}\"\n")
-    (tmp_path / "inv").mkdir()
-    (tmp_path / "inv/hosts.yml").write_text(yaml.safe_dump({"all": {
-        "vars": {"dsk_gpus_per_node": 0, "ansible_connection": "local",
-                 "ansible_python_interpreter": sys.executable,
-                 "ansible_remote_tmp": f"{tmp_path}/remote-tmp",
-                 "ansible_control_path_dir": f"{tmp_path}/cp",
-                 "out_file": str(tmp_path / "ssh.txt")},
-        "children": {"nodes": {"hosts": {"localhost": {"ansible_host": "127.0.0.1"}}}}}}))
+    _local_inventory(tmp_path, "ssh.txt")
     monkeypatch.setenv("ANSIBLE_SSH_ARGS", "-o StrictHostKeyChecking=no")
     monkeypatch.setenv("ANSIBLE_SSH_EXECUTABLE", str(tmp_path / "not-ssh"))
     monkeypatch.setenv("ANSIBLE_SSH_COMMON_ARGS", "-F /tmp/cfg")

@@ -140,3 +140,42 @@ def test_run_playbook_holds_the_lock_of_the_inventorys_cluster(tmp_path, monkeyp
         runner.run_playbook(str(REPO / "playbooks/site.yml"), inv, command="bootstrap",
                             runs_dir=tmp_path / "runs")
     assert seen["holder"]["command"] == "bootstrap" and seen["holder"]["pid"] == os.getpid()
+
+
+def test_check_mode_before_the_first_run_makes_no_state_directory(tmp_path, monkeypatch):
+    """bootstrap --check before any real run writes nothing on the control node's state
+    (no lock either); a real run then takes the lock, and a later check run too."""
+    from rich.console import Console
+
+    from dsk_provision.runner import run_playbook
+
+    state = tmp_path / "state"
+    monkeypatch.setenv(STATE_DIR_ENV, str(state))
+    play = tmp_path / "play.yml"
+    play.write_text("- hosts: nodes\n  gather_facts: false\n  tasks:\n"
+                    "    - ansible.builtin.command: 'true'\n      changed_when: false\n")
+    (tmp_path / "inv").mkdir()
+    (tmp_path / "inv/hosts.yml").write_text(yaml.safe_dump({"all": {
+        "vars": {"dsk_gpus_per_node": 0, "ansible_connection": "local",
+                 "ansible_python_interpreter": sys.executable,
+                 "ansible_remote_tmp": f"{tmp_path}/remote-tmp"},
+        "children": {"nodes": {"hosts": {"localhost": {"ansible_host": "127.0.0.1"}}}}}}))
+    inv = load_inventory(tmp_path / "inv")
+    console = Console(file=(tmp_path / "console.txt").open("w"), width=120)
+    seen = []
+    real = lock.cluster_lock
+
+    def spy(cluster, command):
+        seen.append(command)
+        return real(cluster, command)
+    monkeypatch.setattr("dsk_provision.runner.cluster_lock", spy)
+    assert run_playbook(str(play), inv, command="unit", runs_dir=tmp_path / "runs",
+                        console=console, check=True).ok
+    assert not state.exists() and seen == []
+    assert run_playbook(str(play), inv, command="unit", runs_dir=tmp_path / "runs",
+                        console=console).ok
+    assert (state / inv.cluster_name / lock.LOCK_FILE).exists() and seen == ["unit"]
+    assert run_playbook(str(play), inv, command="unit", runs_dir=tmp_path / "runs",
+                        console=console, check=True).ok
+    assert seen == ["unit", "unit"]
+    console.file.close()
