@@ -13,6 +13,11 @@
   (``ssh_trust_recorded_nodes``): no facts are gathered there. An existing node that
   does not answer is named, marked pending, and brought up to date next time.
 
+``add`` (``nodes add``) first asks each new node over SSH, as the playbooks will reach it,
+whether it answers: a node that does not leaves the hosts file untouched. ``replace``
+drops a node's recorded host key and brings it in again as a new node (same name, new
+hardware), so that the others pin the key it has now.
+
 ``remove`` refreshes the trust of the remaining nodes with the node left out
 (``dsk_removed_nodes``), so that none of them knows its name, address or host key any
 more, then takes it out of the inventory and the record. The node itself is not
@@ -203,8 +208,12 @@ def bring_in(inventory: Inventory, *, run: Callable[..., Any] | None = None,
             run(SITE_PLAYBOOK, inventory, command="bootstrap", check=check, **run_options)
         except RunFailed as exc:
             keep(_completed(exc, names))
+            if not check:
+                provisioned.forget_removed(directory, _completed(exc, names))
             raise
         keep(names)
+        if not check:
+            provisioned.forget_removed(directory, names)
         return Outcome(plan, bootstrapped=names)
 
     recorded = {RECORDED_NODES_VAR: list(plan.existing)}
@@ -230,6 +239,7 @@ def bring_in(inventory: Inventory, *, run: Callable[..., Any] | None = None,
             record[name] = provisioned.refreshed(
                 record[name], when=None if name in outcome.missed else when)
         provisioned.write_record(directory, record)
+        provisioned.forget_removed(directory, [*plan.new, *outcome.refreshed])
     return outcome
 
 
@@ -260,23 +270,112 @@ def _trust_refresh(inventory: Inventory, hosts: list[str], *, run: Callable[...,
     return list(hosts), {}
 
 
+# How long the SSH probe of a node to be added or replaced may take, connection included.
+PROBE_TIMEOUT_S = 60.0
+
+
+def probe_nodes(inventory: Inventory, names: list[str]) -> dict[str, str]:
+    """Ask each node of ``names`` over SSH, in parallel, exactly as the launcher reaches
+    it (the inventory's user, port, key and pinned host keys): {node: why} for those that
+    do not answer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dsk_provision import remote
+
+    def one(name: str) -> tuple[str, str | None]:
+        node = inventory.node(name)
+        rc, out = remote.run_command(remote.transport_for(inventory, node), node, "true",
+                                     timeout=PROBE_TIMEOUT_S)
+        if rc == 0:
+            return name, None
+        lines = [x.strip() for x in out.splitlines() if x.strip()]
+        why = lines[-1] if lines else f"ssh exited {rc}"
+        return name, f"no answer within {PROBE_TIMEOUT_S:g} s" if rc == 124 else why
+
+    if not names:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(16, len(names))) as pool:
+        return {name: why for name, why in pool.map(one, names) if why is not None}
+
+
+def _default_probe() -> Callable[[Inventory, list[str]], dict[str, str]]:
+    return probe_nodes
+
+
+def _require_answers(inventory: Inventory, names: list[str], probe: Callable[..., Any],
+                     what: str) -> None:
+    missed = probe(inventory, names)
+    if missed:
+        details = "; ".join(f"{name} ({inventory.node(name).address}): {why}"
+                            for name, why in missed.items())
+        raise RunFailed(f"{what}: {', '.join(missed)} did not answer over SSH: {details}",
+                        nodes=list(missed),
+                        hint=f"{inventory.hosts_file} is unchanged; check the address, the "
+                             "port, that the node accepts the inventory's key, and that "
+                             "the control node's known_hosts pins its host key")
+
+
+def _refuse_names_still_known(inventory: Inventory, names: list[str]) -> None:
+    """A new node may not take the name of a removed node that some node still pins."""
+    directory = state.claim_cluster_state_dir(inventory.cluster_name, inventory.hosts_file,
+                                              create=False)
+    removed = provisioned.load_removed(directory)
+    for name in names:
+        holders = removed.get(name)
+        if holders:
+            raise InputError(
+                f"{name!r} was removed while {', '.join(holders)} did not answer: "
+                f"{'they still pin' if len(holders) > 1 else 'it still pins'} the old "
+                f"{name}'s host key under that name", field=f"all.children.nodes.hosts.{name}",
+                file=str(inventory.hosts_file),
+                hint=f"start {', '.join(holders)} and run `dsk-provision bootstrap`, "
+                     "which brings them up to date, or give the new node another name")
+
+
+def _refuse_unfinished(inventory: Inventory, names: list[str]) -> None:
+    """A node already written into the inventory whose bring-in did not finish (an
+    interrupted or failed addition) is finished by bootstrap, not added again."""
+    directory = state.claim_cluster_state_dir(inventory.cluster_name, inventory.hosts_file,
+                                              create=False)
+    record = provisioned.load_record(directory)
+    listed = {n.name for n in inventory.nodes}
+    unfinished = [n for n in names if record is not None and n in listed and n not in record]
+    if unfinished:
+        raise InputError(f"{', '.join(unfinished)} {'is' if len(unfinished) == 1 else 'are'} "
+                         "in the inventory already, not yet brought in (an addition that "
+                         "did not finish)", file=str(inventory.hosts_file),
+                         field=f"all.children.nodes.hosts.{unfinished[0]}",
+                         hint=f"`dsk-provision bootstrap -i {inventory.path}` finishes it")
+
+
 def add(inventory: Inventory, nodes: list[Any], *, run: Callable[..., Any] | None = None,
-        say: Say = print, **run_options: Any) -> tuple[Outcome, Inventory]:
+        say: Say = print, probe: Callable[..., Any] | None = None,
+        **run_options: Any) -> tuple[Outcome, Inventory]:
     """Write ``nodes`` (inventory_edit.NewNode) into the hosts file, then bring_in.
 
-    When a new node does not answer at all (its bootstrap failed only because new nodes
-    were unreachable), the hosts file is put back as it was, byte for byte, and the
-    RunFailed says so; any other failure keeps the nodes in the hosts file, for a second
-    `bootstrap` to finish the addition."""
+    Before the file is written, the new nodes must answer over SSH (``probe``, default
+    probe_nodes) and their names must not be those of removed nodes still pinned
+    somewhere; otherwise nothing changes. When a new node stops answering during its
+    bootstrap (which then failed only because new nodes were unreachable), the hosts file
+    is put back as it was, byte for byte, and the RunFailed says so; any other failure
+    keeps the nodes in the hosts file, for a second `bootstrap` (or the same `nodes add`
+    of the nodes not yet written) to finish the addition."""
     import os
     import stat
 
     from dsk_provision.files import write_file
     from dsk_provision.inventory_edit import add_nodes
 
+    probe = probe or _default_probe()
     hosts_file = inventory.hosts_file
     original = hosts_file.read_bytes()
-    larger = add_nodes(inventory, nodes)
+    _refuse_names_still_known(inventory, [n.name for n in nodes])
+    _refuse_unfinished(inventory, [n.name for n in nodes])
+
+    def answers(larger: Inventory) -> None:
+        _require_answers(larger, [n.name for n in nodes], probe, "not added")
+
+    larger = add_nodes(inventory, nodes, verify=answers)
     written = hosts_file.read_bytes()
     try:
         return bring_in(larger, run=run, say=say, **run_options), larger
@@ -290,6 +389,43 @@ def add(inventory: Inventory, nodes: list[Any], *, run: Callable[..., Any] | Non
                         f"answer; {hosts_file} is back as it was", nodes=exc.nodes,
                         hint="check the address, the port and that the control node "
                              "trusts its host key, then add it again") from exc
+
+
+def replace(inventory: Inventory, name: str, *, host: str | None = None,
+            port: int | None = None, run: Callable[..., Any] | None = None,
+            say: Say = print, probe: Callable[..., Any] | None = None,
+            **run_options: Any) -> tuple[Outcome, Inventory]:
+    """Node ``name`` on new hardware (a new host key, perhaps a new ``host``/``port``):
+    it must answer first; then its recorded host key is dropped and it is brought in
+    again like a new node (its full bootstrap learns its new key), and the others' trust
+    refresh pins the new key in place of the old one. Interrupted, the next `bootstrap`
+    finishes it (the node has no recorded key, so it is planned as new)."""
+    from dsk_provision.inventory_edit import set_address
+
+    inventory.node(name)  # an InputError naming the nodes when there is none
+    probe = probe or _default_probe()
+    directory = state.claim_cluster_state_dir(inventory.cluster_name, inventory.hosts_file,
+                                              create=False)
+    record = provisioned.load_record(directory)
+    if record is None or name not in record:
+        raise InputError(f"{name!r} was never brought in by this tool: nothing to replace",
+                         file=str(inventory.hosts_file),
+                         hint="`dsk-provision bootstrap` brings it in")
+
+    def answers(inv: Inventory) -> None:
+        _require_answers(inv, [name], probe, "not replaced")
+
+    node = inventory.node(name)
+    if host is not None and (host, port or int(node.port)) != (node.address, int(node.port)):
+        inventory = set_address(inventory, name, host, port, verify=answers)
+    else:
+        answers(inventory)
+    say(f"replacing {name}: its recorded host key is dropped; it is bootstrapped as a new "
+        "node and the others pin its new key")
+    provisioned.forget_host_keys(directory, name)
+    record.pop(name, None)
+    provisioned.write_record(directory, record)
+    return bring_in(inventory, run=run, say=say, **run_options), inventory
 
 
 def check_removal(inventory: Inventory, name: str) -> list[str]:
@@ -329,6 +465,12 @@ def remove(inventory: Inventory, name: str, *, run: Callable[..., Any] | None = 
     # The refresh's record of host keys leaves it out already, unless no node answered.
     provisioned.forget_host_keys(directory, name)
     record = provisioned.load_record(directory)
+    removed = provisioned.load_removed(directory)
+    # The nodes that missed this refresh still pin the node under its name.
+    removed = {n: [h for h in holders if h != name and h not in refreshed]
+               for n, holders in removed.items() if n != name}
+    if missed:
+        removed[name] = sorted(missed)
     if record is not None:
         record.pop(name, None)
         when = provisioned.now()
@@ -336,7 +478,7 @@ def remove(inventory: Inventory, name: str, *, run: Callable[..., Any] | None = 
             if other in record:
                 record[other] = provisioned.refreshed(
                     record[other], when=None if other in missed else when)
-        provisioned.write_record(directory, record)
+        provisioned.write_record(directory, record, removed)
     return Outcome(None, refreshed=refreshed, missed=missed), smaller
 
 

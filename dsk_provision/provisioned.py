@@ -11,10 +11,13 @@ known_hosts, ``~/.ssh/config``, authorized keys) was last brought up to date::
                          "host_key_fingerprints": ["SHA256:..."],
                          "provisioned_at": "2026-12-03T09:40:00Z",
                          "trust_refreshed_at": "2026-12-03T09:40:00Z",
-                         "trust_pending": false}}}
+                         "trust_pending": false}},
+     "removed": {"gpu07": {"still_known_by": ["gpu03"]}}}
 
 ``trust_pending`` marks a node that was unreachable when the others were told about a new
-or removed node: the next bootstrap brings it up to date.
+or removed node: the next bootstrap brings it up to date. ``removed`` lists the nodes taken
+out while some node did not answer: those nodes still pin the removed node's host key
+until they are brought up to date, so its name cannot be given to a new node before then.
 
 The record lives on the control node, beside the cluster key, rather than as a marker on
 each node: reading it needs no connection, a dead node is still known, and it stays out
@@ -138,11 +141,45 @@ def load_record(state_dir: Path) -> dict[str, ProvisionedNode] | None:
                               "every node, and writes it again") from exc
 
 
-def write_record(state_dir: Path, record: dict[str, ProvisionedNode]) -> Path:
-    """Write the record whole (0600), nodes in name order."""
-    data = {"version": RECORD_VERSION,
-            "nodes": {name: record[name].to_json() for name in sorted(record)}}
+def load_removed(state_dir: Path) -> dict[str, list[str]]:
+    """The removed nodes that some node still knows: {removed: [nodes that still pin it]}."""
+    path = Path(state_dir) / NODES_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        removed = data.get("removed") or {}
+        return {str(name): [str(n) for n in entry.get("still_known_by") or []]
+                for name, entry in removed.items() if entry.get("still_known_by")}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, AttributeError, TypeError) as exc:
+        raise InputError(f"is not a record of provisioned nodes ({exc})", file=str(path),
+                         hint="move it away: the next bootstrap is then a full one of "
+                              "every node, and writes it again") from exc
+
+
+def write_record(state_dir: Path, record: dict[str, ProvisionedNode],
+                 removed: dict[str, list[str]] | None = None) -> Path:
+    """Write the record whole (0600), nodes in name order; ``removed`` (None: as it is
+    now) without the entries that no node knows any more."""
+    if removed is None:
+        removed = load_removed(state_dir)
+    data: dict[str, Any] = {"version": RECORD_VERSION,
+                            "nodes": {name: record[name].to_json() for name in sorted(record)}}
+    removed = {name: sorted(set(nodes)) for name, nodes in removed.items() if nodes}
+    if removed:
+        data["removed"] = {name: {"still_known_by": removed[name]} for name in sorted(removed)}
     return write_private(Path(state_dir) / NODES_FILE, json.dumps(data, indent=2) + "\n")
+
+
+def forget_removed(state_dir: Path, up_to_date: Any) -> None:
+    """The nodes ``up_to_date`` were told the whole node list: they no longer know any
+    removed node."""
+    removed = load_removed(state_dir)
+    done = set(up_to_date)
+    left = {name: [n for n in nodes if n not in done] for name, nodes in removed.items()}
+    if left != removed and (Path(state_dir) / NODES_FILE).exists():
+        record = load_record(state_dir) or {}
+        write_record(state_dir, record, left)
 
 
 def provisioned(node: Any, host_keys: dict[str, list[str]], *, when: str,

@@ -365,9 +365,53 @@ def _cli(*args, input=None):
     return CliRunner().invoke(app, list(args), input=input)
 
 
+def _flat(text: str) -> str:
+    """Output with the terminal's line wrapping undone."""
+    return " ".join(text.split())
+
+
 @pytest.fixture
 def no_runs(monkeypatch):
     monkeypatch.setattr(runner, "run_playbook", lambda *a, **kw: pytest.fail("ran"))
+
+
+class Probe:
+    """Stands in for lifecycle.probe_nodes: every node answers except those in ``dead``."""
+
+    def __init__(self, dead=()):
+        self.dead, self.asked = set(dead), []
+
+    def __call__(self, inventory, names):
+        self.asked.append(list(names))
+        return {n: "Connection refused" for n in names if n in self.dead}
+
+
+class Validations:
+    """Stands in for validation.flow.validate: records the nodes it was asked to check."""
+
+    def __init__(self):
+        self.only: list = []
+
+    def __call__(self, inventory, **kw):
+        self.only.append(kw.get("only"))
+        return types.SimpleNamespace(passed=True, run_dir=Path("/runs/validate"))
+
+
+@pytest.fixture(autouse=True)
+def probe(monkeypatch):
+    """No test reaches out to the new nodes' addresses unless it asks for it."""
+    stand_in = Probe()
+    monkeypatch.setattr(lifecycle, "probe_nodes", stand_in)
+    return stand_in
+
+
+@pytest.fixture(autouse=True)
+def validations(monkeypatch):
+    import dsk_provision.validation.flow as flow
+
+    stand_in = Validations()
+    monkeypatch.setattr(flow, "validate", stand_in)
+    return stand_in
 
 
 @pytest.mark.parametrize("args, message", [
@@ -402,7 +446,8 @@ def test_bad_node_files_exit_2_with_the_inventory_unchanged(inv_dir, tmp_path, n
     assert (inv_dir / "hosts.yml").read_bytes() == before
 
 
-def test_nodes_add_writes_the_nodes_and_brings_them_in(inv_dir, tmp_path, monkeypatch):
+def test_nodes_add_writes_the_nodes_and_brings_them_in(inv_dir, tmp_path, monkeypatch,
+                                                       probe, validations):
     run = StandIn()
     monkeypatch.setattr(runner, "run_playbook", run)
     assert _cli("bootstrap", "-i", str(inv_dir)).exit_code == 0
@@ -411,14 +456,21 @@ def test_nodes_add_writes_the_nodes_and_brings_them_in(inv_dir, tmp_path, monkey
     result = _cli("nodes", "add", "-i", str(inv_dir), "--from", str(tmp_path / "nodes.yml"))
     assert result.exit_code == 0, result.output
     assert "2 new nodes: full bootstrap (n4, n5); 3 existing: trust refresh only" in (
-        result.output)
+        _flat(result.output))
     assert [c.get("limit") for c in run.calls] == [None, ["n4", "n5"], ["n1", "n2", "n3"]]
+    assert probe.asked == [["n4", "n5"]]
+    # Then validate: the new nodes' checks (the all-reduce spans every node).
+    assert validations.only == [["n4", "n5"]]
+    assert "validating the new nodes (n4, n5)" in _flat(result.output)
+    assert "all-reduce across the 5 nodes in service" in _flat(result.output)
     text = (inv_dir / "hosts.yml").read_text()
     assert text.startswith(HOSTS) and "n5: {ansible_host: 10.9.0.5, ansible_port: 2200}" in text
     result = _cli("nodes", "add", "-i", str(inv_dir), "n6", "--host", "10.9.0.6",
-                  "--gpus", "2", "--port", "22")
+                  "--gpus", "2", "--port", "22", "--no-validate")
     assert result.exit_code == 0, result.output
     assert run.calls[-2]["limit"] == ["n6"]
+    assert validations.only == [["n4", "n5"]] and "not validated (--no-validate)" in (
+        _flat(result.output))
     assert load_inventory(inv_dir).node("n6").gpus == 2
 
 
@@ -544,5 +596,143 @@ def test_etc_hosts_block_leaves_out_a_node_being_removed():
 
 def test_nodes_commands_are_listed():
     out = _cli("nodes", "--help").output
-    for command in ("add", "remove", "cordon", "uncordon"):
+    for command in ("add", "remove", "replace", "cordon", "uncordon"):
         assert re.search(rf"^\W*{command}\s", out, re.MULTILINE), out
+
+
+# --- additions refused before any change, replacements ---------------------------------------
+
+_REAL_PROBE = lifecycle.probe_nodes  # the autouse fixture replaces it in every test
+
+def test_an_unreachable_new_host_is_refused_before_the_inventory_is_written(
+        inv_dir, monkeypatch, probe):
+    import socket
+
+    run = StandIn()
+    monkeypatch.setattr(runner, "run_playbook", run)
+    assert _cli("bootstrap", "-i", str(inv_dir)).exit_code == 0
+    run.calls.clear()
+    before = (inv_dir / "hosts.yml").read_bytes()
+    probe.dead = {"n5"}
+    result = _cli("nodes", "add", "-i", str(inv_dir), "n5", "--host", "10.9.0.5")
+    assert result.exit_code == 1, result.output
+    assert "not added: n5 did not answer over SSH" in _flat(result.output)
+    assert "n5 (10.9.0.5): Connection refused" in _flat(result.output)
+    assert (inv_dir / "hosts.yml").read_bytes() == before and run.calls == []
+    # The real probe, on a port of this machine where nothing listens.
+    monkeypatch.setattr(lifecycle, "probe_nodes", _REAL_PROBE)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = _cli("nodes", "add", "-i", str(inv_dir), "n4", "--host", "127.0.0.1",
+                  "--port", str(port))
+    assert result.exit_code == 1, result.output
+    assert "n4 did not answer over SSH" in _flat(result.output) and "refused" in _flat(result.output)
+    assert (inv_dir / "hosts.yml").read_bytes() == before and run.calls == []
+
+
+def test_a_removed_name_still_pinned_somewhere_is_refused_until_that_node_is_updated(
+        inv_dir, monkeypatch):
+    run = StandIn()
+    monkeypatch.setattr(runner, "run_playbook", run)
+    assert _cli("bootstrap", "-i", str(inv_dir)).exit_code == 0
+    run.failures[1] = _unreachable("n3")
+    assert _cli("nodes", "remove", "-i", str(inv_dir), "n2", "--yes").exit_code == 0
+    before = (inv_dir / "hosts.yml").read_bytes()
+    calls = len(run.calls)
+    result = _cli("nodes", "add", "-i", str(inv_dir), "n2", "--host", "10.9.0.22")
+    assert result.exit_code == 2, result.output
+    assert "'n2' was removed while n3 did not answer" in _flat(result.output)
+    assert (inv_dir / "hosts.yml").read_bytes() == before and len(run.calls) == calls
+    # Once n3 has been brought up to date, the name is free again.
+    assert _cli("bootstrap", "-i", str(inv_dir), "--no-validate").exit_code == 0
+    assert provisioned.load_removed(_state(load_inventory(inv_dir))) == {}
+    result = _cli("nodes", "add", "-i", str(inv_dir), "n2", "--host", "10.9.0.22",
+                  "--no-validate")
+    assert result.exit_code == 0, result.output
+
+
+def test_an_interrupted_addition_is_finished_by_bootstrap(inv_dir, monkeypatch):
+    from dsk_provision.errors import Interrupted
+
+    run = StandIn()
+    monkeypatch.setattr(runner, "run_playbook", run)
+    assert _cli("bootstrap", "-i", str(inv_dir)).exit_code == 0
+    run.failures[1] = Interrupted(2)
+    result = _cli("nodes", "add", "-i", str(inv_dir), "n4", "--host", "10.9.0.4")
+    assert result.exit_code == 130, result.output
+    assert "n4" not in _record(load_inventory(inv_dir))
+    # The same command again says how to finish it; bootstrap does.
+    result = _cli("nodes", "add", "-i", str(inv_dir), "n4", "--host", "10.9.0.4")
+    assert result.exit_code == 2 and "dsk-provision bootstrap" in _flat(result.output)
+    run.calls.clear()
+    run.failures.clear()
+    result = _cli("bootstrap", "-i", str(inv_dir))
+    assert result.exit_code == 0, result.output
+    assert "1 new node: full bootstrap (n4); 3 existing" in _flat(result.output)
+    assert [c.get("limit") for c in run.calls] == [["n4"], ["n1", "n2", "n3"]]
+    assert "n4" in _record(load_inventory(inv_dir))
+
+
+def test_replace_forgets_the_host_key_and_brings_the_node_in_again(inv_dir, monkeypatch,
+                                                                    probe, validations):
+    run = StandIn()
+    monkeypatch.setattr(runner, "run_playbook", run)
+    assert _cli("bootstrap", "-i", str(inv_dir)).exit_code == 0
+    directory = _state(load_inventory(inv_dir))
+    keys = json.loads((directory / provisioned.HOST_KEYS_FILE).read_text())
+    keys["n2"] = [KEY]  # the old hardware's key
+    (directory / provisioned.HOST_KEYS_FILE).write_text(json.dumps(keys))
+    run.calls.clear()
+    result = _cli("nodes", "replace", "-i", str(inv_dir), "n2", "--yes")
+    assert result.exit_code == 0, result.output
+    assert "1 new node: full bootstrap (n2); 2 existing: trust refresh only" in _flat(result.output)
+    new, refresh = run.calls
+    assert new["limit"] == ["n2"] and refresh["limit"] == ["n1", "n3"]
+    assert refresh["extra_vars"][lifecycle.RECORDED_NODES_VAR] == ["n1", "n3", "n2"]
+    # The new node's bootstrap found no recorded key: it learnt the one it has now.
+    keys = json.loads((directory / provisioned.HOST_KEYS_FILE).read_text())
+    assert keys["n2"] == [_key("n2")]
+    assert _record(load_inventory(inv_dir))["n2"]["host_key_fingerprints"] == [
+        provisioned.host_key_fingerprint(_key("n2"))]
+    assert validations.only == [["n2"]]
+
+
+def test_replace_at_a_new_address_that_does_not_answer_changes_nothing(inv_dir, monkeypatch,
+                                                                       probe):
+    run = StandIn()
+    monkeypatch.setattr(runner, "run_playbook", run)
+    assert _cli("bootstrap", "-i", str(inv_dir)).exit_code == 0
+    run.calls.clear()
+    before = (inv_dir / "hosts.yml").read_bytes()
+    nodes_before = (_state(load_inventory(inv_dir)) / provisioned.NODES_FILE).read_bytes()
+    probe.dead = {"n2"}
+    result = _cli("nodes", "replace", "-i", str(inv_dir), "n2", "--host", "10.9.0.42",
+                  "--yes")
+    assert result.exit_code == 1 and "not replaced: n2 did not answer" in _flat(result.output)
+    assert "n2 (10.9.0.42)" in _flat(result.output)
+    assert (inv_dir / "hosts.yml").read_bytes() == before and run.calls == []
+    assert (_state(load_inventory(inv_dir)) / provisioned.NODES_FILE).read_bytes() == (
+        nodes_before)
+    probe.dead = set()
+    result = _cli("nodes", "replace", "-i", str(inv_dir), "n2", "--host", "10.9.0.42",
+                  "--yes", "--no-validate")
+    assert result.exit_code == 0, result.output
+    assert load_inventory(inv_dir).node("n2").address == "10.9.0.42"
+    assert _record(load_inventory(inv_dir))["n2"]["address"] == "10.9.0.42"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["n9", "--yes"], "n9"),
+    (["n2", "--host", "10.9.0.1", "--yes"], "10.9.0.1"),
+])
+def test_bad_replacements_exit_2_with_the_inventory_unchanged(inv_dir, monkeypatch, args,
+                                                              message):
+    run = StandIn()
+    monkeypatch.setattr(runner, "run_playbook", run)
+    assert _cli("bootstrap", "-i", str(inv_dir)).exit_code == 0
+    before = (inv_dir / "hosts.yml").read_bytes()
+    result = _cli("nodes", "replace", "-i", str(inv_dir), *args)
+    assert result.exit_code == 2, result.output
+    assert message in _flat(result.output)
+    assert (inv_dir / "hosts.yml").read_bytes() == before
