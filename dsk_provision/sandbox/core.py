@@ -254,21 +254,24 @@ def _etc_hosts(state: dict, node: str, listed: list[tuple[str, str]]) -> str:
     return render.render_etc_hosts(state["name"], listed + [p for p in own if p not in listed])
 
 
-def _write_cluster_files(state: dict, *, layout_changed: bool = True) -> None:
+def _write_cluster_files(state: dict, *, layout_changed: bool = True,
+                         listed_changed: bool = True) -> None:
     """Files that list the nodes: the control node's known_hosts (every running node,
-    spares too, as a person would accept a new server's host key) and, when the layout
-    (nodes and spares) changed or there is no inventory yet, the inventory and every
-    node's /etc/hosts. A restart of nodes in the same layout leaves the inventory as it
-    is, with the nodes `dsk-provision nodes add/remove` put in or took out."""
+    spares too, as a person would accept a new server's host key); when the layout
+    (nodes and spares) changed or there is no inventory yet, the inventory; and when the
+    inventory's nodes changed, every node's /etc/hosts. A restart of nodes in the same
+    layout leaves the inventory as it is, with the nodes `dsk-provision nodes add/remove`
+    put in or took out, and a change of spares only leaves the nodes' /etc/hosts."""
     sdir = Path(state["state_dir"])
     listed = [(n["name"], n["ip"]) for n in state["nodes"]][:len(state["nodes"])
                                                              - _spare_count(state)]
     write_file(sdir / "ssh/known_hosts", render.render_known_hosts(
         [(n["name"], n["ip"], n["host_key"]) for n in state["nodes"]]))
-    if layout_changed or not (sdir / "hosts.yml").exists():
+    if listed_changed:
         for n in state["nodes"]:
             nodefs.write_file(nodes.node_paths(sdir, n["name"])["root"], "etc/hosts",
                               _etc_hosts(state, n["name"], listed))
+    if layout_changed or not (sdir / "hosts.yml").exists():
         write_file(sdir / "hosts.yml", render.render_inventory(
             cluster_name=state["name"], nodes=listed, key_file=sdir / "ssh/id_ed25519",
             known_hosts=sdir / "ssh/known_hosts", control_dir=sdir / "cp",
@@ -420,7 +423,9 @@ def _reconcile(state: dict, count: int, say: Callable[[str], None],
         state["nodes"] = sorted(by_index.values(), key=lambda n: n["index"])
         _save_state(state)
     state["nodes"] = sorted(by_index.values(), key=lambda n: n["index"])
-    _write_cluster_files(state, layout_changed=layout_changed)
+    before = state.get("layout")
+    _write_cluster_files(state, layout_changed=layout_changed,
+                         listed_changed=not before or before[0] != count)
     state["layout"] = [count, spare]
     _save_state(state)
     nodes.wait_for_ssh([(n["name"], n["ip"]) for n in state["nodes"]], BOOT_TIMEOUT_S,
@@ -527,7 +532,7 @@ def reimage_node(name: str, node: str, progress: Progress = None) -> SandboxInfo
     state["nodes"] = sorted([n for n in state["nodes"] if n["index"] != entry["index"]]
                             + [fresh], key=lambda n: n["index"])
     network.ensure_bridge(name, net)
-    _write_cluster_files(state, layout_changed=False)
+    _write_cluster_files(state, layout_changed=False, listed_changed=False)
     nodes.wait_for_ssh([(fresh["name"], fresh["ip"])], BOOT_TIMEOUT_S,
                        Path(state["state_dir"]))
     return _info(state)

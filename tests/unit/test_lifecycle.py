@@ -627,7 +627,8 @@ def test_an_unreachable_new_host_is_refused_before_the_inventory_is_written(
     result = _cli("nodes", "add", "-i", str(inv_dir), "n4", "--host", "127.0.0.1",
                   "--port", str(port))
     assert result.exit_code == 1, result.output
-    assert "n4 did not answer over SSH" in _flat(result.output) and "refused" in _flat(result.output)
+    out = _flat(result.output)
+    assert "n4 did not answer over SSH" in out and "refused" in out
     assert (inv_dir / "hosts.yml").read_bytes() == before and run.calls == []
 
 
