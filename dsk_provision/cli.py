@@ -203,8 +203,13 @@ def _validate_added(ctx: typer.Context, inv, outcome, enabled: bool) -> None:
     in_service = [n.name for n in inv.active_nodes]
     render.line(f"validating the new nodes ({', '.join(added)}): their checks, and an "
                 f"all-reduce across the {len(in_service)} nodes in service")
-    report = run_validate(inv, runs_dir=_runs_dir(ctx), console=render.console(),
-                          only=added)
+    try:
+        report = run_validate(inv, runs_dir=_runs_dir(ctx), console=render.console(),
+                              only=added)
+    except RunFailed as exc:
+        failed = RunFailed(f"{', '.join(added)} brought in (recorded), but {exc.message}",
+                           nodes=exc.nodes, hint=exc.hint)
+        raise failed from exc
     render.validate_verdict(report)
     if not report.passed:
         raise typer.Exit(1)

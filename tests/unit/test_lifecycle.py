@@ -471,6 +471,17 @@ def test_nodes_add_writes_the_nodes_and_brings_them_in(inv_dir, tmp_path, monkey
     assert run.calls[-2]["limit"] == ["n6"]
     assert validations.only == [["n4", "n5"]] and "not validated (--no-validate)" in (
         _flat(result.output))
+    # A failed check fails the command after the addition, which stays recorded.
+    import dsk_provision.validation.flow as flow
+
+    def failing(inventory, **kw):
+        raise RunFailed("validation failed (1 check(s)): n7 copy_bandwidth", nodes=["n7"])
+
+    monkeypatch.setattr(flow, "validate", failing)
+    result = _cli("nodes", "add", "-i", str(inv_dir), "n7", "--host", "10.9.0.7")
+    assert result.exit_code == 1
+    assert "n7 brought in (recorded), but validation failed" in _flat(result.output)
+    assert "n7" in _record(load_inventory(inv_dir))
     assert load_inventory(inv_dir).node("n6").gpus == 2
 
 
