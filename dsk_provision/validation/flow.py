@@ -231,9 +231,10 @@ def validate(inventory, *, runs_dir: Path | None = None, begin: str = "1K",
     # artifacts go into a run directory nested under it.
     playbook_error: RunFailed | None = None
     try:
+        limited = {} if only is None else {"limit": checked}
         run_playbook("validate.yml", inventory, command="validate", runs_dir=run_dir / "playbook",
                      extra_vars={"dsk_run_dir": str(run_dir.resolve())}, console=console,
-                     limit=None if only is None else checked)
+                     **limited)
     except RunFailed as exc:
         playbook_error = exc
 
