@@ -159,14 +159,63 @@ def bootstrap(
         "--check", help="Dry run: report what would change.")] = False,
     verbose: Annotated[int, typer.Option(
         "--verbose", "-v", count=True, help="More Ansible output.")] = 0,
+    validate_new: Annotated[bool, typer.Option(
+        "--validate/--no-validate",
+        help="After bringing in new nodes: their checks and an all-reduce with them.")] = True,
 ) -> None:
-    """Provision the nodes: run playbooks/site.yml."""
+    """Provision the nodes: run playbooks/site.yml. Nodes provisioned before get only a
+    trust refresh when new ones are brought in, and the new ones are validated (see
+    docs/operations.md); --limit or --tags run exactly what they say."""
     inv = _load(inventory)
-    from dsk_provision.runner import run_playbook
+    if limit or tags:
+        from dsk_provision.runner import run_playbook
 
-    run_playbook("site.yml", inv, command="bootstrap", runs_dir=_runs_dir(ctx),
-                 limit=_split(limit), tags=_split(tags), check=check_mode,
-                 console=render.console(), verbosity=verbose)
+        run_playbook("site.yml", inv, command="bootstrap", runs_dir=_runs_dir(ctx),
+                     limit=_split(limit), tags=_split(tags), check=check_mode,
+                     console=render.console(), verbosity=verbose)
+        return
+    _bring_in(ctx, inv, check=check_mode, verbose=verbose, validate_new=validate_new)
+
+
+def _bring_in(ctx: typer.Context, inv, *, check: bool, verbose: int,
+              validate_new: bool) -> None:
+    """The planned bootstrap (dsk_provision.lifecycle.bring_in), with its summary."""
+    from dsk_provision.lifecycle import bring_in
+
+    outcome = bring_in(inv, check=check, say=render.line, runs_dir=_runs_dir(ctx),
+                       console=render.console(), verbosity=verbose)
+    if outcome.summary():
+        render.line(outcome.summary())
+    if not check:
+        _validate_added(ctx, inv, outcome, validate_new)
+
+
+def _validate_added(ctx: typer.Context, inv, outcome, enabled: bool) -> None:
+    """validate's checks of the nodes an addition brought in, and the cluster-wide
+    all-reduce with them (dsk_provision.validation.flow.validate, ``only``)."""
+    plan = outcome.plan
+    added = [n for n in outcome.bootstrapped if plan is not None and not plan.full]
+    if not added:
+        return
+    if not enabled:
+        render.line(f"not validated (--no-validate): {', '.join(added)}; run "
+                    f"`dsk-provision validate -i {inv.path}` to check them")
+        return
+    from dsk_provision.validation.flow import validate as run_validate
+
+    in_service = [n.name for n in inv.active_nodes]
+    render.line(f"validating the new nodes ({', '.join(added)}): their checks, and an "
+                f"all-reduce across the {len(in_service)} nodes in service")
+    try:
+        report = run_validate(inv, runs_dir=_runs_dir(ctx), console=render.console(),
+                              only=added)
+    except RunFailed as exc:
+        failed = RunFailed(f"{', '.join(added)} brought in (recorded), but {exc.message}",
+                           nodes=exc.nodes, hint=exc.hint)
+        raise failed from exc
+    render.validate_verdict(report)
+    if not report.passed:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -347,19 +396,142 @@ def hostkeys_scan(
     render.host_keys_done(plan)
 
 
+@nodes_app.command("add")
+def nodes_add(
+    ctx: typer.Context,
+    inventory: InventoryOpt,
+    name: Annotated[str | None, typer.Argument(help="The new node's name.")] = None,
+    host: Annotated[str | None, typer.Option("--host", help="Its address.")] = None,
+    gpus: Annotated[int | None, typer.Option(
+        "--gpus", min=0, help="Its GPUs, when not the cluster's dsk_gpus_per_node.")] = None,
+    port: Annotated[int | None, typer.Option(
+        "--port", min=1, max=65535, help="Its SSH port (default 22).")] = None,
+    from_file: Annotated[Path | None, typer.Option(
+        "--from", help="Several nodes from a YAML list: '- {name: gpu09, host: 10.0.0.9}' "
+                       "(keys name, host, port, gpus).")] = None,
+    verbose: Annotated[int, typer.Option(
+        "--verbose", "-v", count=True, help="More Ansible output.")] = 0,
+    validate_new: Annotated[bool, typer.Option(
+        "--validate/--no-validate",
+        help="Then their checks and an all-reduce with them.")] = True,
+) -> None:
+    """Write new nodes into the inventory, then bring them in: a full bootstrap of the new
+    nodes, a trust refresh of the others, then validate's checks of the new nodes and an
+    all-reduce with them. Nodes that do not answer over SSH are not written."""
+    from dsk_provision.inventory_edit import NewNode
+    from dsk_provision.lifecycle import add, read_node_file
+
+    if from_file is not None:
+        if name is not None or host is not None or gpus is not None or port is not None:
+            raise InputError("give either --from FILE or NAME --host ADDRESS, not both",
+                             field="--from")
+        nodes = read_node_file(from_file)
+    else:
+        if name is None or host is None:
+            raise InputError("name the node and its address: NAME --host ADDRESS "
+                             "(or --from FILE for several)", field="--host")
+        nodes = [NewNode(name, host, port=port, gpus=gpus)]
+    outcome, inv = add(_load(inventory), nodes, say=render.line, runs_dir=_runs_dir(ctx),
+                       console=render.console(), verbosity=verbose)
+    render.line(f"added {', '.join(n.name for n in nodes)} to {inv.hosts_file}")
+    if outcome.summary():
+        render.line(outcome.summary())
+    _validate_added(ctx, inv, outcome, validate_new)
+
+
+@nodes_app.command("replace")
+def nodes_replace(
+    ctx: typer.Context,
+    inventory: InventoryOpt,
+    name: Annotated[str, typer.Argument(help="The node that is on new hardware.")],
+    host: Annotated[str | None, typer.Option(
+        "--host", help="Its new address (default: the inventory's).")] = None,
+    port: Annotated[int | None, typer.Option(
+        "--port", min=1, max=65535, help="Its new SSH port.")] = None,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    verbose: Annotated[int, typer.Option(
+        "--verbose", "-v", count=True, help="More Ansible output.")] = 0,
+    validate_new: Annotated[bool, typer.Option(
+        "--validate/--no-validate",
+        help="Then its checks and an all-reduce with it.")] = True,
+) -> None:
+    """The same node name on new hardware: its old host key is revoked everywhere, the
+    new one pinned, the node fully bootstrapped and the others' trust refreshed."""
+    from dsk_provision.lifecycle import replace
+
+    inv = _load(inventory)
+    node = inv.node(name)
+    if not yes:
+        typer.confirm(f"replace {name} ({host or node.address}): forget its host key and "
+                      "bootstrap it as new hardware?", abort=True)
+    outcome, inv = replace(inv, name, host=host, port=port, say=render.line,
+                           runs_dir=_runs_dir(ctx), console=render.console(),
+                           verbosity=verbose)
+    render.line(f"{name} replaced in {inv.hosts_file}")
+    if outcome.summary():
+        render.line(outcome.summary())
+    _validate_added(ctx, inv, outcome, validate_new)
+
+
+@nodes_app.command("remove")
+def nodes_remove(
+    ctx: typer.Context,
+    inventory: InventoryOpt,
+    name: Annotated[str, typer.Argument(help="The node to take out of the cluster.")],
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    verbose: Annotated[int, typer.Option(
+        "--verbose", "-v", count=True, help="More Ansible output.")] = 0,
+) -> None:
+    """Take a node out: the remaining nodes forget its name, address and host key, then
+    the inventory drops it. The node is not contacted (a dead node can be removed)."""
+    from dsk_provision.lifecycle import check_removal, remove
+
+    inv = _load(inventory)
+    remaining = check_removal(inv, name)
+    if not yes:
+        typer.confirm(f"remove {name} ({inv.node(name).address}) from the cluster? "
+                      f"{len(remaining)} node(s) stay", abort=True)
+    outcome, smaller = remove(inv, name, say=render.line, runs_dir=_runs_dir(ctx),
+                              console=render.console(), verbosity=verbose)
+    render.line(f"{name} removed; {len(smaller.nodes)} node(s) in {smaller.hosts_file}")
+    if outcome.summary():
+        render.line(outcome.summary())
+    render.line("the cluster key is unchanged: a node that was not wiped may still hold "
+                "it (see docs/operations.md)")
+
+
 @sandbox_app.command("up")
 def sandbox_up(
     name: Annotated[str, typer.Option(
         "--name", help="Sandbox name ([a-z][a-z0-9]{0,7}).")] = "dsk",
     nodes: Annotated[int, typer.Option("--nodes", min=1, max=32, help="Number of nodes.")] = 3,
+    spare: Annotated[int | None, typer.Option(
+        "--spare", min=0, max=31,
+        help="More nodes started but left out of the inventory, to try `nodes add` "
+             "[default: as many as the running sandbox has, else 0].")] = None,
     subnet: Annotated[str | None, typer.Option(
         "--subnet", help="Bridge subnet, e.g. 10.213.7.0/24.")] = None,
 ) -> None:
     """Create and start a local cluster; prints its inventory."""
     from dsk_provision import sandbox
 
-    info = sandbox.up(name, nodes, subnet=subnet, progress=render.progress(render.console()))
+    info = sandbox.up(name, nodes, spare=spare, subnet=subnet,
+                      progress=render.progress(render.console()))
     render.sandbox_up(name, info)
+
+
+@sandbox_app.command("reimage")
+def sandbox_reimage(
+    node: Annotated[str, typer.Argument(help="Node to give a new disk and host key.")],
+    name: Annotated[str, typer.Option("--name", help="Sandbox name.")] = "dsk",
+) -> None:
+    """Wipe a node and start it again with a new SSH host key (new hardware at the same
+    address), to try `nodes replace`."""
+    from dsk_provision import sandbox
+
+    info = sandbox.reimage_node(name, node, progress=render.progress(render.console()))
+    render.line(f"{node} of sandbox {name} has a new disk and host key; bring it back "
+                f"with: dsk-provision nodes replace -i {info.inventory_path} {node}")
 
 
 @sandbox_app.command("down")

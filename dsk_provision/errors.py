@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class DskError(Exception):
     """Base error: a message a person can act on, and the exit code the CLI uses."""
@@ -50,6 +52,8 @@ class RunFailed(DskError):
     def __init__(self, message: str, *, nodes: list[str] | None = None, hint: str | None = None):
         super().__init__(message, hint=hint)
         self.nodes = list(nodes or [])
+        # The finished run's PlaybookResult, when a playbook ran to its end (runner.py).
+        self.result: Any = None
 
 
 class Interrupted(DskError):

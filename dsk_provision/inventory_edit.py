@@ -138,11 +138,12 @@ def _flow_like(hosts: CommentedMap) -> bool:
     return False
 
 
-def add_nodes(inventory: Inventory, nodes: list[NewNode]) -> Inventory:
+def add_nodes(inventory: Inventory, nodes: list[NewNode], verify=None) -> Inventory:
     """Append ``nodes`` to all.children.nodes.hosts; return the inventory it makes.
 
     A name or an address that is already the inventory's, or a value the schema refuses,
-    is an InputError naming the field, and the file is left unchanged."""
+    is an InputError naming the field, and the file is left unchanged; so is any error
+    ``verify(inventory it would make)`` raises before the file is written."""
     if not nodes:
         raise InputError("no node to add", field="NAME")
     existing = {n.name: n for n in inventory.nodes}
@@ -162,7 +163,32 @@ def add_nodes(inventory: Inventory, nodes: list[NewNode]) -> Inventory:
         if flow:
             entry.fa.set_flow_style()
         hosts[node.name] = entry
-    return doc.check_and_write()
+    return doc.check_and_write(verify)
+
+
+def set_address(inventory: Inventory, name: str, host: str, port: int | None = None,
+                verify=None) -> Inventory:
+    """Give node ``name`` a new ``ansible_host`` (and ``ansible_port`` when given) in the
+    hosts file; checked like add_nodes, ``verify`` included, before anything is written."""
+    inventory.node(name)
+    doc = _Doc(inventory)
+    hosts, entry = doc.host_entry(name)
+    if entry is None:
+        entry = hosts[name] = CommentedMap()
+        entry.fa.set_flow_style()
+    entry["ansible_host"] = host
+    if port is not None:
+        entry["ansible_port"] = port
+
+    def takes_effect(result: Inventory) -> None:
+        node = result.node(name)
+        if node.address != host or (port is not None and int(node.port) != port):
+            raise InputError(f"the address of node {name!r} is also set in host_vars or a "
+                             "group, which overrides the hosts file: change it there",
+                             file=str(inventory.hosts_file), field=f"{name}.ansible_host")
+        if verify is not None:
+            verify(result)
+    return doc.check_and_write(takes_effect)
 
 
 def remove_node(inventory: Inventory, name: str) -> Inventory:

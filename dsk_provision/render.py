@@ -104,9 +104,15 @@ def sandbox_up(name: str, info) -> None:
     out = console()
     inv = info.inventory_path
     out.print(f"sandbox {name} is up with {len(info.nodes)} node(s); inventory: {inv}")
+    spare = list(getattr(info, "spare", None) or [])
+    if spare:
+        out.print(f"spare nodes, running but not in the inventory: "
+                  f"{', '.join(f'{n} ({ip})' for n, ip in spare)}")
     out.print("next:")
+    adds = [f"dsk-provision nodes add -i {inv} {spare[0][0]} --host {spare[0][1]}"] \
+        if spare else []
     for cmd in (f"dsk-provision check -i {inv}", f"dsk-provision bootstrap -i {inv}",
-                f"dsk-provision validate -i {inv}",
+                *adds, f"dsk-provision validate -i {inv}",
                 f"dsk-provision train -i {inv} --config trainer/configs/tiny.toml",
                 f"dsk-provision sandbox down --name {name}"):
         out.print(f"  {cmd}")
@@ -134,8 +140,9 @@ def sandbox_status(rows: list[dict[str, Any]], name: str | None) -> None:
             node = node if isinstance(node, dict) else {"name": node}
             head = (row.get("name"), row.get("subnet"), row.get("mirror")) if i == 0 \
                 else ("", "", "")
+            spare = " (spare)" if node.get("name") in (row.get("spare") or ()) else ""
             table.add_row(*(_cell(v) for v in head), _cell(node.get("name")),
-                          _cell(node.get("ip")), _cell(node.get("state")))
+                          _cell(node.get("ip")), _cell(node.get("state")) + spare)
     out.print(table)
     for row in rows:
         inv = row.get("inventory_path") or row.get("inventory")

@@ -456,8 +456,11 @@ def _run_locked(ansible_runner: Any, project_dir: Path, playbook_name: str,
         lines = [f"{command} failed on {len(bad)} host(s): {', '.join(bad)}"]
         lines += [f"  {h}: {msg}" for h, msg in result.failed.items()]
         lines += [f"  {h}: unreachable: {msg}" for h, msg in result.unreachable.items()]
-        raise RunFailed("\n".join(lines), nodes=bad,
-                        hint=f"per-host logs in {run_dir / 'hosts'}")
+        failure = RunFailed("\n".join(lines), nodes=bad,
+                            hint=f"per-host logs in {run_dir / 'hosts'}")
+        # The run finished: every other host completed its plays (callers read which).
+        failure.result = result
+        raise failure
     if rc != 0:
         raise RunFailed(f"{command}: ansible-playbook exited with code {rc} "
                         f"({runner.status}): {_stdout_tail(runner)}",

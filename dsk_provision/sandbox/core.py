@@ -47,13 +47,17 @@ class SandboxInfo:
     bridge_ip: str
     nodes: list[tuple[str, str]] = field(default_factory=list)
     mirror_url: str = ""
+    # Running nodes that `up` left out of the inventory: for `dsk-provision nodes add`.
+    spare: list[tuple[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "state_dir": str(self.state_dir),
                 "inventory_path": str(self.inventory_path), "subnet": self.subnet,
                 "bridge_ip": self.bridge_ip,
                 "nodes": [{"name": n, "ip": ip} for n, ip in self.nodes],
-                "mirror_url": self.mirror_url}
+                "mirror_url": self.mirror_url,
+                **({"spare": [{"name": n, "ip": ip} for n, ip in self.spare]}
+                   if self.spare else {})}
 
 
 def _say(progress: Progress) -> Callable[[str], None]:
@@ -136,12 +140,18 @@ def _mirror_link(state: dict) -> Path:
     return Path(state["state_dir"]) / "mirror"
 
 
+def _spare_count(state: dict) -> int:
+    return int(state.get("spare", 0))
+
+
 def _info(state: dict) -> SandboxInfo:
+    listed = len(state["nodes"]) - _spare_count(state)
+    pairs = [(n["name"], n["ip"]) for n in state["nodes"]]
     return SandboxInfo(name=state["name"], state_dir=Path(state["state_dir"]),
                        inventory_path=Path(state["state_dir"]) / "hosts.yml",
                        subnet=state["subnet"], bridge_ip=state["bridge_ip"],
-                       nodes=[(n["name"], n["ip"]) for n in state["nodes"]],
-                       mirror_url=state["mirror_url"])
+                       nodes=pairs[:listed], mirror_url=state["mirror_url"],
+                       spare=pairs[listed:])
 
 
 def resolve_venv(venv: Path | None) -> Path:
@@ -237,31 +247,50 @@ def _preflight(name: str, count: int | None = None) -> None:
     require_tools()
 
 
-def _write_cluster_files(state: dict) -> None:
-    """Files that list all nodes: every node's /etc/hosts, known_hosts, the inventory."""
+def _etc_hosts(state: dict, node: str, listed: list[tuple[str, str]]) -> str:
+    """A node's /etc/hosts as the sandbox writes it: the nodes of the inventory, and a
+    spare node itself (a spare is not known to the others until it is added)."""
+    own = [(n["name"], n["ip"]) for n in state["nodes"] if n["name"] == node]
+    return render.render_etc_hosts(state["name"], listed + [p for p in own if p not in listed])
+
+
+def _write_cluster_files(state: dict, *, layout_changed: bool = True,
+                         listed_changed: bool = True) -> None:
+    """Files that list the nodes: the control node's known_hosts (every running node,
+    spares too, as a person would accept a new server's host key); when the layout
+    (nodes and spares) changed or there is no inventory yet, the inventory; and when the
+    inventory's nodes changed, every node's /etc/hosts. A restart of nodes in the same
+    layout leaves the inventory as it is, with the nodes `dsk-provision nodes add/remove`
+    put in or took out, and a change of spares only leaves the nodes' /etc/hosts."""
     sdir = Path(state["state_dir"])
-    pairs = [(n["name"], n["ip"]) for n in state["nodes"]]
-    hosts_text = render.render_etc_hosts(state["name"], pairs)
-    for n in state["nodes"]:
-        nodefs.write_file(nodes.node_paths(sdir, n["name"])["root"], "etc/hosts", hosts_text)
+    listed = [(n["name"], n["ip"]) for n in state["nodes"]][:len(state["nodes"])
+                                                             - _spare_count(state)]
     write_file(sdir / "ssh/known_hosts", render.render_known_hosts(
         [(n["name"], n["ip"], n["host_key"]) for n in state["nodes"]]))
-    write_file(sdir / "hosts.yml", render.render_inventory(
-        cluster_name=state["name"], nodes=pairs, key_file=sdir / "ssh/id_ed25519",
-        known_hosts=sdir / "ssh/known_hosts", control_dir=sdir / "cp",
-        mirror_url=state["mirror_url"],
-        mirror_key_fingerprint=state.get("mirror_key_fingerprint", "")))
+    if listed_changed:
+        for n in state["nodes"]:
+            nodefs.write_file(nodes.node_paths(sdir, n["name"])["root"], "etc/hosts",
+                              _etc_hosts(state, n["name"], listed))
+    if layout_changed or not (sdir / "hosts.yml").exists():
+        write_file(sdir / "hosts.yml", render.render_inventory(
+            cluster_name=state["name"], nodes=listed, key_file=sdir / "ssh/id_ed25519",
+            known_hosts=sdir / "ssh/known_hosts", control_dir=sdir / "cp",
+            mirror_url=state["mirror_url"],
+            mirror_key_fingerprint=state.get("mirror_key_fingerprint", "")))
     _save_state(state)
 
 
-def _start_node(state: dict, i: int, all_nodes: list[tuple[str, str]]) -> dict:
+def _start_node(state: dict, i: int, listed: list[tuple[str, str]], *,
+                keep_disk: bool = True) -> dict:
     name, sdir = state["name"], Path(state["state_dir"])
     net = ipaddress.IPv4Network(state["subnet"])
     node = naming.node_name(i)
-    _teardown_node(state, i, keep_disk=True)
+    _teardown_node(state, i, keep_disk=keep_disk)
     root = nodes.mount_overlay(Path(state["image"]), sdir, node)
     pub = (sdir / "ssh/id_ed25519.pub").read_text()
-    host_key = nodes.write_identity(root, node, render.render_etc_hosts(name, all_nodes), pub)
+    own = [(node, naming.node_ip(net, i))]
+    hosts_text = render.render_etc_hosts(name, listed + [p for p in own if p not in listed])
+    host_key = nodes.write_identity(root, node, hosts_text, pub)
     network.create_node_net(name, i, net)
     pid = nodes.start(name, node, root, Path(state["venv"]), sdir)
     return {"name": node, "index": i, "ip": naming.node_ip(net, i), "pid": pid,
@@ -292,14 +321,23 @@ def _start_mirror(state: dict) -> None:
                              hint=f"see {sdir / 'logs/mirror.log'}")
 
 
-def up(name: str = "dsk", nodes: int = 3, *, subnet: str | None = None,
-       venv: Path | None = None, progress: Progress = None) -> SandboxInfo:
-    """Start (or resize, or repair) sandbox `name` with `nodes` nodes; return its facts."""
+def up(name: str = "dsk", nodes: int = 3, *, spare: int | None = None,
+       subnet: str | None = None, venv: Path | None = None,
+       progress: Progress = None) -> SandboxInfo:
+    """Start (or resize, or repair) sandbox `name` with `nodes` nodes in its inventory and
+    `spare` more running beside them, left out of the inventory for `nodes add` (None:
+    as many as the running sandbox has, else none); return its facts."""
     from dsk_provision.mirror import build_apt_mirror
     count = nodes
     say = _say(progress)
     naming.validate_name(name)
     naming.validate_node_count(count)
+    if spare is not None and (isinstance(spare, bool) or not isinstance(spare, int)
+                              or spare < 0):
+        raise InputError(f"invalid spare node count {spare!r}: must be 0 or more",
+                         field="spare")
+    if spare is not None:
+        naming.validate_node_count(count + spare)
     net = naming.parse_subnet(subnet) if subnet is not None else None
     _preflight(name, count)
     venv_path = resolve_venv(venv)
@@ -318,7 +356,10 @@ def up(name: str = "dsk", nodes: int = 3, *, subnet: str | None = None,
             say(f"{', '.join(n['name'] for n in stale)} still see {venv_path} as it was "
                 "before it was deleted and made again (a bind mount keeps the directory it "
                 "was made from): restarting them")
-        return _reconcile(state, count, say, started, restart=[n["index"] for n in stale])
+        spare = _spare_count(state) if spare is None else spare
+        naming.validate_node_count(count + spare)
+        return _reconcile(state, count, say, started, restart=[n["index"] for n in stale],
+                          spare=spare)
     net = net or naming.derive_subnet(name)
     network.check_subnet_free(name, net)  # before any change
     if state is not None or naming.state_dir(name).exists():
@@ -342,21 +383,25 @@ def up(name: str = "dsk", nodes: int = 3, *, subnet: str | None = None,
     _save_state(state)
     network.ensure_bridge(name, net)
     _start_mirror(state)
-    return _reconcile(state, count, say, started)
+    return _reconcile(state, count, say, started, spare=spare or 0)
 
 
 def _reconcile(state: dict, count: int, say: Callable[[str], None],
-               started: float, restart: list[int] | tuple[int, ...] = ()) -> SandboxInfo:
-    """Make the running set exactly node1..node<count>: start missing or dead nodes,
-    restart the nodes in ``restart`` (their disks kept), remove nodes beyond count, then
-    rewrite every file that lists the nodes."""
+               started: float, restart: list[int] | tuple[int, ...] = (),
+               spare: int = 0) -> SandboxInfo:
+    """Make the running set exactly node1..node<count + spare>: start missing or dead
+    nodes, restart the nodes in ``restart`` (their disks kept), remove nodes beyond
+    them, then rewrite the files that list the nodes (the inventory lists the first
+    ``count``; see _write_cluster_files)."""
     name = state["name"]
     net = ipaddress.IPv4Network(state["subnet"])
+    total = count + spare
     by_index = {n["index"]: n for n in state["nodes"]}
-    extra = sorted(i for i in by_index if i > count)
-    to_start = [i for i in range(1, count + 1)
+    extra = sorted(i for i in by_index if i > total)
+    to_start = [i for i in range(1, total + 1)
                 if i not in by_index or not _node_alive(state, by_index[i]) or i in restart]
-    if not extra and not to_start and _mirror_alive(state):
+    layout_changed = state.get("layout") != [count, spare]
+    if not extra and not to_start and not layout_changed and _mirror_alive(state):
         return _info(state)
     for i in extra:
         say(f"removing {naming.node_name(i)}")
@@ -369,17 +414,24 @@ def _reconcile(state: dict, count: int, say: Callable[[str], None],
     _save_state(state)
     network.ensure_bridge(name, net)
     _start_mirror(state)
-    all_nodes = [(naming.node_name(i), naming.node_ip(net, i)) for i in range(1, count + 1)]
+    listed = [(naming.node_name(i), naming.node_ip(net, i)) for i in range(1, count + 1)]
     if to_start:
         say(f"starting {', '.join(naming.node_name(i) for i in to_start)}")
+    state["spare"] = spare
     for i in to_start:
-        by_index[i] = _start_node(state, i, all_nodes)
+        by_index[i] = _start_node(state, i, listed)
         state["nodes"] = sorted(by_index.values(), key=lambda n: n["index"])
         _save_state(state)
-    _write_cluster_files(state)
+    state["nodes"] = sorted(by_index.values(), key=lambda n: n["index"])
+    before = state.get("layout")
+    _write_cluster_files(state, layout_changed=layout_changed,
+                         listed_changed=not before or before[0] != count)
+    state["layout"] = [count, spare]
+    _save_state(state)
     nodes.wait_for_ssh([(n["name"], n["ip"]) for n in state["nodes"]], BOOT_TIMEOUT_S,
                        Path(state["state_dir"]))
-    say(f"sandbox {name}: {count} node(s) up in {time.monotonic() - started:.1f} s; "
+    spares = f" and {spare} spare" if spare else ""
+    say(f"sandbox {name}: {count} node(s){spares} up in {time.monotonic() - started:.1f} s; "
         f"inventory {Path(state['state_dir']) / 'hosts.yml'}")
     return _info(state)
 
@@ -414,8 +466,22 @@ def status(name: str | None = None) -> list[dict]:
                        "inventory_path": str(Path(state["state_dir"]) / "hosts.yml"),
                        "mirror_url": state["mirror_url"],
                        "mirror": "running" if _mirror_alive(state) else "stopped",
-                       "nodes": node_list})
+                       "nodes": node_list,
+                       **({"spare": _spare_now(state)} if _spare_count(state) else {})})
     return result
+
+
+def _spare_now(state: dict) -> list[str]:
+    """The spare nodes that the inventory does not list (yet): `nodes add` may have
+    brought some in."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load((Path(state["state_dir"]) / "hosts.yml").read_text())
+        listed = set(doc["all"]["children"]["nodes"]["hosts"] or {})
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        listed = set()
+    return [n for n, _ip in _info(state).spare if n not in listed]
 
 
 def _node_entry(name: str, node: str) -> tuple[dict, dict]:
@@ -448,3 +514,25 @@ def stop_node(name: str, node: str) -> None:
     if network.link_exists(veth):
         run(["ip", "link", "set", veth, "down"])
     _teardown_node(state, entry["index"], keep_disk=True)
+
+
+def reimage_node(name: str, node: str, progress: Progress = None) -> SandboxInfo:
+    """Give ``node`` new hardware, as far as the cluster can tell: its disk is wiped and
+    it starts again from the base image with a new SSH host key, at the same address.
+    The control node's known_hosts gets the new key (as a person would accept a
+    replaced server's); the inventory is left as it is. For `dsk-provision nodes
+    replace`."""
+    say = _say(progress)
+    state, entry = _node_entry(name, node)
+    net = ipaddress.IPv4Network(state["subnet"])
+    listed = _info(state).nodes
+    _close_ssh_masters(Path(state["state_dir"]))
+    say(f"reimaging {node}: a new disk and a new host key")
+    fresh = _start_node(state, entry["index"], listed, keep_disk=False)
+    state["nodes"] = sorted([n for n in state["nodes"] if n["index"] != entry["index"]]
+                            + [fresh], key=lambda n: n["index"])
+    network.ensure_bridge(name, net)
+    _write_cluster_files(state, layout_changed=False, listed_changed=False)
+    nodes.wait_for_ssh([(fresh["name"], fresh["ip"])], BOOT_TIMEOUT_S,
+                       Path(state["state_dir"]))
+    return _info(state)

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -186,13 +187,16 @@ def validate(inventory, *, runs_dir: Path | None = None, begin: str = "1K",
              thresholds: dict | None = None, warmup: int = 5, iters: int = 20,
              timeout_s: float | None = 1800, transport=None, perf: bool = True,
              perf_args: list[str] | None = None, intra_node: bool = True,
-             nccl_tests: bool = True, isolate: bool = True) -> ValidationReport:
+             nccl_tests: bool = True, isolate: bool = True,
+             only: list[str] | None = None) -> ValidationReport:
     """Validate the cluster; returns the report, raises RunFailed when a check fails.
 
     ``end`` defaults to the profile's benchmark size (16M on the sandbox, 8G on GPU
     profiles, where busbw needs large messages to approach link speed). ``perf``,
     ``intra_node``, ``nccl_tests`` and ``isolate`` turn those steps off (tests use it);
-    ``perf_args`` go to the compute probe (e.g. ["--size", "1024"]).
+    ``perf_args`` go to the compute probe (e.g. ["--size", "1024"]). ``only``: the node
+    checks and per-node benchmarks of these nodes alone (nodes just brought in); the
+    cluster-wide all-reduce still spans every node in service.
     """
     from dsk_provision import rundir
     from dsk_provision.runner import run_playbook
@@ -211,6 +215,12 @@ def validate(inventory, *, runs_dir: Path | None = None, begin: str = "1K",
         console = Console()
 
     names = [n.name for n in inventory.nodes]
+    if only is not None:
+        unknown = [n for n in only if n not in names]
+        if unknown or not only:
+            raise InputError(f"no node {', '.join(unknown)} in the inventory" if unknown
+                             else "no node to validate", field="only")
+    checked = [n for n in names if only is None or n in only]
     run_dir = rundir.new_run_dir("validate", runs_dir)
     report = ValidationReport(run_dir=run_dir, cluster=str(inventory.vars.get(
         "dsk_cluster_name", "cluster")), profile=profile_name, nodes=names, thresholds=merged,
@@ -221,13 +231,17 @@ def validate(inventory, *, runs_dir: Path | None = None, begin: str = "1K",
     # artifacts go into a run directory nested under it.
     playbook_error: RunFailed | None = None
     try:
+        limited = {} if only is None else {"limit": checked}
         run_playbook("validate.yml", inventory, command="validate", runs_dir=run_dir / "playbook",
-                     extra_vars={"dsk_run_dir": str(run_dir.resolve())}, console=console)
+                     extra_vars={"dsk_run_dir": str(run_dir.resolve())}, console=console,
+                     **limited)
     except RunFailed as exc:
         playbook_error = exc
 
-    facts = read_facts(run_dir, names)
+    facts = read_facts(run_dir, checked)
     for node in inventory.nodes:
+        if node.name not in facts:
+            continue
         results = node_checks.run_node_checks(node.name, facts[node.name], merged,
                                               node_checks.node_pins(node))
         if facts[node.name] is None and playbook_error is not None:
@@ -244,7 +258,10 @@ def validate(inventory, *, runs_dir: Path | None = None, begin: str = "1K",
                 "cluster-wide all-reduce"))
     inventory = inventory.in_service()
     names = [n.name for n in inventory.nodes]
-    missing = [n for n in names if facts[n] is None]
+    missing = [n for n in names if n in facts and facts[n] is None]
+    # The per-node benchmarks run on the checked nodes; the all-reduce on every node.
+    own = inventory if only is None else dataclasses.replace(
+        inventory, nodes=[n for n in inventory.nodes if n.name in facts])
     args = probes.allreduce_args(begin, end, factor, warmup, iters)
     if missing:
         report.checks += bench_checks.run_benchmark_checks(
@@ -252,14 +269,14 @@ def validate(inventory, *, runs_dir: Path | None = None, begin: str = "1K",
             error=f"not run: no facts from {', '.join(missing)}")
     else:
         if perf:
-            results, error = probes.run_gpu_perf(inventory, run_dir, console, timeout_s, transport,
+            results, error = probes.run_gpu_perf(own, run_dir, console, timeout_s, transport,
                                           perf_args)
             for name, result in results.items():
                 if result is not None:
                     report.gpu_perf[name] = result
                 report.checks += bench_checks.run_perf_checks(name, result, merged, error)
-        if intra_node and len(names) > 1:
-            _intra_node(inventory, run_dir, args, console, timeout_s, transport, merged, report)
+        if intra_node and len(names) > 1 and own.nodes:
+            _intra_node(own, run_dir, args, console, timeout_s, transport, merged, report)
         if nccl_tests:
             outcomes = probes.run_nccl_tests(inventory, run_dir, begin, end, factor, warmup,
                                              iters, transport, timeout_s or 1800)

@@ -227,11 +227,13 @@ def test_train_passes_config_and_nproc(monkeypatch, tmp_path):
 def test_sandbox_commands(monkeypatch):
     seen = {}
 
-    def up(name, nodes, *, subnet=None, venv=None, progress=None):
+    def up(name, nodes, *, spare=None, subnet=None, venv=None, progress=None):
         progress("starting node1")
         seen["up"] = (name, nodes, subnet)
+        seen["spare"] = spare
         return types.SimpleNamespace(inventory_path=Path("/var/lib/x/hosts.yml"),
-                                     nodes=["node1", "node2"], to_dict=dict)
+                                     nodes=["node1", "node2"], to_dict=dict,
+                                     spare=[("node3", "10.213.9.13")] if spare else [])
 
     fake = types.SimpleNamespace(
         up=up,
@@ -243,7 +245,10 @@ def test_sandbox_commands(monkeypatch):
                                              {"name": "node2", "ip": "10.213.9.12",
                                               "state": "stopped"}]}],
         set_link_rate=lambda name, node, rate: seen.setdefault("link", []).append(
-            (name, node, rate)))
+            (name, node, rate)),
+        reimage_node=lambda name, node, progress=None: seen.setdefault(
+            "reimage", (name, node)) and types.SimpleNamespace(
+                inventory_path=Path("/var/lib/x/hosts.yml")))
     monkeypatch.setitem(sys.modules, "dsk_provision.sandbox", fake)
     monkeypatch.setattr("dsk_provision.sandbox", fake, raising=False)
     result = _invoke("sandbox", "up", "--name", "lab", "--nodes", "2", "--subnet",
@@ -253,6 +258,15 @@ def test_sandbox_commands(monkeypatch):
     assert "starting node1" in result.output
     assert "/var/lib/x/hosts.yml" in result.output
     assert "dsk-provision bootstrap -i /var/lib/x/hosts.yml" in result.output
+    assert seen["spare"] is None and "spare" not in result.output
+    result = _invoke("sandbox", "up", "--name", "lab", "--nodes", "2", "--spare", "1")
+    assert result.exit_code == 0 and seen["spare"] == 1, result.output
+    assert "node3 (10.213.9.13)" in result.output
+    assert ("dsk-provision nodes add -i /var/lib/x/hosts.yml node3 --host 10.213.9.13"
+            in result.output)
+    result = _invoke("sandbox", "reimage", "node2", "--name", "lab")
+    assert result.exit_code == 0 and seen["reimage"] == ("lab", "node2"), result.output
+    assert "nodes replace -i /var/lib/x/hosts.yml node2" in " ".join(result.output.split())
     assert _invoke("sandbox", "down", "--name", "lab").exit_code == 0 and seen["down"] == "lab"
     status = _invoke("sandbox", "status", "--json")
     assert json.loads(status.stdout)[0]["name"] == "dsk"

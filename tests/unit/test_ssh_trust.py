@@ -227,7 +227,8 @@ def test_check_warns_about_an_old_key_beside_the_inventory(tmp_path):
 _PLUGINS_LOADED: list[bool] = []
 
 
-def _render(tmp_path: Path, hostvars: dict[str, dict], recorded: dict | None = None) -> dict:
+def _render(tmp_path: Path, hostvars: dict[str, dict], recorded: dict | None = None,
+            removed: list[str] | None = None) -> dict:
     """The role's templates rendered by Ansible's templar with the role's defaults and
     vars, the given hosts' variables and facts, and a host-key record in the state dir."""
     from ansible.parsing.dataloader import DataLoader
@@ -257,6 +258,8 @@ def _render(tmp_path: Path, hostvars: dict[str, dict], recorded: dict | None = N
         layers.update(yaml.safe_load(path.read_text()))
     layers.update(trusted(layers), dsk_cluster_state_dir=str(state_dir),
                   groups={"nodes": list(hostvars)}, hostvars=hostvars)
+    if removed is not None:
+        layers["dsk_removed_nodes"] = removed
     templar = Templar(loader=DataLoader(), variables=layers)
     out = {name: templar.template(trust_as_template((ROLE / "templates" / name).read_text()))
            for name in ("known_hosts_block.j2", "ssh_config_block.j2")}
@@ -324,6 +327,22 @@ def test_an_address_two_nodes_share_gets_no_port_of_its_own(tmp_path):
         "Host node1", "    Port 2201", "Host node2", "    Port 2202"]
 
 
+def test_a_node_being_removed_is_trusted_nowhere_and_drops_out_of_the_record(tmp_path):
+    nodes = {
+        "node1": {"ansible_host": "10.0.0.1", **_facts(("ed25519", "K1"))},
+        "node2": {"ansible_host": "10.0.0.2", "ansible_port": 2222},  # dead, recorded
+        "node3": {"ansible_host": "10.0.0.3", **_facts(("ed25519", "K3"))}}
+    recorded = {"node2": ["ssh-ed25519 K2"]}
+    kept = _render(tmp_path, nodes, recorded)
+    assert "node2" in kept["known_hosts_block.j2"] and "node2" in kept["record"]
+    out = _render(tmp_path, nodes, recorded, removed=["node2"])
+    assert out["known_hosts_block.j2"].splitlines() == [
+        "node1,10.0.0.1 ssh-ed25519 K1", "node3,10.0.0.3 ssh-ed25519 K3"]
+    assert "node2" not in out["ssh_config_block.j2"]
+    assert "10.0.0.2" not in out["ssh_config_block.j2"]
+    assert out["record"] == {"node1": ["ssh-ed25519 K1"], "node3": ["ssh-ed25519 K3"]}
+
+
 # --- the role on this machine ---------------------------------------------------------
 
 def _role_vars(tmp_path: Path) -> dict:
@@ -347,6 +366,30 @@ def test_check_mode_before_the_first_run_reports_and_makes_nothing(tmp_path):
     assert not Path(os.environ["DSK_STATE_DIR"], "cluster").exists()
     assert list((tmp_path / "home").iterdir()) == []
     assert not (tmp_path / "known_hosts").exists()
+
+
+def _task_result(out: str, task: str) -> str:
+    """The first word of the result line that follows ``TASK [ssh_trust : <task>]``."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"TASK [ssh_trust : {task}]"))
+    return next(line.split(":")[0] for line in lines[start + 1:] if line.strip())
+
+
+def test_recorded_nodes_keep_their_recorded_host_keys_without_gathering(tmp_path):
+    """What a trust refresh of the existing nodes relies on: no facts gathered there."""
+    (tmp_path / "home").mkdir()
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    (state_dir / "host_keys.json").write_text('{"localnode": ["ssh-ed25519 RECORDED"]}')
+    gather = "Gather the SSH host keys (only when run without preflight)"
+    extra = {**_role_vars(tmp_path), "dsk_cluster_state_dir": str(state_dir)}
+    asked = run_role(tmp_path, "ssh_trust", extra, host_vars={"dsk_gpus_per_node": 0})
+    assert asked.returncode == 0, (asked.stdout + asked.stderr)[-4000:]
+    assert _task_result(asked.stdout, gather) == "ok"
+    told = run_role(tmp_path, "ssh_trust", {**extra, "ssh_trust_recorded_nodes": ["localnode"]},
+                    host_vars={"dsk_gpus_per_node": 0})
+    assert told.returncode == 0, (told.stdout + told.stderr)[-4000:]
+    assert _task_result(told.stdout, gather) == "skipping"
 
 
 def _run_play(tmp_path: Path, extra: dict, check: bool) -> subprocess.CompletedProcess:
