@@ -163,9 +163,11 @@ def bootstrap(
         "--validate/--no-validate",
         help="After bringing in new nodes: their checks and an all-reduce with them.")] = True,
 ) -> None:
-    """Provision the nodes: run playbooks/site.yml. Nodes provisioned before get only a
-    trust refresh when new ones are brought in, and the new ones are validated (see
-    docs/operations.md); --limit or --tags run exactly what they say."""
+    """Provision the nodes: run playbooks/site.yml.
+
+    Nodes provisioned before get only a trust refresh when new ones are brought in, and
+    the new ones are validated (see docs/operations.md); --limit or --tags run exactly
+    what they say."""
     inv = _load(inventory)
     if limit or tags:
         from dsk_provision.runner import run_playbook
