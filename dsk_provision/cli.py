@@ -8,6 +8,7 @@ one place, the root command group below.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -265,16 +266,42 @@ def train(
     nproc_per_node: Annotated[int | None, typer.Option(
         "--nproc-per-node", min=1,
         help="Processes per node (default: its GPUs, or 1 on CPU-only nodes).")] = None,
+    launcher: Annotated[str | None, typer.Option(
+        "--launcher", help="ssh or slurm (default: dsk_launcher, else ssh).")] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="slurm: print the sbatch script; start nothing.")] = False,
+    nodes: Annotated[int | None, typer.Option(
+        "--nodes", min=1, help="slurm: nodes of the job (default: every node in service).")] = None,
+    gpus_per_node: Annotated[int | None, typer.Option(
+        "--gpus-per-node", min=0, help="slurm: GPUs per node (default: dsk_gpus).")] = None,
+    time_limit: Annotated[str | None, typer.Option(
+        "--time-limit", help="slurm: the job's time limit (minutes or D-HH:MM:SS).")] = None,
+    partition: Annotated[str | None, typer.Option(
+        "--partition", help="slurm: the partition (default: Slurm's default).")] = None,
 ) -> None:
     """Start the bundled trainer with torchrun on every node in service (cordoned nodes
-    are left out); stream its logs."""
+    are left out), over SSH or as a Slurm job; stream its logs."""
     inv = _load(inventory)
+    from dsk_provision import slurm
     from dsk_provision.launch import train as run_train
 
     left_out = [n for n in inv.nodes if n.cordoned]
     for node in left_out:
         render.console().print(f"train: {node.name} is cordoned ({node.cordoned}): left out",
                                markup=False, highlight=False)
+    if slurm.launcher(inv, launcher) == "slurm":
+        options = slurm.SlurmOptions(nodes=nodes, gpus_per_node=gpus_per_node,
+                                     time_limit=time_limit, partition=partition)
+        out = slurm.train(inv.in_service(), config, runs_dir=_runs_dir(ctx),
+                          console=render.console(), nproc_per_node=nproc_per_node,
+                          options=options, dry_run=dry_run)
+        if dry_run:
+            sys.stdout.write(out)
+        return
+    if dry_run or nodes is not None or gpus_per_node is not None or time_limit or partition:
+        raise InputError("--dry-run, --nodes, --gpus-per-node, --time-limit and --partition "
+                         "are options of the slurm launcher", field="launcher",
+                         hint="add --launcher slurm, or set dsk_launcher: slurm")
     run_train(inv.in_service(), config, runs_dir=_runs_dir(ctx), console=render.console(),
               nproc_per_node=nproc_per_node)
 

@@ -49,7 +49,8 @@ GROUP_KEYS = ("hosts", "vars", "children")
 DSK_VARS = (
     "dsk_cluster_name", "dsk_profile", "dsk_gpus_per_node", "dsk_gpus", "dsk_root",
     "dsk_python", "dsk_rdzv_port", "dsk_socket_ifname", "dsk_nccl_env", "dsk_mirror_url",
-    "dsk_mirror_key_fingerprint", "dsk_thresholds", "dsk_cordoned",
+    "dsk_mirror_key_fingerprint", "dsk_thresholds", "dsk_cordoned", "dsk_launcher",
+    "dsk_slurm_enabled", "dsk_slurm_controller",
 )
 ANSIBLE_VARS = (
     "ansible_host", "ansible_port", "ansible_user", "ansible_connection",

@@ -571,6 +571,16 @@ def _losses(metrics_path: Path) -> list[tuple[int, float]]:
     return out
 
 
+def trainer_invocation(config_path: Path) -> tuple[str, list[str], dict[str, Path]]:
+    """The trainer's module, its arguments and the files shipped with it, for a config.
+
+    Every node has the same layout under its own dsk_root; the trainer resolves paths
+    relative to its working directory, the run dir (metrics and checkpoints in out/)."""
+    shipped_config = f"config/{Path(config_path).name}"
+    return "trainer.train", ["--config", shipped_config, "--out", "out"], {
+        shipped_config: Path(config_path)}
+
+
 @holds_cluster_lock("train")
 def train(inventory, config_path: Path, *, runs_dir: Path | None = None, console=None,
           nproc_per_node: int | None = None, transport: TransportChoice = None,
@@ -585,18 +595,22 @@ def train(inventory, config_path: Path, *, runs_dir: Path | None = None, console
     check_world_size(cfg, world_size)
 
     run_dir = rundir.new_run_dir("train", runs_dir)
-    run_id = run_dir.name
-    shipped_config = f"config/{config_path.name}"
     printer = _Printer(console)
     printer.line(f"train: {len(inventory.nodes)} nodes, world size {world_size}, "
                  f"config {config_path}, run {run_dir}")
-    # Every node has the same layout under its own dsk_root; the trainer resolves paths
-    # relative to its working directory, the run dir.
-    run_torchrun(inventory, "trainer.train",
-                 ["--config", shipped_config, "--out", "out"],
-                 run_dir=run_dir, files={shipped_config: config_path},
+    module, module_args, files = trainer_invocation(config_path)
+    run_torchrun(inventory, module, module_args, run_dir=run_dir, files=files,
                  nproc_per_node=nproc_per_node, console=console, timeout_s=timeout_s,
                  transport=transport)
+    return train_result(inventory, run_dir, world_size, console=console, transport=transport)
+
+
+def train_result(inventory, run_dir: Path, world_size: int, *, console=None,
+                 transport: TransportChoice = None) -> TrainResult:
+    """Fetch a finished training run's metrics and summary from the node that wrote them
+    (global rank 0's) and check its loss; every launcher ends a run with this."""
+    run_id = run_dir.name
+    printer = _Printer(console)
     metrics_node, metrics_path = fetch_first(inventory, "out/metrics.jsonl", run_id,
                                              run_dir / "metrics.jsonl", transport=transport)
     summary_path = fetch(inventory, metrics_node, remote_run_dir(
@@ -624,5 +638,5 @@ def train(inventory, config_path: Path, *, runs_dir: Path | None = None, console
 __all__ = [
     "LaunchResult", "TrainResult", "fetch_first", "node_env", "nproc_for", "remote_run_dir",
     "run_marker", "run_torchrun", "ship", "stop_command", "torchrun_argv", "torchrun_command",
-    "train",
+    "train", "train_result", "trainer_invocation",
 ]

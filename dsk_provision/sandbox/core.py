@@ -35,6 +35,9 @@ Progress = Callable[[str], None] | None
 # Packages nodes lack that the roles install; served by the sandbox's apt mirror.
 MIRROR_PACKAGES = ("pciutils", "chrony", "jq", "rdma-core", "ibverbs-utils",
                    "infiniband-diags", "perftest", "podman")
+# Opt-in roles the sandbox's inventory can turn on: their package lists, rendered as the
+# roles render them with the switch on, so that the mirror carries their pinned versions.
+OPT_IN_PACKAGE_LISTS = {"slurm_apt_packages": {"dsk_slurm_enabled": True}}
 BOOT_TIMEOUT_S = float(os.environ.get("DSK_SANDBOX_BOOT_TIMEOUT", "90"))
 
 
@@ -321,6 +324,20 @@ def _start_mirror(state: dict) -> None:
                              hint=f"see {sdir / 'logs/mirror.log'}")
 
 
+def opt_in_packages() -> list[str]:
+    """The pinned packages (name=version) of OPT_IN_PACKAGE_LISTS, for Debian 12 nodes."""
+    from dsk_provision import mirror
+    from dsk_provision.inventory import REPO_ROLES_DIR
+
+    target = mirror.TARGETS["debian-12"]
+    roles = mirror.read_role_vars(REPO_ROLES_DIR, target)
+    out: list[str] = []
+    for var, switches in OPT_IN_PACKAGE_LISTS.items():
+        values = mirror.RoleValues(roles, switches, mirror.mirror_facts(target, 0))
+        out += mirror.package_specs(values.get(var), var)
+    return out
+
+
 def up(name: str = "dsk", nodes: int = 3, *, spare: int | None = None,
        subnet: str | None = None, venv: Path | None = None,
        progress: Progress = None) -> SandboxInfo:
@@ -366,8 +383,9 @@ def up(name: str = "dsk", nodes: int = 3, *, spare: int | None = None,
         say(f"clearing leftovers of sandbox {name}")
     _teardown(name, say)
     image = ensure_image(say)
-    mirror_dir, mirror_key = build_apt_mirror(MIRROR_PACKAGES, image / "var/lib/dpkg/status",
-                                  naming.image_cache(), progress=say)
+    mirror_dir, mirror_key = build_apt_mirror([*MIRROR_PACKAGES, *opt_in_packages()],
+                                              image / "var/lib/dpkg/status",
+                                              naming.image_cache(), progress=say)
     sdir = naming.state_dir(name)
     (sdir / "ssh").mkdir(parents=True, mode=0o700)
     sdir.chmod(0o700)

@@ -41,6 +41,12 @@ def render_inventory(*, cluster_name: str, nodes: Sequence[tuple[str, str]], key
                 # default overlay storage cannot stack on the nodes' overlayfs root.
                 "containers_runtime": "podman",
                 "containers_podman_storage_driver": "vfs",
+                # For Slurm when dsk_slurm_enabled is turned on (roles/slurm): the nodes
+                # share the host's cgroup tree, which is not theirs to manage, so slurmd
+                # finds a job's processes through /proc and confines nothing.
+                "slurm_proctrack_type": "proctrack/linuxproc",
+                "slurm_task_plugin": "task/none",
+                "slurm_jobacct_gather_type": "jobacct_gather/none",
                 "ansible_user": "root",
                 "ansible_python_interpreter": "/usr/bin/python3",
                 "ansible_ssh_private_key_file": str(key_file),

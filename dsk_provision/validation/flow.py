@@ -29,7 +29,7 @@ from dsk_provision.errors import InputError, RunFailed
 from dsk_provision.launch import nproc_for
 from dsk_provision.lock import holds_cluster_lock
 from dsk_provision.sizes import read_size
-from dsk_provision.validation import bench_checks, isolation, node_checks, probes
+from dsk_provision.validation import bench_checks, isolation, node_checks, probes, slurm_checks
 from dsk_provision.validation import report as report_files
 from dsk_provision.validation.profiles import read_profile, resolve_thresholds
 from dsk_provision.validation.results import CLUSTER, FAIL, PASS, SKIP, CheckResult
@@ -247,6 +247,9 @@ def validate(inventory, *, runs_dir: Path | None = None, begin: str = "1K",
         if facts[node.name] is None and playbook_error is not None:
             results[0].message += f": {str(playbook_error).splitlines()[0]}"
         report.checks += results
+
+    if slurm_checks.slurm_enabled(inventory):
+        report.checks += slurm_checks.run_slurm_checks(inventory, transport=transport)
 
     # Cordoned nodes get their node checks (they help the repair) but no benchmark:
     # everything below runs on the nodes in service.

@@ -19,7 +19,7 @@ from helpers import REPO, ROLES, node_module, run_role, tool
 ALL_ROLES = sorted(p.name for p in ROLES.iterdir() if (p / "tasks").is_dir())
 ENTRY_PLAYBOOKS = ["site.yml", "validate.yml"]
 COMPONENT_PLAYBOOKS = ["preflight.yml", "common.yml", "gpu_stack.yml", "ssh_trust.yml",
-                       "trainer_env.yml"]
+                       "trainer_env.yml", "slurm.yml"]
 
 
 def _load(path: Path):
@@ -58,7 +58,7 @@ def test_bootstrap_playbooks_exist_and_site_imports_every_concern():
     assert site[0]["ansible.builtin.import_playbook"] == "boilerplate.yml"
     assert "always" in _load(REPO / "playbooks" / "boilerplate.yml")[0]["tags"]
     imported = {item["ansible.builtin.import_playbook"]: item.get("tags", []) for item in site}
-    for concern in ("preflight", "common", "gpu_stack", "ssh_trust", "trainer_env"):
+    for concern in ("preflight", "common", "gpu_stack", "ssh_trust", "trainer_env", "slurm"):
         assert imported[f"components/{concern}.yml"] == [concern]
 
 

@@ -1,0 +1,108 @@
+"""Slurm's view of the cluster, for `validate` where dsk_slurm_enabled is set: slurmctld
+on the controller and slurmd on every node are running, and Slurm has no node down,
+drained or failing (with the reason Slurm gives)."""
+
+from __future__ import annotations
+
+import threading
+
+from dsk_provision import defaults
+from dsk_provision.remote import TransportChoice, resolve_transport, run_command
+from dsk_provision.validation.results import FAIL, PASS, SKIP, CheckResult
+
+# sinfo's %N|%T|%E: node name, state in long form (with its flag suffix), reason.
+SINFO_COMMAND = "sinfo --noheader --Node --format='%N|%T|%E'"
+# States (without sinfo's suffix) that put a node out of service.
+_BAD_STATES = ("down", "drain", "fail", "maint", "reboot", "unknown", "inval", "future",
+               "power")
+# sinfo's suffixes: * not responding, ~ powered off, # powering up, % powering down,
+# ! pending power down, $ reservation, @ pending reboot, ^ rebooting, - planned.
+_FLAGS = "*~#%!$@^-"
+
+
+def slurm_enabled(inventory) -> bool:
+    return bool(defaults.resolve("dsk_slurm_enabled", inventory.vars or {}))
+
+
+def parse_sinfo(text: str) -> dict[str, tuple[str, str]]:
+    """sinfo's node lines -> {node: (state, reason)}; a node in two partitions once."""
+    out: dict[str, tuple[str, str]] = {}
+    for line in text.splitlines():
+        parts = line.strip().split("|", 2)
+        if len(parts) == 3 and parts[0]:
+            out.setdefault(parts[0], (parts[1], parts[2]))
+    return out
+
+
+def node_state_problem(state: str) -> str | None:
+    """Why a node in this sinfo state is out of service, or None when it serves jobs."""
+    base = state.rstrip(_FLAGS).lower()
+    if state.endswith("*"):
+        return f"{state}: not responding"
+    if any(base.startswith(bad) for bad in _BAD_STATES):
+        return state
+    return None
+
+
+def slurm_results(controller: str, nodes: list[str], cordoned: dict[str, str],
+                  slurmctld: str, slurmd: dict[str, str], sinfo: str | None) -> list[CheckResult]:
+    """The checks from what the nodes answered: `systemctl is-active` of slurmctld on the
+    controller and of slurmd on every node, sinfo's node lines (None: sinfo failed)."""
+    results = [CheckResult(controller, "slurmctld", PASS if slurmctld == "active" else FAIL,
+                           slurmctld, "active", f"slurmctld on {controller}: {slurmctld}")]
+    states = parse_sinfo(sinfo or "")
+    for node in nodes:
+        active = slurmd.get(node, "no answer")
+        results.append(CheckResult(node, "slurmd", PASS if active == "active" else FAIL,
+                                   active, "active", f"slurmd: {active}"))
+        if sinfo is None:
+            results.append(CheckResult(node, "slurm_state", SKIP, None, None,
+                                       f"sinfo on {controller} failed"))
+            continue
+        if node not in states:
+            results.append(CheckResult(node, "slurm_state", FAIL, None, None,
+                                       "not in Slurm's node list (slurm.conf is out of date: "
+                                       "run bootstrap)"))
+            continue
+        state, reason = states[node]
+        problem = node_state_problem(state)
+        why = f" (reason: {reason})" if reason and reason != "none" else ""
+        if problem is None:
+            results.append(CheckResult(node, "slurm_state", PASS, state, None,
+                                       f"Slurm: {state}"))
+        elif node in cordoned:
+            results.append(CheckResult(node, "slurm_state", SKIP, state, None,
+                                       f"Slurm: {problem}{why}; cordoned ({cordoned[node]})"))
+        else:
+            results.append(CheckResult(node, "slurm_state", FAIL, state, None,
+                                       f"Slurm marks it {problem}{why}"))
+    return results
+
+
+def run_slurm_checks(inventory, *, transport: TransportChoice = None) -> list[CheckResult]:
+    """Ask the nodes (all at once) and the controller, and judge what they answer."""
+    from dsk_provision.slurm import controller as slurm_controller
+
+    ctld = slurm_controller(inventory)
+    answers: dict[str, tuple[int, str]] = {}
+
+    def ask(node, command: str, key: str) -> None:
+        answers[key] = run_command(resolve_transport(transport, inventory, node), node,
+                                   command, timeout=60)
+
+    threads = [threading.Thread(target=ask, args=(
+        ctld, f"systemctl is-active slurmctld; echo '--'; {SINFO_COMMAND}", "controller"))]
+    threads += [threading.Thread(target=ask, args=(n, "systemctl is-active slurmd", n.name))
+                for n in inventory.nodes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    rc, out = answers.get("controller", (255, ""))
+    head, sep, sinfo = out.partition("--\n")
+    slurmctld = head.strip().splitlines()[0] if head.strip() else "no answer"
+    slurmd = {n.name: (answers[n.name][1].strip().splitlines() or ["no answer"])[0]
+              for n in inventory.nodes if n.name in answers}
+    return slurm_results(ctld.name, [n.name for n in inventory.nodes],
+                         {n.name: str(n.cordoned) for n in inventory.nodes if n.cordoned},
+                         slurmctld, slurmd, sinfo if sep and rc == 0 else None)
