@@ -74,6 +74,9 @@ nodes_app = typer.Typer(help="Change the cluster's nodes through the inventory."
                         no_args_is_help=True)
 app.add_typer(nodes_app, name="nodes")
 
+keys_app = typer.Typer(help="The cluster's SSH key pair.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
 InventoryOpt = Annotated[Path, typer.Option(
     "--inventory", "-i", help="Inventory: a hosts.yml file or a directory holding one.")]
 
@@ -225,6 +228,30 @@ def train(
               nproc_per_node=nproc_per_node)
 
 
+@app.command()
+def status(
+    ctx: typer.Context,
+    inventory: InventoryOpt,
+    drift: Annotated[bool, typer.Option(
+        "--drift", help="Also run bootstrap's check mode on the reachable nodes and list "
+                        "what it would change (slower: every role's probe).")] = False,
+    timeout: Annotated[float, typer.Option(
+        "--timeout", min=1, help="Seconds one node may take to answer.")] = 15.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+) -> None:
+    """One row per node: reachable, cordoned, GPUs, driver / CUDA / NCCL, drift, last
+    validation. One probe per node, in parallel, each bounded by --timeout."""
+    inv = _load(inventory)
+    from dsk_provision.status import cluster_status
+
+    result = cluster_status(inv, runs_dir=_runs_dir(ctx), drift=drift, timeout=timeout,
+                            console=render.console(stderr=True))
+    if as_json:
+        render.print_json(result.to_dict())
+    else:
+        render.cluster_status(result)
+
+
 @nodes_app.command("cordon")
 def nodes_cordon(
     inventory: InventoryOpt,
@@ -255,6 +282,25 @@ def nodes_uncordon(
     inv = set_cordon(inv, name, None)
     render.line(f"{name} is back in service; {len(inv.active_nodes)} of {len(inv.nodes)} "
                 f"nodes in service; written to {inv.hosts_file}")
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    ctx: typer.Context,
+    inventory: InventoryOpt,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """A new cluster key pair: authorized and tried on every node before the old one is
+    removed from every node's authorized_keys. An interrupted rotation resumes."""
+    inv = _load(inventory)
+    from dsk_provision.keys import rotate
+
+    out = render.console(stderr=as_json)
+    result = rotate(inv, runs_dir=_runs_dir(ctx), console=out, say=render.progress(out))
+    if as_json:
+        render.print_json(result.to_dict())
+    else:
+        render.keys_rotated(result)
 
 
 @sandbox_app.command("up")
