@@ -103,10 +103,16 @@ class ClusterStatus:
 
 
 def _probe_argv(inventory, node) -> list[str]:
-    from dsk_provision.remote import transport_for
+    from dsk_provision.remote import SshTransport, transport_for
 
     python = str((node.vars or {}).get("ansible_python_interpreter") or "python3")
-    return transport_for(inventory, node).argv(node, f"{python} -")
+    transport = transport_for(inventory, node)
+    argv = transport.argv(node, f"{python} -")
+    if isinstance(transport, SshTransport):
+        # Options given first win in ssh: a master connection already open is used, but
+        # none is started (a master for a dead node would outlive the probe's timeout).
+        argv[1:1] = ["-o", "ControlMaster=no"]
+    return argv
 
 
 def parse_probe(node, rc: int, out: str, err: str) -> NodeStatus:
@@ -163,14 +169,31 @@ def _run(argv: list[str], stdin_text: str, timeout: float) -> tuple[int, str, st
     try:
         out, err = proc.communicate(stdin_text, timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
+        _stop(proc)
         return 124, "", f"no answer within {timeout:g} s"
     except BaseException:
-        proc.kill()
-        proc.wait()
+        _stop(proc)
         raise
     return proc.returncode, out, err
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Kill the probe's process group (its own session) and stop reading its output: a
+    process that kept the pipes open must not hold the row past its timeout."""
+    import os
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None:
+            try:
+                stream.close()
+            except OSError:
+                pass
+    proc.wait()
 
 
 # ------------------------------------------------------------------ drift (check mode)

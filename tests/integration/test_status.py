@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 VICTIM = "node3"
 DRIFTED = "node2"
 KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
+RESTARTED_FILES = ("/etc/hosts", "/root/.ssh/authorized_keys")
 
 
 def _status(inventory: Path, runs: Path, *args: str) -> tuple[subprocess.CompletedProcess, float]:
@@ -53,6 +54,10 @@ def test_status_names_a_stopped_node_and_the_drift_of_another(cluster, node_ssh,
         rows = sandbox.status(info.name)
         return any(n["name"] == VICTIM and n["state"] == "running" for n in rows[0]["nodes"])
 
+    # A restarted sandbox node gets the sandbox's /etc/hosts and authorized_keys back:
+    # the victim's own are kept here and put back after its restart.
+    kept = {path: node_ssh(ips[VICTIM], f"base64 -w0 {path}").stdout.strip()
+            for path in RESTARTED_FILES}
     backup = f"{KNOWN_HOSTS}.status-test"
     node_ssh(ips[DRIFTED], f"cp -p {KNOWN_HOSTS} {backup} && sed -i '/^{VICTIM}[ ,]/d' "
                           f"{KNOWN_HOSTS}")
@@ -64,6 +69,8 @@ def test_status_names_a_stopped_node_and_the_drift_of_another(cluster, node_ssh,
         node_ssh(ips[DRIFTED], f"mv {backup} {KNOWN_HOSTS}")
         if not node_running():
             sandbox.up(info.name, len(info.nodes))
+        for path, text in kept.items():
+            node_ssh(ips[VICTIM], f"echo {text} | base64 -d > {path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(proc.stdout)
     rows = {r["name"]: r for r in data["nodes"]}
