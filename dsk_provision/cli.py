@@ -233,7 +233,7 @@ def status(
     ctx: typer.Context,
     inventory: InventoryOpt,
     drift: Annotated[bool, typer.Option(
-        "--drift", help="Also run bootstrap's check mode on the reachable nodes and list "
+        "--drift", help="Also run bootstrap's check mode and list "
                         "what it would change (slower: every role's probe).")] = False,
     timeout: Annotated[float, typer.Option(
         "--timeout", min=1, help="Seconds one node may take to answer.")] = 15.0,

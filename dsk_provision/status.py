@@ -7,7 +7,7 @@ it shares, module_utils/dsk_pci.py), run without Ansible: the GPUs, the loaded d
 CUDA and NCCL versions read exactly as `validate` reads them. A node that does not answer
 within the timeout is shown unreachable; it never holds up the others.
 
-With ``drift`` the reachable nodes also get bootstrap's check mode (site.yml --check:
+With ``drift`` the cluster also gets bootstrap's check mode (site.yml --check:
 every role's verify-then-converge probe), and each row lists the tasks a bootstrap would
 change there. The last validation result comes from the run directories of `validate`
 (``<runs>/<time>-validate/report.json``): the newest report of this cluster that covers
@@ -216,8 +216,8 @@ def changed_tasks(host_log: str) -> list[str]:
 
 def check_drift(inventory, rows: list[NodeStatus], *, runs_dir: Path | None,
                 console) -> str | None:
-    """Bootstrap's check mode on the reachable nodes; fills each row's drift. Returns the
-    run directory."""
+    """Bootstrap's check mode on every node; fills the drift of the reachable nodes'
+    rows. Returns the run directory."""
     from dsk_provision.errors import DskError
     from dsk_provision.runner import run_playbook
 
@@ -227,8 +227,11 @@ def check_drift(inventory, rows: list[NodeStatus], *, runs_dir: Path | None,
     where = rundir.new_run_dir("status", runs_dir)
     error = None
     try:
+        # Every node, not --limit to those that answered: a node outside --limit is one
+        # ssh_trust gathers host keys from, and a dead one there would end the play early.
+        # A dead node in the run is dropped after its first task, its rows already say so.
         run_playbook("site.yml", inventory, command="status-drift", runs_dir=where,
-                     limit=[r.name for r in reachable], check=True, console=console)
+                     check=True, console=console)
     except DskError as exc:
         error = str(exc)
     runs = sorted(where.glob("*-status-drift*"))
