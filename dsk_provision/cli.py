@@ -78,6 +78,9 @@ hostkeys_app = typer.Typer(help="The nodes' SSH host keys: pin them on first con
                            no_args_is_help=True)
 app.add_typer(hostkeys_app, name="hostkeys")
 
+keys_app = typer.Typer(help="The cluster's SSH key pair.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
 InventoryOpt = Annotated[Path, typer.Option(
     "--inventory", "-i", help="Inventory: a hosts.yml file or a directory holding one.")]
 
@@ -306,6 +309,30 @@ def train(
               nproc_per_node=nproc_per_node)
 
 
+@app.command()
+def status(
+    ctx: typer.Context,
+    inventory: InventoryOpt,
+    drift: Annotated[bool, typer.Option(
+        "--drift", help="Also run bootstrap's check mode and list "
+                        "what it would change (slower: every role's probe).")] = False,
+    timeout: Annotated[float, typer.Option(
+        "--timeout", min=1, help="Seconds one node may take to answer.")] = 15.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+) -> None:
+    """One row per node: reachable, cordoned, GPUs, driver / CUDA / NCCL, drift, last
+    validation. One probe per node, in parallel, each bounded by --timeout."""
+    inv = _load(inventory)
+    from dsk_provision.status import cluster_status
+
+    result = cluster_status(inv, runs_dir=_runs_dir(ctx), drift=drift, timeout=timeout,
+                            console=render.console(stderr=True))
+    if as_json:
+        render.print_json(result.to_dict())
+    else:
+        render.cluster_status(result)
+
+
 @nodes_app.command("cordon")
 def nodes_cordon(
     inventory: InventoryOpt,
@@ -527,6 +554,25 @@ def nodes_remove(
         render.line(outcome.summary())
     render.line("the cluster key is unchanged: a node that was not wiped may still hold "
                 "it (see docs/operations.md)")
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    ctx: typer.Context,
+    inventory: InventoryOpt,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """A new cluster key pair: authorized and tried on every node before the old one is
+    removed from every node's authorized_keys. An interrupted rotation resumes."""
+    inv = _load(inventory)
+    from dsk_provision.keys import rotate
+
+    out = render.console(stderr=as_json)
+    result = rotate(inv, runs_dir=_runs_dir(ctx), console=out, say=render.progress(out))
+    if as_json:
+        render.print_json(result.to_dict())
+    else:
+        render.keys_rotated(result)
 
 
 @sandbox_app.command("up")

@@ -255,3 +255,37 @@ def inventory_written(result) -> None:
     for cmd in (f"dsk-provision check -i {result.directory}",
                 f"dsk-provision bootstrap -i {result.directory}"):
         out.print(f"  {cmd}", soft_wrap=True)
+
+
+# ---------------------------------------------------------------------------- keys
+
+def keys_rotated(result) -> None:
+    """What a finished rotation changed, in a few lines."""
+    out = console()
+    data = result.to_dict()
+    if data["resumed"]:
+        out.print(f"finished a rotation resumed at its {data['resumed']} step")
+    out.print(f"cluster key rotated on {len(data['nodes'])} node(s): {data['new_key']} "
+              f"(in {data['key_dir']}); {data['old_key']} removed from every node's "
+              "authorized_keys", soft_wrap=True)
+
+
+# ---------------------------------------------------------------------------- status
+
+def cluster_status(result) -> None:
+    """The status table, then one line: how many nodes answered."""
+    from rich.table import Table
+
+    from dsk_provision.status import TABLE_HEADER, table_rows
+
+    table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
+    for column in TABLE_HEADER:
+        table.add_column(column, overflow="fold")
+    for row in table_rows(result):
+        table.add_row(*row)
+    out = console()
+    out.print(table)
+    data = result.to_dict()
+    out.print(f"{result.cluster}: {data['reachable']} of {len(data['nodes'])} node(s) "
+              "reachable" + (f"; drift from {data['drift_run_dir']}"
+                             if data["drift_run_dir"] else ""), soft_wrap=True)

@@ -14,10 +14,11 @@ the first run that finds a key there moves it into the state directory and says 
 from __future__ import annotations
 
 import filecmp
+import functools
 import os
 import shutil
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from dsk_provision import state
@@ -29,6 +30,20 @@ if TYPE_CHECKING:
 KEY_DIR_VAR = "ssh_trust_key_dir"
 # Where the cluster key was kept before it moved to the state directory.
 LEGACY_KEY_DIR = ".ssh_trust"
+
+
+# The ssh_trust role names the key file (ssh_trust_private_key in its vars/main.yml).
+ROLE_VARS = Path(__file__).resolve().parent.parent / "roles" / "ssh_trust" / "vars" / "main.yml"
+
+
+@functools.cache
+def cluster_key_name() -> str:
+    """The cluster private key's file name in its directory, as the ssh_trust role
+    writes it (``id_ed25519``)."""
+    import yaml
+
+    with ROLE_VARS.open(encoding="utf-8") as fh:
+        return PurePosixPath(yaml.safe_load(fh)["ssh_trust_private_key"]).name
 
 
 def explicit_key_dir(inventory: Inventory) -> Path | None:
@@ -76,6 +91,12 @@ def key_dir_warnings(inventory: Inventory) -> list[str]:
         warnings.append(f"the cluster key directory {directory} is inside the git work tree "
                         f"{tree} ({how}): one `git add` would publish root access to every "
                         f"node; keep the key outside any repository")
+    from dsk_provision import keys
+
+    step = keys.pending_step(keys.KeyFiles(directory, cluster_key_name()))
+    if step is not None:
+        warnings.append(f"a cluster key rotation stopped at its {step} step: run "
+                        "`dsk-provision keys rotate` to finish it")
     legacy = legacy_key_dir(inventory)
     if explicit_key_dir(inventory) is None and _key_files(legacy):
         warnings.append(f"a cluster key is still in {legacy}, beside the inventory: the next "
