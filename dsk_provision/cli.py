@@ -73,6 +73,9 @@ app.add_typer(mirror_app, name="mirror")
 nodes_app = typer.Typer(help="Change the cluster's nodes through the inventory.",
                         no_args_is_help=True)
 app.add_typer(nodes_app, name="nodes")
+runs_app = typer.Typer(help="Past runs, from their run directories (--runs-dir).",
+                       no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
 
 InventoryOpt = Annotated[Path, typer.Option(
     "--inventory", "-i", help="Inventory: a hosts.yml file or a directory holding one.")]
@@ -108,9 +111,20 @@ def _split(values: list[str] | None) -> list[str] | None:
     return out or None
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from dsk_provision import __version__
+
+        render.line(f"dsk-provision {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _global(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    _version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True,
+        help="Print the version and exit.")] = False,
     runs_dir: Annotated[Path | None, typer.Option(
         "--runs-dir", envvar="DSK_RUNS_DIR",
         help="Where run directories go (default ./.dsk/runs).")] = None,
@@ -155,15 +169,27 @@ def bootstrap(
     check_mode: Annotated[bool, typer.Option(
         "--check", help="Dry run: report what would change.")] = False,
     verbose: Annotated[int, typer.Option(
-        "--verbose", "-v", count=True, help="More Ansible output.")] = 0,
+        "--verbose", "-v", count=True,
+        help="A line per host and task, and more Ansible output in the run directory.")] = 0,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print the recap and per-host results as JSON (progress goes to "
+                       "stderr).")] = False,
 ) -> None:
     """Provision the nodes: run playbooks/site.yml."""
     inv = _load(inventory)
     from dsk_provision.runner import run_playbook
 
-    run_playbook("site.yml", inv, command="bootstrap", runs_dir=_runs_dir(ctx),
-                 limit=_split(limit), tags=_split(tags), check=check_mode,
-                 console=render.console(), verbosity=verbose)
+    try:
+        result = run_playbook("site.yml", inv, command="bootstrap", runs_dir=_runs_dir(ctx),
+                              limit=_split(limit), tags=_split(tags), check=check_mode,
+                              console=render.console(stderr=as_json), verbosity=verbose)
+    except DskError as exc:
+        # A failed or stopped run still has its record: machines reading --json get it.
+        if as_json and getattr(exc, "record", None):
+            render.print_json(exc.record)
+        raise
+    if as_json:
+        render.print_json(result.record)
 
 
 @app.command()
@@ -255,6 +281,48 @@ def nodes_uncordon(
     inv = set_cordon(inv, name, None)
     render.line(f"{name} is back in service; {len(inv.active_nodes)} of {len(inv.nodes)} "
                 f"nodes in service; written to {inv.hosts_file}")
+
+
+@runs_app.command("list")
+def runs_list(
+    ctx: typer.Context,
+    command: Annotated[str | None, typer.Option(
+        "--command", help="Only runs of this command (bootstrap, validate ...).")] = None,
+    cluster: Annotated[str | None, typer.Option("--cluster", help="Only this cluster's.")] = None,
+    last: Annotated[int, typer.Option("--last", min=1, help="How many runs.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the runs as JSON.")] = False,
+) -> None:
+    """Recent runs, newest first: command, cluster, start, duration, result."""
+    from dsk_provision import runs
+
+    found = runs.list_runs(_runs_dir(ctx), command=command, cluster=cluster, limit=last)
+    if as_json:
+        render.print_json([r.to_dict() for r in found])
+    else:
+        from dsk_provision.rundir import runs_root
+
+        render.runs_table(found, runs_root(_runs_dir(ctx)))
+
+
+@runs_app.command("show")
+def runs_show(
+    ctx: typer.Context,
+    run: Annotated[str | None, typer.Argument(
+        help="A run's directory name (or its start), or path; default: the latest.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the run as JSON.")] = False,
+) -> None:
+    """One run: its recap, failures and where its reports are."""
+    from dsk_provision import runs
+
+    found = runs.find_run(run, _runs_dir(ctx))
+    problems = runs.failures(found)
+    paths = runs.report_paths(found)
+    if as_json:
+        render.print_json({**found.to_dict(), "failures": [
+            {"host": h, "message": m} for h, m in problems],
+            "reports": [str(p) for p in paths], "record": found.record})
+    else:
+        render.run_detail(found, problems, paths)
 
 
 @sandbox_app.command("up")

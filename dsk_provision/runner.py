@@ -36,7 +36,7 @@ from dsk_provision.defaults import ANSIBLE_CFG
 from dsk_provision.errors import DskError, EnvironmentProblem, Interrupted, RunFailed
 from dsk_provision.files import make_private_dir, make_private_tree, open_private, write_private
 from dsk_provision.lock import cluster_lock
-from dsk_provision.rundir import new_run_dir
+from dsk_provision.rundir import RECAP_FILE, new_run_dir
 from dsk_provision.runview import NOTE_ACTIONS, RunConsole, failure_message, result_status, shorten
 from dsk_provision.runwatch import IDLE_TIMEOUT_ENV, POLL_S, RunWatch, idle_timeout_s
 from dsk_provision.ssh_options import pinned_ssh_environment
@@ -53,7 +53,6 @@ ROLES_DIR = REPO_DIR / "roles"
 
 RECAP_COLUMNS = ("ok", "changed", "failed", "unreachable", "skipped", "rescued")
 # playbook_on_stats keys -> our recap names
-RECAP_FILE = "recap.json"  # in the run directory: the record of the run
 _STATS_KEYS = {"ok": "ok", "changed": "changed", "failures": "failed", "dark": "unreachable",
                "skipped": "skipped", "rescued": "rescued", "ignored": "ignored"}
 
@@ -191,7 +190,8 @@ class _EventLog:
                 for h, s in self.hosts.items()}
 
 
-def render_recap(result: PlaybookResult, console: Console, *, per_host: bool = False) -> None:
+def render_recap(result: PlaybookResult, console: Console, *, per_host: bool = False,
+                 run_dir_line: bool = True) -> None:
     """The recap table. Hosts with the same counts share a row (named when they are a
     few, counted otherwise), so that the table grows with the ways hosts differ, not with
     their number; ``per_host``: one row per host."""
@@ -217,8 +217,9 @@ def render_recap(result: PlaybookResult, console: Console, *, per_host: bool = F
         table.add_row(label, *(str(counts.get(c, 0)) for c in RECAP_COLUMNS),
                       style="red" if bad else None)
     console.print(table)
-    console.print(f"run directory: {result.run_dir}", markup=False, highlight=False,
-                  soft_wrap=True)
+    if run_dir_line:
+        console.print(f"run directory: {result.run_dir}", markup=False, highlight=False,
+                      soft_wrap=True)
 
 
 def _resolve_playbook(playbook: str) -> tuple[Path, str]:

@@ -87,6 +87,13 @@ def test_successful_run_records_events_recap_and_host_log(tmp_path):
     assert recap["command"] == "unit" and recap["cluster"] == inv.cluster_name
     assert recap["hosts"]["localhost"]["changed_tasks"] == ["Write a marker file"]
     assert result.record == recap
+    # ... and `runs list` reads it back
+    from dsk_provision.runs import list_runs
+
+    (listed,) = list_runs(tmp_path / "runs")
+    assert (listed.name, listed.command, listed.cluster, listed.result) == (
+        run_dir.name, "unit", inv.cluster_name, "ok")
+    assert listed.duration_s == result.elapsed_s
 
 
 def test_failures_raise_run_failed_naming_hosts_and_hide_no_log_data(tmp_path):
@@ -108,6 +115,14 @@ def test_failures_raise_run_failed_naming_hosts_and_hide_no_log_data(tmp_path):
     out = log.read_text()
     assert "  FAILED alpha: Fail when asked: deliberate failure on alpha" in out
     assert "  UNREACHABLE gamma: " in out
+    # `runs show` finds the failures in the run's record
+    from dsk_provision.runs import failures, find_run
+
+    run = find_run(None, tmp_path / "runs")
+    assert run.result == "failed"
+    assert ("alpha", "Fail when asked: deliberate failure on alpha") in failures(run)
+    assert any(host == "gamma" and what.startswith("unreachable: ")
+               for host, what in failures(run))
     text = str(err)
     assert "alpha: Fail when asked: deliberate failure on alpha" in text
     assert "beta: Handle a secret: output hidden (no_log: true)" in text
