@@ -171,7 +171,10 @@ class RunConsole:
         self.play: PlayTally | None = None
         self.task: TaskTally | None = None
         self.task_number = 0
-        self.gone: set[str] = set()  # hosts that failed or were unreachable: out of the run
+        # Hosts that failed or were unreachable: out of the run. This set and a play's
+        # hosts are replaced, never changed in place: the status area reads them from
+        # rich's refresh thread.
+        self.gone: set[str] = set()
         self._live = None
         if live:
             from rich.live import Live
@@ -250,7 +253,7 @@ class RunConsole:
             message = shorten(res["msg"])
             task.notes.setdefault(message, []).append(host)
         if status in ("failed", "unreachable"):
-            self.gone.add(host)
+            self.gone = self.gone | {host}
             word = "FAILED" if status == "failed" else "UNREACHABLE"
             self.say(f"  {word} {host}: {task.title}: {message}")
         elif self.per_host:
@@ -266,11 +269,12 @@ class RunConsole:
     def _expected(self, task: TaskTally) -> int:
         """How many hosts the task runs on: the play's hosts once known, else the run's
         hosts still in it; never fewer than have started or answered."""
-        if self.play is not None and self.play.hosts:
-            out_before = self.gone - set(task.hosts["failed"]) - set(task.hosts["unreachable"])
-            expected = len(self.play.hosts - out_before)
+        play, gone = self.play, self.gone  # one reading: the refresh thread calls this too
+        if play is not None and play.hosts:
+            out_before = gone - set(task.hosts["failed"]) - set(task.hosts["unreachable"])
+            expected = len(play.hosts - out_before)
         else:
-            expected = len([h for h in self.run_hosts if h not in self.gone])
+            expected = len([h for h in self.run_hosts if h not in gone])
         return max(expected, task.done + len(task.running))
 
     def _end_task(self) -> None:
@@ -281,7 +285,7 @@ class RunConsole:
         if self.play is not None:
             for status in STATUSES:
                 self.play.counts[status] += task.count(status)
-                self.play.hosts.update(task.hosts[status])
+            self.play.hosts = self.play.hosts.union(*task.hosts.values())
         if task.notable:
             worst = next((s for s in ("failed", "unreachable", "changed", "ignored")
                           if task.hosts[s]), "ok")
@@ -304,12 +308,12 @@ class RunConsole:
         from rich.text import Text
 
         elapsed = _clock_text(self.clock() - self.started)
-        play = self.play.name if self.play else "starting"
-        task = self.task
+        play, task = self.play, self.task
+        name = play.name if play else "starting"
         if task is None:
-            return Text(f"{play} | elapsed {elapsed}", no_wrap=True, overflow="ellipsis")
+            return Text(f"{name} | elapsed {elapsed}", no_wrap=True, overflow="ellipsis")
         total = self._expected(task)
-        head = f"{play} | task {self.task_number}: {task.title}"
+        head = f"{name} | task {self.task_number}: {task.title}"
         counts = "  ".join(f"{s} {task.count(s)}" for s in STATUSES[:5])
         tail = (f"hosts {task.done}/{total} done  {counts}  "
                 f"task {_clock_text(self.clock() - task.started)}  elapsed {elapsed}")
