@@ -212,3 +212,4 @@ def test_a_failure_on_one_node_stays_on_screen(tmp_path, terminal):
     assert "failed      Break one node: skipped 2, failed 1 (node2)" in final, final
     assert "error: unit failed on 1 host(s): node2" in final, final
     assert not re.search(r"hosts \d+/\d+ done", final), final
+    assert "elapsed" not in final, final
