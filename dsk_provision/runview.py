@@ -256,7 +256,9 @@ class RunConsole:
             self.gone = self.gone | {host}
             word = "FAILED" if status == "failed" else "UNREACHABLE"
             self.say(f"  {word} {host}: {task.title}: {message}")
-        elif self.per_host:
+        elif host in self.gone:  # a failure a rescue block handled: the host goes on
+            self.gone = self.gone - {host}
+        if self.per_host and status not in ("failed", "unreachable"):
             line = f"{status:<11} {data.get('task') or task.title}"
             self.say(f"    {host}: {line}" + (f": {message}" if message else ""))
 
@@ -291,10 +293,17 @@ class RunConsole:
                           if task.hosts[s]), "ok")
             self.say(f"  {worst:<11} {task.title}: {task.counts_text(total, self.order)} "
                      f"[{self.clock() - task.started:.1f} s]")
-        for message, hosts in task.notes.items():
+        # Notes that differ host by host (a message naming its host) would make a line
+        # per host: the most common few print, the rest are counted.
+        notes = sorted(task.notes.items(), key=lambda item: -len(item[1]))
+        for message, hosts in notes[:FEW_HOSTS]:
             hosts = sorted(hosts, key=lambda h: (self.order.get(h, len(self.order)), h))
             names = name_hosts(hosts, total) or f"{len(hosts)} hosts"
             self.say(f"  note ({names}): {message}")
+        if len(notes) > FEW_HOSTS:
+            rest = notes[FEW_HOSTS:]
+            self.say(f"  note: {len(rest)} other message(s) from {sum(len(h) for _, h in rest)} "
+                     f"host(s) for {task.title}: see the hosts' logs in the run directory")
 
     def _end_play(self) -> None:
         play, self.play = self.play, None

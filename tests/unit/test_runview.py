@@ -259,3 +259,33 @@ def test_eight_node_bootstrap_fits_the_line_budget():
     render_recap(PlaybookResult(run_dir=Path("/runs/x"), rc=0, recap=recap), screen.console)
     count = len(out.getvalue().splitlines()) + 1  # and the runner's first line
     assert count <= 150, out.getvalue()
+
+
+def test_notes_that_name_their_host_do_not_make_a_line_per_host():
+    hosts = [f"node{i}" for i in range(1, 65)]
+    events = [{"event": "playbook_on_task_start", "event_data": {"task": "Say why"}}]
+    events += [result_event("runner_on_ok", h, "Say why", {"msg": f"no widget on {h}"},
+                            task_action="ansible.builtin.debug") for h in hosts]
+    events += [result_event("runner_on_ok", h, "Say why", {"msg": "no GPU"},
+                            task_action="ansible.builtin.debug") for h in ("x1", "x2")]
+    lines = play(events).splitlines()
+    assert lines[0] == "  note (x1, x2): no GPU"  # the most common message first
+    assert len(lines) == FEW_HOSTS + 1
+    assert lines[-1] == (f"  note: {64 - FEW_HOSTS + 1} other message(s) from "
+                         f"{64 - FEW_HOSTS + 1} host(s) for Say why: see the hosts' logs in "
+                         "the run directory")
+
+
+def test_a_rescued_host_counts_again_in_the_next_tasks():
+    events = [{"event": "playbook_on_play_start", "event_data": {"play": "p"}}]
+    for task, results in (("one", {"a": "ok", "b": "ok"}), ("two", {"a": "ok", "b": "failed"}),
+                          ("rescue", {"b": "ok"}), ("three", {"a": "ok", "b": "ok"})):
+        events.append({"event": "playbook_on_task_start", "event_data": {"task": task}})
+        events += [result_event(f"runner_on_{r}", h, task, {"changed": True}) for h, r
+                   in results.items()]
+    screen, _out = view(events)
+    with screen:
+        for event in events[:-1]:
+            screen.handle(event)
+        # "three" has begun: a answered; b, back after its rescue, is still expected
+        assert screen.status().plain.splitlines()[1].startswith("hosts 1/2 done")
