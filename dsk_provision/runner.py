@@ -112,7 +112,10 @@ class _EventLog:
         make_private_dir(self.logs_dir)
         self._logs: dict[str, Any] = {}
 
-    def close(self) -> None:
+    def __enter__(self) -> _EventLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         for fh in self._logs.values():
             fh.close()
 
@@ -322,9 +325,8 @@ def _run_locked(ansible_runner: Any, project_dir: Path, playbook_name: str,
                   markup=False, highlight=False, soft_wrap=True)
     watch = RunWatch(idle)
 
-    with RunConsole(console, hosts, live=live, per_host=verbosity > 0) as screen, watch:
-        view = _EventLog(run_dir, hosts, screen)
-
+    with (RunConsole(console, hosts, live=live, per_host=verbosity > 0) as screen,
+          _EventLog(run_dir, hosts, screen) as view, watch):
         def on_event(event: dict) -> bool:
             watch.note_event()
             return view.handle(event)
@@ -355,8 +357,7 @@ def _run_locked(ansible_runner: Any, project_dir: Path, playbook_name: str,
             why = (f"interrupted by {watch.signal_name}" if watch.signum
                    else f"no event for {idle:g} s")
             view.mark_stopped(why)
-        view.close()
-        screen.finish()
+        screen.finish()  # the last task's and play's lines, before the recap
         # Signals stay caught until the recap is written: a second Ctrl-C cannot cut it.
         # ansible-runner writes its artifacts with the umask's modes: close them down too.
         make_private_tree(private)
