@@ -81,6 +81,10 @@ app.add_typer(hostkeys_app, name="hostkeys")
 keys_app = typer.Typer(help="The cluster's SSH key pair.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 
+runs_app = typer.Typer(help="Past runs, from their run directories (--runs-dir).",
+                       no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+
 InventoryOpt = Annotated[Path, typer.Option(
     "--inventory", "-i", help="Inventory: a hosts.yml file or a directory holding one.")]
 
@@ -115,9 +119,20 @@ def _split(values: list[str] | None) -> list[str] | None:
     return out or None
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from dsk_provision import __version__
+
+        render.line(f"dsk-provision {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _global(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    _version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True,
+        help="Print the version and exit.")] = False,
     runs_dir: Annotated[Path | None, typer.Option(
         "--runs-dir", envvar="DSK_RUNS_DIR",
         help="Where run directories go (default ./.dsk/runs).")] = None,
@@ -162,10 +177,14 @@ def bootstrap(
     check_mode: Annotated[bool, typer.Option(
         "--check", help="Dry run: report what would change.")] = False,
     verbose: Annotated[int, typer.Option(
-        "--verbose", "-v", count=True, help="More Ansible output.")] = 0,
+        "--verbose", "-v", count=True,
+        help="A line per host and task, and more Ansible output in the run directory.")] = 0,
     validate_new: Annotated[bool, typer.Option(
         "--validate/--no-validate",
         help="After bringing in new nodes: their checks and an all-reduce with them.")] = True,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print the recap and per-host results as JSON (progress goes to "
+                       "stderr); an addition's two runs as {\"runs\": [...]}.")] = False,
 ) -> None:
     """Provision the nodes: run playbooks/site.yml.
 
@@ -173,25 +192,50 @@ def bootstrap(
     the new ones are validated (see docs/operations.md); --limit or --tags run exactly
     what they say."""
     inv = _load(inventory)
-    if limit or tags:
-        from dsk_provision.runner import run_playbook
+    from dsk_provision.runner import run_playbook
 
-        run_playbook("site.yml", inv, command="bootstrap", runs_dir=_runs_dir(ctx),
-                     limit=_split(limit), tags=_split(tags), check=check_mode,
-                     console=render.console(), verbosity=verbose)
-        return
-    _bring_in(ctx, inv, check=check_mode, verbose=verbose, validate_new=validate_new)
+    out = render.console(stderr=as_json)
+    records: list[dict] = []
+
+    def run(*args, **kwargs):
+        # Every run's record is kept: a failed or stopped run has one too.
+        try:
+            result = run_playbook(*args, **kwargs)
+        except DskError as exc:
+            if getattr(exc, "record", None):
+                records.append(exc.record)
+            raise
+        records.append(result.record)
+        return result
+
+    def print_records() -> None:
+        if as_json and records:
+            render.print_json(records[0] if len(records) == 1 else {"runs": records})
+
+    try:
+        if limit or tags:
+            run("site.yml", inv, command="bootstrap", runs_dir=_runs_dir(ctx),
+                limit=_split(limit), tags=_split(tags), check=check_mode, console=out,
+                verbosity=verbose)
+        else:
+            _bring_in(ctx, inv, check=check_mode, verbose=verbose, validate_new=validate_new,
+                      run=run, out=out)
+    except DskError:
+        print_records()
+        raise
+    print_records()
 
 
-def _bring_in(ctx: typer.Context, inv, *, check: bool, verbose: int,
-              validate_new: bool) -> None:
+def _bring_in(ctx: typer.Context, inv, *, check: bool, verbose: int, validate_new: bool,
+              run=None, out=None) -> None:
     """The planned bootstrap (dsk_provision.lifecycle.bring_in), with its summary."""
     from dsk_provision.lifecycle import bring_in
 
-    outcome = bring_in(inv, check=check, say=render.line, runs_dir=_runs_dir(ctx),
-                       console=render.console(), verbosity=verbose)
+    out = out or render.console()
+    outcome = bring_in(inv, run=run, check=check, say=lambda m: out.print(m, soft_wrap=True),
+                       runs_dir=_runs_dir(ctx), console=out, verbosity=verbose)
     if outcome.summary():
-        render.line(outcome.summary())
+        out.print(outcome.summary(), soft_wrap=True)
     if not check:
         _validate_added(ctx, inv, outcome, validate_new)
 
@@ -573,6 +617,48 @@ def keys_rotate(
         render.print_json(result.to_dict())
     else:
         render.keys_rotated(result)
+
+
+@runs_app.command("list")
+def runs_list(
+    ctx: typer.Context,
+    command: Annotated[str | None, typer.Option(
+        "--command", help="Only runs of this command (bootstrap, validate ...).")] = None,
+    cluster: Annotated[str | None, typer.Option("--cluster", help="Only this cluster's.")] = None,
+    last: Annotated[int, typer.Option("--last", min=1, help="How many runs.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the runs as JSON.")] = False,
+) -> None:
+    """Recent runs, newest first: command, cluster, start, duration, result."""
+    from dsk_provision import runs
+
+    found = runs.list_runs(_runs_dir(ctx), command=command, cluster=cluster, limit=last)
+    if as_json:
+        render.print_json([r.to_dict() for r in found])
+    else:
+        from dsk_provision.rundir import runs_root
+
+        render.runs_table(found, runs_root(_runs_dir(ctx)))
+
+
+@runs_app.command("show")
+def runs_show(
+    ctx: typer.Context,
+    run: Annotated[str | None, typer.Argument(
+        help="A run's directory name (or its start), or path; default: the latest.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the run as JSON.")] = False,
+) -> None:
+    """One run: its recap, failures and where its reports are."""
+    from dsk_provision import runs
+
+    found = runs.find_run(run, _runs_dir(ctx))
+    problems = runs.failures(found)
+    paths = runs.report_paths(found)
+    if as_json:
+        render.print_json({**found.to_dict(), "failures": [
+            {"host": h, "message": m} for h, m in problems],
+            "reports": [str(p) for p in paths], "record": found.record})
+    else:
+        render.run_detail(found, problems, paths)
 
 
 @sandbox_app.command("up")

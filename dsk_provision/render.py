@@ -289,3 +289,53 @@ def cluster_status(result) -> None:
     out.print(f"{result.cluster}: {data['reachable']} of {len(data['nodes'])} node(s) "
               "reachable" + (f"; drift from {data['drift_run_dir']}"
                              if data["drift_run_dir"] else ""), soft_wrap=True)
+
+
+# ---------------------------------------------------------------------------- runs
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = float(seconds)
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{secs:02d}s"
+
+
+def runs_table(runs, root: Path) -> None:
+    """One line per run, newest first, in aligned columns (plain text: easy to grep)."""
+    out = console()
+    if not runs:
+        out.print(f"no runs in {root}", soft_wrap=True)
+        return
+    rows = [("STARTED", "DURATION", "COMMAND", "CLUSTER", "RESULT", "RUN")]
+    rows += [(r.started, _duration(r.duration_s), r.command, r.cluster or "-", r.result, r.name)
+             for r in runs]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        cells = [cell.rjust(w) if i == 1 else cell.ljust(w)
+                 for i, (cell, w) in enumerate(zip(row, widths, strict=False))]
+        out.print("  ".join([*cells, row[-1]]), soft_wrap=True)
+
+
+def run_detail(run, problems: list[tuple[str, str]], paths: list[Path]) -> None:
+    """One run: what, where and how it ended; its recap; what failed; its files."""
+    out = console()
+    where = f" on {run.cluster}" if run.cluster else ""
+    out.print(f"{run.name}: {run.command}{where}, started {run.started}, "
+              f"took {_duration(run.duration_s)}: {run.result}", soft_wrap=True)
+    recap = run.record.get("recap")
+    if isinstance(recap, dict) and recap:
+        from dsk_provision.runner import PlaybookResult, render_recap
+
+        render_recap(PlaybookResult(run_dir=run.path, rc=int(run.record.get("rc") or 0),
+                                    recap=recap, elapsed_s=float(run.duration_s or 0)),
+                     out, per_host=True, run_dir_line=False)
+    if problems:
+        out.print(f"failures ({len(problems)}):")
+        for host, message in problems:
+            out.print(f"  {host}: {message}", soft_wrap=True)
+    out.print("files:")
+    for path in paths:
+        out.print(f"  {path}{'/' if path.is_dir() else ''}", soft_wrap=True)

@@ -11,6 +11,8 @@ from dsk_provision.errors import InputError
 from dsk_provision.files import PRIVATE_DIR_MODE, make_dirs
 
 RUNS_DIR_ENV = "DSK_RUNS_DIR"
+# A playbook run's record in its run directory (dsk_provision.runner writes it at the end).
+RECAP_FILE = "recap.json"
 _COMMAND_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 

@@ -1,13 +1,17 @@
-"""ansible-runner wrapper: live per-host progress, a recap table and a run directory.
+"""ansible-runner wrapper: a console view of the run, a recap table and a run directory.
 
 Each run gets a run directory (see rundir.py) holding:
 
 - ``ansible/``: ansible-runner's private data dir; ``ansible/artifacts/<command>/`` keeps
   its artifacts (``job_events/*.json``, ``stdout``, ``rc``, ``status``),
 - ``hosts/<host>.log``: every result for that host, in order,
-- ``recap.json``: the per-host recap, failures and timings, and how the run ended
-  (``state``: ``finished``, ``interrupted`` by a signal, or ``timed out``; the hosts that
-  were in the middle of a task when it was stopped).
+- ``recap.json``: the per-host recap, failures, changed tasks and timings, the command,
+  cluster and start time, and how the run ended (``state``: ``finished``, ``interrupted``
+  by a signal, or ``timed out``; the hosts that were in the middle of a task when it was
+  stopped). ``bootstrap --json`` prints it; ``runs list|show`` read it.
+
+What the console shows while the run lasts is dsk_provision.runview's: the same size
+whatever the node count, with every host's detail in ``hosts/<host>.log``.
 
 A run holds its cluster's lock (dsk_provision.lock) and is watched (dsk_provision.runwatch):
 SIGINT, SIGTERM and SIGHUP stop ansible-playbook and raise Interrupted, and a run that
@@ -29,10 +33,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dsk_provision.defaults import ANSIBLE_CFG
-from dsk_provision.errors import EnvironmentProblem, Interrupted, RunFailed
+from dsk_provision.errors import DskError, EnvironmentProblem, Interrupted, RunFailed
 from dsk_provision.files import make_private_dir, make_private_tree, open_private, write_private
 from dsk_provision.lock import cluster_lock
-from dsk_provision.rundir import new_run_dir
+from dsk_provision.rundir import RECAP_FILE, new_run_dir
+from dsk_provision.runview import NOTE_ACTIONS, RunConsole, failure_message, result_status, shorten
 from dsk_provision.runwatch import IDLE_TIMEOUT_ENV, POLL_S, RunWatch, idle_timeout_s
 from dsk_provision.ssh_options import pinned_ssh_environment
 from dsk_provision.state import cluster_state_dir
@@ -50,8 +55,6 @@ RECAP_COLUMNS = ("ok", "changed", "failed", "unreachable", "skipped", "rescued")
 # playbook_on_stats keys -> our recap names
 _STATS_KEYS = {"ok": "ok", "changed": "changed", "failures": "failed", "dark": "unreachable",
                "skipped": "skipped", "rescued": "rescued", "ignored": "ignored"}
-_HIDDEN = "output hidden (no_log: true)"
-_MAX_MESSAGE = 400
 
 
 @dataclass
@@ -62,97 +65,60 @@ class PlaybookResult:
     failed: dict[str, str] = field(default_factory=dict)
     unreachable: dict[str, str] = field(default_factory=dict)
     elapsed_s: float = 0.0
+    changed: dict[str, list[str]] = field(default_factory=dict)  # host -> tasks it changed
+    # What recap.json holds (and `bootstrap --json` prints): this result and how the run
+    # went (command, cluster, start, state ...).
+    record: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def ok(self) -> bool:
         return self.rc == 0 and not self.failed and not self.unreachable
 
+    def hosts(self) -> dict[str, dict[str, Any]]:
+        """Per host: its recap counts, the tasks it changed, its failure."""
+        return {h: {**counts, "changed_tasks": list(self.changed.get(h, [])),
+                    "failure": self.failed.get(h), "unreachable_reason": self.unreachable.get(h)}
+                for h, counts in self.recap.items()}
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        del d["record"]
         d["run_dir"] = str(self.run_dir)
         d["ok"] = self.ok
         return d
 
 
-def _shorten(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 3] + "..."
-
-
-def failure_message(res: Any) -> str:
-    """A one-line reason from a task result, never revealing a no_log task's data."""
-    if not isinstance(res, dict):
-        return "failed"
-    if res.get("_ansible_no_log") or "censored" in res:
-        return _HIDDEN
-    results = res.get("results")
-    if isinstance(results, list):
-        for item in results:
-            if isinstance(item, dict) and item.get("failed"):
-                return failure_message(item)
-    parts = []
-    msg = res.get("msg") or res.get("reason")
-    if msg:
-        parts.append(str(msg))
-    stderr = (res.get("stderr") or "").strip()
-    if stderr:
-        parts.append(stderr.splitlines()[-1])
-    elif res.get("rc") not in (None, 0) and not parts:
-        parts.append(f"exit code {res['rc']}")
-    return _shorten(": ".join(parts)) if parts else "failed"
-
-
 class _HostState:
-    __slots__ = ("task", "ok", "changed", "failed", "unreachable", "skipped", "rescued")
+    __slots__ = ("ok", "changed", "failed", "unreachable", "skipped", "rescued")
 
     def __init__(self) -> None:
-        self.task = ""
         self.ok = self.changed = self.failed = self.unreachable = 0
         self.skipped = self.rescued = 0
 
 
-_NOTE_ACTIONS = ("debug", "ansible.builtin.debug")
+class _EventLog:
+    """Turns ansible-runner events into per-host state and host logs; hands each event on
+    to the console (dsk_provision.runview)."""
 
-
-class _EventView:
-    """Turns ansible-runner events into per-host state, host logs and console output."""
-
-    def __init__(self, run_dir: Path, hosts: list[str], console: Console, live: bool):
+    def __init__(self, run_dir: Path, hosts: list[str], view: RunConsole):
         self.hosts: dict[str, _HostState] = {h: _HostState() for h in hosts}
         self.failed: dict[str, str] = {}
         self.unreachable: dict[str, str] = {}
+        self.changed: dict[str, list[str]] = {}
         self.stats: dict[str, dict[str, int]] | None = None
-        self.notes: dict[str, list[str]] = {}
         self.running: dict[str, str] = {}  # host -> the task it has started, not finished
-        self.console = console
+        self.view = view
         self.logs_dir = run_dir / "hosts"
         make_private_dir(self.logs_dir)
         self._logs: dict[str, Any] = {}
-        self._task = ""
-        self._live = None
-        if live:
-            from rich.live import Live
 
-            self._live = Live(self._table(), console=console, refresh_per_second=8,
-                              transient=False)
-
-    # ---- lifecycle
-    def __enter__(self) -> _EventView:
-        if self._live is not None:
-            self._live.__enter__()
+    def __enter__(self) -> _EventLog:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._live is not None:
-            self._live.update(self._table())
-            self._live.__exit__(None, None, None)
-            for message, hosts in self.notes.items():
-                self.console.print(f"note ({', '.join(hosts)}): {message}", markup=False,
-                                   highlight=False, soft_wrap=True)
         for fh in self._logs.values():
             fh.close()
 
-    # ---- events
     def _state(self, host: str) -> _HostState:
         return self.hosts.setdefault(host, _HostState())
 
@@ -167,49 +133,28 @@ class _EventView:
             fh.write(stdout.rstrip() + "\n")
         fh.flush()
 
-    def _say(self, text: str) -> None:
-        if self._live is None:
-            self.console.print(text, markup=False, highlight=False, soft_wrap=True)
-
     def handle(self, event: dict) -> bool:
         kind = event.get("event", "")
         data = event.get("event_data") or {}
         host = data.get("host") or ""
         task = data.get("task") or ""
         res = data.get("res")
-        stdout = event.get("stdout") or ""
-        status = None
+        status = result_status(event)
         message = ""
 
-        if kind == "playbook_on_play_start":
-            self._say(f"PLAY {data.get('play', '')}")
-        elif kind == "playbook_on_task_start":
-            self._task = task
-            self._say(f"  TASK {task}")
-        elif kind == "runner_on_start" and host:
-            self._state(host).task = task
+        if kind == "runner_on_start" and host:
             self.running[host] = task
-        elif kind == "runner_on_ok" and host:
-            changed = isinstance(res, dict) and bool(res.get("changed"))
-            status = "changed" if changed else "ok"
-            is_note = data.get("task_action") in _NOTE_ACTIONS
-            if is_note and isinstance(res, dict) and res.get("msg"):
-                # Roles explain their skips with a debug message: show it, never hide it.
-                message = _shorten(str(res["msg"]))
-                self.notes.setdefault(message, []).append(host)
-        elif kind == "runner_on_failed" and host:
+        elif status in ("failed", "ignored", "unreachable"):
             message = failure_message(res)
-            if data.get("ignore_errors"):
-                status = "ignored"
-            else:
-                status = "failed"
+            if status == "failed":
                 self.failed.setdefault(host, f"{task}: {message}")
-        elif kind == "runner_on_unreachable" and host:
-            status = "unreachable"
-            message = failure_message(res)
-            self.unreachable.setdefault(host, message)
-        elif kind == "runner_on_skipped" and host:
-            status = "skipped"
+            elif status == "unreachable":
+                self.unreachable.setdefault(host, message)
+        elif status == "ok" and data.get("task_action") in NOTE_ACTIONS \
+                and isinstance(res, dict) and res.get("msg"):
+            message = shorten(str(res["msg"]))
+        elif status == "changed":
+            self.changed.setdefault(host, []).append(task)
         elif kind == "playbook_on_stats":
             self.stats = {}
             for src, dst in _STATS_KEYS.items():
@@ -220,38 +165,20 @@ class _EventView:
         if status:
             self.running.pop(host, None)
             st = self._state(host)
-            st.task = task
             if status in ("ok", "changed", "failed", "unreachable", "skipped"):
                 setattr(st, status, getattr(st, status) + 1)
             if status == "changed":
                 st.ok += 1  # Ansible counts a changed result as ok too
             line = f"{status:<11} {task}" + (f": {message}" if message else "")
-            self._log(host, line, stdout)
-            self._say(f"    {host}: {line}")
-            if self._live is not None:
-                self._live.update(self._table())
+            self._log(host, line, event.get("stdout") or "")
+        self.view.handle(event)
         return True  # keep every event in the artifacts
 
     def mark_stopped(self, why: str) -> None:
         """A stopped run: say so in the log of every host that was running a task."""
         for host, task in self.running.items():
             self._log(host, f"stopped     {task}: {why}")
-            self._say(f"    {host}: stopped during {task}: {why}")
-
-    # ---- rendering
-    def _table(self):
-        from rich.table import Table
-
-        table = Table(title=f"task: {self._task}" if self._task else None, title_justify="left")
-        table.add_column("host")
-        table.add_column("current task", overflow="ellipsis", max_width=50)
-        for col in ("ok", "changed", "failed", "unreachable"):
-            table.add_column(col, justify="right")
-        for name, st in self.hosts.items():
-            style = "red" if (st.failed or st.unreachable) else None
-            table.add_row(name, st.task, str(st.ok), str(st.changed), str(st.failed),
-                          str(st.unreachable), style=style)
-        return table
+        self.view.stopped(self.running, why)
 
     def recap(self) -> dict[str, dict[str, int]]:
         if self.stats is not None:
@@ -266,20 +193,36 @@ class _EventView:
                 for h, s in self.hosts.items()}
 
 
-def render_recap(result: PlaybookResult, console: Console) -> None:
+def render_recap(result: PlaybookResult, console: Console, *, per_host: bool = False,
+                 run_dir_line: bool = True) -> None:
+    """The recap table. Hosts with the same counts share a row (named when they are a
+    few, counted otherwise), so that the table grows with the ways hosts differ, not with
+    their number; ``per_host``: one row per host."""
     from rich.table import Table
 
+    from dsk_provision.runview import name_hosts
+
+    if per_host:
+        rows = [[host] for host in result.recap]
+    else:
+        groups: dict[tuple[int, ...], list[str]] = {}
+        for host, counts in result.recap.items():
+            groups.setdefault(tuple(counts.get(c, 0) for c in RECAP_COLUMNS), []).append(host)
+        rows = list(groups.values())
     table = Table(title=f"recap ({result.elapsed_s:.1f} s)", title_justify="left")
     table.add_column("host")
     for col in RECAP_COLUMNS:
         table.add_column(col, justify="right")
-    for host, counts in result.recap.items():
+    for hosts in rows:
+        counts = result.recap[hosts[0]]
         bad = counts.get("failed") or counts.get("unreachable")
-        table.add_row(host, *(str(counts.get(c, 0)) for c in RECAP_COLUMNS),
+        label = name_hosts(hosts, 0) or f"{len(hosts)} hosts ({hosts[0]} ... {hosts[-1]})"
+        table.add_row(label, *(str(counts.get(c, 0)) for c in RECAP_COLUMNS),
                       style="red" if bad else None)
     console.print(table)
-    console.print(f"run directory: {result.run_dir}", markup=False, highlight=False,
-                  soft_wrap=True)
+    if run_dir_line:
+        console.print(f"run directory: {result.run_dir}", markup=False, highlight=False,
+                      soft_wrap=True)
 
 
 def _resolve_playbook(playbook: str) -> tuple[Path, str]:
@@ -302,9 +245,10 @@ def run_playbook(playbook: str, inventory: Inventory, *, command: str,
                  verbosity: int = 0, idle_timeout: float | None = None) -> PlaybookResult:
     """Run ``playbook`` (a name under playbooks/, or an absolute path) against ``inventory``.
 
-    Shows live per-host progress, prints a recap table, and returns the result. Raises
-    RunFailed naming every failed or unreachable host with its first error, ClusterBusy
-    when another run holds the cluster's lock, Interrupted when a signal stopped the run.
+    Shows the run on the console (dsk_provision.runview), prints a recap table, and
+    returns the result. Raises RunFailed naming every failed or unreachable host with its
+    first error, ClusterBusy when another run holds the cluster's lock, Interrupted when a
+    signal stopped the run; the run's record (recap.json) rides on the error as ``record``.
     ``idle_timeout``: seconds without an event before the run is stopped (default:
     runwatch.idle_timeout_s()).
     """
@@ -376,11 +320,13 @@ def _run_locked(ansible_runner: Any, project_dir: Path, playbook_name: str,
         hosts = list(limit)
     live = console.is_terminal and not os.environ.get("DSK_PLAIN_PROGRESS")
     started = time.monotonic()
+    started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     console.print(f"{command}: {playbook_name} on {len(hosts)} host(s); run directory {run_dir}",
                   markup=False, highlight=False, soft_wrap=True)
     watch = RunWatch(idle)
 
-    with _EventView(run_dir, hosts, console, live) as view, watch:
+    with (RunConsole(console, hosts, live=live, per_host=verbosity > 0) as screen,
+          _EventLog(run_dir, hosts, screen) as view, watch):
         def on_event(event: dict) -> bool:
             watch.note_event()
             return view.handle(event)
@@ -411,6 +357,7 @@ def _run_locked(ansible_runner: Any, project_dir: Path, playbook_name: str,
             why = (f"interrupted by {watch.signal_name}" if watch.signum
                    else f"no event for {idle:g} s")
             view.mark_stopped(why)
+        screen.finish()  # the last task's and play's lines, before the recap
         # Signals stay caught until the recap is written: a second Ctrl-C cannot cut it.
         # ansible-runner writes its artifacts with the umask's modes: close them down too.
         make_private_tree(private)
@@ -418,54 +365,64 @@ def _run_locked(ansible_runner: Any, project_dir: Path, playbook_name: str,
         rc = int(runner.rc if runner.rc is not None else 1)
         result = PlaybookResult(run_dir=run_dir, rc=rc, recap=view.recap(),
                                 failed=view.failed, unreachable=view.unreachable,
-                                elapsed_s=round(elapsed, 2))
+                                elapsed_s=round(elapsed, 2), changed=view.changed)
         state = "finished"
         if stopped:
             state = "interrupted" if watch.signum else "timed out"
-        write_private(run_dir / "recap.json", json.dumps(
-            {**result.to_dict(), "playbook": playbook_name, "command": command,
-             "check": check, "limit": limit, "tags": tags, "status": runner.status,
-             "state": state, "signal": watch.signal_name or None,
-             "idle_timeout_s": idle, "running": dict(view.running) if stopped else {},
-             "stragglers_stopped": [p.pid for p in watch.stopped]}, indent=2) + "\n")
-    render_recap(result, console)
+        record = {**result.to_dict(), "playbook": playbook_name, "command": command,
+                  "cluster": inventory.cluster_name, "started": started_at,
+                  "check": check, "limit": limit, "tags": tags, "status": runner.status,
+                  "state": state, "signal": watch.signal_name or None,
+                  "idle_timeout_s": idle, "running": dict(view.running) if stopped else {},
+                  "stragglers_stopped": [p.pid for p in watch.stopped],
+                  "hosts": result.hosts()}
+        write_private(run_dir / RECAP_FILE, json.dumps(record, indent=2) + "\n")
+    result.record = record
+    render_recap(result, console, per_host=verbosity > 0)
 
     running = [f"{h} ({t})" for h, t in view.running.items()]
     if watch.signum:
         what = ("stopped ansible-playbook" if stopped
                 else "ansible-playbook had already ended")
-        raise Interrupted(
+        raise _with_record(Interrupted(
             watch.signum,
             f"{command} interrupted by {watch.signal_name}: {what}"
             + (f"; in the middle of a task: {', '.join(running)}" if stopped and running
                else ""),
-            hint=f"recap in {run_dir / 'recap.json'}; run {command} again to converge")
+            hint=f"recap in {run_dir / RECAP_FILE}; run {command} again to converge"), record)
     if stopped:
         lines = [f"{command}: no event from ansible-playbook for {idle:g} s: stopped it"
                  + (f"; still waiting on {', '.join(running)}" if running else "")]
         lines += [f"  {h}: {msg}" for h, msg in view.failed.items()]
         lines += [f"  {h}: unreachable: {msg}" for h, msg in view.unreachable.items()]
-        raise RunFailed("\n".join(lines),
-                        nodes=list(dict.fromkeys([*view.running, *view.failed,
-                                                  *view.unreachable])),
-                        hint=f"per-host logs in {run_dir / 'hosts'}; if a task really takes "
-                             f"longer, set {IDLE_TIMEOUT_ENV} (seconds)")
+        raise _with_record(RunFailed(
+            "\n".join(lines), nodes=list(dict.fromkeys([*view.running, *view.failed,
+                                                        *view.unreachable])),
+            hint=f"per-host logs in {run_dir / 'hosts'}; if a task really takes "
+                 f"longer, set {IDLE_TIMEOUT_ENV} (seconds)"), record)
 
     if result.failed or result.unreachable:
         bad = list(result.failed) + [h for h in result.unreachable if h not in result.failed]
         lines = [f"{command} failed on {len(bad)} host(s): {', '.join(bad)}"]
         lines += [f"  {h}: {msg}" for h, msg in result.failed.items()]
         lines += [f"  {h}: unreachable: {msg}" for h, msg in result.unreachable.items()]
-        failure = RunFailed("\n".join(lines), nodes=bad,
-                            hint=f"per-host logs in {run_dir / 'hosts'}")
+        failure = _with_record(RunFailed("\n".join(lines), nodes=bad,
+                                         hint=f"per-host logs in {run_dir / 'hosts'}"), record)
         # The run finished: every other host completed its plays (callers read which).
         failure.result = result
         raise failure
     if rc != 0:
-        raise RunFailed(f"{command}: ansible-playbook exited with code {rc} "
-                        f"({runner.status}): {_stdout_tail(runner)}",
-                        hint=f"full output in {private / 'artifacts' / command / 'stdout'}")
+        raise _with_record(RunFailed(
+            f"{command}: ansible-playbook exited with code {rc} "
+            f"({runner.status}): {_stdout_tail(runner)}",
+            hint=f"full output in {private / 'artifacts' / command / 'stdout'}"), record)
     return result
+
+
+def _with_record(error: DskError, record: dict[str, Any]) -> DskError:
+    """The run's record on its error: the CLI's --json still prints it."""
+    error.record = record
+    return error
 
 
 def _stdout_tail(runner: Any, lines: int = 4) -> str:

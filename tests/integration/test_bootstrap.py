@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import stat
 import time
 
@@ -29,6 +30,32 @@ def _nodes(info) -> list[tuple[str, str]]:
 
 def test_first_bootstrap_succeeds(bootstrapped_cluster):
     bootstrapped_cluster.require_success()
+
+
+# What an 8-node bootstrap may print at most; a 3-node one prints the same lines (only a
+# task that changes or fails on some nodes adds any), so the 3-node output is held to it.
+CONSOLE_LINE_BUDGET = 150
+
+
+def test_first_bootstrap_console_fits_the_line_budget(bootstrapped_cluster):
+    """The bootstrap's console, captured as a non-terminal: plain lines, no redrawing, no
+    line per host and task; the per-host detail is in the run directory."""
+    bootstrapped_cluster.require_success()
+    out = bootstrapped_cluster.output
+    lines = out.splitlines()
+    print(f"console of a first bootstrap of {len(NODE_NAMES)} nodes: {len(lines)} lines")
+    assert len(lines) <= CONSOLE_LINE_BUDGET, out
+    assert "\x1b[" not in out  # no cursor movement or colour when not a terminal
+    assert not [ln for ln in lines if re.match(r"\s+node\d: (ok|skipped|changed) ", ln)], out
+    assert sum(ln.startswith("PLAY ") for ln in lines) >= 5, out
+    # every task that changed something has its line; the hosts' logs have every result
+    assert re.search(r"^  changed +common : Point apt at the mirror: changed 3 "
+                     r"\(node1, node2, node3\)", out, re.M), out
+    run_dir = next(bootstrapped_cluster.runs_dir.glob("*-bootstrap"))
+    for name in NODE_NAMES:
+        log = (run_dir / "hosts" / f"{name}.log").read_text()
+        assert re.search(r"^\d\d:\d\d:\d\d ok +Check that the operating system is supported",
+                         log, re.M), log[:2000]
 
 
 def test_second_bootstrap_changes_nothing(bootstrapped_cluster, tmp_path):

@@ -76,11 +76,24 @@ def test_successful_run_records_events_recap_and_host_log(tmp_path):
     assert recap["recap"]["localhost"]["changed"] == 1
     assert loose_paths(run_dir) == []
 
-    out = log.read_text()  # plain line-per-event output when not a terminal
-    assert "localhost: changed     Write a marker file" in out
+    out = log.read_text()  # plain lines when not a terminal: one per task that changed
+    assert "  changed     Write a marker file: changed 1 (localhost) [" in out
+    assert "Read it back" not in out  # ok everywhere: counted in its play's line only
+    assert "  done: 6 task(s) in " in out and ": ok 2, changed 1, skipped 3" in out
     assert "recap" in out and "unreachable" in out
     # A role's skip reason reaches the console, not only the event files.
-    assert "Skipping the widget: no widget on localhost" in out
+    assert "note (localhost): Skipping the widget: no widget on localhost" in out
+    # The record of the run: what --json prints and `runs` reads.
+    assert recap["command"] == "unit" and recap["cluster"] == inv.cluster_name
+    assert recap["hosts"]["localhost"]["changed_tasks"] == ["Write a marker file"]
+    assert result.record == recap
+    # ... and `runs list` reads it back
+    from dsk_provision.runs import list_runs
+
+    (listed,) = list_runs(tmp_path / "runs")
+    assert (listed.name, listed.command, listed.cluster, listed.result) == (
+        run_dir.name, "unit", inv.cluster_name, "ok")
+    assert listed.duration_s == result.elapsed_s
 
 
 def test_failures_raise_run_failed_naming_hosts_and_hide_no_log_data(tmp_path):
@@ -96,6 +109,20 @@ def test_failures_raise_run_failed_naming_hosts_and_hide_no_log_data(tmp_path):
 
     err = info.value
     assert sorted(err.nodes) == ["alpha", "beta", "gamma"]
+    assert err.record["hosts"]["alpha"]["failure"] == \
+        "Fail when asked: deliberate failure on alpha"
+    # each failure was on the console with its message, as it happened
+    out = log.read_text()
+    assert "  FAILED alpha: Fail when asked: deliberate failure on alpha" in out
+    assert "  UNREACHABLE gamma: " in out
+    # `runs show` finds the failures in the run's record
+    from dsk_provision.runs import failures, find_run
+
+    run = find_run(None, tmp_path / "runs")
+    assert run.result == "failed"
+    assert ("alpha", "Fail when asked: deliberate failure on alpha") in failures(run)
+    assert any(host == "gamma" and what.startswith("unreachable: ")
+               for host, what in failures(run))
     text = str(err)
     assert "alpha: Fail when asked: deliberate failure on alpha" in text
     assert "beta: Handle a secret: output hidden (no_log: true)" in text
