@@ -322,7 +322,65 @@ def stop_job(inventory, name: str, *, grace_s: float = STOP_GRACE_S,
     return StopResult(name, stopped, escalated, left, unreachable, checkpoint)
 
 
+# --------------------------------------------------------------------------- logs
+
+
+def print_logs(inventory, name: str, *, node: str | None = None, rank: int | None = None,
+               follow: bool = False, lines: int | None = None, out=None,
+               transport: TransportChoice = None) -> int:
+    """Print the job's logs from every node (or one), each line prefixed with its node
+    and rank; with ``follow``, until the job has ended on those nodes. Returns 1 when a
+    node could not be read, else 0."""
+    import sys
+
+    check_name(name)
+    out = out or sys.stdout
+    targets = [n for n in inventory.nodes if node is None or n.name == node]
+    args = f"logs --node {{node}}{'' if rank is None else f' --rank {rank}'}" + (
+        "" if lines is None else f" --lines {lines}") + (" --follow" if follow else "")
+    lock = threading.Lock()
+    problems: dict[str, str] = {}
+
+    def one(n):
+        proc = resolve_transport(transport, inventory, n).popen(
+            n, _job_python(n, name, args.format(node=_q(n.name))))
+        try:
+            for raw in proc.stdout:
+                with lock:
+                    try:
+                        out.write(raw if raw.endswith("\n") else raw + "\n")
+                        out.flush()
+                    except (BrokenPipeError, OSError):
+                        proc.kill()
+                        break
+        finally:
+            proc.wait()
+        if proc.returncode == 3:
+            problems[n.name] = f"no job {name}"
+        elif proc.returncode not in (0, -9):
+            problems[n.name] = f"exit {proc.returncode}"
+
+    threads = [threading.Thread(target=one, args=(n,), daemon=True) for n in targets]
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            while t.is_alive():
+                t.join(timeout=0.5)
+    except KeyboardInterrupt:
+        return 130  # the clients have sessions of their own; they end with their pipes
+    if len(problems) == len(targets) and all(v.startswith("no job") for v in
+                                             problems.values()):
+        raise InputError(f"no job named {name!r} on "
+                         f"{node or 'any node'}", field="NAME",
+                         hint="dsk-provision jobs list -i INVENTORY")
+    bad = {k: v for k, v in problems.items() if not v.startswith("no job")}
+    for k, v in sorted(bad.items()):
+        out.write(f"[{k}] could not read the logs ({v})\n")
+    return 1 if bad else 0
+
+
 __all__ = [
     "JobStatus", "NodeView", "StopResult", "check_name", "combine", "default_name",
-    "job_dir", "job_status", "list_jobs", "on_nodes", "stop_job",
+    "job_dir", "job_status", "list_jobs", "on_nodes", "print_logs", "stop_job",
 ]

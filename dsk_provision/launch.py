@@ -606,9 +606,18 @@ def train(inventory, config_path: Path, *, runs_dir: Path | None = None, console
     if view is None:
         out = getattr(console, "file", None) if console is not None else None
         view = joblaunch.LiveView(out, verbose=verbose)
-    started = joblaunch.start_job(inventory, config_path, name, fresh=fresh,
-                                  max_restarts=max_restarts, nproc_per_node=nproc_per_node,
-                                  transport=transport, say=view.say)
+    with InterruptGuard() as guard:
+        try:
+            with guard.held():  # a half-started job is not worth stopping: finish, then stop
+                started = joblaunch.start_job(
+                    inventory, config_path, name, fresh=fresh, max_restarts=max_restarts,
+                    nproc_per_node=nproc_per_node, transport=transport, say=view.say)
+        except Interrupted as exc:
+            with guard.held():
+                stopped = jobs.stop_job(inventory, name, grace_s=10, transport=transport)
+            raise Interrupted(exc.signum, f"interrupted by {exc.signal_name}" + (
+                f"; stopped {joblaunch.MODULE} on {', '.join(stopped.stopped)}"
+                if stopped.stopped else "")) from None
     if detach:
         view.say(f"job {name} started on {', '.join(started.nodes)}; "
                  f"dsk-provision jobs status -i {inventory_hint} {name} | "
