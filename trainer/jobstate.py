@@ -130,3 +130,29 @@ class StatusFile:
         tmp = self.path.with_name(".status.json.tmp")
         tmp.write_text(json.dumps(self.data) + "\n")
         os.replace(tmp, self.path)
+
+
+def checkpoints_shared(ckpt_root: Path) -> bool:
+    """Whether every rank sees the same checkpoint directory (collective): rank 0 writes
+    a probe file into it and every rank looks for it. Always true on one node."""
+    import uuid
+
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+    if local >= dist.get_world_size():
+        return True
+    box = [f".shared-probe-{uuid.uuid4().hex}" if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    probe = ckpt_root / box[0]
+    if dist.get_rank() == 0:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        probe.write_text("probe\n")
+    dist.barrier()
+    seen = [probe.is_file()]
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, seen[0])
+    dist.barrier()
+    if dist.get_rank() == 0:
+        probe.unlink(missing_ok=True)
+    return all(everyone)

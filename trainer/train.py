@@ -141,7 +141,7 @@ def train(cfg: TrainConfig, out_dir: Path, device, profile_step: int | None = No
 
     from trainer import checkpoint
     from trainer.data import Loader, build_source
-    from trainer.jobstate import StatusFile, StopSignal
+    from trainer.jobstate import StatusFile, StopSignal, checkpoints_shared
     from trainer.metrics import MetricsWriter, format_line, peak_flops, peak_memory_gib
     from trainer.model import Transformer
     from trainer.parallel import ParallelDims
@@ -167,6 +167,18 @@ def train(cfg: TrainConfig, out_dir: Path, device, profile_step: int | None = No
                     dims.dp_rank(device.type), dims.dp_degree, device)
     stop = StopSignal()  # before the slow part: a stop during set-up is kept
     ckpt_root = Path(checkpoint_dir) if checkpoint_dir else out_dir / "checkpoints"
+    if cfg.checkpoint.interval and not checkpoints_shared(ckpt_root):
+        # Each node holds only its ranks' shards: no node has a whole checkpoint.
+        where = ("checkpoint.interval" if not checkpoint_dir else "--checkpoint-dir")
+        if checkpoint.latest_step(ckpt_root) is not None:
+            raise InputError(f"{ckpt_root} is not one directory shared by every node, so "
+                             "no node holds a whole checkpoint to continue from; put "
+                             "checkpoints on a shared file system (dsk_checkpoint_dir)",
+                             file=cfg.path, field=where)
+        if rank == 0:
+            print(f"warning: {ckpt_root} is on each node's own disk: this job's "
+                  "checkpoints cannot be resumed on several nodes (set dsk_checkpoint_dir "
+                  "to a shared file system)", flush=True)
     resumed = resume(ckpt_root, train_step, loader, device, rank)
     start_step = resumed or 0
     if resumed is None and init_from:

@@ -12,9 +12,11 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dsk_provision import jobs
 from dsk_provision.errors import InputError
@@ -30,6 +32,12 @@ JOB_PIDS = ("for p in /proc/[0-9]*; do grep -qzx 'DSK_JOB={name}' $p/environ 2>/
             "&& echo ${{p#/proc/}}; done; true")
 RANK_PIDS = ("for p in /proc/[0-9]*; do grep -qzx 'DSK_JOB={name}' $p/environ 2>/dev/null "
              "&& grep -qz '^LOCAL_RANK=' $p/environ && echo ${{p#/proc/}}; done; true")
+
+
+@dataclass
+class Sandbox:
+    inventory_path: Path
+    nodes: list
 
 
 def config(tmp_path: Path, steps: int, interval: int, name: str = "cfg") -> Path:
@@ -83,6 +91,36 @@ def losses(inventory, name: str, tmp_path: Path) -> dict[int, float]:
 
 
 @pytest.fixture
+def shared_inventory(sandbox_cluster, sandbox_name, tmp_path):
+    """The sandbox's inventory with dsk_checkpoint_dir on a file system every node shares:
+    a directory of this machine, bound into each node through systemd-nspawn's mount
+    propagation directory (it appears in the node under /run/host/incoming)."""
+    from dsk_provision.sandbox import naming
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    tag = f"jobs-{os.getpid()}"
+    mounts = []
+    try:
+        for node, _ip in sandbox_cluster.nodes:
+            point = Path("/run/systemd/nspawn/propagate") / naming.machine_name(
+                sandbox_name, node) / tag
+            point.mkdir()
+            mounts.append(point)
+            subprocess.run(["mount", "--bind", str(shared), str(point)], check=True)
+        data = yaml.safe_load(Path(sandbox_cluster.inventory_path).read_text())
+        data["all"]["vars"]["dsk_checkpoint_dir"] = f"/run/host/incoming/{tag}"
+        hosts = tmp_path / "inventory" / "hosts.yml"
+        hosts.parent.mkdir()
+        hosts.write_text(yaml.safe_dump(data))
+        yield hosts
+    finally:
+        for point in mounts:
+            subprocess.run(["umount", str(point)], check=False)
+            point.rmdir()
+
+
+@pytest.fixture
 def cleanup(sandbox_cluster):
     names: list[str] = []
     yield names
@@ -95,8 +133,10 @@ def cleanup(sandbox_cluster):
 
 
 def test_detached_job_status_logs_stop_then_resume_matches(sandbox_cluster, node_ssh,
-                                                           tmp_path, cleanup):
-    inventory = load_inventory(sandbox_cluster.inventory_path)
+                                                           tmp_path, cleanup,
+                                                           shared_inventory):
+    inventory = load_inventory(shared_inventory)
+    sandbox = Sandbox(shared_inventory, sandbox_cluster.nodes)
     cfg = config(tmp_path, steps=30, interval=3)
     cleanup.extend(["ref", "j2"])
     # The uninterrupted run, followed to its end.
@@ -106,16 +146,16 @@ def test_detached_job_status_logs_stop_then_resume_matches(sandbox_cluster, node
     expected = losses(inventory, "ref", tmp_path)
 
     started = time.monotonic()
-    out = cli(sandbox_cluster, "train", "--config", str(cfg), "--name", "j2", "--detach",
+    out = cli(sandbox, "train", "--config", str(cfg), "--name", "j2", "--detach",
               "--fresh", "--yes")
     assert "job j2 started on node1, node2, node3" in out.stdout
     assert time.monotonic() - started < 60
-    running = wait_for(lambda: (s := status(sandbox_cluster, "j2"))["state"] == "running"
+    running = wait_for(lambda: (s := status(sandbox, "j2"))["state"] == "running"
                        and (s["trainer"] or {}).get("step", 0) >= 2 and s, "step 2")
     assert all(n["running"] for n in running["nodes"]), running
     # A few lines of the logs, following.
     follower = subprocess.Popen([str(EXE), "jobs", "logs", "-i",
-                                 str(sandbox_cluster.inventory_path), "j2", "--follow",
+                                 str(sandbox.inventory_path), "j2", "--follow",
                                  "--rank", "0"], cwd=REPO, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -125,10 +165,10 @@ def test_detached_job_status_logs_stop_then_resume_matches(sandbox_cluster, node
         follower.wait(timeout=30)
     assert all(line.startswith("[node") and " rank 0] " in line for line in lines), lines
 
-    stopped = cli(sandbox_cluster, "jobs", "stop", "j2")
+    stopped = cli(sandbox, "jobs", "stop", "j2")
     assert "stopped on node1, node2, node3" in stopped.stdout, stopped.stdout
-    assert left_on_nodes(sandbox_cluster, node_ssh, "j2") == {}
-    after = status(sandbox_cluster, "j2")
+    assert left_on_nodes(sandbox, node_ssh, "j2") == {}
+    after = status(sandbox, "j2")
     assert after["state"] == "stopped", after
     stop_step = after["trainer"]["step"]
     assert after["checkpoint"]["step"] == stop_step, "no checkpoint at the step it stopped"
@@ -136,9 +176,9 @@ def test_detached_job_status_logs_stop_then_resume_matches(sandbox_cluster, node
 
     # Relaunch: it continues from that checkpoint, detached; the control node's ssh
     # connections (a follower's) are killed while it runs; it finishes all the same.
-    cli(sandbox_cluster, "train", "--config", str(cfg), "--name", "j2", "--detach")
+    cli(sandbox, "train", "--config", str(cfg), "--name", "j2", "--detach")
     follower = subprocess.Popen([str(EXE), "jobs", "logs", "-i",
-                                 str(sandbox_cluster.inventory_path), "j2", "--follow"],
+                                 str(sandbox.inventory_path), "j2", "--follow"],
                                 cwd=REPO, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -151,7 +191,7 @@ def test_detached_job_status_logs_stop_then_resume_matches(sandbox_cluster, node
     finally:
         follower.kill()
         follower.wait(timeout=30)
-    done = wait_for(lambda: (s := status(sandbox_cluster, "j2"))["state"] != "running" and s,
+    done = wait_for(lambda: (s := status(sandbox, "j2"))["state"] != "running" and s,
                     "the relaunched job to end", timeout=600)
     assert done["state"] == "finished", done
     assert done["trainer"]["start_step"] == stop_step
@@ -162,33 +202,34 @@ def test_detached_job_status_logs_stop_then_resume_matches(sandbox_cluster, node
 
 
 def test_a_killed_rank_restarts_or_fails_naming_it(sandbox_cluster, node_ssh, tmp_path,
-                                                   cleanup):
+                                                   cleanup, shared_inventory):
+    sandbox = Sandbox(shared_inventory, sandbox_cluster.nodes)
     node2_ip = dict(sandbox_cluster.nodes)["node2"]
     cfg = config(tmp_path, steps=24, interval=2)
     cleanup.extend(["rs", "nr"])
     # With restarts: the job resumes from its newest checkpoint and finishes.
-    cli(sandbox_cluster, "train", "--config", str(cfg), "--name", "rs", "--detach", "--fresh",
+    cli(sandbox, "train", "--config", str(cfg), "--name", "rs", "--detach", "--fresh",
         "--yes", "--max-restarts", "2")
-    wait_for(lambda: (status(sandbox_cluster, "rs")["checkpoint"] or {}).get("step", 0) >= 2,
+    wait_for(lambda: (status(sandbox, "rs")["checkpoint"] or {}).get("step", 0) >= 2,
              "a checkpoint")
     pids = node_ssh(node2_ip, RANK_PIDS.format(name="rs")).stdout.split()
     assert pids, "no rank of job rs on node2"
     node_ssh(node2_ip, f"kill -9 {' '.join(pids)}")
-    done = wait_for(lambda: (s := status(sandbox_cluster, "rs"))["state"] != "running" and s,
+    done = wait_for(lambda: (s := status(sandbox, "rs"))["state"] != "running" and s,
                     "job rs to end", timeout=600)
     assert done["state"] == "finished", done
     assert done["trainer"]["restarts"] >= 1
     assert done["trainer"]["step"] == 24
 
     # Without: the job fails, naming the node and the rank, and nothing is left.
-    cli(sandbox_cluster, "train", "--config", str(config(tmp_path, 100000, 0, "long")),
+    cli(sandbox, "train", "--config", str(config(tmp_path, 100000, 0, "long")),
         "--name", "nr", "--detach", "--fresh", "--yes")
-    wait_for(lambda: (status(sandbox_cluster, "nr")["trainer"] or {}).get("step", 0) >= 2,
+    wait_for(lambda: (status(sandbox, "nr")["trainer"] or {}).get("step", 0) >= 2,
              "step 2 of job nr")
     pids = node_ssh(node2_ip, RANK_PIDS.format(name="nr")).stdout.split()
     node_ssh(node2_ip, f"kill -9 {' '.join(pids)}")
-    done = wait_for(lambda: (s := status(sandbox_cluster, "nr"))["state"] != "running" and s,
+    done = wait_for(lambda: (s := status(sandbox, "nr"))["state"] != "running" and s,
                     "job nr to end", timeout=180)
     assert done["state"] == "failed", done
     assert done["culprit"].startswith("rank ") and done["culprit"].endswith(" on node2"), done
-    assert left_on_nodes(sandbox_cluster, node_ssh, "nr") == {}
+    assert left_on_nodes(sandbox, node_ssh, "nr") == {}
