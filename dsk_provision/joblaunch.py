@@ -417,8 +417,10 @@ def follow_job(inventory, name: str, *, run_dir: Path, view: LiveView,
         with guard.held():
             if outcome[0] in ("failed", "timeout", "lost"):
                 quiet[0] = True
-                result = stop_job(inventory, name, grace_s=min(stop_grace_s, 30),
-                                  transport=transport)
+                # A failed job's other ranks wait in collectives that will not finish:
+                # no checkpoint to wait for (a timeout is stopped gracefully).
+                grace = stop_grace_s if outcome[0] == "timeout" else 5
+                result = stop_job(inventory, name, grace_s=grace, transport=transport)
             _end_followers(followers, wait_s=10)
     view.close()
     kind, status, culprit = outcome
