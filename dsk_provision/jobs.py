@@ -299,6 +299,9 @@ def stop_job(inventory, name: str, *, grace_s: float = STOP_GRACE_S,
                        lambda n: _job_python(n, name, f"stop --node {_q(n.name)} "
                                              f"--grace {grace_s:g}"),
                        timeout=grace_s + 60, transport=transport)
+    if all(rc == 3 for rc, _out in results.values()):
+        raise InputError(f"no job named {name!r} on any node", field="NAME",
+                         hint="dsk-provision jobs list -i INVENTORY")
     stopped, escalated, left, unreachable = [], {}, {}, []
     for node in targets:
         rc, out = results[node.name]

@@ -259,3 +259,34 @@ def test_a_real_job_stops_with_a_checkpoint_and_continues(tmp_path):
         assert json.loads((tmp_path / "node1/jobs/j/job.json").read_text())["name"] == "j"
     finally:
         jobs.stop_job(inv, "j", grace_s=5)
+
+
+def test_cli_fresh_needs_a_name_and_a_confirmation(tmp_path):
+    from typer.testing import CliRunner
+
+    from dsk_provision.cli import app
+
+    inv = make_local_inventory(tmp_path, 29597)
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", "-i", str(inv.hosts_file), "--config", str(TINY),
+                                 "--fresh"])
+    assert result.exit_code == 2 and "--fresh needs the --name" in result.output
+    result = runner.invoke(app, ["train", "-i", str(inv.hosts_file), "--config", str(TINY),
+                                 "--fresh", "--name", "j"])
+    assert result.exit_code == 2 and "confirm with --yes" in result.output
+    assert not (tmp_path / "node1").exists()  # nothing was touched
+
+
+def test_jobs_commands_name_a_job_that_does_not_exist(tmp_path):
+    from typer.testing import CliRunner
+
+    from dsk_provision.cli import app
+
+    inv = make_local_inventory(tmp_path, 29596)
+    runner = CliRunner()
+    for args in (["status", "nope"], ["stop", "nope"], ["logs", "nope"]):
+        result = runner.invoke(app, ["jobs", args[0], "-i", str(inv.hosts_file), args[1]])
+        assert result.exit_code == 2, (args, result.output)
+        assert "no job named 'nope'" in result.output
+    result = runner.invoke(app, ["jobs", "list", "-i", str(inv.hosts_file)])
+    assert result.exit_code == 0 and "no jobs" in result.output
