@@ -91,33 +91,17 @@ def losses(inventory, name: str, tmp_path: Path) -> dict[int, float]:
 
 
 @pytest.fixture
-def shared_inventory(sandbox_cluster, sandbox_name, tmp_path):
-    """The sandbox's inventory with dsk_checkpoint_dir on a file system every node shares:
-    a directory of this machine, bound into each node through systemd-nspawn's mount
-    propagation directory (it appears in the node under /run/host/incoming)."""
-    from dsk_provision.sandbox import naming
-
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    tag = f"jobs-{os.getpid()}"
-    mounts = []
-    try:
-        for node, _ip in sandbox_cluster.nodes:
-            point = Path("/run/systemd/nspawn/propagate") / naming.machine_name(
-                sandbox_name, node) / tag
-            point.mkdir()
-            mounts.append(point)
-            subprocess.run(["mount", "--bind", str(shared), str(point)], check=True)
-        data = yaml.safe_load(Path(sandbox_cluster.inventory_path).read_text())
-        data["all"]["vars"]["dsk_checkpoint_dir"] = f"/run/host/incoming/{tag}"
-        hosts = tmp_path / "inventory" / "hosts.yml"
-        hosts.parent.mkdir()
-        hosts.write_text(yaml.safe_dump(data))
-        yield hosts
-    finally:
-        for point in mounts:
-            subprocess.run(["umount", str(point)], check=False)
-            point.rmdir()
+def one_node_inventory(sandbox_cluster, tmp_path):
+    """The sandbox's inventory with node2 and node3 cordoned: jobs run on node1 alone,
+    where checkpoints on the node's own disk can be continued from (docs/trainer.md)."""
+    data = yaml.safe_load(Path(sandbox_cluster.inventory_path).read_text())
+    hosts = data["all"]["children"]["nodes"]["hosts"]
+    for name in ("node2", "node3"):
+        hosts[name]["dsk_cordoned"] = "jobs test: one-node checkpoints"
+    path = tmp_path / "inventory" / "hosts.yml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(data))
+    return path
 
 
 @pytest.fixture
@@ -132,32 +116,26 @@ def cleanup(sandbox_cluster):
             pass
 
 
-def test_detached_job_status_logs_stop_then_resume_matches(sandbox_cluster, node_ssh,
-                                                           tmp_path, cleanup,
-                                                           shared_inventory):
-    inventory = load_inventory(shared_inventory)
-    sandbox = Sandbox(shared_inventory, sandbox_cluster.nodes)
-    cfg = config(tmp_path, steps=30, interval=3)
-    cleanup.extend(["ref", "j2"])
-    # The uninterrupted run, followed to its end.
-    reference = train(inventory, cfg, runs_dir=tmp_path / "runs", name="ref", fresh=True,
-                      timeout_s=600)
-    assert reference.state == "finished" and reference.steps == 30
-    expected = losses(inventory, "ref", tmp_path)
-
+def test_detached_job_status_logs_and_stop_on_three_nodes(sandbox_cluster, node_ssh,
+                                                          tmp_path, cleanup):
+    sandbox = Sandbox(sandbox_cluster.inventory_path, sandbox_cluster.nodes)
+    cfg = config(tmp_path, steps=100000, interval=1000)
+    cleanup.append("j3")
     started = time.monotonic()
-    out = cli(sandbox, "train", "--config", str(cfg), "--name", "j2", "--detach",
-              "--fresh", "--yes")
-    assert "job j2 started on node1, node2, node3" in out.stdout
+    out = cli(sandbox, "train", "--config", str(cfg), "--name", "j3", "--detach", "--fresh",
+              "--yes")
+    assert "job j3 started on node1, node2, node3" in out.stdout
     assert time.monotonic() - started < 60
-    running = wait_for(lambda: (s := status(sandbox, "j2"))["state"] == "running"
+    running = wait_for(lambda: (s := status(sandbox, "j3"))["state"] == "running"
                        and (s["trainer"] or {}).get("step", 0) >= 2 and s, "step 2")
     assert all(n["running"] for n in running["nodes"]), running
+    assert any("j3" == j["name"] and j["state"] == "running" for j in json.loads(
+        cli(sandbox, "jobs", "list", "--json").stdout)["jobs"])
     # A few lines of the logs, following.
-    follower = subprocess.Popen([str(EXE), "jobs", "logs", "-i",
-                                 str(sandbox.inventory_path), "j2", "--follow",
-                                 "--rank", "0"], cwd=REPO, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    follower = subprocess.Popen([str(EXE), "jobs", "logs", "-i", str(sandbox.inventory_path),
+                                 "j3", "--follow", "--rank", "0"], cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
     try:
         lines = [follower.stdout.readline() for _ in range(3)]
     finally:
@@ -165,21 +143,39 @@ def test_detached_job_status_logs_stop_then_resume_matches(sandbox_cluster, node
         follower.wait(timeout=30)
     assert all(line.startswith("[node") and " rank 0] " in line for line in lines), lines
 
-    stopped = cli(sandbox, "jobs", "stop", "j2")
+    stopped = cli(sandbox, "jobs", "stop", "j3")
     assert "stopped on node1, node2, node3" in stopped.stdout, stopped.stdout
-    assert left_on_nodes(sandbox, node_ssh, "j2") == {}
-    after = status(sandbox, "j2")
+    assert left_on_nodes(sandbox, node_ssh, "j3") == {}
+    after = status(sandbox, "j3")
     assert after["state"] == "stopped", after
+    # Saved because of the stop (the interval is 1000).
+    assert after["checkpoint"]["step"] == after["trainer"]["step"] >= 2, after
+
+
+def test_relaunch_continues_like_an_uninterrupted_run(sandbox_cluster, node_ssh, tmp_path,
+                                                      cleanup, one_node_inventory):
+    sandbox = Sandbox(one_node_inventory, sandbox_cluster.nodes)
+    inventory = load_inventory(one_node_inventory).in_service()
+    cfg = config(tmp_path, steps=30, interval=3)
+    cleanup.extend(["ref", "j1"])
+    reference = train(inventory, cfg, runs_dir=tmp_path / "runs", name="ref", fresh=True,
+                      timeout_s=600)
+    assert reference.state == "finished" and reference.steps == 30
+    expected = losses(inventory, "ref", tmp_path)
+
+    cli(sandbox, "train", "--config", str(cfg), "--name", "j1", "--detach", "--fresh", "--yes")
+    wait_for(lambda: (status(sandbox, "j1")["trainer"] or {}).get("step", 0) >= 2, "step 2")
+    cli(sandbox, "jobs", "stop", "j1")
+    after = status(sandbox, "j1")
     stop_step = after["trainer"]["step"]
-    assert after["checkpoint"]["step"] == stop_step, "no checkpoint at the step it stopped"
+    assert after["state"] == "stopped" and after["checkpoint"]["step"] == stop_step, after
     assert stop_step < 30, "the job finished before it was stopped"
 
     # Relaunch: it continues from that checkpoint, detached; the control node's ssh
     # connections (a follower's) are killed while it runs; it finishes all the same.
-    cli(sandbox, "train", "--config", str(cfg), "--name", "j2", "--detach")
-    follower = subprocess.Popen([str(EXE), "jobs", "logs", "-i",
-                                 str(sandbox.inventory_path), "j2", "--follow"],
-                                cwd=REPO, stdout=subprocess.DEVNULL,
+    cli(sandbox, "train", "--config", str(cfg), "--name", "j1", "--detach")
+    follower = subprocess.Popen([str(EXE), "jobs", "logs", "-i", str(sandbox.inventory_path),
+                                 "j1", "--follow"], cwd=REPO, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         # Its ssh clients (children in sessions of their own), one per node.
@@ -191,31 +187,34 @@ def test_detached_job_status_logs_stop_then_resume_matches(sandbox_cluster, node
     finally:
         follower.kill()
         follower.wait(timeout=30)
-    done = wait_for(lambda: (s := status(sandbox, "j2"))["state"] != "running" and s,
+    done = wait_for(lambda: (s := status(sandbox, "j1"))["state"] != "running" and s,
                     "the relaunched job to end", timeout=600)
     assert done["state"] == "finished", done
     assert done["trainer"]["start_step"] == stop_step
-    got = losses(inventory, "j2", tmp_path)
+    got = losses(inventory, "j1", tmp_path)
     assert sorted(got) == list(range(1, 31))
     for step, loss in expected.items():
         assert abs(got[step] - loss) < 1e-6, (step, got[step], loss)
 
 
 def test_a_killed_rank_restarts_or_fails_naming_it(sandbox_cluster, node_ssh, tmp_path,
-                                                   cleanup, shared_inventory):
-    sandbox = Sandbox(shared_inventory, sandbox_cluster.nodes)
+                                                   cleanup, one_node_inventory):
+    one = Sandbox(one_node_inventory, sandbox_cluster.nodes)
+    sandbox = Sandbox(sandbox_cluster.inventory_path, sandbox_cluster.nodes)
+    node1_ip = dict(sandbox_cluster.nodes)["node1"]
     node2_ip = dict(sandbox_cluster.nodes)["node2"]
     cfg = config(tmp_path, steps=24, interval=2)
     cleanup.extend(["rs", "nr"])
     # With restarts: the job resumes from its newest checkpoint and finishes.
-    cli(sandbox, "train", "--config", str(cfg), "--name", "rs", "--detach", "--fresh",
+    # (On node1 alone: its checkpoints are on its own disk.)
+    cli(one, "train", "--config", str(cfg), "--name", "rs", "--detach", "--fresh",
         "--yes", "--max-restarts", "2")
-    wait_for(lambda: (status(sandbox, "rs")["checkpoint"] or {}).get("step", 0) >= 2,
+    wait_for(lambda: (status(one, "rs")["checkpoint"] or {}).get("step", 0) >= 2,
              "a checkpoint")
-    pids = node_ssh(node2_ip, RANK_PIDS.format(name="rs")).stdout.split()
-    assert pids, "no rank of job rs on node2"
-    node_ssh(node2_ip, f"kill -9 {' '.join(pids)}")
-    done = wait_for(lambda: (s := status(sandbox, "rs"))["state"] != "running" and s,
+    pids = node_ssh(node1_ip, RANK_PIDS.format(name="rs")).stdout.split()
+    assert pids, "no rank of job rs on node1"
+    node_ssh(node1_ip, f"kill -9 {' '.join(pids)}")
+    done = wait_for(lambda: (s := status(one, "rs"))["state"] != "running" and s,
                     "job rs to end", timeout=600)
     assert done["state"] == "finished", done
     assert done["trainer"]["restarts"] >= 1
