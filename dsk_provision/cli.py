@@ -248,12 +248,9 @@ def train(
     for node in left_out:
         render.console().print(f"train: {node.name} is cordoned ({node.cordoned}): left out",
                                markup=False, highlight=False)
-    result = run_train(inv.in_service(), config, runs_dir=_runs_dir(ctx),
-                       console=render.console(), nproc_per_node=nproc_per_node, name=name,
-                       fresh=fresh, detach=detach, max_restarts=max_restarts, verbose=verbose,
-                       inventory_hint=str(inventory))
-    if result.state == "stopped":
-        raise typer.Exit(1)
+    run_train(inv.in_service(), config, runs_dir=_runs_dir(ctx), console=render.console(),
+              nproc_per_node=nproc_per_node, name=name, fresh=fresh, detach=detach,
+              max_restarts=max_restarts, verbose=verbose, inventory_hint=str(inventory))
 
 
 JobName = Annotated[str, typer.Argument(help="The job's name (see `jobs list`).")]
