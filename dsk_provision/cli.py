@@ -85,6 +85,9 @@ runs_app = typer.Typer(help="Past runs, from their run directories (--runs-dir).
                        no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
 
+jobs_app = typer.Typer(help="Training jobs: list, status, logs, stop.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+
 InventoryOpt = Annotated[Path, typer.Option(
     "--inventory", "-i", help="Inventory: a hosts.yml file or a directory holding one.")]
 
@@ -310,6 +313,21 @@ def train(
     ctx: typer.Context,
     inventory: InventoryOpt,
     config: Annotated[Path, typer.Option("--config", help="Training config (TOML).")],
+    name: Annotated[str | None, typer.Option(
+        "--name", help="The job's name (default: the config's name and the time). "
+                       "Launching a name again continues from its newest checkpoint.")] = None,
+    fresh: Annotated[bool, typer.Option(
+        "--fresh", help="Start the named job over: remove its outputs and checkpoints "
+                        "first (asks for confirmation).")] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    detach: Annotated[bool, typer.Option(
+        "--detach", help="Start the job on the nodes and return; see `jobs`.")] = False,
+    max_restarts: Annotated[int, typer.Option(
+        "--max-restarts", min=0,
+        help="Restart the job from its newest checkpoint when a rank dies, this many "
+             "times.")] = 0,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="Show every line of every rank.")] = False,
     nproc_per_node: Annotated[int | None, typer.Option(
         "--nproc-per-node", min=1,
         help="Processes per node (default: its GPUs, or 1 on CPU-only nodes).")] = None,
@@ -326,17 +344,31 @@ def train(
     partition: Annotated[str | None, typer.Option(
         "--partition", help="slurm: the partition (default: Slurm's default).")] = None,
 ) -> None:
-    """Start the bundled trainer with torchrun on every node in service (cordoned nodes
-    are left out), over SSH or as a Slurm job; stream its logs."""
+    """Start the bundled trainer as a named job with torchrun on every node in service.
+
+    Cordoned nodes are left out. Over SSH (follow it, or --detach) or as a Slurm job."""
     inv = _load(inventory)
     from dsk_provision import slurm
     from dsk_provision.launch import train as run_train
 
+    if fresh and name is None:
+        raise InputError("--fresh needs the --name of the job to start over", field="--fresh")
+    if fresh and not yes:
+        if not sys.stdin.isatty():
+            raise InputError(f"--fresh removes job {name}'s checkpoints: confirm with --yes",
+                             field="--fresh")
+        typer.confirm(f"remove job {name}'s outputs and checkpoints on every node and start "
+                      "over?", abort=True)
     left_out = [n for n in inv.nodes if n.cordoned]
     for node in left_out:
         render.console().print(f"train: {node.name} is cordoned ({node.cordoned}): left out",
                                markup=False, highlight=False)
     if slurm.launcher(inv, launcher) == "slurm":
+        if name or fresh or detach or max_restarts:
+            raise InputError("--name, --fresh, --detach and --max-restarts are options of "
+                             "the ssh launcher's named jobs", field="launcher",
+                             hint="a Slurm job is followed and stopped through Slurm "
+                                  "(docs/trainer.md, \"Launching through Slurm\")")
         options = slurm.SlurmOptions(nodes=nodes, gpus_per_node=gpus_per_node,
                                      time_limit=time_limit, partition=partition)
         out = slurm.train(inv.in_service(), config, runs_dir=_runs_dir(ctx),
@@ -350,7 +382,82 @@ def train(
                          "are options of the slurm launcher", field="launcher",
                          hint="add --launcher slurm, or set dsk_launcher: slurm")
     run_train(inv.in_service(), config, runs_dir=_runs_dir(ctx), console=render.console(),
-              nproc_per_node=nproc_per_node)
+              nproc_per_node=nproc_per_node, name=name, fresh=fresh, detach=detach,
+              max_restarts=max_restarts, verbose=verbose, inventory_hint=str(inventory))
+
+
+JobName = Annotated[str, typer.Argument(help="The job's name (see `jobs list`).")]
+
+
+@jobs_app.command("list")
+def jobs_list(
+    inventory: InventoryOpt,
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """The jobs that have a directory on the nodes, and their state."""
+    from dsk_provision.jobs import list_jobs
+
+    found, silent = list_jobs(_load(inventory))
+    if as_json:
+        render.print_json({"jobs": [j.to_dict() for j in found], "unreachable": silent})
+    else:
+        render.jobs_list(found, silent)
+
+
+@jobs_app.command("status")
+def jobs_status(
+    inventory: InventoryOpt,
+    name: JobName,
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """State, step, loss, tokens/s, MFU, ETA, last checkpoint and restarts, per node."""
+    from dsk_provision.jobs import job_status
+
+    status = job_status(_load(inventory), name)
+    if as_json:
+        render.print_json(status.to_dict())
+    else:
+        render.job_status(status)
+
+
+@jobs_app.command("logs")
+def jobs_logs(
+    inventory: InventoryOpt,
+    name: JobName,
+    node: Annotated[str | None, typer.Option("--node", help="Only this node.")] = None,
+    rank: Annotated[int | None, typer.Option("--rank", min=0, help="Only this rank.")] = None,
+    follow: Annotated[bool, typer.Option(
+        "--follow", "-f", help="Keep printing what the job writes until it ends.")] = False,
+    lines: Annotated[int | None, typer.Option(
+        "--lines", "-n", min=0, help="The last N lines of each log (default: all).")] = None,
+) -> None:
+    """The job's logs, each line prefixed with its node and rank."""
+    from dsk_provision.jobs import print_logs
+
+    inv = _load(inventory)
+    code = print_logs(inv, name, node=inv.node(node).name if node else None, rank=rank,
+                      follow=follow, lines=lines)
+    if code:
+        raise typer.Exit(code)
+
+
+@jobs_app.command("stop")
+def jobs_stop(
+    inventory: InventoryOpt,
+    name: JobName,
+    grace: Annotated[float, typer.Option(
+        "--grace", min=0, help="Seconds the ranks get to save a checkpoint and end before "
+                               "every process of the job is killed.")] = 120.0,
+) -> None:
+    """Stop the job on every node: a checkpoint at the next step, then nothing left."""
+    from dsk_provision.jobs import stop_job
+
+    result = stop_job(_load(inventory), name, grace_s=grace)
+    render.job_stopped(result)
+    if result.unreachable or result.left:
+        raise RunFailed(f"job {name} may still run on "
+                        f"{', '.join(result.unreachable + sorted(result.left))}",
+                        nodes=result.unreachable + sorted(result.left))
 
 
 @app.command()

@@ -50,7 +50,7 @@ DSK_VARS = (
     "dsk_cluster_name", "dsk_profile", "dsk_gpus_per_node", "dsk_gpus", "dsk_root",
     "dsk_python", "dsk_rdzv_port", "dsk_socket_ifname", "dsk_nccl_env", "dsk_mirror_url",
     "dsk_mirror_key_fingerprint", "dsk_thresholds", "dsk_cordoned", "dsk_launcher",
-    "dsk_slurm_enabled", "dsk_slurm_controller",
+    "dsk_slurm_enabled", "dsk_slurm_controller", "dsk_checkpoint_dir",
 )
 ANSIBLE_VARS = (
     "ansible_host", "ansible_port", "ansible_user", "ansible_connection",
@@ -108,10 +108,24 @@ class NodeSettings:
     # Every NCCL_* variable of every rank, as the nccl role writes /etc/nccl.conf:
     # NCCL_SOCKET_IFNAME from socket_ifname, then dsk_nccl_env over it.
     nccl_env: dict[str, str]
+    # dsk_checkpoint_dir: where jobs keep their checkpoints (a file system that every node
+    # mounts at this path); None: in each job's directory, on the node's own disk.
+    checkpoint_root: PurePosixPath | None = None
 
     def run_dir(self, run_id: str) -> PurePosixPath:
         """Where a run's files live on the node: {dsk_root}/runs/<run-id>."""
         return self.root / "runs" / run_id
+
+    def job_dir(self, name: str) -> PurePosixPath:
+        """A named job's directory on the node: {dsk_root}/jobs/<name>."""
+        return self.root / "jobs" / name
+
+    def checkpoint_dir(self, name: str) -> PurePosixPath:
+        """Where a named job's checkpoints live on the node: <dsk_checkpoint_dir>/<name>,
+        or <job dir>/checkpoints."""
+        if self.checkpoint_root is None:
+            return self.job_dir(name) / "checkpoints"
+        return self.checkpoint_root / name
 
 
 def full_nccl_env(socket_ifname: str | None, nccl_env: dict | None) -> dict[str, str]:
@@ -131,7 +145,9 @@ def node_settings(values: dict[str, Any]) -> NodeSettings:
         python=str(defaults.resolve("dsk_python", values)),
         rdzv_port=int(defaults.resolve("dsk_rdzv_port", values)),
         socket_ifname=ifname,
-        nccl_env=full_nccl_env(ifname, defaults.resolve("dsk_nccl_env", values)))
+        nccl_env=full_nccl_env(ifname, defaults.resolve("dsk_nccl_env", values)),
+        checkpoint_root=PurePosixPath(str(ckpt)) if (
+            ckpt := defaults.resolve("dsk_checkpoint_dir", values)) else None)
 
 
 @dataclass(frozen=True)

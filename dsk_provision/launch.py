@@ -548,13 +548,15 @@ def _watch(runs: list[NodeRun], started: float, timeout_s: float | None) -> bool
 @dataclass
 class TrainResult:
     run_dir: Path
-    first_loss: float
-    last_loss: float
+    first_loss: float | None
+    last_loss: float | None
     steps: int
     world_size: int
-    metrics_path: Path
-    summary_path: Path
+    metrics_path: Path | None
+    summary_path: Path | None
     summary: dict = field(default_factory=dict)
+    name: str = ""
+    state: str = "finished"     # finished, stopped, detached (still running), started
 
 
 def _losses(metrics_path: Path) -> list[tuple[int, float]]:
@@ -581,34 +583,106 @@ def trainer_invocation(config_path: Path) -> tuple[str, list[str], dict[str, Pat
         shipped_config: Path(config_path)}
 
 
+def _fetch_job_file(inventory, name: str, relative: str, local: Path, *,
+                    transport: TransportChoice = None) -> tuple[str, Path]:
+    """<job dir>/<relative> from the first node that has it (rank 0's node writes the
+    results, and the rendezvous decides which node that is)."""
+    errors = []
+    for node in inventory.nodes:
+        try:
+            return node.name, fetch(inventory, node, node.settings.job_dir(name) / relative,
+                                    local, transport=transport)
+        except RunFailed as exc:
+            errors.append(str(exc))
+    raise RunFailed(f"no node has {relative} of job {name}: " + "; ".join(errors),
+                    nodes=[n.name for n in inventory.nodes])
+
+
 @holds_cluster_lock("train")
 def train(inventory, config_path: Path, *, runs_dir: Path | None = None, console=None,
           nproc_per_node: int | None = None, transport: TransportChoice = None,
-          timeout_s: float | None = None) -> TrainResult:
-    """Validate the config, launch trainer.train on every node, fetch and check the loss."""
-    from dsk_provision import rundir
-    from trainer.config import check_world_size, load_config
+          timeout_s: float | None = None, name: str | None = None, fresh: bool = False,
+          detach: bool = False, max_restarts: int = 0, verbose: bool = False,
+          interactive: bool | None = None, inventory_hint: str = "INVENTORY",
+          view=None) -> TrainResult:
+    """Validate the config, start the named job on every node (dsk_provision.joblaunch),
+    and, unless ``detach``, follow it to its end, fetch and check the loss."""
+    from dsk_provision import joblaunch, jobs, rundir
+    from trainer.config import load_config
 
     config_path = Path(config_path)
-    cfg = load_config(config_path)  # InputError names file and field
-    world_size = sum(nproc_for(n, nproc_per_node) for n in inventory.nodes)
-    check_world_size(cfg, world_size)
-
+    load_config(config_path)  # InputError names file and field, before anything else
+    name = jobs.check_name(name) if name else jobs.default_name(config_path)
+    if view is None:
+        out = getattr(console, "file", None) if console is not None else None
+        view = joblaunch.LiveView(out, verbose=verbose)
+    with InterruptGuard() as guard:
+        try:
+            with guard.held():  # a half-started job is not worth stopping: finish, then stop
+                started = joblaunch.start_job(
+                    inventory, config_path, name, fresh=fresh, max_restarts=max_restarts,
+                    nproc_per_node=nproc_per_node, transport=transport, say=view.say)
+        except Interrupted as exc:
+            with guard.held():
+                stopped = jobs.stop_job(inventory, name, grace_s=10, transport=transport)
+            raise Interrupted(exc.signum, f"interrupted by {exc.signal_name}" + (
+                f"; stopped {joblaunch.MODULE} on {', '.join(stopped.stopped)}"
+                if stopped.stopped else "")) from None
+    if detach:
+        view.say(f"job {name} started on {', '.join(started.nodes)}; "
+                 f"dsk-provision jobs status -i {inventory_hint} {name} | "
+                 f"jobs logs ... --follow | jobs stop ...")
+        return TrainResult(run_dir=Path(), first_loss=None, last_loss=None, steps=0,
+                           world_size=started.world_size, metrics_path=None,
+                           summary_path=None, name=name, state="started")
     run_dir = rundir.new_run_dir("train", runs_dir)
-    printer = _Printer(console)
-    printer.line(f"train: {len(inventory.nodes)} nodes, world size {world_size}, "
-                 f"config {config_path}, run {run_dir}")
-    module, module_args, files = trainer_invocation(config_path)
-    run_torchrun(inventory, module, module_args, run_dir=run_dir, files=files,
-                 nproc_per_node=nproc_per_node, console=console, timeout_s=timeout_s,
-                 transport=transport)
-    return train_result(inventory, run_dir, world_size, console=console, transport=transport)
+    followed = joblaunch.follow_job(inventory, name, run_dir=run_dir, view=view,
+                                    transport=transport, timeout_s=timeout_s,
+                                    interactive=interactive, inventory_hint=inventory_hint)
+    if followed.state not in ("finished", "stopped"):
+        return TrainResult(run_dir=run_dir, first_loss=None, last_loss=None, steps=0,
+                           world_size=started.world_size, metrics_path=None,
+                           summary_path=None, name=name, state=followed.state)
+    metrics_node, metrics_path = _fetch_job_file(inventory, name, "out/metrics.jsonl",
+                                                 run_dir / "metrics.jsonl",
+                                                 transport=transport)
+    summary_path, summary = None, {}
+    if followed.state == "finished":
+        summary_path = fetch(inventory, metrics_node, find_node(
+            inventory, metrics_node).settings.job_dir(name) / "out" / "summary.json",
+            run_dir / "summary.json", transport=transport)
+        try:
+            summary = json.loads(summary_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise RunFailed(f"{summary_path}: not JSON ({exc})", nodes=[metrics_node]) from None
+    losses = _checked_losses(metrics_path, metrics_node, lambda first, last: view.say(
+        f"train: job {name} {followed.state}: {first} -> {last}; metrics in {metrics_path}"))
+    first_loss, last_loss = losses[0][1], losses[-1][1]
+    return TrainResult(run_dir=run_dir, first_loss=first_loss, last_loss=last_loss,
+                       steps=losses[-1][0], world_size=started.world_size,
+                       metrics_path=metrics_path, summary_path=summary_path,
+                       summary=summary, name=name, state=followed.state)
+
+
+def _checked_losses(metrics_path: Path, metrics_node: str, say) -> list[tuple[int, float]]:
+    """The (step, loss) pairs of a run's metrics, said first and last, all finite."""
+    losses = _losses(metrics_path)
+    if not losses:
+        raise RunFailed(f"{metrics_path} has no loss values", nodes=[metrics_node])
+    (first_step, first), (last_step, last) = losses[0], losses[-1]
+    say(f"loss {first:.4f} (step {first_step})", f"{last:.4f} (step {last_step})")
+    if not all(math.isfinite(loss) for _, loss in losses):
+        bad = next(step for step, loss in losses if not math.isfinite(loss))
+        raise RunFailed(f"the loss is not finite from step {bad} on (see {metrics_path})",
+                        nodes=[metrics_node])
+    return losses
 
 
 def train_result(inventory, run_dir: Path, world_size: int, *, console=None,
                  transport: TransportChoice = None) -> TrainResult:
-    """Fetch a finished training run's metrics and summary from the node that wrote them
-    (global rank 0's) and check its loss; every launcher ends a run with this."""
+    """Fetch a finished run's metrics and summary from the node that wrote them (global
+    rank 0's) in the run directory ``run_dir.name`` on the nodes, and check its loss (the
+    Slurm launcher ends a run with this)."""
     run_id = run_dir.name
     printer = _Printer(console)
     metrics_node, metrics_path = fetch_first(inventory, "out/metrics.jsonl", run_id,
@@ -620,17 +694,9 @@ def train_result(inventory, run_dir: Path, world_size: int, *, console=None,
         summary = json.loads(summary_path.read_text())
     except json.JSONDecodeError as exc:
         raise RunFailed(f"{summary_path}: not JSON ({exc})", nodes=[metrics_node]) from None
-    losses = _losses(metrics_path)
-    if not losses:
-        raise RunFailed(f"{metrics_path} has no loss values", nodes=[metrics_node])
-    first_loss, last_loss = losses[0][1], losses[-1][1]
-    printer.line(f"train: loss {first_loss:.4f} (step {losses[0][0]}) -> {last_loss:.4f} "
-                 f"(step {losses[-1][0]}); metrics in {metrics_path}")
-    if not all(math.isfinite(loss) for _, loss in losses):
-        bad = next(step for step, loss in losses if not math.isfinite(loss))
-        raise RunFailed(f"the loss is not finite from step {bad} on (see {metrics_path})",
-                        nodes=[metrics_node])
-    return TrainResult(run_dir=run_dir, first_loss=first_loss, last_loss=last_loss,
+    losses = _checked_losses(metrics_path, metrics_node, lambda first, last: printer.line(
+        f"train: {first} -> {last}; metrics in {metrics_path}"))
+    return TrainResult(run_dir=run_dir, first_loss=losses[0][1], last_loss=losses[-1][1],
                        steps=losses[-1][0], world_size=world_size, metrics_path=metrics_path,
                        summary_path=summary_path, summary=summary)
 

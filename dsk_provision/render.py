@@ -339,3 +339,94 @@ def run_detail(run, problems: list[tuple[str, str]], paths: list[Path]) -> None:
     out.print("files:")
     for path in paths:
         out.print(f"  {path}{'/' if path.is_dir() else ''}", soft_wrap=True)
+
+
+# ---------------------------------------------------------------------------- jobs
+
+def _fmt_seconds(value) -> str:
+    if value is None:
+        return "-"
+    value = max(0, int(value))
+    h, rest = divmod(value, 3600)
+    m, sec = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
+
+
+def _trainer_cells(trainer: dict | None) -> dict[str, str]:
+    t = trainer or {}
+    mfu = t.get("mfu")
+    return {
+        "step": f"{t['step']}/{t['steps']}" if "step" in t and "steps" in t else "-",
+        "loss": f"{t['loss']:.4f}" if isinstance(t.get("loss"), (int, float)) else "-",
+        "tokens/s": f"{t['tokens_per_s']:,.0f}" if t.get("tokens_per_s") else "-",
+        "mfu": f"{100 * mfu:.1f}%" if isinstance(mfu, (int, float)) else "-",
+        "eta": _fmt_seconds(t.get("eta_s")),
+        "restarts": str(t.get("restarts", "-")),
+    }
+
+
+def jobs_list(jobs, silent: list[str]) -> None:
+    from rich.table import Table
+
+    out = console()
+    if not jobs:
+        out.print("no jobs")
+    else:
+        table = Table(box=None, header_style="bold")
+        for col in ("job", "state", "step", "loss", "last checkpoint", "nodes"):
+            table.add_column(col)
+        for job in jobs:
+            cells = _trainer_cells(job.trainer)
+            ckpt = job.checkpoint["step"] if job.checkpoint else "-"
+            table.add_row(job.name, job.state, cells["step"], cells["loss"], str(ckpt),
+                          ", ".join(v.node for v in job.nodes if v.exists))
+        out.print(table)
+    if silent:
+        console(stderr=True).print(f"warning: {', '.join(silent)} did not answer")
+
+
+def job_status(status) -> None:
+    from rich.table import Table
+
+    out = console()
+    cells = _trainer_cells(status.trainer)
+    ckpt = status.checkpoint
+    out.print(f"job {status.name}: {status.state}"
+              + (f" ({status.culprit})" if status.culprit else ""))
+    out.print(f"  step {cells['step']} | loss {cells['loss']} | tokens/s {cells['tokens/s']}"
+              f" | mfu {cells['mfu']} | eta {cells['eta']} | restarts {cells['restarts']}")
+    out.print("  last checkpoint: " + (f"step {ckpt['step']} ({ckpt['path']})" if ckpt
+                                       else "none"))
+    table = Table(box=None, header_style="bold")
+    for col in ("node", "state", "processes", "exit code", "note"):
+        table.add_column(col)
+    for v in status.nodes:
+        if not v.reachable:
+            table.add_row(v.node, "unreachable", "-", "-", v.error or "")
+            continue
+        if not v.exists:
+            table.add_row(v.node, "-", "-", "-", "no job directory")
+            continue
+        state = "running" if v.running else (v.state or "-")
+        if v.state == "running" and not v.running:
+            state = "died"
+        table.add_row(v.node, state, str(v.processes),
+                      "-" if v.exit_code is None else str(v.exit_code),
+                      "stop requested" if v.stop_requested else "")
+    out.print(table)
+
+
+def job_stopped(result) -> None:
+    out = console()
+    if not result.stopped:
+        out.print(f"job {result.name}: nothing was running")
+    else:
+        how = "; ".join(f"{n}: SIG{e}" for n, e in sorted(result.escalated.items()))
+        out.print(f"job {result.name}: stopped on {', '.join(result.stopped)}"
+                  + (f" (escalated to {how})" if how else ""))
+    ckpt = result.checkpoint
+    out.print("  last checkpoint: " + (f"step {ckpt['step']} ({ckpt['path']})" if ckpt
+                                       else "none"))
+    for node in result.unreachable:
+        console(stderr=True).print(f"warning: {node} did not answer: the job may still run "
+                                   "there")

@@ -32,6 +32,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", help="run directory (default ./runs/<time>); a run "
                         "resumes from its newest complete checkpoint")
     parser.add_argument("--steps", type=int, help="override training.steps")
+    parser.add_argument("--checkpoint-dir", metavar="DIR",
+                        help="where checkpoints go (default <out>/checkpoints)")
     parser.add_argument("--init-from", metavar="CKPT",
                         help="start from the model weights of this checkpoint (from "
                         "`python -m trainer.convert import`, or a run's checkpoints/step-N) "
@@ -130,7 +132,7 @@ def summarize(history: list[dict[str, Any]], cfg: TrainConfig, start_step: int,
 
 
 def train(cfg: TrainConfig, out_dir: Path, device, profile_step: int | None = None,
-          init_from: str | None = None) -> dict[str, Any]:
+          init_from: str | None = None, checkpoint_dir: str | None = None) -> dict[str, Any]:
     """Set up the model, its parallelism, optimizer and data on this rank, then run the
     steps (trainer/step.py) from the newest checkpoint on (without one: from the weights
     of ``init_from``, if given); return the run's summary."""
@@ -139,6 +141,7 @@ def train(cfg: TrainConfig, out_dir: Path, device, profile_step: int | None = No
 
     from trainer import checkpoint
     from trainer.data import Loader, build_source
+    from trainer.jobstate import StatusFile, StopSignal, checkpoints_shared
     from trainer.metrics import MetricsWriter, format_line, peak_flops, peak_memory_gib
     from trainer.model import Transformer
     from trainer.parallel import ParallelDims
@@ -162,7 +165,20 @@ def train(cfg: TrainConfig, out_dir: Path, device, profile_step: int | None = No
     train_step = build_step(model, cfg, dims, device)
     loader = Loader(source, t.micro_batch_size, t.grad_accum_steps,
                     dims.dp_rank(device.type), dims.dp_degree, device)
-    ckpt_root = out_dir / "checkpoints"
+    stop = StopSignal()  # before the slow part: a stop during set-up is kept
+    ckpt_root = Path(checkpoint_dir) if checkpoint_dir else out_dir / "checkpoints"
+    if cfg.checkpoint.interval and not checkpoints_shared(ckpt_root):
+        # Each node holds only its ranks' shards: no node has a whole checkpoint.
+        where = ("checkpoint.interval" if not checkpoint_dir else "--checkpoint-dir")
+        if checkpoint.latest_step(ckpt_root) is not None:
+            raise InputError(f"{ckpt_root} is not one directory shared by every node, so "
+                             "no node holds a whole checkpoint to continue from; put "
+                             "checkpoints on a shared file system (dsk_checkpoint_dir)",
+                             file=cfg.path, field=where)
+        if rank == 0:
+            print(f"warning: {ckpt_root} is on each node's own disk: this job's "
+                  "checkpoints cannot be resumed on several nodes (set dsk_checkpoint_dir "
+                  "to a shared file system)", flush=True)
     resumed = resume(ckpt_root, train_step, loader, device, rank)
     start_step = resumed or 0
     if resumed is None and init_from:
@@ -181,7 +197,11 @@ def train(cfg: TrainConfig, out_dir: Path, device, profile_step: int | None = No
               f"{'bf16' if uses_bf16(t.dtype, device) else 'fp32'} on {device.type} | "
               f"{tokens_per_step:,} tokens/step", flush=True)
 
+    status = StatusFile(out_dir, t.steps, start_step) if rank == 0 else None
+    if status is not None and resumed is not None:
+        status.checkpoint(resumed)
     history: list[dict[str, Any]] = []
+    stopped_at = None
     for step in range(start_step + 1, t.steps + 1):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -212,21 +232,39 @@ def train(cfg: TrainConfig, out_dir: Path, device, profile_step: int | None = No
         if rank == 0:
             print(format_line(metrics, t.steps), flush=True)
             writer.write(metrics)
-        if cfg.checkpoint.interval and (step % cfg.checkpoint.interval == 0 or step == t.steps):
+            status.step(metrics)
+        stopping = stop.requested(device)
+        if cfg.checkpoint.interval and (step % cfg.checkpoint.interval == 0 or step == t.steps
+                                        or stopping):
             checkpoint.save(ckpt_root, step, train_step.model, train_step.optimizer,
                             {"step": step, "scheduler": train_step.scheduler.state_dict(),
                              "data": loader.state_dict()},
                             cfg.checkpoint.keep_last, device)
+            if status is not None:
+                status.checkpoint(step)
+        if stopping:
+            stopped_at = step
+            break
+    stop.close()
 
     summary = summarize(history, cfg, start_step, world_size, n_params, n_active, peak)
     if rank == 0:
         writer.close()
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        if stopped_at is None:
+            (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        else:
+            saved = "a checkpoint saved" if cfg.checkpoint.interval else "no checkpoint " \
+                "(checkpoint.interval is 0)"
+            print(f"stopped at step {stopped_at}: {saved}", flush=True)
+        status.end("finished" if stopped_at is None else "stopped")
     dist.barrier()
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
+    from trainer import jobstate
+
+    jobstate.redirect_to_rank_log()
     args = parse_args(argv)
     try:
         cfg = load_config(args.config)
@@ -238,6 +276,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
 
+    if jobstate.stop_already_requested():
+        print("the job was asked to stop: not starting", flush=True)
+        return 0
+
     import torch.distributed as dist
 
     rank = int(os.environ.get("RANK", "0"))
@@ -245,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = init_distributed()
         rank = dist.get_rank()
-        train(cfg, choose_out_dir(args.out), device, args.profile_step, args.init_from)
+        train(cfg, choose_out_dir(args.out), device, args.profile_step, args.init_from,
+              args.checkpoint_dir)
     except InputError as exc:
         if rank == 0:
             print(f"error: {exc.message}", file=sys.stderr)

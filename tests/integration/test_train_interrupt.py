@@ -20,7 +20,7 @@ from dsk_provision.remote import SshTransport, run_command
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "trainer" / "configs" / "tiny.toml"
-STEP_LINE = re.compile(r"^\[node\d+\] .*step \d+/\d+ \| loss", re.MULTILINE)
+STEP_LINE = re.compile(r"^\[node\d+ rank 0\] .*step \d+/\d+ \| loss", re.MULTILINE)
 # Bracketed first letters keep the pattern from matching the shell that runs pgrep.
 LEFT_ON_NODE = "pgrep -af '[t]orch[.]distributed[.]run|[t]rainer[.]train'"
 

@@ -268,9 +268,16 @@ def test_timeout_stops_everything(tmp_path):
 # worker in a session of its own, as torchrun starts its workers, which starts a child of
 # its own. Every process appends its PID to ./pids. In "stubborn" mode all of them
 # ignore SIGTERM.
+# The job's supervisor and its helpers (python -m trainer.job) run on the real interpreter.
+TO_REAL_PYTHON = """\
+    if sys.argv[1:3] == ["-m", "trainer.job"]:
+        os.execv({python!r}, [{python!r}, *sys.argv[1:]])
+"""
+
 FAKE_TORCHRUN = textwrap.dedent("""\
     #!{python}
     import os, signal, subprocess, sys, time
+""" + TO_REAL_PYTHON + """\
     stubborn = os.path.basename(__file__) == "stubborn"
     if stubborn:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -433,7 +440,7 @@ def test_a_signal_to_train_stops_every_node_and_leaves_no_client(tmp_path, signu
     pids: list[int] = []
     try:
         for i in (1, 2):
-            (pid_list,) = wait_for_pids_glob(tmp_path / f"node{i}" / "runs", 4)
+            (pid_list,) = wait_for_pids_glob(tmp_path / f"node{i}" / "jobs", 4)
             pids += pid_list
         clients = children(cli.pid)
         assert clients, "train started no client processes"
@@ -480,7 +487,8 @@ def test_ipv6_rendezvous_endpoint_is_bracketed(tmp_path):
 FAKE_TRAINER = textwrap.dedent("""\
     #!{python}
     # Stands in for torchrun + trainer.train: writes metrics like rank 0 would.
-    import json, math, os
+    import json, math, os, sys
+""" + TO_REAL_PYTHON + """\
     os.makedirs("out", exist_ok=True)
     losses = {losses!r}
     with open("out/metrics.jsonl", "w") as fh:
@@ -510,7 +518,7 @@ def test_train_fetches_metrics_and_reports_losses(tmp_path):
     assert (result.first_loss, result.last_loss, result.steps) == (5.5, 1.25, 3)
     assert result.metrics_path == result.run_dir / "metrics.jsonl"
     assert result.summary == {"steps": 3}
-    shipped = tmp_path / "node1" / "runs" / result.run_dir.name / "config" / "tiny.toml"
+    shipped = tmp_path / "node1" / "jobs" / result.name / "config" / "tiny.toml"
     assert shipped.read_text() == TINY.read_text()
 
 
