@@ -208,7 +208,8 @@ def bootstrap(
             if getattr(exc, "record", None):
                 records.append(exc.record)
             raise
-        records.append(result.record)
+        if getattr(result, "record", None):
+            records.append(result.record)
         return result
 
     def print_records() -> None:
