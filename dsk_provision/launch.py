@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from dsk_provision.addresses import host_port
+from dsk_provision import preflight
 from dsk_provision.errors import EnvironmentProblem, InputError, Interrupted, RunFailed
 from dsk_provision.files import make_private_dir, open_private
 from dsk_provision.interrupts import InterruptGuard
@@ -125,8 +125,7 @@ def nproc_for(node, nproc_per_node: int | None = None) -> int:
 
 
 def rendezvous_endpoint(inventory) -> str:
-    first = inventory.nodes[0]
-    return host_port(first.address, first.settings.rdzv_port)
+    return preflight.rendezvous_endpoint(inventory)
 
 
 def pid_file(node, run_id: str) -> PurePosixPath:
@@ -590,6 +589,9 @@ def train(inventory, config_path: Path, *, runs_dir: Path | None = None, console
     printer = _Printer(console)
     printer.line(f"train: {len(inventory.nodes)} nodes, world size {world_size}, "
                  f"config {config_path}, run {run_dir}")
+    preflight.before_launch(inventory, cfg, {n.name: nproc_for(n, nproc_per_node)
+                                             for n in inventory.nodes},
+                            transport=transport, say=printer.line)
     # Every node has the same layout under its own dsk_root; the trainer resolves paths
     # relative to its working directory, the run dir.
     run_torchrun(inventory, "trainer.train",
