@@ -582,6 +582,7 @@ def train(inventory, config_path: Path, *, runs_dir: Path | None = None, console
     cfg = load_config(config_path)  # InputError names file and field
     world_size = sum(nproc_for(n, nproc_per_node) for n in inventory.nodes)
     check_world_size(cfg, world_size)
+    preflight.check_memory(inventory, cfg, world_size, say=_Printer(console).line)
 
     run_dir = rundir.new_run_dir("train", runs_dir)
     run_id = run_dir.name

@@ -1,5 +1,10 @@
-"""Checks on every node before torchrun starts, so that what would stall a rendezvous or
-end a rank in a traceback is named in seconds, with the node.
+"""Checks before torchrun starts, so that what would stall a rendezvous, end a rank in a
+traceback or run a GPU out of memory is named in seconds, with the node.
+
+Before any connection (check_memory): the trainer's memory estimate per GPU for the
+config's layout (trainer/memory.py) against the GPUs' memory in the inventory's hardware
+profile; a layout that cannot fit is refused with the estimate and the nearest layout
+that fits.
 
 One probe per node, all at once (dsk_provision/preflight_probe.py, run by the node's
 trainer Python):
@@ -170,6 +175,30 @@ def check_nodes(inventory, modules: list[str], *, ranks: dict[str, int],
     return checks
 
 
+def gpu_memory_gib(inventory) -> float | None:
+    """Each GPU's memory from the inventory's hardware profile; None for CPU nodes or
+    a profile that does not say."""
+    if not any(n.gpus for n in inventory.nodes) or not inventory.profile:
+        return None
+    from dsk_provision.validation.profiles import read_profile
+
+    return read_profile(str(inventory.profile), file=str(inventory.path))["gpu_memory_gib"]
+
+
+def check_memory(inventory, cfg, world_size: int, *, say=print):
+    """Refuse (InputError, before any connection) a layout of ``cfg`` whose memory
+    estimate per GPU exceeds the GPUs' memory; returns the estimate, None on CPU nodes."""
+    capacity = gpu_memory_gib(inventory)
+    if capacity is None:
+        return None
+    from trainer.memory import check_fits
+
+    est = check_fits(cfg, world_size, capacity)
+    say(f"train: about {est.total_gib:.1f} GiB per GPU of {capacity:g} GiB "
+        f"(python -m trainer.memory --config {cfg.path} --gpus {world_size})")
+    return est
+
+
 def before_launch(inventory, cfg, ranks: dict[str, int], *,
                   transport: TransportChoice = None, say=print) -> list[NodeCheck]:
     """The checks of a training run of ``cfg`` (a TrainConfig), said as they start."""
@@ -205,5 +234,5 @@ def _hint(inventory, failed: list[NodeCheck]) -> str:
     return "nothing was started on any node"
 
 
-__all__ = ["NodeCheck", "before_launch", "check_nodes", "probe_command", "rendezvous_endpoint",
-           "rendezvous_host"]
+__all__ = ["NodeCheck", "before_launch", "check_memory", "check_nodes", "gpu_memory_gib",
+           "probe_command", "rendezvous_endpoint", "rendezvous_host"]
