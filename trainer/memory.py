@@ -316,7 +316,7 @@ def candidates(lay: Layout, max_gpus_factor: int = 8) -> list[tuple[int, Layout]
     shards (more GPUs)."""
     out = []
     modes = CHECKPOINT_MODES[CHECKPOINT_MODES.index(lay.activation_checkpoint):]
-    for mode_step, mode in enumerate(modes):
+    for mode in modes:
         for mb_step, mb in enumerate(_halvings(lay.micro_batch)):
             if lay.pp > 1 and mb % lay.n_microbatches:
                 continue
@@ -328,9 +328,11 @@ def candidates(lay: Layout, max_gpus_factor: int = 8) -> list[tuple[int, Layout]
                     grad_accum=lay.grad_accum * (lay.micro_batch // mb),
                     dp_shard=lay.dp_shard * factor)
                 if new != lay:
-                    # more GPUs cost most, then each halving of the micro-batch, then
-                    # each step of recomputation
-                    out.append((100 * gpu_step + 10 * mb_step + mode_step, new))
+                    # more GPUs cost most; then full recomputation (about a third more
+                    # compute); each halving of the micro-batch; selective recomputation
+                    recompute = {"none": 0, "selective": 5, "full": 25}[mode] - \
+                        {"none": 0, "selective": 5, "full": 25}[lay.activation_checkpoint]
+                    out.append((100 * gpu_step + 10 * mb_step + recompute, new))
                 factor *= 2
                 gpu_step += 1
     return sorted(out, key=lambda x: x[0])
