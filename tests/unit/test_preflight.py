@@ -19,8 +19,9 @@ from trainer.imports import ALWAYS, modules_for
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "trainer" / "configs" / "tiny.toml"
-# How long the probes try to reach the rendezvous here: nothing on loopback needs more.
-WAIT_S = 2.0
+# How long the probes try to reach the rendezvous, as in production: on a loaded machine a
+# peer may start its probe seconds before the first node listens.
+WAIT_S = 10.0
 
 
 def free_port() -> int:
@@ -78,7 +79,7 @@ def test_the_local_h200_node_passes(tmp_path):
     assert result.problems == []
     assert result.report["resolved"] == ["127.0.0.1"]
     assert "connect_error" not in result.report
-    assert time.monotonic() - started < 30
+    assert time.monotonic() - started < 60
 
 
 def test_an_address_that_does_not_resolve_is_named_on_every_node(tmp_path):
@@ -89,7 +90,7 @@ def test_an_address_that_does_not_resolve_is_named_on_every_node(tmp_path):
     started = time.monotonic()
     with pytest.raises(RunFailed) as err:
         check(inv, ["json"])
-    assert time.monotonic() - started < 30
+    assert time.monotonic() - started < 60
     assert err.value.nodes == [name, "node2"]
     text = str(err.value)
     for node in (name, "node2"):
