@@ -159,6 +159,7 @@ def start_job(inventory, config_path: Path, name: str, *, fresh: bool = False,
     """Ship and start the job on every node; returns once each has recorded the launch.
     A job of the same name continues from its newest complete checkpoint (``fresh``:
     its outputs and checkpoints are removed first)."""
+    from dsk_provision import preflight
     from dsk_provision.launch import _tar_payload, nproc_for
     from trainer.config import check_world_size, load_config
 
@@ -169,6 +170,7 @@ def start_job(inventory, config_path: Path, name: str, *, fresh: bool = False,
     cfg = load_config(config_path)
     world_size = sum(nproc_for(n, nproc_per_node) for n in inventory.nodes)
     check_world_size(cfg, world_size)
+    preflight.check_memory(inventory, cfg, world_size, say=say)  # before any connection
     resumed_from = _check_free(inventory, name, transport)
     if fresh:
         results = on_nodes(inventory, inventory.nodes, lambda n: fresh_command(n, name),
@@ -178,6 +180,10 @@ def start_job(inventory, config_path: Path, name: str, *, fresh: bool = False,
             raise RunFailed(f"could not remove job {name}'s outputs on {', '.join(bad)}",
                             nodes=bad)
         resumed_from = None
+    # Each node: the rendezvous address resolves and answers, the trainer's modules import.
+    preflight.before_launch(inventory, cfg, {n.name: nproc_for(n, nproc_per_node)
+                                             for n in inventory.nodes},
+                            transport=transport, say=say)
     launch = uuid.uuid4().hex[:12]
     config_rel = f"config/{config_path.name}"
     first = inventory.nodes[0]

@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from dsk_provision.addresses import host_port
+from dsk_provision import preflight
 from dsk_provision.errors import EnvironmentProblem, InputError, Interrupted, RunFailed
 from dsk_provision.files import make_private_dir, open_private
 from dsk_provision.interrupts import InterruptGuard
@@ -125,8 +125,7 @@ def nproc_for(node, nproc_per_node: int | None = None) -> int:
 
 
 def rendezvous_endpoint(inventory) -> str:
-    first = inventory.nodes[0]
-    return host_port(first.address, first.settings.rdzv_port)
+    return preflight.rendezvous_endpoint(inventory)
 
 
 def pid_file(node, run_id: str) -> PurePosixPath:

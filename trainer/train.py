@@ -102,10 +102,11 @@ def resume(ckpt_root: Path, train_step, loader, device, rank: int) -> int | None
     schedule and data position; return its step, or None when there is none."""
     from trainer import checkpoint
 
-    latest = checkpoint.latest_step(ckpt_root)
-    if latest is None:
+    loaded = checkpoint.load_latest(ckpt_root, train_step.model, train_step.optimizer, device,
+                                    say=lambda line: print(line, flush=True))
+    if loaded is None:
         return None
-    state = checkpoint.load(ckpt_root, latest, train_step.model, train_step.optimizer, device)
+    latest, state = loaded
     train_step.scheduler.load_state_dict(state["scheduler"])
     loader.load_state_dict(state["data"])
     if rank == 0:

@@ -53,7 +53,7 @@ def profile_names() -> list[str]:
 
 def read_profile(name: str, *, file: str | None = None,
                  field: str = "all.vars.dsk_profile") -> dict[str, Any]:
-    """A hardware profile (description, benchmark settings, thresholds), checked.
+    """A hardware profile (description, GPU memory, benchmark settings, thresholds), checked.
 
     An unknown name is an InputError naming ``field`` in ``file`` (the inventory).
     """
@@ -63,7 +63,13 @@ def read_profile(name: str, *, file: str | None = None,
                          hint=f"choose one of: {', '.join(profile_names())}")
     data = yaml.safe_load(path.read_text()) or {}
     check_thresholds(data.get("thresholds") or {}, file=str(path), prefix="thresholds")
+    memory = data.get("gpu_memory_gib")
+    if memory is not None and (isinstance(memory, bool) or not isinstance(memory, (int, float))
+                               or memory <= 0):
+        raise InputError(f"must be a positive number of GiB, got {memory!r}", file=str(path),
+                         field="gpu_memory_gib")
     return {"name": name, "description": data.get("description", ""),
+            "gpu_memory_gib": memory,
             "benchmark": dict(data.get("benchmark") or {}),
             "thresholds": dict(data.get("thresholds") or {})}
 

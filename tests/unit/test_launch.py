@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import socket
 import sys
 import textwrap
 import time
@@ -24,6 +25,12 @@ def make_inventory(tmp_path: Path, nodes: list[tuple[str, str, dict]], **all_var
              for name, addr, v in nodes]
     hosts = tmp_path / "hosts.yml"
     return Inventory(path=hosts, nodes=built, vars=base, hosts_file=hosts)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.fixture
@@ -278,6 +285,8 @@ FAKE_TORCHRUN = textwrap.dedent("""\
     #!{python}
     import os, signal, subprocess, sys, time
 """ + TO_REAL_PYTHON + """\
+    if sys.argv[1:2] == ["-"]:  # the checks before the launch: the real Python answers
+        os.execv(sys.executable, [sys.executable] + sys.argv[1:])
     stubborn = os.path.basename(__file__) == "stubborn"
     if stubborn:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -406,6 +415,7 @@ all:
   vars:
     ansible_connection: local
     dsk_gpus_per_node: 0
+    dsk_rdzv_port: {port}
   children:
     nodes:
       hosts:
@@ -428,7 +438,9 @@ def test_a_signal_to_train_stops_every_node_and_leaves_no_client(tmp_path, signu
     fake_torchrun_nodes(tmp_path, ["obedient", "obedient"])
     hosts = tmp_path / "inventory" / "hosts.yml"
     hosts.parent.mkdir()
+    port = free_port()  # the rendezvous check listens there
     hosts.write_text(INTERRUPT_INVENTORY.format(
+        port=port,
         **{f"root{i}": tmp_path / f"node{i}" for i in (1, 2)},
         **{f"python{i}": tmp_path / f"node{i}" / "obedient" for i in (1, 2)}))
     repo = Path(__file__).resolve().parents[2]
@@ -442,7 +454,11 @@ def test_a_signal_to_train_stops_every_node_and_leaves_no_client(tmp_path, signu
         for i in (1, 2):
             (pid_list,) = wait_for_pids_glob(tmp_path / f"node{i}" / "jobs", 4)
             pids += pid_list
-        clients = children(cli.pid)
+        # train follows the job once every node recorded its launch: its followers start
+        # a moment after the ranks
+        deadline = time.monotonic() + 30
+        while not (clients := children(cli.pid)) and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert clients, "train started no client processes"
         if to_group:
             os.killpg(cli.pid, getattr(signal, signum))
@@ -489,6 +505,8 @@ FAKE_TRAINER = textwrap.dedent("""\
     # Stands in for torchrun + trainer.train: writes metrics like rank 0 would.
     import json, math, os, sys
 """ + TO_REAL_PYTHON + """\
+    if sys.argv[1:2] == ["-"]:  # the checks before the launch: the real Python answers
+        os.execv(sys.executable, [sys.executable] + sys.argv[1:])
     os.makedirs("out", exist_ok=True)
     losses = {losses!r}
     with open("out/metrics.jsonl", "w") as fh:
@@ -505,8 +523,10 @@ def fake_train_inventory(tmp_path: Path, losses: list) -> Inventory:
     fake = root / "python"
     fake.write_text(FAKE_TRAINER.format(python=sys.executable, losses=[str(x) for x in losses]))
     fake.chmod(0o755)
+    port = free_port()  # the rendezvous check listens there
     return make_inventory(tmp_path, [("node1", "127.0.0.1", {
-        "dsk_root": str(root), "dsk_python": str(fake), "ansible_connection": "local"})])
+        "dsk_root": str(root), "dsk_python": str(fake), "ansible_connection": "local",
+        "dsk_rdzv_port": port})])
 
 
 TINY = Path(__file__).resolve().parents[2] / "trainer" / "configs" / "tiny.toml"

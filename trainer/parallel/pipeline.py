@@ -96,7 +96,13 @@ class Pipeline:
         return lm_cross_entropy(logits, targets) * self.loss_scale
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
-        """Returns the micro-batch's mean loss (unscaled) on the last stage, else None."""
+        """Returns the micro-batch's mean loss (unscaled) on the last stage, else None.
+
+        The stages check each input against the shape, dtype and strides of the run
+        that built them, and the data hands over slices of one token buffer
+        (``batch[:, :-1]``, strided by seq_len + 1): the tensors are made contiguous
+        here, as the zeros of that first run were."""
+        inputs, targets = inputs.contiguous(), targets.contiguous()
         losses: list[torch.Tensor] = []
         if self.first:
             self.schedule.step(inputs, target=targets if self.last else None, losses=losses)

@@ -1,0 +1,145 @@
+"""The memory estimate per GPU (trainer/memory.py): its parameter count, its calibration
+against the peaks measured on one H200, how the layout moves it, and `train` refusing a
+layout that cannot fit before any connection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dsk_provision import launch
+from dsk_provision.errors import InputError
+from dsk_provision.inventory import Inventory, Node
+from dsk_provision.validation.profiles import profile_names, read_profile
+from trainer import memory
+from trainer.config import load_config
+from trainer.model.model import count_params
+
+CONFIGS = Path(__file__).resolve().parents[2] / "trainer" / "configs"
+
+# Peaks measured on one H200 (torch.cuda.max_memory_allocated), bf16 autocast, compile
+# on, no activation checkpointing (docs/benchmarks.md): config, micro-batch,
+# accumulation, MTP, GiB.
+MEASURED = [
+    ("small", 16, 1, True, 81.5),
+    ("small", 8, 2, True, 51.6),
+    ("small", 16, 1, False, 67.0),
+    ("wide", 4, 1, True, 76.7),  # wide.toml has no MTP
+]
+
+
+def config(name: str, **training):
+    cfg = load_config(CONFIGS / f"{name}.toml")
+    for key, value in training.items():
+        setattr(cfg.training, key, value)
+    return cfg
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "wide", "16b", "671b"])
+def test_the_estimate_counts_every_parameter_once(name):
+    cfg = config(name)
+    m = cfg.model
+    blocks = [memory.block_params(m, i >= m.n_dense_layers) for i in range(m.n_layers)]
+    if m.mtp_depth:
+        blocks.append(memory.mtp_params(m))
+    total = sum(a + b for a, b in blocks) + 2 * m.vocab_size * m.dim + m.dim
+    assert total == count_params(m)
+    # one GPU: 4 bytes per parameter for the parameters, 8 for the optimizer state
+    est = memory.estimate(cfg, 1)
+    assert est.items["parameters (fp32)"] == 4 * total
+    assert est.items["optimizer state (AdamW, fp32)"] == 8 * total
+
+
+@pytest.mark.parametrize(("name", "micro_batch", "accumulation", "mtp", "measured"), MEASURED)
+def test_the_estimate_is_within_two_percent_of_the_measured_peaks(name, micro_batch,
+                                                                  accumulation, mtp, measured):
+    cfg = config(name, micro_batch_size=micro_batch, grad_accum_steps=accumulation)
+    if not mtp:
+        cfg.model.mtp_depth = 0
+    est = memory.estimate(cfg, 1)
+    assert abs(est.total_gib - measured) / measured < 0.02, est.table()
+
+
+def test_the_layout_moves_the_estimate():
+    cfg = config("16b", activation_checkpoint="none")
+    one = memory.estimate(cfg, 8)
+    # FSDP over 8 holds a quarter of the parameters that FSDP over 2 does
+    two = memory.estimate(cfg, 2)
+    assert two.items["parameters (fp32)"] == pytest.approx(4 * one.items["parameters (fp32)"])
+    acts = {}
+    for mode in memory.CHECKPOINT_MODES:
+        cfg.training.activation_checkpoint = mode
+        acts[mode] = memory.estimate(cfg, 8).items["activations"]
+    assert acts["none"] > acts["selective"] > 4 * acts["full"] > 0
+    # tp halves the activations (sequence parallelism) and all but the routed experts
+    cfg.training.activation_checkpoint = "none"
+    cfg.parallel.tp = 2
+    tp2 = memory.estimate(cfg, 8)
+    dp4 = memory.estimate(config("16b", activation_checkpoint="none"), 4)
+    assert tp2.items["activations"] == pytest.approx(dp4.items["activations"] / 2)
+    assert tp2.items["parameters (fp32)"] < dp4.items["parameters (fp32)"]
+
+
+def test_a_pipeline_stage_keeps_the_micro_batches_in_flight():
+    cfg = config("16b", micro_batch_size=4, activation_checkpoint="full")
+    cfg.parallel.pp = 4
+    cfg.model.mtp_depth = 0
+    cfg.parallel.pp_schedule = "gpipe"
+    gpipe = memory.estimate(cfg, 8)
+    cfg.parallel.pp_schedule = "1f1b"
+    one_f_one_b = memory.estimate(cfg, 8)
+    assert gpipe.items["activations"] >= one_f_one_b.items["activations"]
+    assert gpipe.layout.dp_shard == 2
+
+
+def test_a_layout_that_cannot_fit_is_refused_with_the_nearest_that_fits():
+    cfg = config("small", micro_batch_size=64)
+    with pytest.raises(InputError) as err:
+        memory.check_fits(cfg, 1, 140)
+    text = str(err.value)
+    assert "the layout needs about" in text and "more than the GPUs' 140 GiB" in text
+    assert "activations" in text and "optimizer state" in text
+    assert "nearest layout that fits:" in err.value.hint
+    near = memory.nearest_fit(cfg, memory.layout_of(cfg, 1), 140)
+    assert near is not None and near.total_gib <= 140
+    assert near.layout.micro_batch * near.layout.grad_accum == 64  # the same global batch
+    assert near.layout.gpus == 1  # no more GPUs needed when a smaller change fits
+    # what fits is not refused
+    assert memory.check_fits(config("small"), 1, 140).total_gib < 140
+
+
+def test_the_command_prints_a_table_and_exits_2_when_it_cannot_fit(capsys):
+    small = str(CONFIGS / "small.toml")
+    assert memory.main(["--config", small]) == 0
+    out = capsys.readouterr().out
+    for item in ("parameters (fp32)", "optimizer state (AdamW, fp32)", "activations", "total"):
+        assert item in out
+    assert memory.main(["--config", small, "--gpu-memory", "40"]) == 2
+    assert "does not fit 40 GiB; nearest layout that fits:" in capsys.readouterr().out
+
+
+def test_every_gpu_profile_says_its_gpu_memory():
+    for name in profile_names():
+        profile = read_profile(name)
+        if profile["thresholds"].get("require_cuda"):
+            assert profile["gpu_memory_gib"] > 0, name
+
+
+def no_connection(_inventory, node):
+    raise AssertionError(f"a connection to {node.name} was attempted")
+
+
+def test_train_refuses_a_layout_that_cannot_fit_before_any_connection(tmp_path):
+    cfg_file = tmp_path / "big.toml"
+    cfg_file.write_text((CONFIGS / "small.toml").read_text().replace(
+        "micro_batch_size = 16", "micro_batch_size = 128"))
+    base = {"dsk_profile": "h200-sxm-8", "dsk_gpus_per_node": 8}
+    nodes = [Node(f"gpu{i}", f"10.0.0.{i}", 22, "root", 8, dict(base)) for i in (1, 2)]
+    hosts = tmp_path / "hosts.yml"
+    inv = Inventory(path=hosts, nodes=nodes, vars=base, hosts_file=hosts)
+    with pytest.raises(InputError) as err:
+        launch.train(inv, cfg_file, runs_dir=tmp_path / "runs", transport=no_connection)
+    assert err.value.exit_code == 2
+    assert "GiB per GPU" in str(err.value) and str(cfg_file) in str(err.value)
+    assert not (tmp_path / "runs").exists()
