@@ -46,9 +46,11 @@ def pinned_keys(info) -> dict[str, HostKey]:
 
 
 def scan(inv: Path, *args: str, answer: str = "") -> subprocess.CompletedProcess:
+    # The copy is another inventory of the same cluster name: it gets a state directory of
+    # its own, since the sandbox's (once bootstrapped) belongs to the sandbox's inventory.
+    env = dict(os.environ, DSK_STATE_DIR=str(inv.parent / "state"))
     return subprocess.run([str(EXE), "hostkeys", "scan", "-i", str(inv), *args], cwd=REPO,
-                          env=dict(os.environ), input=answer, capture_output=True, text=True,
-                          timeout=120)
+                          env=env, input=answer, capture_output=True, text=True, timeout=120)
 
 
 def test_confirmed_keys_are_written_and_let_ssh_in(sandbox_cluster, ssh_argv, tmp_path):
