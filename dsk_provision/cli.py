@@ -244,6 +244,14 @@ def _bring_in(ctx: typer.Context, inv, *, check: bool, verbose: int, validate_ne
         _validate_added(ctx, inv, outcome, validate_new)
 
 
+def _brought_in(ctx: typer.Context, inv, outcome, done: str, validate_new: bool) -> None:
+    """After `nodes add` or `nodes replace`: what was done, the run's summary, validation."""
+    render.line(done)
+    if outcome.summary():
+        render.line(outcome.summary())
+    _validate_added(ctx, inv, outcome, validate_new)
+
+
 def _validate_added(ctx: typer.Context, inv, outcome, enabled: bool) -> None:
     """validate's checks of the nodes an addition brought in, and the cluster-wide
     all-reduce with them (dsk_provision.validation.flow.validate, ``only``)."""
@@ -641,10 +649,8 @@ def nodes_add(
         nodes = [NewNode(name, host, port=port, gpus=gpus)]
     outcome, inv = add(_load(inventory), nodes, say=render.line, runs_dir=_runs_dir(ctx),
                        console=render.console(), verbosity=verbose)
-    render.line(f"added {', '.join(n.name for n in nodes)} to {inv.hosts_file}")
-    if outcome.summary():
-        render.line(outcome.summary())
-    _validate_added(ctx, inv, outcome, validate_new)
+    _brought_in(ctx, inv, outcome, f"added {', '.join(n.name for n in nodes)} to "
+                f"{inv.hosts_file}", validate_new)
 
 
 @nodes_app.command("replace")
@@ -675,10 +681,7 @@ def nodes_replace(
     outcome, inv = replace(inv, name, host=host, port=port, say=render.line,
                            runs_dir=_runs_dir(ctx), console=render.console(),
                            verbosity=verbose)
-    render.line(f"{name} replaced in {inv.hosts_file}")
-    if outcome.summary():
-        render.line(outcome.summary())
-    _validate_added(ctx, inv, outcome, validate_new)
+    _brought_in(ctx, inv, outcome, f"{name} replaced in {inv.hosts_file}", validate_new)
 
 
 @nodes_app.command("remove")

@@ -650,10 +650,7 @@ def train(inventory, config_path: Path, *, runs_dir: Path | None = None, console
         summary_path = fetch(inventory, metrics_node, find_node(
             inventory, metrics_node).settings.job_dir(name) / "out" / "summary.json",
             run_dir / "summary.json", transport=transport)
-        try:
-            summary = json.loads(summary_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise RunFailed(f"{summary_path}: not JSON ({exc})", nodes=[metrics_node]) from None
+        summary = _read_summary(summary_path, metrics_node)
     losses = _checked_losses(metrics_path, metrics_node, lambda first, last: view.say(
         f"train: job {name} {followed.state}: {first} -> {last}; metrics in {metrics_path}"))
     first_loss, last_loss = losses[0][1], losses[-1][1]
@@ -661,6 +658,13 @@ def train(inventory, config_path: Path, *, runs_dir: Path | None = None, console
                        steps=losses[-1][0], world_size=started.world_size,
                        metrics_path=metrics_path, summary_path=summary_path,
                        summary=summary, name=name, state=followed.state)
+
+
+def _read_summary(path: Path, node: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise RunFailed(f"{path}: not JSON ({exc})", nodes=[node]) from None
 
 
 def _checked_losses(metrics_path: Path, metrics_node: str, say) -> list[tuple[int, float]]:
@@ -689,10 +693,7 @@ def train_result(inventory, run_dir: Path, world_size: int, *, console=None,
     summary_path = fetch(inventory, metrics_node, remote_run_dir(
         find_node(inventory, metrics_node), run_id) / "out" / "summary.json",
         run_dir / "summary.json", transport=transport)
-    try:
-        summary = json.loads(summary_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise RunFailed(f"{summary_path}: not JSON ({exc})", nodes=[metrics_node]) from None
+    summary = _read_summary(summary_path, metrics_node)
     losses = _checked_losses(metrics_path, metrics_node, lambda first, last: printer.line(
         f"train: {first} -> {last}; metrics in {metrics_path}"))
     return TrainResult(run_dir=run_dir, first_loss=losses[0][1], last_loss=losses[-1][1],
