@@ -26,7 +26,7 @@ demo-down: setup
 	$(DSK) sandbox down --name $(DEMO_NAME)
 
 test: setup
-	$(PYTEST) -q -rs tests
+	$(PYTEST) -q -rs --durations=40 tests
 
 test-unit: setup
 	$(PYTEST) -q -rs tests/unit

@@ -61,6 +61,7 @@ class TrainingConfig:
     activation_checkpoint: str = "none"
     compile: bool = False
     fp8: str = "off"  # or a torchao float8 recipe: tensorwise, rowwise, rowwise_with_gw_hp
+    loss_chunk_tokens: int = 0  # 0: the head's logits for the whole micro-batch at once
 
 
 @dataclass

@@ -69,6 +69,13 @@ class Layout:
     n_microbatches: int  # pipeline micro-batches per training micro-batch
     schedule: str
     compile: bool
+    loss_chunk: int = 0  # training.loss_chunk_tokens
+
+    @property
+    def chunked_loss(self) -> bool:
+        """Whether the head's loss runs chunk by chunk (Transformer.head_loss: not on a
+        tensor-parallel head, and the pipeline's last stage computes its own loss)."""
+        return self.loss_chunk > 0 and self.tp == 1 and self.pp == 1
 
     @property
     def gpus(self) -> int:
@@ -93,7 +100,7 @@ def layout_of(cfg: TrainConfig, gpus: int) -> Layout:
     dp_shard = resolve_degrees(p.dp_replicate, p.dp_shard, p.tp, p.pp, p.ep, gpus)
     return Layout(p.dp_replicate, dp_shard, p.tp, p.pp, p.ep, t.micro_batch_size,
                   t.grad_accum_steps, t.seq_len, t.activation_checkpoint, p.n_microbatches,
-                  p.pp_schedule, t.compile)
+                  p.pp_schedule, t.compile, t.loss_chunk_tokens)
 
 
 # --------------------------------------------------------------------------- parameters
@@ -260,18 +267,27 @@ def _stage_estimate(m: ModelArgs, lay: Layout, stage: int) -> dict[str, float]:
     block_full = (attention_activation_bytes(m, "none")
                   + ffn_activation_bytes(m, True, "none", lay.compile))
     working = 0.0
+    head_chunks = 0.0
     if last:
         heads = 1 + m.mtp_depth
-        per_token += heads * head_activation_bytes(m)
+        if lay.chunked_loss:
+            # each head keeps its input's gradient (bf16, per token) and its weight's
+            # (fp32); one chunk's fp32 logits, their exponentials and bf16 gradient exist
+            # at a time
+            per_token += heads * BF16 * m.dim
+            head_chunks = (heads * FP32 * m.vocab_size * m.dim
+                           + min(lay.loss_chunk, tokens) * m.vocab_size * (2 * FP32 + BF16))
+        else:
+            per_token += heads * head_activation_bytes(m)
+            working += BF16 * m.vocab_size  # the logits' gradient
         if m.mtp_depth:
             per_token += (mtp_extra_activation_bytes(m) + attention_activation_bytes(m, mode)
                           + ffn_activation_bytes(m, True, mode, lay.compile))
-        working += BF16 * m.vocab_size  # the logits' gradient
     if mode != "none":
         working += block_full  # one block recomputed in backward
     scale = ACTIVATION_SCALE / lay.tp
     items["activations"] = scale * per_token * tokens * in_flight
-    items["backward working set"] = scale * working * tokens
+    items["backward working set"] = scale * working * tokens + head_chunks
     # Gradients exist at the activation peak (the end of a forward) only when earlier
     # micro-batches (or pipeline micro-batches) left theirs; otherwise backward frees
     # activations faster than gradients arrive, and the other peak is after backward:

@@ -198,6 +198,7 @@ def build_step(model: Transformer, cfg: TrainConfig, dims: ParallelDims,
         split_model(model, dims.pp, pp_rank, seq_shards=dims.tp)
     moe_layers = {moe_index[n]: b.ffn for n, b in model.layers.items() if n in moe_index}
     t = cfg.training
+    model.loss_chunk_tokens = t.loss_chunk_tokens
     train_module = parallelize(model, dims, device, t.activation_checkpoint, t.compile,
                                t.fp8)
     if dims.pp > 1:

@@ -143,3 +143,16 @@ def test_train_refuses_a_layout_that_cannot_fit_before_any_connection(tmp_path):
     assert err.value.exit_code == 2
     assert "GiB per GPU" in str(err.value) and str(cfg_file) in str(err.value)
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_chunked_head_loss_needs_less_memory_unless_the_head_is_tensor_parallel():
+    whole = memory.estimate(config("small"), 1)
+    chunked = memory.estimate(config("small", loss_chunk_tokens=8192), 1)
+    saved = whole.total - chunked.total
+    # the fp32 logits of two heads (main and MTP) for 65,536 tokens are 16 GiB
+    assert 12 * memory.GIB < saved < 18 * memory.GIB, saved / memory.GIB
+    tp = config("small", loss_chunk_tokens=8192)
+    tp.parallel.tp, tp.model.mtp_depth = 2, 0
+    tp_whole = config("small")
+    tp_whole.parallel.tp, tp_whole.model.mtp_depth = 2, 0
+    assert memory.estimate(tp, 2).total == memory.estimate(tp_whole, 2).total

@@ -37,6 +37,12 @@ LAYOUTS = {
     "single": (1, ACC2),
     "single_qlora": (1, {**ACC2, **QLORA}),
     "single_compile": (1, {"training": {"grad_accum_steps": 2, "compile": True}}),
+    # the head's loss over chunks of 100 tokens (a micro-batch has 256): with MTP's
+    # shifted loss, and under FSDP
+    "single_qlora_chunked": (1, {"training": {"grad_accum_steps": 2, "loss_chunk_tokens": 100},
+                                 **QLORA}),
+    "fsdp2_chunked": (2, {"parallel": {"dp_shard": -1},
+                          "training": {"loss_chunk_tokens": 100}}),
     "ddp2": (2, {"parallel": {"dp_replicate": 2, "dp_shard": 1}}),
     "fsdp2": (2, {"parallel": {"dp_shard": -1},
                   "checkpoint": {"interval": 3, "keep_last": 2}}),
@@ -109,7 +115,7 @@ def assert_matches(layout: dict, reference: dict, steps) -> None:
 
 @pytest.mark.parametrize("name", ["ddp2", "fsdp2", "tp2", "ep2", "pp2_gpipe", "pp2_1f1b",
                                   "fsdp2_tp2", "pp2_fsdp2", "fsdp4_ep2", "pp2_tp2",
-                                  "pp2_ep2", "tp2_ep2", "hsdp2x2_ep2"])
+                                  "pp2_ep2", "tp2_ep2", "hsdp2x2_ep2", "fsdp2_chunked"])
 def test_layout_matches_one_process(runs, name):
     reference = runs["single"]
     assert sorted(k for k in runs[name] if isinstance(k, int)) == list(range(1, STEPS + 1))
@@ -134,6 +140,16 @@ def test_tensor_parallel_with_compressed_queries_and_mtp(runs):
     assert_matches(runs["tp2_qlora"], runs["single_qlora"], range(1, STEPS + 1))
     assert runs["single_qlora"]["mtp"][1] > 0
     assert_matches(runs["tp2_qlora"]["mtp"], runs["single_qlora"]["mtp"], range(1, STEPS + 1))
+
+
+def test_the_chunked_head_loss_trains_like_the_whole_one(runs):
+    # same process count and reduction order: only the loss's summation differs
+    for key in ("loss", "mtp"):
+        got = runs["single_qlora_chunked"] if key == "loss" else runs["single_qlora_chunked"]["mtp"]
+        ref = runs["single_qlora"] if key == "loss" else runs["single_qlora"]["mtp"]
+        for step in range(1, STEPS + 1):
+            assert abs(got[step] - ref[step]) < 1e-4, (key, step, got, ref)
+    assert runs["single_qlora_chunked"]["mtp"][1] > 0
 
 
 def test_compiled_blocks_train_like_eager_ones(runs):

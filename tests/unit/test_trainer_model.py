@@ -238,3 +238,41 @@ def test_balance_loss_off_leaves_the_graph_as_it_was():
     assert type(moe(x).grad_fn).__name__ != "AddBalanceLossBackward"
     moe.balance_loss_weight = 1e-4
     assert type(moe(x).grad_fn).__name__ == "AddBalanceLossBackward"
+
+
+@pytest.mark.parametrize("chunk", [7, 40, 1000])
+def test_chunked_head_loss_equals_cross_entropy_with_its_gradients(chunk):
+    from trainer.model.model import ChunkedHeadLoss
+
+    torch.manual_seed(0)
+    h = torch.randn(40, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (40,))
+    ref = torch.nn.functional.cross_entropy(h @ w.t(), targets)
+    (0.3 * ref).backward()
+    ref_h, ref_w = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    loss = ChunkedHeadLoss.apply(h, w, targets, chunk)
+    (0.3 * loss).backward()  # the incoming gradient scales both
+    assert torch.allclose(loss, ref, atol=1e-6)
+    assert torch.allclose(h.grad, ref_h, atol=1e-7)
+    assert torch.allclose(w.grad, ref_w, atol=1e-7)
+
+
+def test_chunked_head_loss_is_what_the_model_trains_on():
+    args = ModelArgs(**{**vars(args_of("tiny")), "mtp_depth": 1})
+    torch.manual_seed(0)
+    model = Transformer(args)
+    tokens = torch.randint(0, args.vocab_size, (2, 32))
+    targets = torch.randint(0, args.vocab_size, (2, 32))
+    results = []
+    for chunk in (0, 9):
+        model.zero_grad()
+        model.loss_chunk_tokens = chunk
+        out = model(tokens, targets)
+        out.loss.backward()
+        results.append((out.lm_loss.detach(), out.mtp_loss.detach(),
+                        model.output.weight.grad.clone(), model.embed.weight.grad.clone()))
+    (lm0, mtp0, head0, emb0), (lm1, mtp1, head1, emb1) = results
+    assert torch.allclose(lm0, lm1, atol=1e-6) and torch.allclose(mtp0, mtp1, atol=1e-6)
+    assert torch.allclose(head0, head1, atol=1e-6) and torch.allclose(emb0, emb1, atol=1e-6)

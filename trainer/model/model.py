@@ -378,6 +378,51 @@ def lm_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
+class ChunkedHeadLoss(torch.autograd.Function):
+    """Mean cross-entropy of ``h @ weight.T`` against ``targets`` (h: tokens x dim, targets:
+    tokens), computed ``chunk`` tokens at a time: the logits of one chunk exist at a time
+    (fp32, chunk x vocab), never those of the whole micro-batch. The gradients of ``h``
+    and ``weight`` are computed in the forward pass, chunk by chunk, and only scaled by the
+    incoming gradient in backward, so nothing is recomputed. Matmuls run in the dtype of
+    ``h`` and ``weight`` (the caller casts them as autocast would); the loss, the softmax
+    and the weight's gradient are accumulated in fp32."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                chunk: int) -> torch.Tensor:
+        n = h.shape[0]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if need_w else None
+        for start in range(0, n, chunk):
+            hc, tc = h[start:start + chunk], targets[start:start + chunk]
+            logits = (hc @ weight.t()).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, tc.unsqueeze(1)).squeeze(1)
+            loss = loss + (lse - picked).sum()
+            if need_h or need_w:
+                # d(mean loss)/d(logits) = (softmax - one_hot) / n
+                g = torch.exp(logits - lse.unsqueeze(1))
+                g.scatter_add_(1, tc.unsqueeze(1), torch.full_like(picked, -1.0).unsqueeze(1))
+                g = (g / n).to(h.dtype)
+                if need_h:
+                    grad_h[start:start + chunk] = g @ weight
+                if need_w:
+                    grad_w += (g.t() @ hc).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return (None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype),
+                None if grad_w is None else (grad_w * grad_loss).to(ctx.weight_dtype),
+                None, None)
+
+
 class LossOutput(NamedTuple):
     loss: torch.Tensor  # what to back-propagate: lm_loss + mtp_loss_weight * mtp_loss
     lm_loss: torch.Tensor
@@ -392,6 +437,9 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(i, args) for i in range(args.n_layers)})
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        # training.loss_chunk_tokens: 0 computes the head's logits for the whole
+        # micro-batch at once; N computes the loss N tokens at a time (ChunkedHeadLoss).
+        self.loss_chunk_tokens = 0
         self.mtp = MTP(args) if args.mtp_depth > 0 else None
         self.register_buffer(
             "freqs_cis",
@@ -438,8 +486,22 @@ class Transformer(nn.Module):
         states ``h`` against ``targets``; ``shift`` drops the last positions of the logits
         and the first of the targets. Its own method so that training.compile can compile
         the head and the loss together (the fp32 logits then need not be materialised)."""
+        weight = self.output.weight
+        # A plain linear head (not a tensor-parallel DTensor, whose input is sharded over
+        # the sequence) drops the shifted positions before its matmul: no copy of the
+        # logits, and the only head the chunked loss applies to.
+        plain = type(weight) in (torch.Tensor, nn.Parameter)
+        if shift and plain:
+            h, targets = h[:, :-shift], targets[:, shift:]
+        if self.loss_chunk_tokens and plain:
+            dtype = (torch.get_autocast_dtype(h.device.type)
+                     if torch.is_autocast_enabled(h.device.type) else h.dtype)
+            with torch.autocast(h.device.type, enabled=False):
+                return ChunkedHeadLoss.apply(h.reshape(-1, h.shape[-1]).to(dtype),
+                                             weight.to(dtype), targets.reshape(-1),
+                                             self.loss_chunk_tokens)
         logits = self.output(h)
-        if shift:
+        if shift and not plain:
             logits, targets = logits[:, :-shift], targets[:, shift:]
         return lm_cross_entropy(logits, targets)
 
