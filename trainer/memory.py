@@ -270,16 +270,16 @@ def _stage_estimate(m: ModelArgs, lay: Layout, stage: int) -> dict[str, float]:
     head_chunks = 0.0
     if last:
         heads = 1 + m.mtp_depth
+        per_token += heads * head_activation_bytes(m)
+        working += BF16 * m.vocab_size  # the logits' gradient
         if lay.chunked_loss:
-            # each head keeps its input's gradient (bf16, per token) and its weight's
-            # (fp32); one chunk's fp32 logits, their exponentials and bf16 gradient exist
-            # at a time
-            per_token += heads * BF16 * m.dim
+            # Measured on one H200, chunks save less than the fp32 logits the count above
+            # holds (the compiled whole loss keeps less than that): take off a bf16 copy
+            # of the logits per head, and add each head's fp32 weight gradient and one
+            # chunk's fp32 logits, exponentials and bf16 gradient. Errs high.
+            per_token -= heads * BF16 * m.vocab_size
             head_chunks = (heads * FP32 * m.vocab_size * m.dim
                            + min(lay.loss_chunk, tokens) * m.vocab_size * (2 * FP32 + BF16))
-        else:
-            per_token += heads * head_activation_bytes(m)
-            working += BF16 * m.vocab_size  # the logits' gradient
         if m.mtp_depth:
             per_token += (mtp_extra_activation_bytes(m) + attention_activation_bytes(m, mode)
                           + ffn_activation_bytes(m, True, mode, lay.compile))

@@ -145,12 +145,22 @@ def test_train_refuses_a_layout_that_cannot_fit_before_any_connection(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_chunked_head_loss_needs_less_memory_unless_the_head_is_tensor_parallel():
-    whole = memory.estimate(config("small"), 1)
-    chunked = memory.estimate(config("small", loss_chunk_tokens=8192), 1)
-    saved = whole.total - chunked.total
-    # the fp32 logits of two heads (main and MTP) for 65,536 tokens are 16 GiB
-    assert 12 * memory.GIB < saved < 18 * memory.GIB, saved / memory.GIB
+# Peaks with training.loss_chunk_tokens on one H200 (docs/benchmarks.md): config,
+# micro-batch, chunk, GiB. The estimate was not fitted to them and is meant to err high.
+MEASURED_CHUNKED = [("small", 16, 8192, 71.7), ("small", 28, 8192, 115.9)]
+
+
+@pytest.mark.parametrize(("name", "micro_batch", "chunk", "measured"), MEASURED_CHUNKED)
+def test_the_chunked_loss_estimate_errs_high_by_less_than_eight_percent(name, micro_batch,
+                                                                        chunk, measured):
+    est = memory.estimate(config(name, micro_batch_size=micro_batch,
+                                 loss_chunk_tokens=chunk), 1)
+    assert measured <= est.total_gib <= 1.08 * measured, est.total_gib
+    whole = memory.estimate(config(name, micro_batch_size=micro_batch), 1)
+    assert est.total < whole.total
+
+
+def test_a_tensor_parallel_head_keeps_the_whole_loss():
     tp = config("small", loss_chunk_tokens=8192)
     tp.parallel.tp, tp.model.mtp_depth = 2, 0
     tp_whole = config("small")
