@@ -22,6 +22,8 @@ DOCS = sorted((REPO / "docs").glob("*.md")) + [REPO / "README.md"]
 # `dsk-provision` as a command word: not inside a path such as /var/lib/dsk-provision/.
 COMMAND = re.compile(r"(?:^|(?<=[\s$(]))dsk-provision(?=\s|$)")
 INLINE_COMMAND = re.compile(r"`(dsk-provision [^`]+)`")
+# Inline code that names a command without the program: `bootstrap --tags ssh_trust`.
+INLINE_SHORT = re.compile(r"`([a-z]+ [^`]*-[^`]*)`")
 FENCE = re.compile(r"^\s*(```|~~~)")
 # A source file named in backquotes: `dsk_provision/lock.py`, `roles/x/tasks/main.yml`.
 SOURCE_PATH = re.compile(r"`((?:[\w.-]+/)+[\w.-]+\.(?:py|yml|yaml|sh|j2|toml))`")
@@ -85,8 +87,10 @@ def _in_list(lines: list[str], i: int) -> bool:
 def command_lines(text: str) -> list[tuple[int, str]]:
     """Each `dsk-provision ...` command of a Markdown text: in its code blocks
     (continuation lines ending in a backslash joined), and in inline code that starts
-    with `dsk-provision `: (line number, text from `dsk-provision` on). Blocks that quote
-    a source file's messages are left to the quote check: their text is the source's."""
+    with `dsk-provision ` or with one of its commands and names an option
+    (`bootstrap --limit`, given `dsk-provision` here): (line number, text from
+    `dsk-provision` on). Blocks that quote a source file's messages are left to the
+    quote check: their text is the source's."""
     found = []
     for first, block, sources in code_blocks(text):
         if sources:
@@ -102,6 +106,11 @@ def command_lines(text: str) -> list[tuple[int, str]]:
             k += 1
     for match in INLINE_COMMAND.finditer(text):
         found.append((text.count("\n", 0, match.start()) + 1, " ".join(match[1].split())))
+    commands = set(_cli().list_commands(None))
+    for match in INLINE_SHORT.finditer(text):
+        span = " ".join(match[1].split())
+        if span.split()[0] in commands and any(w.startswith("-") for w in span.split()):
+            found.append((text.count("\n", 0, match.start()) + 1, f"dsk-provision {span}"))
     return found
 
 
@@ -174,7 +183,11 @@ def test_docs_show_commands():
 
 @pytest.mark.parametrize(("where", "command"), documented_commands())
 def test_documented_command_parses(where, command):
-    problem = check_command(words(command))
+    args = words(command)
+    problem = check_command(args)
+    if problem and args[-1].startswith("-"):
+        # prose may name an option without its value: `bootstrap --limit`
+        problem = check_command([*args, "VALUE"]) and problem
     assert problem is None, f"{where}: `{command.strip()}`: {problem}"
 
 
@@ -191,7 +204,7 @@ def test_checker_refuses_wrong_commands(command):
 
 
 def test_checker_reads_blocks_and_lines():
-    text = ("Some text, `dsk-provision runs\nlist --last 3`\n\n"
+    text = ("Some text, `dsk-provision runs\nlist --last 3`, `runs show --json`\n\n"
             "    dsk-provision check -i INV   # a comment\n\n"
             "- a list item\n\n    continued: dsk-provision nosuch\n\n"
             "```sh\ndsk-provision train -i INV \\\n  --config x.toml --detach\n"
@@ -204,7 +217,7 @@ def test_checker_reads_blocks_and_lines():
         (4, "dsk-provision check -i INV   # a comment"),
         (11, "dsk-provision train -i INV  --config x.toml --detach"),
         (14, "dsk-provision nodes cordon -i INV NODE --reason ..."),
-        (1, "dsk-provision runs list --last 3")]
+        (1, "dsk-provision runs list --last 3"), (2, "dsk-provision runs show --json")]
     assert all(check_command(words(c)) is None for _, c in command_lines(text))
     assert words("dsk-provision nodes add -i INV [--gpus 8] [--os a ...] | tee x") == [
         "nodes", "add", "-i", "INV", "--gpus", "8", "--os", "a"]
