@@ -185,7 +185,7 @@ def test_docs_show_commands():
 def test_documented_command_parses(where, command):
     args = words(command)
     problem = check_command(args)
-    if problem and args[-1].startswith("-"):
+    if problem and args and args[-1].startswith("-"):
         # prose may name an option without its value: `bootstrap --limit`
         problem = check_command([*args, "VALUE"]) and problem
     assert problem is None, f"{where}: `{command.strip()}`: {problem}"
