@@ -340,6 +340,10 @@ def train(
     nproc_per_node: Annotated[int | None, typer.Option(
         "--nproc-per-node", min=1,
         help="Processes per node (default: its GPUs, or 1 on CPU-only nodes).")] = None,
+    container: Annotated[str | None, typer.Option(
+        "--container", metavar="IMAGE",
+        help="Run the job in this image through the nodes' container runtime "
+             "(containers_runtime), GPUs through CDI.")] = None,
     launcher: Annotated[str | None, typer.Option(
         "--launcher", help="ssh or slurm (default: dsk_launcher, else ssh).")] = None,
     dry_run: Annotated[bool, typer.Option(
@@ -378,6 +382,12 @@ def train(
                              "the ssh launcher's named jobs", field="launcher",
                              hint="a Slurm job is followed and stopped through Slurm "
                                   "(docs/trainer.md, \"Launching through Slurm\")")
+        if container:
+            raise InputError("the slurm launcher does not run jobs in a container image",
+                             field="--container",
+                             hint="use the ssh launcher (--launcher ssh) for --container, "
+                                  "or a Slurm container plugin (enroot/pyxis) in your own "
+                                  "sbatch script")
         options = slurm.SlurmOptions(nodes=nodes, gpus_per_node=gpus_per_node,
                                      time_limit=time_limit, partition=partition)
         out = slurm.train(inv.in_service(), config, runs_dir=_runs_dir(ctx),
@@ -392,7 +402,8 @@ def train(
                          hint="add --launcher slurm, or set dsk_launcher: slurm")
     run_train(inv.in_service(), config, runs_dir=_runs_dir(ctx), console=render.console(),
               nproc_per_node=nproc_per_node, name=name, fresh=fresh, detach=detach,
-              max_restarts=max_restarts, verbose=verbose, inventory_hint=str(inventory))
+              max_restarts=max_restarts, verbose=verbose, inventory_hint=str(inventory),
+              container=container)
 
 
 JobName = Annotated[str, typer.Argument(help="The job's name (see `jobs list`).")]

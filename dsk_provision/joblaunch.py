@@ -91,8 +91,11 @@ def torchrun_argv(inventory, node, name: str, config_rel: str, *, nproc: int,
 
 
 def start_command(inventory, node, name: str, config_rel: str, launch: str, *, nproc: int,
-                  max_restarts: int, env: dict | None = None) -> str:
-    """The shell line that starts the job's supervisor on a node and returns at once."""
+                  max_restarts: int, env: dict | None = None,
+                  container: str | None = None) -> str:
+    """The shell line that starts the job's supervisor on a node and returns at once.
+    With ``container`` (an image), the supervisor runs torchrun in it through the node's
+    container runtime (dsk_provision.containers), with the same environment."""
     from dsk_provision.launch import node_env
 
     d = job_dir(node, name)
@@ -101,12 +104,22 @@ def start_command(inventory, node, name: str, config_rel: str, launch: str, *, n
     variables[JOB_DIR_VAR] = str(d)
     argv = torchrun_argv(inventory, node, name, config_rel, nproc=nproc,
                          max_restarts=max_restarts)
+    prepare = ""
+    if container:
+        from dsk_provision import containers
+
+        ckpt = node.settings.checkpoint_dir(name)
+        cname = containers.container_name(name)
+        argv = containers.run_argv(node, container, argv, name=cname, workdir=d,
+                                   binds=[d, ckpt], env=variables)
+        # The runtime binds only what exists; a container left by a killed launch goes.
+        prepare = f"mkdir -p {_q(ckpt)} && {containers.remove_command(node, cname)} && "
     supervisor = [node.settings.python, "-m", "trainer.job", "run", "--node", node.name,
                   "--launch", launch, "--", *argv]
     # The previous launch's logs are kept beside the new ones (logs.prev).
     return (f"cd {_q(d)} && rm -f stop-requested && "
             "{ [ ! -d logs ] || { rm -rf logs.prev && mv logs logs.prev; }; } && "
-            "mkdir -p logs out && "
+            f"mkdir -p logs out && {prepare}"
             f"setsid -f env {' '.join(f'{k}={_q(v)}' for k, v in variables.items())} "
             f"{' '.join(_q(a) for a in supervisor)} "
             f">> {_q(f'logs/node-{node.name}.log')} 2>&1 < /dev/null")
@@ -155,15 +168,22 @@ def _check_free(inventory, name: str, transport) -> int | None:
 def start_job(inventory, config_path: Path, name: str, *, fresh: bool = False,
               max_restarts: int = 0, nproc_per_node: int | None = None,
               env: dict | None = None, transport: TransportChoice = None,
-              say=lambda _text: None) -> StartedJob:
+              container: str | None = None, say=lambda _text: None) -> StartedJob:
     """Ship and start the job on every node; returns once each has recorded the launch.
     A job of the same name continues from its newest complete checkpoint (``fresh``:
-    its outputs and checkpoints are removed first)."""
+    its outputs and checkpoints are removed first). ``container``: an image that torchrun
+    runs in on every node (dsk_provision.containers)."""
     from dsk_provision import preflight
     from dsk_provision.launch import _tar_payload, nproc_for
     from trainer.config import check_world_size, load_config
 
     check_name(name)
+    if container:
+        from dsk_provision import containers
+
+        container = containers.check_image(container)
+        for node in inventory.nodes:
+            containers.runtime(node)  # a node without a runtime, before any connection
     if max_restarts < 0:
         raise InputError("must be 0 or more", field="--max-restarts")
     config_path = Path(config_path)
@@ -183,14 +203,15 @@ def start_job(inventory, config_path: Path, name: str, *, fresh: bool = False,
     # Each node: the rendezvous address resolves and answers, the trainer's modules import.
     preflight.before_launch(inventory, cfg, {n.name: nproc_for(n, nproc_per_node)
                                              for n in inventory.nodes},
-                            transport=transport, say=say)
+                            transport=transport, container=container, say=say)
     launch = uuid.uuid4().hex[:12]
     config_rel = f"config/{config_path.name}"
     first = inventory.nodes[0]
     record = {"name": name, "config": config_rel, "config_source": str(config_path),
               "nodes": [n.name for n in inventory.nodes], "world_size": world_size,
               "max_restarts": max_restarts, "launch": launch, "launched": time.time(),
-              "checkpoint_dir": str(first.settings.checkpoint_dir(name))}
+              "checkpoint_dir": str(first.settings.checkpoint_dir(name)),
+              "container": container}
     with tempfile.TemporaryDirectory(prefix="dsk-job-") as tmp:
         job_file = Path(tmp) / "job.json"
         job_file.write_text(json.dumps(record, indent=1) + "\n")
@@ -216,13 +237,14 @@ def start_job(inventory, config_path: Path, name: str, *, fresh: bool = False,
         raise RunFailed("could not copy the trainer to " + "; ".join(
             f"{n}: {failures[n]}" for n in names), nodes=names)
     say(f"job {name}: {len(inventory.nodes)} nodes, world size {world_size}, config "
-        f"{config_path}" + (f", continuing from step {resumed_from}"
-                            if resumed_from is not None else ""))
+        f"{config_path}" + (f", in image {container}" if container else "")
+        + (f", continuing from step {resumed_from}" if resumed_from is not None else ""))
     started = on_nodes(
         inventory, inventory.nodes,
         lambda n: start_command(inventory, n, name, config_rel, launch,
                                 nproc=nproc_for(n, nproc_per_node),
-                                max_restarts=max_restarts, env=env),
+                                max_restarts=max_restarts, env=env,
+                                container=container),
         timeout=PROBE_TIMEOUT_S * 3, transport=transport)
     bad = {n: out for n, (rc, out) in started.items() if rc != 0}
     if bad:

@@ -603,9 +603,10 @@ def train(inventory, config_path: Path, *, runs_dir: Path | None = None, console
           timeout_s: float | None = None, name: str | None = None, fresh: bool = False,
           detach: bool = False, max_restarts: int = 0, verbose: bool = False,
           interactive: bool | None = None, inventory_hint: str = "INVENTORY",
-          view=None) -> TrainResult:
+          view=None, container: str | None = None) -> TrainResult:
     """Validate the config, start the named job on every node (dsk_provision.joblaunch),
-    and, unless ``detach``, follow it to its end, fetch and check the loss."""
+    and, unless ``detach``, follow it to its end, fetch and check the loss.
+    ``container``: an image that every node runs the job in (dsk_provision.containers)."""
     from dsk_provision import joblaunch, jobs, rundir
     from trainer.config import load_config
 
@@ -620,7 +621,8 @@ def train(inventory, config_path: Path, *, runs_dir: Path | None = None, console
             with guard.held():  # a half-started job is not worth stopping: finish, then stop
                 started = joblaunch.start_job(
                     inventory, config_path, name, fresh=fresh, max_restarts=max_restarts,
-                    nproc_per_node=nproc_per_node, transport=transport, say=view.say)
+                    nproc_per_node=nproc_per_node, transport=transport,
+                    container=container, say=view.say)
         except Interrupted as exc:
             with guard.held():
                 stopped = jobs.stop_job(inventory, name, grace_s=10, transport=transport)

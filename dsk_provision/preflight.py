@@ -36,6 +36,8 @@ from dsk_provision.remote import SshTransport, TransportChoice, resolve_transpor
 PROBE = Path(__file__).with_name("preflight_probe.py")
 # What the probe prints before its JSON (preflight_probe.MARKER).
 MARKER = "dsk-preflight: "
+# What the image check says before it fails (containers.image_command).
+IMAGE_MARKER = "dsk-image: "
 LOOPBACK = "127.0.0.1"
 # How long each node keeps trying to reach the rendezvous address: the probes start at
 # once, but the first node's listener may come up a few seconds after a peer's attempt.
@@ -71,14 +73,26 @@ class NodeCheck:
 
 
 def probe_command(node, *, host: str, port: int, serve: bool, peers: int,
-                  modules: list[str], gpus: int, wait_s: float) -> str:
-    """The shell line that runs the probe (sent on stdin) with the node's Python."""
+                  modules: list[str], gpus: int, wait_s: float,
+                  container: str | None = None) -> str:
+    """The shell line that runs the probe (sent on stdin) with the node's Python; with
+    ``container``, in that image as the job will run (the image is looked for first, and
+    pulled when missing)."""
     argv = [node.settings.python, "-", "--host", host, "--port", str(port),
             "--peers", str(peers), "--wait", f"{wait_s:g}", "--modules", ",".join(modules),
             "--gpus", str(gpus)]
     if serve:
         argv.append("--serve")
-    return " ".join(shlex.quote(a) for a in argv)
+    if not container:
+        return " ".join(shlex.quote(a) for a in argv)
+    from dsk_provision import containers
+
+    argv = containers.run_argv(node, container, argv, name=f"dsk-preflight-{node.name}",
+                               workdir="/", binds=[], env={})
+    argv[2:2] = ["-i"]  # the probe comes on stdin
+    return (f"{containers.image_command(node, container)} && "
+            f"{containers.remove_command(node, f'dsk-preflight-{node.name}')} && "
+            + " ".join(shlex.quote(a) for a in argv))
 
 
 def _last_line(text: str) -> str:
@@ -87,10 +101,18 @@ def _last_line(text: str) -> str:
 
 
 def judge(node, rc: int, output: str, *, host: str, port: int, first: str, serve: bool,
-          ranks: int, gpus: int, ssh: bool, timeout_s: float) -> NodeCheck:
+          ranks: int, gpus: int, ssh: bool, timeout_s: float,
+          container: str | None = None) -> NodeCheck:
     """Turn one probe's exit code and output into a NodeCheck."""
     check = NodeCheck(node.name)
     python = node.settings.python
+    image = next((x for x in (output or "").splitlines() if x.startswith(IMAGE_MARKER)),
+                 None)
+    if image is not None and container:
+        check.problems.append(f"image {container}: {image[len(IMAGE_MARKER):].strip()}")
+        return check
+    if container:
+        python = f"{python} in image {container}"
     line = next((x for x in (output or "").splitlines() if x.startswith(MARKER)), None)
     if line is None:
         if rc == 124:
@@ -137,9 +159,11 @@ def judge(node, rc: int, output: str, *, host: str, port: int, first: str, serve
 
 def check_nodes(inventory, modules: list[str], *, ranks: dict[str, int],
                 transport: TransportChoice = None, wait_s: float = CONNECT_S,
-                timeout_s: float = PROBE_TIMEOUT_S) -> list[NodeCheck]:
-    """Probe every node at once (``ranks``: processes per node). Returns each node's
-    findings; raises RunFailed naming every node with a problem."""
+                timeout_s: float = PROBE_TIMEOUT_S,
+                container: str | None = None) -> list[NodeCheck]:
+    """Probe every node at once (``ranks``: processes per node; ``container``: in that
+    image). Returns each node's findings; raises RunFailed naming every node with a
+    problem."""
     nodes = inventory.nodes
     host = rendezvous_host(inventory)
     port = nodes[0].settings.rdzv_port
@@ -150,7 +174,8 @@ def check_nodes(inventory, modules: list[str], *, ranks: dict[str, int],
         gpus = int(node.gpus or 0)
         way = resolve_transport(transport, inventory, node)
         command = probe_command(node, host=host, port=port, serve=serve, peers=len(nodes),
-                                modules=modules, gpus=gpus, wait_s=wait_s)
+                                modules=modules, gpus=gpus, wait_s=wait_s,
+                                container=container)
         try:
             with open(PROBE, "rb") as program:
                 rc, out = run_command(way, node, command, stdin=program, timeout=timeout_s)
@@ -159,7 +184,8 @@ def check_nodes(inventory, modules: list[str], *, ranks: dict[str, int],
             return
         results[node.name] = judge(node, rc, out, host=host, port=port, first=nodes[0].name,
                                    serve=serve, ranks=ranks.get(node.name, 1), gpus=gpus,
-                                   ssh=isinstance(way, SshTransport), timeout_s=timeout_s)
+                                   ssh=isinstance(way, SshTransport), timeout_s=timeout_s,
+                                   container=container)
 
     threads = [threading.Thread(target=one, args=(i, n), daemon=True)
                for i, n in enumerate(nodes)]
@@ -171,7 +197,7 @@ def check_nodes(inventory, modules: list[str], *, ranks: dict[str, int],
     failed = [c for c in checks if c.problems]
     if failed:
         raise RunFailed(_failure_message(failed), nodes=[c.name for c in failed],
-                        hint=_hint(inventory, failed))
+                        hint=_hint(inventory, failed, container))
     return checks
 
 
@@ -200,14 +226,18 @@ def check_memory(inventory, cfg, world_size: int, *, say=print):
 
 
 def before_launch(inventory, cfg, ranks: dict[str, int], *,
-                  transport: TransportChoice = None, say=print) -> list[NodeCheck]:
-    """The checks of a training run of ``cfg`` (a TrainConfig), said as they start."""
+                  transport: TransportChoice = None, container: str | None = None,
+                  say=print) -> list[NodeCheck]:
+    """The checks of a training run of ``cfg`` (a TrainConfig), said as they start;
+    with ``container``, the image is on every node and the probe runs in it."""
     from trainer.imports import modules_for
 
     modules = modules_for(cfg)
     say(f"train: checking {len(inventory.nodes)} node(s): rendezvous at "
-        f"{rendezvous_endpoint(inventory)}, Python modules {', '.join(modules)}")
-    return check_nodes(inventory, modules, ranks=ranks, transport=transport)
+        f"{rendezvous_endpoint(inventory)}, Python modules {', '.join(modules)}"
+        + (f", in image {container}" if container else ""))
+    return check_nodes(inventory, modules, ranks=ranks, transport=transport,
+                       container=container)
 
 
 def _failure_message(failed: list[NodeCheck]) -> str:
@@ -217,9 +247,12 @@ def _failure_message(failed: list[NodeCheck]) -> str:
     return "\n".join(lines)
 
 
-def _hint(inventory, failed: list[NodeCheck]) -> str:
+def _hint(inventory, failed: list[NodeCheck], container: str | None = None) -> str:
     first = inventory.nodes[0]
     words = " ".join(p for c in failed for p in c.problems)
+    if container and f"image {container}:" in words:
+        return (f"load {container} on those nodes (podman load / docker load) or make it "
+                "pullable there; nothing was started on any node")
     if "rendezvous" in words:
         named = first.address == first.name
         return (f"torchrun's rendezvous runs on {first.name} at {first.address}: "
@@ -228,6 +261,9 @@ def _hint(inventory, failed: list[NodeCheck]) -> str:
                    f"make {first.address} reachable from every node on port "
                    f"{first.settings.rdzv_port} (firewall), or set ansible_host of "
                    f"{first.name} to one that is"))
+    if container and ("cannot import" in words or "does not run" in words):
+        return (f"the image {container} needs the trainer's Python environment at "
+                f"{first.settings.python} (docs/trainer.md, \"Jobs in a container\")")
     if "cannot import" in words or "does not run" in words:
         return ("install the trainer environment on those nodes: dsk-provision bootstrap "
                 "-i INVENTORY --tags trainer_env")

@@ -4,7 +4,8 @@ SIGTERM, and a small status file that ``dsk-provision jobs status`` reads.
 All of it is keyed by ``DSK_JOB_DIR`` (the job's directory on the node, set by the
 launcher); without it the trainer behaves as a plain command.
 
-- Each rank appends its stdout and stderr to ``$DSK_JOB_DIR/logs/rank-<R>.log``.
+- Each rank appends its stdout and stderr to ``$DSK_JOB_DIR/logs/rank-<R>.log``, after a
+  first line that says the rank starts (and in which container runtime, if any).
 - SIGTERM asks for a stop: at the next step boundary every rank agrees (one all-reduce of
   a flag per step), a checkpoint is saved when checkpointing is on, and the ranks exit 0,
   so torchrun does not restart them.
@@ -49,9 +50,21 @@ def redirect_to_rank_log() -> Path | None:
     os.dup2(fd, 2)
     os.close(fd)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    engine = container_engine()
     print(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} rank {rank} starts "
-          f"(attempt {int(attempt) + 1})", flush=True)
+          f"(attempt {int(attempt) + 1})" + (f" in a {engine} container" if engine else ""),
+          flush=True)
     return path
+
+
+def container_engine(root: Path = Path("/")) -> str | None:
+    """The container runtime this process runs under (``train --container``), by the
+    file each one leaves in its containers; None on the host."""
+    if (root / "run" / ".containerenv").exists():
+        return "podman"
+    if (root / ".dockerenv").exists():
+        return "docker"
+    return None
 
 
 def stop_already_requested() -> bool:

@@ -41,6 +41,9 @@ def render_inventory(*, cluster_name: str, nodes: Sequence[tuple[str, str]], key
                 # default overlay storage cannot stack on the nodes' overlayfs root.
                 "containers_runtime": "podman",
                 "containers_podman_storage_driver": "vfs",
+                # The nodes are containers themselves: the kernel gives podman's
+                # containers neither a session keyring nor cgroups of their own there.
+                "containers_podman_nested": True,
                 # For Slurm when dsk_slurm_enabled is turned on (roles/slurm): the nodes
                 # share the host's cgroup tree, which is not theirs to manage, so slurmd
                 # finds a job's processes through /proc and confines nothing.
