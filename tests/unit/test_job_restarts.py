@@ -1,0 +1,90 @@
+"""The restart rule of named jobs (trainer/resilience.py): at most --max-restarts restarts
+between two checkpoints, so a job that makes progress is not killed by old failures.
+
+The rule itself, and a real tiny job on this machine (a local-connection node, torchrun,
+one CPU rank) whose rank 0 ends abruptly at chosen steps (DSK_DRILL_CRASH)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from dsk_provision import jobs
+from dsk_provision.joblaunch import start_job, torchrun_restarts
+from tests.unit.test_jobs import TINY, free_port, make_local_inventory
+from trainer import resilience
+from trainer.config import load_config
+from trainer.job import marked_pids
+
+
+def test_the_count_starts_again_at_each_checkpoint():
+    # attempt 1 is the launch; a checkpoint written in attempt c resets the count there
+    assert resilience.restarts_since_checkpoint(1, 1) == 0
+    assert resilience.restarts_since_checkpoint(3, 1) == 2
+    assert resilience.restarts_since_checkpoint(3, 2) == 1
+    assert resilience.restarts_since_checkpoint(3, 3) == 0
+    assert not resilience.give_up(1, 1) and resilience.give_up(2, 1)
+    assert resilience.give_up(1, 0) and not resilience.give_up(0, 0)
+
+
+def test_torchrun_gets_a_budget_for_the_whole_run(tmp_path):
+    cfg = load_config(TINY)
+    assert torchrun_restarts(0, cfg) == 0
+    assert torchrun_restarts(2, cfg) == 2  # no checkpoints: the count never resets
+    cfg.checkpoint.interval, cfg.training.steps = 5, 40
+    assert torchrun_restarts(2, cfg) == 2 * (40 // 5 + 2)
+
+
+def _config(tmp_path: Path) -> Path:
+    text = TINY.read_text()
+    path = tmp_path / "cfg.toml"
+    path.write_text(text.replace("\nsteps = 40\n", "\nsteps = 8\n")
+                    .replace("\ninterval = 0\n", "\ninterval = 2\nkeep_last = 2\n"))
+    return path
+
+
+def _run(tmp_path: Path, crashes: str) -> tuple[jobs.JobStatus, str]:
+    inv = make_local_inventory(tmp_path, free_port())
+    start_job(inv, _config(tmp_path), "r", max_restarts=1,
+              env={resilience.CRASH_VAR: crashes})
+    try:
+        deadline = time.monotonic() + 300
+        while (status := jobs.job_status(inv, "r")).state == "running":
+            assert time.monotonic() < deadline, "the job did not end within 300 s"
+            time.sleep(0.5)
+    finally:
+        jobs.stop_job(inv, "r", grace_s=5)
+    logs = tmp_path / "node1" / "jobs" / "r" / "logs"
+    text = "".join(p.read_text() for p in sorted(logs.glob("*.log")))
+    return status, text
+
+
+@pytest.mark.slow
+def test_more_failures_than_max_restarts_in_all_but_one_between_checkpoints_finish(
+        tmp_path):
+    # --max-restarts 1, checkpoints every 2 steps: rank 0 dies before step 3 (after the
+    # checkpoint of step 2), then, in the next attempt, before step 5 (after step 4's).
+    status, logs = _run(tmp_path, "1:3,2:5")
+    assert status.state == "finished", (status.to_dict(), logs[-3000:])
+    assert logs.count("drill: rank 0 ends abruptly") == 2
+    assert status.trainer["step"] == 8
+    assert status.trainer["restarts"] == 2 and status.trainer["restarts_since_checkpoint"] == 0
+    ledger = json.loads((tmp_path / "node1/jobs/r/attempts-node1.json").read_text())
+    assert ledger["attempts"] == 3 and ledger["checkpoint_step"] == 8
+
+
+@pytest.mark.slow
+def test_two_failures_between_two_checkpoints_fail_the_job(tmp_path):
+    # The same budget, but both failures come before step 3: no checkpoint between them.
+    status, logs = _run(tmp_path, "1:3,2:3")
+    assert status.state == "failed", (status.to_dict(), logs[-3000:])
+    assert logs.count("drill: rank 0 ends abruptly") == 2
+    view = status.nodes[0]
+    assert view.reason == ("the job was restarted 2 times since its newest checkpoint, "
+                           "more than --max-restarts 1"), view
+    assert view.lost_node is None and status.trainer["step"] < 8
+    assert "ending the job: the job was restarted 2 times" in logs
+    assert marked_pids("r") == []  # the supervisor ended every process of the job
