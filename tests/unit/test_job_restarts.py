@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from dsk_provision import jobs
+from dsk_provision.inventory import load_inventory
 from dsk_provision.joblaunch import start_job, torchrun_restarts
 from tests.unit.test_jobs import TINY, free_port, make_local_inventory
 from trainer import resilience
@@ -88,3 +89,115 @@ def test_two_failures_between_two_checkpoints_fail_the_job(tmp_path):
     assert view.lost_node is None and status.trainer["step"] < 8
     assert "ending the job: the job was restarted 2 times" in logs
     assert marked_pids("r") == []  # the supervisor ended every process of the job
+
+
+# --------------------------------------------------------------------------- a lost node
+
+
+def _node_pids(name: str, job_dir: Path) -> list[int]:
+    """The job's processes of one local "node": those with its job dir in their env."""
+    import os
+
+    mark = f"DSK_JOB_DIR={job_dir}".encode()
+    out = []
+    for pid in marked_pids(name):
+        try:
+            if mark in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                out.append(pid)
+        except OSError:
+            pass
+    return [p for p in out if p != os.getpid()]
+
+
+def _freeze_node(name: str, job_dir: Path) -> list[int]:
+    """A machine that is gone: its processes stop answering (SIGSTOP: no reset of their
+    connections, no heartbeat, no exit), as when its power is cut."""
+    import os
+    import signal
+
+    pids = _node_pids(name, job_dir)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    return pids
+
+
+def _kill(pids: list[int]) -> None:
+    import os
+    import signal
+
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGCONT)
+        except OSError:
+            pass
+
+
+def _wait_node(inv, name: str, node: str, until, timeout: float) -> jobs.NodeView:
+    deadline = time.monotonic() + timeout
+    while True:
+        view = next(v for v in jobs.job_status(inv, name, blame=False).nodes if v.node == node)
+        if until(view):
+            return view
+        assert time.monotonic() < deadline, f"{node}: {view}"
+        time.sleep(0.5)
+
+
+def _long_config(tmp_path: Path, steps: int, interval: int) -> Path:
+    path = tmp_path / "long.toml"
+    path.write_text(TINY.read_text().replace("\nsteps = 40\n", f"\nsteps = {steps}\n")
+                    .replace("\ninterval = 0\n", f"\ninterval = {interval}\nkeep_last = 2\n"))
+    return path
+
+
+@pytest.mark.slow
+def test_a_lost_node_ends_the_job_naming_it_within_60_s(tmp_path):
+    inv = make_local_inventory(tmp_path, free_port(), nodes=2)
+    start_job(inv, _long_config(tmp_path, 100000, 0), "lost", max_restarts=1)
+    frozen: list[int] = []
+    try:
+        _wait_node(inv, "lost", "node1", lambda v: (v.trainer or {}).get("step", 0) >= 2,
+                   240)
+        frozen = _freeze_node("lost", tmp_path / "node2" / "jobs" / "lost")
+        assert frozen
+        lost_at = time.time()
+        view = _wait_node(inv, "lost", "node1", lambda v: not v.running, 90)
+    finally:
+        _kill(frozen)
+        jobs.stop_job(inv, "lost", grace_s=5)
+    assert view.state == "failed" and view.lost_node == "node2", view
+    assert view.reason.startswith("node node2 stopped answering (no heartbeat for 3"), view
+    assert view.reason.endswith("the job does not go on with fewer nodes (no --min-nodes)")
+    assert view.ended - lost_at < 60, view.ended - lost_at
+    assert marked_pids("lost") == []
+    # Seen from the control node, with node2 dead (no answer): failed, naming node2.
+    dead = jobs.NodeView("node2", reachable=False, error="no answer")
+    status = jobs.combine("lost", [view, dead])
+    assert (status.state, status.culprit, status.culprit_node) == (
+        "failed", "node2 (lost)", "node2")
+
+
+@pytest.mark.slow
+def test_with_min_nodes_the_job_goes_on_without_the_lost_node(tmp_path):
+    inv = make_local_inventory(tmp_path, free_port(), nodes=3)
+    hosts = inv.hosts_file  # checkpoints on a file system all three "nodes" share
+    hosts.write_text(hosts.read_text().replace(
+        "  children:", f"    dsk_checkpoint_dir: {tmp_path / 'shared'}\n  children:"))
+    inv = load_inventory(hosts)
+    steps = 400
+    start_job(inv, _long_config(tmp_path, steps, 5), "mn", max_restarts=1, min_nodes=2)
+    frozen: list[int] = []
+    try:
+        _wait_node(inv, "mn", "node1", lambda v: (v.checkpoint or {}).get("step", 0) >= 5,
+                   240)
+        frozen = _freeze_node("mn", tmp_path / "node3" / "jobs" / "mn")
+        done = _wait_node(inv, "mn", "node1", lambda v: not v.running, 400)
+    finally:
+        _kill(frozen)
+        jobs.stop_job(inv, "mn", grace_s=5)
+    logs = "".join(p.read_text() for p in sorted(
+        (tmp_path / "node1" / "jobs" / "mn" / "logs").glob("*.log")))
+    assert done.state == "finished", (done, logs[-4000:])
+    assert "node node3 stopped answering" in logs and "going on with the 2 other" in logs
+    assert "| world 2 " in logs and "resumed from " in logs
+    assert done.trainer["step"] == steps and done.trainer["restarts"] == 1
