@@ -114,6 +114,10 @@ def start_command(inventory, node, name: str, config_rel: str, launch: str, *, n
     variables = node_env(node, env, remote_dir=d)
     variables[JOB_MARKER_VAR] = name
     variables[JOB_DIR_VAR] = str(d)
+    if min_nodes:
+        # Membership can change between rounds: each round's rank 0 hosts a fresh store
+        # for the ranks (a store kept from an earlier round may be on the lost node).
+        variables["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     argv = torchrun_argv(inventory, node, name, config_rel, nproc=nproc,
                          max_restarts=max_restarts, min_nodes=min_nodes)
     supervisor = [node.settings.python, "-m", "trainer.job", "run", "--node", node.name,

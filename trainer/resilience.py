@@ -17,8 +17,9 @@ supervisor (trainer/job.py), which ends torchrun on its node and records the job
 
 **A node that dies.** Local rank 0 of each node bumps the node's heartbeat in torchrun's
 store every ``HEARTBEAT_S`` and watches the others'. A node whose heartbeat stands still
-for ``LOST_AFTER_S`` (or, for the rendezvous node, whose store stops answering that long)
-is lost. With restarts left and at least ``min_nodes`` nodes remaining, the rank exits so
+for ``LOST_AFTER_S`` (or, for rank 0's node, whose store stops answering that long)
+is lost. With restarts left, at least ``min_nodes`` nodes remaining, and the lost node not
+the rendezvous node (its torchrun holds the rendezvous), the rank exits so
 that torchrun restarts the job; its rendezvous (``--nnodes MIN:MAX``) goes on without the
 lost node and the job resumes from the newest complete checkpoint. Otherwise the rank
 writes ``abort.json`` naming the node, and the supervisors end the job everywhere.
@@ -37,9 +38,9 @@ NODE_VAR = "DSK_NODE"            # set by the node's supervisor (trainer/job.py)
 ABORT_FILE = "abort.json"        # trainer.job reads it
 HEARTBEAT_S = 5.0
 LOST_AFTER_S = 30.0
-# Test drills only: pause local rank 0 of the node named here inside a checkpoint save,
+# Test drills only: pause local rank 0 of the node named here inside the save of step S,
 # after the shards are written and before COMPLETE, for this many seconds;
-SAVE_PAUSE_VAR = "DSK_DRILL_SAVE_PAUSE"   # "<node>:<seconds>"
+SAVE_PAUSE_VAR = "DSK_DRILL_SAVE_PAUSE"   # "<node>:<step>:<seconds>"
 # and end rank 0 abruptly before step S of attempt A, for each pair.
 CRASH_VAR = "DSK_DRILL_CRASH"             # "A:S,A:S,..."
 
@@ -173,12 +174,15 @@ def abort(reason: str, **extra) -> None:
 # --------------------------------------------------------------------------- drills
 
 
-def drill_save_pause() -> None:
+def drill_save_pause(step: int) -> None:
     """The pause of ``DSK_DRILL_SAVE_PAUSE`` (tests only: a rank killed mid-save)."""
     value = os.environ.get(SAVE_PAUSE_VAR, "")
-    node, _, seconds = value.partition(":")
-    if node and node == node_name() and int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        print(f"drill: pausing {seconds} s inside the checkpoint save", flush=True)
+    if value.count(":") != 2:
+        return
+    node, at, seconds = value.split(":")
+    if (node == node_name() and at == str(step)
+            and int(os.environ.get("LOCAL_RANK", "0")) == 0):
+        print(f"drill: pausing {seconds} s inside the save of step {step}", flush=True)
         time.sleep(float(seconds))
 
 
@@ -204,11 +208,12 @@ class NodeWatch:
     without it: torchrun restarts) or aborts the job naming the node.
     """
 
-    def __init__(self, attempt: Attempt, nodes: list[str], prefix: str,
+    def __init__(self, attempt: Attempt, nodes: list[str], prefix: str, store_node: str,
                  heartbeat_s: float = HEARTBEAT_S, lost_after_s: float = LOST_AFTER_S):
         self.attempt = attempt
         self.me = node_name()
         self.nodes = nodes
+        self.store_node = store_node  # rank 0's node: its torchrun holds the ranks' store
         self.prefix = prefix
         self.heartbeat_s = heartbeat_s
         self.lost_after_s = lost_after_s
@@ -231,7 +236,7 @@ class NodeWatch:
             return None
         if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
             return None
-        watch = cls(attempt, nodes, f"dsk/heartbeat/{box[0]}/")
+        watch = cls(attempt, nodes, f"dsk/heartbeat/{box[0]}/", names[0])
         watch.thread = threading.Thread(target=watch._run, name="dsk-node-watch",
                                         daemon=True)
         watch.thread.start()
@@ -270,8 +275,7 @@ class NodeWatch:
             except Exception:  # noqa: BLE001 - the store's host is gone, or going
                 store = None
                 if now - store_ok > self.lost_after_s:
-                    lost = self.attempt.policy.rendezvous_node or "the rendezvous node"
-                    self.lost(lost, now - store_ok, store_host=True)
+                    self.lost(self.store_node, now - store_ok, store_host=True)
                     return
             time.sleep(self.heartbeat_s)
 
@@ -281,13 +285,14 @@ class NodeWatch:
         restarts_left = pol.max_restarts - self.attempt.restarts
         silent = "its rendezvous store" if store_host else "no heartbeat"
         what = f"node {node} stopped answering ({silent} for {silent_s:.0f} s)"
-        if (not store_host and pol.min_nodes is not None and remaining >= pol.min_nodes
+        rendezvous = node == pol.rendezvous_node
+        if (not rendezvous and pol.min_nodes is not None and remaining >= pol.min_nodes
                 and restarts_left > 0):
             print(f"{what}: going on with the {remaining} other nodes (--min-nodes "
                   f"{pol.min_nodes}); restarting from the newest complete checkpoint",
                   flush=True)
             os._exit(1)
-        if store_host:
+        if rendezvous:
             why = "it holds the job's rendezvous: the job cannot go on without it"
         elif restarts_left <= 0:
             why = ("no restart left" if pol.max_restarts else "restarts are off "
