@@ -278,8 +278,9 @@ def test_a_stopped_node_ends_the_job_within_60_s_naming_it(sandbox_cluster, node
         assert view["ended"] - stopped < 60, (view["ended"] - stopped, view)
         assert view["reason"].startswith(f"node {victim} stopped answering"), view
     shown = cli(sandbox, "jobs", "status", "nd", check=False)
-    assert f"job nd: failed ({victim} (lost))" in shown.stdout, shown.stdout
-    assert f"dsk-provision nodes cordon -i INVENTORY {victim}" in shown.stdout
+    text = " ".join(shown.stdout.split())
+    assert f"job nd: failed ({victim} (lost))" in text, shown.stdout
+    assert f"dsk-provision nodes cordon -i INVENTORY {victim} --reason" in text, text
     assert left_on_nodes(sandbox, node_ssh, "nd") == {}
 
 
@@ -298,7 +299,7 @@ def test_a_rank_killed_during_a_save_resumes_from_the_previous_checkpoint(
     jd = inventory.nodes[0].settings.job_dir("ck")
     wait_for(lambda: node_ssh(node1_ip, f"grep -q 'drill: pausing' {jd}/logs/rank-0.log",
                               check=False).returncode == 0, "the save of step 6")
-    listing = node_ssh(node1_ip, f"ls {jd}/checkpoints/step-000003 "
+    listing = node_ssh(node1_ip, f"ls -A {jd}/checkpoints/step-000003 "
                                  f"{jd}/checkpoints/step-000006").stdout.split()
     assert "COMPLETE" in listing[:listing.index(f"{jd}/checkpoints/step-000006:")], listing
     assert "COMPLETE" not in listing[listing.index(f"{jd}/checkpoints/step-000006:"):]

@@ -40,6 +40,40 @@ def test_torchrun_gets_a_budget_for_the_whole_run(tmp_path):
     assert torchrun_restarts(2, cfg) == 2 * (40 // 5 + 2)
 
 
+def test_min_nodes_makes_the_rendezvous_elastic_and_needs_restarts(tmp_path):
+    import shlex
+
+    from dsk_provision.errors import InputError
+    from dsk_provision.joblaunch import start_command
+
+    inv = make_local_inventory(tmp_path, 29597, nodes=3)
+    line = start_command(inv, inv.nodes[2], "j", "config/tiny.toml", "L", nproc=1,
+                         max_restarts=4, min_nodes=2)
+    argv = shlex.split(line.split("setsid -f ", 1)[1])
+    assert argv[argv.index("--nnodes") + 1] == "2:3"
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in argv
+    plain = shlex.split(start_command(inv, inv.nodes[2], "j", "config/tiny.toml", "L",
+                                      nproc=1, max_restarts=4).split("setsid -f ", 1)[1])
+    assert plain[plain.index("--nnodes") + 1] == "3"
+    for bad, restarts in ((0, 1), (4, 1), (2, 0)):
+        with pytest.raises(InputError) as err:
+            start_job(inv, TINY, "j", max_restarts=restarts, min_nodes=bad)
+        assert err.value.field == "--min-nodes"
+
+
+def test_a_node_the_ranks_lost_is_the_culprit_even_when_it_does_not_answer():
+    survivor = jobs.NodeView("node1", reachable=True, exists=True, state="failed",
+                             exit_code=-15, reason="node node2 stopped answering ...",
+                             lost_node="node2")
+    dead = jobs.NodeView("node2", reachable=False, error="no answer")
+    status = jobs.combine("j", [survivor, dead])
+    assert (status.state, status.culprit, status.culprit_node) == (
+        "failed", "node2 (lost)", "node2")
+    # Without the ranks' word, a silent node leaves the state unknown.
+    survivor.lost_node = None
+    assert jobs.combine("j", [survivor, dead]).state == "unknown"
+
+
 def _config(tmp_path: Path) -> Path:
     text = TINY.read_text()
     path = tmp_path / "cfg.toml"
@@ -213,12 +247,10 @@ def test_with_min_nodes_the_job_goes_on_without_the_lost_node(tmp_path):
     try:
         _wait_node(inv, "mn", "node1", lambda v: (v.checkpoint or {}).get("step", 0) >= 5,
                    240)
-        # Not the node that holds the rendezvous (the job cannot go on without it), nor
-        # rank 0's (its status file would stay behind).
-        keep = {_rendezvous_host("mn", port, tmp_path)} | {
-            n for n in ("node1", "node2", "node3")
-            if (tmp_path / n / "jobs/mn/out/status.json").exists()}
-        victim = next(n for n in ("node3", "node2", "node1") if n not in keep)
+        # Not the node that holds the rendezvous (the job cannot go on without it): on a
+        # cluster the first node, here whichever torchrun bound the port first.
+        keep = {"node1", _rendezvous_host("mn", port, tmp_path)}
+        victim = next(n for n in ("node3", "node2") if n not in keep)
         survivors = [n for n in ("node1", "node2", "node3") if n != victim]
         frozen = _freeze_node("mn", tmp_path / victim / "jobs" / "mn")
         ends = [_wait_node(inv, "mn", n, lambda v: not v.running, 400) for n in survivors]
