@@ -218,6 +218,11 @@ class NodeWatch:
         self.heartbeat_s = heartbeat_s
         self.lost_after_s = lost_after_s
         self.thread: threading.Thread | None = None
+        self.done = threading.Event()
+
+    def stop(self) -> None:
+        """The job has ended on this node: nodes that end before it are not lost."""
+        self.done.set()
 
     @classmethod
     def start(cls, attempt: Attempt | None) -> NodeWatch | None:
@@ -255,7 +260,7 @@ class NodeWatch:
         store = None
         seen: dict[str, tuple[int, float]] = {}
         store_ok = time.monotonic()
-        while True:
+        while not self.done.is_set():
             now = time.monotonic()
             try:
                 if store is None:
@@ -265,6 +270,8 @@ class NodeWatch:
                     if node == self.me:
                         continue
                     count = store.add(self.prefix + node, 0)
+                    if self.done.is_set():
+                        return
                     last = seen.get(node)
                     if last is None or count != last[0]:
                         seen[node] = (count, now)
@@ -274,10 +281,10 @@ class NodeWatch:
                 store_ok = now
             except Exception:  # noqa: BLE001 - the store's host is gone, or going
                 store = None
-                if now - store_ok > self.lost_after_s:
+                if now - store_ok > self.lost_after_s and not self.done.is_set():
                     self.lost(self.store_node, now - store_ok, store_host=True)
                     return
-            time.sleep(self.heartbeat_s)
+            self.done.wait(self.heartbeat_s)
 
     def lost(self, node: str, silent_s: float, store_host: bool = False) -> None:
         pol = self.attempt.policy

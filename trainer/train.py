@@ -158,7 +158,7 @@ def train(cfg: TrainConfig, out_dir: Path, device, profile_step: int | None = No
                                                   attempt.policy.max_restarts):
         resilience.abort(f"the job was restarted {attempt.restarts} times since its newest "
                          f"checkpoint, more than --max-restarts {attempt.policy.max_restarts}")
-    watch = resilience.NodeWatch.start(attempt)  # noqa: F841 - a daemon thread
+    watch = resilience.NodeWatch.start(attempt)
     dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, p.ep, world_size)
     source = build_source(cfg, cfg.path)
     if rank == 0:
@@ -274,6 +274,8 @@ def train(cfg: TrainConfig, out_dir: Path, device, profile_step: int | None = No
             print(f"stopped at step {stopped_at}: {saved}", flush=True)
         status.end("finished" if stopped_at is None else "stopped")
     dist.barrier()
+    if watch is not None:
+        watch.stop()
     return summary
 
 
