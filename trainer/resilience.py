@@ -23,6 +23,7 @@ the rendezvous node (its torchrun holds the rendezvous), the rank exits so
 that torchrun restarts the job; its rendezvous (``--nnodes MIN:MAX``) goes on without the
 lost node and the job resumes from the newest complete checkpoint. Otherwise the rank
 writes ``abort.json`` naming the node, and the supervisors end the job everywhere.
+The loss of rank 0's node is not noticed yet: the store calls to it hang rather than fail.
 """
 
 from __future__ import annotations
