@@ -333,8 +333,12 @@ def train(
         "--detach", help="Start the job on the nodes and return; see `jobs`.")] = False,
     max_restarts: Annotated[int, typer.Option(
         "--max-restarts", min=0,
-        help="Restart the job from its newest checkpoint when a rank dies, this many "
-             "times.")] = 0,
+        help="Restart the job from its newest checkpoint when a rank dies, up to this many "
+             "times between two checkpoints.")] = 0,
+    min_nodes: Annotated[int | None, typer.Option(
+        "--min-nodes", min=1,
+        help="With --max-restarts: when a node dies, go on without it while at least this "
+             "many nodes remain (default: stop the job).")] = None,
     verbose: Annotated[bool, typer.Option(
         "--verbose", "-v", help="Show every line of every rank.")] = False,
     nproc_per_node: Annotated[int | None, typer.Option(
@@ -377,8 +381,9 @@ def train(
         render.console().print(f"train: {node.name} is cordoned ({node.cordoned}): left out",
                                markup=False, highlight=False)
     if slurm.launcher(inv, launcher) == "slurm":
-        if name or fresh or detach or max_restarts:
-            raise InputError("--name, --fresh, --detach and --max-restarts are options of "
+        if name or fresh or detach or max_restarts or min_nodes:
+            raise InputError("--name, --fresh, --detach, --max-restarts and --min-nodes are "
+                             "options of "
                              "the ssh launcher's named jobs", field="launcher",
                              hint="a Slurm job is followed and stopped through Slurm "
                                   "(docs/trainer.md, \"Launching through Slurm\")")
@@ -402,8 +407,8 @@ def train(
                          hint="add --launcher slurm, or set dsk_launcher: slurm")
     run_train(inv.in_service(), config, runs_dir=_runs_dir(ctx), console=render.console(),
               nproc_per_node=nproc_per_node, name=name, fresh=fresh, detach=detach,
-              max_restarts=max_restarts, verbose=verbose, inventory_hint=str(inventory),
-              container=container)
+              max_restarts=max_restarts, min_nodes=min_nodes, verbose=verbose,
+              inventory_hint=str(inventory), container=container)
 
 
 JobName = Annotated[str, typer.Argument(help="The job's name (see `jobs list`).")]

@@ -5,10 +5,13 @@ every node and starts one supervisor per node (trainer/job.py) in a session of i
 
     cd {dsk_root}/jobs/<name> && setsid -f env <vars> {dsk_python} -m trainer.job run
         --node <node> --launch <id> -- {dsk_python} -m torch.distributed.run --nnodes N
-        --nproc_per_node P --rdzv_backend c10d --rdzv_endpoint <first node>:<port>
-        --rdzv_id <name> --max-restarts R -m trainer.train --config config/<file>
-        --out out --checkpoint-dir <dir>  >> logs/node-<node>.log 2>&1 < /dev/null
+        (MIN:N with --min-nodes) --nproc_per_node P --rdzv_backend c10d
+        --rdzv_endpoint <first node>:<port> --rdzv_id <name> --max-restarts R'
+        -m trainer.train --config config/<file> --out out --checkpoint-dir <dir>
+        >> logs/node-<node>.log 2>&1 < /dev/null
 
+where R' is torchrun's budget for ``--max-restarts R`` restarts between two checkpoints
+(:func:`torchrun_restarts`; trainer/resilience.py applies the rule itself)
 and returns once every node has recorded the launch. ``follow_job`` reads the job's
 logs from every node (``trainer.job logs --follow``, one SSH session per node), shows
 them (:class:`LiveView`), keeps every line in the local run directory, stops the job on
@@ -73,13 +76,24 @@ def harmless(text: str) -> bool:
 # --------------------------------------------------------------------------- start
 
 
+def torchrun_restarts(max_restarts: int, cfg) -> int:
+    """torchrun's own budget: enough for ``max_restarts`` between every two checkpoints
+    of the run (trainer/resilience.py applies the rule; torchrun's count never resets)."""
+    if max_restarts == 0 or not cfg.checkpoint.interval:
+        return max_restarts
+    return max_restarts * (cfg.training.steps // cfg.checkpoint.interval + 2)
+
+
 def torchrun_argv(inventory, node, name: str, config_rel: str, *, nproc: int,
-                  max_restarts: int) -> list[str]:
+                  max_restarts: int, min_nodes: int | None = None) -> list[str]:
+    """``max_restarts``: torchrun's budget (torchrun_restarts); ``min_nodes``: the
+    rendezvous goes on with that many nodes when others are lost."""
     from dsk_provision.launch import rendezvous_endpoint
 
+    count = len(inventory.nodes)
     return [
         node.settings.python, "-m", "torch.distributed.run",
-        "--nnodes", str(len(inventory.nodes)),
+        "--nnodes", f"{min_nodes}:{count}" if min_nodes and min_nodes < count else str(count),
         "--nproc_per_node", str(nproc),
         "--rdzv_backend", "c10d",
         "--rdzv_endpoint", rendezvous_endpoint(inventory),
@@ -92,7 +106,7 @@ def torchrun_argv(inventory, node, name: str, config_rel: str, *, nproc: int,
 
 def start_command(inventory, node, name: str, config_rel: str, launch: str, *, nproc: int,
                   max_restarts: int, env: dict | None = None,
-                  container: str | None = None) -> str:
+                  container: str | None = None, min_nodes: int | None = None) -> str:
     """The shell line that starts the job's supervisor on a node and returns at once.
     With ``container`` (an image), the supervisor runs torchrun in it through the node's
     container runtime (dsk_provision.containers), with the same environment."""
@@ -102,8 +116,12 @@ def start_command(inventory, node, name: str, config_rel: str, launch: str, *, n
     variables = node_env(node, env, remote_dir=d)
     variables[JOB_MARKER_VAR] = name
     variables[JOB_DIR_VAR] = str(d)
+    if min_nodes:
+        # Membership can change between rounds: each round's rank 0 hosts a fresh store
+        # for the ranks (a store kept from an earlier round may be on the lost node).
+        variables["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     argv = torchrun_argv(inventory, node, name, config_rel, nproc=nproc,
-                         max_restarts=max_restarts)
+                         max_restarts=max_restarts, min_nodes=min_nodes)
     prepare = ""
     if container:
         from dsk_provision import containers
@@ -129,7 +147,8 @@ def fresh_command(node, name: str) -> str:
     d = job_dir(node, name)
     ckpt = node.settings.checkpoint_dir(name)
     return (f"cd {_q(d)} 2>/dev/null || exit 0; "
-            f"rm -rf out logs logs.prev stop-requested node-*.json {_q(ckpt)}")
+            f"rm -rf out logs logs.prev stop-requested abort.json node-*.json "
+            f"attempts-*.json {_q(ckpt)}")
 
 
 @dataclass
@@ -168,11 +187,14 @@ def _check_free(inventory, name: str, transport) -> int | None:
 def start_job(inventory, config_path: Path, name: str, *, fresh: bool = False,
               max_restarts: int = 0, nproc_per_node: int | None = None,
               env: dict | None = None, transport: TransportChoice = None,
-              container: str | None = None, say=lambda _text: None) -> StartedJob:
+              container: str | None = None, min_nodes: int | None = None,
+              say=lambda _text: None) -> StartedJob:
     """Ship and start the job on every node; returns once each has recorded the launch.
     A job of the same name continues from its newest complete checkpoint (``fresh``:
-    its outputs and checkpoints are removed first). ``container``: an image that torchrun
-    runs in on every node (dsk_provision.containers)."""
+    its outputs and checkpoints are removed first). ``max_restarts``: restarts allowed
+    between two checkpoints; ``min_nodes``: with restarts, the job goes on without a
+    lost node while at least this many remain (trainer/resilience.py). ``container``: an
+    image that torchrun runs in on every node (dsk_provision.containers)."""
     from dsk_provision import preflight
     from dsk_provision.launch import _tar_payload, nproc_for
     from trainer.config import check_world_size, load_config
@@ -186,6 +208,12 @@ def start_job(inventory, config_path: Path, name: str, *, fresh: bool = False,
             containers.runtime(node)  # a node without a runtime, before any connection
     if max_restarts < 0:
         raise InputError("must be 0 or more", field="--max-restarts")
+    if min_nodes is not None and not 1 <= min_nodes <= len(inventory.nodes):
+        raise InputError(f"must be between 1 and the {len(inventory.nodes)} nodes in "
+                         "service", field="--min-nodes")
+    if min_nodes is not None and max_restarts == 0:
+        raise InputError("going on with fewer nodes is a restart: give --max-restarts too",
+                         field="--min-nodes")
     config_path = Path(config_path)
     cfg = load_config(config_path)
     world_size = sum(nproc_for(n, nproc_per_node) for n in inventory.nodes)
@@ -209,7 +237,8 @@ def start_job(inventory, config_path: Path, name: str, *, fresh: bool = False,
     first = inventory.nodes[0]
     record = {"name": name, "config": config_rel, "config_source": str(config_path),
               "nodes": [n.name for n in inventory.nodes], "world_size": world_size,
-              "max_restarts": max_restarts, "launch": launch, "launched": time.time(),
+              "max_restarts": max_restarts, "min_nodes": min_nodes,
+              "rendezvous_node": first.name, "launch": launch, "launched": time.time(),
               "checkpoint_dir": str(first.settings.checkpoint_dir(name)),
               "container": container}
     with tempfile.TemporaryDirectory(prefix="dsk-job-") as tmp:
@@ -243,8 +272,8 @@ def start_job(inventory, config_path: Path, name: str, *, fresh: bool = False,
         inventory, inventory.nodes,
         lambda n: start_command(inventory, n, name, config_rel, launch,
                                 nproc=nproc_for(n, nproc_per_node),
-                                max_restarts=max_restarts, env=env,
-                                container=container),
+                                max_restarts=torchrun_restarts(max_restarts, cfg), env=env,
+                                container=container, min_nodes=min_nodes),
         timeout=PROBE_TIMEOUT_S * 3, transport=transport)
     bad = {n: out for n, (rc, out) in started.items() if rc != 0}
     if bad:
@@ -498,6 +527,7 @@ def _watch(inventory, name: str, followers: list[_Follower], started: float,
             seen.update(f.node for f in ended)
             status = job_status(inventory, name, transport=transport)
             lost = [v.node for v in status.nodes if not v.reachable]
+            lost = [v.lost_node for v in status.nodes if v.lost_node] or lost
             if lost:
                 return "lost", status, lost[0]
             failed = [v for v in status.nodes if not v.running and v.state == "failed"]

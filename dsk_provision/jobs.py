@@ -126,6 +126,8 @@ class NodeView:
     checkpoint: dict | None = None
     job: dict = field(default_factory=dict)
     error: str | None = None
+    reason: str | None = None          # why the job ended here, when a rank said (abort)
+    lost_node: str | None = None       # the node the ranks here lost
 
 
 @dataclass
@@ -158,7 +160,8 @@ def _node_view(name: str, rc: int, out: str) -> NodeView:
                     launch=record.get("launch"), processes=int(data.get("processes") or 0),
                     stop_requested=bool(data.get("stop_requested")),
                     trainer=data.get("trainer"), checkpoint=data.get("checkpoint"),
-                    job=data.get("job") or {})
+                    job=data.get("job") or {}, reason=record.get("reason"),
+                    lost_node=record.get("lost_node"))
 
 
 def combine(name: str, views: list[NodeView], culprit_hint: Callable[[str], str | None]
@@ -173,8 +176,14 @@ def combine(name: str, views: list[NodeView], culprit_hint: Callable[[str], str 
                          hint="dsk-provision jobs list -i INVENTORY")
     stop_requested = any(v.stop_requested for v in present)
     culprit = culprit_node = None
+    lost = [v for v in present if v.lost_node and not v.running and v.state == "failed"]
     if any(v.running for v in present):
         state = "stopping" if stop_requested else "running"
+    elif lost:
+        # The ranks on the other nodes saw a node die (trainer/resilience.py) and ended
+        # the job: it is the culprit, whether or not it answers now.
+        state, culprit_node = "failed", lost[0].lost_node
+        culprit = f"{culprit_node} (lost)"
     elif any(not v.reachable for v in views):
         state = "unknown"
     elif stop_requested:

@@ -601,7 +601,8 @@ def _fetch_job_file(inventory, name: str, relative: str, local: Path, *,
 def train(inventory, config_path: Path, *, runs_dir: Path | None = None, console=None,
           nproc_per_node: int | None = None, transport: TransportChoice = None,
           timeout_s: float | None = None, name: str | None = None, fresh: bool = False,
-          detach: bool = False, max_restarts: int = 0, verbose: bool = False,
+          detach: bool = False, max_restarts: int = 0, min_nodes: int | None = None,
+          verbose: bool = False,
           interactive: bool | None = None, inventory_hint: str = "INVENTORY",
           view=None, container: str | None = None) -> TrainResult:
     """Validate the config, start the named job on every node (dsk_provision.joblaunch),
@@ -621,8 +622,8 @@ def train(inventory, config_path: Path, *, runs_dir: Path | None = None, console
             with guard.held():  # a half-started job is not worth stopping: finish, then stop
                 started = joblaunch.start_job(
                     inventory, config_path, name, fresh=fresh, max_restarts=max_restarts,
-                    nproc_per_node=nproc_per_node, transport=transport,
-                    container=container, say=view.say)
+                    min_nodes=min_nodes, nproc_per_node=nproc_per_node,
+                    transport=transport, container=container, say=view.say)
         except Interrupted as exc:
             with guard.held():
                 stopped = jobs.stop_job(inventory, name, grace_s=10, transport=transport)

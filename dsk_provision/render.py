@@ -393,6 +393,14 @@ def job_status(status) -> None:
     ckpt = status.checkpoint
     out.print(f"job {status.name}: {status.state}"
               + (f" ({status.culprit})" if status.culprit else ""))
+    reason = next((v.reason for v in status.nodes if v.reason), None)
+    if reason and status.state == "failed":
+        out.print(f"  {reason}", markup=False, highlight=False, soft_wrap=True)
+        if status.culprit_node and any(v.lost_node for v in status.nodes):
+            out.print(f"  take {status.culprit_node} out of service and train again with "
+                      f"the same --name: dsk-provision nodes cordon -i INVENTORY "
+                      f"{status.culprit_node} --reason ... (or replace it: dsk-provision "
+                      f"nodes replace)", markup=False, highlight=False, soft_wrap=True)
     out.print(f"  step {cells['step']} | loss {cells['loss']} | tokens/s {cells['tokens/s']}"
               f" | mfu {cells['mfu']} | eta {cells['eta']} | restarts {cells['restarts']}")
     out.print("  last checkpoint: " + (f"step {ckpt['step']} ({ckpt['path']})" if ckpt
@@ -412,7 +420,8 @@ def job_status(status) -> None:
             state = "died"
         table.add_row(v.node, state, str(v.processes),
                       "-" if v.exit_code is None else str(v.exit_code),
-                      "stop requested" if v.stop_requested else "")
+                      "stop requested" if v.stop_requested else (
+                          f"lost {v.lost_node}" if v.lost_node else ""))
     out.print(table)
 
 

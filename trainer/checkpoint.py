@@ -42,6 +42,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from trainer.resilience import drill_save_pause
+
 MARKER = "COMPLETE"
 PREFIX = "step-"
 
@@ -138,6 +140,7 @@ def save(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.O
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
     torch.save(_rng_state(device), path / f"rng-rank{rank}.pt")
+    drill_save_pause(step)  # tests only: a rank killed in the middle of a save
     leader = node_leader()
     if rank == 0 or leader:  # the same on every rank; each node's copy gets one
         _write_whole(path / "train_state.json", json.dumps(train_state, indent=1) + "\n")

@@ -33,6 +33,9 @@ STOP_FILE = "stop-requested"
 JOB_FILE = "job.json"
 STATUS_FILE = "out/status.json"
 LOG_DIR = "logs"
+NODE_VAR = "DSK_NODE"            # trainer.resilience.NODE_VAR
+ABORT_FILE = "abort.json"        # trainer.resilience.ABORT_FILE
+ABORT_POLL_S = 0.5
 
 
 def node_record(job_dir: Path, node: str) -> Path:
@@ -151,26 +154,60 @@ def run(job_dir: Path, node: str, argv: list[str], launch: str) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {node}: starting {' '.join(argv)}",
           flush=True)
+    (job_dir / ABORT_FILE).unlink(missing_ok=True)
     try:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                env=dict(os.environ, **{NODE_VAR: node}))
     except OSError as exc:
         print(f"{node}: cannot start torchrun: {exc}", flush=True)
         record.update(state="failed", exit_code=127, ended=time.time())
         write_json(record_path, record)
         return 127
+    aborted = None
     while True:
         try:
-            code = proc.wait()
+            code = proc.wait(timeout=ABORT_POLL_S)
             break
+        except subprocess.TimeoutExpired:
+            aborted = _abort_request(job_dir, launch)
+            if aborted:
+                code = _end_torchrun(proc, aborted)
+                break
         except InterruptedError:
             continue
     stopped = (job_dir / STOP_FILE).exists()
-    state = "stopped" if stopped else ("finished" if code == 0 else "failed")
+    state = "stopped" if stopped and not aborted else (
+        "finished" if code == 0 and not aborted else "failed")
     record.update(state=state, exit_code=code, ended=time.time())
+    if aborted:
+        record.update(reason=aborted.get("reason"), lost_node=aborted.get("lost_node"))
     write_json(record_path, record)
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {node}: torchrun exited with code {code} "
           f"({state})", flush=True)
     return 0 if state != "failed" else 1
+
+
+def _abort_request(job_dir: Path, launch: str) -> dict | None:
+    """A rank's request to end the job as failed (trainer.resilience.abort), this launch's."""
+    data = read_json(job_dir / ABORT_FILE)
+    return data if data and data.get("launch") == launch else None
+
+
+def _end_torchrun(proc: subprocess.Popen, aborted: dict) -> int:
+    """End torchrun and the job's processes on this node (their ranks wait for this),
+    SIGTERM then SIGKILL; returns torchrun's exit code."""
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} ending the job: {aborted.get('reason')}",
+          flush=True)
+    name = os.environ.get(JOB_MARKER_VAR, "")
+    me = os.getpid()
+    for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        _signal([proc.pid] + [p for p in marked_pids(name) if p != me], sig)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if proc.poll() is not None and not [p for p in marked_pids(name) if p != me]:
+                return proc.returncode
+            time.sleep(0.1)
+    return proc.wait()
 
 
 # --------------------------------------------------------------------------- stop

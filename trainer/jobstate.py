@@ -12,7 +12,7 @@ launcher); without it the trainer behaves as a plain command.
 - A job whose stop was requested (``stop-requested`` in the job dir) does not start again
   (torchrun restarting a rank that was killed during the stop).
 - Rank 0 writes ``<out>/status.json`` after every step: step, loss, tokens/s, MFU, ETA,
-  the last checkpoint, torchrun's restart count, and the state (running, finished,
+  the last checkpoint, the restarts (trainer/resilience.py), and the state (running, finished,
   stopped).
 """
 
@@ -127,6 +127,11 @@ class StatusFile:
         self.data.update(step=metrics["step"], loss=metrics["loss"],
                          tokens_per_s=metrics["tokens_per_s"], mfu=metrics["mfu"],
                          eta_s=per_step * (self.total - metrics["step"]))
+        self._write()
+
+    def restarts(self, total: int, since_checkpoint: int) -> None:
+        """Restarts of this launch, and since the newest checkpoint (trainer.resilience)."""
+        self.data.update(restarts=total, restarts_since_checkpoint=since_checkpoint)
         self._write()
 
     def checkpoint(self, step: int) -> None:

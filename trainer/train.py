@@ -133,14 +133,15 @@ def summarize(history: list[dict[str, Any]], cfg: TrainConfig, start_step: int,
 
 
 def train(cfg: TrainConfig, out_dir: Path, device, profile_step: int | None = None,
-          init_from: str | None = None, checkpoint_dir: str | None = None) -> dict[str, Any]:
+          init_from: str | None = None, checkpoint_dir: str | None = None,
+          ledger: dict | None = None) -> dict[str, Any]:
     """Set up the model, its parallelism, optimizer and data on this rank, then run the
     steps (trainer/step.py) from the newest checkpoint on (without one: from the weights
     of ``init_from``, if given); return the run's summary."""
     import torch
     import torch.distributed as dist
 
-    from trainer import checkpoint
+    from trainer import checkpoint, resilience
     from trainer.data import Loader, build_source
     from trainer.jobstate import StatusFile, StopSignal, checkpoints_shared
     from trainer.metrics import MetricsWriter, format_line, peak_flops, peak_memory_gib
@@ -152,6 +153,12 @@ def train(cfg: TrainConfig, out_dir: Path, device, profile_step: int | None = No
     rank, world_size = dist.get_rank(), dist.get_world_size()
     t, p = cfg.training, cfg.parallel
     check_world_size(cfg, world_size)
+    attempt = resilience.agree_attempt(ledger, device)
+    if attempt is not None and resilience.give_up(attempt.restarts,
+                                                  attempt.policy.max_restarts):
+        resilience.abort(f"the job was restarted {attempt.restarts} times since its newest "
+                         f"checkpoint, more than --max-restarts {attempt.policy.max_restarts}")
+    watch = resilience.NodeWatch.start(attempt)
     dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, p.ep, world_size)
     source = build_source(cfg, cfg.path)
     if rank == 0:
@@ -199,11 +206,14 @@ def train(cfg: TrainConfig, out_dir: Path, device, profile_step: int | None = No
               f"{tokens_per_step:,} tokens/step", flush=True)
 
     status = StatusFile(out_dir, t.steps, start_step) if rank == 0 else None
+    if status is not None and attempt is not None:
+        status.restarts(attempt.number - 1, attempt.restarts)
     if status is not None and resumed is not None:
         status.checkpoint(resumed)
     history: list[dict[str, Any]] = []
     stopped_at = None
     for step in range(start_step + 1, t.steps + 1):
+        resilience.drill_crash(attempt, step)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         prof = start_profiler(device.type) if step == profile_step else None
@@ -241,8 +251,13 @@ def train(cfg: TrainConfig, out_dir: Path, device, profile_step: int | None = No
                             {"step": step, "scheduler": train_step.scheduler.state_dict(),
                              "data": loader.state_dict()},
                             cfg.checkpoint.keep_last, device)
+            if attempt is not None:  # the restart count starts again here
+                resilience.checkpoint_written(attempt.number, step)
+                attempt.checkpoint_attempt, attempt.restarts = attempt.number, 0
             if status is not None:
                 status.checkpoint(step)
+                if attempt is not None:
+                    status.restarts(attempt.number - 1, 0)
         if stopping:
             stopped_at = step
             break
@@ -259,13 +274,16 @@ def train(cfg: TrainConfig, out_dir: Path, device, profile_step: int | None = No
             print(f"stopped at step {stopped_at}: {saved}", flush=True)
         status.end("finished" if stopped_at is None else "stopped")
     dist.barrier()
+    if watch is not None:
+        watch.stop()
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer import jobstate
+    from trainer import jobstate, resilience
 
     jobstate.redirect_to_rank_log()
+    ledger = resilience.begin_attempt()
     args = parse_args(argv)
     try:
         cfg = load_config(args.config)
@@ -289,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         device = init_distributed()
         rank = dist.get_rank()
         train(cfg, choose_out_dir(args.out), device, args.profile_step, args.init_from,
-              args.checkpoint_dir)
+              args.checkpoint_dir, ledger)
     except InputError as exc:
         if rank == 0:
             print(f"error: {exc.message}", file=sys.stderr)

@@ -235,3 +235,87 @@ def test_a_killed_rank_restarts_or_fails_naming_it(sandbox_cluster, node_ssh, tm
     assert done["state"] == "failed", done
     assert done["culprit"].startswith("rank ") and done["culprit"].endswith(" on node2"), done
     assert left_on_nodes(sandbox, node_ssh, "nr") == {}
+
+
+# The files of a node that a restarted sandbox node gets back from the sandbox: kept here
+# and put back, as another test of the session may have changed them (bootstrap).
+RESTARTED_FILES = ("/etc/hosts", "/root/.ssh/authorized_keys")
+
+
+def test_a_stopped_node_ends_the_job_within_60_s_naming_it(sandbox_cluster, node_ssh,
+                                                           tmp_path, cleanup):
+    from dsk_provision import sandbox as sandboxes
+
+    sandbox = Sandbox(sandbox_cluster.inventory_path, sandbox_cluster.nodes)
+    ips = dict(sandbox_cluster.nodes)
+    victim = "node3"
+    cleanup.append("nd")
+    cli(sandbox, "train", "--config", str(config(tmp_path, 100000, 0, "long")), "--name",
+        "nd", "--detach", "--fresh", "--yes", "--max-restarts", "1")
+    wait_for(lambda: (status(sandbox, "nd")["trainer"] or {}).get("step", 0) >= 2,
+             "step 2 of job nd")
+    kept = {path: node_ssh(ips[victim], f"base64 -w0 {path}").stdout.strip()
+            for path in RESTARTED_FILES}
+
+    def victim_running() -> bool:
+        rows = sandboxes.status(sandbox_cluster.name)
+        return any(n["name"] == victim and n["state"] == "running" for n in rows[0]["nodes"])
+
+    try:
+        stopped = time.time()
+        sandboxes.stop_node(sandbox_cluster.name, victim)
+        done = wait_for(lambda: (s := status(sandbox, "nd"))["state"] != "running" and s,
+                        "job nd to end", timeout=180)
+    finally:
+        if not victim_running():
+            sandboxes.up(sandbox_cluster.name, len(sandbox_cluster.nodes))
+        for path, text in kept.items():
+            node_ssh(ips[victim], f"echo {text} | base64 -d > {path}")
+    assert done["state"] == "failed" and done["culprit"] == f"{victim} (lost)", done
+    survivors = [n for n in done["nodes"] if n["node"] != victim]
+    for view in survivors:
+        assert view["lost_node"] == victim and view["state"] == "failed", view
+        assert view["ended"] - stopped < 60, (view["ended"] - stopped, view)
+        assert view["reason"].startswith(f"node {victim} stopped answering"), view
+    shown = cli(sandbox, "jobs", "status", "nd", check=False)
+    text = " ".join(shown.stdout.split())
+    assert f"job nd: failed ({victim} (lost))" in text, shown.stdout
+    assert f"dsk-provision nodes cordon -i INVENTORY {victim} --reason" in text, text
+    assert left_on_nodes(sandbox, node_ssh, "nd") == {}
+
+
+def test_a_rank_killed_during_a_save_resumes_from_the_previous_checkpoint(
+        sandbox_cluster, node_ssh, tmp_path, cleanup, one_node_inventory):
+    from dsk_provision.joblaunch import start_job
+    from trainer.resilience import SAVE_PAUSE_VAR
+
+    one = Sandbox(one_node_inventory, sandbox_cluster.nodes)
+    inventory = load_inventory(one_node_inventory).in_service()
+    node1_ip = dict(sandbox_cluster.nodes)["node1"]
+    cfg = config(tmp_path, steps=12, interval=3)
+    cleanup.append("ck")
+    # The save of step 6 pauses on node1 once its shards are written, before COMPLETE.
+    start_job(inventory, cfg, "ck", fresh=True, env={SAVE_PAUSE_VAR: "node1:6:300"})
+    jd = inventory.nodes[0].settings.job_dir("ck")
+    wait_for(lambda: node_ssh(node1_ip, f"grep -q 'drill: pausing' {jd}/logs/rank-0.log",
+                              check=False).returncode == 0, "the save of step 6")
+    listing = node_ssh(node1_ip, f"ls -A {jd}/checkpoints/step-000003 "
+                                 f"{jd}/checkpoints/step-000006").stdout.split()
+    assert "COMPLETE" in listing[:listing.index(f"{jd}/checkpoints/step-000006:")], listing
+    assert "COMPLETE" not in listing[listing.index(f"{jd}/checkpoints/step-000006:"):]
+    assert ".metadata" in listing, listing  # the save was under way: its shards are there
+    pids = node_ssh(node1_ip, RANK_PIDS.format(name="ck")).stdout.split()
+    assert pids, "no rank of job ck on node1"
+    node_ssh(node1_ip, f"kill -9 {' '.join(pids)}")
+    failed = wait_for(lambda: (s := status(one, "ck"))["state"] != "running" and s,
+                      "job ck to end", timeout=120)
+    assert failed["state"] == "failed" and failed["checkpoint"]["step"] == 3, failed
+
+    # The next launch (no pause) resumes from step 3, the newest complete checkpoint.
+    cli(one, "train", "--config", str(cfg), "--name", "ck", "--detach")
+    done = wait_for(lambda: (s := status(one, "ck"))["state"] != "running" and s,
+                    "job ck to finish", timeout=300)
+    assert done["state"] == "finished" and done["trainer"]["step"] == 12, done
+    assert done["trainer"]["start_step"] == 3, done
+    log = node_ssh(node1_ip, f"cat {jd}/logs/rank-0.log").stdout
+    assert f"resumed from {jd}/checkpoints/step-000003" in log, log[-2000:]
