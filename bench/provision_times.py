@@ -28,14 +28,13 @@ from dsk_provision import sandbox
 from dsk_provision.inventory import load_inventory
 from dsk_provision.runner import run_playbook
 
-NAME = "bench"
 ONE_MODULE = Path(__file__).resolve().parent / "one_module.yml"
 
 
-def measure(nodes: int, runs_dir: Path) -> dict:
-    sandbox.down(NAME)
+def measure(nodes: int, runs_dir: Path, name: str = "bench") -> dict:
+    sandbox.down(name)
     t0 = time.perf_counter()
-    info = sandbox.up(NAME, nodes)
+    info = sandbox.up(name, nodes)
     up_s = time.perf_counter() - t0
     try:
         inventory = load_inventory(info.inventory_path)
@@ -58,7 +57,7 @@ def measure(nodes: int, runs_dir: Path) -> dict:
         }
     finally:
         t0 = time.perf_counter()
-        sandbox.down(NAME)
+        sandbox.down(name)
         print(f"  down in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
 
@@ -80,12 +79,13 @@ def main() -> int:
     parser.add_argument("--nodes", type=int, nargs="+", default=[1, 3, 8])
     parser.add_argument("--out", type=Path, default=Path("bench/results/provision.json"))
     parser.add_argument("--runs-dir", type=Path, default=Path(".dsk/bench-runs"))
+    parser.add_argument("--name", default="bench", help="sandbox name")
     args = parser.parse_args()
 
     rows = []
     for n in args.nodes:
         print(f"measuring {n} node(s)...", file=sys.stderr)
-        rows.append(measure(n, args.runs_dir))
+        rows.append(measure(n, args.runs_dir, args.name))
         print(f"  {rows[-1]}", file=sys.stderr)
 
     base = next((r for r in rows if r["nodes"] == 1), None)

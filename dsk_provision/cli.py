@@ -169,6 +169,19 @@ def check(
         render.warnings(warnings)
 
 
+def _expect_option() -> typer.models.OptionInfo:
+    return typer.Option(
+        "--expect", help="New nodes' expected host key fingerprints (lines 'NODE SHA256:...' "
+                         "or `ssh-keygen -l` output): keys they vouch for are pinned without "
+                         "asking, as with `hostkeys scan --expect`.")
+
+
+def _yes_keys_option() -> typer.models.OptionInfo:
+    return typer.Option(
+        "--yes", help="Pin new nodes' host keys without asking (their fingerprints are "
+                      "printed); a key that differs from the recorded one is still refused.")
+
+
 @app.command()
 def bootstrap(
     ctx: typer.Context,
@@ -188,6 +201,8 @@ def bootstrap(
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print the recap and per-host results as JSON (progress goes to "
                        "stderr); an addition's two runs as {\"runs\": [...]}.")] = False,
+    expect: Annotated[Path | None, _expect_option()] = None,
+    yes: Annotated[bool, _yes_keys_option()] = False,
 ) -> None:
     """Provision the nodes: run playbooks/site.yml.
 
@@ -223,21 +238,33 @@ def bootstrap(
                 verbosity=verbose)
         else:
             _bring_in(ctx, inv, check=check_mode, verbose=verbose, validate_new=validate_new,
-                      run=run, out=out)
+                      run=run, out=out, host_keys=_host_key_policy(expect, yes, out))
     except DskError:
         print_records()
         raise
     print_records()
 
 
+def _host_key_policy(expect: Path | None, yes: bool, out=None):
+    """How `bootstrap`, `nodes add` and `nodes replace` trust new nodes' host keys: the
+    fingerprints shown, then pinned when --expect vouches for them, when --yes says so,
+    or when the person at the terminal answers y."""
+    from dsk_provision.lifecycle import HostKeyPolicy
+
+    return HostKeyPolicy(expect=expect,
+                         confirm=(lambda plan: True) if yes else render.host_keys_confirm,
+                         show=lambda plan: render.host_keys_plan(plan, out=out))
+
+
 def _bring_in(ctx: typer.Context, inv, *, check: bool, verbose: int, validate_new: bool,
-              run=None, out=None) -> None:
+              run=None, out=None, host_keys=None) -> None:
     """The planned bootstrap (dsk_provision.lifecycle.bring_in), with its summary."""
     from dsk_provision.lifecycle import bring_in
 
     out = out or render.console()
     outcome = bring_in(inv, run=run, check=check, say=lambda m: out.print(m, soft_wrap=True),
-                       runs_dir=_runs_dir(ctx), console=out, verbosity=verbose)
+                       host_keys=host_keys, runs_dir=_runs_dir(ctx), console=out,
+                       verbosity=verbose)
     if outcome.summary():
         out.print(outcome.summary(), soft_wrap=True)
     if not check:
@@ -646,10 +673,14 @@ def nodes_add(
     validate_new: Annotated[bool, typer.Option(
         "--validate/--no-validate",
         help="Then their checks and an all-reduce with them.")] = True,
+    expect: Annotated[Path | None, _expect_option()] = None,
+    yes: Annotated[bool, _yes_keys_option()] = False,
 ) -> None:
     """Write new nodes into the inventory, then bring them in: a full bootstrap of the new
     nodes, a trust refresh of the others, then validate's checks of the new nodes and an
-    all-reduce with them. Nodes that do not answer over SSH are not written."""
+    all-reduce with them. Their host keys are pinned first, as `hostkeys scan` pins them
+    (confirmed, --expect or --yes); nodes whose keys are refused or that do not answer
+    over SSH are not written."""
     from dsk_provision.inventory_edit import NewNode
     from dsk_provision.lifecycle import add, read_node_file
 
@@ -664,7 +695,8 @@ def nodes_add(
                              "(or --from FILE for several)", field="--host")
         nodes = [NewNode(name, host, port=port, gpus=gpus)]
     outcome, inv = add(_load(inventory), nodes, say=render.line, runs_dir=_runs_dir(ctx),
-                       console=render.console(), verbosity=verbose)
+                       console=render.console(), verbosity=verbose,
+                       host_keys=_host_key_policy(expect, yes))
     _brought_in(ctx, inv, outcome, f"added {', '.join(n.name for n in nodes)} to "
                 f"{inv.hosts_file}", validate_new)
 
@@ -678,15 +710,19 @@ def nodes_replace(
         "--host", help="Its new address (default: the inventory's).")] = None,
     port: Annotated[int | None, typer.Option(
         "--port", min=1, max=65535, help="Its new SSH port.")] = None,
-    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    yes: Annotated[bool, typer.Option(
+        "--yes", help="Do not ask for confirmation, neither of the replacement nor of the "
+                      "new host key (its fingerprint is printed).")] = False,
     verbose: Annotated[int, typer.Option(
         "--verbose", "-v", count=True, help="More Ansible output.")] = 0,
     validate_new: Annotated[bool, typer.Option(
         "--validate/--no-validate",
         help="Then its checks and an all-reduce with it.")] = True,
+    expect: Annotated[Path | None, _expect_option()] = None,
 ) -> None:
     """The same node name on new hardware: its old host key is revoked everywhere, the
-    new one pinned, the node fully bootstrapped and the others' trust refreshed."""
+    new one pinned (confirmed, --expect or --yes), the node fully bootstrapped and the
+    others' trust refreshed."""
     from dsk_provision.lifecycle import replace
 
     inv = _load(inventory)
@@ -696,7 +732,7 @@ def nodes_replace(
                       "bootstrap it as new hardware?", abort=True)
     outcome, inv = replace(inv, name, host=host, port=port, say=render.line,
                            runs_dir=_runs_dir(ctx), console=render.console(),
-                           verbosity=verbose)
+                           verbosity=verbose, host_keys=_host_key_policy(expect, yes))
     _brought_in(ctx, inv, outcome, f"{name} replaced in {inv.hosts_file}", validate_new)
 
 

@@ -13,8 +13,14 @@
   (``ssh_trust_recorded_nodes``): no facts are gathered there. An existing node that
   does not answer is named, marked pending, and brought up to date next time.
 
-``add`` (``nodes add``) first asks each new node over SSH, as the playbooks will reach it,
-whether it answers: a node that does not leaves the hosts file untouched. ``replace``
+Before a node is brought in (``add``, ``replace``, or a bootstrap that finds new nodes),
+its host keys go through dsk_provision.hostkeys.trust, the one path by which a key is
+trusted: scanned, compared with what is recorded (a different key is refused with both
+fingerprints), and pinned in the inventory's known_hosts only once confirmed or matched
+with expected fingerprints (``HostKeyPolicy``); keys already pinned need neither.
+``add`` (``nodes add``) then asks each new node over SSH, as the playbooks will reach it,
+whether it answers: a node whose key is refused or that does not answer leaves the hosts
+file untouched. ``replace``
 drops a node's recorded host key and brings it in again as a new node (same name, new
 hardware), so that the others pin the key it has now.
 
@@ -24,7 +30,9 @@ more, then takes it out of the inventory and the record. The node itself is not
 contacted: a dead node is removed the same way.
 
 The playbook runner is a parameter (``run``, default runner.run_playbook) so that the
-plans can be checked without a cluster.
+plans can be checked without a cluster; the SSH probe and the host-key step are the
+module's ``probe_nodes`` and ``pin_host_keys``, looked up at call time (tests replace
+them).
 """
 
 from __future__ import annotations
@@ -152,6 +160,31 @@ class Outcome:
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class HostKeyPolicy:
+    """How the host keys of nodes being brought in may become trusted
+    (dsk_provision.hostkeys.trust): ``expect``, a file of expected fingerprints;
+    ``confirm(plan)``, asked when new keys are not vouched for by ``expect`` (None: new
+    keys are refused and nothing is written); ``show(plan)``, shown the fingerprints
+    first."""
+
+    expect: Path | None = None
+    confirm: Callable[[Any], bool] | None = None
+    show: Callable[[Any], None] | None = None
+
+
+def pin_host_keys(inventory: Inventory, names: list[str], policy: HostKeyPolicy, *,
+                  replace: tuple[str, ...] = ()) -> None:
+    """The nodes' host keys through hostkeys.trust: scanned, compared with the recorded
+    ones, pinned in the inventory's known_hosts when confirmed or expected. Raises
+    hostkeys.HostKeyMismatch, hostkeys.NotConfirmed or RunFailed (a node gave no key);
+    nothing is written then, for that node."""
+    from dsk_provision import hostkeys
+
+    hostkeys.trust(inventory, names, expect=policy.expect, confirm=policy.confirm,
+                   replace=replace, show=policy.show)
+
+
 def _default_run() -> Callable[..., Any]:
     from dsk_provision.runner import run_playbook
 
@@ -176,10 +209,13 @@ def _completed(exc: RunFailed, hosts: list[str]) -> list[str]:
 
 
 def bring_in(inventory: Inventory, *, run: Callable[..., Any] | None = None,
-             check: bool = False, say: Say = print, **run_options: Any) -> Outcome:
+             check: bool = False, say: Say = print, host_keys: HostKeyPolicy | None = None,
+             pinned: tuple[str, ...] = (), **run_options: Any) -> Outcome:
     """Bootstrap what the inventory has that the record has not, as planned by
-    plan_bootstrap, and update the record (not in check mode). ``run_options`` go to
-    every run (runs_dir, console, verbosity)."""
+    plan_bootstrap, and update the record (not in check mode). New nodes of an addition
+    get their host keys trusted first (pin_host_keys with ``host_keys``), except those
+    in ``pinned`` (done by the caller just before); in check mode nothing is pinned.
+    ``run_options`` go to every run (runs_dir, console, verbosity)."""
     run = run or _default_run()
     # Refused before anything is read when another inventory owns the state directory.
     directory = state.claim_cluster_state_dir(inventory.cluster_name, inventory.hosts_file,
@@ -216,6 +252,9 @@ def bring_in(inventory: Inventory, *, run: Callable[..., Any] | None = None,
             provisioned.forget_removed(directory, names)
         return Outcome(plan, bootstrapped=names)
 
+    to_pin = [n for n in plan.new if n not in pinned]
+    if to_pin and not check:
+        pin_host_keys(inventory, to_pin, host_keys or HostKeyPolicy())
     recorded = {RECORDED_NODES_VAR: list(plan.existing)}
     # New nodes first: their host keys are gathered and recorded, so that the existing
     # nodes pin them next. A failure stops here: nothing of the addition is recorded, and
@@ -350,12 +389,15 @@ def _refuse_unfinished(inventory: Inventory, names: list[str]) -> None:
 
 def add(inventory: Inventory, nodes: list[Any], *, run: Callable[..., Any] | None = None,
         say: Say = print, probe: Callable[..., Any] | None = None,
+        host_keys: HostKeyPolicy | None = None,
         **run_options: Any) -> tuple[Outcome, Inventory]:
     """Write ``nodes`` (inventory_edit.NewNode) into the hosts file, then bring_in.
 
-    Before the file is written, the new nodes must answer over SSH (``probe``, default
+    Before the file is written, the new nodes' host keys must be trusted (pin_host_keys
+    with ``host_keys``: already pinned, confirmed or expected; a key that differs from
+    the recorded one is refused), the nodes must answer over SSH (``probe``, default
     probe_nodes) and their names must not be those of removed nodes still pinned
-    somewhere; otherwise nothing changes. When a new node stops answering during its
+    somewhere; otherwise the hosts file does not change. When a new node stops answering during its
     bootstrap (which then failed only because new nodes were unreachable), the hosts file
     is put back as it was, byte for byte, and the RunFailed says so; any other failure
     keeps the nodes in the hosts file, for a second `bootstrap` (or the same `nodes add`
@@ -372,13 +414,17 @@ def add(inventory: Inventory, nodes: list[Any], *, run: Callable[..., Any] | Non
     _refuse_names_still_known(inventory, [n.name for n in nodes])
     _refuse_unfinished(inventory, [n.name for n in nodes])
 
+    names = [n.name for n in nodes]
+
     def answers(larger: Inventory) -> None:
-        _require_answers(larger, [n.name for n in nodes], probe, "not added")
+        pin_host_keys(larger, names, host_keys or HostKeyPolicy())
+        _require_answers(larger, names, probe, "not added")
 
     larger = add_nodes(inventory, nodes, verify=answers)
     written = hosts_file.read_bytes()
     try:
-        return bring_in(larger, run=run, say=say, **run_options), larger
+        return bring_in(larger, run=run, say=say, host_keys=host_keys, pinned=tuple(names),
+                        **run_options), larger
     except RunFailed as exc:
         added = {n.name for n in nodes}
         missed = _unreachable_only(exc) or {}
@@ -394,12 +440,15 @@ def add(inventory: Inventory, nodes: list[Any], *, run: Callable[..., Any] | Non
 def replace(inventory: Inventory, name: str, *, host: str | None = None,
             port: int | None = None, run: Callable[..., Any] | None = None,
             say: Say = print, probe: Callable[..., Any] | None = None,
+            host_keys: HostKeyPolicy | None = None,
             **run_options: Any) -> tuple[Outcome, Inventory]:
-    """Node ``name`` on new hardware (a new host key, perhaps a new ``host``/``port``):
-    it must answer first; then its recorded host key is dropped and it is brought in
-    again like a new node (its full bootstrap learns its new key), and the others' trust
-    refresh pins the new key in place of the old one. Interrupted, the next `bootstrap`
-    finishes it (the node has no recorded key, so it is planned as new)."""
+    """Node ``name`` on new hardware (a new host key, perhaps a new ``host``/``port``): its
+    new host key replaces the recorded one in the control node's known_hosts once
+    confirmed or expected (pin_host_keys with ``host_keys``), and it must answer; then
+    its recorded host key is dropped and it is brought in again like a new node (its
+    full bootstrap learns its new key), and the others' trust refresh pins the new key
+    in place of the old one. Interrupted, the next `bootstrap` finishes it (the node has
+    no recorded key, so it is planned as new)."""
     from dsk_provision.inventory_edit import set_address
 
     inventory.node(name)  # an InputError naming the nodes when there is none
@@ -413,6 +462,7 @@ def replace(inventory: Inventory, name: str, *, host: str | None = None,
                          hint="`dsk-provision bootstrap` brings it in")
 
     def answers(inv: Inventory) -> None:
+        pin_host_keys(inv, [name], host_keys or HostKeyPolicy(), replace=(name,))
         _require_answers(inv, [name], probe, "not replaced")
 
     node = inventory.node(name)
@@ -425,7 +475,8 @@ def replace(inventory: Inventory, name: str, *, host: str | None = None,
     provisioned.forget_host_keys(directory, name)
     record.pop(name, None)
     provisioned.write_record(directory, record)
-    return bring_in(inventory, run=run, say=say, **run_options), inventory
+    return bring_in(inventory, run=run, say=say, host_keys=host_keys, pinned=(name,),
+                    **run_options), inventory
 
 
 def check_removal(inventory: Inventory, name: str) -> list[str]:

@@ -198,11 +198,11 @@ def mirror_serving(directory: Path, url: str,
 
 # ---------------------------------------------------------------------------- hostkeys
 
-def host_keys_plan(plan) -> None:
+def host_keys_plan(plan, out=None) -> None:
     """The scanned keys as `ssh-keygen -lf` prints the known_hosts lines they make (the
     node's name and address as comment), by what happens to them; refusals and
-    unreachable nodes are left to the error."""
-    out = console()
+    unreachable nodes are left to the error. On ``out`` (default: stdout)."""
+    out = out or console()
     groups = (("new host keys, not pinned yet (compare them with the nodes' consoles):",
                plan.new),
               (f"already pinned in {plan.known_hosts}:", plan.known),

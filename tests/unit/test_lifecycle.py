@@ -406,6 +406,17 @@ def probe(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
+def pins(monkeypatch):
+    """The host-key step stands in here (tests/unit/test_lifecycle_hostkeys.py runs the
+    real one): every new node's key counts as pinned; the calls are recorded."""
+    calls: list[tuple[list[str], tuple[str, ...]]] = []
+    monkeypatch.setattr(lifecycle, "pin_host_keys",
+                        lambda inv, names, policy, replace=(): calls.append((list(names),
+                                                                             replace)))
+    return calls
+
+
+@pytest.fixture(autouse=True)
 def validations(monkeypatch):
     import dsk_provision.validation.flow as flow
 

@@ -161,6 +161,11 @@ def test_bootstrap_json_prints_the_record_and_sends_progress_to_stderr(monkeypat
         raise exc
 
     monkeypatch.setattr(runner, "run_playbook", fail)
+    # The stand-in recorded no host keys, so the nodes are new again: their keys count
+    # as pinned here (tests/unit/test_lifecycle_hostkeys.py checks that step).
+    import dsk_provision.lifecycle as lifecycle
+
+    monkeypatch.setattr(lifecycle, "pin_host_keys", lambda *a, **kw: None)
     result = _invoke("bootstrap", "-i", str(EXAMPLE), "--json")
     assert result.exit_code == 1
     assert json.loads(result.stdout)["ok"] is False

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -433,3 +434,58 @@ def test_first_run_makes_ssh_dir_key_and_record_then_check_mode_changes_nothing(
     again = _run_play(tmp_path, extra, check=True)
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
     assert "changed=0" in again.stdout, again.stdout[-4000:]
+    # Only a block drifted (what a trust refresh finds on an existing node): the key, the
+    # directory and authorized_keys are not written again, the blocks are.
+    (ssh_dir / "config").write_text("")
+    refresh = _run_play(tmp_path, extra, check=False)
+    assert refresh.returncode == 0, (refresh.stdout + refresh.stderr)[-4000:]
+    for task in ("Make ~/.ssh (0700)", "Install the cluster private key",
+                 "Authorize the cluster key"):
+        assert _task_result(refresh.stdout, task) == "skipping", task
+    blocks = "TASK [ssh_trust : Use the cluster key with pinned host keys, and pin every node's"
+    section = refresh.stdout[refresh.stdout.index(blocks):].split("\nTASK [")[0]
+    assert "changed: [localnode]" in section, refresh.stdout[-4000:]
+
+
+# --- nodes outside the run (--limit) ----------------------------------------------------
+
+def test_a_dead_node_outside_the_run_is_named_and_the_run_goes_on(tmp_path):
+    """`--limit node1,node2` while node4, outside the run, is dead: its recorded keys stay,
+    it is named, node3 (outside and alive) is gathered, and every later task still runs
+    on both hosts of the run (a run_once gathering ended the play there)."""
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    (state_dir / "host_keys.json").write_text('{"node4": ["ssh-ed25519 RECORDED"]}')
+    local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text(yaml.safe_dump({"all": {"children": {"nodes": {"hosts": {
+        "node1": local, "node2": local, "node3": local,
+        # Nothing listens on port 1: the connection is refused at once.
+        "node4": {"ansible_host": "127.0.0.1", "ansible_port": 1}}}}}}))
+    play = tmp_path / "play.yml"
+    play.write_text(yaml.safe_dump([{
+        "name": "Outside keys", "hosts": "nodes", "gather_facts": False,
+        "tasks": [
+            {"name": "The role's gathering of nodes outside the run",
+             "ansible.builtin.include_role": {"name": "ssh_trust",
+                                              "tasks_from": "outside_keys"}},
+            {"name": "What was gathered", "ansible.builtin.debug": {
+                "msg": "after: node3 {{ hostvars['node3'].ansible_facts.gather_subset "
+                       "is defined }}, node4 {{ hostvars['node4'].ansible_facts "
+                       "| default({}) | length }}"}}]}]))
+    (tmp_path / "extra.yml").write_text(yaml.safe_dump({
+        "dsk_cluster_state_dir": str(state_dir), "dsk_removed_nodes": [],
+        "ssh_trust_outside_timeout_s": 2}))
+    env = dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),
+               ANSIBLE_ROLES_PATH=str(ROLES), ANSIBLE_LOCAL_TEMP=str(tmp_path / "ltmp"),
+               ANSIBLE_REMOTE_TEMP=str(tmp_path / "rtmp"), ANSIBLE_NOCOLOR="1")
+    proc = subprocess.run([str(BIN / "ansible-playbook"), "-i", str(inventory), str(play),
+                           "-e", f"@{tmp_path / 'extra.yml'}", "--limit", "node1,node2"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    out = " ".join((proc.stdout + proc.stderr).split())  # the display's wrapping undone
+    assert proc.returncode == 0, out[-4000:]
+    assert out.count("after: node3 True, node4 0") == 2, out[-4000:]
+    assert re.search(r"node4 did not answer \(.*Connection refused\): the host keys recorded "
+                     "for it stay pinned; run the bootstrap again", out), out[-4000:]
+    assert "node3 did not answer" not in out
+    assert "UNREACHABLE" not in out
