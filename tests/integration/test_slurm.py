@@ -197,6 +197,15 @@ def test_second_bootstrap_changes_nothing(cluster, tmp_path):
 # --- the lifecycle and the jobs commands with Slurm on (after the second bootstrap, which
 # must see the configuration of the first)
 
+@pytest.fixture(scope="module", autouse=True)
+def _cli_runs_dir(tmp_path_factory):
+    """The CLI's run directories (nodes add, remove) in the session's temporary tree."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("DSK_RUNS_DIR", str(tmp_path_factory.mktemp("slurm-cli-runs")))
+    yield
+    patch.undo()
+
+
 def _dsk(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     return subprocess.run([str(Path(sys.prefix) / "bin" / "dsk-provision"), *args], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
@@ -288,6 +297,9 @@ def _slurm_conf_nodes(node_ssh, ip) -> list[str]:
     return [line.split("=", 1)[1] for line in out.split()]
 
 
+# A node's full bootstrap and two refreshes of the others (Slurm's daemons restarted each
+# time): longer than the suite's 900 s per test on a loaded machine.
+@pytest.mark.timeout(2400)
 def test_a_fourth_node_joins_slurm_everywhere_and_leaves_again(cluster, bootstrapped_cluster,
                                                                node_ssh, sandbox_name):
     """nodes add: node4 in every node's slurm.conf and in sinfo; nodes remove: gone again.

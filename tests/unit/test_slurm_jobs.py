@@ -9,6 +9,7 @@ import stat
 from pathlib import Path
 
 import pytest
+from test_slurm_launch import _inventory_file
 from test_slurm_launch import inventory as slurm_inventory
 
 from dsk_provision import jobs, lifecycle, slurm, slurmjobs
@@ -172,3 +173,22 @@ def test_a_drain_that_fails_says_the_cordon_is_written_and_how_to_finish(tmp_pat
     assert "n2 is cordoned in" in err.value.message and "not yet in Slurm" in err.value.message
     assert "nodes cordon" in err.value.hint
     assert load_inventory(tmp_path / "inv").node("n2").cordoned == "disk"
+
+
+def test_the_slurm_launcher_names_jobs_and_refuses_restarts(tmp_path):
+    from typer.testing import CliRunner
+
+    from dsk_provision.cli import app
+
+    tiny = Path(__file__).resolve().parents[2] / "trainer" / "configs" / "tiny.toml"
+    hosts = _inventory_file(tmp_path, dsk_launcher="slurm")
+    result = CliRunner().invoke(app, ["train", "-i", str(hosts), "--config", str(tiny),
+                                      "--dry-run", "--name", "exp1"])
+    assert result.exit_code == 0, result.output
+    assert "#SBATCH --job-name=exp1\n" in result.output
+    result = CliRunner().invoke(app, ["train", "-i", str(hosts), "--config", str(tiny),
+                                      "--max-restarts", "1"])
+    assert result.exit_code == 2 and "--max-restarts" in result.output, result.output
+    result = CliRunner().invoke(app, ["train", "-i", str(hosts), "--config", str(tiny),
+                                      "--dry-run", "--name", "bad name"])
+    assert result.exit_code == 2 and "not a job name" in result.output, result.output
