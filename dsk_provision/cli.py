@@ -408,12 +408,11 @@ def train(
         render.console().print(f"train: {node.name} is cordoned ({node.cordoned}): left out",
                                markup=False, highlight=False)
     if slurm.launcher(inv, launcher) == "slurm":
-        if name or fresh or detach or max_restarts or min_nodes:
-            raise InputError("--name, --fresh, --detach, --max-restarts and --min-nodes are "
-                             "options of "
-                             "the ssh launcher's named jobs", field="launcher",
-                             hint="a Slurm job is followed and stopped through Slurm "
-                                  "(docs/trainer.md, \"Launching through Slurm\")")
+        if fresh or max_restarts or min_nodes:
+            raise InputError("--fresh, --max-restarts and --min-nodes are options of the ssh "
+                             "launcher's named jobs", field="launcher",
+                             hint="a Slurm job is neither requeued nor restarted "
+                                  "(docs/slurm.md, \"Restarts\")")
         if container:
             raise InputError("the slurm launcher does not run jobs in a container image",
                              field="--container",
@@ -424,7 +423,7 @@ def train(
                                      time_limit=time_limit, partition=partition)
         out = slurm.train(inv.in_service(), config, runs_dir=_runs_dir(ctx),
                           console=render.console(), nproc_per_node=nproc_per_node,
-                          options=options, dry_run=dry_run)
+                          options=options, dry_run=dry_run, name=name, detach=detach)
         if dry_run:
             sys.stdout.write(out)
         return
@@ -543,10 +542,11 @@ def nodes_cordon(
     reason: Annotated[str, typer.Option("--reason", help="Why (kept in the inventory).")],
 ) -> None:
     """Keep a node in the inventory but out of `train` and the cluster-wide benchmarks
-    of `validate` (written as its dsk_cordoned in the hosts file)."""
-    from dsk_provision.inventory_edit import set_cordon
+    of `validate` (written as its dsk_cordoned in the hosts file); with Slurm on, the
+    node is drained in Slurm with the reason."""
+    from dsk_provision.lifecycle import cordon
 
-    inv = set_cordon(_load(inventory), name, reason)
+    inv = cordon(_load(inventory), name, reason, say=render.line)
     render.line(f"{name} cordoned ({reason}); {len(inv.active_nodes)} of {len(inv.nodes)} "
                 f"nodes in service; written to {inv.hosts_file}")
 
@@ -556,14 +556,14 @@ def nodes_uncordon(
     inventory: InventoryOpt,
     name: Annotated[str, typer.Argument(help="The node to put back into service.")],
 ) -> None:
-    """Put a cordoned node back into service."""
-    from dsk_provision.inventory_edit import set_cordon
+    """Put a cordoned node back into service (with Slurm on, resumed in Slurm too)."""
+    from dsk_provision.lifecycle import cordon
 
     inv = _load(inventory)
     if inv.node(name).cordoned is None:
         render.line(f"{name} is not cordoned: nothing to do")
         return
-    inv = set_cordon(inv, name, None)
+    inv = cordon(inv, name, None, say=render.line)
     render.line(f"{name} is back in service; {len(inv.active_nodes)} of {len(inv.nodes)} "
                 f"nodes in service; written to {inv.hosts_file}")
 

@@ -139,11 +139,15 @@ class JobStatus:
     checkpoint: dict | None
     culprit: str | None = None          # the failed node, and rank when known
     culprit_node: str | None = None
+    slurm: dict | None = None           # a Slurm job's id, state, reason, nodes (slurmjobs)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "state": self.state, "culprit": self.culprit,
-                "trainer": self.trainer, "checkpoint": self.checkpoint,
-                "nodes": [vars(n) for n in self.nodes]}
+        out = {"name": self.name, "state": self.state, "culprit": self.culprit,
+               "trainer": self.trainer, "checkpoint": self.checkpoint,
+               "nodes": [vars(n) for n in self.nodes]}
+        if self.slurm is not None:
+            out["slurm"] = self.slurm
+        return out
 
 
 def _node_view(name: str, rc: int, out: str) -> NodeView:
@@ -207,8 +211,13 @@ def combine(name: str, views: list[NodeView], culprit_hint: Callable[[str], str 
 
 def job_status(inventory, name: str, *, transport: TransportChoice = None,
                timeout: float = PROBE_TIMEOUT_S, blame: bool = True) -> JobStatus:
-    """One probe per node, in parallel, each within ``timeout``."""
+    """One probe per node, in parallel, each within ``timeout``. A job of the slurm
+    launcher: Slurm's view of it (dsk_provision.slurmjobs)."""
     check_name(name)
+    if (slurm_job := _slurm_job(inventory, name)) is not None:
+        from dsk_provision import slurmjobs
+
+        return slurmjobs.status(inventory, slurm_job, transport=transport)
     results = on_nodes(inventory, inventory.nodes,
                        lambda n: _job_python(n, name, f"status --node {_q(n.name)}"),
                        timeout=timeout, transport=transport)
@@ -218,6 +227,13 @@ def job_status(inventory, name: str, *, transport: TransportChoice = None,
         return blame_rank(inventory, name, node_name, transport=transport) if blame else None
 
     return combine(name, views, hint)
+
+
+def _slurm_job(inventory, name: str):
+    """The control node's record of Slurm job ``name``, or None (a job of the ssh launcher)."""
+    from dsk_provision import slurmjobs
+
+    return slurmjobs.load(inventory, name)
 
 
 def blame_rank(inventory, name: str, node_name: str, *,
@@ -280,6 +296,9 @@ def list_jobs(inventory, *, transport: TransportChoice = None,
         all_views = [views.get(n.name) or NodeView(n.name, reachable=n.name not in silent)
                      for n in inventory.nodes]
         jobs.append(combine(job_name, all_views))
+    from dsk_provision import slurmjobs
+
+    jobs += slurmjobs.list_statuses(inventory, transport=transport)
     return jobs, silent
 
 
@@ -301,8 +320,12 @@ def stop_job(inventory, name: str, *, grace_s: float = STOP_GRACE_S,
     """Stop the job on every node at once: its ranks get SIGTERM (the trainer saves a
     checkpoint at the next step boundary and exits), then, after ``grace_s``, every
     process of the job gets SIGTERM and 10 s later SIGKILL. Returns when nothing of it
-    is left (or a node did not answer)."""
+    is left (or a node did not answer). A Slurm job: through Slurm (slurmjobs.stop)."""
     check_name(name)
+    if (slurm_job := _slurm_job(inventory, name)) is not None:
+        from dsk_provision import slurmjobs
+
+        return slurmjobs.stop(inventory, slurm_job, grace_s=grace_s, transport=transport)
     targets = list(nodes or inventory.nodes)
     results = on_nodes(inventory, targets,
                        lambda n: _job_python(n, name, f"stop --node {_q(n.name)} "
@@ -346,6 +369,11 @@ def print_logs(inventory, name: str, *, node: str | None = None, rank: int | Non
     import sys
 
     check_name(name)
+    if (slurm_job := _slurm_job(inventory, name)) is not None:
+        from dsk_provision import slurmjobs
+
+        return slurmjobs.print_logs(inventory, slurm_job, node=node, rank=rank,
+                                    follow=follow, lines=lines, out=out, transport=transport)
     out = out or sys.stdout
     targets = [n for n in inventory.nodes if node is None or n.name == node]
     args = f"logs --node {{node}}{'' if rank is None else f' --rank {rank}'}" + (

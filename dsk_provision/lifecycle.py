@@ -8,8 +8,9 @@
   brings nodes that missed a trust refresh up to date);
 - new nodes (not recorded, or recorded under another address or port): the full
   bootstrap limited to them, then a *trust refresh* of the existing nodes only: the
-  tasks tagged ``etc_hosts`` and ``ssh_trust`` (/etc/hosts, known_hosts, ~/.ssh/config,
-  authorized keys). Their host keys are the ones recorded in host_keys.json
+  tasks tagged ``etc_hosts``, ``ssh_trust`` and ``slurm_conf`` (/etc/hosts, known_hosts,
+  ~/.ssh/config, authorized keys; with Slurm on, slurm.conf and gres.conf, then
+  slurmctld restarted or reconfigured). Their host keys are the ones recorded in host_keys.json
   (``ssh_trust_recorded_nodes``): no facts are gathered there. An existing node that
   does not answer is named, marked pending, and brought up to date next time.
 
@@ -49,9 +50,10 @@ if TYPE_CHECKING:
     from dsk_provision.inventory import Inventory
 
 SITE_PLAYBOOK = "site.yml"
-# What a trust refresh runs of site.yml: the node list in /etc/hosts (roles/common) and
-# the ssh_trust role. Nothing else of the bootstrap is tagged with these.
-TRUST_REFRESH_TAGS = ("etc_hosts", "ssh_trust")
+# What a trust refresh runs of site.yml: the node list in /etc/hosts (roles/common), the
+# ssh_trust role and, where Slurm is on, Slurm's node list (roles/slurm, tasks/conf.yml).
+# Nothing else of the bootstrap is tagged with these.
+TRUST_REFRESH_TAGS = ("etc_hosts", "ssh_trust", "slurm_conf")
 # Extra variables read by the roles (roles/ssh_trust/defaults, roles/dsk_defaults).
 RECORDED_NODES_VAR = "ssh_trust_recorded_nodes"
 REMOVED_NODES_VAR = "dsk_removed_nodes"
@@ -531,6 +533,29 @@ def remove(inventory: Inventory, name: str, *, run: Callable[..., Any] | None = 
                     record[other], when=None if other in missed else when)
         provisioned.write_record(directory, record, removed)
     return Outcome(None, refreshed=refreshed, missed=missed), smaller
+
+
+def cordon(inventory: Inventory, name: str, reason: str | None, *, say: Say = print,
+           drain: Callable[..., Any] | None = None) -> Inventory:
+    """Cordon node ``name`` with ``reason`` in the hosts file, or uncordon it (None); with
+    Slurm on, then drain it in Slurm with the same reason, or resume it (``drain``,
+    default slurm.set_drain). Returns the inventory as written."""
+    from dsk_provision import slurm
+    from dsk_provision.inventory_edit import set_cordon
+
+    written = set_cordon(inventory, name, reason)
+    if not slurm.enabled(written):
+        return written
+    drain = drain or slurm.set_drain
+    try:
+        drain(written, name, reason)
+    except RunFailed as exc:
+        raise RunFailed(f"{exc.message}\n{name} is {'un' if reason is None else ''}cordoned in "
+                        f"{written.hosts_file}, not yet in Slurm", nodes=exc.nodes,
+                        hint=f"run the same `nodes {'un' if reason is None else ''}cordon` "
+                             "again once slurmctld answers") from exc
+    say(f"{name} {'resumed' if reason is None else 'drained'} in Slurm")
+    return written
 
 
 def read_node_file(path: Path) -> list[Any]:

@@ -401,6 +401,14 @@ def job_status(status) -> None:
                       f"the same --name: dsk-provision nodes cordon -i INVENTORY "
                       f"{status.culprit_node} --reason ... (or replace it: dsk-provision "
                       f"nodes replace)", markup=False, highlight=False, soft_wrap=True)
+    if getattr(status, "slurm", None):
+        facts = status.slurm
+        reason = facts["reason"] if facts["reason"] not in ("", "None") else ""
+        out.print(f"  Slurm job {facts['job_id']}: {facts['state']}"
+                  + (f" ({reason})" if reason else "")
+                  + (f", exit code {facts['exit_code']}" if facts["exit_code"] else "")
+                  + (f", on {', '.join(facts['nodes'])}" if facts["nodes"] else "")
+                  + f"; run directory {facts['run_dir']}", markup=False, highlight=False)
     out.print(f"  step {cells['step']} | loss {cells['loss']} | tokens/s {cells['tokens/s']}"
               f" | mfu {cells['mfu']} | eta {cells['eta']} | restarts {cells['restarts']}")
     out.print("  last checkpoint: " + (f"step {ckpt['step']} ({ckpt['path']})" if ckpt

@@ -127,7 +127,7 @@ def job_shape(inventory, options: SlurmOptions,
 
 def sbatch_script(inventory, module: str, module_args: list[str], *, run_id: str,
                   options: SlurmOptions = SlurmOptions(), nproc_per_node: int | None = None,
-                  env: dict | None = None) -> str:
+                  env: dict | None = None, job_name: str | None = None) -> str:
     """The sbatch script of one job: its #SBATCH options, then one torchrun per node
     through srun, with the environment launch.node_env gives each node."""
     from dsk_provision.launch import node_env, remote_run_dir
@@ -143,7 +143,7 @@ def sbatch_script(inventory, module: str, module_args: list[str], *, run_id: str
     lines = [
         "#!/bin/bash",
         f"# Written by dsk-provision for run {run_id}: one torchrun per node through srun.",
-        f"#SBATCH --job-name=dsk-{run_id}",
+        f"#SBATCH --job-name={job_name or f'dsk-{run_id}'}",
         f"#SBATCH --nodes={nodes}",
         "#SBATCH --ntasks-per-node=1",
     ]
@@ -261,6 +261,31 @@ def cancel(inventory, job_id: str, *, transport: TransportChoice = None) -> None
                 f"scancel {shlex.quote(job_id)}", timeout=60)
 
 
+def enabled(inventory) -> bool:
+    return bool(defaults.resolve("dsk_slurm_enabled", inventory.vars or {}))
+
+
+def drain_command(node: str, reason: str | None) -> str:
+    """scontrol's drain of ``node`` with ``reason``, or (None) its resume."""
+    q = shlex.quote
+    if reason is None:
+        return f"scontrol update nodename={q(node)} state=resume"
+    return f"scontrol update nodename={q(node)} state=drain reason={q(reason)}"
+
+
+def set_drain(inventory, node: str, reason: str | None, *,
+              transport: TransportChoice = None) -> None:
+    """Drain ``node`` in Slurm with ``reason`` (running jobs finish, no new one starts
+    there), or resume it (None). Resuming a node Slurm does not hold drained is no error."""
+    ctl = controller(inventory)
+    rc, out = run_command(resolve_transport(transport, inventory, ctl), ctl,
+                          drain_command(node, reason), timeout=60)
+    if rc != 0 and not (reason is None and "Invalid node state" in out):
+        what = "resume" if reason is None else "drain"
+        raise RunFailed(f"scontrol on {ctl.name} could not {what} {node} (exit {rc}): "
+                        f"{out.strip()[-300:]}", nodes=[ctl.name])
+
+
 def _follow_command(log_path: PurePosixPath, job_id: str) -> str:
     """Runs on the job's first node: the job's output as it grows, until the job ends."""
     q = shlex.quote
@@ -278,25 +303,59 @@ class SlurmRun:
     log_path: Path
 
 
-def run_job(inventory, script: str, *, run_dir: Path, files: dict[str, Path],
-            console=None, timeout_s: float | None = None,
-            transport: TransportChoice = None) -> SlurmRun:
-    """Ship the trainer and the script, submit it, follow its output until it ends.
-    Raises RunFailed unless the job completed; Interrupted after cancelling it."""
-    from dsk_provision.launch import _Printer, remote_run_dir, ship
+def submit_job(inventory, script: str, *, name: str, run_dir: Path, files: dict[str, Path],
+               nproc_per_node: int, transport: TransportChoice = None):
+    """Ship the trainer and the script to every node, submit it, and record the job on the
+    control node (slurmjobs) for the jobs commands. Returns the slurmjobs.SlurmJob."""
+    from dsk_provision import slurmjobs
+    from dsk_provision.launch import remote_run_dir, ship
 
     run_id = run_dir.name
-    printer = _Printer(console)
     local_script = run_dir / SCRIPT_NAME
     with open_private(local_script, "w") as fh:
         fh.write(script)
     remote = remote_run_dir(inventory.nodes[0], run_id)
+    ship(inventory, run_id, {**files, SCRIPT_NAME: local_script}, transport=transport)
+    job_id, _ = submit(inventory, remote / SCRIPT_NAME, transport=transport)
+    job = slurmjobs.SlurmJob(name=name, job_id=job_id, run_id=run_id, remote_dir=str(remote),
+                             nproc_per_node=nproc_per_node, submitted=time.time())
+    slurmjobs.save(inventory, job)
+    return job
+
+
+def refuse_running_name(inventory, name: str, *, transport: TransportChoice = None) -> None:
+    """A name already given to a Slurm job that Slurm still runs is not given again."""
+    from dsk_provision import slurmjobs
+
+    job = slurmjobs.load(inventory, name)
+    if job is None:
+        return
+    job = slurmjobs.refresh(inventory, job, transport=transport)
+    if slurmjobs.active(job.state):
+        raise InputError(f"job {name!r} is Slurm job {job.job_id}, still {job.state}",
+                         field="--name", hint=f"dsk-provision jobs stop -i INVENTORY {name}, "
+                                              "or another --name")
+
+
+def run_job(inventory, script: str, *, run_dir: Path, files: dict[str, Path],
+            console=None, timeout_s: float | None = None,
+            transport: TransportChoice = None, name: str | None = None,
+            nproc_per_node: int = 1) -> SlurmRun:
+    """Ship the trainer and the script, submit it, follow its output until it ends.
+    Raises RunFailed unless the job completed; Interrupted after cancelling it."""
+    from dsk_provision import slurmjobs
+    from dsk_provision.launch import _Printer
+
+    printer = _Printer(console)
     log_dir = make_private_dir(run_dir / "logs")
     with InterruptGuard() as guard:
         with guard.held():
-            ship(inventory, run_id, {**files, SCRIPT_NAME: local_script}, transport=transport)
-            job_id, _ = submit(inventory, remote / SCRIPT_NAME, transport=transport)
-        printer.line(f"train: submitted Slurm job {job_id} on {controller(inventory).name}")
+            job = submit_job(inventory, script, name=name or f"dsk-{run_dir.name}",
+                             run_dir=run_dir, files=files, nproc_per_node=nproc_per_node,
+                             transport=transport)
+        job_id = job.job_id
+        printer.line(f"train: submitted Slurm job {job_id} ({job.name}) on "
+                     f"{controller(inventory).name}")
         log_path = log_dir / f"slurm-{job_id}.log"
         open_private(log_path, "w").close()
         started = time.monotonic()
@@ -309,6 +368,10 @@ def run_job(inventory, script: str, *, run_dir: Path, files: dict[str, Path],
                 raise Interrupted(exc.signum, f"interrupted by {exc.signal_name}; cancelled "
                                   f"Slurm job {job_id}", hint=f"log in {log_path}") from None
             raise
+    if state is not None:
+        job.state, job.exit_code, job.reason = state.state, state.exit_code, state.reason
+        job.batch_host = state.batch_host
+        slurmjobs.save(inventory, job)
     if state is None:
         raise RunFailed(f"Slurm job {job_id} ended but Slurm no longer knows how",
                         hint=f"log in {log_path}")
@@ -370,10 +433,13 @@ def _copy(proc: subprocess.Popen, log_path: Path, printer) -> None:
 def train(inventory, config_path: Path, *, runs_dir: Path | None = None, console=None,
           nproc_per_node: int | None = None, options: SlurmOptions = SlurmOptions(),
           dry_run: bool = False, transport: TransportChoice = None,
-          timeout_s: float | None = None):
+          timeout_s: float | None = None, name: str | None = None, detach: bool = False):
     """Validate the config for the job's world size, then either return the sbatch script
-    (dry_run: nothing is written or started) or run the job and return its TrainResult."""
+    (dry_run: nothing is written or started), or submit the job as ``name`` (default:
+    <config>-<time>, see jobs.default_name) and return its slurmjobs.SlurmJob (detach) or,
+    once it ended, its TrainResult."""
     from dsk_provision import rundir
+    from dsk_provision.jobs import check_name, default_name
     from dsk_provision.launch import _Printer, train_result, trainer_invocation
     from trainer.config import check_world_size, load_config
 
@@ -384,20 +450,30 @@ def train(inventory, config_path: Path, *, runs_dir: Path | None = None, console
     world_size = nodes * nproc
     check_world_size(cfg, world_size)
     module, module_args, files = trainer_invocation(config_path)
+    name = check_name(name) if name is not None else default_name(config_path)
     if dry_run:
         run_id = time.strftime("%Y%m%d-%H%M%S") + "-train"
         return sbatch_script(inventory, module, module_args, run_id=run_id, options=options,
-                             nproc_per_node=nproc_per_node)
+                             nproc_per_node=nproc_per_node, job_name=name)
+    refuse_running_name(inventory, name, transport=transport)
     run_dir = rundir.new_run_dir("train", runs_dir)
     script = sbatch_script(inventory, module, module_args, run_id=run_dir.name,
-                           options=options, nproc_per_node=nproc_per_node)
-    _Printer(console).line(f"train: Slurm job of {nodes} nodes, world size {world_size}, "
-                           f"config {config_path}, run {run_dir}")
+                           options=options, nproc_per_node=nproc_per_node, job_name=name)
+    printer = _Printer(console)
+    printer.line(f"train: Slurm job {name} of {nodes} nodes, world size {world_size}, "
+                 f"config {config_path}, run {run_dir}")
+    if detach:
+        job = submit_job(inventory, script, name=name, run_dir=run_dir, files=files,
+                         nproc_per_node=nproc, transport=transport)
+        printer.line(f"train: submitted Slurm job {job.job_id} ({name}); follow it with "
+                     f"`dsk-provision jobs logs -i INVENTORY {name} --follow`")
+        return job
     run_job(inventory, script, run_dir=run_dir, files=files, console=console,
-            timeout_s=timeout_s, transport=transport)
+            timeout_s=timeout_s, transport=transport, name=name, nproc_per_node=nproc)
     return train_result(inventory, run_dir, world_size, console=console, transport=transport)
 
 
 __all__ = ["LAUNCHERS", "JobState", "SlurmOptions", "SlurmRun", "cancel", "controller",
-           "job_shape", "job_state", "launcher", "parse_job", "run_job", "sbatch_script",
-           "submit", "train"]
+           "drain_command", "enabled", "job_shape", "job_state", "launcher", "parse_job",
+           "refuse_running_name", "run_job", "sbatch_script", "set_drain", "submit",
+           "submit_job", "train"]

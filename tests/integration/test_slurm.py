@@ -1,7 +1,11 @@
 """Slurm on the 3-node sandbox: bootstrap with dsk_slurm_enabled from the sandbox's mirror,
 sinfo shows three idle nodes, validate reads Slurm's view, sbatch --test-only accepts the
 launcher's script, `train --launcher slurm` lowers the loss across the three nodes,
-scancel leaves nothing running, and a second bootstrap changes nothing.
+scancel leaves nothing running, and a second bootstrap changes nothing. Then the lifecycle
+and the jobs commands with Slurm on: a cordoned node is drained with its reason and resumed
+on uncordon, `jobs stop` cancels a running Slurm job with nothing left running, and a
+fourth node added from a spare appears in sinfo and in every node's slurm.conf (and goes
+again with `nodes remove`).
 
 Uses the session's bootstrapped sandbox: Slurm is turned on in its inventory for this
 module and taken off again afterwards (services stopped, packages purged, the inventory
@@ -12,6 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -184,3 +192,147 @@ def test_second_bootstrap_changes_nothing(cluster, tmp_path):
     assert result.ok
     changed = {host: counts.get("changed", 0) for host, counts in result.recap.items()}
     assert changed == {n: 0 for n in NODE_NAMES}
+
+
+# --- the lifecycle and the jobs commands with Slurm on (after the second bootstrap, which
+# must see the configuration of the first)
+
+@pytest.fixture(scope="module", autouse=True)
+def _cli_runs_dir(tmp_path_factory):
+    """The CLI's run directories (nodes add, remove) in the session's temporary tree."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("DSK_RUNS_DIR", str(tmp_path_factory.mktemp("slurm-cli-runs")))
+    yield
+    patch.undo()
+
+
+def _dsk(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(sys.prefix) / "bin" / "dsk-provision"), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _ok(*args: str, timeout: float = 900) -> str:
+    proc = _dsk(*args, timeout=timeout)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"dsk-provision {' '.join(args)}: {out[-6000:]}"
+    return " ".join(out.split())
+
+
+def _sinfo_reasons(node_ssh, ip) -> dict[str, tuple[str, str]]:
+    out = node_ssh(ip, "sinfo --noheader --Node --format='%N|%T|%E'").stdout
+    rows = [line.split("|", 2) for line in out.splitlines() if line.strip()]
+    return {name: (state, reason) for name, state, reason in rows}
+
+
+def test_a_cordoned_node_is_drained_with_its_reason_and_resumed(cluster, bootstrapped_cluster,
+                                                               node_ssh):
+    inv = str(cluster.hosts_file)
+    ip1 = bootstrapped_cluster.info.nodes[0][1]
+    try:
+        out = _ok("nodes", "cordon", "-i", inv, "node2", "--reason", "GPU 3 Xid 79")
+        assert "node2 drained in Slurm" in out, out
+        state, reason = _sinfo_reasons(node_ssh, ip1)["node2"]
+        assert state in ("drained", "draining") and reason == "GPU 3 Xid 79", (state, reason)
+        out = _ok("nodes", "uncordon", "-i", inv, "node2")
+        assert "node2 resumed in Slurm" in out, out
+    finally:
+        if load_inventory(cluster.hosts_file).node("node2").cordoned is not None:
+            _dsk("nodes", "uncordon", "-i", inv, "node2")
+        node_ssh(ip1, "scontrol update nodename=node2 state=resume", check=False)
+    assert _wait_idle(node_ssh, ip1) == {n: "idle" for n in NODE_NAMES}
+
+
+def test_jobs_stop_cancels_a_running_slurm_job(cluster, bootstrapped_cluster, node_ssh,
+                                               tmp_path):
+    sleeper = tmp_path / "sleeper.py"
+    sleeper.write_text("import time\nprint('sleeping', flush=True)\ntime.sleep(600)\n")
+    name = "slurm-sleeper"
+    run_dir = tmp_path / "slurm-jobs-stop"
+    run_dir.mkdir()
+    script = slurm.sbatch_script(cluster, "sleeper", [], run_id=run_dir.name, job_name=name)
+    job = slurm.submit_job(cluster, script, name=name, run_dir=run_dir,
+                           files={"sleeper.py": sleeper}, nproc_per_node=1)
+    count = f"grep -lsxzF -- {launch.run_marker(run_dir.name)} /proc/[0-9]*/environ | wc -l"
+    nodes = bootstrapped_cluster.info.nodes
+    inv = str(cluster.hosts_file)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if all(int(node_ssh(ip, count).stdout) >= 2 for _n, ip in nodes):
+                break   # torchrun and its worker on every node
+            time.sleep(2)
+        else:
+            pytest.fail(f"job {job.job_id} did not start on every node: "
+                        f"{slurm.job_state(cluster, job.job_id)}")
+        status = json.loads(_dsk("jobs", "status", "-i", inv, name, "--json").stdout)
+        assert status["state"] == "running", status
+        assert status["slurm"]["job_id"] == job.job_id and status["slurm"]["nodes"] == NODE_NAMES
+        assert all(n["processes"] >= 2 for n in status["nodes"]), status["nodes"]
+        listed = json.loads(_dsk("jobs", "list", "-i", inv, "--json").stdout)
+        assert {j["name"]: j["state"] for j in listed["jobs"]}.get(name) == "running", listed
+        # One line from each node's rank: "[node2 rank 1] sleeping" (the ssh launcher's form).
+        deadline = time.monotonic() + 30
+        while True:
+            logs = _dsk("jobs", "logs", "-i", inv, name).stdout
+            shown = {m[1] for m in re.finditer(r"^\[(\S+) rank \d+\] sleeping$", logs, re.M)}
+            if shown == set(NODE_NAMES) or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+        assert shown == set(NODE_NAMES), logs
+        out = _ok("jobs", "stop", "-i", inv, name, "--grace", "10")
+        assert f"job {name}: stopped on node1, node2, node3" in out, out
+        assert {n: int(node_ssh(ip, count).stdout) for n, ip in nodes} == \
+            {n: 0 for n in NODE_NAMES}
+        state = slurm.job_state(cluster, job.job_id)
+        assert state is None or not state.active, state
+        status = json.loads(_dsk("jobs", "status", "-i", inv, name, "--json").stdout)
+        assert status["state"] == "stopped", status
+    finally:
+        slurm.cancel(cluster, job.job_id)
+    assert _wait_idle(node_ssh, nodes[0][1]) == {n: "idle" for n in NODE_NAMES}
+
+
+def _slurm_conf_nodes(node_ssh, ip) -> list[str]:
+    out = node_ssh(ip, "grep -o '^NodeName=[^ ]*' /etc/slurm/slurm.conf").stdout
+    return [line.split("=", 1)[1] for line in out.split()]
+
+
+# A node's full bootstrap and two refreshes of the others (Slurm's daemons restarted each
+# time): longer than the suite's 900 s per test on a loaded machine.
+@pytest.mark.timeout(2400)
+def test_a_fourth_node_joins_slurm_everywhere_and_leaves_again(cluster, bootstrapped_cluster,
+                                                               node_ssh, sandbox_name):
+    """nodes add: node4 in every node's slurm.conf and in sinfo; nodes remove: gone again.
+    The sandbox is put back as found (3 nodes, no spare, the inventory with Slurm on)."""
+    from dsk_provision import sandbox
+
+    inv = str(cluster.hosts_file)
+    slurm_text = cluster.hosts_file.read_text()
+    ip1 = bootstrapped_cluster.info.nodes[0][1]
+    started = time.monotonic()
+    grown = sandbox.up(sandbox_name, len(NODE_NAMES), spare=1)
+    cluster.hosts_file.write_text(slurm_text)   # a new layout rewrites the sandbox's inventory
+    ip4 = dict(grown.spare)["node4"]
+    try:
+        out = _ok("nodes", "add", "-i", inv, "node4", "--host", ip4, "--no-validate")
+        print(f"nodes add with Slurm: {time.monotonic() - started:.1f} s")
+        assert "1 new node: full bootstrap (node4); 3 existing: trust refresh only" in out
+        everyone = [*NODE_NAMES, "node4"]
+        for name, ip in [*bootstrapped_cluster.info.nodes, ("node4", ip4)]:
+            assert _slurm_conf_nodes(node_ssh, ip) == everyone, name
+        deadline = time.monotonic() + 120
+        while (states := _sinfo(node_ssh, ip1)) != {n: "idle" for n in everyone} \
+                and time.monotonic() < deadline:
+            time.sleep(2)
+        assert states == {n: "idle" for n in everyone}
+        assert _sinfo(node_ssh, ip4) == states
+        _ok("nodes", "remove", "-i", inv, "node4", "--yes")
+        for name, ip in bootstrapped_cluster.info.nodes:
+            assert _slurm_conf_nodes(node_ssh, ip) == NODE_NAMES, name
+        assert _wait_idle(node_ssh, ip1) == {n: "idle" for n in NODE_NAMES}
+    finally:
+        if "node4" in [n.name for n in load_inventory(cluster.hosts_file).nodes]:
+            _dsk("nodes", "remove", "-i", inv, "node4", "--yes")
+        sandbox.up(sandbox_name, len(NODE_NAMES), spare=0)
+        cluster.hosts_file.write_text(slurm_text)
+        print(f"node4 in and out with Slurm: {time.monotonic() - started:.1f} s")

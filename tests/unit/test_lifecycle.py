@@ -211,7 +211,7 @@ def test_addition_bootstraps_new_nodes_and_refreshes_trust_on_the_others(inv_dir
     # The new nodes' keys are gathered by their own bootstrap; nobody else's are.
     assert new["extra_vars"] == {lifecycle.RECORDED_NODES_VAR: ["n1", "n2", "n3"]}
     assert refresh["limit"] == ["n1", "n2", "n3"]
-    assert refresh["tags"] == ["etc_hosts", "ssh_trust"]
+    assert refresh["tags"] == ["etc_hosts", "ssh_trust", "slurm_conf"]
     # The refresh gathers no host key: the new nodes' were recorded by their bootstrap.
     assert refresh["extra_vars"] == {
         lifecycle.RECORDED_NODES_VAR: ["n1", "n2", "n3", "n4", "n5"]}
@@ -315,7 +315,8 @@ def test_remove_refreshes_the_others_then_edits_inventory_and_record(inv_dir):
     outcome, smaller = lifecycle.remove(load_inventory(inv_dir), "n2", run=run,
                                         say=lambda s: None)
     (call,) = run.calls
-    assert call["limit"] == ["n1", "n3"] and call["tags"] == ["etc_hosts", "ssh_trust"]
+    assert call["limit"] == ["n1", "n3"]
+    assert call["tags"] == ["etc_hosts", "ssh_trust", "slurm_conf"]
     assert call["extra_vars"] == {lifecycle.REMOVED_NODES_VAR: ["n2"],
                                   lifecycle.RECORDED_NODES_VAR: ["n1", "n3"]}
     assert [n.name for n in smaller.nodes] == ["n1", "n3"]
@@ -587,9 +588,12 @@ def test_trust_refresh_selects_only_hosts_and_trust_tasks(inv_dir, tmp_path):
                 if "always" not in tags]  # the inventory check and argument specs
     refresh_only = "common : List every node in /etc/hosts (trust refresh only)"
     assert refresh_only in {name for name, _ in changing}
-    # Apart from that one task of the common role, only the ssh_trust play's tasks.
+    # Apart from that one task of the common role, only the ssh_trust play's tasks and
+    # Slurm's configuration files (which skip where Slurm is off).
     others = [(name, tags) for name, tags in changing if name != refresh_only]
-    assert others and all("ssh_trust" in tags for _, tags in others), others
+    assert others and all("ssh_trust" in tags for name, tags in others
+                          if name != "slurm : Refresh the Slurm configuration"), others
+    assert "slurm : Refresh the Slurm configuration" in {name for name, _ in others}
     # A full bootstrap does not list the refresh-only task (the common role's own
     # converge writes /etc/hosts there).
     full = [name for name, _ in _listed_tasks(inv_dir, tmp_path)]
