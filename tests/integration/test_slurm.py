@@ -300,10 +300,10 @@ def _slurm_conf_nodes(node_ssh, ip) -> list[str]:
 # A node's full bootstrap and two refreshes of the others (Slurm's daemons restarted each
 # time): longer than the suite's 900 s per test on a loaded machine.
 @pytest.mark.timeout(2400)
-def test_a_fourth_node_joins_slurm_everywhere_and_leaves_again(cluster, bootstrapped_cluster,
-                                                               node_ssh, sandbox_name):
-    """nodes add: node4 in every node's slurm.conf and in sinfo; nodes remove: gone again.
-    The sandbox is put back as found (3 nodes, no spare, the inventory with Slurm on)."""
+def test_a_fourth_node_joins_slurm_everywhere(cluster, bootstrapped_cluster, node_ssh,
+                                             sandbox_name):
+    """nodes add: node4 in every node's slurm.conf and in sinfo. The sandbox is put back
+    as found (node4 removed, 3 nodes, no spare, the inventory with Slurm on)."""
     from dsk_provision import sandbox
 
     inv = str(cluster.hosts_file)
@@ -326,10 +326,6 @@ def test_a_fourth_node_joins_slurm_everywhere_and_leaves_again(cluster, bootstra
             time.sleep(2)
         assert states == {n: "idle" for n in everyone}
         assert _sinfo(node_ssh, ip4) == states
-        _ok("nodes", "remove", "-i", inv, "node4", "--yes")
-        for name, ip in bootstrapped_cluster.info.nodes:
-            assert _slurm_conf_nodes(node_ssh, ip) == NODE_NAMES, name
-        assert _wait_idle(node_ssh, ip1) == {n: "idle" for n in NODE_NAMES}
     finally:
         if "node4" in [n.name for n in load_inventory(cluster.hosts_file).nodes]:
             _dsk("nodes", "remove", "-i", inv, "node4", "--yes")
