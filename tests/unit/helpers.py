@@ -69,6 +69,18 @@ def run_role(tmp_path: Path, role: str, extra: dict, playbook: Path | None = Non
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
 
 
+def run_play(work: Path, variables: dict) -> None:
+    """``ansible-playbook`` of ``work``/play.yml against ``work``/hosts.yml, with
+    ``variables`` as extra vars (written to ``work``/extra.yml); asserts it succeeded."""
+    (work / "extra.yml").write_text(yaml.safe_dump(variables))
+    env = dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_NOCOLOR="1",
+               ANSIBLE_LOCAL_TEMP=str(work / "ltmp"))
+    proc = subprocess.run([str(BIN / "ansible-playbook"), "-i", str(work / "hosts.yml"),
+                           str(work / "play.yml"), "-e", f"@{work / 'extra.yml'}"],
+                          cwd=work, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 def dump_toml(doc: dict) -> str:
     """Enough TOML for the trainer's configs: tables of scalars."""
     lines = []

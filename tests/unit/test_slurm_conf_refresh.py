@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import REPO, ROLES
+from helpers import ROLES, run_play
 
-BIN = Path(sys.executable).parent
 ROLE = ROLES / "slurm"
 HW = {"CPUs": 4, "Boards": 1, "SocketsPerBoard": 1, "CoresPerSocket": 4,
       "ThreadsPerCore": 1, "RealMemory": 8000, "Gpus": 0}
@@ -54,13 +52,7 @@ def apply(tmp_path: Path, nodes: list[str], conf_dir: Path, *, removed=(),
     (work / "play.yml").write_text(yaml.safe_dump(play))
     variables = {"dsk_slurm_enabled": True, "dsk_cluster_state_dir": str(state),
                  "slurm_conf_dir": str(conf_dir), "dsk_removed_nodes": list(removed)}
-    (work / "extra.yml").write_text(yaml.safe_dump(variables))
-    env = dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_NOCOLOR="1",
-               ANSIBLE_LOCAL_TEMP=str(work / "ltmp"))
-    proc = subprocess.run([str(BIN / "ansible-playbook"), "-i", str(work / "hosts.yml"),
-                           str(work / "play.yml"), "-e", f"@{work / 'extra.yml'}"],
-                          cwd=work, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_play(work, variables)
     return decision.read_text().strip() == "True" if decision.exists() else None
 
 

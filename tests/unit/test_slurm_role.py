@@ -6,15 +6,12 @@ and the role's switch and argument specs."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import yaml
-from helpers import REPO, ROLES, run_role
+from helpers import REPO, ROLES, run_play, run_role
 
-BIN = Path(sys.executable).parent
 ROLE = ROLES / "slurm"
 
 
@@ -60,13 +57,7 @@ def render(tmp_path: Path, hosts: dict, *, play_hosts: str = "nodes", groups: di
                  "dsk_cluster_state_dir": str(state),
                  "dsk_test_hw": {n: s["hw"] for n, s in hosts.items() if "hw" in s},
                  **(extra or {})}
-    (tmp_path / "extra.yml").write_text(yaml.safe_dump(variables))
-    env = dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_NOCOLOR="1",
-               ANSIBLE_LOCAL_TEMP=str(tmp_path / "ltmp"))
-    proc = subprocess.run([str(BIN / "ansible-playbook"), "-i", str(tmp_path / "hosts.yml"),
-                           str(tmp_path / "play.yml"), "-e", f"@{tmp_path / 'extra.yml'}"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_play(tmp_path, variables)
     return {name: (out / name).read_text() for name in ("slurm.conf", "gres.conf")}
 
 
