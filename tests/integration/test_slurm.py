@@ -91,6 +91,18 @@ def _wait_idle(node_ssh, ip, timeout=90) -> dict[str, str]:
         time.sleep(2)
 
 
+def _wait_started(cluster, job_id, nodes, count: str, node_ssh) -> None:
+    """Wait until ``count`` (a shell line printing how many of the job's processes a node
+    has) says torchrun and its worker run on every node; fail after 120 s."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if all(int(node_ssh(ip, count).stdout) >= 2 for _n, ip in nodes):
+            return
+        time.sleep(2)
+    pytest.fail(f"job {job_id} did not start on every node: "
+                f"{slurm.job_state(cluster, job_id)}")
+
+
 def test_sinfo_shows_three_idle_nodes_on_every_node(cluster, bootstrapped_cluster, node_ssh):
     for _name, ip in bootstrapped_cluster.info.nodes:
         assert _wait_idle(node_ssh, ip) == {n: "idle" for n in NODE_NAMES}
@@ -159,14 +171,7 @@ def test_scancel_leaves_nothing_running(cluster, bootstrapped_cluster, node_ssh,
     count = f"grep -lsxzF -- {marker} /proc/[0-9]*/environ | wc -l"
     nodes = bootstrapped_cluster.info.nodes
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if all(int(node_ssh(ip, count).stdout) >= 2 for _n, ip in nodes):
-                break   # torchrun and its worker on every node
-            time.sleep(2)
-        else:
-            pytest.fail(f"job {job_id} did not start on every node: "
-                        f"{slurm.job_state(cluster, job_id)}")
+        _wait_started(cluster, job_id, nodes, count, node_ssh)
         slurm.cancel(cluster, job_id)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -256,14 +261,7 @@ def test_jobs_stop_cancels_a_running_slurm_job(cluster, bootstrapped_cluster, no
     nodes = bootstrapped_cluster.info.nodes
     inv = str(cluster.hosts_file)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if all(int(node_ssh(ip, count).stdout) >= 2 for _n, ip in nodes):
-                break   # torchrun and its worker on every node
-            time.sleep(2)
-        else:
-            pytest.fail(f"job {job.job_id} did not start on every node: "
-                        f"{slurm.job_state(cluster, job.job_id)}")
+        _wait_started(cluster, job.job_id, nodes, count, node_ssh)
         status = json.loads(_dsk("jobs", "status", "-i", inv, name, "--json").stdout)
         assert status["state"] == "running", status
         assert status["slurm"]["job_id"] == job.job_id and status["slurm"]["nodes"] == NODE_NAMES
