@@ -139,14 +139,20 @@ def test_failures_count_between_checkpoints_not_over_the_whole_run(tmp_path):
     next attempt, before step 5 (after step 4's): two restarts, one per interval, and
     the job finishes. "ko": both deaths before step 3, no checkpoint between them: the
     job fails, saying why."""
+    from concurrent.futures import ThreadPoolExecutor
+
     runs = {"ok": "1:3,2:5", "ko": "1:3,2:3"}
     invs = {}
-    for name, crashes in runs.items():
+    for name in runs:
         (tmp_path / name).mkdir()
-        invs[name] = inv = make_local_inventory(tmp_path / name, free_port())
-        start_job(inv, _config(tmp_path / name), name, max_restarts=1,
-                  env={resilience.CRASH_VAR: crashes})
+        invs[name] = make_local_inventory(tmp_path / name, free_port())
+    with ThreadPoolExecutor(len(runs)) as pool:  # both start at once
+        starts = [pool.submit(start_job, invs[name], _config(tmp_path / name), name,
+                              max_restarts=1, env={resilience.CRASH_VAR: crashes})
+                  for name, crashes in runs.items()]
     try:
+        for started in starts:
+            started.result()
         status = {n: _wait_all(invs[n], [n])[n] for n in runs}
     finally:
         for name, inv in invs.items():
