@@ -20,7 +20,7 @@ store (on rank 0's node) every ``heartbeat_s`` and watches the others'. A node w
 heartbeat stands still for ``lost_after_s`` is lost; so is rank 0's node when a round of
 store calls does not come back that long (the calls run in a thread of their own, since
 a store whose host is gone leaves them hanging). A store that refuses connections is not
-a lost node (its host answers; rank 0's process has ended): after ``lost_after_s`` the
+a lost node (its host answers; rank 0's process has ended): after two heartbeats the
 rank exits and torchrun restarts or ends the job as for any rank that dies. With
 restarts left, at least ``min_nodes`` nodes remaining, and the lost node not the
 rendezvous node (its torchrun holds the rendezvous), the rank exits so that torchrun
@@ -361,7 +361,7 @@ class NodeWatch:
             if now - answered > self.lost_after_s:
                 self.lost(self.store_node, now - answered, store_host=True)
                 return
-            if ended_since is not None and now - ended_since > self.lost_after_s:
+            if ended_since is not None and now - ended_since >= 2 * self.heartbeat_s:
                 self.store_ended(now - ended_since)
                 return
             if call is None:
