@@ -6,12 +6,14 @@ every node and starts one supervisor per node (trainer/job.py) in a session of i
     cd {dsk_root}/jobs/<name> && setsid -f env <vars> {dsk_python} -m trainer.job run
         --node <node> --launch <id> -- {dsk_python} -m torch.distributed.run --nnodes N
         (MIN:N with --min-nodes) --nproc_per_node P --rdzv_backend c10d
-        --rdzv_endpoint <first node>:<port> --rdzv_id <name> --max-restarts R'
-        -m trainer.train --config config/<file> --out out --checkpoint-dir <dir>
+        --rdzv_endpoint <first node>:<port> --rdzv_conf is_host=<1 on the first node,
+        else 0>,keep_alive_interval=H,last_call_timeout=L --rdzv_id <name>
+        --max-restarts R' -m trainer.train --config config/<file> --out out --checkpoint-dir <dir>
         >> logs/node-<node>.log 2>&1 < /dev/null
 
 where R' is torchrun's budget for ``--max-restarts R`` restarts between two checkpoints
-(:func:`torchrun_restarts`; trainer/resilience.py applies the rule itself)
+(:func:`torchrun_restarts`; trainer/resilience.py applies the rule itself), and H and L
+the node watch's heartbeat and lost-after times (``DSK_NODE_WATCH``, :func:`rdzv_conf`),
 and returns once every node has recorded the launch. ``follow_job`` reads the job's
 logs from every node (``trainer.job logs --follow``, one SSH session per node), shows
 them (:class:`LiveView`), keeps every line in the local run directory, stops the job on
@@ -21,6 +23,8 @@ every node when one node fails, and says how the job ended.
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 import signal
 import subprocess
@@ -84,10 +88,27 @@ def torchrun_restarts(max_restarts: int, cfg) -> int:
     return max_restarts * (cfg.training.steps // cfg.checkpoint.interval + 2)
 
 
+def rdzv_conf(inventory, node, env: dict | None = None) -> str:
+    """torchrun's ``--rdzv_conf`` for a node. The first node hosts the rendezvous and the
+    others never do (on one machine, local nodes would otherwise race for the port). Its
+    keep-alives follow the node watch (``DSK_NODE_WATCH`` in ``env``, as the ranks get
+    it): a node is dropped from the rendezvous after three silent heartbeats, and once
+    ``--min-nodes`` have joined, the others get the lost-after time to join too (5:30, the
+    default, gives torch's own defaults, 5 s and 30 s)."""
+    from trainer.resilience import WATCH_VAR, watch_timing
+
+    heartbeat_s, lost_after_s = watch_timing((env or {}).get(WATCH_VAR, ""))
+    host = 1 if node.name == inventory.nodes[0].name else 0
+    return (f"is_host={host},keep_alive_interval={math.ceil(heartbeat_s)},"
+            f"last_call_timeout={math.ceil(lost_after_s)}")
+
+
 def torchrun_argv(inventory, node, name: str, config_rel: str, *, nproc: int,
-                  max_restarts: int, min_nodes: int | None = None) -> list[str]:
+                  max_restarts: int, min_nodes: int | None = None,
+                  env: dict | None = None) -> list[str]:
     """``max_restarts``: torchrun's budget (torchrun_restarts); ``min_nodes``: the
-    rendezvous goes on with that many nodes when others are lost."""
+    rendezvous goes on with that many nodes when others are lost; ``env``: the ranks'
+    extra environment (its ``DSK_NODE_WATCH``, for :func:`rdzv_conf`)."""
     from dsk_provision.launch import rendezvous_endpoint
 
     count = len(inventory.nodes)
@@ -97,6 +118,7 @@ def torchrun_argv(inventory, node, name: str, config_rel: str, *, nproc: int,
         "--nproc_per_node", str(nproc),
         "--rdzv_backend", "c10d",
         "--rdzv_endpoint", rendezvous_endpoint(inventory),
+        "--rdzv_conf", rdzv_conf(inventory, node, env),
         "--rdzv_id", name,
         "--max-restarts", str(max_restarts),
         "-m", MODULE, "--config", config_rel, "--out", "out",
@@ -121,7 +143,7 @@ def start_command(inventory, node, name: str, config_rel: str, launch: str, *, n
         # for the ranks (a store kept from an earlier round may be on the lost node).
         variables["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     argv = torchrun_argv(inventory, node, name, config_rel, nproc=nproc,
-                         max_restarts=max_restarts, min_nodes=min_nodes)
+                         max_restarts=max_restarts, min_nodes=min_nodes, env=env)
     prepare = ""
     if container:
         from dsk_provision import containers
@@ -149,6 +171,21 @@ def fresh_command(node, name: str) -> str:
     return (f"cd {_q(d)} 2>/dev/null || exit 0; "
             f"rm -rf out logs logs.prev stop-requested abort.json node-*.json "
             f"attempts-*.json {_q(ckpt)}")
+
+
+def _watch_env(env: dict | None) -> dict:
+    """The ranks' extra environment with ``DSK_NODE_WATCH`` (given, or this process's),
+    checked before any connection."""
+    from trainer.resilience import WATCH_VAR, watch_timing
+
+    env = dict(env or {})
+    if WATCH_VAR not in env and os.environ.get(WATCH_VAR):
+        env[WATCH_VAR] = os.environ[WATCH_VAR]
+    try:
+        watch_timing(str(env.get(WATCH_VAR) or ""))
+    except ValueError as exc:
+        raise InputError(str(exc), field=WATCH_VAR) from None
+    return env
 
 
 @dataclass
@@ -214,6 +251,7 @@ def start_job(inventory, config_path: Path, name: str, *, fresh: bool = False,
     if min_nodes is not None and max_restarts == 0:
         raise InputError("going on with fewer nodes is a restart: give --max-restarts too",
                          field="--min-nodes")
+    env = _watch_env(env)
     config_path = Path(config_path)
     cfg = load_config(config_path)
     world_size = sum(nproc_for(n, nproc_per_node) for n in inventory.nodes)

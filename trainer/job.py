@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from trainer.jobstate import JOB_DIR_VAR
+
 JOB_MARKER_VAR = "DSK_JOB"
 STOP_FILE = "stop-requested"
 JOB_FILE = "job.json"
@@ -108,6 +110,24 @@ def marked_pids(name: str) -> list[int]:
     return out
 
 
+def _own_pids(name: str, job_dir: Path) -> list[int]:
+    """The job's processes of this node: marked, and started for this job directory
+    (``DSK_JOB_DIR``; several "nodes" may share one machine) or for none named."""
+    mine = os.path.realpath(job_dir)
+    prefix = JOB_DIR_VAR.encode() + b"="
+    out = []
+    for pid in marked_pids(name):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        dirs = [v[len(prefix):].decode(errors="replace") for v in environ
+                if v.startswith(prefix)]
+        if not dirs or os.path.realpath(dirs[0]) == mine:
+            out.append(pid)
+    return out
+
+
 def _rank_pids(pids: list[int]) -> list[int]:
     """The ranks among the job's processes: torchrun gives its workers LOCAL_RANK."""
     out = []
@@ -171,7 +191,7 @@ def run(job_dir: Path, node: str, argv: list[str], launch: str) -> int:
         except subprocess.TimeoutExpired:
             aborted = _abort_request(job_dir, launch)
             if aborted:
-                code = _end_torchrun(proc, aborted)
+                code = _end_torchrun(proc, aborted, job_dir)
                 break
         except InterruptedError:
             continue
@@ -193,7 +213,7 @@ def _abort_request(job_dir: Path, launch: str) -> dict | None:
     return data if data and data.get("launch") == launch else None
 
 
-def _end_torchrun(proc: subprocess.Popen, aborted: dict) -> int:
+def _end_torchrun(proc: subprocess.Popen, aborted: dict, job_dir: Path) -> int:
     """End torchrun and the job's processes on this node (their ranks wait for this),
     SIGTERM then SIGKILL; returns torchrun's exit code."""
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} ending the job: {aborted.get('reason')}",
@@ -201,10 +221,11 @@ def _end_torchrun(proc: subprocess.Popen, aborted: dict) -> int:
     name = os.environ.get(JOB_MARKER_VAR, "")
     me = os.getpid()
     for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-        _signal([proc.pid] + [p for p in marked_pids(name) if p != me], sig)
+        _signal([proc.pid] + [p for p in _own_pids(name, job_dir) if p != me], sig)
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
-            if proc.poll() is not None and not [p for p in marked_pids(name) if p != me]:
+            if proc.poll() is not None and not [p for p in _own_pids(name, job_dir)
+                                                if p != me]:
                 return proc.returncode
             time.sleep(0.1)
     return proc.wait()

@@ -15,15 +15,22 @@ counted by the others); a start with more than ``max_restarts`` restarts since t
 checkpoint gives up: it writes ``abort.json`` (the reason) and waits for the node's
 supervisor (trainer/job.py), which ends torchrun on its node and records the job failed.
 
-**A node that dies.** Local rank 0 of each node bumps the node's heartbeat in torchrun's
-store every ``HEARTBEAT_S`` and watches the others'. A node whose heartbeat stands still
-for ``LOST_AFTER_S`` (or, for rank 0's node, whose store stops answering that long)
-is lost. With restarts left, at least ``min_nodes`` nodes remaining, and the lost node not
-the rendezvous node (its torchrun holds the rendezvous), the rank exits so
-that torchrun restarts the job; its rendezvous (``--nnodes MIN:MAX``) goes on without the
-lost node and the job resumes from the newest complete checkpoint. Otherwise the rank
-writes ``abort.json`` naming the node, and the supervisors end the job everywhere.
-The loss of rank 0's node is not noticed yet: the store calls to it hang rather than fail.
+**A node that dies.** Local rank 0 of each node bumps the node's heartbeat in the ranks'
+store (on rank 0's node) every ``heartbeat_s`` and watches the others'. A node whose
+heartbeat stands still for ``lost_after_s`` is lost; so is rank 0's node when a round of
+store calls does not come back that long (the calls run in a thread of their own, since
+a store whose host is gone leaves them hanging). A store that refuses connections is not
+a lost node (its host answers; rank 0's process has ended): after two heartbeats the
+rank exits and torchrun restarts or ends the job as for any rank that dies. With
+restarts left, at least ``min_nodes`` nodes remaining, and the lost node not the
+rendezvous node (its torchrun holds the rendezvous), the rank exits so that torchrun
+restarts the job; its rendezvous (``--nnodes MIN:MAX``) goes on without the lost node and
+the job resumes from the newest complete checkpoint. Otherwise the rank writes
+``abort.json`` naming the node, and the supervisors end the job everywhere.
+
+The two times come from ``DSK_NODE_WATCH`` (``HEARTBEAT_S:LOST_AFTER_S``, default
+``5:30``; :func:`watch_timing`, the one place that reads it), which the launcher also
+turns into torchrun's rendezvous keep-alives (dsk_provision/joblaunch.py).
 """
 
 from __future__ import annotations
@@ -37,6 +44,9 @@ from pathlib import Path
 
 NODE_VAR = "DSK_NODE"            # set by the node's supervisor (trainer/job.py)
 ABORT_FILE = "abort.json"        # trainer.job reads it
+# "HEARTBEAT_S:LOST_AFTER_S": how often each node's heartbeat is bumped, and how long one
+# that stands still (or a store that does not answer) takes to make its node lost.
+WATCH_VAR = "DSK_NODE_WATCH"
 HEARTBEAT_S = 5.0
 LOST_AFTER_S = 30.0
 # Test drills only: pause local rank 0 of the node named here inside the save of step S,
@@ -52,6 +62,25 @@ class Policy:
     max_restarts: int
     min_nodes: int | None
     rendezvous_node: str | None
+
+
+def watch_timing(value: str | None = None) -> tuple[float, float]:
+    """``(heartbeat_s, lost_after_s)`` from ``value`` (default: ``$DSK_NODE_WATCH``; unset
+    or empty: ``HEARTBEAT_S:LOST_AFTER_S``). Raises ValueError saying what is expected."""
+    if value is None:
+        value = os.environ.get(WATCH_VAR, "")
+    if not value.strip():
+        return HEARTBEAT_S, LOST_AFTER_S
+    expected = (f"{WATCH_VAR} must be HEARTBEAT_S:LOST_AFTER_S in seconds, the heartbeat at "
+                f"least 1 and the lost-after time at least twice the heartbeat (default "
+                f"{HEARTBEAT_S:g}:{LOST_AFTER_S:g}), not {value!r}")
+    try:
+        heartbeat_s, lost_after_s = (float(v) for v in value.split(":"))
+    except ValueError:
+        raise ValueError(expected) from None
+    if not (1 <= heartbeat_s < float("inf") and 2 * heartbeat_s <= lost_after_s < float("inf")):
+        raise ValueError(expected)
+    return heartbeat_s, lost_after_s
 
 
 def _job_dir() -> Path | None:
@@ -201,8 +230,25 @@ def drill_crash(attempt: Attempt | None, step: int) -> None:
 # --------------------------------------------------------------------------- the watch
 
 
+class _Call:
+    """A function run in a daemon thread of its own: a store call to a host that is gone
+    may never return, and the watch must not wait with it."""
+
+    def __init__(self, fn, *args):
+        self.result = self.error = None
+        self.thread = threading.Thread(target=self._run, args=(fn, *args),
+                                       name="dsk-node-watch-store", daemon=True)
+        self.thread.start()
+
+    def _run(self, fn, *args) -> None:
+        try:
+            self.result = fn(*args)
+        except Exception as exc:  # noqa: BLE001 - the caller decides what it means
+            self.error = exc
+
+
 class NodeWatch:
-    """Heartbeats between the nodes through torchrun's store (local rank 0 of each node).
+    """Heartbeats between the nodes through the ranks' store (local rank 0 of each node).
 
     ``start`` needs the process group (it gathers the nodes' names); the watch runs in a
     daemon thread and, when a node is lost, either exits this process (the job may go on
@@ -210,14 +256,15 @@ class NodeWatch:
     """
 
     def __init__(self, attempt: Attempt, nodes: list[str], prefix: str, store_node: str,
-                 heartbeat_s: float = HEARTBEAT_S, lost_after_s: float = LOST_AFTER_S):
+                 heartbeat_s: float | None = None, lost_after_s: float | None = None):
         self.attempt = attempt
         self.me = node_name()
         self.nodes = nodes
-        self.store_node = store_node  # rank 0's node: its torchrun holds the ranks' store
+        self.store_node = store_node  # rank 0's node: it holds the ranks' store
         self.prefix = prefix
-        self.heartbeat_s = heartbeat_s
-        self.lost_after_s = lost_after_s
+        default_heartbeat, default_lost = watch_timing()
+        self.heartbeat_s = heartbeat_s or default_heartbeat
+        self.lost_after_s = lost_after_s or default_lost
         self.thread: threading.Thread | None = None
         self.done = threading.Event()
 
@@ -233,6 +280,7 @@ class NodeWatch:
 
         if attempt is None:
             return None
+        watch_timing()  # a bad DSK_NODE_WATCH fails every rank at once, saying why
         names: list = [None] * dist.get_world_size()
         dist.all_gather_object(names, node_name())
         nodes = sorted(set(names))
@@ -257,41 +305,81 @@ class NodeWatch:
                              is_master=False, timeout=timedelta(seconds=self.heartbeat_s * 2),
                              wait_for_workers=False)
 
+    def _round(self, held: list) -> dict[str, int]:
+        """One round of store calls (in a thread of its own): this node's heartbeat up by
+        one, the other nodes' counts read."""
+        if held[0] is None:
+            held[0] = self._store()
+        store = held[0]
+        store.add(self.prefix + self.me, 1)
+        return {n: store.add(self.prefix + n, 0) for n in self.nodes if n != self.me}
+
+    def _refused(self) -> bool:
+        """The store's port refuses connections: its host answers, its process is gone."""
+        import socket
+
+        try:
+            with socket.create_connection((os.environ["MASTER_ADDR"],
+                                           int(os.environ["MASTER_PORT"])),
+                                          timeout=self.heartbeat_s):
+                return False
+        except ConnectionRefusedError:
+            return True
+        except OSError:
+            return False
+
     def _run(self) -> None:
-        store = None
+        held: list = [None]
         seen: dict[str, tuple[int, float]] = {}
-        store_ok = time.monotonic()
+        answered = time.monotonic()   # the last round the store's host answered
+        ended_since = None            # since when the store refuses connections
+        call: _Call | None = None
         while not self.done.is_set():
+            began = time.monotonic()
+            if call is None:
+                call = _Call(self._round, held)
+            call.thread.join(self.heartbeat_s)
             now = time.monotonic()
-            try:
-                if store is None:
-                    store = self._store()
-                store.add(self.prefix + self.me, 1)
-                for node in self.nodes:
-                    if node == self.me:
-                        continue
-                    count = store.add(self.prefix + node, 0)
-                    if self.done.is_set():
-                        return
-                    last = seen.get(node)
-                    if last is None or count != last[0]:
-                        seen[node] = (count, now)
-                    elif now - last[1] > self.lost_after_s:
-                        self.lost(node, now - last[1])
-                        return
-                store_ok = now
-            except Exception:  # noqa: BLE001 - the store's host is gone, or going
-                store = None
-                if now - store_ok > self.lost_after_s and not self.done.is_set():
-                    self.lost(self.store_node, now - store_ok, store_host=True)
-                    return
-            self.done.wait(self.heartbeat_s)
+            if self.done.is_set():
+                return
+            if not call.thread.is_alive():
+                finished, call = call, None
+                if finished.error is None:
+                    answered, ended_since = now, None
+                    for node, count in finished.result.items():
+                        last = seen.get(node)
+                        if last is None or count != last[0]:
+                            seen[node] = (count, now)
+                        elif now - last[1] > self.lost_after_s:
+                            self.lost(node, now - last[1])
+                            return
+                else:
+                    held[0] = None
+                    if self._refused():
+                        answered = now
+                        ended_since = ended_since or now
+            if now - answered > self.lost_after_s:
+                self.lost(self.store_node, now - answered, store_host=True)
+                return
+            if ended_since is not None and now - ended_since >= 2 * self.heartbeat_s:
+                self.store_ended(now - ended_since)
+                return
+            if call is None:
+                self.done.wait(max(0.0, self.heartbeat_s - (time.monotonic() - began)))
+
+    def store_ended(self, for_s: float) -> None:
+        """Rank 0's process is gone, its node is not (it refuses connections): this
+        attempt cannot go on. torchrun restarts the job, or ends it, as for any rank that
+        dies (it may already be doing so, waiting for this rank to reach a step)."""
+        print(f"the ranks' store on {self.store_node} has refused connections for "
+              f"{for_s:.0f} s (rank 0 has ended): ending this rank", flush=True)
+        os._exit(1)
 
     def lost(self, node: str, silent_s: float, store_host: bool = False) -> None:
         pol = self.attempt.policy
         remaining = len(self.nodes) - 1
         restarts_left = pol.max_restarts - self.attempt.restarts
-        silent = "its rendezvous store" if store_host else "no heartbeat"
+        silent = "the ranks' store there silent" if store_host else "no heartbeat"
         what = f"node {node} stopped answering ({silent} for {silent_s:.0f} s)"
         rendezvous = node == pol.rendezvous_node
         if (not rendezvous and pol.min_nodes is not None and remaining >= pol.min_nodes
@@ -301,7 +389,9 @@ class NodeWatch:
                   flush=True)
             os._exit(1)
         if rendezvous:
-            why = "it holds the job's rendezvous: the job cannot go on without it"
+            why = ("it held the job's rendezvous (the first node in service): the job "
+                   "cannot go on without it, even with --min-nodes; once it is cordoned "
+                   "or replaced, the next launch rendezvouses on another node")
         elif restarts_left <= 0:
             why = ("no restart left" if pol.max_restarts else "restarts are off "
                    "(--max-restarts 0)")

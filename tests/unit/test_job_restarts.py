@@ -16,6 +16,7 @@ import pytest
 from dsk_provision import jobs
 from dsk_provision.inventory import load_inventory
 from dsk_provision.joblaunch import start_job, torchrun_restarts
+from dsk_provision.remote import LocalTransport
 from tests.unit.test_jobs import TINY, free_port, make_local_inventory
 from trainer import resilience
 from trainer.config import load_config
@@ -61,6 +62,45 @@ def test_min_nodes_makes_the_rendezvous_elastic_and_needs_restarts(tmp_path):
         assert err.value.field == "--min-nodes"
 
 
+def test_the_node_watch_times_are_one_setting_checked_before_any_connection(
+        tmp_path, monkeypatch):
+    import shlex
+
+    from dsk_provision.errors import InputError
+    from dsk_provision.joblaunch import start_command
+
+    monkeypatch.delenv(resilience.WATCH_VAR, raising=False)
+    assert resilience.watch_timing() == (resilience.HEARTBEAT_S, resilience.LOST_AFTER_S)
+    assert resilience.watch_timing("1:5") == (1.0, 5.0)
+    monkeypatch.setenv(resilience.WATCH_VAR, "2:4.5")
+    assert resilience.watch_timing() == (2.0, 4.5)
+    for bad in ("5", "a:b", "0.5:3", "5:9", "1:2:3", "inf:inf", "nan:nan", "-1:5"):
+        with pytest.raises(ValueError, match=f"{resilience.WATCH_VAR} must be "
+                           "HEARTBEAT_S:LOST_AFTER_S .*default 5:30"):
+            resilience.watch_timing(bad)
+
+    inv = make_local_inventory(tmp_path, 29596, nodes=2)
+    with pytest.raises(InputError) as err:  # given to start_job
+        start_job(inv, TINY, "j", env={resilience.WATCH_VAR: "1:1"})
+    assert err.value.field == resilience.WATCH_VAR and "not '1:1'" in str(err.value)
+    monkeypatch.setenv(resilience.WATCH_VAR, "0:1")  # or in train's own environment
+    with pytest.raises(InputError):
+        start_job(inv, TINY, "j")
+    assert not (tmp_path / "node1" / "jobs").exists()  # nothing was shipped
+
+    # The ranks get the value; torchrun's rendezvous follows it, on node1 only as host.
+    def conf(node, env):
+        line = start_command(inv, node, "j", "config/tiny.toml", "L", nproc=1,
+                             max_restarts=1, env=env)
+        argv = shlex.split(line.split("setsid -f ", 1)[1])
+        return argv[argv.index("--rdzv_conf") + 1], argv
+    value, argv = conf(inv.nodes[1], {resilience.WATCH_VAR: "1:5"})
+    assert value == "is_host=0,keep_alive_interval=1,last_call_timeout=5"
+    assert f"{resilience.WATCH_VAR}=1:5" in argv
+    assert conf(inv.nodes[0], None)[0] == (
+        "is_host=1,keep_alive_interval=5,last_call_timeout=30")  # torch's own defaults
+
+
 def test_a_node_the_ranks_lost_is_the_culprit_even_when_it_does_not_answer():
     survivor = jobs.NodeView("node1", reachable=True, exists=True, state="failed",
                              exit_code=-15, reason="node node2 stopped answering ...",
@@ -99,14 +139,20 @@ def test_failures_count_between_checkpoints_not_over_the_whole_run(tmp_path):
     next attempt, before step 5 (after step 4's): two restarts, one per interval, and
     the job finishes. "ko": both deaths before step 3, no checkpoint between them: the
     job fails, saying why."""
+    from concurrent.futures import ThreadPoolExecutor
+
     runs = {"ok": "1:3,2:5", "ko": "1:3,2:3"}
     invs = {}
-    for name, crashes in runs.items():
+    for name in runs:
         (tmp_path / name).mkdir()
-        invs[name] = inv = make_local_inventory(tmp_path / name, free_port())
-        start_job(inv, _config(tmp_path / name), name, max_restarts=1,
-                  env={resilience.CRASH_VAR: crashes})
+        invs[name] = make_local_inventory(tmp_path / name, free_port())
+    with ThreadPoolExecutor(len(runs)) as pool:  # both start at once
+        starts = [pool.submit(start_job, invs[name], _config(tmp_path / name), name,
+                              max_restarts=1, env={resilience.CRASH_VAR: crashes})
+                  for name, crashes in runs.items()]
     try:
+        for started in starts:
+            started.result()
         status = {n: _wait_all(invs[n], [n])[n] for n in runs}
     finally:
         for name, inv in invs.items():
@@ -213,37 +259,107 @@ def _rendezvous_host(name: str, port: int, root: Path) -> str:
     raise AssertionError(f"no process of job {name} listens on port {port}")
 
 
+# Heartbeat 1 s, lost after 5 s (the rendezvous keep-alives follow: dsk_provision.joblaunch).
+WATCH = {resilience.WATCH_VAR: "1:5"}
+
+
+class _Node1First(LocalTransport):
+    """Starts node1's supervisor a second before the others', so that its torchrun has
+    the lowest PID: c10d gives rank 0 to the node whose address sorts first, then to the
+    lowest PID, and local "nodes" share one address. (The rendezvous is node1's either
+    way: joblaunch.rdzv_conf.)"""
+
+    def popen(self, node, command: str, *, stdin=None):
+        if node.name != "node1" and " -m trainer.job run " in command:
+            command = f"sleep 1 && {command}"
+        return super().popen(node, command, stdin=stdin)
+
+
+def _start(tmp_path: Path, name: str, nodes: int, *, steps: int, interval: int,
+           shared: bool, env: dict | None = None):
+    """A job of ``nodes`` local "nodes", rank 0 and the rendezvous on node1, --min-nodes 2."""
+    port = free_port()
+    inv = make_local_inventory(tmp_path, port, nodes=nodes)
+    if shared:  # checkpoints on a file system all the "nodes" share
+        hosts = inv.hosts_file
+        hosts.write_text(hosts.read_text().replace(
+            "  children:", f"    dsk_checkpoint_dir: {tmp_path / 'shared'}\n  children:"))
+        inv = load_inventory(hosts)
+    start_job(inv, _long_config(tmp_path, steps, interval), name, max_restarts=1,
+              min_nodes=2, env={**WATCH, **(env or {})}, transport=_Node1First())
+    return inv, port
+
+
+def _roles(inv, name: str, port: int, tmp_path: Path) -> None:
+    """Rank 0 (it writes out/status.json) and the rendezvous are node1's."""
+    _wait_node(inv, name, "node1", lambda v: (v.trainer or {}).get("step", 0) >= 1, 120)
+    assert _rendezvous_host(name, port, tmp_path) == "node1"
+    others = [n.name for n in inv.nodes[1:]
+              if (tmp_path / n.name / "jobs" / name / "out/status.json").exists()]
+    assert others == [], f"rank 0 is not node1's: {others} wrote status.json"
+
+
 @pytest.mark.slow
 def test_with_min_nodes_the_job_goes_on_without_the_lost_node(tmp_path):
-    port = free_port()
-    inv = make_local_inventory(tmp_path, port, nodes=4)
-    hosts = inv.hosts_file  # checkpoints on a file system all three "nodes" share
-    hosts.write_text(hosts.read_text().replace(
-        "  children:", f"    dsk_checkpoint_dir: {tmp_path / 'shared'}\n  children:"))
-    inv = load_inventory(hosts)
-    steps = 300
-    start_job(inv, _long_config(tmp_path, steps, 5), "mn", max_restarts=1, min_nodes=2)
+    """--min-nodes 2 of 3, checkpoints shared, a checkpoint every 2 steps: node3 (neither
+    rank 0's node nor the rendezvous node) freezes while it saves step 4 (after step
+    2's checkpoint is complete, so the freeze always lands before the job ends); the
+    other two notice its heartbeat standing still, go on without it from step 2, and
+    finish."""
+    steps = 8
+    inv, port = _start(tmp_path, "mn", 3, steps=steps, interval=2, shared=True,
+                       env={resilience.SAVE_PAUSE_VAR: "node3:4:120"})
     frozen: list[int] = []
+    survivors = ["node1", "node2"]
     try:
-        _wait_node(inv, "mn", "node1", lambda v: (v.checkpoint or {}).get("step", 0) >= 5,
-                   240)
-        # Not the node that holds the rendezvous (the job cannot go on without it): on a
-        # cluster the first node, here whichever torchrun bound the port first; nor rank
-        # 0's, whose loss the ranks do not notice yet (their store hangs).
-        names = ("node1", "node2", "node3", "node4")
-        keep = {"node1", _rendezvous_host("mn", port, tmp_path)} | {
-            n for n in names if (tmp_path / n / "jobs/mn/out/status.json").exists()}
-        victim = next(n for n in reversed(names) if n not in keep)
-        survivors = [n for n in names if n != victim]
-        frozen = _freeze_node("mn", tmp_path / victim / "jobs" / "mn")
-        ends = [_wait_node(inv, "mn", n, lambda v: not v.running, 400) for n in survivors]
+        _roles(inv, "mn", port, tmp_path)
+        _wait_node(inv, "mn", "node1", lambda v: (v.checkpoint or {}).get("step", 0) >= 2,
+                   120)
+        frozen = _freeze_node("mn", tmp_path / "node3" / "jobs" / "mn")
+        ends = [_wait_node(inv, "mn", n, lambda v: not v.running, 240) for n in survivors]
     finally:
         _kill(frozen)
         jobs.stop_job(inv, "mn", grace_s=5)
     logs = "".join(p.read_text() for n in survivors for p in sorted(
         (tmp_path / n / "jobs" / "mn" / "logs").glob("*.log")))
-    assert [v.state for v in ends] == ["finished"] * 3, (ends, logs[-4000:])
-    assert f"node {victim} stopped answering" in logs and "going on with the 3 other" in logs
-    assert "| world 3 " in logs and "resumed from " in logs
+    assert [v.state for v in ends] == ["finished"] * 2, (ends, logs[-4000:])
+    assert "node node3 stopped answering (no heartbeat for" in logs
+    assert "going on with the 2 other" in logs
+    assert "| world 2 " in logs and "resumed from " in logs and "step-000002" in logs
     trainer = max((v.trainer for v in ends if v.trainer), key=lambda t: t["updated"])
     assert trainer["step"] == steps and trainer["restarts"] == 1
+
+
+@pytest.mark.slow
+def test_the_loss_of_the_rendezvous_and_rank_0_node_ends_the_job_naming_it(tmp_path):
+    """node1 holds the rendezvous and rank 0 (the ranks' store): frozen, the other
+    nodes' store calls hang. Their watch gives up on the store within the lost-after
+    time and names node1; even with --min-nodes the job cannot go on without its
+    rendezvous, so it fails on every other node, and `jobs status` names the node."""
+    inv, port = _start(tmp_path, "rz", 3, steps=100000, interval=0, shared=False)
+    frozen: list[int] = []
+    survivors = ["node2", "node3"]
+    try:
+        _roles(inv, "rz", port, tmp_path)
+        frozen = _freeze_node("rz", tmp_path / "node1" / "jobs" / "rz")
+        froze = time.monotonic()
+        ends = [_wait_node(inv, "rz", n, lambda v: not v.running, 60) for n in survivors]
+        took = time.monotonic() - froze
+        left = [p for n in survivors for p in _node_pids("rz", tmp_path / n / "jobs/rz")]
+        _kill(frozen)  # the node is gone for good: its supervisor records nothing
+        frozen = []
+        status = jobs.job_status(inv, "rz")
+    finally:
+        _kill(frozen)
+        jobs.stop_job(inv, "rz", grace_s=5)
+    logs = "".join(p.read_text() for n in survivors for p in sorted(
+        (tmp_path / n / "jobs" / "rz" / "logs").glob("*.log")))
+    assert took < 60, took
+    for view in ends:
+        assert (view.state, view.lost_node) == ("failed", "node1"), (view, logs[-4000:])
+        assert view.reason.startswith("node node1 stopped answering (the ranks' store "
+                                      "there silent for "), view.reason
+        assert "held the job's rendezvous" in view.reason and "--min-nodes" in view.reason
+    assert left == []  # the supervisors ended every process of the job on their nodes
+    assert (status.state, status.culprit, status.culprit_node) == (
+        "failed", "node1 (lost)", "node1"), status.to_dict()
