@@ -22,6 +22,7 @@ from dsk_provision import jobs
 from dsk_provision.errors import InputError
 from dsk_provision.inventory import load_inventory
 from dsk_provision.launch import _fetch_job_file, train
+from trainer.resilience import WATCH_VAR
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -49,12 +50,14 @@ def config(tmp_path: Path, steps: int, interval: int, name: str = "cfg") -> Path
     return path
 
 
-def cli(sandbox, *args, check=True, timeout=300) -> subprocess.CompletedProcess:
-    """`dsk-provision train ...` or `dsk-provision jobs SUB ...` on the sandbox."""
+def cli(sandbox, *args, check=True, timeout=300, env=None) -> subprocess.CompletedProcess:
+    """`dsk-provision train ...` or `dsk-provision jobs SUB ...` on the sandbox (``env``:
+    extra environment variables)."""
     command = list(args[:2]) if args[0] == "jobs" else [args[0]]
     rest = list(args[len(command):])
     proc = subprocess.run([str(EXE), *command, "-i", str(sandbox.inventory_path), *rest],
-                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
     if check and proc.returncode != 0:
         pytest.fail(f"dsk-provision {' '.join(args)} exited {proc.returncode}:\n"
                     f"{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
@@ -251,7 +254,8 @@ def test_a_stopped_node_ends_the_job_within_60_s_naming_it(sandbox_cluster, node
     victim = "node3"
     cleanup.append("nd")
     cli(sandbox, "train", "--config", str(config(tmp_path, 100000, 0, "long")), "--name",
-        "nd", "--detach", "--fresh", "--yes", "--max-restarts", "1")
+        "nd", "--detach", "--fresh", "--yes", "--max-restarts", "1",
+        env={WATCH_VAR: "2:12"})  # shorter node-watch times than the default 5:30
     wait_for(lambda: (status(sandbox, "nd")["trainer"] or {}).get("step", 0) >= 2,
              "step 2 of job nd")
     kept = {path: node_ssh(ips[victim], f"base64 -w0 {path}").stdout.strip()
