@@ -14,7 +14,8 @@ not multiples of anything. Cases:
   best reach); weights given transposed (a view, as the model does) or contiguous.
 - ``experts``: the whole SwiGLU of the routed experts (trainer.model.GroupedExperts,
   compiled), forward + backward, on the routed groups and on groups padded to multiples
-  of 128 (zero rows), and a capacity-padded bmm (every expert padded to the largest group,
+  of 128 (zero rows), compiled with max-autotune (inductor's Triton grouped GEMM
+  template against aten's), and a capacity-padded bmm (every expert padded to the largest group,
   rounded up to 128 rows).
 
 TFLOP/s count only the routed slots' work (padding is overhead). Without a CUDA GPU the
@@ -144,8 +145,8 @@ def expert_cases(counts, dim: int, hidden: int, compile_: bool = True) -> list[d
         torch.nn.init.normal_(w, std=0.02)
     rows = []
 
-    def timed(label: str, fn, extra: dict | None = None) -> None:
-        step = torch.compile(fn) if compile_ else fn
+    def timed(label: str, fn, extra: dict | None = None, mode: str | None = None) -> None:
+        step = torch.compile(fn, mode=mode) if compile_ else fn
 
         def run():
             with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -162,6 +163,12 @@ def expert_cases(counts, dim: int, hidden: int, compile_: bool = True) -> list[d
                         requires_grad=True)
         timed(f"GroupedExperts {label}", lambda x=x, cnt=cnt: module(x, cnt).sum().backward(),
               {"rows": int(cnt.sum())})
+    x = torch.randn(slots, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    # max-autotune lets inductor choose between aten's grouped GEMM and its own persistent
+    # Triton template, by timing both at these shapes
+    timed("GroupedExperts routed, max-autotune",
+          lambda: module(x, counts).sum().backward(), {"rows": slots},
+          mode="max-autotune-no-cudagraphs")
 
     cap = int(pad_counts(counts.max().reshape(1))[0])
     xb = torch.randn(n_experts, cap, dim, device="cuda", dtype=torch.bfloat16,
