@@ -101,6 +101,33 @@ def test_clip_grad_norm_matches_torch_in_one_process():
         torch.testing.assert_close(pa.grad, pb.grad)
 
 
+def test_clip_inside_the_fused_adamw_equals_clipping_first():
+    """With a fused AdamW, clip_grad_norm hands the clip coefficient to the optimizer's
+    kernel (grad_scale) instead of scaling the gradients: the same updates as clipping
+    first, step after step, whether the clip bites (large gradients) or not (small)."""
+    torch.manual_seed(0)
+    models = [torch.nn.Linear(8, 8) for _ in range(3)]
+    for m in models[1:]:
+        m.load_state_dict(models[0].state_dict())
+    # eps of the gradients' order, so that the update depends on their scale
+    opts = [torch.optim.AdamW(m.parameters(), lr=0.1, eps=0.5, fused=True) for m in models]
+    first, inside, unclipped = models
+    for scale in (30.0, 0.01, 20.0):
+        x = torch.randn(4, 8)
+        for m in models:
+            (scale * m(x)).pow(2).sum().backward()
+        norm_first = clip_grad_norm(list(first.parameters()), 1.0)
+        norm_inside = clip_grad_norm(list(inside.parameters()), 1.0, fused_optimizer=opts[1])
+        torch.testing.assert_close(norm_first, norm_inside)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        for pa, pb in zip(first.parameters(), inside.parameters(), strict=True):
+            torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
+    # and the clip did change the updates
+    assert not torch.allclose(first.weight, unclipped.weight, rtol=1e-3)
+
+
 def test_selective_checkpointing_recomputes_all_but_matmuls():
     """Same loss and gradients in every mode; in backward, "full" runs the forward
     matmuls again, "selective" only the cheap ops between them (here SiLU and sort)."""

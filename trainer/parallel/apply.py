@@ -145,11 +145,17 @@ def parallelize(model: Transformer, dims: ParallelDims, device: torch.device,
     return model
 
 
-def clip_grad_norm(params: list[nn.Parameter], max_norm: float, pp_group=None) -> torch.Tensor:
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float, pp_group=None,
+                   fused_optimizer: torch.optim.Optimizer | None = None) -> torch.Tensor:
     """Clip to a global gradient norm over every parameter of every rank and return the
     norm before clipping. Parameters may be DTensors on different meshes (FSDP, tp, ep):
     the norm is taken per mesh and combined; with ``pp_group`` the stages' squared norms
-    are summed too."""
+    are summed too.
+
+    With ``fused_optimizer`` (a torch Adam or AdamW with ``fused=True``, whose next step
+    updates these parameters), the plain gradients are not scaled here: the optimizer's
+    fused kernel divides each gradient by its ``grad_scale`` (1 / the clip coefficient)
+    as it reads it, which saves a pass over every gradient in memory (read and write)."""
     grads = [p.grad for p in params if p.grad is not None]
     by_mesh: dict[object, list[torch.Tensor]] = {}
     for g in grads:
@@ -166,7 +172,9 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, pp_group=None) -
     total = total_sq.sqrt()
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
     plain = by_mesh.pop(None, [])
-    if plain:  # one multi-tensor kernel, and no wait for the norm on the host
+    if plain and fused_optimizer is not None:  # scaled inside the optimizer's step
+        fused_optimizer.grad_scale = coef.reciprocal()
+    elif plain:  # one multi-tensor kernel, and no wait for the norm on the host
         torch._foreach_mul_(plain, coef)
     sharded = [g for group in by_mesh.values() for g in group]
     if sharded:
