@@ -25,11 +25,15 @@ demo: setup
 demo-down: setup
 	$(DSK) sandbox down --name $(DEMO_NAME)
 
+# Unit tests two at a time (a file's tests stay in one worker: module fixtures run once),
+# then the sandbox tests one at a time; the exit status is non-zero if either failed.
 test: setup
-	$(PYTEST) -q -rs --durations=40 tests
+	$(PYTEST) -q -rs -n 2 --dist loadfile --durations=25 tests/unit; unit=$$?; \
+	$(PYTEST) -q -rs --durations=30 tests/integration tests/gpu; rest=$$?; \
+	test $$unit -eq 0 -a $$rest -eq 0
 
 test-unit: setup
-	$(PYTEST) -q -rs tests/unit
+	$(PYTEST) -q -rs -n 2 --dist loadfile tests/unit
 
 test-integration: setup
 	$(PYTEST) -q -rs tests/integration
