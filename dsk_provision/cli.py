@@ -742,25 +742,32 @@ def nodes_remove(
     inventory: InventoryOpt,
     name: Annotated[str, typer.Argument(help="The node to take out of the cluster.")],
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    keep_key: Annotated[bool, typer.Option(
+        "--keep-key", help="Do not rotate the cluster key: the removed node's copy stays "
+                           "accepted on every remaining node until `keys rotate` (when "
+                           "removing several nodes, rotate with the last).")] = False,
     verbose: Annotated[int, typer.Option(
         "--verbose", "-v", count=True, help="More Ansible output.")] = 0,
 ) -> None:
-    """Take a node out: the remaining nodes forget its name, address and host key, then
-    the inventory drops it. The node is not contacted (a dead node can be removed)."""
+    """Take a node out: the remaining nodes forget its name, address and host key, the
+    inventory drops it, and the cluster key it held is rotated on the remaining nodes.
+    The node is not contacted (a dead node can be removed)."""
     from dsk_provision.lifecycle import check_removal, remove
 
     inv = _load(inventory)
     remaining = check_removal(inv, name)
     if not yes:
         typer.confirm(f"remove {name} ({inv.node(name).address}) from the cluster? "
-                      f"{len(remaining)} node(s) stay", abort=True)
-    outcome, smaller = remove(inv, name, say=render.line, runs_dir=_runs_dir(ctx),
-                              console=render.console(), verbosity=verbose)
+                      f"{len(remaining)} node(s) stay"
+                      + ("" if keep_key else " and get a new cluster key"), abort=True)
+    outcome, smaller = remove(inv, name, say=render.line, rotate_key=not keep_key,
+                              runs_dir=_runs_dir(ctx), console=render.console(),
+                              verbosity=verbose)
     render.line(f"{name} removed; {len(smaller.nodes)} node(s) in {smaller.hosts_file}")
     if outcome.summary():
         render.line(outcome.summary())
-    render.line("the cluster key is unchanged: a node that was not wiped may still hold "
-                "it (see docs/operations.md)")
+    if outcome.key_warning:
+        render.warnings([outcome.key_warning])
 
 
 @keys_app.command("rotate")

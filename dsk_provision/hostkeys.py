@@ -286,12 +286,17 @@ def _split_known_hosts_line(line: str) -> tuple[str, str, str] | None:
 
 def known_hosts_keys(path: Path, target: Target) -> list[HostKey]:
     """The keys ``path`` holds for the node (under its name or its address)."""
+    return _keys_under(path, target.known_hosts_names)
+
+
+def _keys_under(path: Path, hosts: Sequence[str]) -> list[HostKey]:
+    """The keys of the lines of ``path`` that name any of ``hosts``."""
     if not path.is_file():
         return []
     keys: list[HostKey] = []
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         parts = _split_known_hosts_line(line)
-        if parts and _line_names_host(parts[0], target.known_hosts_names):
+        if parts and _line_names_host(parts[0], hosts):
             try:
                 key = HostKey.parse(parts[1], parts[2])
             except ValueError:
@@ -440,6 +445,10 @@ class Plan:
     refused: list[Refusal] = field(default_factory=list)
     unreachable: list[NodeScan] = field(default_factory=list)
     replaced: list[Target] = field(default_factory=list)
+    # Pinned keys of nodes at a new address (the same key, pinned under the node's name
+    # and its old address only): written again under the name and the new address, the
+    # old address's lines dropped. No confirmation: the key itself is already trusted.
+    moved: list[tuple[Target, HostKey]] = field(default_factory=list)
 
 
 def _describe(keys: Iterable[HostKey]) -> str:
@@ -514,6 +523,11 @@ def plan(scans: Sequence[NodeScan], known_hosts: Path, *,
         else:
             for key in s.keys:
                 (out.known if key in recorded else out.new).append((t, key))
+        if t.name not in replace and t.address != t.name:
+            here = _keys_under(known_hosts, [t.host_field(t.address)])
+            pinned = [(tt, k) for tt, k in out.known if tt is t]
+            if any(k not in here for _, k in pinned):
+                out.moved.extend(pinned)
     return out
 
 
@@ -538,7 +552,9 @@ def record(p: Plan, *, state_file: Path | None = None) -> Path:
         lines = [ln for ln in lines
                  if not ((parts := _split_known_hosts_line(ln))
                          and _line_names_host(parts[0], names))]
-    lines += known_hosts_lines(p.new)
+    if p.moved:
+        lines = _without_old_addresses(lines, p.moved)
+    lines += known_hosts_lines(p.moved) + known_hosts_lines(p.new)
     mode = (path.stat().st_mode & 0o777) if path.is_file() else 0o644
     write_file(path, "".join(f"{ln}\n" for ln in lines), mode, dir_mode=0o700)
     if p.replaced and state_file is not None and state_file.is_file():
@@ -548,6 +564,33 @@ def record(p: Plan, *, state_file: Path | None = None) -> Path:
         write_file(state_file, json.dumps(data, indent=4, sort_keys=True) + "\n",
                    state_file.stat().st_mode & 0o777)
     return path
+
+
+def _without_old_addresses(lines: list[str], moved: list[tuple[Target, HostKey]]) -> list[str]:
+    """``lines`` less those that pin a moved node's keys under its name or under the
+    other names its lines carry (its old address), for it to be written again under its
+    name and new address. Lines of other keys stay. (A hashed line names its host by a
+    hash: one that names only the old address is not recognised as such, and stays.)"""
+    by_name = {t.name: t for t, _ in moved}
+    keys = {name: {k for t, k in moved if t.name == name} for name in by_name}
+    old_names = {name: {t.host_field(name)} for name, t in by_name.items()}
+    for ln in lines:
+        parts = _split_known_hosts_line(ln)
+        for name, t in by_name.items():
+            if parts and _line_names_host(parts[0], [t.host_field(name)]):
+                old_names[name] |= {n for n in parts[0].split(",") if not n.startswith("|")}
+
+    def stale(ln: str) -> bool:
+        parts = _split_known_hosts_line(ln)
+        try:
+            key = parts and HostKey.parse(parts[1], parts[2])
+        except ValueError:
+            return False
+        return bool(key) and any(key in keys[name]
+                                 and _line_names_host(parts[0], sorted(old_names[name]))
+                                 for name in by_name)
+
+    return [ln for ln in lines if not stale(ln)]
 
 
 def trust(inventory, names: Sequence[str] | None = None, *, expect: Path | None = None,
@@ -586,6 +629,7 @@ def trust(inventory, names: Sequence[str] | None = None, *, expect: Path | None 
                 f"{len(p.new)} new host key(s) not confirmed: nothing written to {path}",
                 hint="compare the fingerprints with the nodes' consoles and answer y, or "
                      "pass --expect FILE with the fingerprints they show")
+    if p.new or p.replaced or p.moved:
         record(p, state_file=host_keys_json_path(inventory) if p.replaced else None)
     if p.unreachable:
         raise RunFailed("no host key from " + "; ".join(

@@ -27,13 +27,15 @@ hardware), so that the others pin the key it has now.
 
 ``remove`` refreshes the trust of the remaining nodes with the node left out
 (``dsk_removed_nodes``), so that none of them knows its name, address or host key any
-more, then takes it out of the inventory and the record. The node itself is not
-contacted: a dead node is removed the same way.
+more, then takes it out of the inventory and the record, then rotates the cluster key
+on the remaining nodes (dsk_provision.keys.rotate, ``rotate_cluster_key``): the removed
+node held the cluster's private key, and until the rotation every remaining node
+accepts it. The node itself is not contacted: a dead node is removed the same way.
 
 The playbook runner is a parameter (``run``, default runner.run_playbook) so that the
 plans can be checked without a cluster; the SSH probe and the host-key step are the
-module's ``probe_nodes`` and ``pin_host_keys``, looked up at call time (tests replace
-them).
+module's ``probe_nodes``, ``pin_host_keys`` and ``rotate_cluster_key``, looked up at call
+time (tests replace them).
 """
 
 from __future__ import annotations
@@ -148,6 +150,8 @@ class Outcome:
     bootstrapped: list[str] = field(default_factory=list)   # full bootstrap done
     refreshed: list[str] = field(default_factory=list)      # trust refresh done
     missed: dict[str, str] = field(default_factory=dict)    # unreachable: why
+    key_rotation: Any = None   # a removal's keys.RotationResult, None when not rotated
+    key_warning: str = ""      # a removal that left the cluster key as it was: what stays trusted
 
     def summary(self) -> str:
         parts = []
@@ -159,6 +163,11 @@ class Outcome:
         for name, why in self.missed.items():
             lines.append(f"{name} did not answer ({why}): it keeps the old node list and "
                          "is brought up to date by the next bootstrap once it answers")
+        if self.key_rotation is not None:
+            data = self.key_rotation.to_dict()
+            lines.append(f"cluster key rotated on {_nodes(len(data['nodes']))}: "
+                         f"{data['new_key']} in force, {data['old_key']} removed from every "
+                         "node's authorized_keys")
         return "\n".join(lines)
 
 
@@ -493,11 +502,57 @@ def check_removal(inventory: Inventory, name: str) -> list[str]:
     return remaining
 
 
+def rotate_cluster_key(inventory: Inventory, *, say: Say = print, runs_dir: Path | None = None,
+                       console: Any = None) -> Any:
+    """``keys rotate`` on ``inventory`` (dsk_provision.keys.rotate): a new cluster key
+    in force on every node, the old one accepted nowhere. Returns its RotationResult."""
+    from dsk_provision import keys
+
+    return keys.rotate(inventory, runs_dir=runs_dir, console=console, say=say)
+
+
+def _key_kept(name: str, why: str) -> str:
+    return (f"the cluster key is unchanged ({why}): {name}'s copy of it still logs in as "
+            f"root to every remaining node until `dsk-provision keys rotate` runs")
+
+
+def _rotate_after_removal(smaller: Inventory, name: str, missed: dict[str, str], *,
+                          say: Say, run_options: dict[str, Any]) -> tuple[Any, str]:
+    """The cluster key rotated on the nodes that stay, once ``name`` is out of the
+    inventory: (the RotationResult, "") or (None, what stays trusted and why). A
+    rotation needs every node, so one that missed the removal's refresh defers it."""
+    from dsk_provision import keys
+
+    files = keys.key_files(smaller)
+    if keys.pending_step(files) is None and not files.current.exists():
+        return None, ""  # no cluster key was ever made: no node holds one
+    if missed:
+        return None, _key_kept(name, f"{_names(missed)} did not answer, and a rotation "
+                                     "needs every node; run it once they answer")
+    say(f"rotating the cluster key on the {_nodes(len(smaller.nodes))} that stay: {name} "
+        "held it")
+    try:
+        result = rotate_cluster_key(smaller, say=say, runs_dir=run_options.get("runs_dir"),
+                                    console=run_options.get("console"))
+    except RunFailed as exc:
+        raise RunFailed(f"{name} is removed (inventory, record, the others' known_hosts), but "
+                        f"the cluster key rotation did not finish: {exc.message}",
+                        nodes=exc.nodes,
+                        hint=f"{exc.hint + '. ' if exc.hint else ''}Until it finishes, "
+                             f"{name}'s copy of the cluster key is accepted wherever the "
+                             "old key still is") from exc
+    return result, ""
+
+
 def remove(inventory: Inventory, name: str, *, run: Callable[..., Any] | None = None,
-           say: Say = print, **run_options: Any) -> tuple[Outcome, Inventory]:
+           say: Say = print, rotate_key: bool = True,
+           **run_options: Any) -> tuple[Outcome, Inventory]:
     """Take node ``name`` out of the cluster: the remaining nodes forget it (/etc/hosts,
-    known_hosts, ~/.ssh/config), then the inventory and the record do. Returns what was
-    done and the inventory without the node. The node is never contacted."""
+    known_hosts, ~/.ssh/config), then the inventory and the record do, then the cluster
+    key is rotated on the remaining nodes (unless ``rotate_key`` is false: the outcome's
+    ``key_warning`` then says what stays trusted), so that the copy the removed node
+    holds is accepted nowhere. Returns what was done and the inventory without the
+    node. The node is never contacted."""
     from dsk_provision.inventory_edit import remove_node
 
     remaining = check_removal(inventory, name)
@@ -532,7 +587,13 @@ def remove(inventory: Inventory, name: str, *, run: Callable[..., Any] | None = 
                 record[other] = provisioned.refreshed(
                     record[other], when=None if other in missed else when)
         provisioned.write_record(directory, record, removed)
-    return Outcome(None, refreshed=refreshed, missed=missed), smaller
+    outcome = Outcome(None, refreshed=refreshed, missed=missed)
+    if rotate_key:
+        outcome.key_rotation, outcome.key_warning = _rotate_after_removal(
+            smaller, name, missed, say=say, run_options=run_options)
+    else:
+        outcome.key_warning = _key_kept(name, "--keep-key")
+    return outcome, smaller
 
 
 def cordon(inventory: Inventory, name: str, reason: str | None, *, say: Say = print,

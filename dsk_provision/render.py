@@ -206,6 +206,8 @@ def host_keys_plan(plan, out=None) -> None:
     groups = (("new host keys, not pinned yet (compare them with the nodes' consoles):",
                plan.new),
               (f"already pinned in {plan.known_hosts}:", plan.known),
+              ("pinned under an old address, pinned again under the new one:",
+               plan.moved),
               ("left out (no expected fingerprint vouches for them):", plan.unvouched))
     for title, pairs in groups:
         if pairs:
@@ -230,10 +232,14 @@ def host_keys_confirm(plan) -> bool:
 
 
 def host_keys_done(plan) -> None:
+    moved = sorted({t.name for t, _ in plan.moved})
+    if moved:
+        console().print(f"pinned again under the new address: {', '.join(moved)}",
+                        soft_wrap=True)
     if plan.new:
         console().print(f"pinned {len(plan.new)} key(s) of "
                         f"{len({t.name for t, _ in plan.new})} node(s) in {plan.known_hosts}")
-    else:
+    elif not moved:
         console().print(f"nothing to pin: every key is already in {plan.known_hosts}")
 
 

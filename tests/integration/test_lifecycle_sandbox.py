@@ -9,8 +9,9 @@ The shared 3-node sandbox is given two spare nodes (running, not in the inventor
    `bootstrap` converges it;
 3. every node reaches every other by name with the pinned host keys, and a training run
    uses all five;
-4. node4 is removed alive, node5 stopped and removed dead: no remaining node trusts their
-   host keys;
+4. node4 is removed alive (keeping the cluster key), node5 stopped and removed dead (the
+   cluster key rotated): no remaining node trusts their host keys, and neither one's copy
+   of the old cluster key logs in to a remaining node;
 5. node3 gets new hardware (a new disk and host key) and `nodes replace` brings it back.
 
 The module's finalizer puts the sandbox back as it found it (3 nodes, no spare, every
@@ -228,20 +229,46 @@ def test_every_node_reaches_every_other_and_training_uses_all_five(cluster):
         assert (result.run_dir / "logs" / f"{name}.log").stat().st_size > 0
 
 
+def _logins_with_own_key(cluster: Cluster, node: str, to: list[str]) -> dict[str, str]:
+    """From ``node``, ssh to each of ``to`` by name as the role set it up there (its copy
+    of the cluster key, the pinned host keys): {name: "ok" or ssh's last line}."""
+    loop = (f"for n in {' '.join(to)}; do "
+            "if out=$(ssh -o BatchMode=yes -o ConnectTimeout=10 $n true 2>&1); "
+            'then echo "$n: ok"; else echo "$n: $(echo "$out" | tail -n 1)"; fi; done')
+    out = subprocess.run(_ssh(cluster, cluster.ip(node), loop), capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    answers = dict(line.split(": ", 1) for line in out.stdout.splitlines() if ": " in line)
+    return {n: answers.get(n, "no output") for n in to}
+
+
 def test_removed_nodes_alive_or_dead_are_trusted_nowhere(cluster):
     from dsk_provision import sandbox
 
+    stay = ["node1", "node2", "node3"]
     keys = {n: _control_key(cluster, n) for n in ("node4", "node5")}
     for n, key in keys.items():
         assert key in _pinned(cluster, "node1"), n
-    cluster.ok("nodes", "remove", "-i", str(cluster.inventory), "node4", "--yes")
+    # node4 goes first without a key rotation (as when several nodes go, the last one
+    # rotates): its copy of the cluster key still logs in everywhere, and it is said.
+    out = cluster.ok("nodes", "remove", "-i", str(cluster.inventory), "node4", "--yes",
+                     "--keep-key")
+    assert "the cluster key is unchanged (--keep-key): node4's copy" in out, out
+    assert _logins_with_own_key(cluster, "node4", stay) == dict.fromkeys(stay, "ok")
     sandbox.stop_node(cluster.info.name, "node5")
     try:
-        cluster.ok("nodes", "remove", "-i", str(cluster.inventory), "node5", "--yes")
+        out = cluster.ok("nodes", "remove", "-i", str(cluster.inventory), "node5", "--yes")
     finally:
         sandbox.up(cluster.info.name, 3, spare=SPARE)
+    assert "cluster key rotated on 3 nodes" in out, out
     inv = load_inventory(cluster.inventory)
-    assert [n.name for n in inv.nodes] == ["node1", "node2", "node3"]
+    assert [n.name for n in inv.nodes] == stay
+    # Neither removed node's copy of the old cluster key is accepted by a remaining node,
+    # and the remaining nodes reach each other with the new one.
+    for gone in ("node4", "node5"):
+        for name, answer in _logins_with_own_key(cluster, gone, stay).items():
+            assert "Permission denied" in answer, (gone, name, answer)
+    _reaches_every_other(cluster, stay)
     for name in ("node1", "node2", "node3"):
         pinned = _pinned(cluster, name)
         for gone, key in keys.items():

@@ -275,6 +275,34 @@ def test_replace_swaps_a_reinstalled_nodes_keys(cluster, tmp_path):
         "gpu02": [cluster["keys"]["gpu02"].line]}
 
 
+@pytest.mark.parametrize("hashed", [False, True])
+def test_a_node_at_a_new_address_with_its_pinned_key_is_pinned_there_and_not_at_the_old(
+        cluster, tmp_path, hashed):
+    key = cluster["keys"]["gpu01"]
+    other = keygen(tmp_path / "other")
+    # Another node's hashed lines stay as they are.
+    _pin(cluster, "gpu02", cluster["keys"]["gpu02"], host="10.0.0.12", hashed=hashed)
+    _pin(cluster, "gpu01", key, host="10.0.0.9")          # where gpu01 was
+    with open(cluster["known"], "a") as f:
+        f.write(f"10.0.0.9 {other.line}\n")   # another key at the old address: not gpu01's
+
+    def found(host: str) -> str:
+        return subprocess.run(["ssh-keygen", "-F", host, "-f", str(cluster["known"])],
+                              capture_output=True, text=True).stdout
+
+    assert key.blob not in found("10.0.0.11")
+    plan = hostkeys.trust(cluster["load"](), ["gpu01", "gpu02"],
+                          confirm=lambda p: pytest.fail("the same key needs no confirmation"))
+    assert [t.name for t, _ in plan.moved] == ["gpu01"] and not plan.new
+    assert key.blob in found("10.0.0.11") and key.blob in found("gpu01")
+    assert key.blob not in found("10.0.0.9") and other.blob in found("10.0.0.9")
+    assert cluster["keys"]["gpu02"].blob in found("10.0.0.12")
+    # Pinned where it is now: a second scan writes nothing.
+    before = cluster["known"].read_bytes()
+    again = hostkeys.trust(cluster["load"](), ["gpu01", "gpu02"])
+    assert not again.moved and cluster["known"].read_bytes() == before
+
+
 def test_an_unreachable_node_is_named_and_the_others_pinned(cluster):
     (cluster["keys_dir"] / "10.0.0.12_22.pub").unlink()
     with pytest.raises(RunFailed, match="gpu02.*Connection refused") as err:

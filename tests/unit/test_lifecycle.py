@@ -360,6 +360,58 @@ def test_a_failed_removal_leaves_the_inventory_unchanged(inv_dir):
     assert (inv_dir / "hosts.yml").read_bytes() == before
 
 
+def test_remove_rotates_the_cluster_key_on_the_remaining_nodes_last(inv_dir, rotation):
+    lifecycle.bring_in(load_inventory(inv_dir), run=StandIn(), say=lambda s: None)
+    _cluster_key(inv_dir)
+    run = StandIn()
+    outcome, smaller = lifecycle.remove(load_inventory(inv_dir), "n2", run=run,
+                                        say=lambda s: None)
+    # Once the node is out of the hosts file: the rotation never waits for it.
+    ((nodes, hosts_text),) = rotation.calls
+    assert nodes == ["n1", "n3"] and "n2" not in hosts_text and len(run.calls) == 1
+    assert outcome.key_warning == ""
+    assert "cluster key rotated on 2 nodes: ssh-ed25519 ...new in force" in outcome.summary()
+
+
+def test_remove_with_keep_key_leaves_the_key_and_says_what_stays_trusted(inv_dir, rotation):
+    lifecycle.bring_in(load_inventory(inv_dir), run=StandIn(), say=lambda s: None)
+    _cluster_key(inv_dir)
+    outcome, _ = lifecycle.remove(load_inventory(inv_dir), "n2", run=StandIn(),
+                                  say=lambda s: None, rotate_key=False)
+    assert rotation.calls == [] and outcome.key_rotation is None
+    assert "n2's copy of it still logs in as root to every remaining node" in \
+        outcome.key_warning and "keys rotate" in outcome.key_warning
+
+
+def test_remove_defers_the_rotation_when_a_remaining_node_did_not_answer(inv_dir, rotation):
+    lifecycle.bring_in(load_inventory(inv_dir), run=StandIn(), say=lambda s: None)
+    _cluster_key(inv_dir)
+    run = StandIn()
+    run.failures[0] = _unreachable("n3")
+    outcome, _ = lifecycle.remove(load_inventory(inv_dir), "n2", run=run, say=lambda s: None)
+    assert rotation.calls == []
+    assert "n3 did not answer, and a rotation needs every node" in outcome.key_warning
+
+
+def test_remove_without_a_cluster_key_has_nothing_to_rotate(inv_dir, rotation):
+    lifecycle.bring_in(load_inventory(inv_dir), run=StandIn(), say=lambda s: None)
+    outcome, _ = lifecycle.remove(load_inventory(inv_dir), "n2", run=StandIn(),
+                                  say=lambda s: None)
+    assert rotation.calls == [] and outcome.key_warning == ""
+
+
+def test_a_failed_rotation_after_a_removal_says_the_removal_is_done(inv_dir, rotation):
+    lifecycle.bring_in(load_inventory(inv_dir), run=StandIn(), say=lambda s: None)
+    _cluster_key(inv_dir)
+    rotation.fail = RunFailed("keys rotate: the authorize step failed", nodes=["n3"],
+                              hint="nothing was revoked")
+    with pytest.raises(RunFailed) as caught:
+        lifecycle.remove(load_inventory(inv_dir), "n2", run=StandIn(), say=lambda s: None)
+    assert "n2 is removed" in caught.value.message and caught.value.nodes == ["n3"]
+    assert "n2's copy of the cluster key is accepted" in caught.value.hint
+    assert [n.name for n in load_inventory(inv_dir).nodes] == ["n1", "n3"]
+
+
 # --- the command line -----------------------------------------------------------------------
 
 def _cli(*args, input=None):
@@ -415,6 +467,40 @@ def pins(monkeypatch):
                         lambda inv, names, policy, replace=(): calls.append((list(names),
                                                                              replace)))
     return calls
+
+
+class Rotation:
+    """Stands in for lifecycle.rotate_cluster_key (tests/unit/test_keys.py tests the
+    rotation): records the nodes of each inventory it was given and the hosts file as it
+    was then; ``fail`` makes it raise."""
+
+    def __init__(self):
+        self.calls: list[tuple[list[str], str]] = []
+        self.fail: Exception | None = None
+
+    def __call__(self, inventory, **kw):
+        self.calls.append(([n.name for n in inventory.nodes], inventory.hosts_file.read_text()))
+        if self.fail is not None:
+            raise self.fail
+        return types.SimpleNamespace(to_dict=lambda: {
+            "nodes": [n.name for n in inventory.nodes], "new_key": "ssh-ed25519 ...new",
+            "old_key": "ssh-ed25519 ...old"})
+
+
+@pytest.fixture(autouse=True)
+def rotation(monkeypatch):
+    stand_in = Rotation()
+    monkeypatch.setattr(lifecycle, "rotate_cluster_key", stand_in)
+    return stand_in
+
+
+def _cluster_key(inv_dir) -> None:
+    """A cluster key file in the cluster's state directory, as the first bootstrap leaves."""
+    from dsk_provision import keys
+
+    inv = load_inventory(inv_dir)
+    directory = state.claim_cluster_state_dir(inv.cluster_name, inv.hosts_file)
+    (directory / keys.key_files(inv).current.name).write_text("a private key\n")
 
 
 @pytest.fixture(autouse=True)
@@ -559,6 +645,20 @@ def test_remove_asks_first(inv_dir, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "n2 removed; 2 node(s)" in result.output
     assert [n.name for n in load_inventory(inv_dir).nodes] == ["n1", "n3"]
+
+
+def test_remove_keep_key_warns_and_rotates_nothing(inv_dir, monkeypatch, rotation):
+    monkeypatch.setattr(runner, "run_playbook", StandIn())
+    assert _cli("bootstrap", "-i", str(inv_dir), "--no-validate").exit_code == 0
+    _cluster_key(inv_dir)
+    result = _cli("nodes", "remove", "-i", str(inv_dir), "n2", "--yes", "--keep-key")
+    assert result.exit_code == 0, result.output
+    assert rotation.calls == []
+    assert "warning: the cluster key is unchanged" in _flat(result.output)
+    result = _cli("nodes", "remove", "-i", str(inv_dir), "n3", "--yes")
+    assert result.exit_code == 0, result.output
+    assert [nodes for nodes, _ in rotation.calls] == [["n1"]]
+    assert "cluster key rotated on 1 node" in _flat(result.output)
 
 
 # --- the playbook tasks a trust refresh selects ----------------------------------------------

@@ -171,3 +171,45 @@ def test_a_replaced_node_gets_its_new_key_pinned_in_place_of_the_old(cluster):
     text = cluster.known.read_text()
     assert new.blob in text and old.blob not in text
     assert [c.get("limit") for c in cluster.run.calls] == [["n2"], ["n1"]]
+
+
+def _moved_n2(c) -> str:
+    """n2 answers at a new address with the host key pinned for it: its new address. The
+    recorded host keys are the nodes' own (the stand-in runner records made-up ones)."""
+    import json
+
+    from dsk_provision import provisioned, state
+
+    directory = state.cluster_state_dir("lk")
+    (directory / provisioned.HOST_KEYS_FILE).write_text(
+        json.dumps({n: [c.keys[n].line] for n in ("n1", "n2")}))
+    new = "10.9.0.22"
+    for suffix in ("", ".pub"):
+        shutil.copy(c.keys_dir / f"{NODES['n2']}_22{suffix}", c.keys_dir / f"{new}_22{suffix}")
+    return new
+
+
+def _pinned_at(c, name: str, address: str) -> None:
+    lines = [ln for ln in c.known.read_text().splitlines() if c.keys[name].blob in ln]
+    assert lines == [f"{name},{address} {c.keys[name].line}"], lines
+
+
+def test_a_bootstrap_pins_a_node_under_its_new_address_and_drops_the_old(cluster):
+    new = _moved_n2(cluster)
+    text = (cluster.inv / "hosts.yml").read_text()
+    (cluster.inv / "hosts.yml").write_text(text.replace(NODES["n2"] + "}", new + "}"))
+    result = _cli("bootstrap", "-i", str(cluster.inv), "--no-validate")  # nothing to confirm
+    assert result.exit_code == 0, result.output
+    assert "at a new address or port: n2" in _flat(result.output)
+    _pinned_at(cluster, "n2", new)
+    _pinned_at(cluster, "n1", NODES["n1"])
+    assert [c.get("limit") for c in cluster.run.calls] == [["n2"], ["n1"]]
+
+
+def test_replace_with_a_new_address_pins_the_node_there_and_drops_the_old(cluster):
+    new = _moved_n2(cluster)
+    result = _cli("nodes", "replace", "-i", str(cluster.inv), "n2", "--host", new, "--yes",
+                  "--no-validate")
+    assert result.exit_code == 0, result.output
+    _pinned_at(cluster, "n2", new)
+    _pinned_at(cluster, "n1", NODES["n1"])

@@ -434,6 +434,17 @@ def test_first_run_makes_ssh_dir_key_and_record_then_check_mode_changes_nothing(
     again = _run_play(tmp_path, extra, check=True)
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
     assert "changed=0" in again.stdout, again.stdout[-4000:]
+    # Only a block drifted (what a trust refresh finds on an existing node): the key, the
+    # directory and authorized_keys are not written again, the blocks are.
+    (ssh_dir / "config").write_text("")
+    refresh = _run_play(tmp_path, extra, check=False)
+    assert refresh.returncode == 0, (refresh.stdout + refresh.stderr)[-4000:]
+    for task in ("Make ~/.ssh (0700)", "Install the cluster private key",
+                 "Authorize the cluster key"):
+        assert _task_result(refresh.stdout, task) == "skipping", task
+    blocks = "TASK [ssh_trust : Use the cluster key with pinned host keys, and pin every node's"
+    section = refresh.stdout[refresh.stdout.index(blocks):].split("\nTASK [")[0]
+    assert "changed: [localnode]" in section, refresh.stdout[-4000:]
 
 
 # --- nodes outside the run (--limit) ----------------------------------------------------
