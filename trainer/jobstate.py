@@ -77,8 +77,8 @@ def restarts() -> int:
 
 
 class StopSignal:
-    """SIGTERM sets a flag; ``requested`` tells every rank, at the same step, whether
-    any rank has it (a collective: call it on every rank at every step boundary)."""
+    """SIGTERM sets a flag; ``reduced`` tells every rank, at the same step, whether any rank
+    has it (a collective: call it on every rank at every step)."""
 
     def __init__(self) -> None:
         import threading
@@ -91,14 +91,16 @@ class StopSignal:
     def _handle(self, _signum, _frame) -> None:
         self.flag = True
 
-    def requested(self, device) -> bool:
+    def reduced(self, device):
+        """The flag, reduced over every rank (any rank's stop stops all), as a one-element
+        tensor on ``device``: queued, not read (trainer.readout reads it one step late).
+        Made by a fill, not a copy from the host: a copy would wait for the device."""
         import torch
         import torch.distributed as dist
 
-        box = torch.tensor([1.0 if self.flag else 0.0], device=device)
+        box = torch.full((1,), 1.0 if self.flag else 0.0, device=device)
         dist.all_reduce(box, op=dist.ReduceOp.MAX)
-        self.flag = bool(box.item() > 0)
-        return self.flag
+        return box
 
     def close(self) -> None:
         if self._previous is not None:

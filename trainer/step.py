@@ -33,11 +33,12 @@ from trainer.parallel.pipeline import Pipeline, split_model
 
 @dataclass
 class StepResult:
-    loss: float  # mean LM loss over the step's tokens, all ranks
-    mtp_loss: float  # the same for the MTP head (0 without MTP)
+    """A queued step's figures, still on the device (trainer.readout reads them)."""
+
+    losses: torch.Tensor  # (lm, mtp): mean losses over the step's tokens, all ranks
     lr: float  # the lr this step's update used
-    grad_norm: float | None  # before clipping; None when clipping is off
-    max_expert_load_ratio: float | None  # busiest expert / mean, worst MoE layer; None: dense
+    grad_norm: torch.Tensor | None  # before clipping; None when clipping is off
+    balance: torch.Tensor | None  # busiest expert / mean, worst MoE layer; None: dense
 
 
 def uses_bf16(dtype: str, device: torch.device) -> bool:
@@ -96,10 +97,7 @@ class Step:
         balance = self.balance_experts(loads)
         if grad_norm is not None and hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        loss, mtp_loss = losses.tolist()
-        return StepResult(loss, mtp_loss, lr,
-                          None if grad_norm is None else float(grad_norm),
-                          None if balance is None else float(balance))
+        return StepResult(losses, lr, grad_norm, balance)
 
     def balance_experts(self, loads: torch.Tensor) -> torch.Tensor | None:
         """Sum the loads over all ranks, update each MoE layer's routing bias from them,

@@ -148,6 +148,7 @@ def train(cfg: TrainConfig, out_dir: Path, device, profile_step: int | None = No
     from trainer.model import Transformer
     from trainer.parallel import ParallelDims
     from trainer.profiling import profile_report, start_profiler
+    from trainer.readout import Figures, Readout
     from trainer.step import build_step, uses_bf16
 
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -211,42 +212,65 @@ def train(cfg: TrainConfig, out_dir: Path, device, profile_step: int | None = No
     if status is not None and resumed is not None:
         status.checkpoint(resumed)
     history: list[dict[str, Any]] = []
-    stopped_at = None
-    for step in range(start_step + 1, t.steps + 1):
-        resilience.drill_crash(attempt, step)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        prof = start_profiler(device.type) if step == profile_step else None
-        t0 = time.perf_counter()
-        result = train_step(loader.next_step())
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - t0
-        if prof is not None:
-            prof.stop()
-            profile_report(prof, step, elapsed, out_dir, rank)
-        if not math.isfinite(result.loss):
-            raise FloatingPointError(f"loss is {result.loss} at step {step}")
 
-        per_device = tokens_per_step / elapsed / world_size
+    def record(figures: Figures) -> None:
+        """A step read back: check its loss, keep, print and write its metrics."""
+        if not math.isfinite(figures.loss):
+            raise FloatingPointError(f"loss is {figures.loss} at step {figures.step}")
+        per_device = tokens_per_step / figures.seconds / world_size
         metrics = {
-            "step": step, "loss": result.loss,
-            "mtp_loss": result.mtp_loss if cfg.model.mtp_depth else None,
-            "lr": result.lr, "grad_norm": result.grad_norm,
-            "tokens_per_s": tokens_per_step / elapsed, "tokens_per_s_per_device": per_device,
+            "step": figures.step, "loss": figures.loss,
+            "mtp_loss": figures.mtp_loss if cfg.model.mtp_depth else None,
+            "lr": figures.lr, "grad_norm": figures.grad_norm,
+            "tokens_per_s": tokens_per_step / figures.seconds,
+            "tokens_per_s_per_device": per_device,
             "mfu": None if peak is None else per_device * flops_per_token / peak,
             "peak_mem_gib": peak_memory_gib(device),
-            "max_expert_load_ratio": result.max_expert_load_ratio,
-            "step_time_s": elapsed,
+            "max_expert_load_ratio": figures.max_expert_load_ratio,
+            "step_time_s": figures.seconds,
         }
         history.append(metrics)
         if rank == 0:
             print(format_line(metrics, t.steps), flush=True)
             writer.write(metrics)
             status.step(metrics)
-        stopping = stop.requested(device)
-        if cfg.checkpoint.interval and (step % cfg.checkpoint.interval == 0 or step == t.steps
-                                        or stopping):
+
+    # Each step is read back once the next one is queued (trainer/readout.py), except
+    # where the loop must act on it at once: a checkpoint, the last and the profiled step,
+    # and a stop (seen one step late, so the job stops after the step that follows it).
+    readout = Readout(device)
+    pending = None  # the step queued before this one, not read yet
+    stopping, stopped_at = False, None
+    for step in range(start_step + 1, t.steps + 1):
+        resilience.drill_crash(attempt, step)
+        profiled = step == profile_step
+        if profiled and pending is not None:
+            figures = pending.read()
+            record(figures)
+            stopping, pending = stopping or figures.stop, None
+            readout.pause()
+        if profiled and device.type == "cuda":
+            torch.cuda.synchronize(device)
+        prof = start_profiler(device.type) if profiled else None
+        readout.begin()
+        current = readout.end(step, train_step(loader.next_step()), stop.reduced(device))
+        if pending is not None:
+            figures = pending.read()
+            record(figures)
+            stopping = stopping or figures.stop
+        pending = current
+        due = bool(cfg.checkpoint.interval) and (step % cfg.checkpoint.interval == 0
+                                                 or step == t.steps)
+        if not (profiled or stopping or due or step == t.steps):
+            continue
+        figures, pending = pending.read(), None
+        readout.pause()
+        if prof is not None:
+            prof.stop()
+            profile_report(prof, step, figures.seconds, out_dir, rank)
+        record(figures)
+        stopping = stopping or figures.stop
+        if cfg.checkpoint.interval and (due or stopping):
             checkpoint.save(ckpt_root, step, train_step.model, train_step.optimizer,
                             {"step": step, "scheduler": train_step.scheduler.state_dict(),
                              "data": loader.state_dict()},
