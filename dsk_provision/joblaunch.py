@@ -67,6 +67,9 @@ HARMLESS = [re.compile(p) for p in (
     r"please further tune the variable for optimal performance",
     r"^\s*warnings\.warn\(",
     r"UserWarning: .*(TypedStorage is deprecated|barrier\(\)|No device id is provided)",
+    # c10d's store client on a node whose reverse lookup of its peer fails: the connection
+    # itself is made (names resolve through /etc/hosts, addresses may not resolve back)
+    r"\[c10d\] The hostname of the client socket cannot be retrieved",
 )]
 STEP_RE = re.compile(r"^step (?P<step>\d+)/(?P<total>\d+) \| loss (?P<loss>\S+) \| "
                      r"tok/s (?P<tps>[\d,.]+) \| mfu (?P<mfu>\S+)")

@@ -208,6 +208,10 @@ def test_live_view_plain_lines_and_verbose():
     v.line("n1", None, "*****")
     assert out.getvalue() == "[n2 rank 1] step 2/4 | loss 5.0\n[n1] *****\n"
     assert harmless("***") and not harmless("RuntimeError: x")
+    assert harmless("[W1204 15:40:01.123456789 socket.cpp:767] [c10d] The hostname of the "
+                    "client socket cannot be retrieved. err=-3")
+    assert not harmless("[E1204 socket.cpp:1019] [c10d] The client socket has timed out "
+                        "after 60000ms while trying to connect to (h200, 29500).")
 
 
 def free_port() -> int:
