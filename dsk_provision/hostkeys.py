@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dsk_provision import ssh_options, state
+from dsk_provision import provisioned, ssh_options, state
 from dsk_provision.errors import DskError, EnvironmentProblem, InputError, RunFailed
 from dsk_provision.files import write_file
 
@@ -449,6 +449,10 @@ class Plan:
     # and its old address only): written again under the name and the new address, the
     # old address's lines dropped. No confirmation: the key itself is already trusted.
     moved: list[tuple[Target, HostKey]] = field(default_factory=list)
+    # The known_hosts names of where the record of provisioned nodes has each node
+    # (dsk_provision.provisioned): {node: [name, address]}, ``[h]:port`` off port 22. A
+    # node that moved was there: its keys' lines naming these go, hashed ones too.
+    recorded_names: dict[str, list[str]] = field(default_factory=dict)
 
 
 def _describe(keys: Iterable[HostKey]) -> str:
@@ -475,10 +479,13 @@ def plan(scans: Sequence[NodeScan], known_hosts: Path, *,
          recorded_json: dict[str, list[HostKey]] | None = None,
          recorded_json_file: str = HOST_KEYS_JSON,
          expected: dict[str, list[Expected]] | None = None,
-         replace: Iterable[str] = ()) -> Plan:
+         replace: Iterable[str] = (),
+         recorded_at: dict[str, Target] | None = None) -> Plan:
     """Compare each node's offered keys with the known_hosts file, host_keys.json and the
     expected fingerprints. ``replace``: nodes whose recorded keys are to be replaced (a
-    reinstalled node); their new keys still need confirmation or an expected match."""
+    reinstalled node); their new keys still need confirmation or an expected match.
+    ``recorded_at``: where the record of provisioned nodes has them (the address and
+    port each was brought in at), kept as ``recorded_names``."""
     replace = set(replace)
     out = Plan(known_hosts=known_hosts)
     for s in scans:
@@ -486,6 +493,8 @@ def plan(scans: Sequence[NodeScan], known_hosts: Path, *,
         if s.error is not None:
             out.unreachable.append(s)
             continue
+        if t.name in (recorded_at or {}):
+            out.recorded_names[t.name] = recorded_at[t.name].known_hosts_names
         if t.name in replace:
             out.replaced.append(t)
         else:
@@ -539,7 +548,9 @@ def known_hosts_lines(pairs: Iterable[tuple[Target, HostKey]]) -> list[str]:
 
 def record(p: Plan, *, state_file: Path | None = None) -> Path:
     """Write the plan's new keys into its known_hosts file (whole, atomically, mode kept,
-    0644 for a new file), after dropping the lines of replaced nodes; a replaced node's
+    0644 for a new file), after dropping the lines of replaced nodes and the old lines of
+    moved ones (a moved node's keys, and a replaced node's keys pinned so far, leave its
+    old address too, hashed lines included: _without_old_addresses); a replaced node's
     entry also leaves ``state_file`` (host_keys.json), so the next run records the keys
     it then sees over the pinned connection."""
     if p.refused:
@@ -547,13 +558,15 @@ def record(p: Plan, *, state_file: Path | None = None) -> Path:
     path = p.known_hosts
     old = path.read_text(encoding="utf-8") if path.is_file() else ""
     lines = old.splitlines()
+    # The keys pinned so far for replaced nodes go from their old addresses too.
+    leaving = [(t, k) for t in p.replaced for k in known_hosts_keys(path, t)]
+    if p.moved or leaving:
+        lines = _without_old_addresses(lines, p.moved + leaving, p.recorded_names)
     if p.replaced:
         names = [n for t in p.replaced for n in t.known_hosts_names]
         lines = [ln for ln in lines
                  if not ((parts := _split_known_hosts_line(ln))
                          and _line_names_host(parts[0], names))]
-    if p.moved:
-        lines = _without_old_addresses(lines, p.moved)
     lines += known_hosts_lines(p.moved) + known_hosts_lines(p.new)
     mode = (path.stat().st_mode & 0o777) if path.is_file() else 0o644
     write_file(path, "".join(f"{ln}\n" for ln in lines), mode, dir_mode=0o700)
@@ -566,14 +579,20 @@ def record(p: Plan, *, state_file: Path | None = None) -> Path:
     return path
 
 
-def _without_old_addresses(lines: list[str], moved: list[tuple[Target, HostKey]]) -> list[str]:
-    """``lines`` less those that pin a moved node's keys under its name or under the
-    other names its lines carry (its old address), for it to be written again under its
-    name and new address. Lines of other keys stay. (A hashed line names its host by a
-    hash: one that names only the old address is not recognised as such, and stays.)"""
+def _without_old_addresses(lines: list[str], moved: list[tuple[Target, HostKey]],
+                           recorded_names: dict[str, list[str]]) -> list[str]:
+    """``lines`` less those that pin a moved node's keys under its name, under the other
+    names its plain lines carry, or under the names ``recorded_names`` has for it (where
+    the record of provisioned nodes has it: its old address, ``[address]:port`` off port
+    22), for it to be written again under its name and new address. A hashed line
+    (``|1|salt|hash``) names its host by a hash: it goes when the hash is of one of those
+    names. Lines of other keys, and lines naming other hosts only, stay as they are. (A
+    hashed line naming only an old address that neither the record nor a plain line
+    gives stays.)"""
     by_name = {t.name: t for t, _ in moved}
     keys = {name: {k for t, k in moved if t.name == name} for name in by_name}
-    old_names = {name: {t.host_field(name)} for name, t in by_name.items()}
+    old_names = {name: {t.host_field(name), *recorded_names.get(name, ())}
+                 for name, t in by_name.items()}
     for ln in lines:
         parts = _split_known_hosts_line(ln)
         for name, t in by_name.items():
@@ -609,12 +628,15 @@ def trust(inventory, names: Sequence[str] | None = None, *, expect: Path | None 
                          "the nodes scanned", field="--replace")
     path = known_hosts_path(inventory)
     # host_keys.json is this inventory's only if the state directory is (as `check` says).
-    state.claim_cluster_state_dir(inventory.cluster_name, inventory.hosts_file, create=False)
+    directory = state.claim_cluster_state_dir(inventory.cluster_name, inventory.hosts_file,
+                                              create=False)
     expected = read_expected(expect, nodes) if expect is not None else None
+    recorded_at = {name: Target(name, e.address, e.port)
+                   for name, e in (provisioned.load_record(directory) or {}).items()}
     scans = scan(nodes, timeout=timeout)
     p = plan(scans, path, recorded_json=host_keys_json(inventory),
              recorded_json_file=str(host_keys_json_path(inventory)), expected=expected,
-             replace=replace)
+             replace=replace, recorded_at=recorded_at)
     if show is not None:
         show(p)
     if p.refused:

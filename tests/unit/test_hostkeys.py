@@ -4,6 +4,9 @@ by a stand-in ssh-keyscan on PATH that prints them as the real one does."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 import os
 import shutil
@@ -301,6 +304,90 @@ def test_a_node_at_a_new_address_with_its_pinned_key_is_pinned_there_and_not_at_
     before = cluster["known"].read_bytes()
     again = hostkeys.trust(cluster["load"](), ["gpu01", "gpu02"])
     assert not again.moved and cluster["known"].read_bytes() == before
+
+
+def hashed_line(host: str, key: HostKey) -> str:
+    """A known_hosts line naming ``host`` as ssh-keygen -H writes it: ``|1|salt|hash``, the
+    hash an HMAC-SHA1 of the host keyed with the salt."""
+    salt = os.urandom(20)
+    digest = hmac.new(salt, host.encode(), hashlib.sha1).digest()
+    return f"|1|{base64.b64encode(salt).decode()}|{base64.b64encode(digest).decode()} " \
+           f"{key.line}"
+
+
+def found_in(known: Path, host: str) -> str:
+    return subprocess.run(["ssh-keygen", "-F", host, "-f", str(known)],
+                          capture_output=True, text=True).stdout
+
+
+@pytest.mark.parametrize("name,old_address,old_port", [("gpu01", "10.0.0.9", 22),
+                                                       ("gpu03", "10.0.0.9", 2200)])
+def test_a_hashed_line_of_a_moved_nodes_recorded_address_goes(cluster, tmp_path, name,
+                                                              old_address, old_port):
+    """A hashed line names its host by a hash only: the record of provisioned nodes says
+    where the node was, and a hashed line of its key naming that address (at that port)
+    goes with its other old lines. Other keys' lines and hashed lines naming other hosts
+    stay byte for byte."""
+    from dsk_provision import provisioned
+
+    key, other = cluster["keys"][name], keygen(tmp_path / "other")
+    target = hostkeys.targets(cluster["load"](), [name])[0]
+    was = Target(name, old_address, old_port)
+    state_dir = state.cluster_state_dir("hk", create=True)
+    provisioned.write_record(state_dir, {name: provisioned.ProvisionedNode(
+        name, old_address, old_port, (key.fingerprint,), "2026-01-01T00:00:00Z",
+        "2026-01-01T00:00:00Z")})
+    stale = hashed_line(was.host_field(old_address), key)
+    kept = [
+        hashed_line("10.0.0.12", cluster["keys"]["gpu02"]),     # another node, hashed
+        "10.0.0.12 " + cluster["keys"]["gpu02"].line,            # and plain
+        hashed_line(was.host_field(old_address), other),         # another key at the old address
+        hashed_line("10.0.0.50", key),                           # this key, another host
+        # This key at the old address on a port the node was not recorded at.
+        hashed_line(Target(name, old_address, 2222 if old_port == 22 else 22)
+                    .host_field(old_address), key),
+        f"{was.host_field(old_address)} {other.line}",           # another key, plain
+    ]
+    cluster["known"].write_text("\n".join([kept[0], stale, kept[1],
+                                           f"{target.host_field(name)} {key.line}",
+                                           *kept[2:]]) + "\n")
+    assert key.blob in found_in(cluster["known"], was.host_field(old_address))
+
+    plan = hostkeys.trust(cluster["load"](), [name, "gpu02"],
+                          confirm=lambda p: pytest.fail("the same key needs no confirmation"))
+    assert [t.name for t, _ in plan.moved] == [name] and not plan.new
+    assert plan.recorded_names == {name: was.known_hosts_names}
+    lines = cluster["known"].read_text().splitlines()
+    assert lines == [*kept, f"{','.join(target.known_hosts_names)} {key.line}"]
+    assert key.blob not in found_in(cluster["known"], was.host_field(old_address))
+    assert key.blob in found_in(cluster["known"], target.host_field(target.address))
+
+
+def test_replace_at_a_new_address_drops_the_old_keys_hashed_lines_there(cluster, tmp_path):
+    """A reinstalled node brought back at another address: the key pinned for it so far
+    leaves its recorded address too, where a hashed line is all that names it."""
+    from dsk_provision import provisioned
+
+    old = keygen(tmp_path / "old")
+    _pin(cluster, "gpu02", cluster["keys"]["gpu02"], host="10.0.0.12")
+    _pin(cluster, "gpu01", old, host="10.0.0.9", hashed=True)   # two hashed lines
+    elsewhere = hashed_line("10.0.0.50", old)   # the old key, another host
+    with open(cluster["known"], "a") as f:
+        f.write(elsewhere + "\n")
+    kept = [ln for ln in cluster["known"].read_text().splitlines() if old.blob not in ln]
+    state_dir = state.cluster_state_dir("hk", create=True)
+    provisioned.write_record(state_dir, {"gpu01": provisioned.ProvisionedNode(
+        "gpu01", "10.0.0.9", 22, (old.fingerprint,), "2026-01-01T00:00:00Z",
+        "2026-01-01T00:00:00Z")})
+    fp = expect_file(tmp_path / "fp", [f"gpu01 {cluster['keys']['gpu01'].fingerprint}"])
+    hostkeys.trust(cluster["load"](), ["gpu01"], expect=fp, replace=["gpu01"])
+    assert cluster["known"].read_text().splitlines() == [
+        *kept, elsewhere, f"gpu01,10.0.0.11 {cluster['keys']['gpu01'].line}"]
+    assert old.blob not in found_in(cluster["known"], "10.0.0.9")
+    assert old.blob not in found_in(cluster["known"], "gpu01")
+    assert cluster["keys"]["gpu01"].blob in found_in(cluster["known"], "10.0.0.11")
+    assert old.blob in found_in(cluster["known"], "10.0.0.50")
+    assert cluster["keys"]["gpu02"].blob in found_in(cluster["known"], "10.0.0.12")
 
 
 def test_an_unreachable_node_is_named_and_the_others_pinned(cluster):

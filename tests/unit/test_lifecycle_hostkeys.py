@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import types
 from pathlib import Path
 
 import pytest
-from test_hostkeys import FAKE_KEYSCAN, keygen
+from test_hostkeys import FAKE_KEYSCAN, found_in, keygen
 from test_lifecycle import StandIn
 from typer.testing import CliRunner
 
@@ -194,22 +195,43 @@ def _pinned_at(c, name: str, address: str) -> None:
     assert lines == [f"{name},{address} {c.keys[name].line}"], lines
 
 
-def test_a_bootstrap_pins_a_node_under_its_new_address_and_drops_the_old(cluster):
+def _hash(c, hashed: bool) -> list[str]:
+    """With ``hashed``, the known_hosts file as ``ssh-keygen -H`` leaves it (each name on a
+    line of its own, as a hash; only the record of provisioned nodes says where n2 was):
+    the lines of n1, which must stay as they are."""
+    if hashed:
+        subprocess.run(["ssh-keygen", "-H", "-f", str(c.known)], check=True,
+                       capture_output=True)
+        Path(f"{c.known}.old").unlink()
+        assert NODES["n2"] not in c.known.read_text()
+    return [ln for ln in c.known.read_text().splitlines() if c.keys["n1"].blob in ln]
+
+
+def _moved_away(c, new: str, n1_lines: list[str]) -> None:
+    _pinned_at(c, "n2", new)
+    assert c.keys["n2"].blob not in found_in(c.known, NODES["n2"])
+    assert [ln for ln in c.known.read_text().splitlines() if c.keys["n1"].blob in ln] \
+        == n1_lines
+
+
+@pytest.mark.parametrize("hashed", [False, True])
+def test_a_bootstrap_pins_a_node_under_its_new_address_and_drops_the_old(cluster, hashed):
     new = _moved_n2(cluster)
+    n1_lines = _hash(cluster, hashed)
     text = (cluster.inv / "hosts.yml").read_text()
     (cluster.inv / "hosts.yml").write_text(text.replace(NODES["n2"] + "}", new + "}"))
     result = _cli("bootstrap", "-i", str(cluster.inv), "--no-validate")  # nothing to confirm
     assert result.exit_code == 0, result.output
     assert "at a new address or port: n2" in _flat(result.output)
-    _pinned_at(cluster, "n2", new)
-    _pinned_at(cluster, "n1", NODES["n1"])
+    _moved_away(cluster, new, n1_lines)
     assert [c.get("limit") for c in cluster.run.calls] == [["n2"], ["n1"]]
 
 
-def test_replace_with_a_new_address_pins_the_node_there_and_drops_the_old(cluster):
+@pytest.mark.parametrize("hashed", [False, True])
+def test_replace_with_a_new_address_pins_the_node_there_and_drops_the_old(cluster, hashed):
     new = _moved_n2(cluster)
+    n1_lines = _hash(cluster, hashed)
     result = _cli("nodes", "replace", "-i", str(cluster.inv), "n2", "--host", new, "--yes",
                   "--no-validate")
     assert result.exit_code == 0, result.output
-    _pinned_at(cluster, "n2", new)
-    _pinned_at(cluster, "n1", NODES["n1"])
+    _moved_away(cluster, new, n1_lines)
