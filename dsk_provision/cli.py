@@ -374,7 +374,8 @@ def train(
     container: Annotated[str | None, typer.Option(
         "--container", metavar="IMAGE",
         help="Run the job in this image through the nodes' container runtime "
-             "(containers_runtime), GPUs through CDI.")] = None,
+             "(containers_runtime), GPUs through CDI, InfiniBand devices where the "
+             "node has them.")] = None,
     launcher: Annotated[str | None, typer.Option(
         "--launcher", help="ssh or slurm (default: dsk_launcher, else ssh).")] = None,
     dry_run: Annotated[bool, typer.Option(

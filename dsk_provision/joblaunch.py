@@ -245,7 +245,8 @@ def start_job(inventory, config_path: Path, name: str, *, fresh: bool = False,
 
         container = containers.check_image(container)
         for node in inventory.nodes:
-            containers.runtime(node)  # a node without a runtime, before any connection
+            # A node without a runtime or with a bad RDMA setting, before any connection.
+            containers.check_node(node, str(inventory.path))
     if max_restarts < 0:
         raise InputError("must be 0 or more", field="--max-restarts")
     if min_nodes is not None and not 1 <= min_nodes <= len(inventory.nodes):

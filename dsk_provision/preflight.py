@@ -88,8 +88,7 @@ def probe_command(node, *, host: str, port: int, serve: bool, peers: int,
     from dsk_provision import containers
 
     argv = containers.run_argv(node, container, argv, name=f"dsk-preflight-{node.name}",
-                               workdir="/", binds=[], env={})
-    argv[2:2] = ["-i"]  # the probe comes on stdin
+                               workdir="/", binds=[], env={}, stdin=True)
     return (f"{containers.image_command(node, container)} && "
             f"{containers.remove_command(node, f'dsk-preflight-{node.name}')} && "
             + " ".join(shlex.quote(a) for a in argv))

@@ -1,5 +1,6 @@
 """train --container: the runtime's command line per node (docker and podman, GPU and CPU
-nodes), the job's start line, the image check before the launch, and what is refused."""
+nodes, RDMA's memlock limit and InfiniBand devices), the job's start line, the image check
+before the launch, and what is refused."""
 
 from __future__ import annotations
 
@@ -35,6 +36,14 @@ def inventory(tmp_path: Path, *, runtime: str | None = None, gpus: int = 0,
     return load_inventory(hosts)
 
 
+def unwrapped(argv: list[str]) -> list[str]:
+    """The runtime's argv inside the ``sh -c`` wrapper of a GPU node with RDMA on."""
+    if argv[0] != "sh":
+        return argv
+    assert argv[1] == "-c" and argv[3] == "sh"
+    return argv[4:]
+
+
 def test_the_runtime_is_the_containers_roles_setting(tmp_path):
     inv = inventory(tmp_path)
     default = yaml.safe_load((REPO / "roles/containers/defaults/main.yml").read_text())
@@ -55,6 +64,8 @@ def test_gpu_nodes_get_every_gpu_through_cdi_and_cpu_nodes_none(tmp_path, runtim
                                    workdir="/opt/dsk/jobs/j",
                                    binds=["/opt/dsk/jobs/j", "/shared/ckpt/j", "/opt/dsk/jobs/j"],
                                    env=env)
+        assert (argv[0] == "sh") == (node is gpu)
+        argv = unwrapped(argv)
         assert argv[:4] == [runtime, "run", "--rm", "--name"]
         assert argv[argv.index("--network") + 1] == "host"
         assert argv[argv.index("--ipc") + 1] == "host"
@@ -88,7 +99,7 @@ def test_the_job_runs_torchrun_in_the_image_with_the_hosts_environment(tmp_path,
         line = start_command(inv, node, "j1", "config/tiny.toml", "L1", nproc=2,
                              max_restarts=1, container="reg.example/trainer:1")
         torchrun = _supervised(plain)
-        argv = _supervised(line)
+        argv = unwrapped(_supervised(line))
         assert argv[0] == runtime and argv[1] == "run"
         image_at = argv.index("reg.example/trainer:1")
         assert argv[image_at + 1:] == torchrun  # the same torchrun, the same python path
@@ -103,8 +114,9 @@ def test_the_job_runs_torchrun_in_the_image_with_the_hosts_environment(tmp_path,
         assert ("-v", "/shared/ckpt/j1:/shared/ckpt/j1") in pairs(argv)
         if node.name == "node1":
             assert ("--device", "nvidia.com/gpu=all") in pairs(argv)
+            assert ("--ulimit", "memlock=-1:-1") in pairs(argv)
         else:
-            assert "--device" not in argv
+            assert "--device" not in argv and "--ulimit" not in argv
         # A container of the same name left by a killed launch is removed first, and the
         # checkpoint directory exists before the runtime binds it.
         prepare = line.split("setsid -f ", 1)[0]
@@ -130,12 +142,132 @@ def test_the_probe_runs_in_the_image_after_the_image_check(tmp_path):
     check, remove, run = line.split(" && ", 2)
     assert "podman image inspect reg.example/trainer:1" in check
     assert "podman pull -q reg.example/trainer:1" in check
-    argv = shlex.split(run)
+    argv = unwrapped(shlex.split(run))
     assert argv[:3] == ["podman", "run", "-i"]
     assert ("--device", "nvidia.com/gpu=all") in pairs(argv)
     assert argv[argv.index("reg.example/trainer:1") + 1:][:2] == [
         inv.nodes[0].settings.python, "-"]
     assert "--serve" in argv
+
+
+RUN = dict(name="dsk-job-j", workdir="/opt/dsk/jobs/j", binds=["/opt/dsk/jobs/j"],
+           env={"DSK_JOB": "j"})
+
+
+@pytest.mark.parametrize("extra", [{}, {"rdma_enabled": False}])
+def test_cpu_nodes_and_nodes_without_rdma_run_the_runtime_directly(tmp_path, extra):
+    inv = inventory(tmp_path, runtime="podman", gpus=8, extra=extra)
+    gpu, cpu = inv.nodes
+    plain = ["podman", "run", "--rm", "--name", "dsk-job-j", "--network", "host",
+             "--ipc", "host", "-v", "/opt/dsk/jobs/j:/opt/dsk/jobs/j", "-w", "/opt/dsk/jobs/j",
+             "-e", "DSK_JOB=j", "x/y:1", "python", "-c", "pass"]
+    assert containers.run_argv(cpu, "x/y:1", ["python", "-c", "pass"], **RUN) == plain
+    gpu_argv = containers.run_argv(gpu, "x/y:1", ["python", "-c", "pass"], **RUN)
+    if extra:  # rdma_enabled: false: the GPUs, no memlock limit, no InfiniBand devices
+        assert gpu_argv == [*plain[:9], "--device", "nvidia.com/gpu=all", *plain[9:]]
+    else:
+        assert gpu_argv[0] == "sh"
+        assert unwrapped(gpu_argv) == [*plain[:9], "--ulimit", "memlock=-1:-1", "--device",
+                                       "nvidia.com/gpu=all", *plain[9:]]
+
+
+def test_gpu_nodes_get_the_rdma_roles_memlock_limit(tmp_path):
+    default = yaml.safe_load((REPO / "roles/rdma/defaults/main.yml").read_text())
+    assert default["rdma_enabled"] is True and default["rdma_memlock"] == "unlimited"
+    for memlock, limit in (("unlimited", -1), (8388608, 8 << 30), ("1024", 1 << 20),
+                           ("infinity", -1)):
+        inv = inventory(tmp_path / str(memlock), gpus=1, extra={"rdma_memlock": memlock})
+        assert containers.memlock_limit(inv.nodes[0]) == limit
+        argv = unwrapped(containers.run_argv(inv.nodes[0], "x/y:1", ["true"], **RUN))
+        assert ("--ulimit", f"memlock={limit}:{limit}") in pairs(argv)
+
+
+@pytest.mark.parametrize("memlock", ["lots", "-5", "1.5", "", True, 2.5, [1]])
+def test_a_bad_memlock_limit_is_refused_naming_the_setting_and_node(tmp_path, memlock):
+    inv = inventory(tmp_path, gpus=1, extra={"rdma_memlock": memlock})
+    with pytest.raises(InputError, match=r"^rdma_memlock: node1: .* is not a memlock limit"):
+        containers.run_argv(inv.nodes[0], "x/y:1", ["true"], **RUN)
+    # A CPU node does not use it.
+    assert containers.run_argv(inv.nodes[1], "x/y:1", ["true"], **RUN)[0] == "docker"
+
+
+def test_a_bad_rdma_setting_is_refused_before_any_connection(tmp_path, monkeypatch):
+    from dsk_provision import joblaunch
+
+    def connect(*_args, **_kwargs):
+        raise AssertionError("a node was contacted")
+
+    monkeypatch.setattr(joblaunch, "_check_free", connect)
+    monkeypatch.setattr(joblaunch, "on_nodes", connect)
+    config = REPO / "trainer/configs/tiny.toml"
+    for extra, field in (({"rdma_memlock": "lots"}, "rdma_memlock"),
+                         ({"rdma_enabled": "maybe"}, "rdma_enabled")):
+        inv = inventory(tmp_path / field, gpus=1, extra=extra)
+        with pytest.raises(InputError, match=rf"^{inv.path}: {field}: node1: ") as err:
+            joblaunch.start_job(inv, config, "j", container="x/y:1")
+        assert err.value.field == field
+        # Without --container the setting is the rdma role's business only.
+        with pytest.raises(AssertionError, match="contacted"):
+            joblaunch.start_job(inv, config, "j")
+
+
+def _echo_runtime(tmp_path: Path) -> Path:
+    """A runtime on PATH that writes its argv, one NUL-ended argument each, and its stdin."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "podman"
+    fake.write_text("#!/bin/sh\nprintf '%s\\0' \"$0\" \"$@\"\ncat\n")
+    fake.chmod(0o755)
+    return bin_dir
+
+
+def _received(stdout: str) -> tuple[list[str], str]:
+    *args, rest = stdout.split("\0")
+    return [Path(args[0]).name, *args[1:]], rest
+
+
+@pytest.mark.parametrize("has_hca", [True, False])
+def test_the_infiniband_devices_go_in_where_the_node_has_them(tmp_path, monkeypatch, has_hca):
+    devices = tmp_path / "dev ices" / "infiniband"  # a space, to be quoted in the script
+    if has_hca:
+        devices.mkdir(parents=True)
+    monkeypatch.setattr(containers, "IB_DEVICES", str(devices))
+    bin_dir = _echo_runtime(tmp_path)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    inv = inventory(tmp_path, runtime="podman", gpus=2)
+    command = ["python", "-c", "print('a  b')", "$HOME", '"q"', "", "*"]
+    run = dict(RUN, env={"DSK_JOB": "j", "X": "two  words; $PATH"})
+    argv = containers.run_argv(inv.nodes[0], "x/y:1", command, **run)
+    expected = unwrapped(argv)
+    with_devices = [*expected[:2], "--device", str(devices), *expected[2:]]
+    # Exec'd as the supervisor does, without a shell of the caller's.
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, input="",
+                          check=True)
+    assert _received(proc.stdout)[0] == (with_devices if has_hca else expected)
+    assert ("-e", "X=two  words; $PATH") in pairs(expected)
+    assert expected[-len(command):] == command
+
+    # The job's supervisor gets the same: its argv after "--", exec'd as is.
+    line = start_command(inv, inv.nodes[0], "j1", "config/tiny.toml", "L1", nproc=2,
+                         max_restarts=1, container="x/y:1")
+    argv = _supervised(line)
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, input="",
+                          check=True)
+    inner = unwrapped(argv)
+    assert _received(proc.stdout)[0] == (
+        [*inner[:2], "--device", str(devices), *inner[2:]] if has_hca else inner)
+
+    # The probe comes on stdin, through the shell, to the runtime run with -i.
+    probe = preflight.probe_command(inv.nodes[0], host="10.0.0.1", port=29511, serve=False,
+                                    peers=1, modules=["torch"], gpus=2, wait_s=10,
+                                    container="x/y:1")
+    run_line = probe.split(" && ", 2)[2]
+    proc = subprocess.run(["/bin/sh", "-c", run_line], capture_output=True, text=True,
+                          env=env, input="print('probe')\n", check=True)
+    args, stdin = _received(proc.stdout)
+    assert args[:2] == ["podman", "run"] and stdin == "print('probe')\n"
+    assert args[2:5] == (["--device", str(devices), "-i"] if has_hca else ["-i", "--rm",
+                                                                           "--name"])
 
 
 def _fake_runtime(tmp_path: Path, *, has_image: bool, pull_error: str = "") -> Path:
