@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.model.args import ModelArgs
+from trainer.model.swiglu import swiglu
 
 
 class RMSNorm(nn.Module):
@@ -262,9 +263,9 @@ class GroupedExperts(nn.Module):
         # dtype (a copy) anyway, so stacking them costs nothing more, and the wider GEMM
         # runs faster than the two narrow ones (docs/benchmarks.md)
         w13 = torch.cat([self.w1, self.w3], dim=1).to(dtype).transpose(-2, -1)
-        h1, h3 = torch._grouped_mm(x, w13, offs=offsets).chunk(2, dim=-1)
+        h13 = torch._grouped_mm(x, w13, offs=offsets)
         w2 = self.w2.to(dtype).transpose(-2, -1)
-        return torch._grouped_mm(F.silu(h1) * h3, w2, offs=offsets)
+        return torch._grouped_mm(swiglu(h13), w2, offs=offsets)
 
 
 class MoE(nn.Module):
