@@ -263,21 +263,26 @@ def _rendezvous_host(name: str, port: int, root: Path) -> str:
 WATCH = {resilience.WATCH_VAR: "1:5"}
 
 
-class _Node1First(LocalTransport):
-    """Starts node1's supervisor a second before the others', so that its torchrun has
-    the lowest PID: c10d gives rank 0 to the node whose address sorts first, then to the
-    lowest PID, and local "nodes" share one address. (The rendezvous is node1's either
-    way: joblaunch.rdzv_conf.)"""
+class _FirstNode(LocalTransport):
+    """Starts ``first``'s supervisor a second before the others', so that its torchrun
+    has the lowest PID: c10d gives rank 0 to the node whose address sorts first, then to
+    the lowest PID, and local "nodes" share one address. (The rendezvous is node1's
+    either way: joblaunch.rdzv_conf.)"""
+
+    def __init__(self, first: str = "node1") -> None:
+        super().__init__()
+        self.first = first
 
     def popen(self, node, command: str, *, stdin=None):
-        if node.name != "node1" and " -m trainer.job run " in command:
+        if node.name != self.first and " -m trainer.job run " in command:
             command = f"sleep 1 && {command}"
         return super().popen(node, command, stdin=stdin)
 
 
 def _start(tmp_path: Path, name: str, nodes: int, *, steps: int, interval: int,
-           shared: bool, env: dict | None = None):
-    """A job of ``nodes`` local "nodes", rank 0 and the rendezvous on node1, --min-nodes 2."""
+           shared: bool, env: dict | None = None, rank0: str = "node1"):
+    """A job of ``nodes`` local "nodes", rank 0 on ``rank0``, the rendezvous on node1,
+    --min-nodes 2."""
     port = free_port()
     inv = make_local_inventory(tmp_path, port, nodes=nodes)
     if shared:  # checkpoints on a file system all the "nodes" share
@@ -286,17 +291,17 @@ def _start(tmp_path: Path, name: str, nodes: int, *, steps: int, interval: int,
             "  children:", f"    dsk_checkpoint_dir: {tmp_path / 'shared'}\n  children:"))
         inv = load_inventory(hosts)
     start_job(inv, _long_config(tmp_path, steps, interval), name, max_restarts=1,
-              min_nodes=2, env={**WATCH, **(env or {})}, transport=_Node1First())
+              min_nodes=2, env={**WATCH, **(env or {})}, transport=_FirstNode(rank0))
     return inv, port
 
 
-def _roles(inv, name: str, port: int, tmp_path: Path) -> None:
-    """Rank 0 (it writes out/status.json) and the rendezvous are node1's."""
-    _wait_node(inv, name, "node1", lambda v: (v.trainer or {}).get("step", 0) >= 1, 120)
+def _roles(inv, name: str, port: int, tmp_path: Path, rank0: str = "node1") -> None:
+    """Rank 0 (it writes out/status.json) is ``rank0``'s, the rendezvous node1's."""
+    _wait_node(inv, name, rank0, lambda v: (v.trainer or {}).get("step", 0) >= 1, 120)
     assert _rendezvous_host(name, port, tmp_path) == "node1"
-    others = [n.name for n in inv.nodes[1:]
-              if (tmp_path / n.name / "jobs" / name / "out/status.json").exists()]
-    assert others == [], f"rank 0 is not node1's: {others} wrote status.json"
+    others = [n.name for n in inv.nodes if n.name != rank0
+              and (tmp_path / n.name / "jobs" / name / "out/status.json").exists()]
+    assert others == [], f"rank 0 is not {rank0}'s: {others} wrote status.json"
 
 
 @pytest.mark.slow
@@ -324,6 +329,37 @@ def test_with_min_nodes_the_job_goes_on_without_the_lost_node(tmp_path):
         (tmp_path / n / "jobs" / "mn" / "logs").glob("*.log")))
     assert [v.state for v in ends] == ["finished"] * 2, (ends, logs[-4000:])
     assert "node node3 stopped answering (no heartbeat for" in logs
+    assert "going on with the 2 other" in logs
+    assert "| world 2 " in logs and "resumed from " in logs and "step-000002" in logs
+    trainer = max((v.trainer for v in ends if v.trainer), key=lambda t: t["updated"])
+    assert trainer["step"] == steps and trainer["restarts"] == 1
+
+
+@pytest.mark.slow
+def test_the_loss_of_rank_0s_node_is_survived_when_it_is_not_the_rendezvous(tmp_path):
+    """Rank 0 on node2 (it holds the ranks' store), the rendezvous on node1, --min-nodes
+    2 of 3, checkpoints shared: node2 freezes while it saves step 4; the others' watch
+    finds the ranks' store silent and names node2, and the job goes on from step 2 on
+    node1 and node3, with a new rank 0 and a new store, and finishes."""
+    steps = 8
+    inv, port = _start(tmp_path, "r0", 3, steps=steps, interval=2, shared=True,
+                       env={resilience.SAVE_PAUSE_VAR: "node2:4:120"}, rank0="node2")
+    frozen: list[int] = []
+    survivors = ["node1", "node3"]
+    try:
+        _roles(inv, "r0", port, tmp_path, rank0="node2")
+        _wait_node(inv, "r0", "node2", lambda v: (v.checkpoint or {}).get("step", 0) >= 2,
+                   120)
+        frozen = _freeze_node("r0", tmp_path / "node2" / "jobs" / "r0")
+        ends = [_wait_node(inv, "r0", n, lambda v: not v.running, 240) for n in survivors]
+    finally:
+        _kill(frozen)
+        jobs.stop_job(inv, "r0", grace_s=5)
+    logs = "".join(p.read_text() for n in survivors for p in sorted(
+        (tmp_path / n / "jobs" / "r0" / "logs").glob("*.log")))
+    assert [v.state for v in ends] == ["finished"] * 2, (ends, logs[-4000:])
+    assert "node node2 stopped answering (the ranks' store there silent for" in logs, \
+        logs[-4000:]
     assert "going on with the 2 other" in logs
     assert "| world 2 " in logs and "resumed from " in logs and "step-000002" in logs
     trainer = max((v.trainer for v in ends if v.trainer), key=lambda t: t["updated"])
