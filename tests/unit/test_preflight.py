@@ -206,6 +206,10 @@ NOT_TRAINING = {"convert.py", "prepare.py", "imports.py"}
 NOT_TRAINING_DIRS = {"probes", "bench"}
 # Imported only when the config asks for them (modules_for adds them then).
 CONDITIONAL = {"torchao"}
+# Imported where installed, and done without where not: Triton comes with torch's GPU
+# wheels, and without it the routed experts' SwiGLU is the plain expression
+# (trainer/model/swiglu.py).
+OPTIONAL = {"triton"}
 
 
 def test_every_module_training_imports_is_checked():
@@ -221,4 +225,27 @@ def test_every_module_training_imports_is_checked():
                 roots.add(node.module.split(".")[0])
     third_party = {r for r in roots
                    if r not in sys.stdlib_module_names and r not in ("trainer", "dsk_provision")}
-    assert third_party - CONDITIONAL <= set(ALWAYS), third_party
+    assert third_party - CONDITIONAL - OPTIONAL <= set(ALWAYS), third_party
+
+
+def test_optional_modules_are_imported_only_under_an_import_error_guard():
+    guarded, unguarded = set(), []
+    for path in (REPO / "trainer").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        inside = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Try) and any(
+                    isinstance(h.type, ast.Name) and h.type.id in ("ImportError",
+                                                                  "ModuleNotFoundError")
+                    for h in node.handlers):
+                inside |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.module
+                     and node.level == 0 else [])
+            for name in names:
+                if name.split(".")[0] in OPTIONAL:
+                    (guarded.add(path.name) if id(node) in inside
+                     else unguarded.append(f"{path.name}:{node.lineno}"))
+    assert unguarded == [], unguarded
+    assert guarded, "no optional import found: is OPTIONAL out of date?"
