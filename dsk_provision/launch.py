@@ -338,11 +338,15 @@ class LaunchResult:
 
 
 def _stream(run: NodeRun, printer: _Printer) -> None:
+    """Every line into the node's log; on the console, those that are not known-harmless
+    library output (joblaunch.HARMLESS, the same rule as the jobs' live view)."""
+    from dsk_provision.joblaunch import harmless
+
     with open(run.log_path, "a", buffering=1) as log:
         for raw in run.proc.stdout:
             line = raw.rstrip("\n")
             log.write(line + "\n")
-            if not run.quiet:
+            if not run.quiet and not harmless(line):
                 printer.line(f"[{run.name}] {line}")
 
 

@@ -600,3 +600,21 @@ def test_interrupt_guard_holds_a_signal_until_the_block_ends():
     assert finished == [True]
     assert err.value.exit_code == 143 and err.value.signal_name == "SIGTERM"
     assert signal.getsignal(signal.SIGTERM) == before  # the old handler is back
+
+
+def test_harmless_library_lines_go_to_the_log_only(tmp_path):
+    """The console gets a node's lines less known-harmless library output (c10d's
+    reverse-lookup warning); the node's log gets every line."""
+    import types
+
+    lines = ["[default0]:node1 cpu:0 CPU (2 threads): matmul 0.02 TFLOP/s\n",
+             "[W1204 17:10:06.722483286 socket.cpp:207] [c10d] The hostname of the client "
+             "socket cannot be retrieved. err=-3\n",
+             "RuntimeError: boom\n"]
+    run = launch.NodeRun("node1", types.SimpleNamespace(stdout=iter(lines)),
+                         tmp_path / "node1.log")
+    shown = []
+    printer = types.SimpleNamespace(line=shown.append)
+    launch._stream(run, printer)
+    assert shown == ["[node1] " + lines[0].rstrip("\n"), "[node1] RuntimeError: boom"]
+    assert (tmp_path / "node1.log").read_text() == "".join(lines)
