@@ -400,13 +400,18 @@ def _stop_all(inventory, runs: list[NodeRun], transports: dict, run_id: str,
               which: Callable[[NodeRun], bool] = lambda _run: True) -> None:
     """_stop on every started node that ``which`` picks, all at once."""
     by_name = {n.name: n for n in inventory.nodes}
+    chosen = [run for run in runs if which(run)]
+    # Marked before any stop goes out: where nodes share a host (the local test nodes),
+    # one node's stop can end another's run before that node's own stop looks at it.
+    for run in chosen:
+        if run.proc.poll() is None:
+            run.stopped = True
     threads = []
-    for run in runs:
-        if which(run):
-            t = threading.Thread(target=_stop, args=(transports[run.name], by_name[run.name],
-                                                     run, run_id), daemon=True)
-            t.start()
-            threads.append(t)
+    for run in chosen:
+        t = threading.Thread(target=_stop, args=(transports[run.name], by_name[run.name],
+                                                 run, run_id), daemon=True)
+        t.start()
+        threads.append(t)
     for t in threads:
         t.join()
 
