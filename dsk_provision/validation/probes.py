@@ -28,6 +28,10 @@ ALLREDUCE_PROBE = "trainer.probes.allreduce"
 GPU_PERF_PROBE = "trainer.probes.gpu_perf"
 # What the all-reduce probe writes (--json-out) in its run directory.
 ALLREDUCE_JSON = "allreduce.json"
+# The compute probe's result, in each node's own run directory: by name, not by the
+# node's rank in the rendezvous (c10d orders nodes by address, then PID, not as the
+# inventory does).
+GPU_PERF_JSON = "gpu_perf.json"
 # all_reduce_perf's exit code when it is not installed (the command below says so).
 _NOT_INSTALLED = 3
 
@@ -89,15 +93,14 @@ def run_gpu_perf(inventory, run_dir: Path, console, timeout_s, transport,
     step = step_dir(run_dir, "perf")
     out: dict[str, dict | None] = {n.name: None for n in inventory.nodes}
     try:
-        run_torchrun(inventory, GPU_PERF_PROBE, [*(args or []), "--json-out",
-                                                 "gpu_perf-{node}.json"],
+        run_torchrun(inventory, GPU_PERF_PROBE, [*(args or []), "--json-out", GPU_PERF_JSON],
                      run_dir=step, console=console, timeout_s=timeout_s, transport=transport,
                      nproc_per_node=1)
     except RunFailed as exc:
         return out, str(exc).splitlines()[0]
     errors = []
-    for index, node in enumerate(inventory.nodes):
-        remote = remote_run_dir(node, step.name) / f"gpu_perf-{index}.json"
+    for node in inventory.nodes:
+        remote = remote_run_dir(node, step.name) / GPU_PERF_JSON
         try:
             local = fetch(inventory, node, remote, run_dir / "perf" / f"{node.name}.json",
                           transport=transport)
