@@ -68,6 +68,7 @@ class Readout:
         self.cuda = device.type == "cuda"
         self._last_end = None  # the end of the step before, while steps follow unpaused
         self._start = None
+        self._nan = None
 
     def _mark(self):
         if not self.cuda:
@@ -86,8 +87,9 @@ class Readout:
                  "grad_norm": result.grad_norm, "max_expert_load_ratio": result.balance,
                  "stop": stop_flag.reshape(())}
         present = {name: value is not None for name, value in parts.items()}
-        nan = torch.full((), float("nan"), device=result.losses.device)
-        values = torch.stack([(parts[name] if present[name] else nan).float()
+        if self._nan is None:  # the stand-in for an absent figure, made once
+            self._nan = torch.full((), float("nan"), device=result.losses.device)
+        values = torch.stack([(parts[name] if present[name] else self._nan).float()
                               for name in _FIELDS])
         if self.cuda:
             host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)

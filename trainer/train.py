@@ -213,8 +213,9 @@ def train(cfg: TrainConfig, out_dir: Path, device, profile_step: int | None = No
         status.checkpoint(resumed)
     history: list[dict[str, Any]] = []
 
-    def record(figures: Figures) -> None:
-        """A step read back: check its loss, keep, print and write its metrics."""
+    def record(figures: Figures) -> bool:
+        """A step read back: check its loss, keep, print and write its metrics; whether
+        some rank was asked to stop during it."""
         if not math.isfinite(figures.loss):
             raise FloatingPointError(f"loss is {figures.loss} at step {figures.step}")
         per_device = tokens_per_step / figures.seconds / world_size
@@ -234,6 +235,7 @@ def train(cfg: TrainConfig, out_dir: Path, device, profile_step: int | None = No
             print(format_line(metrics, t.steps), flush=True)
             writer.write(metrics)
             status.step(metrics)
+        return figures.stop
 
     # Each step is read back once the next one is queued (trainer/readout.py), except
     # where the loop must act on it at once: a checkpoint, the last and the profiled step,
@@ -245,9 +247,8 @@ def train(cfg: TrainConfig, out_dir: Path, device, profile_step: int | None = No
         resilience.drill_crash(attempt, step)
         profiled = step == profile_step
         if profiled and pending is not None:
-            figures = pending.read()
-            record(figures)
-            stopping, pending = stopping or figures.stop, None
+            stopping = record(pending.read()) or stopping
+            pending = None
             readout.pause()
         if profiled and device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -255,9 +256,7 @@ def train(cfg: TrainConfig, out_dir: Path, device, profile_step: int | None = No
         readout.begin()
         current = readout.end(step, train_step(loader.next_step()), stop.reduced(device))
         if pending is not None:
-            figures = pending.read()
-            record(figures)
-            stopping = stopping or figures.stop
+            stopping = record(pending.read()) or stopping
         pending = current
         due = bool(cfg.checkpoint.interval) and (step % cfg.checkpoint.interval == 0
                                                  or step == t.steps)
@@ -268,8 +267,7 @@ def train(cfg: TrainConfig, out_dir: Path, device, profile_step: int | None = No
         if prof is not None:
             prof.stop()
             profile_report(prof, step, figures.seconds, out_dir, rank)
-        record(figures)
-        stopping = stopping or figures.stop
+        stopping = record(figures) or stopping
         if cfg.checkpoint.interval and (due or stopping):
             checkpoint.save(ckpt_root, step, train_step.model, train_step.optimizer,
                             {"step": step, "scheduler": train_step.scheduler.state_dict(),

@@ -304,6 +304,35 @@ def _roles(inv, name: str, port: int, tmp_path: Path, rank0: str = "node1") -> N
     assert others == [], f"rank 0 is not {rank0}'s: {others} wrote status.json"
 
 
+def _lose_a_node_and_go_on(tmp_path: Path, name: str, *, lost: str, rank0: str) -> str:
+    """An 8-step job on 3 local nodes (--min-nodes 2, checkpoints shared, one every 2
+    steps, rank 0 on ``rank0``): ``lost`` freezes while it saves step 4, after step 2's
+    checkpoint is complete; the other two must go on without it from step 2 and finish.
+    Returns the survivors' logs."""
+    steps = 8
+    inv, port = _start(tmp_path, name, 3, steps=steps, interval=2, shared=True,
+                       env={resilience.SAVE_PAUSE_VAR: f"{lost}:4:120"}, rank0=rank0)
+    frozen: list[int] = []
+    survivors = [n.name for n in inv.nodes if n.name != lost]
+    try:
+        _roles(inv, name, port, tmp_path, rank0=rank0)
+        _wait_node(inv, name, rank0, lambda v: (v.checkpoint or {}).get("step", 0) >= 2,
+                   120)
+        frozen = _freeze_node(name, tmp_path / lost / "jobs" / name)
+        ends = [_wait_node(inv, name, n, lambda v: not v.running, 240) for n in survivors]
+    finally:
+        _kill(frozen)
+        jobs.stop_job(inv, name, grace_s=5)
+    logs = "".join(p.read_text() for n in survivors for p in sorted(
+        (tmp_path / n / "jobs" / name / "logs").glob("*.log")))
+    assert [v.state for v in ends] == ["finished"] * 2, (ends, logs[-4000:])
+    assert "going on with the 2 other" in logs
+    assert "| world 2 " in logs and "resumed from " in logs and "step-000002" in logs
+    trainer = max((v.trainer for v in ends if v.trainer), key=lambda t: t["updated"])
+    assert trainer["step"] == steps and trainer["restarts"] == 1
+    return logs
+
+
 @pytest.mark.slow
 def test_with_min_nodes_the_job_goes_on_without_the_lost_node(tmp_path):
     """--min-nodes 2 of 3, checkpoints shared, a checkpoint every 2 steps: node3 (neither
@@ -311,28 +340,8 @@ def test_with_min_nodes_the_job_goes_on_without_the_lost_node(tmp_path):
     2's checkpoint is complete, so the freeze always lands before the job ends); the
     other two notice its heartbeat standing still, go on without it from step 2, and
     finish."""
-    steps = 8
-    inv, port = _start(tmp_path, "mn", 3, steps=steps, interval=2, shared=True,
-                       env={resilience.SAVE_PAUSE_VAR: "node3:4:120"})
-    frozen: list[int] = []
-    survivors = ["node1", "node2"]
-    try:
-        _roles(inv, "mn", port, tmp_path)
-        _wait_node(inv, "mn", "node1", lambda v: (v.checkpoint or {}).get("step", 0) >= 2,
-                   120)
-        frozen = _freeze_node("mn", tmp_path / "node3" / "jobs" / "mn")
-        ends = [_wait_node(inv, "mn", n, lambda v: not v.running, 240) for n in survivors]
-    finally:
-        _kill(frozen)
-        jobs.stop_job(inv, "mn", grace_s=5)
-    logs = "".join(p.read_text() for n in survivors for p in sorted(
-        (tmp_path / n / "jobs" / "mn" / "logs").glob("*.log")))
-    assert [v.state for v in ends] == ["finished"] * 2, (ends, logs[-4000:])
+    logs = _lose_a_node_and_go_on(tmp_path, "mn", lost="node3", rank0="node1")
     assert "node node3 stopped answering (no heartbeat for" in logs
-    assert "going on with the 2 other" in logs
-    assert "| world 2 " in logs and "resumed from " in logs and "step-000002" in logs
-    trainer = max((v.trainer for v in ends if v.trainer), key=lambda t: t["updated"])
-    assert trainer["step"] == steps and trainer["restarts"] == 1
 
 
 @pytest.mark.slow
@@ -341,29 +350,9 @@ def test_the_loss_of_rank_0s_node_is_survived_when_it_is_not_the_rendezvous(tmp_
     2 of 3, checkpoints shared: node2 freezes while it saves step 4; the others' watch
     finds the ranks' store silent and names node2, and the job goes on from step 2 on
     node1 and node3, with a new rank 0 and a new store, and finishes."""
-    steps = 8
-    inv, port = _start(tmp_path, "r0", 3, steps=steps, interval=2, shared=True,
-                       env={resilience.SAVE_PAUSE_VAR: "node2:4:120"}, rank0="node2")
-    frozen: list[int] = []
-    survivors = ["node1", "node3"]
-    try:
-        _roles(inv, "r0", port, tmp_path, rank0="node2")
-        _wait_node(inv, "r0", "node2", lambda v: (v.checkpoint or {}).get("step", 0) >= 2,
-                   120)
-        frozen = _freeze_node("r0", tmp_path / "node2" / "jobs" / "r0")
-        ends = [_wait_node(inv, "r0", n, lambda v: not v.running, 240) for n in survivors]
-    finally:
-        _kill(frozen)
-        jobs.stop_job(inv, "r0", grace_s=5)
-    logs = "".join(p.read_text() for n in survivors for p in sorted(
-        (tmp_path / n / "jobs" / "r0" / "logs").glob("*.log")))
-    assert [v.state for v in ends] == ["finished"] * 2, (ends, logs[-4000:])
+    logs = _lose_a_node_and_go_on(tmp_path, "r0", lost="node2", rank0="node2")
     assert "node node2 stopped answering (the ranks' store there silent for" in logs, \
         logs[-4000:]
-    assert "going on with the 2 other" in logs
-    assert "| world 2 " in logs and "resumed from " in logs and "step-000002" in logs
-    trainer = max((v.trainer for v in ends if v.trainer), key=lambda t: t["updated"])
-    assert trainer["step"] == steps and trainer["restarts"] == 1
 
 
 @pytest.mark.slow
