@@ -261,8 +261,11 @@ class GroupedExperts(nn.Module):
         x = x.to(dtype)
         # w1 and w3 in one grouped GEMM twice as wide: the weights are cast to the compute
         # dtype (a copy) anyway, so stacking them costs nothing more, and the wider GEMM
-        # runs faster than the two narrow ones (docs/benchmarks.md)
-        w13 = torch.cat([self.w1, self.w3], dim=1).to(dtype).transpose(-2, -1)
+        # runs faster than the two narrow ones (docs/benchmarks.md). Each is cast before
+        # the stacking, so that in backward each weight's gradient is cast back into a
+        # tensor of its own: the cast of the stacked gradient would hand each weight a
+        # strided slice, which autograd copies again before it can keep it as .grad.
+        w13 = torch.cat([self.w1.to(dtype), self.w3.to(dtype)], dim=1).transpose(-2, -1)
         h13 = torch._grouped_mm(x, w13, offs=offsets)
         w2 = self.w2.to(dtype).transpose(-2, -1)
         return torch._grouped_mm(swiglu(h13), w2, offs=offsets)

@@ -1,0 +1,88 @@
+"""trainer/adamw.py's Triton update against torch's fused AdamW: parameters and both
+moments over several steps, with and without a gradient scale, two parameter groups
+(with and without weight decay) and sizes that do not fill the last block; checkpoints
+of one load into the other. Skipped without CUDA (conftest) or without Triton."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainer import adamw
+
+pytestmark = pytest.mark.skipif(adamw.triton is None, reason="Triton is not installed")
+
+SHAPES = [(64, 8, 33), (1000, 129), (7,), (4096,), (3, 4097)]
+
+
+def _params(seed: int = 0) -> list[torch.nn.Parameter]:
+    torch.manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in SHAPES]
+
+
+def _groups(params):
+    return [{"params": params[:2] + params[4:], "weight_decay": 0.1},
+            {"params": params[2:4], "weight_decay": 0.0}]
+
+
+def _run(opt, params, steps: int, scaled: bool) -> None:
+    for i in range(steps):
+        gen = torch.Generator(device="cuda").manual_seed(100 + i)
+        for p in params:
+            p.grad = torch.randn(p.shape, device="cuda", generator=gen) * (1 + i)
+        if scaled:  # as the trainer's gradient clip hands it over: 1 / coefficient
+            opt.grad_scale = torch.tensor(2.5 + i, device="cuda")
+        opt.step()
+        for p in params:
+            p.grad = None
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["unscaled", "grad_scale"])
+def test_update_matches_torch_fused_adamw(scaled):
+    hyper = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
+    mine, ref = _params(), _params()
+    opt = adamw.AdamW(_groups(mine), **hyper)
+    expected = torch.optim.AdamW(_groups(ref), fused=True, **hyper)
+    _run(opt, mine, 6, scaled)
+    _run(expected, ref, 6, scaled)
+    for a, b in zip(mine, ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt.state[a][key], expected.state[b][key],
+                                       atol=1e-6, rtol=1e-5)
+        assert float(opt.state[a]["step"]) == float(expected.state[b]["step"]) == 6
+        assert opt.state[a]["step"].device == expected.state[b]["step"].device
+
+
+def test_state_dicts_load_across_implementations():
+    hyper = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+    first, ref = _params(), _params()
+    opt = adamw.AdamW(_groups(first), **hyper)
+    _run(opt, first, 3, scaled=False)
+    expected = torch.optim.AdamW(_groups(ref), fused=True, **hyper)
+    _run(expected, ref, 3, scaled=False)
+    # swap the optimizers' states and go on: both must continue as one
+    theirs, ours = expected.state_dict(), opt.state_dict()
+    opt.load_state_dict(theirs)
+    expected.load_state_dict(ours)
+    _run(opt, first, 2, scaled=False)
+    _run(expected, ref, 2, scaled=False)
+    for a, b in zip(first, ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_a_non_contiguous_parameter_takes_torchs_step():
+    hyper = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+    base = torch.randn(16, 32, device="cuda")
+    mine = [torch.nn.Parameter(base.t().contiguous().t())]  # strides (1, 16)
+    ref = [torch.nn.Parameter(base.clone())]
+    assert not mine[0].is_contiguous()
+    opt = adamw.AdamW([{"params": mine}], **hyper)
+    expected = torch.optim.AdamW([{"params": ref}], fused=True, **hyper)
+    for _ in range(3):
+        g = torch.randn(16, 32, device="cuda")
+        mine[0].grad = g.t().contiguous().t()
+        ref[0].grad = g.clone()
+        opt.step()
+        expected.step()
+    torch.testing.assert_close(mine[0], ref[0], atol=1e-6, rtol=1e-5)
