@@ -58,9 +58,10 @@ if triton is not None:
 def _usable(group: dict, params: list[torch.Tensor], scale: torch.Tensor | None) -> bool:
     if triton is None or group["amsgrad"] or group["maximize"]:
         return False
-    if scale is not None and scale.device != params[0].device:
+    device = params[0].device
+    if scale is not None and scale.device != device:
         return False
-    return all(p.is_cuda and p.is_contiguous() and p.grad.is_contiguous()
+    return all(p.is_cuda and p.device == device and p.is_contiguous() and p.grad.is_contiguous()
                and not p.grad.is_sparse and type(p) in (torch.Tensor, torch.nn.Parameter)
                for p in params)
 
@@ -93,15 +94,19 @@ class AdamW(torch.optim.AdamW):
             torch._foreach_add_(steps, 1)
             beta1, beta2 = (float(b) for b in group["betas"])
             lr = float(group["lr"])
-            for p, step in zip(params, steps, strict=True):
-                state = self.state[p]
-                n = p.numel()
-                _adamw_kernel[(triton.cdiv(n, BLOCK),)](
-                    p, p.grad, state["exp_avg"], state["exp_avg_sq"], step,
-                    scale if scale is not None else step, n, lr, beta1, beta2,
-                    float(group["eps"]), float(group["weight_decay"]),
-                    HAS_SCALE=scale is not None, BLOCK=BLOCK, num_warps=8)
+            with torch.cuda.device(params[0].device):  # Triton launches on the current one
+                self._update(group, params, steps, lr, beta1, beta2, scale)
         return loss
+
+    def _update(self, group, params, steps, lr, beta1, beta2, scale) -> None:
+        for p, step in zip(params, steps, strict=True):
+            state = self.state[p]
+            n = p.numel()
+            _adamw_kernel[(triton.cdiv(n, BLOCK),)](
+                p, p.grad, state["exp_avg"], state["exp_avg_sq"], step,
+                scale if scale is not None else step, n, lr, beta1, beta2,
+                float(group["eps"]), float(group["weight_decay"]),
+                HAS_SCALE=scale is not None, BLOCK=BLOCK, num_warps=8)
 
     def _state_of(self, p: torch.Tensor) -> dict:
         """The parameter's state, made as torch's fused AdamW makes it on first use."""

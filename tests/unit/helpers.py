@@ -131,3 +131,21 @@ def loose_paths(root: Path, skip: tuple[str, ...] = ()) -> list[str]:
         if mode & 0o077:
             loose.append(f"{rel} {mode:04o}")
     return loose
+
+
+def first_node_transport(first: str, marker: str):
+    """A local transport that starts ``first``'s command a second before the other
+    nodes' (those whose command line contains ``marker``), so that its torchrun has the
+    lowest PID: c10d gives rank 0 to the node whose address sorts first, then to the
+    lowest PID, and local "nodes" share one address. (The rendezvous stays node1's:
+    joblaunch.rdzv_conf.)"""
+    from dsk_provision.remote import LocalTransport
+
+    class FirstNode(LocalTransport):
+        def popen(self, node, command: str, *, stdin=None):
+            if node.name != first and marker in command:
+                command = f"sleep 1 && {command}"
+            return super().popen(node, command, stdin=stdin)
+
+    return FirstNode()
+

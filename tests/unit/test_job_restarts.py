@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import first_node_transport
 
 from dsk_provision import jobs
 from dsk_provision.inventory import load_inventory
 from dsk_provision.joblaunch import start_job, torchrun_restarts
-from dsk_provision.remote import LocalTransport
 from tests.unit.test_jobs import TINY, free_port, make_local_inventory
 from trainer import resilience
 from trainer.config import load_config
@@ -263,22 +263,6 @@ def _rendezvous_host(name: str, port: int, root: Path) -> str:
 WATCH = {resilience.WATCH_VAR: "1:5"}
 
 
-class _FirstNode(LocalTransport):
-    """Starts ``first``'s supervisor a second before the others', so that its torchrun
-    has the lowest PID: c10d gives rank 0 to the node whose address sorts first, then to
-    the lowest PID, and local "nodes" share one address. (The rendezvous is node1's
-    either way: joblaunch.rdzv_conf.)"""
-
-    def __init__(self, first: str = "node1") -> None:
-        super().__init__()
-        self.first = first
-
-    def popen(self, node, command: str, *, stdin=None):
-        if node.name != self.first and " -m trainer.job run " in command:
-            command = f"sleep 1 && {command}"
-        return super().popen(node, command, stdin=stdin)
-
-
 def _start(tmp_path: Path, name: str, nodes: int, *, steps: int, interval: int,
            shared: bool, env: dict | None = None, rank0: str = "node1"):
     """A job of ``nodes`` local "nodes", rank 0 on ``rank0``, the rendezvous on node1,
@@ -291,7 +275,8 @@ def _start(tmp_path: Path, name: str, nodes: int, *, steps: int, interval: int,
             "  children:", f"    dsk_checkpoint_dir: {tmp_path / 'shared'}\n  children:"))
         inv = load_inventory(hosts)
     start_job(inv, _long_config(tmp_path, steps, interval), name, max_restarts=1,
-              min_nodes=2, env={**WATCH, **(env or {})}, transport=_FirstNode(rank0))
+              min_nodes=2, env={**WATCH, **(env or {})},
+              transport=first_node_transport(rank0, " -m trainer.job run "))
     return inv, port
 
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import loose_paths, umask
+from helpers import first_node_transport, loose_paths, umask
 
 from dsk_provision.validation import report
 from dsk_provision.validation.flow import ValidationReport
@@ -82,7 +82,9 @@ def test_cells_escape_pipes():
 @pytest.mark.slow
 def test_validate_on_two_local_nodes_writes_reports_and_names_the_bad_node(tmp_path, monkeypatch):
     """validate() end to end without a sandbox: the playbook is replaced by facts files,
-    the benchmark runs for real under torchrun on two local "nodes" over loopback."""
+    the benchmark runs for real under torchrun on two local "nodes" over loopback. node2's
+    torchrun starts first, so c10d makes it rank 0 against the inventory's order: each
+    node's compute result is still its own run directory's (not looked up by rank)."""
     import io
     import socket
     import sys
@@ -121,7 +123,8 @@ def test_validate_on_two_local_nodes_writes_reports_and_names_the_bad_node(tmp_p
     with pytest.raises(RunFailed) as err, umask(0o000):
         validate(inv, runs_dir=tmp_path / "runs", begin="1K", end="4K", warmup=1, iters=2,
                  console=Console(file=out, width=120), timeout_s=120,
-                 thresholds={"allreduce_min_busbw_gbs": 0})
+                 thresholds={"allreduce_min_busbw_gbs": 0},
+                 transport=first_node_transport("node2", "-m torch.distributed.run"))
     assert "node2 gpu_count" in str(err.value), str(err.value)
     assert err.value.nodes == ["node2"], str(err.value)
     assert err.value.report.passed is False
@@ -130,6 +133,9 @@ def test_validate_on_two_local_nodes_writes_reports_and_names_the_bad_node(tmp_p
     assert data["passed"] is False
     assert data["allreduce"]["world_size"] == 2
     assert [r["size"] for r in data["allreduce"]["results"]] == [1024, 2048, 4096]
+    assert sorted(data["gpu_perf"]) == ["node1", "node2"], data.get("gpu_perf")
+    assert {c["node"] for c in data["checks"] if c["check"] == "matmul_tflops"
+            and c["status"] != "fail"} == {"node1", "node2"}
     statuses = {(c["node"], c["check"]): c["status"] for c in data["checks"]}
     assert statuses[("node2", "gpu_count")] == "fail"
     assert statuses[("node1", "gpu_count")] == "pass"

@@ -121,8 +121,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls per measurement")
     parser.add_argument("--iters", type=int, default=20, help="timed calls per measurement")
     parser.add_argument("--json-out", type=Path,
-                        help="write the result here; under torchrun {node} is replaced by "
-                             "the node rank (GROUP_RANK)")
+                        help="write the result here (a path on each node: validate runs "
+                             "every node in its own directory)")
     args = parser.parse_args(argv)
     for name in ("size", "copy_mib"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -143,8 +143,7 @@ def main(argv: list[str] | None = None) -> int:
               f"matmul {row['matmul_tflops']:.2f} TFLOP/s, copy {row['copy_gbs']:.1f} GB/s",
               flush=True)
     if args.json_out:
-        path = Path(str(args.json_out).replace("{node}", os.environ.get("GROUP_RANK", "0")))
-        write_json_whole(path, result)
+        write_json_whole(args.json_out, result)
     return 0
 
 
