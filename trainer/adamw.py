@@ -93,20 +93,17 @@ class AdamW(torch.optim.AdamW):
             steps = [self._state_of(p)["step"] for p in params]
             torch._foreach_add_(steps, 1)
             beta1, beta2 = (float(b) for b in group["betas"])
-            lr = float(group["lr"])
+            hyper = (float(group["lr"]), beta1, beta2, float(group["eps"]),
+                     float(group["weight_decay"]))
             with torch.cuda.device(params[0].device):  # Triton launches on the current one
-                self._update(group, params, steps, lr, beta1, beta2, scale)
+                for p, step in zip(params, steps, strict=True):
+                    state = self.state[p]
+                    _adamw_kernel[(triton.cdiv(p.numel(), BLOCK),)](
+                        p, p.grad, state["exp_avg"], state["exp_avg_sq"], step,
+                        # without a scale the kernel reads no scale: any pointer will do
+                        step if scale is None else scale, p.numel(), *hyper,
+                        HAS_SCALE=scale is not None, BLOCK=BLOCK, num_warps=8)
         return loss
-
-    def _update(self, group, params, steps, lr, beta1, beta2, scale) -> None:
-        for p, step in zip(params, steps, strict=True):
-            state = self.state[p]
-            n = p.numel()
-            _adamw_kernel[(triton.cdiv(n, BLOCK),)](
-                p, p.grad, state["exp_avg"], state["exp_avg_sq"], step,
-                scale if scale is not None else step, n, lr, beta1, beta2,
-                float(group["eps"]), float(group["weight_decay"]),
-                HAS_SCALE=scale is not None, BLOCK=BLOCK, num_warps=8)
 
     def _state_of(self, p: torch.Tensor) -> dict:
         """The parameter's state, made as torch's fused AdamW makes it on first use."""

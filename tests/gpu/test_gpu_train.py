@@ -15,11 +15,13 @@ import torch
 from trainer.model.model import GroupedExperts
 
 ROOT = Path(__file__).resolve().parents[2]
+# a torch without torch._grouped_mm runs the experts one after another: nothing to test
+needs_grouped_mm = pytest.mark.skipif(not hasattr(torch, "_grouped_mm"),
+                                      reason=f"torch {torch.__version__} has no grouped GEMM")
 
 
+@needs_grouped_mm
 def test_grouped_experts_match_the_per_expert_loop():
-    if not hasattr(torch, "_grouped_mm"):
-        pytest.skip(f"torch {torch.__version__} has no grouped GEMM")
     torch.manual_seed(0)
     experts = GroupedExperts(8, 256, 128)
     for w in (experts.w1, experts.w2, experts.w3):
@@ -36,21 +38,21 @@ def test_grouped_experts_match_the_per_expert_loop():
 
 
 
+@needs_grouped_mm
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_expert_gradients_arrive_in_the_weights_layout(compiled):
     """w1 and w3 run as one grouped GEMM; each one's gradient must still reach autograd as
     a tensor of its own in the weight's layout, which autograd keeps as .grad as it is. A
     strided slice of the stacked gradient is copied again, a pass over every expert weight
     in every step."""
-    if not hasattr(torch, "_grouped_mm"):
-        pytest.skip(f"torch {torch.__version__} has no grouped GEMM")
     torch.manual_seed(0)
     experts = GroupedExperts(8, 256, 128).cuda()
-    for w in (experts.w1, experts.w2, experts.w3):
+    weights = {"w1": experts.w1, "w2": experts.w2, "w3": experts.w3}
+    for w in weights.values():
         torch.nn.init.normal_(w, std=0.05)
     arrived = {}  # what autograd hands each weight (not the tensor: a reference to it
     # would itself stop autograd from keeping it as .grad)
-    for name, w in (("w1", experts.w1), ("w2", experts.w2), ("w3", experts.w3)):
+    for name, w in weights.items():
         w.register_hook(lambda g, name=name: arrived.__setitem__(
             name, (g.dtype, g.stride(), g._is_view(), g.data_ptr())))
     counts = torch.tensor([40, 0, 17, 64, 3, 0, 100, 32], device="cuda")
@@ -59,7 +61,7 @@ def test_expert_gradients_arrive_in_the_weights_layout(compiled):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = fn(x, counts)
     out.float().square().sum().backward()
-    for name, w in (("w1", experts.w1), ("w2", experts.w2), ("w3", experts.w3)):
+    for name, w in weights.items():
         dtype, stride, is_view, ptr = arrived[name]
         assert dtype == w.dtype and stride == w.stride() and not is_view, \
             (name, dtype, stride, is_view)
