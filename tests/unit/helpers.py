@@ -149,3 +149,29 @@ def first_node_transport(first: str, marker: str):
 
     return FirstNode()
 
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on, for a rendezvous or a server of a test.
+    Chosen outside the kernel's range for the local ports of outgoing connections
+    (ip_local_port_range): a port from that range, free when asked, can be taken a moment
+    later by any process's connection (torchrun's, a parallel test's) before the test
+    binds it."""
+    import random
+    import socket
+
+    try:
+        low, high = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range")
+                     .read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    below = list(range(20000, min(low, 30000)))
+    candidates = below or list(range(high + 1, 65536))
+    for port in random.sample(candidates, min(200, len(candidates))):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port outside the ephemeral range")
+

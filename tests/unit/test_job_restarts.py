@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import first_node_transport
+from helpers import first_node_transport, free_port
 
 from dsk_provision import jobs
 from dsk_provision.inventory import load_inventory
 from dsk_provision.joblaunch import start_job, torchrun_restarts
-from tests.unit.test_jobs import TINY, free_port, make_local_inventory
+from tests.unit.test_jobs import TINY, make_local_inventory
 from trainer import resilience
 from trainer.config import load_config
 from trainer.job import marked_pids

@@ -10,13 +10,13 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 from dsk_provision import jobs
 from dsk_provision.errors import InputError
@@ -212,12 +212,6 @@ def test_live_view_plain_lines_and_verbose():
                     "client socket cannot be retrieved. err=-3")
     assert not harmless("[E1204 socket.cpp:1019] [c10d] The client socket has timed out "
                         "after 60000ms while trying to connect to (h200, 29500).")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

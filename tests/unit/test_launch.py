@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import shlex
-import socket
 import sys
 import textwrap
 import time
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 from dsk_provision import launch, remote
 from dsk_provision.errors import InputError, RunFailed
@@ -25,12 +25,6 @@ def make_inventory(tmp_path: Path, nodes: list[tuple[str, str, dict]], **all_var
              for name, addr, v in nodes]
     hosts = tmp_path / "hosts.yml"
     return Inventory(path=hosts, nodes=built, vars=base, hosts_file=hosts)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import types
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 from typer.testing import CliRunner
 
 import dsk_provision.runner as runner
@@ -732,7 +733,6 @@ _REAL_PROBE = lifecycle.probe_nodes  # the autouse fixture replaces it in every 
 
 def test_an_unreachable_new_host_is_refused_before_the_inventory_is_written(
         inv_dir, monkeypatch, probe):
-    import socket
 
     run = StandIn()
     monkeypatch.setattr(runner, "run_playbook", run)
@@ -747,9 +747,7 @@ def test_an_unreachable_new_host_is_refused_before_the_inventory_is_written(
     assert (inv_dir / "hosts.yml").read_bytes() == before and run.calls == []
     # The real probe, on a port of this machine where nothing listens.
     monkeypatch.setattr(lifecycle, "probe_nodes", _REAL_PROBE)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     result = _cli("nodes", "add", "-i", str(inv_dir), "n4", "--host", "127.0.0.1",
                   "--port", str(port))
     assert result.exit_code == 1, result.output

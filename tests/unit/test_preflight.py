@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 from dsk_provision import launch, preflight, preflight_probe
 from dsk_provision.errors import RunFailed
@@ -22,12 +23,6 @@ TINY = REPO / "trainer" / "configs" / "tiny.toml"
 # How long the probes try to reach the rendezvous, as in production: on a loaded machine a
 # peer may start its probe seconds before the first node listens.
 WAIT_S = 10.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def inventory(tmp_path: Path, nodes: list[tuple[str, str, dict]], *, port: int | None = None,

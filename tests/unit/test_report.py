@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import first_node_transport, loose_paths, umask
+from helpers import first_node_transport, free_port, loose_paths, umask
 
 from dsk_provision.validation import report
 from dsk_provision.validation.flow import ValidationReport
@@ -86,7 +86,6 @@ def test_validate_on_two_local_nodes_writes_reports_and_names_the_bad_node(tmp_p
     torchrun starts first, so c10d makes it rank 0 against the inventory's order: each
     node's compute result is still its own run directory's (not looked up by rank)."""
     import io
-    import socket
     import sys
 
     from rich.console import Console
@@ -96,9 +95,7 @@ def test_validate_on_two_local_nodes_writes_reports_and_names_the_bad_node(tmp_p
     from dsk_provision.inventory import Inventory, Node
     from dsk_provision.validation.flow import validate
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     nodes = [Node(f"node{i}", "127.0.0.1", 22, None, 0,
                   {"dsk_root": str(tmp_path / f"node{i}"), "dsk_python": sys.executable,
                    "dsk_rdzv_port": port, "ansible_connection": "local",
@@ -221,7 +218,6 @@ def test_validate_leaves_a_cordoned_node_out_of_the_benchmarks(tmp_path, monkeyp
     """A cordoned node gets its node checks and a "cordoned" skip, but the all-reduce runs
     on the nodes in service only, and a cluster-wide failure does not name it."""
     import io
-    import socket
     import sys
 
     from rich.console import Console
@@ -231,9 +227,7 @@ def test_validate_leaves_a_cordoned_node_out_of_the_benchmarks(tmp_path, monkeyp
     from dsk_provision.inventory import Inventory, Node
     from dsk_provision.validation.flow import validate
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     nodes = [Node(f"node{i}", "127.0.0.1", 22, None, 0,
                   {"dsk_root": str(tmp_path / f"node{i}"), "dsk_python": sys.executable,
                    "dsk_rdzv_port": port, "ansible_connection": "local",
