@@ -1,7 +1,8 @@
 """trainer/adamw.py's Triton update against torch's fused AdamW: parameters and both
 moments over several steps, with and without a gradient scale, two parameter groups
 (with and without weight decay) and sizes that do not fill the last block; checkpoints
-of one load into the other. Skipped without CUDA (conftest) or without Triton."""
+of one load into the other; only a scaled step runs the kernel. Skipped without CUDA
+(conftest) or without Triton."""
 
 from __future__ import annotations
 
@@ -58,15 +59,15 @@ def test_state_dicts_load_across_implementations():
     hyper = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
     first, ref = _params(), _params()
     opt = adamw.AdamW(_groups(first), **hyper)
-    _run(opt, first, 3, scaled=False)
+    _run(opt, first, 3, scaled=True)
     expected = torch.optim.AdamW(_groups(ref), fused=True, **hyper)
-    _run(expected, ref, 3, scaled=False)
+    _run(expected, ref, 3, scaled=True)
     # swap the optimizers' states and go on: both must continue as one
     theirs, ours = expected.state_dict(), opt.state_dict()
     opt.load_state_dict(theirs)
     expected.load_state_dict(ours)
-    _run(opt, first, 2, scaled=False)
-    _run(expected, ref, 2, scaled=False)
+    _run(opt, first, 2, scaled=True)
+    _run(expected, ref, 2, scaled=True)
     for a, b in zip(first, ref, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
@@ -83,6 +84,29 @@ def test_a_non_contiguous_parameter_takes_torchs_step():
         g = torch.randn(16, 32, device="cuda")
         mine[0].grad = g.t().contiguous().t()
         ref[0].grad = g.clone()
+        opt.grad_scale = expected.grad_scale = torch.tensor(1.5, device="cuda")
         opt.step()
         expected.step()
     torch.testing.assert_close(mine[0], ref[0], atol=1e-6, rtol=1e-5)
+
+
+def test_only_a_scaled_step_runs_the_kernel(monkeypatch):
+    """Without a scale torch's fused kernel is the faster one (docs/benchmarks.md), so
+    the step is torch's; with one, every parameter goes through the Triton kernel."""
+    launched = []
+    kernel = adamw._adamw_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            def launch(p, *args, **kwargs):
+                launched.append(p)
+                return kernel[grid](p, *args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(adamw, "_adamw_kernel", Counting())
+    params = _params()
+    opt = adamw.AdamW(_groups(params), lr=1e-3)
+    _run(opt, params, 2, scaled=False)
+    assert launched == []
+    _run(opt, params, 1, scaled=True)
+    assert len(launched) == len(params)
