@@ -80,6 +80,12 @@ class ParallelConfig:
     ep: int = 1  # borrowed from dp_shard: dp_shard = (dp_shard / ep) * ep
     pp_schedule: str = "1f1b"
     pp_microbatches: int = 0  # 0: one per pipeline stage
+    # FSDP2 (dp_shard > 1): whether each block frees its gathered parameters after its
+    # forward (and gathers them again for backward), and the dtype they are gathered and
+    # computed in ("bfloat16": half the all-gather bytes, gradients reduced in fp32; needs
+    # bf16 training)
+    fsdp_reshard_after_forward: bool = True
+    fsdp_param_dtype: str = "float32"
 
     @property
     def n_microbatches(self) -> int:
@@ -358,3 +364,13 @@ def check_world_size(cfg: TrainConfig, world_size: int) -> None:
     except DegreeError as exc:
         raise InputError(exc.message, file=cfg.path or None, field=exc.field,
                          hint=exc.hint) from None
+
+
+def check_fsdp_dtype(cfg: TrainConfig, bf16: bool, device_type: str) -> None:
+    """Raise InputError, naming the file and field, when parallel.fsdp_param_dtype asks
+    for bf16 parameters in a run that trains in fp32 (``bf16``: whether it trains in
+    bf16, from training.dtype and the device)."""
+    if cfg.parallel.fsdp_param_dtype == "bfloat16" and not bf16:
+        raise InputError(f"bfloat16 parameters need bf16 training, and this run trains in "
+                         f"fp32 on {device_type} (training.dtype = {cfg.training.dtype!r})",
+                         file=cfg.path or None, field="parallel.fsdp_param_dtype")

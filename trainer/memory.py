@@ -12,7 +12,9 @@ What the trainer keeps, per rank (trainer/step.py, trainer/optim.py, trainer/par
 - AdamW's two moments in fp32 (8 bytes per parameter);
 - FSDP2 (dp_shard > 1) shards all three over dp_shard and gathers one block's fp32
   parameters at a time (the next one prefetched, and one block's unsharded gradients
-  before their reduce-scatter); tp shards everything but the routed experts, which it
+  before their reduce-scatter; every block's until its backward without resharding
+  after forward, and in bf16 with parallel.fsdp_param_dtype = "bfloat16", when autocast
+  keeps no copies); tp shards everything but the routed experts, which it
   replicates (ep shards those); DDP keeps full replicas and a bucket copy of the
   gradients;
 - activations, per token of a micro-batch (``activation_bytes_per_token``): what
@@ -70,6 +72,8 @@ class Layout:
     schedule: str
     compile: bool
     loss_chunk: int = 0  # training.loss_chunk_tokens
+    fsdp_reshard: bool = True  # parallel.fsdp_reshard_after_forward
+    fsdp_bf16: bool = False  # parallel.fsdp_param_dtype == "bfloat16"
 
     @property
     def chunked_loss(self) -> bool:
@@ -100,7 +104,8 @@ def layout_of(cfg: TrainConfig, gpus: int) -> Layout:
     dp_shard = resolve_degrees(p.dp_replicate, p.dp_shard, p.tp, p.pp, p.ep, gpus)
     return Layout(p.dp_replicate, dp_shard, p.tp, p.pp, p.ep, t.micro_batch_size,
                   t.grad_accum_steps, t.seq_len, t.activation_checkpoint, p.n_microbatches,
-                  p.pp_schedule, t.compile, t.loss_chunk_tokens)
+                  p.pp_schedule, t.compile, t.loss_chunk_tokens,
+                  p.fsdp_reshard_after_forward, p.fsdp_param_dtype == "bfloat16")
 
 
 # --------------------------------------------------------------------------- parameters
@@ -238,9 +243,16 @@ def _stage_estimate(m: ModelArgs, lay: Layout, stage: int) -> dict[str, float]:
     items = {"parameters (fp32)": FP32 * local,
              "gradients (fp32)": FP32 * local,
              "optimizer state (AdamW, fp32)": 2 * FP32 * local}
-    if fsdp:  # one block gathered, the next prefetched, one block's unsharded gradients
-        largest = max((b[0] / lay.tp + b[1] / lay.ep for b in blocks), default=0)
-        items["FSDP gathered blocks (fp32)"] = 3 * FP32 * largest
+    if fsdp:
+        # one block gathered and the next prefetched (without resharding after forward,
+        # every block stays gathered until its backward), and one block's unsharded
+        # gradients before their reduce-scatter (in bf16, then cast to fp32 for it)
+        unsharded = [b[0] / lay.tp + b[1] / lay.ep for b in blocks]
+        largest = max(unsharded, default=0)
+        gathered = 2 * largest if lay.fsdp_reshard else sum(unsharded)
+        param_bytes, grad_bytes = (BF16, BF16 + FP32) if lay.fsdp_bf16 else (FP32, FP32)
+        items[f"FSDP gathered blocks ({'bf16' if lay.fsdp_bf16 else 'fp32'})"] = (
+            param_bytes * gathered + grad_bytes * largest)
     elif lay.dp_replicate > 1:
         items["DDP gradient buckets (fp32)"] = FP32 * local
 
@@ -248,7 +260,9 @@ def _stage_estimate(m: ModelArgs, lay: Layout, stage: int) -> dict[str, float]:
     # of every block (gathered, so unsharded by FSDP) unless the blocks recompute, and
     # of the output head, which is never checkpointed
     head = m.vocab_size * m.dim * (1 + m.mtp_depth) if last else 0
-    if lay.activation_checkpoint == "none":
+    if fsdp and lay.fsdp_bf16:
+        cast = 0  # gathered in bf16: autocast has nothing to cast, backward re-gathers
+    elif lay.activation_checkpoint == "none":
         cast = (dense - (m.vocab_size * m.dim if first else 0)) / lay.tp + experts / lay.ep
     else:
         cast = head / lay.tp + max((b[0] / lay.tp + b[1] / lay.ep for b in blocks), default=0)

@@ -22,7 +22,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from trainer.config import InputError, TrainConfig, check_world_size, load_config
+from trainer.config import InputError, TrainConfig, check_fsdp_dtype, check_world_size, load_config
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -154,6 +154,7 @@ def train(cfg: TrainConfig, out_dir: Path, device, profile_step: int | None = No
     rank, world_size = dist.get_rank(), dist.get_world_size()
     t, p = cfg.training, cfg.parallel
     check_world_size(cfg, world_size)
+    check_fsdp_dtype(cfg, uses_bf16(t.dtype, device), device.type)
     attempt = resilience.agree_attempt(ledger, device)
     if attempt is not None and resilience.give_up(attempt.restarts,
                                                   attempt.policy.max_restarts):

@@ -81,6 +81,29 @@ def test_the_layout_moves_the_estimate():
     assert tp2.items["parameters (fp32)"] < dp4.items["parameters (fp32)"]
 
 
+def test_fsdp_bf16_gathers_and_keeping_blocks_gathered_move_the_estimate():
+    cfg = config("16b", activation_checkpoint="none")
+    fp32 = memory.estimate(cfg, 8).items
+    cfg.parallel.fsdp_param_dtype = "bfloat16"
+    bf16 = memory.estimate(cfg, 8).items
+    # bf16 gathers: 2 bytes per gathered parameter against 4, the unsharded gradients
+    # in bf16 and fp32, and no autocast copies; the sharded state is unchanged
+    assert bf16["FSDP gathered blocks (bf16)"] == pytest.approx(
+        fp32["FSDP gathered blocks (fp32)"] * (2 * 2 + 6) / (3 * 4))
+    assert fp32["bf16 weight copies (autocast)"] > 0 == bf16["bf16 weight copies (autocast)"]
+    assert bf16["parameters (fp32)"] == fp32["parameters (fp32)"]
+    cfg.parallel.fsdp_reshard_after_forward = False
+    kept = memory.estimate(cfg, 8).items
+    # every block stays gathered until its backward: 2 bytes x 26 MoE blocks (and the
+    # dense one) + 6 bytes x one block's gradients, against 2 x 2 + 6
+    assert kept["FSDP gathered blocks (bf16)"] > 5.5 * bf16["FSDP gathered blocks (bf16)"]
+    # ... and without FSDP neither knob changes anything
+    cfg.parallel.dp_replicate, cfg.parallel.dp_shard = 8, 1
+    ddp = memory.estimate(cfg, 8).items
+    cfg.parallel.fsdp_param_dtype, cfg.parallel.fsdp_reshard_after_forward = "float32", True
+    assert memory.estimate(cfg, 8).items == ddp
+
+
 def test_a_pipeline_stage_keeps_the_micro_batches_in_flight():
     cfg = config("16b", micro_batch_size=4, activation_checkpoint="full")
     cfg.parallel.pp = 4

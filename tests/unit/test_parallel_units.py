@@ -164,3 +164,44 @@ def test_selective_checkpointing_recomputes_all_but_matmuls():
     none, selective, full = (runs[m][2] for m in ("none", "selective", "full"))
     assert selective["mm"] == none["mm"] < full["mm"]
     assert selective["silu"] > none["silu"] and selective["sort"] > none["sort"]
+
+
+def test_fsdp_bf16_params_gather_in_bf16_except_the_routers(tmp_path):
+    """parallel.fsdp_param_dtype = "bfloat16": inside forward every block's weights are
+    bf16 (gathered so), the routers' stay fp32, and the gradients reach the sharded fp32
+    parameters in fp32 (one rank, gloo)."""
+    import torch.distributed as dist
+    from helpers import tiny_config
+
+    from trainer.config import load_config
+    from trainer.model import Transformer
+    from trainer.model.model import Gate
+    from trainer.parallel import ParallelDims
+    from trainer.parallel.apply import apply_fsdp
+
+    cfg = load_config(tiny_config(tmp_path, "bf16", parallel={"fsdp_param_dtype": "bfloat16"}))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = Transformer(cfg.model)
+        apply_fsdp(model, ParallelDims(1, -1, 1, 1, 1, 1), "cpu",
+                   param_dtype=cfg.parallel.fsdp_param_dtype)
+        seen = {}
+
+        def record(module, _args):  # fully_shard renames the class (FSDPGate)
+            kind = "Gate" if isinstance(module, Gate) else "Linear"
+            seen.setdefault(kind, set()).update(p.dtype for p in module.parameters(recurse=False))
+
+        for module in model.modules():
+            if isinstance(module, (Gate, torch.nn.Linear)):
+                module.register_forward_pre_hook(record)
+        tokens = torch.randint(0, cfg.model.vocab_size, (2, 16))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(tokens, tokens)
+        out.loss.backward()
+        assert seen["Gate"] == {torch.float32}
+        assert seen["Linear"] == {torch.bfloat16}
+        for name, p in model.named_parameters():
+            assert p.dtype == torch.float32 and p.grad.dtype == torch.float32, name
+    finally:
+        dist.destroy_process_group()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from helpers import TINY, dump_toml
 
-from trainer.config import InputError, check_world_size, load_config, parse_config
+from trainer.config import InputError, check_fsdp_dtype, check_world_size, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "trainer" / "configs"
@@ -129,6 +129,24 @@ def test_parallel_layouts_are_accepted():
         assert cfg.parallel.n_microbatches == parallel.get("pp_microbatches", cfg.parallel.pp)
     cfg = parse_config(tiny_with("training", "compile", True), "cfg.toml")
     assert cfg.training.compile is True
+
+
+def test_fsdp_knobs_are_read_and_bf16_parameters_need_bf16_training():
+    cfg = parse_config(TINY, "cfg.toml")
+    assert (cfg.parallel.fsdp_reshard_after_forward, cfg.parallel.fsdp_param_dtype) == (
+        True, "float32")
+    check_fsdp_dtype(cfg, bf16=False, device_type="cpu")
+    cfg = parse_config(tiny_with("parallel", "fsdp_param_dtype", "bfloat16"), "cfg.toml")
+    check_fsdp_dtype(cfg, bf16=True, device_type="cuda")
+    with pytest.raises(InputError, match="need bf16 training.*fp32 on cpu") as err:
+        check_fsdp_dtype(cfg, bf16=False, device_type="cpu")
+    assert (err.value.field, err.value.file) == ("parallel.fsdp_param_dtype", "cfg.toml")
+    with pytest.raises(InputError, match="'float16' is not allowed") as err:
+        parse_config(tiny_with("parallel", "fsdp_param_dtype", "float16"), "cfg.toml")
+    assert err.value.field == "parallel.fsdp_param_dtype"
+    with pytest.raises(InputError) as err:
+        parse_config(tiny_with("parallel", "fsdp_reshard_after_forward", "yes"), "cfg.toml")
+    assert err.value.field == "parallel.fsdp_reshard_after_forward"
 
 
 def test_world_size_checks_every_degree():

@@ -9,12 +9,14 @@
 3. torch.compile of each transformer block (training.compile)
 4. data parallelism:
    - dp_shard > 1: FSDP2 ``fully_shard`` on each block, then on the root. Parameters,
-     gradients and optimizer state are sharded over dp_shard; with dp_replicate > 1 too,
-     the mesh is 2-D and FSDP2 runs as HSDP (shard inside, replicate across). With tp,
-     parameters are 2-D (dp x tp). With ep, each MoE's routed experts get their own
-     ``fully_shard`` over the ranks that hold the same experts (dp_shard / ep, x
-     dp_replicate); expert.py scales their gradients by 1 / ep, so that they are averaged
-     over the whole data-parallel degree like the others.
+     gradients and optimizer state are sharded over dp_shard (gathered in fp32 or, with
+     parallel.fsdp_param_dtype = "bfloat16", in bf16, the routers excepted, and freed
+     after each block's forward unless parallel.fsdp_reshard_after_forward is false);
+     with dp_replicate > 1 too, the mesh is 2-D and FSDP2 runs as HSDP (shard inside,
+     replicate across). With tp, parameters are 2-D (dp x tp). With ep, each MoE's
+     routed experts get their own ``fully_shard`` over the ranks that hold the same
+     experts (dp_shard / ep, x dp_replicate); expert.py scales their gradients by 1 / ep,
+     so that they are averaged over the whole data-parallel degree like the others.
    - dp_replicate > 1 and dp_shard == 1: DistributedDataParallel (full replicas,
      gradients all-reduced in buckets during backward).
 """
@@ -29,7 +31,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     CheckpointImpl,
     checkpoint_wrapper,
 )
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
@@ -97,25 +99,40 @@ def apply_compile(model: Transformer) -> None:
         model.head_loss = torch.compile(model.head_loss)
 
 
-def apply_fsdp(model: Transformer, dims: ParallelDims, device_type: str) -> None:
+def apply_fsdp(model: Transformer, dims: ParallelDims, device_type: str,
+               reshard_after_forward: bool = True, param_dtype: str = "float32") -> None:
+    """FSDP2 on each block (and MTP), then on the root. ``reshard_after_forward`` and
+    ``param_dtype`` are parallel.fsdp_reshard_after_forward and parallel.fsdp_param_dtype;
+    with "bfloat16" every parameter is gathered and computed in bf16 and its gradient
+    reduced in fp32, except the routers' (Gate), which keep fp32 as the expert choice
+    does everywhere else: each gets a fully_shard of its own with an fp32 policy."""
     mesh = dims.dp_mesh(device_type)
+    shard = {"reshard_after_forward": reshard_after_forward}
+    if param_dtype == "bfloat16":
+        full = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+        for moe in [m for m in model.modules() if isinstance(m, MoE)]:
+            fully_shard(moe.gate, mesh=mesh, mp_policy=full, **shard)
+        shard["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                                  reduce_dtype=torch.float32)
     if dims.ep > 1:
         expert_mesh = dims.expert_dp_mesh(device_type)
         for moe in [m for m in model.modules() if isinstance(m, MoE)]:
-            fully_shard(moe.experts, mesh=expert_mesh)
+            fully_shard(moe.experts, mesh=expert_mesh, **shard)
     for block in model.layers.values():
-        fully_shard(block, mesh=mesh)
+        fully_shard(block, mesh=mesh, **shard)
     if model.mtp is not None:
-        fully_shard(model.mtp, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(model.mtp, mesh=mesh, **shard)
+    fully_shard(model, mesh=mesh, **shard)
 
 
 def parallelize(model: Transformer, dims: ParallelDims, device: torch.device,
                 activation_checkpoint: str = "none", compile: bool = False,
-                fp8: str = "off") -> nn.Module:
+                fp8: str = "off", fsdp_reshard_after_forward: bool = True,
+                fsdp_param_dtype: str = "float32") -> nn.Module:
     """Return the module to train (the model itself, or its DDP wrapper). With pp > 1,
     ``model`` is this rank's stage (pipeline.split_model). ``fp8`` (a torchao recipe, or
-    "off") converts the dense and expert matmuls first (float8.py)."""
+    "off") converts the dense and expert matmuls first (float8.py); the fsdp_ arguments
+    are apply_fsdp's."""
     if fp8 != "off":
         from trainer.parallel.float8 import apply_fp8
 
@@ -128,7 +145,7 @@ def parallelize(model: Transformer, dims: ParallelDims, device: torch.device,
     if compile:
         apply_compile(model)
     if dims.fsdp_enabled:
-        apply_fsdp(model, dims, device.type)
+        apply_fsdp(model, dims, device.type, fsdp_reshard_after_forward, fsdp_param_dtype)
         return model
     if dims.ddp_enabled:
         if dims.tp > 1 or dims.pp > 1 or dims.ep > 1:
