@@ -15,11 +15,18 @@ not multiples of anything (for the compiled whole experts, in runs of 16 slots).
 - ``experts``: the whole SwiGLU of the routed experts (trainer.model.GroupedExperts,
   compiled), forward + backward, on the routed groups and on groups padded to multiples
   of 128 (zero rows), compiled with max-autotune (inductor's Triton grouped GEMM
-  template against aten's), and a capacity-padded bmm (every expert padded to the largest group,
-  rounded up to 128 rows).
+  template against aten's), and a capacity-padded bmm (every expert padded to the
+  largest group, rounded up to 128 rows).
+- ``fp8``: the three GEMMs of w1|w3 and w2 in bf16 against FP8
+  (``torch._scaled_grouped_mm``, e4m3, rowwise scales, with and without fast
+  accumulation), on the routed groups padded to multiples of 16 rows (both dtypes on the
+  same groups, TFLOP/s counting the padded rows), and the compiled rowwise cast of an
+  activation operand: what FP8 routed experts could gain at the config's shapes.
 
-TFLOP/s count only the routed slots' work (padding is overhead). Without a CUDA GPU the
-script says so and exits 0.
+    python bench/grouped_gemm.py --config wide --micro-batch 12 --cases fp8 --out fp8gg.json
+
+TFLOP/s count only the routed slots' work (padding is overhead), except in ``fp8``.
+Without a CUDA GPU the script says so and exits 0.
 """
 
 from __future__ import annotations
@@ -115,6 +122,83 @@ def kernel_cases(counts, dim: int, hidden: int) -> list[dict]:
     return rows
 
 
+def fp8_operands(w, x, dy) -> dict:
+    """For the forward, input-gradient and weight-gradient GEMM of weights ``w`` (E, out,
+    in), inputs ``x`` (rows, in) and output gradients ``dy`` (rows, out): the bf16 call
+    (op and its operands) and the FP8 operands with their scales, laid out as
+    torch._scaled_grouped_mm takes them (A row-major, B column-major, scales float32:
+    per row of A and per column of B, per group for the weight gradient)."""
+    import torch
+
+    f8 = torch.float8_e4m3fn
+    groups, n, k = w.shape
+    total = x.size(0)
+
+    def ones(*shape):
+        return torch.ones(*shape, device=x.device)
+
+    w8, wt8 = w.to(f8), w.transpose(-2, -1).contiguous().to(f8)
+    return {
+        "fwd": ((torch._grouped_mm, x, w.transpose(-2, -1)),
+                (x.to(f8), w8.transpose(-2, -1), ones(total), ones(groups, n))),
+        "dgrad": ((torch._grouped_mm, dy, w),
+                  (dy.to(f8), wt8.transpose(-2, -1), ones(total), ones(groups, k))),
+        # the weight gradient as (E, out, in), the weights' own layout, in both dtypes
+        "wgrad": ((torch._grouped_mm, dy.t(), x),
+                  (dy.t().contiguous().to(f8), x.t().contiguous().to(f8).t(),
+                   ones(groups * n), ones(groups * k))),
+    }
+
+
+def fp8_cases(counts, dim: int, hidden: int) -> list[dict]:
+    """The same three GEMMs of w1|w3 and w2 in bf16 (torch._grouped_mm) and in FP8
+    (torch._scaled_grouped_mm: e4m3 operands, float32 rowwise scales, bf16 out), on the
+    routed groups padded to multiples of 16 rows (the FP8 kernel's alignment; unaligned
+    groups end in a device-side assert that ends the process). Scales are ones: the
+    kernel's time does not depend on them. With the compiled rowwise cast of the
+    activation operand (amax, scale, cast), the cost the FP8 path adds per GEMM before
+    any fusion."""
+    import torch
+
+    f8, bf = torch.float8_e4m3fn, torch.bfloat16
+    if not hasattr(torch, "_scaled_grouped_mm"):
+        return [{"case": "fp8", "error": "torch._scaled_grouped_mm is missing"}]
+
+    @torch.compile
+    def rowwise(a):
+        scale = a.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / 448.0
+        return (a.float() / scale).to(f8), scale.squeeze(-1)
+
+    counts = pad_counts(counts, 16)
+    offs = offsets(counts)
+    groups, total = counts.numel(), int(counts.sum())
+    rows = []
+    for name, k, n in (("w13", dim, 2 * hidden), ("w2", hidden, dim)):
+        torch.manual_seed(0)
+        w = torch.randn(groups, n, k, device="cuda", dtype=bf) * 0.02  # (E, out, in)
+        x = torch.randn(total, k, device="cuda", dtype=bf)
+        dy = torch.randn(total, n, device="cuda", dtype=bf)
+        flops = 2 * total * k * n
+        row = {"case": f"fp8 {name} padded16", "rows": total}
+        for gemm, (bf16_call, (a, b_, sa, sb)) in fp8_operands(w, x, dy).items():
+            op, *args = bf16_call
+            ms = try_bench(op, *args, offs=offs)
+            row[f"{gemm}_bf16_ms"] = ms
+            row[f"{gemm}_bf16_tflops"] = rate(flops, ms)
+            for fast in (False, True):
+                ms8 = try_bench(torch._scaled_grouped_mm, a, b_, sa, sb, offs=offs,
+                                out_dtype=bf, use_fast_accum=fast)
+                key = f"{gemm}_fp8{'_fast' if fast else ''}"
+                row[f"{key}_ms"] = ms8
+                row[f"{key}_tflops"] = rate(flops, ms8)
+                if isinstance(ms, float) and isinstance(ms8, float):
+                    row[f"{key}_speedup"] = ms / ms8
+        row["cast_rowwise_x_ms"] = try_bench(rowwise, x)
+        row["cast_rowwise_dy_ms"] = try_bench(rowwise, dy)
+        rows.append(row)
+    return rows
+
+
 def expert_cases(counts, dim: int, hidden: int, compile_: bool = True) -> list[dict]:
     import torch
     import torch.nn.functional as F
@@ -173,7 +257,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="wide", help="a file under trainer/configs/")
     parser.add_argument("--micro-batch", type=int, help="default: the config's")
-    parser.add_argument("--cases", nargs="+", default=["kernels", "experts"])
+    parser.add_argument("--cases", nargs="+", default=["kernels", "experts"],
+                        choices=["kernels", "experts", "fp8"])
     parser.add_argument("--out", type=Path, default=Path("grouped_gemm.json"))
     args = parser.parse_args()
     try:
@@ -203,6 +288,7 @@ def main() -> int:
     for case in args.cases:
         try:
             rows = (kernel_cases(counts, dim, hidden) if case == "kernels"
+                    else fp8_cases(counts, dim, hidden) if case == "fp8"
                     else expert_cases(counts16, dim, hidden))
         except Exception as exc:
             rows = [{"case": case, "error": repr(exc)[:2000]}]
