@@ -11,7 +11,8 @@ the trainer's own metrics.
 Layouts: base (1 GPU, gradient accumulation 2), fsdp2, ddp2, ep2 (data-parallel, no
 accumulation), tp2, pp2 (pipeline 1F1B with 2 micro-batches; gradient accumulation 2),
 compile (1 GPU with torch.compile), fsdp2compile, fsdp2bf16 (parameters gathered in bf16),
-fsdp2kept (blocks not resharded after forward). MTP is turned off in every layout,
+fsdp2kept (blocks not resharded after forward), fsdp2prefetch2 (two blocks gathered
+ahead). MTP is turned off in every layout,
 since tp and pp do not combine with it.
 """
 
@@ -38,6 +39,7 @@ LAYOUTS: dict[str, tuple[int, dict]] = {
     "fsdp2compile": (2, {"parallel.dp_shard": 2, "training.compile": True}),
     "fsdp2bf16": (2, {"parallel.dp_shard": 2, "parallel.fsdp_param_dtype": "bfloat16"}),
     "fsdp2kept": (2, {"parallel.dp_shard": 2, "parallel.fsdp_reshard_after_forward": False}),
+    "fsdp2prefetch2": (2, {"parallel.dp_shard": 2, "parallel.fsdp_prefetch": 2}),
     "ddp2": (2, {"parallel.dp_replicate": 2, "parallel.dp_shard": 1}),
     "ep2": (2, {"parallel.dp_shard": 2, "parallel.ep": 2}),
     "tp2": (2, {"parallel.dp_shard": 1, "parallel.tp": 2, "training.grad_accum_steps": 2}),

@@ -86,6 +86,9 @@ class ParallelConfig:
     # bf16 training)
     fsdp_reshard_after_forward: bool = True
     fsdp_param_dtype: str = "float32"
+    # FSDP2: blocks each block gathers ahead, in forward the next ones, in backward the
+    # previous ones (0: FSDP2's own, the next block once the host reaches it)
+    fsdp_prefetch: int = 0
 
     @property
     def n_microbatches(self) -> int:

@@ -11,10 +11,10 @@ What the trainer keeps, per rank (trainer/step.py, trainer/optim.py, trainer/par
   its activation peak, at the end of the forward;
 - AdamW's two moments in fp32 (8 bytes per parameter);
 - FSDP2 (dp_shard > 1) shards all three over dp_shard and gathers one block's fp32
-  parameters at a time (the next one prefetched, and one block's unsharded gradients
-  before their reduce-scatter; every block's until its backward without resharding
-  after forward, and in bf16 with parallel.fsdp_param_dtype = "bfloat16", when autocast
-  keeps no copies); tp shards everything but the routed experts, which it
+  parameters at a time (the next one prefetched, or the next parallel.fsdp_prefetch
+  ones, and one block's unsharded gradients before their reduce-scatter; every block's
+  until its backward without resharding after forward, and in bf16 with
+  parallel.fsdp_param_dtype = "bfloat16", when autocast keeps no copies); tp shards everything but the routed experts, which it
   replicates (ep shards those); DDP keeps full replicas and a bucket copy of the
   gradients;
 - activations, per token of a micro-batch (``activation_bytes_per_token``): what
@@ -74,6 +74,7 @@ class Layout:
     loss_chunk: int = 0  # training.loss_chunk_tokens
     fsdp_reshard: bool = True  # parallel.fsdp_reshard_after_forward
     fsdp_bf16: bool = False  # parallel.fsdp_param_dtype == "bfloat16"
+    fsdp_prefetch: int = 0  # parallel.fsdp_prefetch
 
     @property
     def chunked_loss(self) -> bool:
@@ -105,7 +106,8 @@ def layout_of(cfg: TrainConfig, gpus: int) -> Layout:
     return Layout(p.dp_replicate, dp_shard, p.tp, p.pp, p.ep, t.micro_batch_size,
                   t.grad_accum_steps, t.seq_len, t.activation_checkpoint, p.n_microbatches,
                   p.pp_schedule, t.compile, t.loss_chunk_tokens,
-                  p.fsdp_reshard_after_forward, p.fsdp_param_dtype == "bfloat16")
+                  p.fsdp_reshard_after_forward, p.fsdp_param_dtype == "bfloat16",
+                  p.fsdp_prefetch)
 
 
 # --------------------------------------------------------------------------- parameters
@@ -244,12 +246,14 @@ def _stage_estimate(m: ModelArgs, lay: Layout, stage: int) -> dict[str, float]:
              "gradients (fp32)": FP32 * local,
              "optimizer state (AdamW, fp32)": 2 * FP32 * local}
     if fsdp:
-        # one block gathered and the next prefetched (without resharding after forward,
-        # every block stays gathered until its backward), and one block's unsharded
-        # gradients before their reduce-scatter (in bf16, then cast to fp32 for it)
+        # one block gathered and the next prefetched (parallel.fsdp_prefetch N: the next
+        # N; without resharding after forward, every block stays gathered until its
+        # backward), and one block's unsharded gradients before their reduce-scatter (in
+        # bf16, then cast to fp32 for it)
         unsharded = [b[0] / lay.tp + b[1] / lay.ep for b in blocks]
         largest = max(unsharded, default=0)
-        gathered = 2 * largest if lay.fsdp_reshard else sum(unsharded)
+        ahead = 1 if lay.fsdp_prefetch <= 1 else min(lay.fsdp_prefetch, max(len(blocks) - 1, 1))
+        gathered = (1 + ahead) * largest if lay.fsdp_reshard else sum(unsharded)
         param_bytes, grad_bytes = (BF16, BF16 + FP32) if lay.fsdp_bf16 else (FP32, FP32)
         items[f"FSDP gathered blocks ({'bf16' if lay.fsdp_bf16 else 'fp32'})"] = (
             param_bytes * gathered + grad_bytes * largest)

@@ -202,7 +202,8 @@ def build_step(model: Transformer, cfg: TrainConfig, dims: ParallelDims,
     model.loss_chunk_tokens = t.loss_chunk_tokens
     p = cfg.parallel
     train_module = parallelize(model, dims, device, t.activation_checkpoint, t.compile,
-                               t.fp8, p.fsdp_reshard_after_forward, p.fsdp_param_dtype)
+                               t.fp8, p.fsdp_reshard_after_forward, p.fsdp_param_dtype,
+                               p.fsdp_prefetch)
     if dims.pp > 1:
         return PipelineStep(model, train_module, pp_rank, dims, device, cfg, moe_layers,
                             len(moe_index))

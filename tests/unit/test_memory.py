@@ -81,7 +81,7 @@ def test_the_layout_moves_the_estimate():
     assert tp2.items["parameters (fp32)"] < dp4.items["parameters (fp32)"]
 
 
-def test_fsdp_bf16_gathers_and_keeping_blocks_gathered_move_the_estimate():
+def test_the_fsdp_options_move_the_estimate():
     cfg = config("16b", activation_checkpoint="none")
     fp32 = memory.estimate(cfg, 8).items
     cfg.parallel.fsdp_param_dtype = "bfloat16"
@@ -92,6 +92,10 @@ def test_fsdp_bf16_gathers_and_keeping_blocks_gathered_move_the_estimate():
         fp32["FSDP gathered blocks (fp32)"] * (2 * 2 + 6) / (3 * 4))
     assert fp32["bf16 weight copies (autocast)"] > 0 == bf16["bf16 weight copies (autocast)"]
     assert bf16["parameters (fp32)"] == fp32["parameters (fp32)"]
+    cfg.parallel.fsdp_prefetch = 3  # three blocks gathered ahead, not one
+    ahead = memory.estimate(cfg, 8).items
+    assert ahead["FSDP gathered blocks (bf16)"] == pytest.approx(
+        bf16["FSDP gathered blocks (bf16)"] * (4 * 2 + 6) / (2 * 2 + 6))
     cfg.parallel.fsdp_reshard_after_forward = False
     kept = memory.estimate(cfg, 8).items
     # every block stays gathered until its backward: 2 bytes x 26 MoE blocks (and the
@@ -101,6 +105,7 @@ def test_fsdp_bf16_gathers_and_keeping_blocks_gathered_move_the_estimate():
     cfg.parallel.dp_replicate, cfg.parallel.dp_shard = 8, 1
     ddp = memory.estimate(cfg, 8).items
     cfg.parallel.fsdp_param_dtype, cfg.parallel.fsdp_reshard_after_forward = "float32", True
+    cfg.parallel.fsdp_prefetch = 0
     assert memory.estimate(cfg, 8).items == ddp
 
 

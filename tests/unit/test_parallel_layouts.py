@@ -1,8 +1,8 @@
 """Every parallel layout trains like one process: DDP, FSDP (also keeping blocks gathered
-after forward, and gathering in bf16 against bf16 autocast), tensor (+ sequence) parallel,
-expert parallel, pipeline parallel (GPipe, 1F1B) on 2 CPU processes, seven 2 x 2
-combinations on 4, a checkpoint saved under FSDP resumed under TP and in one process,
-and torch.compile'd blocks in one process.
+after forward, prefetching two blocks, and gathering in bf16 against bf16 autocast),
+tensor (+ sequence) parallel, expert parallel, pipeline parallel (GPipe, 1F1B) on 2 CPU
+processes, seven 2 x 2 combinations on 4, a checkpoint saved under FSDP resumed under TP
+and in one process, and torch.compile'd blocks in one process.
 
 To keep the processes few, one torchrun runs several layouts one after another: this
 file is also the script it runs (``python -m torch.distributed.run ... THIS JOBS.json``).
@@ -47,6 +47,9 @@ LAYOUTS = {
                           "training": {"loss_chunk_tokens": 100}}),
     "ddp2": (2, {"parallel": {"dp_replicate": 2, "dp_shard": 1}}),
     "fsdp2_kept": (2, {"parallel": {"dp_shard": -1, "fsdp_reshard_after_forward": False}}),
+    # each block gathers the next two ahead, also while recomputing in backward
+    "fsdp2_prefetch2": (2, {"parallel": {"dp_shard": -1, "fsdp_prefetch": 2},
+                            "training": {"activation_checkpoint": "full"}}),
     # bf16 autocast in one process against FSDP gathering its parameters in bf16
     "single_bf16": (1, {"training": {"grad_accum_steps": 2, "dtype": "bfloat16"}}),
     "fsdp2_bf16": (2, {"parallel": {"dp_shard": -1, "fsdp_param_dtype": "bfloat16"},
@@ -122,9 +125,10 @@ def assert_matches(layout: dict, reference: dict, steps, tolerance: float = TOLE
         assert abs(layout[step] - reference[step]) < tolerance, (step, layout, reference)
 
 
-@pytest.mark.parametrize("name", ["ddp2", "fsdp2", "fsdp2_kept", "tp2", "ep2", "pp2_gpipe",
-                                  "pp2_1f1b", "fsdp2_tp2", "pp2_fsdp2", "fsdp4_ep2", "pp2_tp2",
-                                  "pp2_ep2", "tp2_ep2", "hsdp2x2_ep2", "fsdp2_chunked"])
+@pytest.mark.parametrize("name", ["ddp2", "fsdp2", "fsdp2_kept", "fsdp2_prefetch2", "tp2",
+                                  "ep2", "pp2_gpipe", "pp2_1f1b", "fsdp2_tp2", "pp2_fsdp2",
+                                  "fsdp4_ep2", "pp2_tp2", "pp2_ep2", "tp2_ep2", "hsdp2x2_ep2",
+                                  "fsdp2_chunked"])
 def test_layout_matches_one_process(runs, name):
     reference = runs["single"]
     assert sorted(k for k in runs[name] if isinstance(k, int)) == list(range(1, STEPS + 1))

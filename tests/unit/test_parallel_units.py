@@ -205,3 +205,30 @@ def test_fsdp_bf16_params_gather_in_bf16_except_the_routers(tmp_path):
             assert p.dtype == torch.float32 and p.grad.dtype == torch.float32, name
     finally:
         dist.destroy_process_group()
+
+
+def test_fsdp_prefetch_wires_each_block_to_the_next_and_previous_ones(tmp_path):
+    """parallel.fsdp_prefetch = 2: each block (layers, then MTP) all-gathers the next two
+    in forward and the previous two in backward (one rank, gloo)."""
+    import torch.distributed as dist
+    from helpers import tiny_config
+
+    from trainer.config import load_config
+    from trainer.model import Transformer
+    from trainer.parallel import ParallelDims
+    from trainer.parallel.apply import apply_fsdp
+
+    cfg = load_config(tiny_config(tmp_path, "prefetch", model={"mtp_depth": 1, "n_layers": 4}))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = Transformer(cfg.model)
+        apply_fsdp(model, ParallelDims(1, -1, 1, 1, 1, 1), "cpu", prefetch=2)
+        blocks = [*model.layers.values(), model.mtp]
+        states = [b._get_fsdp_state() for b in blocks]
+        assert len(blocks) >= 4
+        for i, block in enumerate(blocks):
+            state = block._get_fsdp_state()
+            assert state._states_to_forward_prefetch == states[i + 1:i + 3]
+            assert state._states_to_backward_prefetch == states[max(0, i - 2):i][::-1]
+    finally:
+        dist.destroy_process_group()

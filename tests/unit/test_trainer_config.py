@@ -133,8 +133,8 @@ def test_parallel_layouts_are_accepted():
 
 def test_fsdp_knobs_are_read_and_bf16_parameters_need_bf16_training():
     cfg = parse_config(TINY, "cfg.toml")
-    assert (cfg.parallel.fsdp_reshard_after_forward, cfg.parallel.fsdp_param_dtype) == (
-        True, "float32")
+    assert (cfg.parallel.fsdp_reshard_after_forward, cfg.parallel.fsdp_param_dtype,
+            cfg.parallel.fsdp_prefetch) == (True, "float32", 0)
     check_fsdp_dtype(cfg, bf16=False, device_type="cpu")
     cfg = parse_config(tiny_with("parallel", "fsdp_param_dtype", "bfloat16"), "cfg.toml")
     check_fsdp_dtype(cfg, bf16=True, device_type="cuda")
@@ -147,6 +147,9 @@ def test_fsdp_knobs_are_read_and_bf16_parameters_need_bf16_training():
     with pytest.raises(InputError) as err:
         parse_config(tiny_with("parallel", "fsdp_reshard_after_forward", "yes"), "cfg.toml")
     assert err.value.field == "parallel.fsdp_reshard_after_forward"
+    with pytest.raises(InputError, match="at least 0") as err:
+        parse_config(tiny_with("parallel", "fsdp_prefetch", -1), "cfg.toml")
+    assert err.value.field == "parallel.fsdp_prefetch"
 
 
 def test_world_size_checks_every_degree():

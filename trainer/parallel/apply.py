@@ -100,9 +100,13 @@ def apply_compile(model: Transformer) -> None:
 
 
 def apply_fsdp(model: Transformer, dims: ParallelDims, device_type: str,
-               reshard_after_forward: bool = True, param_dtype: str = "float32") -> None:
-    """FSDP2 on each block (and MTP), then on the root. ``reshard_after_forward`` and
-    ``param_dtype`` are parallel.fsdp_reshard_after_forward and parallel.fsdp_param_dtype;
+               reshard_after_forward: bool = True, param_dtype: str = "float32",
+               prefetch: int = 0) -> None:
+    """FSDP2 on each block (and MTP), then on the root. ``reshard_after_forward``,
+    ``param_dtype`` and ``prefetch`` are parallel.fsdp_reshard_after_forward,
+    parallel.fsdp_param_dtype and parallel.fsdp_prefetch: with ``prefetch`` N > 0 each
+    block's all-gather is issued by the block N places before it (forward order: the
+    layers, then MTP; backward the reverse), not by FSDP2's own order;
     with "bfloat16" every parameter is gathered and computed in bf16 and its gradient
     reduced in fp32, except the routers' (Gate), which keep fp32 as the expert choice
     does everywhere else: each gets a fully_shard of its own with an fp32 policy."""
@@ -118,17 +122,20 @@ def apply_fsdp(model: Transformer, dims: ParallelDims, device_type: str,
         expert_mesh = dims.expert_dp_mesh(device_type)
         for moe in [m for m in model.modules() if isinstance(m, MoE)]:
             fully_shard(moe.experts, mesh=expert_mesh, **shard)
-    for block in model.layers.values():
+    blocks = list(model.layers.values()) + ([model.mtp] if model.mtp is not None else [])
+    for block in blocks:
         fully_shard(block, mesh=mesh, **shard)
-    if model.mtp is not None:
-        fully_shard(model.mtp, mesh=mesh, **shard)
     fully_shard(model, mesh=mesh, **shard)
+    if prefetch:
+        for i, block in enumerate(blocks):
+            block.set_modules_to_forward_prefetch(blocks[i + 1:i + 1 + prefetch])
+            block.set_modules_to_backward_prefetch(blocks[max(0, i - prefetch):i][::-1])
 
 
 def parallelize(model: Transformer, dims: ParallelDims, device: torch.device,
                 activation_checkpoint: str = "none", compile: bool = False,
                 fp8: str = "off", fsdp_reshard_after_forward: bool = True,
-                fsdp_param_dtype: str = "float32") -> nn.Module:
+                fsdp_param_dtype: str = "float32", fsdp_prefetch: int = 0) -> nn.Module:
     """Return the module to train (the model itself, or its DDP wrapper). With pp > 1,
     ``model`` is this rank's stage (pipeline.split_model). ``fp8`` (a torchao recipe, or
     "off") converts the dense and expert matmuls first (float8.py); the fsdp_ arguments
@@ -145,7 +152,8 @@ def parallelize(model: Transformer, dims: ParallelDims, device: torch.device,
     if compile:
         apply_compile(model)
     if dims.fsdp_enabled:
-        apply_fsdp(model, dims, device.type, fsdp_reshard_after_forward, fsdp_param_dtype)
+        apply_fsdp(model, dims, device.type, fsdp_reshard_after_forward, fsdp_param_dtype,
+                   fsdp_prefetch)
         return model
     if dims.ddp_enabled:
         if dims.tp > 1 or dims.pp > 1 or dims.ep > 1:
