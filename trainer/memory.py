@@ -14,9 +14,9 @@ What the trainer keeps, per rank (trainer/step.py, trainer/optim.py, trainer/par
   parameters at a time (the next one prefetched, or the next parallel.fsdp_prefetch
   ones, and one block's unsharded gradients before their reduce-scatter; every block's
   until its backward without resharding after forward, and in bf16 with
-  parallel.fsdp_param_dtype = "bfloat16", when autocast keeps no copies); tp shards everything but the routed experts, which it
-  replicates (ep shards those); DDP keeps full replicas and a bucket copy of the
-  gradients;
+  parallel.fsdp_param_dtype = "bfloat16", when autocast keeps no copies); tp shards
+  everything but the routed experts, which it replicates (ep shards those); DDP keeps
+  full replicas and a bucket copy of the gradients;
 - activations, per token of a micro-batch (``activation_bytes_per_token``): what
   autograd saves in each block for backward under torch.compile (bf16 matmul inputs and
   outputs, the attention's q, k, v, output and log-sum-exp, the router's fp32 scores),
