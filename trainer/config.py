@@ -91,6 +91,11 @@ class ParallelConfig:
     fsdp_prefetch: int = 0
 
     @property
+    def fsdp_bf16(self) -> bool:
+        """Whether FSDP2 gathers and computes the parameters in bf16."""
+        return self.fsdp_param_dtype == "bfloat16"
+
+    @property
     def n_microbatches(self) -> int:
         """Pipeline micro-batches that one training micro-batch is split into."""
         return self.pp_microbatches or self.pp
@@ -373,7 +378,7 @@ def check_fsdp_dtype(cfg: TrainConfig, bf16: bool, device_type: str) -> None:
     """Raise InputError, naming the file and field, when parallel.fsdp_param_dtype asks
     for bf16 parameters in a run that trains in fp32 (``bf16``: whether it trains in
     bf16, from training.dtype and the device)."""
-    if cfg.parallel.fsdp_param_dtype == "bfloat16" and not bf16:
+    if cfg.parallel.fsdp_bf16 and not bf16:
         raise InputError(f"bfloat16 parameters need bf16 training, and this run trains in "
                          f"fp32 on {device_type} (training.dtype = {cfg.training.dtype!r})",
                          file=cfg.path or None, field="parallel.fsdp_param_dtype")

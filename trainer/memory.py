@@ -73,7 +73,7 @@ class Layout:
     compile: bool
     loss_chunk: int = 0  # training.loss_chunk_tokens
     fsdp_reshard: bool = True  # parallel.fsdp_reshard_after_forward
-    fsdp_bf16: bool = False  # parallel.fsdp_param_dtype == "bfloat16"
+    fsdp_bf16: bool = False  # parallel.fsdp_bf16
     fsdp_prefetch: int = 0  # parallel.fsdp_prefetch
 
     @property
@@ -106,8 +106,7 @@ def layout_of(cfg: TrainConfig, gpus: int) -> Layout:
     return Layout(p.dp_replicate, dp_shard, p.tp, p.pp, p.ep, t.micro_batch_size,
                   t.grad_accum_steps, t.seq_len, t.activation_checkpoint, p.n_microbatches,
                   p.pp_schedule, t.compile, t.loss_chunk_tokens,
-                  p.fsdp_reshard_after_forward, p.fsdp_param_dtype == "bfloat16",
-                  p.fsdp_prefetch)
+                  p.fsdp_reshard_after_forward, p.fsdp_bf16, p.fsdp_prefetch)
 
 
 # --------------------------------------------------------------------------- parameters
@@ -252,7 +251,7 @@ def _stage_estimate(m: ModelArgs, lay: Layout, stage: int) -> dict[str, float]:
         # bf16, then cast to fp32 for it)
         unsharded = [b[0] / lay.tp + b[1] / lay.ep for b in blocks]
         largest = max(unsharded, default=0)
-        ahead = 1 if lay.fsdp_prefetch <= 1 else min(lay.fsdp_prefetch, max(len(blocks) - 1, 1))
+        ahead = max(1, min(lay.fsdp_prefetch, len(blocks) - 1))
         gathered = (1 + ahead) * largest if lay.fsdp_reshard else sum(unsharded)
         param_bytes, grad_bytes = (BF16, BF16 + FP32) if lay.fsdp_bf16 else (FP32, FP32)
         items[f"FSDP gathered blocks ({'bf16' if lay.fsdp_bf16 else 'fp32'})"] = (

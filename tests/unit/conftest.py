@@ -3,6 +3,15 @@
 from __future__ import annotations
 
 import pytest
+import torch.distributed as dist
+
+
+@pytest.fixture
+def one_rank():
+    """A process group of one rank (gloo, in memory) for the test's duration."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
 
 
 @pytest.fixture(autouse=True)

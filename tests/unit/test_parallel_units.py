@@ -166,69 +166,58 @@ def test_selective_checkpointing_recomputes_all_but_matmuls():
     assert selective["silu"] > none["silu"] and selective["sort"] > none["sort"]
 
 
-def test_fsdp_bf16_params_gather_in_bf16_except_the_routers(tmp_path):
+def _sharded_tiny(tmp_path, **sections):
+    """tiny.toml with ``sections``, its model under apply_fsdp on the one rank (one_rank),
+    as the config's [parallel] says; returns (config, model)."""
+    from helpers import tiny_config
+
+    from trainer.config import load_config
+    from trainer.model import Transformer
+    from trainer.parallel import ParallelDims
+    from trainer.parallel.apply import apply_fsdp
+
+    cfg = load_config(tiny_config(tmp_path, "sharded", **sections))
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    apply_fsdp(model, ParallelDims(1, -1, 1, 1, 1, 1), "cpu", cfg.parallel)
+    return cfg, model
+
+
+def test_fsdp_bf16_params_gather_in_bf16_except_the_routers(tmp_path, one_rank):
     """parallel.fsdp_param_dtype = "bfloat16": inside forward every block's weights are
     bf16 (gathered so), the routers' stay fp32, and the gradients reach the sharded fp32
     parameters in fp32 (one rank, gloo)."""
-    import torch.distributed as dist
-    from helpers import tiny_config
-
-    from trainer.config import load_config
-    from trainer.model import Transformer
     from trainer.model.model import Gate
-    from trainer.parallel import ParallelDims
-    from trainer.parallel.apply import apply_fsdp
 
-    cfg = load_config(tiny_config(tmp_path, "bf16", parallel={"fsdp_param_dtype": "bfloat16"}))
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        torch.manual_seed(0)
-        model = Transformer(cfg.model)
-        apply_fsdp(model, ParallelDims(1, -1, 1, 1, 1, 1), "cpu",
-                   param_dtype=cfg.parallel.fsdp_param_dtype)
-        seen = {}
+    cfg, model = _sharded_tiny(tmp_path, parallel={"fsdp_param_dtype": "bfloat16"})
+    seen = {}
 
-        def record(module, _args):  # fully_shard renames the class (FSDPGate)
-            kind = "Gate" if isinstance(module, Gate) else "Linear"
-            seen.setdefault(kind, set()).update(p.dtype for p in module.parameters(recurse=False))
+    def record(module, _args):  # fully_shard renames the class (FSDPGate)
+        kind = "Gate" if isinstance(module, Gate) else "Linear"
+        seen.setdefault(kind, set()).update(p.dtype for p in module.parameters(recurse=False))
 
-        for module in model.modules():
-            if isinstance(module, (Gate, torch.nn.Linear)):
-                module.register_forward_pre_hook(record)
-        tokens = torch.randint(0, cfg.model.vocab_size, (2, 16))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(tokens, tokens)
-        out.loss.backward()
-        assert seen["Gate"] == {torch.float32}
-        assert seen["Linear"] == {torch.bfloat16}
-        for name, p in model.named_parameters():
-            assert p.dtype == torch.float32 and p.grad.dtype == torch.float32, name
-    finally:
-        dist.destroy_process_group()
+    for module in model.modules():
+        if isinstance(module, (Gate, torch.nn.Linear)):
+            module.register_forward_pre_hook(record)
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(tokens, tokens)
+    out.loss.backward()
+    assert seen["Gate"] == {torch.float32}
+    assert seen["Linear"] == {torch.bfloat16}
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.float32 and p.grad.dtype == torch.float32, name
 
 
-def test_fsdp_prefetch_wires_each_block_to_the_next_and_previous_ones(tmp_path):
+def test_fsdp_prefetch_wires_each_block_to_the_next_and_previous_ones(tmp_path, one_rank):
     """parallel.fsdp_prefetch = 2: each block (layers, then MTP) all-gathers the next two
     in forward and the previous two in backward (one rank, gloo)."""
-    import torch.distributed as dist
-    from helpers import tiny_config
-
-    from trainer.config import load_config
-    from trainer.model import Transformer
-    from trainer.parallel import ParallelDims
-    from trainer.parallel.apply import apply_fsdp
-
-    cfg = load_config(tiny_config(tmp_path, "prefetch", model={"mtp_depth": 1, "n_layers": 4}))
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        model = Transformer(cfg.model)
-        apply_fsdp(model, ParallelDims(1, -1, 1, 1, 1, 1), "cpu", prefetch=2)
-        blocks = [*model.layers.values(), model.mtp]
-        states = [b._get_fsdp_state() for b in blocks]
-        assert len(blocks) >= 4
-        for i, block in enumerate(blocks):
-            state = block._get_fsdp_state()
-            assert state._states_to_forward_prefetch == states[i + 1:i + 3]
-            assert state._states_to_backward_prefetch == states[max(0, i - 2):i][::-1]
-    finally:
-        dist.destroy_process_group()
+    _, model = _sharded_tiny(tmp_path, model={"mtp_depth": 1, "n_layers": 4},
+                             parallel={"fsdp_prefetch": 2})
+    blocks = [*model.layers.values(), model.mtp]
+    states = [b._get_fsdp_state() for b in blocks]
+    assert len(blocks) >= 4
+    for i, block in enumerate(blocks):
+        state = block._get_fsdp_state()
+        assert state._states_to_forward_prefetch == states[i + 1:i + 3]
+        assert state._states_to_backward_prefetch == states[max(0, i - 2):i][::-1]

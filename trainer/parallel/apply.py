@@ -35,6 +35,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from trainer.config import ParallelConfig
 from trainer.model import MoE, Transformer
 from trainer.parallel.dims import ParallelDims
 from trainer.parallel.expert import apply_ep
@@ -100,33 +101,37 @@ def apply_compile(model: Transformer) -> None:
 
 
 def apply_fsdp(model: Transformer, dims: ParallelDims, device_type: str,
-               reshard_after_forward: bool = True, param_dtype: str = "float32",
-               prefetch: int = 0) -> None:
-    """FSDP2 on each block (and MTP), then on the root. ``reshard_after_forward``,
-    ``param_dtype`` and ``prefetch`` are parallel.fsdp_reshard_after_forward,
-    parallel.fsdp_param_dtype and parallel.fsdp_prefetch: with ``prefetch`` N > 0 each
-    block's all-gather is issued by the block N places before it (forward order: the
-    layers, then MTP; backward the reverse), not by FSDP2's own order;
-    with "bfloat16" every parameter is gathered and computed in bf16 and its gradient
-    reduced in fp32, except the routers' (Gate), which keep fp32 as the expert choice
-    does everywhere else: each gets a fully_shard of its own with an fp32 policy."""
+               options: ParallelConfig | None = None) -> None:
+    """FSDP2 on each block (and MTP), then on the root, as ``options`` (the config's
+    [parallel]; its defaults when None) say:
+
+    - fsdp_reshard_after_forward: FSDP2's reshard_after_forward for every group;
+    - fsdp_param_dtype "bfloat16": every parameter is gathered and computed in bf16 and
+      its gradient reduced in fp32, except the routers' (Gate), which keep fp32 as the
+      expert choice does everywhere else: each gets a fully_shard of its own with an fp32
+      policy;
+    - fsdp_prefetch N > 0: each block's all-gather is issued by the block N places
+      before it (forward order: the layers, then MTP; backward the reverse), not by
+      FSDP2's own order."""
+    options = options or ParallelConfig()
     mesh = dims.dp_mesh(device_type)
-    shard = {"reshard_after_forward": reshard_after_forward}
-    if param_dtype == "bfloat16":
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    shard = {"reshard_after_forward": options.fsdp_reshard_after_forward}
+    if options.fsdp_bf16:
         full = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
-        for moe in [m for m in model.modules() if isinstance(m, MoE)]:
+        for moe in moes:
             fully_shard(moe.gate, mesh=mesh, mp_policy=full, **shard)
         shard["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
                                                   reduce_dtype=torch.float32)
     if dims.ep > 1:
         expert_mesh = dims.expert_dp_mesh(device_type)
-        for moe in [m for m in model.modules() if isinstance(m, MoE)]:
+        for moe in moes:
             fully_shard(moe.experts, mesh=expert_mesh, **shard)
     blocks = list(model.layers.values()) + ([model.mtp] if model.mtp is not None else [])
     for block in blocks:
         fully_shard(block, mesh=mesh, **shard)
     fully_shard(model, mesh=mesh, **shard)
-    if prefetch:
+    if prefetch := options.fsdp_prefetch:
         for i, block in enumerate(blocks):
             block.set_modules_to_forward_prefetch(blocks[i + 1:i + 1 + prefetch])
             block.set_modules_to_backward_prefetch(blocks[max(0, i - prefetch):i][::-1])
@@ -134,12 +139,11 @@ def apply_fsdp(model: Transformer, dims: ParallelDims, device_type: str,
 
 def parallelize(model: Transformer, dims: ParallelDims, device: torch.device,
                 activation_checkpoint: str = "none", compile: bool = False,
-                fp8: str = "off", fsdp_reshard_after_forward: bool = True,
-                fsdp_param_dtype: str = "float32", fsdp_prefetch: int = 0) -> nn.Module:
+                fp8: str = "off", fsdp: ParallelConfig | None = None) -> nn.Module:
     """Return the module to train (the model itself, or its DDP wrapper). With pp > 1,
     ``model`` is this rank's stage (pipeline.split_model). ``fp8`` (a torchao recipe, or
-    "off") converts the dense and expert matmuls first (float8.py); the fsdp_ arguments
-    are apply_fsdp's."""
+    "off") converts the dense and expert matmuls first (float8.py); ``fsdp`` (the
+    config's [parallel]) holds apply_fsdp's options."""
     if fp8 != "off":
         from trainer.parallel.float8 import apply_fp8
 
@@ -152,8 +156,7 @@ def parallelize(model: Transformer, dims: ParallelDims, device: torch.device,
     if compile:
         apply_compile(model)
     if dims.fsdp_enabled:
-        apply_fsdp(model, dims, device.type, fsdp_reshard_after_forward, fsdp_param_dtype,
-                   fsdp_prefetch)
+        apply_fsdp(model, dims, device.type, fsdp)
         return model
     if dims.ddp_enabled:
         if dims.tp > 1 or dims.pp > 1 or dims.ep > 1:
