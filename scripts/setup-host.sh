@@ -4,7 +4,7 @@
 # can run it too: it is bound read-only into every node.
 set -euo pipefail
 VENV=${VENV:-.venv}
-APT_PACKAGES=(systemd-container mmdebstrap iproute2 dpkg-dev python3-venv openssh-client
+APT_PACKAGES=(systemd-container mmdebstrap iproute2 dpkg-dev python3-venv openssh-client gcc
               ca-certificates)
 
 missing=()

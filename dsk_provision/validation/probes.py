@@ -117,9 +117,11 @@ def nccl_tests_path(node) -> str:
     return f"{base}/{version}/build/all_reduce_perf"
 
 
-def nccl_tests_command(node, begin: str, end: str, factor: int, warmup: int, iters: int) -> str:
-    """all_reduce_perf on one node with every GPU (-g), the sizes of our benchmark."""
-    path = shlex.quote(nccl_tests_path(node))
+def nccl_tests_command(node, begin: str, end: str, factor: int, warmup: int, iters: int,
+                       path: str | None = None) -> str:
+    """all_reduce_perf (the role's, or ``path``) on one node with every GPU (-g), the sizes
+    of our benchmark."""
+    path = shlex.quote(path or nccl_tests_path(node))
     return (f"test -x {path} || {{ echo 'not installed'; exit {_NOT_INSTALLED}; }}; "
             f"exec {path} -b {begin} -e {end} -f {int(factor)} -g {int(node.gpus)} "
             f"-w {int(warmup)} -n {int(iters)}")

@@ -101,8 +101,10 @@ def _allreduce(report: dict[str, Any]) -> list[str]:
     if not bench:
         return lines + ["The benchmark produced no result (see the failures above)."]
     nccl = f", NCCL {bench['nccl']}" if bench.get("nccl") else ""
+    api = f" through {bench['api']}" if bench.get("api") else ""
+    note = f" ({bench['api_note']})" if bench.get("api_note") else ""
     lines += [
-        f"{bench['world_size']} ranks, backend {bench['backend']}{nccl}, torch "
+        f"{bench['world_size']} ranks, backend {bench['backend']}{api}{note}{nccl}, torch "
         f"{bench.get('torch', '?')}, {bench['warmup']} warm-up + {bench['iters']} timed "
         f"iterations per size. busbw = algbw x 2(n-1)/n = algbw x "
         f"{bench.get('busbw_factor', 0):.3f}; times in microseconds, bandwidths in GB/s.",
@@ -139,8 +141,9 @@ def _gpu_perf(report: dict[str, Any]) -> list[str]:
     return lines + _table(["node", "device", "matmul TFLOP/s", "copy GB/s"], rows, align="llrr")
 
 
-def _best_busbw(row: dict) -> float:
-    return max(row["out_of_place"]["busbw_gbs"], row["in_place"]["busbw_gbs"])
+def busbw_by_size(result: dict, mode: str) -> dict[int, float]:
+    """{size: busbw} of one mode of an all-reduce result (ours or parsed nccl-tests)."""
+    return {r["size"]: r[mode]["busbw_gbs"] for r in result.get("results") or []}
 
 
 def _side_by_side(report: dict[str, Any]) -> list[str]:
@@ -149,23 +152,47 @@ def _side_by_side(report: dict[str, Any]) -> list[str]:
     nodes = [n for n in report.get("nodes") or [] if n in intra or n in nccl]
     if not nodes:
         return []
+    apis = sorted({intra[n]["api"] for n in nodes if n in intra and intra[n].get("api")})
     lines = ["", "## All-reduce within each node", "",
-             "busbw in GB/s (the better of out-of-place and in-place): this tool's benchmark "
-             "(torch.distributed) beside nccl-tests' all_reduce_perf with the same sizes.", ""]
-    header, sizes = ["size (B)"], set()
-    columns = []
+             "busbw in GB/s, out of place and in place: this tool's benchmark"
+             + (f" ({', '.join(apis)})" if apis else "")
+             + " beside nccl-tests' all_reduce_perf with the same sizes. Where both ran, "
+             "the last column of a node is ours against nccl-tests, the lower of the two "
+             "modes.", ""]
+    header, columns, sizes = ["size (B)"], [], set()
     for node in nodes:
-        if node in intra:
-            header.append(f"{node} ours")
-            columns.append({r["size"]: _best_busbw(r) for r in intra[node].get("results") or []})
-        if node in nccl:
-            header.append(f"{node} nccl-tests")
-            columns.append({r["size"]: _best_busbw(r) for r in nccl[node].get("results") or []})
+        for who, results in (("ours", intra.get(node)), ("nccl-tests", nccl.get(node))):
+            if results is None:
+                continue
+            for mode, short in (("out_of_place", "out"), ("in_place", "in")):
+                header.append(f"{node} {who} {short}")
+                columns.append(busbw_by_size(results, mode))
+        if node in intra and node in nccl:
+            header.append(f"{node} ours/nccl-tests")
+            columns.append(ratios_to(intra[node], nccl[node]))
     for col in columns:
         sizes |= set(col)
-    rows = [[size] + [f"{col[size]:.3f}" if size in col else "-" for col in columns]
+    ratio_columns = {i for i, name in enumerate(header[1:]) if name.endswith("ours/nccl-tests")}
+
+    def cell(i: int, col: dict, size: int) -> str:
+        if size not in col:
+            return "-"
+        return f"{col[size]:.0%}" if i in ratio_columns else f"{col[size]:.3f}"
+
+    rows = [[size] + [cell(i, col, size) for i, col in enumerate(columns)]
             for size in sorted(sizes)]
     return lines + _table(header, rows, align="r" * len(header))
+
+
+def ratios_to(ours: dict, theirs: dict) -> dict[int, float]:
+    """Per size, our busbw over nccl-tests', the lower of out of place and in place."""
+    out: dict[int, float] = {}
+    for mode in ("out_of_place", "in_place"):
+        other = busbw_by_size(theirs, mode)
+        for size, mine in busbw_by_size(ours, mode).items():
+            if other.get(size):
+                out[size] = min(out.get(size, float("inf")), mine / other[size])
+    return out
 
 
 def _isolation(report: dict[str, Any]) -> list[str]:

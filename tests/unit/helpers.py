@@ -175,3 +175,16 @@ def free_port() -> int:
             return port
     raise RuntimeError("no free loopback port outside the ephemeral range")
 
+
+
+def fake_nccl_last(library) -> tuple[list[int], int]:
+    """What the stand-in NCCL (fixtures/fake_nccl.c) saw in its last ncclAllReduce: send,
+    recv, count, datatype, op, stream, the communicator's tag, the number of calls so far;
+    and how many communicators are open."""
+    import ctypes
+
+    out = (ctypes.c_longlong * 8)()
+    fn = library.lib.fake_last
+    fn.argtypes, fn.restype = [ctypes.POINTER(ctypes.c_longlong)], ctypes.c_int
+    live = fn(out)
+    return list(out), live

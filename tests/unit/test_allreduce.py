@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import fake_nccl_last
 
 from trainer.probes import allreduce
 
@@ -107,3 +108,60 @@ def test_wrong_elements_are_counted(tmp_path, monkeypatch):
         assert row["out_of_place"]["wrong"] == row["in_place"]["wrong"] == 0
     finally:
         dist.destroy_process_group()
+
+
+def test_the_gloo_run_names_torch_and_why(tmp_path):
+    """On CPUs auto takes torch.distributed and says why; --api libnccl refuses to start."""
+    out = tmp_path / "allreduce.json"
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+            "1", "-m", "trainer.probes.allreduce", "--begin", "1K", "--end", "1K",
+            "--iters", "1", "--json-out", str(out)]
+    proc = subprocess.run(base, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["api"] == allreduce.API_TORCH
+    assert result["api_note"] == "no CUDA GPU: gloo through torch.distributed"
+    assert "api torch.distributed" in proc.stdout
+    out.unlink()
+    proc = subprocess.run(base + ["--api", "libnccl"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "--api libnccl needs CUDA GPUs" in proc.stderr
+    assert not out.exists()
+
+
+def test_the_probe_through_ncclallreduce(one_rank, fake_nccl):
+    """The libnccl path end to end on one rank with the stand-in library: the unique id
+    crosses the process group whole, each timed iteration is one ncclAllReduce, out of
+    place leaves the send buffer alone (the check counts it) and the results are right."""
+    import torch
+
+    comm, api, note = allreduce.open_communicator("libnccl", "nccl", torch.device("cpu"),
+                                                  library_path=fake_nccl)
+    try:
+        assert (api, note) == (allreduce.API_LIBNCCL, None)
+        calls = fake_nccl_last(comm.library)[0][7]
+        row = allreduce.run_size(4100, "bfloat16", 2, 3, torch.device("cpu"), comm)
+        assert row["count"] == 2050
+        assert row["out_of_place"]["wrong"] == row["in_place"]["wrong"] == 0
+        # Per mode: 2 warm-up + 3 timed + 1 check.
+        assert fake_nccl_last(comm.library)[0][7] == calls + 12
+        assert fake_nccl_last(comm.library)[0][3] == 9  # ncclBfloat16
+    finally:
+        comm.close()
+    assert fake_nccl_last(comm.library)[1] == 0
+
+
+def test_auto_falls_back_to_torch_without_the_library(one_rank, tmp_path):
+    import torch
+
+    missing = str(tmp_path / "libnccl.so.2")
+    comm, api, note = allreduce.open_communicator("auto", "nccl", torch.device("cpu"),
+                                                  library_path=missing)
+    assert comm is None and api == allreduce.API_TORCH
+    assert note.startswith("libnccl not loaded on every rank (no NCCL library could be loaded")
+    with pytest.raises(SystemExit, match="--api libnccl: no NCCL library could be loaded"):
+        allreduce.open_communicator("libnccl", "nccl", torch.device("cpu"),
+                                    library_path=missing)
+    assert allreduce.open_communicator("torch", "nccl", torch.device("cpu")) == \
+        (None, allreduce.API_TORCH, None)

@@ -31,7 +31,9 @@ def sample(tmp_path, busbw_status="pass"):
         CheckResult("node2", "ssh_peers", "fail", "1/2", "all", "cannot reach by SSH: node3"),
         CheckResult("cluster", "allreduce_busbw", busbw_status, 0.61, 0.05, "busbw 0.61 GB/s"),
     ]
-    bench = {"world_size": 2, "backend": "gloo", "nccl": None, "torch": "2.13.0", "warmup": 5,
+    bench = {"world_size": 2, "backend": "gloo", "api": "torch.distributed",
+             "api_note": "no CUDA GPU: gloo through torch.distributed", "nccl": None,
+             "torch": "2.13.0", "warmup": 5,
              "iters": 20, "busbw_factor": 1.0, "wrong_total": 0, "avg_busbw_gbs": 0.3,
              "results": [{"size": 1024, "count": 256, "type": "float", "redop": "sum", "root": -1,
                           "out_of_place": {"time_us": 240.5, "algbw_gbs": 0.004,
@@ -52,6 +54,8 @@ def test_markdown_has_summary_node_tables_and_allreduce(tmp_path):
     assert "### node1" in text and "### node2" in text and "### cluster" in text
     assert "| disk_free | PASS | /: 40.5 | /: 1 | enough free space |" in text
     assert "| ssh_peers | FAIL | 1/2 | all |" in text
+    assert ("2 ranks, backend gloo through torch.distributed (no CUDA GPU: gloo through "
+            "torch.distributed), torch 2.13.0") in text
     assert "| size (B) | count | type | out-of-place time | algbw | busbw | #wrong |" in text
     assert "| 1024 | 256 | float | 240.5 | 0.004 | 0.004 | 0 | 230.1 | 0.005 | 0.005 | 0 |" in text
 
@@ -157,7 +161,8 @@ def test_markdown_shows_compute_side_by_side_isolation_and_plot(tmp_path):
         (Path(__file__).parent / "fixtures/gpu/all_reduce_perf_8gpu.txt").read_text())
     ours = json.loads(json.dumps(nccl))
     ours["results"][-1]["in_place"]["busbw_gbs"] = 380.0
-    ours["results"][-1]["out_of_place"]["busbw_gbs"] = 379.0
+    ours["results"][-1]["out_of_place"]["busbw_gbs"] = 300.0
+    ours["api"] = "libnccl"
     rep.intra_node = {"node1": ours}
     rep.nccl_tests = {"node1": nccl}
     rep.isolation = {"pairs": [{"nodes": ["node1", "node2"], "busbw_gbs": 0.001, "slow": True},
@@ -167,8 +172,12 @@ def test_markdown_shows_compute_side_by_side_isolation_and_plot(tmp_path):
     rep.plots = ["allreduce_busbw.png"]
     text = report.render_markdown(rep.to_dict())
     assert "| node1 | NVIDIA H200 0 | 801.50 | 4301.2 |" in text
-    assert "| size (B) | node1 ours | node1 nccl-tests |" in text
-    assert "| 8589934592 | 380.000 | 386.420 |" in text
+    assert "this tool's benchmark (libnccl) beside nccl-tests' all_reduce_perf" in text
+    assert ("| size (B) | node1 ours out | node1 ours in | node1 nccl-tests out "
+            "| node1 nccl-tests in | node1 ours/nccl-tests |") in text
+    assert "| 1048576 | 40.670 | 40.960 | 40.670 | 40.960 | 100% |" in text
+    # The lower of the two modes: out of place 300 / 385.93 against in place 380 / 386.42.
+    assert "| 8589934592 | 300.000 | 380.000 | 385.930 | 386.420 | 78% |" in text
     assert "| node2 + node3 | - | slow |" in text
     assert "Culprit: node **node2**." in text
     assert "![busbw](allreduce_busbw.png)" in text

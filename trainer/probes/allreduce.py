@@ -3,7 +3,7 @@
 Run under torchrun on every node:
 
     python -m trainer.probes.allreduce --begin 1K --end 16M --factor 2 \
-        --warmup 5 --iters 20 [--dtype float32] [--json-out FILE]
+        --warmup 5 --iters 20 [--dtype float32] [--api auto] [--json-out FILE]
 
 NCCL when CUDA is available, gloo otherwise. For each size the all-reduce (sum) is timed
 out of place and in place; bandwidths follow nccl-tests (doc/PERFORMANCE.md there):
@@ -11,10 +11,15 @@ out of place and in place; bandwidths follow nccl-tests (doc/PERFORMANCE.md ther
     algbw = bytes / time
     busbw = algbw * 2 * (n - 1) / n        (n = number of ranks)
 
-`torch.distributed.all_reduce` only works in place, so "out of place" copies the send
-buffer into a separate receive buffer and reduces that: what a framework pays when it
-must keep its input. The time of one operation is averaged over the iterations and then
-over the ranks (nccl-tests' default `-a 1`).
+`--api` says what runs the collective. `libnccl` calls NCCL's ncclAllReduce directly
+(trainer/probes/libnccl.py, a communicator of its own) as nccl-tests does: out of place
+into a separate receive buffer, in place on one buffer, on the current CUDA stream.
+`torch` calls `torch.distributed.all_reduce`, which only works in place, so "out of
+place" copies the send buffer into the receive buffer and reduces that: what a framework
+pays when it must keep its input, plus ProcessGroupNCCL's per-call bookkeeping. `auto`
+(the default) takes libnccl on GPUs when every rank can load it, torch otherwise, and the
+results say which ran and why. The time of one operation is averaged over the iterations
+and then over the ranks (nccl-tests' default `-a 1`).
 
 Correctness: every rank fills a known pattern, one more all-reduce runs on fresh buffers
 and every element is compared with the expected sum; `#wrong` is the number of wrong
@@ -35,7 +40,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from trainer.probes import write_json_whole
+from trainer.probes import libnccl, write_json_whole
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 _DTYPES = {
@@ -56,6 +61,9 @@ _TYPE_NAMES = {
 # Pattern values are (index + rank) % _PATTERN_PERIOD: small integers, so every partial sum
 # is exact even in bfloat16 for up to 85 ranks (3 * 85 < 256).
 _PATTERN_PERIOD = 4
+# What runs the collective (--api), as the results name it.
+API_LIBNCCL = "libnccl"
+API_TORCH = "torch.distributed"
 
 
 def parse_size(text: str) -> int:
@@ -187,8 +195,9 @@ def _sum_over_ranks(value: int, device: torch.device) -> int:
 
 
 def run_size(size_bytes: int, dtype_name: str, warmup: int, iters: int,
-             device: torch.device) -> dict | None:
-    """Time and check one size; None when the size holds no whole element."""
+             device: torch.device, comm: libnccl.Communicator | None = None) -> dict | None:
+    """Time and check one size; None when the size holds no whole element. With ``comm``
+    the all-reduces are ncclAllReduce calls on that communicator, else torch.distributed's."""
     dtype = _DTYPES[dtype_name]
     elem = torch.tensor([], dtype=dtype).element_size()
     count = size_bytes // elem
@@ -203,12 +212,17 @@ def run_size(size_bytes: int, dtype_name: str, warmup: int, iters: int,
     total = _sum_values(world, dtype, device)
     _fill_periodic(send, mine)
 
-    def out_of_place():
-        recv.copy_(send)
-        dist.all_reduce(recv)
+    if comm is not None:
+        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+        out_of_place = comm.all_reduce_call(send, recv, stream)
+        in_place = comm.all_reduce_call(recv, recv, stream)
+    else:
+        def out_of_place():
+            recv.copy_(send)
+            dist.all_reduce(recv)
 
-    def in_place():
-        dist.all_reduce(recv)
+        def in_place():
+            dist.all_reduce(recv)
 
     row = {"size": nbytes, "count": count, "type": _TYPE_NAMES[dtype_name], "redop": "sum",
            "root": -1}
@@ -238,7 +252,8 @@ def format_table(result: dict) -> str:
     """A table laid out like nccl-tests' all_reduce_perf output."""
     head = (
         f"# all_reduce: {result['world_size']} ranks, backend {result['backend']}, "
-        f"dtype {result['dtype']}, warmup {result['warmup']}, iters {result['iters']}\n"
+        f"api {result['api']}, dtype {result['dtype']}, warmup {result['warmup']}, "
+        f"iters {result['iters']}\n"
         "#" + " " * 59 + "out-of-place" + " " * 23 + "in-place\n"
         f"#{'size':>11} {'count':>12} {'type':>9} {'redop':>6} {'root':>6}"
         f" {'time':>8} {'algbw':>7} {'busbw':>7} {'#wrong':>6}"
@@ -273,6 +288,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5, help="untimed iterations per size")
     parser.add_argument("--iters", type=int, default=20, help="timed iterations per size")
     parser.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
+    parser.add_argument("--api", default="auto", choices=("auto", "libnccl", "torch"),
+                        help="ncclAllReduce called directly, torch.distributed.all_reduce, or "
+                             "libnccl where every rank can load it (auto)")
     parser.add_argument("--json-out", type=Path, help="rank 0 writes the results here")
     args = parser.parse_args(argv)
     try:
@@ -282,6 +300,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.warmup < 0 or args.iters < 1:
         parser.error("need --warmup >= 0 and --iters >= 1")
     return args
+
+
+def open_communicator(api: str, backend: str, device: torch.device,
+                      library_path: str | None = None):
+    """(communicator or None, the api that runs, why auto did not take libnccl or None).
+
+    Every rank must call this: the ranks agree on whether all of them loaded NCCL before
+    any joins a communicator, so that one node without the library cannot leave the others
+    waiting in ncclCommInitRank."""
+    if api == "torch":
+        return None, API_TORCH, None
+    if backend != "nccl":
+        if api == "libnccl":
+            raise SystemExit("--api libnccl needs CUDA GPUs (this run uses gloo)")
+        return None, API_TORCH, "no CUDA GPU: gloo through torch.distributed"
+    try:
+        library, why = libnccl.Library(library_path), None
+    except libnccl.NcclUnavailable as exc:
+        library, why = None, str(exc)
+    flag = torch.tensor([0 if library is None else 1], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if not flag.item():
+        if api == "libnccl":
+            raise SystemExit(f"--api libnccl: {why or 'another rank could not load NCCL'}")
+        return None, API_TORCH, f"libnccl not loaded on every rank ({why or 'another rank'})"
+    uid = torch.zeros(libnccl.UNIQUE_ID_BYTES, dtype=torch.uint8, device=device)
+    if dist.get_rank() == 0:
+        uid.copy_(torch.frombuffer(bytearray(library.unique_id()), dtype=torch.uint8))
+    dist.broadcast(uid, 0)
+    comm = library.communicator(dist.get_world_size(), bytes(uid.cpu().tolist()),
+                                dist.get_rank())
+    return comm, API_LIBNCCL, None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -297,11 +347,13 @@ def main(argv: list[str] | None = None) -> int:
         backend = "gloo"
         device = torch.device("cpu")
         dist.init_process_group(backend=backend)
+    comm = None
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
+        comm, api, api_note = open_communicator(args.api, backend, device)
         rows = []
         for size in args.sizes:
-            row = run_size(size, args.dtype, args.warmup, args.iters, device)
+            row = run_size(size, args.dtype, args.warmup, args.iters, device, comm)
             if row is not None:
                 rows.append(row)
         wrong_total = sum(r[m]["wrong"] for r in rows for m in ("out_of_place", "in_place"))
@@ -315,7 +367,12 @@ def main(argv: list[str] | None = None) -> int:
             "iters": args.iters,
             "busbw_factor": busbw_factor(world),
             "torch": torch.__version__,
-            "nccl": ".".join(map(str, torch.cuda.nccl.version())) if backend == "nccl" else None,
+            "api": api,
+            "api_note": api_note,
+            # The NCCL that ran the timed all-reduces.
+            "nccl": (comm.library.version if comm is not None
+                     else ".".join(map(str, torch.cuda.nccl.version())) if backend == "nccl"
+                     else None),
             "results": rows,
             "wrong_total": wrong_total,
             "avg_busbw_gbs": sum(busbws) / len(busbws) if busbws else 0.0,
@@ -327,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
                 write_json_whole(args.json_out, result)
         dist.barrier()
     finally:
+        if comm is not None:
+            comm.close()
         dist.destroy_process_group()
     return 1 if wrong_total else 0
 
