@@ -14,9 +14,11 @@ What the trainer keeps, per rank (trainer/step.py, trainer/optim.py, trainer/par
   parameters at a time (the next one prefetched, or the next parallel.fsdp_prefetch
   ones, and one block's unsharded gradients before their reduce-scatter; every block's
   until its backward without resharding after forward, and in bf16 with
-  parallel.fsdp_param_dtype = "bfloat16", when autocast keeps no copies); tp shards
-  everything but the routed experts, which it replicates (ep shards those); DDP keeps
-  full replicas and a bucket copy of the gradients;
+  parallel.fsdp_param_dtype = "bfloat16", when autocast keeps no copies), and the root's
+  own parameters (embedding, final norm, head), which FSDP2 keeps gathered from the
+  forward to the backward; tp shards everything but the routed experts, which it
+  replicates (ep shards those); DDP keeps full replicas and a bucket copy of the
+  gradients;
 - activations, per token of a micro-batch (``activation_bytes_per_token``): what
   autograd saves in each block for backward under torch.compile (bf16 matmul inputs and
   outputs, the attention's q, k, v, output and log-sum-exp, the router's fp32 scores),
@@ -256,6 +258,12 @@ def _stage_estimate(m: ModelArgs, lay: Layout, stage: int) -> dict[str, float]:
         param_bytes, grad_bytes = (BF16, BF16 + FP32) if lay.fsdp_bf16 else (FP32, FP32)
         items[f"FSDP gathered blocks ({'bf16' if lay.fsdp_bf16 else 'fp32'})"] = (
             param_bytes * gathered + grad_bytes * largest)
+        # the root's own parameters (this stage's embedding, final norm and head): FSDP2
+        # never reshards the root after forward, so they stay gathered until its backward
+        root = (m.vocab_size * m.dim if first else 0) + (m.vocab_size * m.dim + m.dim
+                                                         if last else 0)
+        items[f"FSDP gathered root ({'bf16' if lay.fsdp_bf16 else 'fp32'})"] = (
+            param_bytes * root / lay.tp)
     elif lay.dp_replicate > 1:
         items["DDP gradient buckets (fp32)"] = FP32 * local
 

@@ -109,6 +109,28 @@ def test_the_fsdp_options_move_the_estimate():
     assert memory.estimate(cfg, 8).items == ddp
 
 
+def test_fsdp_keeps_the_roots_parameters_gathered():
+    """FSDP2 never reshards its root after forward: each stage's embedding, final norm and
+    head stay whole (tp shards them), in the gathered dtype; without FSDP there are none."""
+    cfg = config("16b", activation_checkpoint="full")
+    m = cfg.model
+    items = memory.estimate(cfg, 8).items
+    assert items["FSDP gathered root (fp32)"] == 4 * (2 * m.vocab_size * m.dim + m.dim)
+    cfg.parallel.fsdp_param_dtype = "bfloat16"
+    assert memory.estimate(cfg, 8).items["FSDP gathered root (bf16)"] == \
+        2 * (2 * m.vocab_size * m.dim + m.dim)
+    cfg.parallel.fsdp_param_dtype = "float32"
+    cfg.parallel.tp, cfg.parallel.pp, cfg.model.mtp_depth = 2, 2, 0
+    lay = memory.layout_of(cfg, 8)
+    assert (lay.dp_shard, lay.tp, lay.pp) == (2, 2, 2)
+    first = memory._stage_estimate(m, lay, 0)["FSDP gathered root (fp32)"]
+    last = memory._stage_estimate(m, lay, 1)["FSDP gathered root (fp32)"]
+    assert (first, last) == (4 * m.vocab_size * m.dim / 2, 4 * (m.vocab_size * m.dim + m.dim) / 2)
+    cfg.parallel.tp, cfg.parallel.pp = 1, 1
+    cfg.parallel.dp_replicate, cfg.parallel.dp_shard = 8, 1
+    assert not [k for k in memory.estimate(cfg, 8).items if k.startswith("FSDP")]
+
+
 def test_a_pipeline_stage_keeps_the_micro_batches_in_flight():
     cfg = config("16b", micro_batch_size=4, activation_checkpoint="full")
     cfg.parallel.pp = 4
