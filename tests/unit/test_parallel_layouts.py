@@ -67,7 +67,9 @@ LAYOUTS = {
     "fsdp2_tp2_bf16": (4, {"parallel": {"dp_shard": 2, "tp": 2, "fsdp_param_dtype": "bfloat16"},
                            "training": {"dtype": "bfloat16"}}),
     "pp2_fsdp2": (4, {"parallel": {"dp_shard": 2, "pp": 2, "pp_schedule": "1f1b"}}),
-    "fsdp4_ep2": (4, {"training": {"micro_batch_size": 2}, "parallel": {"ep": 2}}),
+    # the routed experts are FSDP groups of their own, prefetched with the blocks
+    "fsdp4_ep2": (4, {"training": {"micro_batch_size": 2},
+                      "parallel": {"ep": 2, "fsdp_prefetch": 2}}),
     "pp2_tp2": (4, {"training": {"grad_accum_steps": 2, "activation_checkpoint": "full"},
                     "parallel": {"pp": 2, "tp": 2}}),
     "pp2_ep2": (4, {"parallel": {"pp": 2, "ep": 2, "pp_schedule": "gpipe"}}),

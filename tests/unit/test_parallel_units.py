@@ -221,3 +221,30 @@ def test_fsdp_prefetch_wires_each_block_to_the_next_and_previous_ones(tmp_path, 
         state = block._get_fsdp_state()
         assert state._states_to_forward_prefetch == states[i + 1:i + 3]
         assert state._states_to_backward_prefetch == states[max(0, i - 2):i][::-1]
+
+
+def test_fsdp_order_puts_each_blocks_experts_after_it(tmp_path):
+    """With ep > 1 each MoE block's routed experts are an FSDP group of their own: prefetch
+    counts them right after their block, in forward and in backward (whose gathers reach
+    a block before the experts inside it); without, the groups are the blocks."""
+    from helpers import tiny_config
+
+    from trainer.config import load_config
+    from trainer.model import MoE, Transformer
+    from trainer.parallel.apply import fsdp_order
+
+    cfg = load_config(tiny_config(tmp_path, "order", model={"mtp_depth": 1, "n_layers": 3}))
+    model = Transformer(cfg.model)
+    l0, l1, l2 = model.layers.values()
+    mtp = model.mtp
+
+    def experts(block):
+        (moe,) = [m for m in block.modules() if isinstance(m, MoE)]
+        return moe.experts
+
+    assert not [m for m in l0.modules() if isinstance(m, MoE)]  # n_dense_layers = 1
+    blocks = [l0, l1, l2, mtp]
+    assert fsdp_order(blocks, experts_apart=False) == (blocks, blocks[::-1])
+    forward, backward = fsdp_order(blocks, experts_apart=True)
+    assert forward == [l0, l1, experts(l1), l2, experts(l2), mtp, experts(mtp)]
+    assert backward == [mtp, experts(mtp), l2, experts(l2), l1, experts(l1), l0]

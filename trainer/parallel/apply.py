@@ -110,8 +110,9 @@ def apply_fsdp(model: Transformer, dims: ParallelDims, device_type: str,
       its gradient reduced in fp32, except the routers' (Gate), which keep fp32 as the
       expert choice does everywhere else: each gets a fully_shard of its own with an fp32
       policy;
-    - fsdp_prefetch N > 0: each block's all-gather is issued by the block N places
-      before it (forward order: the layers, then MTP; backward the reverse), not by
+    - fsdp_prefetch N > 0: each group's all-gather is issued by the group N places
+      before it (fsdp_order: the layers, then MTP, with ep > 1 each MoE block's routed
+      experts as a group after their block; backward from the last block), not by
       FSDP2's own order."""
     options = options or ParallelConfig()
     mesh = dims.dp_mesh(device_type)
@@ -132,9 +133,26 @@ def apply_fsdp(model: Transformer, dims: ParallelDims, device_type: str,
         fully_shard(block, mesh=mesh, **shard)
     fully_shard(model, mesh=mesh, **shard)
     if prefetch := options.fsdp_prefetch:
-        for i, block in enumerate(blocks):
-            block.set_modules_to_forward_prefetch(blocks[i + 1:i + 1 + prefetch])
-            block.set_modules_to_backward_prefetch(blocks[max(0, i - prefetch):i][::-1])
+        forward, backward = fsdp_order(blocks, experts_apart=dims.ep > 1)
+        for i, group in enumerate(forward):
+            group.set_modules_to_forward_prefetch(forward[i + 1:i + 1 + prefetch])
+        for i, group in enumerate(backward):
+            group.set_modules_to_backward_prefetch(backward[i + 1:i + 1 + prefetch])
+
+
+def fsdp_order(blocks: list[nn.Module], experts_apart: bool
+               ) -> tuple[list[nn.Module], list[nn.Module]]:
+    """The FSDP groups in the order forward and backward gather them: the blocks, and with
+    ``experts_apart`` (ep > 1, when each MoE's routed experts are a group of their own)
+    each MoE block's experts right after their block in both. Forward reaches a block,
+    then its experts; backward too, since a block's gather fires when its output's
+    gradient arrives, before the experts' inside it."""
+    def groups(block: nn.Module) -> list[nn.Module]:
+        experts = [m.experts for m in block.modules() if isinstance(m, MoE)]
+        return [block, *experts] if experts_apart else [block]
+
+    return ([g for b in blocks for g in groups(b)],
+            [g for b in reversed(blocks) for g in groups(b)])
 
 
 def parallelize(model: Transformer, dims: ParallelDims, device: torch.device,
