@@ -1,4 +1,5 @@
-"""AdamW's update on the GPU as one Triton kernel per parameter, at the memory bandwidth.
+"""AdamW's update on the GPU as one Triton kernel per parameter, at the memory bandwidth,
+and on the local shards of sharded (DTensor) parameters.
 
 torch's fused AdamW runs its multi-tensor kernel about 16% slower when it is handed a
 ``grad_scale`` (the trainer passes the gradient clip's coefficient that way): on wide.toml
@@ -8,18 +9,31 @@ the scale. This kernel does that in 33.5 ms with the scale (docs/benchmarks.md).
 
 ``AdamW`` here is torch's fused AdamW (same state, same state_dict and checkpoints, same
 hyper-parameters) whose ``step`` runs this kernel on contiguous CUDA parameters when it is
-handed a scale; anything else takes torch's own step: no scale (torch's kernel is then the
-faster, 34.6 against 36.6 ms on wide.toml), the CPU, Triton missing, amsgrad, maximize, a
-non-contiguous tensor, a scale on another device.
+handed a scale, and torch's fused kernel (``torch._fused_adamw_``) otherwise: no scale
+(torch's kernel is then the faster, 34.6 against 36.6 ms on wide.toml), the CPU, Triton
+missing, a non-contiguous tensor.
+
+Sharded parameters (FSDP2, tp, ep: DTensors) are updated through their local tensors,
+since AdamW is elementwise: every rank updates the part it holds, with the moments kept
+as DTensors of the parameter's layout, so checkpoints and resharding see what torch's
+optimizer would leave. Through DTensor's dispatch the same update costs host time per
+tensor and operation: on small.toml's 185 parameter tensors 28 ms a step on this
+project's CPU machine against 3 ms on the local tensors (docs/benchmarks.md). A gradient
+whose layout differs from its parameter's (a partial sum) cannot be updated locally: the
+step then divides the gradients by the scale and takes torch's step, as it does for
+amsgrad and maximize.
 
 The arithmetic is torch's (decoupled weight decay first, then the moments, then the step
 with bias corrections, in fp32), so the two agree to float rounding: a GPU test compares
-them over several steps with and without a scale.
+the kernel with torch over several steps with and without a scale, and a CPU test the
+sharded path with torch's optimizer on the same DTensors.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.placement_types import Partial
 
 try:  # the GPU wheels of torch bring Triton; the CPU ones do not
     import triton
@@ -55,21 +69,39 @@ if triton is not None:
         tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
 
 
-def _usable(group: dict, params: list[torch.Tensor], scale: torch.Tensor | None) -> bool:
-    if triton is None or scale is None or group["amsgrad"] or group["maximize"]:
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _localizable(p: torch.Tensor) -> bool:
+    """Whether ``p``'s update can run on local tensors: a plain tensor, or a DTensor whose
+    gradient has its layout (not a partial sum waiting for a reduction)."""
+    if not isinstance(p, DTensor):
+        return not isinstance(p.grad, DTensor) and not p.grad.is_sparse
+    g = p.grad
+    return (isinstance(g, DTensor) and g.device_mesh == p.device_mesh
+            and tuple(g.placements) == tuple(p.placements)
+            and not any(isinstance(x, Partial) for x in p.placements))
+
+
+def _kernel_usable(params: list[torch.Tensor], scale: torch.Tensor | None) -> bool:
+    """The Triton kernel: CUDA, Triton, a scale on the parameters' device, contiguous local
+    tensors (a parameter's and its gradient's)."""
+    if triton is None or scale is None:
         return False
     device = params[0].device
-    if scale.device != device:
-        return False
-    return all(p.is_cuda and p.device == device and p.is_contiguous() and p.grad.is_contiguous()
-               and not p.grad.is_sparse and type(p) in (torch.Tensor, torch.nn.Parameter)
-               for p in params)
+    return scale.device == device and all(
+        p.is_cuda and p.device == device and _local(p).is_contiguous()
+        and _local(p.grad).is_contiguous() for p in params)
 
 
 class AdamW(torch.optim.AdamW):
-    """torch's fused AdamW whose update runs the kernel above where it can (see the
-    module's docstring); a ``grad_scale`` attribute divides every gradient as it is read,
-    as torch's does, and is what sends the step to the kernel."""
+    """torch's fused AdamW whose update runs on local tensors, in the kernel above where it
+    can (see the module's docstring); a ``grad_scale`` attribute divides every gradient as
+    it is read, as torch's does."""
+
+    # every gradient is divided by grad_scale, sharded or not (clip_grad_norm relies on it)
+    scales_every_gradient = True
 
     def __init__(self, params, **kwargs):
         super().__init__(params, fused=True, **kwargs)
@@ -80,34 +112,70 @@ class AdamW(torch.optim.AdamW):
         groups = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            if params and not _usable(group, params, scale):
-                return super().step(closure)
+            if group["amsgrad"] or group["maximize"] or not all(map(_localizable, params)):
+                return self._torch_step(closure, scale)
             groups.append((group, params))
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group, params in groups:
-            if not params:
-                continue
-            steps = [self._state_of(p)["step"] for p in params]
-            torch._foreach_add_(steps, 1)
-            beta1, beta2 = (float(b) for b in group["betas"])
-            hyper = (float(group["lr"]), beta1, beta2, float(group["eps"]),
-                     float(group["weight_decay"]))
-            with torch.cuda.device(params[0].device):  # Triton launches on the current one
-                for p, step in zip(params, steps, strict=True):
-                    state = self.state[p]
-                    _adamw_kernel[(triton.cdiv(p.numel(), BLOCK),)](
-                        p, p.grad, state["exp_avg"], state["exp_avg_sq"], step, scale,
-                        p.numel(), *hyper, BLOCK=BLOCK, num_warps=8)
+            if params:
+                self._update(group, params, scale)
         return loss
 
+    def _update(self, group: dict, params: list[torch.Tensor],
+                scale: torch.Tensor | None) -> None:
+        states = [self._state_of(p) for p in params]
+        steps = [state["step"] for state in states]
+        torch._foreach_add_(steps, 1)
+        lr, (beta1, beta2) = float(group["lr"]), (float(b) for b in group["betas"])
+        eps, decay = float(group["eps"]), float(group["weight_decay"])
+        if _kernel_usable(params, scale):
+            with torch.cuda.device(params[0].device):  # Triton launches on the current one
+                for p, state in zip(params, states, strict=True):
+                    local = _local(p)
+                    _adamw_kernel[(triton.cdiv(local.numel(), BLOCK),)](
+                        local, _local(p.grad), _local(state["exp_avg"]),
+                        _local(state["exp_avg_sq"]), state["step"], scale, local.numel(),
+                        lr, beta1, beta2, eps, decay, BLOCK=BLOCK, num_warps=8)
+            return
+        by_kind: dict[tuple, list[int]] = {}
+        for i, p in enumerate(params):
+            by_kind.setdefault((p.device, p.dtype), []).append(i)
+        for (device, _), index in by_kind.items():
+            torch._fused_adamw_(
+                [_local(params[i]) for i in index], [_local(params[i].grad) for i in index],
+                [_local(states[i]["exp_avg"]) for i in index],
+                [_local(states[i]["exp_avg_sq"]) for i in index], [],
+                [steps[i] for i in index], lr=lr, beta1=beta1, beta2=beta2,
+                weight_decay=decay, eps=eps, amsgrad=False, maximize=False,
+                grad_scale=None if scale is None else scale.to(device), found_inf=None)
+
+    def _torch_step(self, closure, scale: torch.Tensor | None):
+        """torch's own step; a scale divides the gradients first (torch's fused step takes
+        none for DTensors), and is put back for the next step's clip to replace."""
+        if scale is None:
+            return super().step(closure)
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        divisor = float(scale)
+        for grad in grads:
+            grad.div_(divisor)
+        del self.grad_scale
+        try:
+            return super().step(closure)
+        finally:
+            self.grad_scale = scale
+
     def _state_of(self, p: torch.Tensor) -> dict:
-        """The parameter's state, made as torch's fused AdamW makes it on first use."""
+        """The parameter's state, made as torch's fused AdamW makes it on first use (for a
+        DTensor, moments of its layout)."""
         state = self.state[p]
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        elif state["step"].device != p.device or state["step"].dtype != torch.float32:
+            # a checkpoint of torch's unfused AdamW keeps its steps on the CPU
+            state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
         return state

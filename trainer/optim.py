@@ -22,24 +22,17 @@ def build_optimizer(model, cfg: TrainConfig):
     """AdamW over ``model``'s trainable parameters (no weight decay on vectors: norms,
     biases) and its LambdaLR scheduler, from cfg.training."""
     import torch
-    from torch.distributed.tensor import DTensor
+
+    from trainer.adamw import AdamW
 
     t = cfg.training
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    # a fused kernel when every parameter is a plain CUDA tensor (one GPU, DDP): torch's
-    # fused AdamW with the update in trainer/adamw.py's Triton kernel; sharded (DTensor)
-    # parameters keep torch's default multi-tensor implementation
-    fused = all(p.is_cuda and not isinstance(p, DTensor) for p in decay + no_decay)
+    # trainer/adamw.py: torch's fused AdamW, run on the local tensors of sharded (DTensor)
+    # parameters, with the update in a Triton kernel on the GPU
     groups = [{"params": decay, "weight_decay": t.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    hyper = dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
-    if fused:
-        from trainer.adamw import AdamW
-
-        optimizer = AdamW(groups, **hyper)
-    else:
-        optimizer = torch.optim.AdamW(groups, **hyper)
+    optimizer = AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, t.warmup_steps, t.steps, t.min_lr_ratio))
     return optimizer, scheduler

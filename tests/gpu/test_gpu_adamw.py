@@ -1,8 +1,9 @@
 """trainer/adamw.py's Triton update against torch's fused AdamW: parameters and both
 moments over several steps, with and without a gradient scale, two parameter groups
 (with and without weight decay) and sizes that do not fill the last block; checkpoints
-of one load into the other; only a scaled step runs the kernel. Skipped without CUDA
-(conftest) or without Triton."""
+of one load into the other, and a checkpoint of torch's unfused AdamW into this one; only a
+scaled step runs the kernel; FSDP2's DTensor parameters run it on their local tensors.
+Skipped without CUDA (conftest) or without Triton."""
 
 from __future__ import annotations
 
@@ -110,3 +111,69 @@ def test_only_a_scaled_step_runs_the_kernel(monkeypatch):
     assert launched == []
     _run(opt, params, 1, scaled=True)
     assert len(launched) == len(params)
+
+
+def test_sharded_parameters_run_the_kernel_on_their_local_tensors(monkeypatch):
+    """FSDP2's DTensor parameters (Shard(0), one rank over NCCL): the Triton kernel updates
+    their local tensors, as torch's fused AdamW updates the same values as plain tensors."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    launched = []
+    kernel = adamw._adamw_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            def launch(p, *args, **kwargs):
+                launched.append(p)
+                assert type(p) is torch.Tensor
+                return kernel[grid](p, *args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(adamw, "_adamw_kernel", Counting())
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1,
+                            device_id=torch.device("cuda", torch.cuda.current_device()))
+    try:
+        mesh = init_device_mesh("cuda", (1,))
+        ref = _params()
+        mine = [torch.nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [Shard(0)]))
+                for p in ref]
+        hyper = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
+        opt = adamw.AdamW(_groups(mine), **hyper)
+        expected = torch.optim.AdamW(_groups(ref), fused=True, **hyper)
+        for i in range(4):
+            gen = torch.Generator(device="cuda").manual_seed(100 + i)
+            for a, b in zip(mine, ref, strict=True):
+                b.grad = torch.randn(b.shape, device="cuda", generator=gen)
+                a.grad = DTensor.from_local(b.grad.clone(), mesh, [Shard(0)])
+            opt.grad_scale = expected.grad_scale = torch.tensor(2.5 + i, device="cuda")
+            opt.step()
+            expected.step()
+        assert len(launched) == 4 * len(ref)
+        for a, b in zip(mine, ref, strict=True):
+            torch.testing.assert_close(a.to_local(), b, atol=1e-6, rtol=1e-5)
+            assert isinstance(opt.state[a]["exp_avg"], DTensor)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_checkpoint_of_torchs_unfused_adamw_goes_on():
+    """torch's unfused AdamW keeps its steps on the CPU; loaded into this one (as a resume
+    from an older checkpoint does), the steps move to the parameters' GPU and the update
+    goes on as torch's would."""
+    hyper = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+    first, ref = _params(), _params()
+    old = torch.optim.AdamW(_groups(first), foreach=True, **hyper)
+    _run(old, first, 3, scaled=False)
+    expected = torch.optim.AdamW(_groups(ref), foreach=True, **hyper)
+    _run(expected, ref, 3, scaled=False)
+    opt = adamw.AdamW(_groups(first), **hyper)
+    opt.load_state_dict(old.state_dict())
+    # unscaled: torch's unfused step takes no grad_scale; ours then runs torch's fused
+    # kernel, which refuses steps on another device than the parameters'
+    _run(opt, first, 2, scaled=False)
+    _run(expected, ref, 2, scaled=False)
+    for a, b in zip(first, ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        assert opt.state[a]["step"].device == a.device

@@ -27,11 +27,11 @@ def test_lr_warms_up_then_decays_to_the_floor():
     assert factors[11] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 7 / 15)))
 
 
-def test_cpu_model_gets_torchs_adamw_with_decay_on_matrices_only():
+def test_the_model_gets_the_fused_adamw_with_decay_on_matrices_only():
     cfg = load_config(ROOT / "trainer" / "configs" / "tiny.toml")
     model = Transformer(cfg.model)
     opt, _ = build_optimizer(model, cfg)
-    assert type(opt) is torch.optim.AdamW and not opt.defaults["fused"]
+    assert type(opt) is adamw.AdamW and opt.defaults["fused"]
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == cfg.training.weight_decay and no_decay["weight_decay"] == 0
     assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim < 2 for p in no_decay["params"])
@@ -73,3 +73,100 @@ def test_adamw_benchmark_imports_and_says_when_there_is_no_gpu():
                           capture_output=True, text=True, cwd=ROOT, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "no CUDA GPU" in proc.stdout
+
+
+def test_the_host_time_benchmark_times_all_three_steps(tmp_path):
+    """bench/optimizer_host.py (docs/benchmarks.md) on tiny.toml: FSDP2 makes every
+    parameter a DTensor, and each variant of clip + step runs."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "host.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "optimizer_host.py"), "--config",
+                           str(ROOT / "trainer" / "configs" / "tiny.toml"), "--steps", "2",
+                           "--out", str(out)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert list(result["ms"]) == ["torch", "torch fused", "trainer"]
+    assert all(ms > 0 for ms in result["ms"].values())
+    assert result["tensors"] == len(list(Transformer(
+        load_config(ROOT / "trainer" / "configs" / "tiny.toml").model).parameters()))
+
+
+def _sharded_pairs(one_rank_mesh, placements):
+    """Parameters as DTensors of ``placements`` on a one-rank mesh, and the same values as
+    plain tensors."""
+    from torch.distributed.tensor import distribute_tensor
+
+    torch.manual_seed(0)
+    base = [torch.randn(6, 5), torch.randn(9), torch.randn(3, 4, 2)]
+    sharded = [torch.nn.Parameter(distribute_tensor(t.clone(), one_rank_mesh, placements))
+               for t in base]
+    plain = [torch.nn.Parameter(t.clone()) for t in base]
+    return sharded, plain
+
+
+@pytest.fixture
+def cpu_mesh(one_rank):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (1,))
+
+
+def test_sharded_parameters_update_through_their_local_tensors(cpu_mesh):
+    """DTensor parameters (FSDP2's Shard(0)) take the same update as plain ones, to the bit,
+    grad_scale included; the moments stay DTensors of the parameter's layout, and after
+    the first step (which makes them) no DTensor operation runs in a step."""
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    sharded, plain = _sharded_pairs(cpu_mesh, [Shard(0)])
+    hyper = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    opt, ref = adamw.AdamW(sharded, **hyper), adamw.AdamW(plain, **hyper)
+    for i in range(3):
+        for a, b in zip(sharded, plain, strict=True):
+            b.grad = torch.randn(b.shape) * (i + 1)
+            a.grad = DTensor.from_local(b.grad.clone(), cpu_mesh, a.placements)
+        opt.grad_scale = ref.grad_scale = torch.tensor(2.0 + i)
+        ref.step()
+
+        class NoDTensorOps(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                assert DTensor not in types, func
+                return func(*args, **(kwargs or {}))
+
+        if i == 0:
+            opt.step()
+            continue
+        with NoDTensorOps():
+            opt.step()
+    for a, b in zip(sharded, plain, strict=True):
+        assert torch.equal(a.to_local(), b)
+        for key in ("exp_avg", "exp_avg_sq"):
+            state = opt.state[a][key]
+            assert isinstance(state, DTensor) and state.placements == a.placements
+            assert torch.equal(state.to_local(), ref.state[b][key])
+        assert float(opt.state[a]["step"]) == 3
+
+
+def test_a_partial_gradient_takes_torchs_step(cpu_mesh):
+    """A gradient that is still a partial sum cannot be updated locally: the step divides
+    it by the scale and lets torch's optimizer (which reduces it first) update."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+
+    sharded, plain = _sharded_pairs(cpu_mesh, [Replicate()])
+    opt, ref = adamw.AdamW(sharded, lr=1e-2), adamw.AdamW(plain, lr=1e-2)
+    for _ in range(2):
+        for a, b in zip(sharded, plain, strict=True):
+            b.grad = torch.randn(b.shape)
+            a.grad = DTensor.from_local(b.grad.clone(), cpu_mesh, [Partial()])
+        scale = torch.tensor(4.0)
+        opt.grad_scale = ref.grad_scale = scale
+        assert not adamw._localizable(sharded[0])
+        opt.step()
+        ref.step()
+        assert opt.grad_scale is scale  # kept for the next clip to replace
+    for a, b in zip(sharded, plain, strict=True):
+        torch.testing.assert_close(a.full_tensor(), b, rtol=1e-6, atol=1e-7)

@@ -128,6 +128,54 @@ def test_clip_inside_the_fused_adamw_equals_clipping_first():
     assert not torch.allclose(first.weight, unclipped.weight, rtol=1e-3)
 
 
+def test_sharded_gradients_are_clipped_without_waiting_for_the_gpu(one_rank):
+    """DTensor gradients: without an optimizer that scales them, one multiply over their
+    local tensors by the coefficient tensor (the value is never read on the host); with
+    trainer.adamw's, none is touched and the optimizer gets the scale."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    from trainer.adamw import AdamW
+
+    mesh = init_device_mesh("cpu", (1,))
+    torch.manual_seed(0)
+    values = [torch.randn(4, 3) * 10, torch.randn(5) * 10]
+    params = [torch.nn.Parameter(distribute_tensor(torch.zeros_like(v), mesh, [Shard(0)]))
+              for v in values]
+
+    def grads():
+        for p, v in zip(params, values, strict=True):
+            p.grad = distribute_tensor(v.clone(), mesh, [Shard(0)])
+
+    grads()
+    reference = [torch.nn.Parameter(v.clone()) for v in values]
+    for r, v in zip(reference, values, strict=True):
+        r.grad = v.clone()
+    expected = torch.nn.utils.clip_grad_norm_(reference, 1.0)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostReads(TorchDispatchMode):  # item(), float(), bool() of a tensor end here
+        reads = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                HostReads.reads += 1
+            return func(*args, **(kwargs or {}))
+
+    with HostReads():
+        norm = clip_grad_norm(params, 1.0)
+    assert HostReads.reads == 0
+    torch.testing.assert_close(norm, expected)
+    clipped = torch.cat([p.grad.to_local().flatten() for p in params])
+    torch.testing.assert_close(clipped.norm(), torch.tensor(1.0), rtol=1e-5, atol=1e-6)
+    grads()
+    opt = AdamW(params, lr=1e-3)
+    clip_grad_norm(params, 1.0, fused_optimizer=opt)
+    assert all(isinstance(p.grad, DTensor) for p in params)
+    assert torch.equal(params[0].grad.to_local(), values[0])
+    torch.testing.assert_close(opt.grad_scale, expected + 1e-6, rtol=1e-5, atol=1e-6)
+
+
 def test_selective_checkpointing_recomputes_all_but_matmuls():
     """Same loss and gradients in every mode; in backward, "full" runs the forward
     matmuls again, "selective" only the cheap ops between them (here SiLU and sort)."""

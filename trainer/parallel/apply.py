@@ -196,12 +196,15 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, pp_group=None,
     """Clip to a global gradient norm over every parameter of every rank and return the
     norm before clipping. Parameters may be DTensors on different meshes (FSDP, tp, ep):
     the norm is taken per mesh and combined; with ``pp_group`` the stages' squared norms
-    are summed too.
+    are summed too. Nothing here waits for the GPU: the coefficient stays a tensor.
 
-    With ``fused_optimizer`` (a torch Adam or AdamW with ``fused=True``, whose next step
-    updates these parameters), the plain gradients are not scaled here: the optimizer's
-    fused kernel divides each gradient by its ``grad_scale`` (1 / the clip coefficient)
-    as it reads it, which saves a pass over every gradient in memory (read and write)."""
+    With ``fused_optimizer`` (whose next step updates these parameters: trainer.adamw's
+    AdamW, or a torch Adam or AdamW with ``fused=True``), gradients are not scaled here:
+    the optimizer divides each by its ``grad_scale`` (1 / the clip coefficient) as it
+    reads it, which saves a pass over every gradient in memory (read and write). torch's
+    own scales only plain tensors; trainer.adamw's every gradient (scales_every_gradient).
+    Otherwise one multi-tensor multiply scales them, through the local tensors of the
+    sharded ones (a scalar factor is right for any layout, partial sums included)."""
     grads = [p.grad for p in params if p.grad is not None]
     by_mesh: dict[object, list[torch.Tensor]] = {}
     for g in grads:
@@ -218,14 +221,13 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, pp_group=None,
     total = total_sq.sqrt()
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
     plain = by_mesh.pop(None, [])
+    if fused_optimizer is not None and getattr(fused_optimizer, "scales_every_gradient", False):
+        fused_optimizer.grad_scale = coef.reciprocal()
+        return total
     if plain and fused_optimizer is not None:  # scaled inside the optimizer's step
         fused_optimizer.grad_scale = coef.reciprocal()
-    elif plain:  # one multi-tensor kernel, and no wait for the norm on the host
-        torch._foreach_mul_(plain, coef)
-    sharded = [g for group in by_mesh.values() for g in group]
-    if sharded:
-        scale = float(coef)
-        if scale < 1.0:
-            for g in sharded:
-                g.mul_(scale)
+        plain = []
+    local = plain + [g.to_local() for group in by_mesh.values() for g in group]
+    if local:
+        torch._foreach_mul_(local, coef.to(local[0].device))
     return total
