@@ -17,11 +17,12 @@ Sharded parameters (FSDP2, tp, ep: DTensors) are updated through their local ten
 since AdamW is elementwise: every rank updates the part it holds, with the moments kept
 as DTensors of the parameter's layout, so checkpoints and resharding see what torch's
 optimizer would leave. Through DTensor's dispatch the same update costs host time per
-tensor and operation: on small.toml's 185 parameter tensors 28 ms a step on this
-project's CPU machine against 3 ms on the local tensors (docs/benchmarks.md). A gradient
-whose layout differs from its parameter's (a partial sum) cannot be updated locally: the
-step then divides the gradients by the scale and takes torch's step, as it does for
-amsgrad and maximize.
+tensor and operation, several times what it costs on the local tensors
+(bench/optimizer_host.py, docs/benchmarks.md). A gradient of another layout than its
+parameter's on the same mesh (under tp, a replicated parameter's gradient is a partial
+sum) is first redistributed to the parameter's layout, which is what torch's step would
+do. A gradient on another mesh, amsgrad and maximize take torch's own step, the
+gradients divided by the scale first.
 
 The arithmetic is torch's (decoupled weight decay first, then the moments, then the step
 with bias corrections, in fp32), so the two agree to float rounding: a GPU test compares
@@ -75,13 +76,22 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 def _localizable(p: torch.Tensor) -> bool:
     """Whether ``p``'s update can run on local tensors: a plain tensor, or a DTensor whose
-    gradient has its layout (not a partial sum waiting for a reduction)."""
+    gradient has its layout (see _settle)."""
     if not isinstance(p, DTensor):
         return not isinstance(p.grad, DTensor) and not p.grad.is_sparse
     g = p.grad
     return (isinstance(g, DTensor) and g.device_mesh == p.device_mesh
             and tuple(g.placements) == tuple(p.placements)
             and not any(isinstance(x, Partial) for x in p.placements))
+
+
+def _settle(p: torch.Tensor) -> None:
+    """A DTensor gradient of another layout than its parameter's on the same mesh (a
+    partial sum, under tp) is redistributed to the parameter's layout."""
+    g = p.grad
+    if (isinstance(p, DTensor) and isinstance(g, DTensor) and g.device_mesh == p.device_mesh
+            and tuple(g.placements) != tuple(p.placements)):
+        p.grad = g.redistribute(p.device_mesh, p.placements)
 
 
 def _kernel_usable(params: list[torch.Tensor], scale: torch.Tensor | None) -> bool:
@@ -112,6 +122,8 @@ class AdamW(torch.optim.AdamW):
         groups = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                _settle(p)
             if group["amsgrad"] or group["maximize"] or not all(map(_localizable, params)):
                 return self._torch_step(closure, scale)
             groups.append((group, params))
@@ -135,6 +147,8 @@ class AdamW(torch.optim.AdamW):
             with torch.cuda.device(params[0].device):  # Triton launches on the current one
                 for p, state in zip(params, states, strict=True):
                     local = _local(p)
+                    if not local.numel():  # a rank's empty shard of a small parameter
+                        continue
                     _adamw_kernel[(triton.cdiv(local.numel(), BLOCK),)](
                         local, _local(p.grad), _local(state["exp_avg"]),
                         _local(state["exp_avg_sq"]), state["step"], scale, local.numel(),

@@ -151,22 +151,47 @@ def test_sharded_parameters_update_through_their_local_tensors(cpu_mesh):
         assert float(opt.state[a]["step"]) == 3
 
 
-def test_a_partial_gradient_takes_torchs_step(cpu_mesh):
-    """A gradient that is still a partial sum cannot be updated locally: the step divides
-    it by the scale and lets torch's optimizer (which reduces it first) update."""
+def test_a_partial_gradient_is_reduced_then_updated_locally(cpu_mesh):
+    """A replicated parameter's gradient that is still a partial sum (tp) is redistributed
+    to the parameter's layout, then updated through the local tensors like any other."""
     from torch.distributed.tensor import DTensor, Partial, Replicate
 
     sharded, plain = _sharded_pairs(cpu_mesh, [Replicate()])
     opt, ref = adamw.AdamW(sharded, lr=1e-2), adamw.AdamW(plain, lr=1e-2)
-    for _ in range(2):
+    fallback = []
+    opt._torch_step = lambda *args: fallback.append(args)
+    for i in range(2):
         for a, b in zip(sharded, plain, strict=True):
             b.grad = torch.randn(b.shape)
             a.grad = DTensor.from_local(b.grad.clone(), cpu_mesh, [Partial()])
-        scale = torch.tensor(4.0)
-        opt.grad_scale = ref.grad_scale = scale
+        opt.grad_scale = ref.grad_scale = torch.tensor(4.0 + i)
         assert not adamw._localizable(sharded[0])
         opt.step()
         ref.step()
-        assert opt.grad_scale is scale  # kept for the next clip to replace
+        assert all(a.grad.placements == (Replicate(),) for a in sharded)
+    assert fallback == []
     for a, b in zip(sharded, plain, strict=True):
-        torch.testing.assert_close(a.full_tensor(), b, rtol=1e-6, atol=1e-7)
+        assert torch.equal(a.to_local(), b)
+
+
+def test_amsgrad_takes_torchs_step_with_the_scale_applied_first(cpu_mesh):
+    """What the local update does not cover (here amsgrad, on DTensors) goes to torch's
+    own step: the gradients divided by the scale first, the scale kept for the next clip
+    to replace; the same parameters as torch's fused AdamW on plain tensors."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    sharded, plain = _sharded_pairs(cpu_mesh, [Shard(0)])
+    opt = adamw.AdamW(sharded, lr=1e-2, amsgrad=True)
+    ref = torch.optim.AdamW(plain, lr=1e-2, amsgrad=True, fused=True)
+    for i in range(3):
+        for a, b in zip(sharded, plain, strict=True):
+            b.grad = torch.randn(b.shape) * (i + 1)
+            a.grad = DTensor.from_local(b.grad.clone(), cpu_mesh, [Shard(0)])
+        scale = torch.tensor(2.0 + i)
+        opt.grad_scale, ref.grad_scale = scale, scale.clone()
+        opt.step()
+        ref.step()
+        assert opt.grad_scale is scale
+    for a, b in zip(sharded, plain, strict=True):
+        torch.testing.assert_close(a.to_local(), b, rtol=1e-6, atol=1e-7)
+        assert "max_exp_avg_sq" in opt.state[a]
