@@ -83,17 +83,14 @@ def table(nccl: dict, ours: dict[str, dict]) -> str:
     header = ["size (B)", "nccl-tests out", "nccl-tests in"]
     for result in ours.values():
         header += [f"{result['api']} out", f"{result['api']} in", "vs nccl-tests"]
-    sizes = sorted({s for r in (nccl, *ours.values()) for s in busbw(r, "in_place")})
-    rows = []
-    ratios = {api: ratios_to(result, nccl) for api, result in ours.items()}
-    for size in sizes:
-        cells = [str(size)] + [f"{busbw(nccl, m)[size]:.1f}" if size in busbw(nccl, m)
-                               else "-" for m in MODES]
-        for api, result in ours.items():
-            cells += [f"{busbw(result, m)[size]:.1f}" if size in busbw(result, m) else "-"
-                      for m in MODES]
-            cells.append(f"{ratios[api][size]:.0%}" if size in ratios[api] else "-")
-        rows.append(cells)
+    # per column, {size: value}: busbw in GB/s, or the ratio to nccl-tests
+    columns: list[tuple[dict, str]] = [(busbw(nccl, m), "{:.1f}") for m in MODES]
+    for result in ours.values():
+        columns += [(busbw(result, m), "{:.1f}") for m in MODES]
+        columns.append((ratios_to(result, nccl), "{:.0%}"))
+    sizes = sorted({size for values, _ in columns for size in values})
+    rows = [[str(size)] + [form.format(values[size]) if size in values else "-"
+                           for values, form in columns] for size in sizes]
     lines = ["| " + " | ".join(header) + " |", "|" + " ---: |" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import torch
 from torch.distributed.tensor import DTensor
-from torch.distributed.tensor.placement_types import Partial
 
 try:  # the GPU wheels of torch bring Triton; the CPU ones do not
     import triton
@@ -81,8 +80,7 @@ def _localizable(p: torch.Tensor) -> bool:
         return not isinstance(p.grad, DTensor) and not p.grad.is_sparse
     g = p.grad
     return (isinstance(g, DTensor) and g.device_mesh == p.device_mesh
-            and tuple(g.placements) == tuple(p.placements)
-            and not any(isinstance(x, Partial) for x in p.placements))
+            and tuple(g.placements) == tuple(p.placements))
 
 
 def _settle(p: torch.Tensor) -> None:
@@ -109,9 +107,6 @@ class AdamW(torch.optim.AdamW):
     """torch's fused AdamW whose update runs on local tensors, in the kernel above where it
     can (see the module's docstring); a ``grad_scale`` attribute divides every gradient as
     it is read, as torch's does."""
-
-    # every gradient is divided by grad_scale, sharded or not (clip_grad_norm relies on it)
-    scales_every_gradient = True
 
     def __init__(self, params, **kwargs):
         super().__init__(params, fused=True, **kwargs)

@@ -236,8 +236,10 @@ def _stage_estimate(m: ModelArgs, lay: Layout, stage: int) -> dict[str, float]:
     blocks = [block_params(m, i >= m.n_dense_layers) for i in layers]
     if last and m.mtp_depth:
         blocks.append(mtp_params(m))
-    dense = sum(b[0] for b in blocks) + (m.vocab_size * m.dim if first else 0) \
-        + (m.vocab_size * m.dim + m.dim if last else 0)
+    # the root's own parameters: this stage's embedding, and final norm and head
+    embedding = m.vocab_size * m.dim if first else 0
+    root = embedding + (m.vocab_size * m.dim + m.dim if last else 0)
+    dense = sum(b[0] for b in blocks) + root
     experts = sum(b[1] for b in blocks)
     fsdp = lay.dp_shard > 1
     shard = lay.dp_shard if fsdp else 1
@@ -258,10 +260,8 @@ def _stage_estimate(m: ModelArgs, lay: Layout, stage: int) -> dict[str, float]:
         param_bytes, grad_bytes = (BF16, BF16 + FP32) if lay.fsdp_bf16 else (FP32, FP32)
         items[f"FSDP gathered blocks ({'bf16' if lay.fsdp_bf16 else 'fp32'})"] = (
             param_bytes * gathered + grad_bytes * largest)
-        # the root's own parameters (this stage's embedding, final norm and head): FSDP2
-        # never reshards the root after forward, so they stay gathered until its backward
-        root = (m.vocab_size * m.dim if first else 0) + (m.vocab_size * m.dim + m.dim
-                                                         if last else 0)
+        # FSDP2 never reshards the root after forward: its own parameters stay gathered
+        # until its backward
         items[f"FSDP gathered root ({'bf16' if lay.fsdp_bf16 else 'fp32'})"] = (
             param_bytes * root / lay.tp)
     elif lay.dp_replicate > 1:
@@ -274,7 +274,7 @@ def _stage_estimate(m: ModelArgs, lay: Layout, stage: int) -> dict[str, float]:
     if fsdp and lay.fsdp_bf16:
         cast = 0  # gathered in bf16: autocast has nothing to cast, backward re-gathers
     elif lay.activation_checkpoint == "none":
-        cast = (dense - (m.vocab_size * m.dim if first else 0)) / lay.tp + experts / lay.ep
+        cast = (dense - embedding) / lay.tp + experts / lay.ep
     else:
         cast = head / lay.tp + max((b[0] / lay.tp + b[1] / lay.ep for b in blocks), default=0)
     items["bf16 weight copies (autocast)"] = BF16 * cast

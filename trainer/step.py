@@ -80,11 +80,10 @@ class Step:
     def __call__(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> StepResult:
         losses, loads = self.accumulate(micro_batches)
         losses /= len(micro_batches)
-        # the fused AdamW (one GPU, DDP) applies the clip coefficient as it reads the
-        # gradients, instead of a pass of its own over them (clip_grad_norm)
-        fused = self.optimizer if self.optimizer.defaults.get("fused") else None
+        # trainer.adamw's AdamW applies the clip coefficient as it reads the gradients,
+        # instead of a pass of its own over them (clip_grad_norm)
         grad_norm = (clip_grad_norm(list(self.model.parameters()), self.grad_clip,
-                                    self.pp_group, fused_optimizer=fused)
+                                    self.pp_group, fused_optimizer=self.optimizer)
                      if self.grad_clip > 0 else None)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -91,20 +91,26 @@ def test_a_non_contiguous_parameter_takes_torchs_step():
     torch.testing.assert_close(mine[0], ref[0], atol=1e-6, rtol=1e-5)
 
 
-def test_only_a_scaled_step_runs_the_kernel(monkeypatch):
-    """Without a scale torch's fused kernel is the faster one (docs/benchmarks.md), so
-    the step is torch's; with one, every parameter goes through the Triton kernel."""
-    launched = []
+@pytest.fixture
+def launched(monkeypatch) -> list[torch.Tensor]:
+    """The parameter tensors the Triton kernel is launched on, in order."""
+    seen = []
     kernel = adamw._adamw_kernel
 
     class Counting:
         def __getitem__(self, grid):
             def launch(p, *args, **kwargs):
-                launched.append(p)
+                seen.append(p)
                 return kernel[grid](p, *args, **kwargs)
             return launch
 
     monkeypatch.setattr(adamw, "_adamw_kernel", Counting())
+    return seen
+
+
+def test_only_a_scaled_step_runs_the_kernel(launched):
+    """Without a scale torch's fused kernel is the faster one (docs/benchmarks.md), so
+    the step is torch's; with one, every parameter goes through the Triton kernel."""
     params = _params()
     opt = adamw.AdamW(_groups(params), lr=1e-3)
     _run(opt, params, 2, scaled=False)
@@ -113,25 +119,13 @@ def test_only_a_scaled_step_runs_the_kernel(monkeypatch):
     assert len(launched) == len(params)
 
 
-def test_sharded_parameters_run_the_kernel_on_their_local_tensors(monkeypatch):
+def test_sharded_parameters_run_the_kernel_on_their_local_tensors(launched):
     """FSDP2's DTensor parameters (Shard(0), one rank over NCCL): the Triton kernel updates
     their local tensors, as torch's fused AdamW updates the same values as plain tensors."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-    launched = []
-    kernel = adamw._adamw_kernel
-
-    class Counting:
-        def __getitem__(self, grid):
-            def launch(p, *args, **kwargs):
-                launched.append(p)
-                assert type(p) is torch.Tensor
-                return kernel[grid](p, *args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(adamw, "_adamw_kernel", Counting())
     dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1,
                             device_id=torch.device("cuda", torch.cuda.current_device()))
     try:
@@ -151,6 +145,7 @@ def test_sharded_parameters_run_the_kernel_on_their_local_tensors(monkeypatch):
             opt.step()
             expected.step()
         assert len(launched) == 4 * len(ref)
+        assert all(type(p) is torch.Tensor for p in launched)
         for a, b in zip(mine, ref, strict=True):
             torch.testing.assert_close(a.to_local(), b, atol=1e-6, rtol=1e-5)
             assert isinstance(opt.state[a]["exp_avg"], DTensor)

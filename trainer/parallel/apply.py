@@ -198,13 +198,13 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, pp_group=None,
     the norm is taken per mesh and combined; with ``pp_group`` the stages' squared norms
     are summed too. Nothing here waits for the GPU: the coefficient stays a tensor.
 
-    With ``fused_optimizer`` (whose next step updates these parameters: trainer.adamw's
-    AdamW, or a torch Adam or AdamW with ``fused=True``), gradients are not scaled here:
-    the optimizer divides each by its ``grad_scale`` (1 / the clip coefficient) as it
-    reads it, which saves a pass over every gradient in memory (read and write). torch's
-    own scales only plain tensors; trainer.adamw's every gradient (scales_every_gradient).
-    Otherwise one multi-tensor multiply scales them, through the local tensors of the
-    sharded ones (a scalar factor is right for any layout, partial sums included)."""
+    With ``fused_optimizer`` (whose next step updates these parameters and divides every
+    gradient by its ``grad_scale``: trainer.adamw's AdamW, or torch's fused AdamW over
+    plain tensors only), gradients are not scaled here: the optimizer divides each by
+    1 / the clip coefficient as it reads it, which saves a pass over every gradient in
+    memory (read and write). Otherwise one multi-tensor multiply scales them, through the
+    local tensors of the sharded ones (a scalar factor is right for any layout, partial
+    sums included)."""
     grads = [p.grad for p in params if p.grad is not None]
     by_mesh: dict[object, list[torch.Tensor]] = {}
     for g in grads:
@@ -220,14 +220,10 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, pp_group=None,
         torch.distributed.all_reduce(total_sq, group=pp_group)
     total = total_sq.sqrt()
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    plain = by_mesh.pop(None, [])
-    if fused_optimizer is not None and getattr(fused_optimizer, "scales_every_gradient", False):
+    if fused_optimizer is not None:  # scaled inside the optimizer's step
         fused_optimizer.grad_scale = coef.reciprocal()
         return total
-    if plain and fused_optimizer is not None:  # scaled inside the optimizer's step
-        fused_optimizer.grad_scale = coef.reciprocal()
-        plain = []
-    local = plain + [g.to_local() for group in by_mesh.values() for g in group]
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
     if local:
         torch._foreach_mul_(local, coef.to(local[0].device))
     return total
