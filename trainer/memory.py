@@ -134,6 +134,14 @@ def block_params(m: ModelArgs, moe: bool) -> tuple[int, int]:
             m.n_routed_experts * 3 * m.dim * m.moe_inter_dim)
 
 
+def fsdp_groups(block: tuple[int, int], lay: Layout) -> list[float]:
+    """The unsharded parameter counts of a block's FSDP groups on one GPU: the block
+    whole, or with ep > 1 (the routed experts a group of their own) the block without
+    its experts, then its experts (tp shards the first, ep the second)."""
+    dense, experts = block[0] / lay.tp, block[1] / lay.ep
+    return [dense, experts] if lay.ep > 1 and experts else [dense + experts]
+
+
 def mtp_params(m: ModelArgs) -> tuple[int, int]:
     dense, experts = block_params(m, moe=True)
     return dense + 2 * m.dim + 2 * m.dim * m.dim + m.dim, experts
@@ -249,14 +257,16 @@ def _stage_estimate(m: ModelArgs, lay: Layout, stage: int) -> dict[str, float]:
              "gradients (fp32)": FP32 * local,
              "optimizer state (AdamW, fp32)": 2 * FP32 * local}
     if fsdp:
-        # one block gathered and the next prefetched (parallel.fsdp_prefetch N: the next
-        # N; without resharding after forward, every block stays gathered until its
-        # backward), and one block's unsharded gradients before their reduce-scatter (in
-        # bf16, then cast to fp32 for it)
-        unsharded = [b[0] / lay.tp + b[1] / lay.ep for b in blocks]
+        # one FSDP group gathered and the next prefetched (parallel.fsdp_prefetch N: the
+        # next N, in trainer.parallel.apply.fsdp_order's order, where with ep > 1 each MoE
+        # block's routed experts are a group after their block; without resharding after
+        # forward, every group stays gathered until its backward), and one group's
+        # unsharded gradients before their reduce-scatter (in bf16, then cast to fp32)
+        unsharded = [g for b in blocks for g in fsdp_groups(b, lay)]
         largest = max(unsharded, default=0)
-        ahead = max(1, min(lay.fsdp_prefetch, len(blocks) - 1))
-        gathered = (1 + ahead) * largest if lay.fsdp_reshard else sum(unsharded)
+        ahead = max(1, min(lay.fsdp_prefetch, len(unsharded) - 1))
+        gathered = (max((sum(unsharded[i:i + 1 + ahead]) for i in range(len(unsharded))),
+                        default=0) if lay.fsdp_reshard else sum(unsharded))
         param_bytes, grad_bytes = (BF16, BF16 + FP32) if lay.fsdp_bf16 else (FP32, FP32)
         items[f"FSDP gathered blocks ({'bf16' if lay.fsdp_bf16 else 'fp32'})"] = (
             param_bytes * gathered + grad_bytes * largest)

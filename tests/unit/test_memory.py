@@ -109,6 +109,30 @@ def test_the_fsdp_options_move_the_estimate():
     assert memory.estimate(cfg, 8).items == ddp
 
 
+def test_with_ep_the_prefetch_counts_each_blocks_experts_as_a_group():
+    """With ep > 1 each MoE block's routed experts are an FSDP group of their own, right
+    after their block (trainer.parallel.apply.fsdp_order): prefetching N groups ahead
+    holds a block and its experts for N = 1, not two whole blocks."""
+    cfg = config("16b", activation_checkpoint="none")
+    m = cfg.model
+    cfg.parallel.ep = 2
+    assert memory.layout_of(cfg, 8).dp_shard == 8
+    dense, experts = memory.block_params(m, moe=True)
+    attn, routed = dense, experts / 2  # gathered: the block whole, its experts per ep rank
+    items = memory.estimate(cfg, 8).items
+    # the default (FSDP2's own one group ahead): a MoE block and its experts
+    assert items["FSDP gathered blocks (fp32)"] == pytest.approx(
+        4 * (attn + routed) + 4 * routed)
+    cfg.parallel.fsdp_prefetch = 3  # block, experts, block, experts
+    assert memory.estimate(cfg, 8).items["FSDP gathered blocks (fp32)"] == pytest.approx(
+        4 * 2 * (attn + routed) + 4 * routed)
+    # without ep the experts are in their block's group: N whole blocks ahead
+    cfg.parallel.ep = 1
+    whole = dense + experts
+    assert memory.estimate(cfg, 8).items["FSDP gathered blocks (fp32)"] == pytest.approx(
+        4 * 4 * whole + 4 * whole)
+
+
 def test_fsdp_keeps_the_roots_parameters_gathered():
     """FSDP2 never reshards its root after forward: each stage's embedding, final norm and
     head stay whole (tp shards them), in the gathered dtype; without FSDP there are none."""
