@@ -10,10 +10,11 @@ What the trainer keeps, per rank (trainer/step.py, trainer/optim.py, trainer/par
   step without accumulation (and without pipeline micro-batches) holds none of them at
   its activation peak, at the end of the forward;
 - AdamW's two moments in fp32 (8 bytes per parameter);
-- FSDP2 (dp_shard > 1) shards all three over dp_shard and gathers one block's fp32
-  parameters at a time (the next one prefetched, or the next parallel.fsdp_prefetch
-  ones, and one block's unsharded gradients before their reduce-scatter; every block's
-  until its backward without resharding after forward, and in bf16 with
+- FSDP2 (dp_shard > 1) shards all three over dp_shard and gathers one group's fp32
+  parameters at a time (a block; with ep > 1 a MoE block's routed experts are a group
+  of their own), the next one prefetched, or the next parallel.fsdp_prefetch ones, and
+  one group's unsharded gradients before their reduce-scatter (every group's until its
+  backward without resharding after forward; in bf16 with
   parallel.fsdp_param_dtype = "bfloat16", when autocast keeps no copies), and the root's
   own parameters (embedding, final norm, head), which FSDP2 keeps gathered from the
   forward to the backward; tp shards everything but the routed experts, which it
