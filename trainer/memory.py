@@ -287,7 +287,7 @@ def _stage_estimate(m: ModelArgs, lay: Layout, stage: int) -> dict[str, float]:
     elif lay.activation_checkpoint == "none":
         cast = (dense - embedding) / lay.tp + experts / lay.ep
     else:
-        cast = head / lay.tp + max((b[0] / lay.tp + b[1] / lay.ep for b in blocks), default=0)
+        cast = head / lay.tp + max((sum(fsdp_groups(b, lay)) for b in blocks), default=0)
     items["bf16 weight copies (autocast)"] = BF16 * cast
 
     # tokens of one pipeline micro-batch, and how many a stage keeps at once

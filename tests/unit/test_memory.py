@@ -117,15 +117,17 @@ def test_with_ep_the_prefetch_counts_each_blocks_experts_as_a_group():
     m = cfg.model
     cfg.parallel.ep = 2
     assert memory.layout_of(cfg, 8).dp_shard == 8
+    # gathered per GPU: the block without its routed experts (attention, router, shared
+    # experts) whole, and its routed experts over ep
     dense, experts = memory.block_params(m, moe=True)
-    attn, routed = dense, experts / 2  # gathered: the block whole, its experts per ep rank
+    routed = experts / 2
     items = memory.estimate(cfg, 8).items
     # the default (FSDP2's own one group ahead): a MoE block and its experts
     assert items["FSDP gathered blocks (fp32)"] == pytest.approx(
-        4 * (attn + routed) + 4 * routed)
+        4 * (dense + routed) + 4 * routed)
     cfg.parallel.fsdp_prefetch = 3  # block, experts, block, experts
     assert memory.estimate(cfg, 8).items["FSDP gathered blocks (fp32)"] == pytest.approx(
-        4 * 2 * (attn + routed) + 4 * routed)
+        4 * 2 * (dense + routed) + 4 * routed)
     # without ep the experts are in their block's group: N whole blocks ahead
     cfg.parallel.ep = 1
     whole = dense + experts
