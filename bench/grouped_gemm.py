@@ -22,8 +22,14 @@ not multiples of anything (for the compiled whole experts, in runs of 16 slots).
   accumulation), on the routed groups padded to multiples of 16 rows (both dtypes on the
   same groups, TFLOP/s counting the padded rows), and the compiled rowwise cast of an
   activation operand: what FP8 routed experts could gain at the config's shapes.
+- ``fp8experts``: the whole routed experts, forward + backward, compiled, in bf16
+  (GroupedExperts) against FP8 (trainer.model.fp8_experts.Fp8GroupedExperts) on the
+  same routed groups, and each of the FP8 path's cast kernels alone (GB/s counting the
+  bytes each reads and writes once).
 
     python bench/grouped_gemm.py --config wide --micro-batch 12 --cases fp8 --out fp8gg.json
+    python bench/grouped_gemm.py --config wide --micro-batch 12 --cases fp8experts \
+        --out fp8experts.json
 
 TFLOP/s count only the routed slots' work (padding is overhead), except in ``fp8``.
 Without a CUDA GPU the script says so and exits 0.
@@ -199,6 +205,66 @@ def fp8_cases(counts, dim: int, hidden: int) -> list[dict]:
     return rows
 
 
+def timed_case(rows: list, label: str, fn, flops: float, extra: dict | None = None,
+               mode: str | None = None, compile_: bool = True) -> None:
+    """Append to ``rows`` the median time of ``fn`` (compiled unless ``compile_`` is
+    off) under bf16 autocast, or the error that stopped it."""
+    import torch
+
+    step = torch.compile(fn, mode=mode) if compile_ else fn
+
+    def run():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            step()
+    try:
+        ms = bench(run)
+        rows.append({"case": label, "ms": ms, "tflops": flops / ms / 1e9, **(extra or {})})
+    except Exception as exc:  # one failing variant leaves the others measured
+        rows.append({"case": label, "error": repr(exc)[:1500]})
+    print(json.dumps(rows[-1]), flush=True)
+
+
+def fp8_expert_cases(counts, dim: int, hidden: int) -> list[dict]:
+    """The routed experts' SwiGLU MLP, forward + backward, compiled: GroupedExperts (bf16)
+    against Fp8GroupedExperts (trainer.model.fp8_experts), on the same routed groups
+    and fp32 master weights, and each of the FP8 path's cast kernels alone."""
+    import torch
+
+    from trainer.model import fp8_experts as f8
+    from trainer.model.model import GroupedExperts
+
+    torch.manual_seed(0)
+    slots = int(counts.sum())
+    flops = 6 * slots * dim * hidden * 3
+    module = GroupedExperts(counts.numel(), dim, hidden).cuda()
+    for w in module.parameters():
+        torch.nn.init.normal_(w, std=0.02)
+    x = torch.randn(slots, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    rows = []
+    for cls in (GroupedExperts, f8.Fp8GroupedExperts):
+        module.__class__ = cls
+        timed_case(rows, cls.__name__, lambda: module(x, counts).sum().backward(), flops,
+                   {"rows": slots})
+    module.__class__ = GroupedExperts
+    h = torch.randn(slots, 2 * hidden, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn(slots, hidden, device="cuda", dtype=torch.bfloat16)
+    w1, w2, w3 = (w.detach() for w in (module.w1, module.w2, module.w3))
+    xd = x.detach()
+    for label, fn, nbytes in (
+            ("cast: tokens", lambda: f8.fp8_rows(xd), xd.numel() * 3),
+            ("cast: w1|w3 rows", lambda: f8.fp8_weight_rows(w1, w3), w1.numel() * 10),
+            ("cast: w1|w3 columns", lambda: f8.fp8_weight_cols(w1, w3), w1.numel() * 18),
+            ("cast: w2 rows", lambda: f8.fp8_weight_rows(w2), w2.numel() * 5),
+            ("cast: w2 columns", lambda: f8.fp8_weight_cols(w2), w2.numel() * 9),
+            ("swiglu + cast", lambda: f8.swiglu_fp8(h), h.numel() * 2 + g.numel() * 3),
+            ("swiglu backward + cast", lambda: f8.swiglu_backward_fp8(h, g),
+             h.numel() * 5 + g.numel() * 2)):
+        ms = bench(fn)
+        rows.append({"case": label, "ms": ms, "GB/s": nbytes / ms / 1e6})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def expert_cases(counts, dim: int, hidden: int, compile_: bool = True) -> list[dict]:
     import torch
     import torch.nn.functional as F
@@ -215,17 +281,7 @@ def expert_cases(counts, dim: int, hidden: int, compile_: bool = True) -> list[d
     rows = []
 
     def timed(label: str, fn, extra: dict | None = None, mode: str | None = None) -> None:
-        step = torch.compile(fn, mode=mode) if compile_ else fn
-
-        def run():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                step()
-        try:
-            ms = bench(run)
-            rows.append({"case": label, "ms": ms, "tflops": flops / ms / 1e9, **(extra or {})})
-        except Exception as exc:  # one failing variant leaves the others measured
-            rows.append({"case": label, "error": repr(exc)[:1500]})
-        print(json.dumps(rows[-1]), flush=True)
+        timed_case(rows, label, fn, flops, extra, mode, compile_)
 
     for label, cnt in (("routed", counts), ("padded128", pad_counts(counts))):
         x = torch.randn(int(cnt.sum()), dim, device="cuda", dtype=torch.bfloat16,
@@ -258,7 +314,7 @@ def main() -> int:
     parser.add_argument("--config", default="wide", help="a file under trainer/configs/")
     parser.add_argument("--micro-batch", type=int, help="default: the config's")
     parser.add_argument("--cases", nargs="+", default=["kernels", "experts"],
-                        choices=["kernels", "experts", "fp8"])
+                        choices=["kernels", "experts", "fp8", "fp8experts"])
     parser.add_argument("--out", type=Path, default=Path("grouped_gemm.json"))
     args = parser.parse_args()
     try:
@@ -289,6 +345,7 @@ def main() -> int:
         try:
             rows = (kernel_cases(counts, dim, hidden) if case == "kernels"
                     else fp8_cases(counts, dim, hidden) if case == "fp8"
+                    else fp8_expert_cases(counts, dim, hidden) if case == "fp8experts"
                     else expert_cases(counts16, dim, hidden))
         except Exception as exc:
             rows = [{"case": case, "error": repr(exc)[:2000]}]

@@ -61,6 +61,7 @@ class TrainingConfig:
     activation_checkpoint: str = "none"
     compile: bool = False
     fp8: str = "off"  # or a torchao float8 recipe: tensorwise, rowwise, rowwise_with_gw_hp
+    fp8_experts: str = "off"  # or "rowwise": the routed experts' grouped GEMMs in FP8
     loss_chunk_tokens: int = 0  # 0: the head's logits for the whole micro-batch at once
 
 
@@ -248,9 +249,10 @@ def _check_parallel_rules(cfg: TrainConfig, fail: Any) -> None:
         if shared % p.tp:
             fail("parallel.tp", f"tp ({p.tp}) must divide the shared experts' hidden size "
                  f"(model.n_shared_experts * model.moe_inter_dim = {shared})")
-        if t.fp8 != "off":
-            fail("training.fp8", "FP8 training does not combine with tp > 1 in this version; "
-                 "set training.fp8 = \"off\" or tp = 1")
+        for field, value in (("fp8", t.fp8), ("fp8_experts", t.fp8_experts)):
+            if value != "off":
+                fail(f"training.{field}", "FP8 training does not combine with tp > 1 in "
+                     f"this version; set training.{field} = \"off\" or tp = 1")
         if t.compile:
             fail("training.compile", "torch.compile does not combine with tp > 1 in this "
                  "version (its backward fails on the sequence-parallel layout); set "

@@ -47,6 +47,7 @@ warmup_steps = 5
 seed = 0
 compile = {compile}
 fp8 = "{fp8}"
+fp8_experts = "{experts}"
 
 [data]
 kind = "synthetic"
@@ -60,10 +61,11 @@ def _fp8_gpu():
         pytest.skip(f"{torch.cuda.get_device_name()} has no FP8 matmuls (capability < 8.9)")
 
 
-def _train(tmp_path: Path, fp8: str, compile: bool, steps: int = 30) -> list[float]:
-    cfg = tmp_path / f"{fp8}-{compile}.toml"
-    cfg.write_text(MODEL.format(fp8=fp8, compile=str(compile).lower()))
-    out = tmp_path / f"run-{fp8}-{compile}"
+def _train(tmp_path: Path, fp8: str, compile: bool, steps: int = 30,
+           experts: str = "off") -> list[float]:
+    cfg = tmp_path / f"{fp8}-{experts}-{compile}.toml"
+    cfg.write_text(MODEL.format(fp8=fp8, experts=experts, compile=str(compile).lower()))
+    out = tmp_path / f"run-{fp8}-{experts}-{compile}"
     proc = subprocess.run(
         [sys.executable, "-m", "trainer.train", "--config", str(cfg), "--out", str(out),
          "--steps", str(steps)],
@@ -72,6 +74,9 @@ def _train(tmp_path: Path, fp8: str, compile: bool, steps: int = 30) -> list[flo
     if fp8 != "off":  # the block linears in FP8, the head in bf16
         line = next(x for x in proc.stdout.splitlines() if x.startswith("fp8 ("))
         assert int(line.split(": ")[1].split()[0]) > 0 and "output" in line, line
+    if experts != "off":  # both MoE layers' routed experts
+        line = next(x for x in proc.stdout.splitlines() if x.startswith("fp8 experts ("))
+        assert line.split(": ")[1].startswith("2 routed experts"), line
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -129,3 +134,23 @@ def test_fp8_trains_compiled(tmp_path):
     bf16 = _train(tmp_path, "off", compile=True, steps=12)
     fp8 = _train(tmp_path, "tensorwise", compile=True, steps=12)
     assert abs(fp8[-1] - bf16[-1]) / bf16[-1] < 0.03, (fp8, bf16)
+
+
+def _experts_gpu():
+    if torch.cuda.get_device_capability() not in ((9, 0), (10, 0)):
+        pytest.skip(f"{torch.cuda.get_device_name()}: torch's FP8 grouped GEMM needs "
+                    "compute capability 9.0 or 10.0")
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_fp8_experts_loss_follows_bf16(tmp_path, compile, bf16_losses):
+    _experts_gpu()
+    steps = 30 if not compile else 12
+    bf16 = bf16_losses if not compile else _train(tmp_path, "off", compile=True, steps=steps)
+    fp8 = _train(tmp_path, "off", compile=compile, steps=steps, experts="rowwise")
+    worst = max(abs(a - b) / b for a, b in zip(fp8, bf16, strict=True))
+    tail = sum(fp8[-5:]) / sum(bf16[-5:]) - 1
+    print(f"fp8 experts ({'compiled' if compile else 'eager'}): worst step {worst:.4f}, "
+          f"last 5 steps {tail:+.4f}")
+    assert worst < 0.05, (fp8, bf16)
+    assert abs(tail) < 0.02, (fp8, bf16)

@@ -157,11 +157,17 @@ def fsdp_order(blocks: list[nn.Module], experts_apart: bool
 
 def parallelize(model: Transformer, dims: ParallelDims, device: torch.device,
                 activation_checkpoint: str = "none", compile: bool = False,
-                fp8: str = "off", fsdp: ParallelConfig | None = None) -> nn.Module:
+                fp8: str = "off", fsdp: ParallelConfig | None = None,
+                fp8_experts: str = "off") -> nn.Module:
     """Return the module to train (the model itself, or its DDP wrapper). With pp > 1,
-    ``model`` is this rank's stage (pipeline.split_model). ``fp8`` (a torchao recipe, or
-    "off") converts the dense and expert matmuls first (float8.py); ``fsdp`` (the
-    config's [parallel]) holds apply_fsdp's options."""
+    ``model`` is this rank's stage (pipeline.split_model). ``fp8_experts`` (a recipe, or
+    "off") moves the routed experts' grouped GEMMs to FP8 first, then ``fp8`` (a torchao
+    recipe, or "off") the block linears (float8.py); ``fsdp`` (the config's [parallel])
+    holds apply_fsdp's options."""
+    if fp8_experts != "off":
+        from trainer.parallel.float8 import apply_fp8_experts
+
+        apply_fp8_experts(model, fp8_experts, device)
     if fp8 != "off":
         from trainer.parallel.float8 import apply_fp8
 

@@ -8,7 +8,9 @@ of 16 (the FP8 GEMM needs them aligned) and, in training, the routed experts' gr
 GEMMs. ``Float8GroupedExperts`` runs those through torchao's FP8 rowwise grouped GEMM
 (``torchao.prototype.moe_training``), each expert's token group padded to a multiple of
 16 rows as the FP8 kernel needs; it trains correctly on a Hopper GPU but was measured
-slower than bf16 there (see ``apply_fp8``), so the trainer does not use it.
+slower than bf16 there (see ``apply_fp8``), so the trainer does not use it. The
+trainer's own FP8 routed experts (``training.fp8_experts``, ``apply_fp8_experts``) are
+trainer.model.fp8_experts, with the casts fused into the kernels around the GEMMs.
 
 With FSDP2 and the tensorwise recipe, parameters are all-gathered in float8
 (``enable_fsdp_float8_all_gather``); each parameter's scale is then taken from its
@@ -25,11 +27,13 @@ from torch import nn
 
 from trainer.config import InputError
 from trainer.model import GroupedExperts, Transformer
+from trainer.model.fp8_experts import ALIGN, Fp8GroupedExperts, supported
 
 FIELD = "training.fp8"
 RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
+EXPERTS_FIELD = "training.fp8_experts"
+EXPERT_RECIPES = ("rowwise",)
 TORCHAO_PIN = "torchao==0.18.0"  # the trainer extra's pin (pyproject.toml)
-ALIGN = 16  # FP8 GEMMs need widths, and grouped GEMMs token groups, in multiples of 16
 
 
 def _torchao():
@@ -61,6 +65,56 @@ def check_support(recipe: str, device: torch.device) -> None:
     if not hasattr(torch, "_scaled_mm"):
         raise InputError(f"torch {torch.__version__} has no torch._scaled_mm", field=FIELD)
     _torchao()
+
+
+def check_experts_support(recipe: str, device: torch.device) -> None:
+    """Raise InputError (naming training.fp8_experts) unless the routed experts' FP8
+    grouped GEMMs (trainer.model.fp8_experts) can run on ``device``: torch's scaled
+    grouped GEMM, which torch ships for Hopper and Blackwell (compute capability 9.0 and
+    10.0) only, and Triton for the casts."""
+    if recipe not in EXPERT_RECIPES:
+        raise InputError(f"unknown FP8 experts recipe {recipe!r} "
+                         f"(known: off, {', '.join(EXPERT_RECIPES)})", field=EXPERTS_FIELD)
+    if device.type != "cuda":
+        raise InputError(f"the routed experts' FP8 grouped GEMMs need a CUDA GPU of "
+                         f"compute capability 9.0 or 10.0; this run is on {device.type}",
+                         field=EXPERTS_FIELD)
+    capability = torch.cuda.get_device_capability(device)
+    if capability not in ((9, 0), (10, 0)):
+        raise InputError(f"torch's FP8 grouped GEMM runs on compute capability 9.0 and "
+                         f"10.0 (Hopper, Blackwell) only; {torch.cuda.get_device_name(device)}"
+                         f" has {capability[0]}.{capability[1]}", field=EXPERTS_FIELD)
+    if not hasattr(torch, "_scaled_grouped_mm"):
+        raise InputError(f"torch {torch.__version__} has no torch._scaled_grouped_mm",
+                         field=EXPERTS_FIELD)
+    from trainer.model import fp8_experts
+
+    if fp8_experts.triton is None:
+        raise InputError("the routed experts' FP8 casts are Triton kernels, and Triton "
+                         "does not import here", field=EXPERTS_FIELD)
+
+
+def apply_fp8_experts(model: Transformer, recipe: str, device: torch.device,
+                      check: bool = True) -> dict[str, list[str]]:
+    """Move the routed experts whose widths are multiples of 16 to Fp8GroupedExperts (in
+    place) and return {"fp8": [...], "bf16": [...]} by module name. ``check`` (off in
+    CPU tests only) first refuses a device or torch that cannot run them."""
+    if check:
+        check_experts_support(recipe, device)
+    converted, kept = [], []
+    for name, module in model.named_modules():
+        if type(module) is GroupedExperts:
+            if supported(module):
+                module.__class__ = Fp8GroupedExperts
+                converted.append(name)
+            else:
+                kept.append(name)
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"fp8 experts ({recipe}): {len(converted)} routed experts' grouped GEMMs in "
+              f"FP8; in bf16: {', '.join(kept) or 'none'}", flush=True)
+    return {"fp8": converted, "bf16": kept}
 
 
 def grouped_fp8_available(device: torch.device) -> bool:

@@ -1,0 +1,145 @@
+"""The routed experts in FP8 (trainer/model/fp8_experts.py) on a GPU: each Triton kernel
+against its plain expression, and Fp8ExpertsFunction through torch's FP8 grouped GEMM
+against the same arithmetic emulated on the CPU and against the bf16 experts, eager and
+compiled, on token groups of any size (none a multiple of 16, some empty).
+Skipped, saying why, without CUDA (conftest), without Triton, or on a GPU that torch's
+FP8 grouped GEMM does not run on (compute capability other than 9.0 and 10.0)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainer.model import fp8_experts as f8
+from trainer.model.model import GroupedExperts
+
+pytestmark = pytest.mark.skipif(f8.triton is None, reason="Triton is not installed")
+
+STEP = 2.0 ** -3  # neighbouring e4m3 values differ by at most 1/8 of the larger
+
+
+def _fp8_gpu():
+    if torch.cuda.get_device_capability() not in ((9, 0), (10, 0)):
+        pytest.skip(f"{torch.cuda.get_device_name()}: torch's FP8 grouped GEMM needs "
+                    "compute capability 9.0 or 10.0")
+
+
+def rel(a, b) -> float:
+    return float((a.detach().float() - b.detach().float()).norm() / b.detach().float().norm())
+
+
+def same_fp8(got, want, exact: bool):
+    """The kernel's e4m3 values against the expression's: equal, or (where the two
+    compute the value to cast with different rounding, the SwiGLU's sigmoid) a handful
+    one e4m3 step apart."""
+    assert got.dtype == want.dtype == torch.float8_e4m3fn and got.shape == want.shape
+    g, w = got.float(), want.float()
+    differ = g != w
+    if exact:
+        assert not differ.any(), int(differ.sum())
+        return
+    assert differ.float().mean() < 1e-3, float(differ.float().mean())
+    assert ((g - w).abs() <= STEP * w.abs() + 2.0 ** -9).all()
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(4455, 2048), (1000, 2816), (37, 100)])
+def test_rows_kernel(rows, cols):
+    torch.manual_seed(0)
+    x = (torch.randn(rows, cols, device="cuda") * 3).to(torch.bfloat16)
+    x[1] = 0
+    q, inv = f8.fp8_rows(x)
+    rq, rinv = f8.rows_reference(x)
+    assert torch.equal(inv, rinv)
+    same_fp8(q, rq, exact=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("experts", "n", "k"), [(64, 1408, 2048), (8, 100, 70)])
+def test_weight_kernels_both_layouts(experts, n, k, dtype):
+    torch.manual_seed(0)
+    w1 = torch.randn(experts, n, k, device="cuda").to(dtype)
+    w3 = (torch.randn(experts, n, k, device="cuda") * 7).to(dtype)
+    w2 = torch.randn(experts, k, n, device="cuda").to(dtype)
+    for got, want in ((f8.fp8_weight_rows(w1, w3), f8.weight_rows_reference(w1, w3)),
+                      (f8.fp8_weight_rows(w2), f8.weight_rows_reference(w2)),
+                      (f8.fp8_weight_cols(w1, w3), f8.weight_cols_reference(w1, w3)),
+                      (f8.fp8_weight_cols(w2), f8.weight_cols_reference(w2))):
+        assert torch.equal(got[1], want[1])
+        same_fp8(got[0], want[0], exact=True)
+
+
+@pytest.mark.parametrize(("rows", "inter"), [(4455, 1408), (1000, 512), (37, 100)])
+def test_swiglu_kernels(rows, inter):
+    torch.manual_seed(0)
+    h = (torch.randn(rows, 2 * inter, device="cuda") * 3).to(torch.bfloat16)
+    g = torch.randn(rows, inter, device="cuda").to(torch.bfloat16)
+    out, q, inv = f8.swiglu_fp8(h)
+    r_out, r_q, r_inv = f8.swiglu_reference(h)
+    torch.testing.assert_close(out, r_out, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(inv, r_inv, atol=0, rtol=0.5)  # a power of two either way
+    same_fp8(q, r_q, exact=False)
+    dh, dq, dinv = f8.swiglu_backward_fp8(h, g)
+    r_dh, r_dq, r_dinv = f8.swiglu_backward_reference(h, g)
+    torch.testing.assert_close(dh, r_dh, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(dinv, r_dinv, atol=0, rtol=0.5)
+    same_fp8(dq, r_dq, exact=False)
+
+
+COUNTS = [40, 0, 17, 64, 3, 0, 100, 33]
+
+
+def _experts():
+    torch.manual_seed(0)
+    experts = GroupedExperts(8, 256, 128).cuda()
+    for w in experts.parameters():
+        torch.nn.init.normal_(w, std=0.05)
+    return experts
+
+
+def _run(experts, fn, x, counts):
+    for t in (x, *experts.parameters()):
+        t.grad = None
+    out = fn(x, counts)
+    out.float().square().sum().backward()
+    return [out.detach().float(), *(t.grad.clone() for t in (x, *experts.parameters()))]
+
+
+def test_function_matches_its_cpu_emulation_and_the_bf16_experts():
+    _fp8_gpu()
+    experts = _experts()
+    counts = torch.tensor(COUNTS, device="cuda")
+    x = torch.randn(int(counts.sum()), 256, device="cuda").to(torch.bfloat16)
+    x.requires_grad_()
+
+    def bf16(x, counts):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return experts(x, counts)
+
+    want = _run(experts, bf16, x, counts)
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    got = _run(experts, lambda x, c: f8.Fp8ExpertsFunction.apply(
+        x, experts.w1, experts.w2, experts.w3, offs), x, counts)
+    cpu = experts.cpu()
+    xc = x.detach().cpu().requires_grad_()
+    emulated = _run(cpu, lambda x, c: f8.Fp8ExpertsFunction.apply(
+        x, cpu.w1, cpu.w2, cpu.w3, offs.cpu()), xc, counts.cpu())
+    for name, g, e, w in zip(("out", "x", "w1", "w2", "w3"), got, emulated, want,
+                             strict=True):
+        assert torch.isfinite(g).all(), name
+        assert rel(g.cpu(), e) < 0.03, (name, rel(g.cpu(), e))
+        assert rel(g, w) < 0.1, (name, rel(g, w))
+    for e in (1, 5):  # experts that saw no token
+        assert got[3][e].abs().max() == 0 and got[4][e].abs().max() == 0
+
+
+def test_compiled_module_matches_eager():
+    _fp8_gpu()
+    experts = _experts()
+    experts.__class__ = f8.Fp8GroupedExperts
+    counts = torch.tensor(COUNTS, device="cuda")
+    x = torch.randn(int(counts.sum()), 256, device="cuda").to(torch.bfloat16)
+    x.requires_grad_()
+    eager = _run(experts, experts, x, counts)
+    compiled = _run(experts, torch.compile(experts), x, counts)
+    for name, a, b in zip(("out", "x", "w1", "w2", "w3"), compiled, eager, strict=True):
+        assert rel(a, b) < 0.02, (name, rel(a, b))

@@ -1,0 +1,421 @@
+"""The routed experts' grouped GEMMs in FP8 (``training.fp8_experts = "rowwise"``).
+
+Four of the six grouped GEMMs of a MoE layer run in FP8 (e4m3 operands, float32 scales,
+bf16 out) through ``torch._scaled_grouped_mm``: both forward GEMMs and both input
+gradients. The weight gradients stay bf16 grouped GEMMs: their scales would have to run
+along each expert's token group, and they keep the weights' updates as precise as bf16
+training's. Every FP8 operand is scaled per row of the GEMM's contraction (rowwise):
+
+- the tokens (forward of w1|w3) and the output gradient (input gradient of w2): each
+  token's row, in one kernel;
+- the SwiGLU's output (forward of w2) and the gradient of w1|w3's output (its input
+  gradient): quantised inside the SwiGLU's own forward and backward kernels, which read
+  and write those rows anyway (the bf16 copies the weight gradients need come from the
+  same kernels);
+- the weights, from their master copies (fp32, or bf16 under FSDP2's bf16 gathering):
+  per output row for the forward, and per input column, written transposed, for the
+  input gradient. w1 and w3 land side by side in one operand, as in GroupedExperts.
+
+Scales are powers of two (the largest with ``amax * scale <= 448``), so scaling and its
+inverse are exact and only the cast to e4m3 rounds. The GEMMs accumulate with CUTLASS's
+fast accumulation. On the CPU every kernel has a plain torch expression (the
+``*_reference`` functions, which the GPU kernels are tested against), and the scaled
+grouped GEMM is emulated on the dequantised operands, so the autograd arithmetic is
+tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from trainer.model.model import GroupedExperts
+
+try:  # the GPU wheels of torch bring Triton; the CPU ones do not
+    import triton
+    import triton.language as tl
+    from torch.library import triton_op, wrap_triton
+except ImportError:  # pragma: no cover - depends on the wheel
+    triton = None
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # the largest finite e4m3fn value
+TINY = 1e-12  # amax floor: an all-zero row gets a finite scale
+EXPONENT_BITS = 0x7F800000  # float32 sign 0, exponent kept, mantissa cleared
+FAST_ACCUM = True
+ALIGN = 16  # _scaled_grouped_mm's widths must be multiples of 16
+
+
+# ---- the plain expressions (CPU, and what the kernels are tested against) ----
+
+def pow2_scale_reference(amax: torch.Tensor) -> torch.Tensor:
+    """The largest power of two ``s`` with ``amax * s <= 448`` (float32)."""
+    scale = FP8_MAX / amax.float().clamp(min=TINY)
+    return (scale.view(torch.int32) & EXPONENT_BITS).view(torch.float32)
+
+
+def _cast(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (x.float() * scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` (..., K) in e4m3, scaled per row; and each row's inverse scale (...)."""
+    scale = pow2_scale_reference(x.float().abs().amax(dim=-1))
+    return _cast(x, scale.unsqueeze(-1)), scale.reciprocal()
+
+
+def weight_rows_reference(a: torch.Tensor, b: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights (E, N, K) (``b`` stacked after ``a`` along N): e4m3 (E, N, K) per row, and
+    the inverse scales (E, N). The forward GEMM's operand (its transposed view)."""
+    return rows_reference(a if b is None else torch.cat([a, b], dim=1))
+
+
+def weight_cols_reference(a: torch.Tensor, b: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights (E, N, K) (``b`` stacked after ``a`` along N), transposed to (E, K, N) and
+    scaled per row of that, i.e. per input column over every output row; and the inverse
+    scales (E, K). The input gradient's operand (its transposed view)."""
+    w = a if b is None else torch.cat([a, b], dim=1)
+    return rows_reference(w.transpose(-2, -1))
+
+
+def swiglu_reference(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``silu(h1) * h3`` of h = [h1 | h3] (M, 2I): in h's dtype, and in e4m3 with its
+    rows' inverse scales, both from the float32 result."""
+    x, y = h.float().chunk(2, dim=-1)
+    out = torch.nn.functional.silu(x) * y
+    q, inv = rows_reference(out)
+    return out.to(h.dtype), q, inv
+
+
+def swiglu_backward_reference(h: torch.Tensor, grad: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradient of ``swiglu`` at ``h`` for the output gradient ``grad`` (M, I): (M, 2I)
+    in h's dtype, and in e4m3 with its rows' inverse scales (over both halves)."""
+    x, y = h.float().chunk(2, dim=-1)
+    g = grad.float()
+    s = torch.sigmoid(x)
+    dh = torch.cat([g * y * s * (1 + x * (1 - s)), g * x * s], dim=-1)
+    q, inv = rows_reference(dh)
+    return dh.to(h.dtype), q, inv
+
+
+def scaled_grouped_mm_reference(a: torch.Tensor, b: torch.Tensor, a_inv: torch.Tensor,
+                                b_inv: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """What ``torch._scaled_grouped_mm`` computes, on the dequantised operands: a (M, K)
+    e4m3 with a_inv (M,), b (E, K, N) e4m3 with b_inv (E, N), groups of a's rows ending at
+    ``offs``; bf16 (M, N)."""
+    lhs = a.float() * a_inv.unsqueeze(-1)
+    rhs = b.float() * b_inv.unsqueeze(-2)
+    return torch._grouped_mm(lhs, rhs, offs=offs).to(torch.bfloat16)
+
+
+# ---- the kernels ----
+
+def _rows_per_program(cols: int) -> tuple[int, int]:
+    block = triton.next_power_of_2(cols)
+    return max(1, 4096 // block), block
+
+
+if triton is not None:
+
+    @triton.jit
+    def _pow2_scale(amax):
+        scale = 448.0 / tl.maximum(amax, 1e-12)
+        return (scale.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _rows_kernel(x_ptr, q_ptr, inv_ptr, rows, cols, x_stride, group, out_group, out_off,
+                     R: tl.constexpr, BLOCK: tl.constexpr):
+        # row r of x (rows, cols) -> row (r // group) * out_group + out_off + r % group of
+        # q, and of the inverse scales: one tensor, or a slice of a stack of several
+        r = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
+        c = tl.arange(0, BLOCK)
+        live = r < rows
+        mask = live[:, None] & (c[None, :] < cols)
+        x = tl.load(x_ptr + r[:, None] * x_stride + c[None, :], mask=mask, other=0.0)
+        x = x.to(tl.float32)
+        scale = _pow2_scale(tl.max(tl.abs(x), axis=1))
+        q = tl.clamp(x * scale[:, None], -448.0, 448.0)
+        out = (r // group) * out_group + out_off + r % group
+        tl.store(q_ptr + out[:, None] * cols + c[None, :], q.to(q_ptr.dtype.element_ty),
+                 mask=mask)
+        tl.store(inv_ptr + out, 1.0 / scale, mask=live)
+
+    @triton.jit
+    def _cols_amax(w_ptr, n, k, kmask, kdim, amax, BN: tl.constexpr):
+        for n0 in range(0, n, BN):
+            rows = n0 + tl.arange(0, BN)
+            mask = (rows[:, None] < n) & kmask[None, :]
+            w = tl.load(w_ptr + rows[:, None].to(tl.int64) * kdim + k[None, :], mask=mask,
+                        other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(w.to(tl.float32)), axis=0))
+        return amax
+
+    @triton.jit
+    def _cols_store(w_ptr, q_ptr, n, n_off, ntot, k, kmask, kdim, scale, BN: tl.constexpr):
+        for n0 in range(0, n, BN):
+            rows = n0 + tl.arange(0, BN)
+            mask = (rows[:, None] < n) & kmask[None, :]
+            w = tl.load(w_ptr + rows[:, None].to(tl.int64) * kdim + k[None, :], mask=mask,
+                        other=0.0)
+            q = tl.clamp(w.to(tl.float32) * scale[None, :], -448.0, 448.0)
+            at = k[None, :].to(tl.int64) * ntot + n_off + rows[:, None]
+            tl.store(q_ptr + at, q.to(q_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _cols_kernel(a_ptr, b_ptr, q_ptr, inv_ptr, na, nb, kdim,
+                     BN: tl.constexpr, BK: tl.constexpr):
+        # expert e, input columns k: amax over the rows of a and then b, then each row
+        # scaled and written transposed into q (E, K, na + nb)
+        e = tl.program_id(0).to(tl.int64)
+        k = tl.program_id(1) * BK + tl.arange(0, BK)
+        kmask = k < kdim
+        a_base = a_ptr + e * na * kdim
+        b_base = b_ptr + e * nb * kdim
+        ntot = na + nb
+        q_base = q_ptr + e * kdim * ntot
+        amax = tl.zeros([BK], dtype=tl.float32)
+        amax = _cols_amax(a_base, na, k, kmask, kdim, amax, BN)
+        amax = _cols_amax(b_base, nb, k, kmask, kdim, amax, BN)
+        scale = _pow2_scale(amax)
+        _cols_store(a_base, q_base, na, 0, ntot, k, kmask, kdim, scale, BN)
+        _cols_store(b_base, q_base, nb, na, ntot, k, kmask, kdim, scale, BN)
+        tl.store(inv_ptr + e * kdim + k, 1.0 / scale, mask=kmask)
+
+    @triton.jit
+    def _swiglu_kernel(h_ptr, out_ptr, q_ptr, inv_ptr, rows, inter,
+                       R: tl.constexpr, BLOCK: tl.constexpr):
+        r = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
+        c = tl.arange(0, BLOCK)
+        live = r < rows
+        mask = live[:, None] & (c[None, :] < inter)
+        at = r[:, None] * 2 * inter + c[None, :]
+        x = tl.load(h_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(h_ptr + at + inter, mask=mask, other=0.0).to(tl.float32)
+        out = x * tl.sigmoid(x) * y
+        to = r[:, None] * inter + c[None, :]
+        tl.store(out_ptr + to, out.to(out_ptr.dtype.element_ty), mask=mask)
+        scale = _pow2_scale(tl.max(tl.abs(out), axis=1))
+        q = tl.clamp(out * scale[:, None], -448.0, 448.0)
+        tl.store(q_ptr + to, q.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(inv_ptr + r, 1.0 / scale, mask=live)
+
+    @triton.jit
+    def _swiglu_backward_kernel(h_ptr, g_ptr, dh_ptr, q_ptr, inv_ptr, rows, inter,
+                                R: tl.constexpr, BLOCK: tl.constexpr):
+        r = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
+        c = tl.arange(0, BLOCK)
+        live = r < rows
+        mask = live[:, None] & (c[None, :] < inter)
+        at = r[:, None] * 2 * inter + c[None, :]
+        x = tl.load(h_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(h_ptr + at + inter, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + r[:, None] * inter + c[None, :], mask=mask, other=0.0)
+        g = g.to(tl.float32)
+        s = tl.sigmoid(x)
+        dx = g * y * s * (1.0 + x * (1.0 - s))  # d silu(x) / dx = s (1 + x (1 - s))
+        dy = g * x * s
+        tl.store(dh_ptr + at, dx.to(dh_ptr.dtype.element_ty), mask=mask)
+        tl.store(dh_ptr + at + inter, dy.to(dh_ptr.dtype.element_ty), mask=mask)
+        amax = tl.maximum(tl.max(tl.abs(dx), axis=1), tl.max(tl.abs(dy), axis=1))
+        scale = _pow2_scale(amax)
+        qx = tl.clamp(dx * scale[:, None], -448.0, 448.0)
+        qy = tl.clamp(dy * scale[:, None], -448.0, 448.0)
+        tl.store(q_ptr + at, qx.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(q_ptr + at + inter, qy.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(inv_ptr + r, 1.0 / scale, mask=live)
+
+
+def launch_rows(launch, x: torch.Tensor, q: torch.Tensor, inv: torch.Tensor,
+                group: int = 0, out_group: int = 0, out_off: int = 0) -> None:
+    """Quantise the rows of ``x`` (2-D, or 3-D seen as its rows) into ``q`` and ``inv``;
+    row r lands at (r // group) * out_group + out_off + r % group (default: at r).
+    ``launch`` wraps the kernel (``wrap_triton`` inside a custom op; the kernel itself
+    otherwise)."""
+    cols = x.size(-1)
+    x2 = x.reshape(-1, cols)
+    rows = x2.size(0)
+    group = group or max(rows, 1)
+    out_group = out_group or group
+    per, block = _rows_per_program(cols)
+    launch(_rows_kernel)[(triton.cdiv(rows, per),)](
+        x2, q, inv, rows, cols, x2.stride(0), group, out_group, out_off, per, block,
+        num_warps=8 if block >= 2048 else 4)
+
+
+def launch_weight_rows(launch, a: torch.Tensor, b: torch.Tensor | None, q: torch.Tensor,
+                       inv: torch.Tensor) -> None:
+    """``weight_rows_reference`` into q (E, Na + Nb, K) and inv (E, Na + Nb)."""
+    n = a.size(1) + (0 if b is None else b.size(1))
+    launch_rows(launch, a, q, inv, a.size(1), n, 0)
+    if b is not None:
+        launch_rows(launch, b, q, inv, b.size(1), n, a.size(1))
+
+
+def launch_weight_cols(launch, a: torch.Tensor, b: torch.Tensor | None, q: torch.Tensor,
+                       inv: torch.Tensor) -> None:
+    """``weight_cols_reference`` into q (E, K, Na + Nb) and inv (E, K)."""
+    experts, na, kdim = a.shape
+    nb = 0 if b is None else b.size(1)
+    bk = 64
+    launch(_cols_kernel)[(experts, triton.cdiv(kdim, bk))](
+        a, a if b is None else b, q, inv, na, nb, kdim, 32, bk, num_warps=4)
+
+
+def launch_swiglu(launch, h: torch.Tensor, out: torch.Tensor, q: torch.Tensor,
+                  inv: torch.Tensor) -> None:
+    rows, inter = h.size(0), h.size(1) // 2
+    per, block = _rows_per_program(inter)
+    launch(_swiglu_kernel)[(triton.cdiv(rows, per),)](
+        h, out, q, inv, rows, inter, per, block, num_warps=8 if block >= 2048 else 4)
+
+
+def launch_swiglu_backward(launch, h: torch.Tensor, grad: torch.Tensor, dh: torch.Tensor,
+                           q: torch.Tensor, inv: torch.Tensor) -> None:
+    rows, inter = h.size(0), h.size(1) // 2
+    per, block = _rows_per_program(inter)
+    launch(_swiglu_backward_kernel)[(triton.cdiv(rows, per),)](
+        h, grad, dh, q, inv, rows, inter, per, block, num_warps=8 if block >= 2048 else 4)
+
+
+if triton is not None:
+
+    @triton_op("dsk::fp8_rows", mutates_args=())
+    def _fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = torch.empty(x.shape, dtype=FP8, device=x.device)
+        inv = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+        launch_rows(wrap_triton, x, q, inv)
+        return q, inv
+
+    @triton_op("dsk::fp8_weight_rows", mutates_args=())
+    def _fp8_weight_rows(a: torch.Tensor, b: torch.Tensor | None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        n = a.size(1) + (0 if b is None else b.size(1))
+        q = torch.empty(a.size(0), n, a.size(2), dtype=FP8, device=a.device)
+        inv = torch.empty(a.size(0), n, dtype=torch.float32, device=a.device)
+        launch_weight_rows(wrap_triton, a, b, q, inv)
+        return q, inv
+
+    @triton_op("dsk::fp8_weight_cols", mutates_args=())
+    def _fp8_weight_cols(a: torch.Tensor, b: torch.Tensor | None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        n = a.size(1) + (0 if b is None else b.size(1))
+        q = torch.empty(a.size(0), a.size(2), n, dtype=FP8, device=a.device)
+        inv = torch.empty(a.size(0), a.size(2), dtype=torch.float32, device=a.device)
+        launch_weight_cols(wrap_triton, a, b, q, inv)
+        return q, inv
+
+    @triton_op("dsk::swiglu_fp8", mutates_args=())
+    def _swiglu_fp8(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows, inter = h.size(0), h.size(1) // 2
+        out = h.new_empty(rows, inter)
+        q = torch.empty(rows, inter, dtype=FP8, device=h.device)
+        inv = torch.empty(rows, dtype=torch.float32, device=h.device)
+        launch_swiglu(wrap_triton, h, out, q, inv)
+        return out, q, inv
+
+    @triton_op("dsk::swiglu_backward_fp8", mutates_args=())
+    def _swiglu_backward_fp8(h: torch.Tensor, grad: torch.Tensor
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dh = torch.empty_like(h)
+        q = torch.empty(h.shape, dtype=FP8, device=h.device)
+        inv = torch.empty(h.size(0), dtype=torch.float32, device=h.device)
+        launch_swiglu_backward(wrap_triton, h, grad, dh, q, inv)
+        return dh, q, inv
+
+
+# ---- dispatch: the kernels on the GPU, the plain expressions elsewhere ----
+
+def _kernels(t: torch.Tensor) -> bool:
+    return triton is not None and t.is_cuda
+
+
+def fp8_rows(x):
+    return torch.ops.dsk.fp8_rows(x.contiguous()) if _kernels(x) else rows_reference(x)
+
+
+def fp8_weight_rows(a, b=None):
+    if _kernels(a):
+        return torch.ops.dsk.fp8_weight_rows(a.contiguous(),
+                                             None if b is None else b.contiguous())
+    return weight_rows_reference(a, b)
+
+
+def fp8_weight_cols(a, b=None):
+    if _kernels(a):
+        return torch.ops.dsk.fp8_weight_cols(a.contiguous(),
+                                             None if b is None else b.contiguous())
+    return weight_cols_reference(a, b)
+
+
+def swiglu_fp8(h):
+    return torch.ops.dsk.swiglu_fp8(h.contiguous()) if _kernels(h) else swiglu_reference(h)
+
+
+def swiglu_backward_fp8(h, grad):
+    if _kernels(h):
+        return torch.ops.dsk.swiglu_backward_fp8(h.contiguous(), grad.contiguous())
+    return swiglu_backward_reference(h, grad)
+
+
+def scaled_grouped_mm(a, b, a_inv, b_inv, offs):
+    """a (M, K) @ b (E, K, N) per group, b column-major (a transposed view)."""
+    if a.is_cuda:
+        return torch._scaled_grouped_mm(a, b, a_inv, b_inv, offs=offs,
+                                        out_dtype=torch.bfloat16, use_fast_accum=FAST_ACCUM)
+    return scaled_grouped_mm_reference(a, b, a_inv, b_inv, offs)
+
+
+class Fp8ExpertsFunction(torch.autograd.Function):
+    """The routed experts' SwiGLU MLP, ``(silu(x w1^T) * (x w3^T)) w2^T`` per expert group,
+    with the four activation-side GEMMs in FP8 and the weight gradients in bf16. x is bf16
+    (M, D), sorted by expert, the groups ending at ``offs`` (int32); w1, w3 (E, I, D) and
+    w2 (E, D, I) in their master dtype; the output is bf16 (M, D)."""
+
+    @staticmethod
+    def forward(ctx, x, w1, w2, w3, offs):
+        xq, x_inv = fp8_rows(x)
+        w13q, w13_inv = fp8_weight_rows(w1, w3)  # (E, 2I, D)
+        h = scaled_grouped_mm(xq, w13q.transpose(-2, -1), x_inv, w13_inv, offs)
+        act, aq, a_inv = swiglu_fp8(h)
+        w2q, w2_inv = fp8_weight_rows(w2)  # (E, D, I)
+        out = scaled_grouped_mm(aq, w2q.transpose(-2, -1), a_inv, w2_inv, offs)
+        ctx.save_for_backward(x, h, act, w1, w2, w3, offs)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, h, act, w1, w2, w3, offs = ctx.saved_tensors
+        grad = grad.to(torch.bfloat16).contiguous()
+        gq, g_inv = fp8_rows(grad)
+        w2tq, w2t_inv = fp8_weight_cols(w2)  # (E, I, D): w2^T, per input column of w2
+        d_act = scaled_grouped_mm(gq, w2tq.transpose(-2, -1), g_inv, w2t_inv, offs)
+        # (E, I, D) = act^T grad per group: w2^T's gradient
+        dw2 = torch._grouped_mm(act.t(), grad, offs=offs)
+        dh, dhq, dh_inv = swiglu_backward_fp8(h, d_act)
+        w13tq, w13t_inv = fp8_weight_cols(w1, w3)  # (E, D, 2I)
+        dx = scaled_grouped_mm(dhq, w13tq.transpose(-2, -1), dh_inv, w13t_inv, offs)
+        dw13 = torch._grouped_mm(x.t(), dh, offs=offs)  # (E, D, 2I): [w1 | w3]^T's
+        inter = w1.size(1)
+
+        def as_param(g, w):  # (E, in, out) -> w's (E, out, in), contiguous, w's dtype
+            return g.transpose(-2, -1).to(w.dtype, memory_format=torch.contiguous_format)
+
+        return (dx.to(x.dtype), as_param(dw13[..., :inter], w1), as_param(dw2, w2),
+                as_param(dw13[..., inter:], w3), None)
+
+
+class Fp8GroupedExperts(GroupedExperts):
+    """GroupedExperts whose grouped GEMMs run through ``Fp8ExpertsFunction``: the same
+    parameters, state dict and CPU path (the per-expert loop, in full precision)."""
+
+    def _grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        return Fp8ExpertsFunction.apply(x.to(torch.bfloat16), self.w1, self.w2, self.w3,
+                                        offsets)
+
+
+def supported(module: GroupedExperts) -> bool:
+    """Whether the FP8 grouped GEMM takes this module's widths (multiples of 16)."""
+    return all(s % ALIGN == 0 for s in module.w1.shape[1:] + module.w2.shape[1:])
