@@ -9,8 +9,14 @@ whatever the recipe. The loss is the last step's.
     python bench/gpu_fp8.py --runs small:off small:tensorwise wide:off wide:tensorwise \
         --steps 200 --out fp8.json
 
-A run name is CONFIG:RECIPE, CONFIG a file under trainer/configs/ without .toml (or a
-path), RECIPE off or a torchao recipe (tensorwise, rowwise, rowwise_with_gw_hp).
+A run name is CONFIG[:RECIPE[:EXPERTS]], CONFIG a file under trainer/configs/ without
+.toml (or a path), RECIPE `training.fp8` (off, the default, or a torchao recipe:
+tensorwise, rowwise, rowwise_with_gw_hp), EXPERTS `training.fp8_experts` (off, the
+default, or rowwise). Each run's whole output is kept beside --out, as OUT-N.log for the
+N-th run; "vs bf16" compares with the config's run that has both off.
+
+    python bench/gpu_fp8.py --runs wide wide:off:rowwise wide:tensorwise:rowwise \
+        --steps 30 --skip 8 --out wide_fp8x.json
 """
 
 from __future__ import annotations
@@ -62,26 +68,39 @@ def config_path(name: str) -> Path:
     return path if path.suffix == ".toml" else REPO / "trainer" / "configs" / f"{name}.toml"
 
 
+def _text(out) -> str:
+    return out.decode(errors="replace") if isinstance(out, bytes) else (out or "")
+
+
 def run_one(spec: str, overrides: dict, steps: int, skip: int, work: Path,
-            timeout: float) -> dict:
-    name, _, recipe = spec.partition(":")
-    recipe = recipe or "off"
+            timeout: float, log: Path | None = None) -> dict:
+    """Train one run (``CONFIG[:RECIPE[:EXPERTS]]``) and return its figures. ``log``: a
+    file that keeps the trainer's whole output (stdout, then stderr), whatever the end."""
+    name, recipe, experts = (spec.split(":") + ["off", "off"])[:3]
+    label = f"{Path(name).stem}-{recipe}-{experts}"
     base = tomllib.loads(config_path(name).read_text())
-    cfg = work / f"{name}-{recipe}.toml"
-    write_config(base, {**overrides, "training.fp8": recipe}, cfg)
-    out = work / f"{name}-{recipe}"
+    cfg = work / f"{label}.toml"
+    write_config(base, {**overrides, "training.fp8": recipe, "training.fp8_experts": experts},
+                 cfg)
+    out = work / label
     cmd = [sys.executable, "-m", "trainer.train", "--config", str(cfg), "--steps", str(steps),
            "--out", str(out)]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    row = {"run": spec, "config": name, "fp8": recipe, "overrides": overrides, "steps": steps}
+    row = {"run": spec, "config": name, "fp8": recipe, "fp8_experts": experts,
+           "overrides": overrides, "steps": steps}
+    if log is not None:
+        row["log"] = str(log)
     started = time.monotonic()
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
                               timeout=timeout)
     except subprocess.TimeoutExpired as exc:
-        tail = ((exc.stdout or b"").decode() if isinstance(exc.stdout, bytes)
-                else (exc.stdout or ""))[-3000:]
-        return {**row, "ok": False, "error": f"timed out after {timeout:.0f} s\n{tail}"}
+        if log is not None:
+            log.write_text(_text(exc.stdout) + _text(exc.stderr))
+        return {**row, "ok": False,
+                "error": f"timed out after {timeout:.0f} s\n{_text(exc.stdout)[-3000:]}"}
+    if log is not None:
+        log.write_text(proc.stdout + proc.stderr)
     row["wall_s"] = round(time.monotonic() - started, 1)
     if proc.returncode != 0:
         return {**row, "ok": False, "error": (proc.stdout + proc.stderr)[-4000:]}
@@ -99,7 +118,8 @@ def run_one(spec: str, overrides: dict, steps: int, skip: int, work: Path,
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", nargs="+", required=True, help="CONFIG:RECIPE ...")
+    parser.add_argument("--runs", nargs="+", required=True,
+                        help="CONFIG[:RECIPE[:EXPERTS]] ...")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--skip", type=int, default=5,
                         help="steps left out of the means (compilation, warm-up)")
@@ -125,7 +145,9 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="dsk-fp8-") as tmp:
         for spec in args.runs:
-            row = run_one(spec, overrides, args.steps, args.skip, Path(tmp), args.timeout)
+            log = args.out.with_name(f"{args.out.stem}-{len(rows) + 1}.log")
+            row = run_one(spec, overrides, args.steps, args.skip, Path(tmp), args.timeout,
+                          log)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "losses"}), flush=True)
             args.out.write_text(json.dumps({"versions": versions, "steps": args.steps,
@@ -139,7 +161,7 @@ def main() -> int:
             print(f"| {r['run']} | failed | | | | |")
             continue
         ref = next((b for b in rows if b["ok"] and b["config"] == r["config"]
-                    and b["fp8"] == "off"), None)
+                    and b["fp8"] == b["fp8_experts"] == "off"), None)
         speed = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         print(f"| {r['run']} | {r['tokens_per_s']:,.0f} | {mfu} | {r['peak_mem_gib']:.1f} "

@@ -51,7 +51,7 @@ from trainer.config import TrainConfig, load_config, resolve_degrees
 from trainer.model.args import ModelArgs
 
 GIB = 2**30
-BF16, FP32 = 2, 4
+FP8, BF16, FP32 = 1, 2, 4
 # Fitted to the four one-H200 peaks of docs/benchmarks.md (see docs/trainer.md).
 ACTIVATION_SCALE = 0.95
 OVERHEAD_GIB = 1.75
@@ -78,6 +78,7 @@ class Layout:
     fsdp_reshard: bool = True  # parallel.fsdp_reshard_after_forward
     fsdp_bf16: bool = False  # parallel.fsdp_bf16
     fsdp_prefetch: int = 0  # parallel.fsdp_prefetch
+    fp8_experts: bool = False  # training.fp8_experts is not "off"
 
     @property
     def chunked_loss(self) -> bool:
@@ -109,7 +110,8 @@ def layout_of(cfg: TrainConfig, gpus: int) -> Layout:
     return Layout(p.dp_replicate, dp_shard, p.tp, p.pp, p.ep, t.micro_batch_size,
                   t.grad_accum_steps, t.seq_len, t.activation_checkpoint, p.n_microbatches,
                   p.pp_schedule, t.compile, t.loss_chunk_tokens,
-                  p.fsdp_reshard_after_forward, p.fsdp_bf16, p.fsdp_prefetch)
+                  p.fsdp_reshard_after_forward, p.fsdp_bf16, p.fsdp_prefetch,
+                  t.fp8_experts != "off")
 
 
 # --------------------------------------------------------------------------- parameters
@@ -280,15 +282,21 @@ def _stage_estimate(m: ModelArgs, lay: Layout, stage: int) -> dict[str, float]:
 
     # autocast's bf16 copies of the weights, which each matmul saves for its backward:
     # of every block (gathered, so unsharded by FSDP) unless the blocks recompute, and
-    # of the output head, which is never checkpointed
+    # of the output head, which is never checkpointed. The FP8 routed experts
+    # (training.fp8_experts) save their master weights instead of a copy, and hold the
+    # e4m3 copy of one block's experts at a time, for the GEMM that reads it
     head = m.vocab_size * m.dim * (1 + m.mtp_depth) if last else 0
+    copied = [(b[0], 0 if lay.fp8_experts else b[1]) for b in blocks]
     if fsdp and lay.fsdp_bf16:
         cast = 0  # gathered in bf16: autocast has nothing to cast, backward re-gathers
     elif lay.activation_checkpoint == "none":
-        cast = (dense - embedding) / lay.tp + experts / lay.ep
+        cast = (dense - embedding) / lay.tp + sum(b[1] for b in copied) / lay.ep
     else:
-        cast = head / lay.tp + max((sum(fsdp_groups(b, lay)) for b in blocks), default=0)
+        cast = head / lay.tp + max((sum(fsdp_groups(b, lay)) for b in copied), default=0)
     items["bf16 weight copies (autocast)"] = BF16 * cast
+    if lay.fp8_experts:
+        items["FP8 copies of one block's routed experts"] = (
+            FP8 * max((b[1] for b in blocks), default=0) / lay.ep)
 
     # tokens of one pipeline micro-batch, and how many a stage keeps at once
     tokens = lay.micro_batch * lay.seq_len / (lay.n_microbatches if lay.pp > 1 else 1)

@@ -188,6 +188,8 @@ def test_aligned_routed_experts_are_converted_the_rest_kept():
                                   kv_lora_rank=32, qk_nope_head_dim=16,
                                   qk_rope_head_dim=16, v_head_dim=16, max_seq_len=64))
     model.layers["2"].ffn.experts = GroupedExperts(4, 64, 40)  # 40: not a multiple of 16
+    for w in model.layers["2"].ffn.experts.parameters():
+        torch.nn.init.normal_(w)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     done = apply_fp8_experts(model, "rowwise", torch.device("cpu"), check=False)
     assert done == {"fp8": ["layers.1.ffn.experts"], "bf16": ["layers.2.ffn.experts"]}

@@ -242,3 +242,32 @@ def test_a_tensor_parallel_head_keeps_the_whole_loss():
     tp_whole = config("small")
     tp_whole.parallel.tp, tp_whole.model.mtp_depth = 2, 0
     assert memory.estimate(tp, 2).total == memory.estimate(tp_whole, 2).total
+
+
+def test_fp8_experts_keep_no_bf16_copy_of_the_routed_experts():
+    cfg = config("wide")
+    bf16 = memory.estimate(cfg, 1).items
+    cfg.training.fp8_experts = "rowwise"
+    fp8 = memory.estimate(cfg, 1).items
+    m = cfg.model
+    per_block = m.n_routed_experts * 3 * m.dim * m.moe_inter_dim
+    moe_blocks = m.n_layers - m.n_dense_layers
+    # the saved bf16 copies lose every MoE block's routed experts; one block's are held
+    # in e4m3 at a time
+    assert bf16["bf16 weight copies (autocast)"] - fp8["bf16 weight copies (autocast)"] == \
+        2 * per_block * moe_blocks
+    assert fp8["FP8 copies of one block's routed experts"] == per_block
+    assert "FP8 copies of one block's routed experts" not in bf16
+    assert {k: v for k, v in fp8.items() if "copies" not in k} == \
+        {k: v for k, v in bf16.items() if "copies" not in k}
+    # with checkpointing only the recomputed block's copies exist: the largest block
+    # without its routed experts (wide.toml's dense first layer) against the largest with
+    cfg.training.activation_checkpoint = "full"
+    ckpt = memory.estimate(cfg, 1).items
+    cfg.training.fp8_experts = "off"
+    ckpt_bf16 = memory.estimate(cfg, 1).items
+    blocks = [memory.block_params(m, i >= m.n_dense_layers) for i in range(m.n_layers)]
+    assert max(b[0] for b in blocks) == blocks[0][0]  # the dense layer
+    assert ckpt_bf16["bf16 weight copies (autocast)"] - \
+        ckpt["bf16 weight copies (autocast)"] == \
+        2 * (max(sum(b) for b in blocks) - blocks[0][0])

@@ -258,9 +258,10 @@ def launch_weight_cols(launch, a: torch.Tensor, b: torch.Tensor | None, q: torch
     """``weight_cols_reference`` into q (E, K, Na + Nb) and inv (E, K)."""
     experts, na, kdim = a.shape
     nb = 0 if b is None else b.size(1)
-    bk = 64
+    # each program reads its columns twice (the amax, then the cast), in tiles of 64 rows
+    bk = 128
     launch(_cols_kernel)[(experts, triton.cdiv(kdim, bk))](
-        a, a if b is None else b, q, inv, na, nb, kdim, 32, bk, num_warps=4)
+        a, a if b is None else b, q, inv, na, nb, kdim, 64, bk, num_warps=8)
 
 
 def launch_swiglu(launch, h: torch.Tensor, out: torch.Tensor, q: torch.Tensor,
