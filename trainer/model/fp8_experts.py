@@ -118,11 +118,15 @@ def _rows_per_program(cols: int) -> tuple[int, int]:
 
 
 if triton is not None:
+    # the same constants, as the kernels read them
+    _MAX = tl.constexpr(FP8_MAX)
+    _TINY = tl.constexpr(TINY)
+    _EXPONENT = tl.constexpr(EXPONENT_BITS)
 
     @triton.jit
     def _pow2_scale(amax):
-        scale = 448.0 / tl.maximum(amax, 1e-12)
-        return (scale.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+        scale = _MAX / tl.maximum(amax, _TINY)
+        return (scale.to(tl.int32, bitcast=True) & _EXPONENT).to(tl.float32, bitcast=True)
 
     @triton.jit
     def _rows_kernel(x_ptr, q_ptr, inv_ptr, rows, cols, x_stride, group, out_group, out_off,
@@ -136,7 +140,7 @@ if triton is not None:
         x = tl.load(x_ptr + r[:, None] * x_stride + c[None, :], mask=mask, other=0.0)
         x = x.to(tl.float32)
         scale = _pow2_scale(tl.max(tl.abs(x), axis=1))
-        q = tl.clamp(x * scale[:, None], -448.0, 448.0)
+        q = tl.clamp(x * scale[:, None], -_MAX, _MAX)
         out = (r // group) * out_group + out_off + r % group
         tl.store(q_ptr + out[:, None] * cols + c[None, :], q.to(q_ptr.dtype.element_ty),
                  mask=mask)
@@ -159,7 +163,7 @@ if triton is not None:
             mask = (rows[:, None] < n) & kmask[None, :]
             w = tl.load(w_ptr + rows[:, None].to(tl.int64) * kdim + k[None, :], mask=mask,
                         other=0.0)
-            q = tl.clamp(w.to(tl.float32) * scale[None, :], -448.0, 448.0)
+            q = tl.clamp(w.to(tl.float32) * scale[None, :], -_MAX, _MAX)
             at = k[None, :].to(tl.int64) * ntot + n_off + rows[:, None]
             tl.store(q_ptr + at, q.to(q_ptr.dtype.element_ty), mask=mask)
 
@@ -197,7 +201,7 @@ if triton is not None:
         to = r[:, None] * inter + c[None, :]
         tl.store(out_ptr + to, out.to(out_ptr.dtype.element_ty), mask=mask)
         scale = _pow2_scale(tl.max(tl.abs(out), axis=1))
-        q = tl.clamp(out * scale[:, None], -448.0, 448.0)
+        q = tl.clamp(out * scale[:, None], -_MAX, _MAX)
         tl.store(q_ptr + to, q.to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(inv_ptr + r, 1.0 / scale, mask=live)
 
@@ -220,8 +224,8 @@ if triton is not None:
         tl.store(dh_ptr + at + inter, dy.to(dh_ptr.dtype.element_ty), mask=mask)
         amax = tl.maximum(tl.max(tl.abs(dx), axis=1), tl.max(tl.abs(dy), axis=1))
         scale = _pow2_scale(amax)
-        qx = tl.clamp(dx * scale[:, None], -448.0, 448.0)
-        qy = tl.clamp(dy * scale[:, None], -448.0, 448.0)
+        qx = tl.clamp(dx * scale[:, None], -_MAX, _MAX)
+        qy = tl.clamp(dy * scale[:, None], -_MAX, _MAX)
         tl.store(q_ptr + at, qx.to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(q_ptr + at + inter, qy.to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(inv_ptr + r, 1.0 / scale, mask=live)
