@@ -214,6 +214,19 @@ def test_selective_checkpointing_recomputes_all_but_matmuls():
     assert selective["silu"] > none["silu"] and selective["sort"] > none["sort"]
 
 
+def test_selective_checkpointing_saves_fp8_matmuls_like_bf16_ones():
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from trainer.parallel.apply import _selective_policy
+
+    policy = _selective_policy()
+    aten = torch.ops.aten
+    for op in (aten.mm, aten._grouped_mm, aten._scaled_mm, aten._scaled_grouped_mm):
+        assert policy(None, op.default) == CheckpointPolicy.MUST_SAVE, op
+    for op in (aten.silu, aten.sort, aten._to_copy):
+        assert policy(None, op.default) == CheckpointPolicy.PREFER_RECOMPUTE, op
+
+
 def _sharded_tiny(tmp_path, **sections):
     """tiny.toml with ``sections``, its model under apply_fsdp on the one rank (one_rank),
     as the config's [parallel] says; returns (config, model)."""

@@ -45,12 +45,14 @@ DDP_PARAMETERS = inspect.signature(DistributedDataParallel.__init__).parameters
 
 
 def _selective_policy():
-    """Save the outputs of matmuls and attention, recompute everything else (norms,
-    activations, RoPE, casts, routing) in backward."""
+    """Save the outputs of matmuls (FP8 ones too: torchao's linears, the FP8 routed
+    experts) and attention, recompute everything else (norms, activations, RoPE, casts,
+    routing) in backward."""
     from torch.utils.checkpoint import CheckpointPolicy
 
     aten = torch.ops.aten
-    names = ["mm", "addmm", "bmm", "_grouped_mm", "_scaled_dot_product_flash_attention",
+    names = ["mm", "addmm", "bmm", "_grouped_mm", "_scaled_mm", "_scaled_grouped_mm",
+             "_scaled_dot_product_flash_attention",
              "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
              "_scaled_dot_product_flash_attention_for_cpu"]
     save = {getattr(aten, n).default for n in names if hasattr(aten, n)}
