@@ -19,7 +19,7 @@ STEP = 2.0 ** -3  # neighbouring e4m3 values differ by at most 1/8 of the larger
 
 
 def _fp8_gpu():
-    if torch.cuda.get_device_capability() not in ((9, 0), (10, 0)):
+    if torch.cuda.get_device_capability() not in f8.CAPABILITIES:
         pytest.skip(f"{torch.cuda.get_device_name()}: torch's FP8 grouped GEMM needs "
                     "compute capability 9.0 or 10.0")
 

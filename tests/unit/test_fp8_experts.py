@@ -197,3 +197,16 @@ def test_aligned_routed_experts_are_converted_the_rest_kept():
     after = model.state_dict()  # same names and values: checkpoints carry over
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_the_schema_and_the_code_know_the_same_recipes():
+    import json
+    from pathlib import Path
+
+    from trainer.parallel.float8 import EXPERT_RECIPES, RECIPES
+
+    schema = json.loads((Path(f8.__file__).parents[1] / "schemas" /
+                         "train_config.schema.json").read_text())
+    training = schema["properties"]["training"]["properties"]
+    assert training["fp8"]["enum"] == ["off", *RECIPES]
+    assert training["fp8_experts"]["enum"] == ["off", *EXPERT_RECIPES]

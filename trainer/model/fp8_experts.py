@@ -43,6 +43,7 @@ TINY = 1e-12  # amax floor: an all-zero row gets a finite scale
 EXPONENT_BITS = 0x7F800000  # float32 sign 0, exponent kept, mantissa cleared
 FAST_ACCUM = True
 ALIGN = 16  # _scaled_grouped_mm's widths must be multiples of 16
+CAPABILITIES = ((9, 0), (10, 0))  # the GPUs torch builds _scaled_grouped_mm's kernels for
 
 
 # ---- the plain expressions (CPU, and what the kernels are tested against) ----

@@ -27,7 +27,7 @@ from torch import nn
 
 from trainer.config import InputError
 from trainer.model import GroupedExperts, Transformer
-from trainer.model.fp8_experts import ALIGN, Fp8GroupedExperts, supported
+from trainer.model.fp8_experts import ALIGN, CAPABILITIES, Fp8GroupedExperts, supported
 
 FIELD = "training.fp8"
 RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
@@ -80,7 +80,7 @@ def check_experts_support(recipe: str, device: torch.device) -> None:
                          f"compute capability 9.0 or 10.0; this run is on {device.type}",
                          field=EXPERTS_FIELD)
     capability = torch.cuda.get_device_capability(device)
-    if capability not in ((9, 0), (10, 0)):
+    if capability not in CAPABILITIES:
         raise InputError(f"torch's FP8 grouped GEMM runs on compute capability 9.0 and "
                          f"10.0 (Hopper, Blackwell) only; {torch.cuda.get_device_name(device)}"
                          f" has {capability[0]}.{capability[1]}", field=EXPERTS_FIELD)
@@ -113,7 +113,7 @@ def apply_fp8_experts(model: Transformer, recipe: str, device: torch.device,
 
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"fp8 experts ({recipe}): {len(converted)} routed experts' grouped GEMMs in "
-              f"FP8; in bf16: {', '.join(kept) or 'none'}", flush=True)
+              f"FP8; in bf16: {', '.join(kept) or 'nothing'}", flush=True)
     return {"fp8": converted, "bf16": kept}
 
 
