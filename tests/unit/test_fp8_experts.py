@@ -210,3 +210,44 @@ def test_the_schema_and_the_code_know_the_same_recipes():
     training = schema["properties"]["training"]["properties"]
     assert training["fp8"]["enum"] == ["off", *RECIPES]
     assert training["fp8_experts"]["enum"] == ["off", *EXPERT_RECIPES]
+
+
+def test_a_model_with_fp8_experts_trains_like_the_plain_one(monkeypatch):
+    """The whole model, routing included, through the grouped path on the CPU (the path
+    the GPU takes, with the scaled GEMMs emulated): the loss and every gradient follow
+    the model whose experts run the bf16 path's grouped GEMMs in full precision."""
+    from trainer.model import ModelArgs, Transformer
+    from trainer.parallel.float8 import apply_fp8_experts
+
+    monkeypatch.setattr(GroupedExperts, "forward",
+                        lambda self, x, counts: self._grouped(x, counts))
+    args = ModelArgs(vocab_size=256, dim=64, inter_dim=128, moe_inter_dim=32, n_layers=3,
+                     n_dense_layers=1, n_heads=4, n_routed_experts=8, n_activated_experts=2,
+                     kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16,
+                     v_head_dim=16, max_seq_len=32, mtp_depth=1)
+    models = []
+    for fp8 in (False, True):
+        torch.manual_seed(0)
+        model = Transformer(args)
+        if fp8:
+            done = apply_fp8_experts(model, "rowwise", torch.device("cpu"), check=False)
+            assert len(done["fp8"]) == 3  # two MoE layers and the MTP block
+        models.append(model)
+    tokens = torch.randint(0, 256, (4, 33), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for model in models:
+        out = model(tokens[:, :-1], tokens[:, 1:])
+        out.loss.backward()
+        losses.append(float(out.loss.detach()))
+    assert abs(losses[0] - losses[1]) < 0.01 * losses[0], losses
+    plain = dict(models[0].named_parameters())
+    routed = 0
+    for name, p in models[1].named_parameters():
+        assert p.grad is not None and p.grad.shape == plain[name].grad.shape, name
+        if plain[name].grad.abs().max() == 0:
+            continue
+        cos = torch.nn.functional.cosine_similarity(p.grad.flatten(),
+                                                    plain[name].grad.flatten(), dim=0)
+        assert cos > 0.98, (name, float(cos))
+        routed += ".experts.w" in name
+    assert routed == 9
