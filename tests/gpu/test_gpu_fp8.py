@@ -74,9 +74,9 @@ def _train(tmp_path: Path, fp8: str, compile: bool, steps: int = 30,
     if fp8 != "off":  # the block linears in FP8, the head in bf16
         line = next(x for x in proc.stdout.splitlines() if x.startswith("fp8 ("))
         assert int(line.split(": ")[1].split()[0]) > 0 and "output" in line, line
-    if experts != "off":  # both MoE layers' routed experts
+    if experts != "off":  # the routed experts of both MoE layers and of the MTP block
         line = next(x for x in proc.stdout.splitlines() if x.startswith("fp8 experts ("))
-        assert line.split(": ")[1].startswith("2 routed experts"), line
+        assert line.split(": ")[1].startswith("3 routed experts"), line
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
