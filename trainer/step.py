@@ -29,6 +29,13 @@ from trainer.model import MoE, Transformer
 from trainer.optim import build_optimizer
 from trainer.parallel import ParallelDims, clip_grad_norm, parallelize
 from trainer.parallel.pipeline import Pipeline, split_model
+from trainer.profiling import PHASE
+
+
+def phase(name: str):
+    """A torch.profiler range naming a part of the step (``dsk.<name>``): what a profile
+    (``--profile-step``) attributes the GPU's idle gaps to (trainer/profiling.py)."""
+    return torch.profiler.record_function(PHASE + name)
 
 
 @dataclass
@@ -82,18 +89,21 @@ class Step:
         losses /= len(micro_batches)
         # trainer.adamw's AdamW applies the clip coefficient as it reads the gradients,
         # instead of a pass of its own over them (clip_grad_norm)
-        grad_norm = (clip_grad_norm(list(self.model.parameters()), self.grad_clip,
-                                    self.pp_group, fused_optimizer=self.optimizer)
-                     if self.grad_clip > 0 else None)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
-        world_size = dist.get_world_size()
-        if world_size > 1:  # with pp, only the last stage's ranks hold a loss
-            dist.all_reduce(losses)
-            losses /= world_size // self.dims.pp
-        balance = self.balance_experts(loads)
+        with phase("clip"):
+            grad_norm = (clip_grad_norm(list(self.model.parameters()), self.grad_clip,
+                                        self.pp_group, fused_optimizer=self.optimizer)
+                         if self.grad_clip > 0 else None)
+        with phase("optimizer"):
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            lr = self.scheduler.get_last_lr()[0]
+            self.scheduler.step()
+        with phase("reduce"):
+            world_size = dist.get_world_size()
+            if world_size > 1:  # with pp, only the last stage's ranks hold a loss
+                dist.all_reduce(losses)
+                losses /= world_size // self.dims.pp
+            balance = self.balance_experts(loads)
         if grad_norm is not None and hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         return StepResult(losses, lr, grad_norm, balance)
@@ -137,9 +147,10 @@ class PlainStep(Step):
             elif self.dims.fsdp_enabled:
                 self.model.set_requires_gradient_sync(last)
             with sync:
-                with self.autocast:
+                with phase("forward"), self.autocast:
                     out = self.train_module(inputs, targets)
-                (out.loss / len(micro_batches)).backward()
+                with phase("backward"):
+                    (out.loss / len(micro_batches)).backward()
             losses += torch.stack([out.lm_loss.detach(), out.mtp_loss.detach()]).float()
             for j, moe in self.moe_layers.items():
                 loads[j] += moe.tokens_per_expert
@@ -175,7 +186,7 @@ class PipelineStep(Step):
     def accumulate(self, micro_batches):
         losses, loads = self._zeros()
         for inputs, targets in micro_batches:
-            with self.autocast:
+            with phase("pipeline"), self.autocast:  # forward and backward, interleaved
                 loss = self.pipeline.step(inputs, targets)
             if loss is not None:  # the last stage
                 losses[0] += loss.float()

@@ -5,8 +5,10 @@ autocast on one GPU, profiled with torch.profiler.
         [--micro-batch 4] [--compile] [--top 30] [--json out.json]
 
 Prints the step time, the share of it the GPU was busy (kernel time over wall time),
-and the kernels by total time, grouped into families (GEMM, attention, elementwise,
-reductions, copies, ...), so that an optimisation can be aimed at what dominates.
+where it sat idle (the gaps between kernels by length, the longest with the step phase
+they began in), and the kernels by total time, grouped into families (GEMM, attention,
+elementwise, reductions, copies, ...), so that an optimisation can be aimed at what
+dominates.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import torch
 from trainer.config import load_config
 from trainer.model import Transformer
 from trainer.optim import build_optimizer
-from trainer.profiling import kernel_times
+from trainer.profiling import describe_gaps, idle_gaps, kernel_times
+from trainer.step import phase
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,11 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
 
     def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with phase("forward"), torch.autocast("cuda", dtype=torch.bfloat16):
             out = model(inputs, targets)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        with phase("backward"):
+            out.loss.backward()
+        with phase("optimizer"):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
     for _ in range(3):
         step()
@@ -91,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
           f"MFU {'-' if mfu is None else f'{100 * mfu:.1f}%'} | "
           f"kernel time {busy_ms:.1f} ms ({100 * busy_ms / (step_s * 1e3):.0f}% of the step) | "
           f"{n_kernels:.0f} kernels | peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    gaps = idle_gaps(prof.events(), args.steps)
+    print(describe_gaps(gaps))
     print("\nby family (ms per step):")
     for fam, ms in sorted(by_family.items(), key=lambda kv: -kv[1]):
         print(f"  {fam:<20} {ms:8.2f}  {100 * ms / busy_ms:5.1f}%")
@@ -100,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"step_ms": step_s * 1e3, "tokens_per_s": mbs * seq / step_s, "mfu": mfu,
-                       "kernel_ms": busy_ms, "by_family": by_family,
+                       "kernel_ms": busy_ms, "by_family": by_family, "idle_gaps": gaps,
                        "kernels": {k: v for k, v in kernels.items()}}, fh, indent=1)
     return 0
 
