@@ -49,6 +49,7 @@ def _is_kernel(evt) -> bool:
     import torch
 
     return (evt.device_type == torch.autograd.DeviceType.CUDA and "#" not in evt.name
+            and not evt.name.startswith(PHASE)
             and not getattr(evt, "is_user_annotation", False))
 
 

@@ -25,6 +25,7 @@ def test_idle_gaps_by_length_and_phase():
         event("dsk.forward", 0, 1000, CPU, annotation=True),
         event("dsk.optimizer", 1000, 4000, CPU, annotation=True),
         event("dsk.forward", 0, 1000, CUDA, annotation=True),  # mirrored range
+        event("dsk.optimizer", 1000, 4000, CUDA),  # mirrored, where torch does not say so
         event("Optimizer.step#AdamW.step", 1000, 4000, CUDA),
         event("gemm", 10, 500),
         event("norm", 400, 600),  # overlaps the gemm: no gap between them
