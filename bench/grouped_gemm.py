@@ -24,8 +24,8 @@ not multiples of anything (for the compiled whole experts, in runs of 16 slots).
   activation operand: what FP8 routed experts could gain at the config's shapes.
 - ``fp8experts``: the whole routed experts, forward + backward, compiled, in bf16
   (GroupedExperts) against FP8 (trainer.model.fp8_experts.Fp8GroupedExperts) on the
-  same routed groups, and each of the FP8 path's cast kernels alone (GB/s counting the
-  bytes each reads and writes once).
+  same routed groups (in runs of 16 slots, as for ``experts``), and each of the FP8
+  path's cast kernels alone (GB/s counting the bytes each reads and writes once).
 
     python bench/grouped_gemm.py --config wide --micro-batch 12 --cases fp8 --out fp8gg.json
     python bench/grouped_gemm.py --config wide --micro-batch 12 --cases fp8experts \
@@ -345,7 +345,7 @@ def main() -> int:
         try:
             rows = (kernel_cases(counts, dim, hidden) if case == "kernels"
                     else fp8_cases(counts, dim, hidden) if case == "fp8"
-                    else fp8_expert_cases(counts, dim, hidden) if case == "fp8experts"
+                    else fp8_expert_cases(counts16, dim, hidden) if case == "fp8experts"
                     else expert_cases(counts16, dim, hidden))
         except Exception as exc:
             rows = [{"case": case, "error": repr(exc)[:2000]}]
