@@ -82,3 +82,23 @@ def test_tiny_trains_compiled_in_bf16(tmp_path):
     assert summary["last_loss"] < summary["first_loss"] - 1.0, summary
     assert summary["mfu"] is not None and 0 < summary["mfu"] < 1, summary
     assert "bf16 on cuda" in proc.stdout
+
+
+def test_a_profiled_step_says_where_the_gpu_idled(tmp_path):
+    """--profile-step on a GPU: the kernel time is the kernels' alone (the step phases'
+    device-side ranges left out, or busy would exceed the step), and the idle gaps are
+    reported by length."""
+    import re
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer.train", "--config",
+         str(ROOT / "trainer" / "configs" / "tiny.toml"), "--out", str(tmp_path / "run"),
+         "--steps", "4", "--profile-step", "3"],
+        cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("profile of step 3"))
+    match = re.search(r"profile of step 3: ([\d.]+) ms, kernels ([\d.]+) ms \((\d+)%\)", line)
+    assert match, line
+    step_ms, kernel_ms = float(match[1]), float(match[2])
+    assert 0 < kernel_ms <= step_ms, line
+    assert re.search(r"GPU idle [\d.]+ ms per step: ", line), line
