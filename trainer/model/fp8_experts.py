@@ -241,7 +241,9 @@ def launch_rows(launch, x: torch.Tensor, q: torch.Tensor, inv: torch.Tensor,
     cols = x.size(-1)
     x2 = x.reshape(-1, cols)
     rows = x2.size(0)
-    group = group or max(rows, 1)
+    if rows == 0:  # no token reached these experts (an expert-parallel rank can see none)
+        return
+    group = group or rows
     out_group = out_group or group
     per, block = _rows_per_program(cols)
     launch(_rows_kernel)[(triton.cdiv(rows, per),)](
@@ -272,6 +274,8 @@ def launch_weight_cols(launch, a: torch.Tensor, b: torch.Tensor | None, q: torch
 def launch_swiglu(launch, h: torch.Tensor, out: torch.Tensor, q: torch.Tensor,
                   inv: torch.Tensor) -> None:
     rows, inter = h.size(0), h.size(1) // 2
+    if rows == 0:
+        return
     per, block = _rows_per_program(inter)
     launch(_swiglu_kernel)[(triton.cdiv(rows, per),)](
         h, out, q, inv, rows, inter, per, block, num_warps=8 if block >= 2048 else 4)
@@ -280,6 +284,8 @@ def launch_swiglu(launch, h: torch.Tensor, out: torch.Tensor, q: torch.Tensor,
 def launch_swiglu_backward(launch, h: torch.Tensor, grad: torch.Tensor, dh: torch.Tensor,
                            q: torch.Tensor, inv: torch.Tensor) -> None:
     rows, inter = h.size(0), h.size(1) // 2
+    if rows == 0:
+        return
     per, block = _rows_per_program(inter)
     launch(_swiglu_backward_kernel)[(triton.cdiv(rows, per),)](
         h, grad, dh, q, inv, rows, inter, per, block, num_warps=8 if block >= 2048 else 4)
