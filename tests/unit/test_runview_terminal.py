@@ -178,6 +178,10 @@ def _run_in_tmux(argv: list[str], env: dict[str, str], cwd: Path, tmp_path: Path
         subprocess.run([tmux, "-S", sock, "kill-server"], check=False)
 
 
+# the status area while the last task runs: the task, and under it the hosts done
+STATUS = r"task 3: Wait a little[^\n]*\n[^\n]*hosts \d+/\d+ done"
+
+
 @pytest.mark.parametrize("terminal", ["pty", "tmux"])
 def test_a_failure_on_one_node_stays_on_screen(tmp_path, terminal):
     argv = _setup(tmp_path)
@@ -198,7 +202,9 @@ def test_a_failure_on_one_node_stays_on_screen(tmp_path, terminal):
             code = frame
             break
         screens.append(frame)
-        if seen_status is None and re.search(r"task 3: Wait a little", frame):
+        # a frame may catch the status area half drawn (its task line, not yet the hosts
+        # line under it): only a frame that holds both counts
+        if seen_status is None and re.search(STATUS, frame):
             seen_status = frame
         assert time.monotonic() < deadline, screens[-1]
     final = screens[-1]
@@ -206,7 +212,7 @@ def test_a_failure_on_one_node_stays_on_screen(tmp_path, terminal):
         # On a busy machine one read can hold a status area's draw and its erasure, so that
         # no rendered frame shows it; the bytes the terminal got still hold every draw.
         stream = b"".join(raw).decode("utf-8", "replace")
-        drawn = re.search(r"task 3: Wait a little[^\n]*\n[^\n]*hosts \d+/\d+ done", stream)
+        drawn = re.search(STATUS, stream)
         seen_status = drawn.group(0) if drawn else None
 
     assert code == 1, final
