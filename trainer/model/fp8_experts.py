@@ -189,8 +189,9 @@ if triton is not None:
         tl.store(inv_ptr + e * kdim + k, 1.0 / scale, mask=kmask)
 
     @triton.jit
-    def _swiglu_kernel(h_ptr, out_ptr, q_ptr, inv_ptr, rows, inter,
-                       R: tl.constexpr, BLOCK: tl.constexpr):
+    def _halves(h_ptr, rows, inter, R: tl.constexpr, BLOCK: tl.constexpr):
+        # this program's R rows of h = [x | y] (rows, 2 inter), in float32: the rows, which
+        # exist, the mask of the block, where x's elements are in h, x and y
         r = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
         c = tl.arange(0, BLOCK)
         live = r < rows
@@ -198,8 +199,14 @@ if triton is not None:
         at = r[:, None] * 2 * inter + c[None, :]
         x = tl.load(h_ptr + at, mask=mask, other=0.0).to(tl.float32)
         y = tl.load(h_ptr + at + inter, mask=mask, other=0.0).to(tl.float32)
+        return r, live, mask, at, x, y
+
+    @triton.jit
+    def _swiglu_kernel(h_ptr, out_ptr, q_ptr, inv_ptr, rows, inter,
+                       R: tl.constexpr, BLOCK: tl.constexpr):
+        r, live, mask, _at, x, y = _halves(h_ptr, rows, inter, R, BLOCK)
         out = x * tl.sigmoid(x) * y
-        to = r[:, None] * inter + c[None, :]
+        to = r[:, None] * inter + tl.arange(0, BLOCK)[None, :]
         tl.store(out_ptr + to, out.to(out_ptr.dtype.element_ty), mask=mask)
         scale = _pow2_scale(tl.max(tl.abs(out), axis=1))
         q = tl.clamp(out * scale[:, None], -_MAX, _MAX)
@@ -209,14 +216,9 @@ if triton is not None:
     @triton.jit
     def _swiglu_backward_kernel(h_ptr, g_ptr, dh_ptr, q_ptr, inv_ptr, rows, inter,
                                 R: tl.constexpr, BLOCK: tl.constexpr):
-        r = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
-        c = tl.arange(0, BLOCK)
-        live = r < rows
-        mask = live[:, None] & (c[None, :] < inter)
-        at = r[:, None] * 2 * inter + c[None, :]
-        x = tl.load(h_ptr + at, mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(h_ptr + at + inter, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + r[:, None] * inter + c[None, :], mask=mask, other=0.0)
+        r, live, mask, at, x, y = _halves(h_ptr, rows, inter, R, BLOCK)
+        g = tl.load(g_ptr + r[:, None] * inter + tl.arange(0, BLOCK)[None, :], mask=mask,
+                    other=0.0)
         g = g.to(tl.float32)
         s = tl.sigmoid(x)
         dx = g * y * s * (1.0 + x * (1.0 - s))  # d silu(x) / dx = s (1 + x (1 - s))
