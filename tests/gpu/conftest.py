@@ -35,3 +35,16 @@ def gpu_out(tmp_path) -> Path:
     out = Path(os.environ.get("DSK_GPU_OUT") or tmp_path / "gpu-out")
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+@pytest.fixture
+def fp8_grouped_gpu() -> None:
+    """Skip, saying why, on a GPU that torch's FP8 grouped GEMM does not run on (the
+    routed experts' FP8 path, trainer.model.fp8_experts)."""
+    import torch
+
+    from trainer.model.fp8_experts import CAPABILITIES
+
+    if torch.cuda.get_device_capability() not in CAPABILITIES:
+        pytest.skip(f"{torch.cuda.get_device_name()}: torch's FP8 grouped GEMM needs "
+                    f"compute capability {' or '.join(f'{a}.{b}' for a, b in CAPABILITIES)}")

@@ -136,17 +136,8 @@ def test_fp8_trains_compiled(tmp_path):
     assert abs(fp8[-1] - bf16[-1]) / bf16[-1] < 0.03, (fp8, bf16)
 
 
-def _experts_gpu():
-    from trainer.model.fp8_experts import CAPABILITIES
-
-    if torch.cuda.get_device_capability() not in CAPABILITIES:
-        pytest.skip(f"{torch.cuda.get_device_name()}: torch's FP8 grouped GEMM needs "
-                    "compute capability 9.0 or 10.0")
-
-
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
-def test_fp8_experts_loss_follows_bf16(tmp_path, compile, bf16_losses):
-    _experts_gpu()
+def test_fp8_experts_loss_follows_bf16(tmp_path, compile, bf16_losses, fp8_grouped_gpu):
     steps = 30 if not compile else 12
     bf16 = bf16_losses if not compile else _train(tmp_path, "off", compile=True, steps=steps)
     fp8 = _train(tmp_path, "off", compile=compile, steps=steps, experts="rowwise")

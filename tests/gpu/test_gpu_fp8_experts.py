@@ -18,12 +18,6 @@ pytestmark = pytest.mark.skipif(f8.triton is None, reason="Triton is not install
 STEP = 2.0 ** -3  # neighbouring e4m3 values differ by at most 1/8 of the larger
 
 
-def _fp8_gpu():
-    if torch.cuda.get_device_capability() not in f8.CAPABILITIES:
-        pytest.skip(f"{torch.cuda.get_device_name()}: torch's FP8 grouped GEMM needs "
-                    "compute capability 9.0 or 10.0")
-
-
 def rel(a, b) -> float:
     return float((a.detach().float() - b.detach().float()).norm() / b.detach().float().norm())
 
@@ -102,8 +96,7 @@ def _run(experts, fn, x, counts):
     return [out.detach().float(), *(t.grad.clone() for t in (x, *experts.parameters()))]
 
 
-def test_function_matches_its_cpu_emulation_and_the_bf16_experts():
-    _fp8_gpu()
+def test_function_matches_its_cpu_emulation_and_the_bf16_experts(fp8_grouped_gpu):
     experts = _experts()
     counts = torch.tensor(COUNTS, device="cuda")
     x = torch.randn(int(counts.sum()), 256, device="cuda").to(torch.bfloat16)
@@ -130,8 +123,7 @@ def test_function_matches_its_cpu_emulation_and_the_bf16_experts():
         assert got[3][e].abs().max() == 0 and got[4][e].abs().max() == 0
 
 
-def test_compiled_module_matches_eager():
-    _fp8_gpu()
+def test_compiled_module_matches_eager(fp8_grouped_gpu):
     experts = _experts()
     experts.__class__ = f8.Fp8GroupedExperts
     counts = torch.tensor(COUNTS, device="cuda")

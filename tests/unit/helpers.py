@@ -97,13 +97,18 @@ def dump_toml(doc: dict) -> str:
     return "\n".join(lines)
 
 
-def tiny_config(tmp: Path, name: str, **sections) -> Path:
-    """tiny.toml with ``sections`` merged into its tables, written to tmp/<name>.toml."""
+def tiny_doc(**sections) -> dict:
+    """tiny.toml's tables with ``sections`` merged into them (a copy)."""
     doc = copy.deepcopy(TINY)
     for section, values in sections.items():
         doc.setdefault(section, {}).update(values)
+    return doc
+
+
+def tiny_config(tmp: Path, name: str, **sections) -> Path:
+    """tiny.toml with ``sections`` merged into its tables, written to tmp/<name>.toml."""
     path = tmp / f"{name}.toml"
-    path.write_text(dump_toml(doc))
+    path.write_text(dump_toml(tiny_doc(**sections)))
     return path
 
 

@@ -4,22 +4,17 @@ or stopped."""
 
 from __future__ import annotations
 
-import importlib.util
+import sys
 import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
 
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("gpu_fp8", ROOT / "bench" / "gpu_fp8.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+import gpu_fp8 as bench  # noqa: E402
 
 
 def test_a_run_keeps_its_log_and_figures(tmp_path):
-    bench = _bench()
     log = tmp_path / "out-1.log"
     row = bench.run_one("tiny", {"training.micro_batch_size": 2}, 3, 1, tmp_path, 300, log)
     assert row["ok"], row
@@ -32,7 +27,6 @@ def test_a_run_keeps_its_log_and_figures(tmp_path):
 
 
 def test_a_refused_run_keeps_the_reason_in_its_log(tmp_path):
-    bench = _bench()
     log = tmp_path / "out-2.log"
     row = bench.run_one("tiny:off:rowwise", {}, 2, 0, tmp_path, 300, log)
     assert not row["ok"] and row["fp8_experts"] == "rowwise"

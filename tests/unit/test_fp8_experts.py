@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import tiny_config, tiny_doc
 
 from trainer.model import fp8_experts as f8
 from trainer.model.model import GroupedExperts
@@ -133,24 +134,13 @@ def test_fp8_experts_keep_the_full_precision_loop_on_the_cpu():
 # ---- training.fp8_experts: the option, its errors, the conversion ----
 
 def _config(value, **parallel):
-    import copy
-
-    from helpers import TINY
-
-    doc = copy.deepcopy(TINY)
-    doc["training"]["fp8_experts"] = value
-    doc.setdefault("parallel", {}).update(parallel)
-    return doc
+    return tiny_doc(training={"fp8_experts": value}, parallel=parallel)
 
 
 def test_fp8_experts_option_and_its_errors_name_the_field():
-    import copy
-
-    from helpers import TINY
-
     from trainer.config import InputError, parse_config
 
-    assert parse_config(copy.deepcopy(TINY)).training.fp8_experts == "off"
+    assert parse_config(tiny_doc()).training.fp8_experts == "off"
     assert parse_config(_config("rowwise")).training.fp8_experts == "rowwise"
     for value, parallel, words in (("tensorwise", {}, "rowwise"),
                                    ("rowwise", {"tp": 2, "dp_shard": 1}, "tp > 1")):
@@ -165,10 +155,7 @@ def test_fp8_experts_on_the_cpu_stop_the_run_naming_the_field(tmp_path):
     import sys
     from pathlib import Path
 
-    from helpers import dump_toml
-
-    cfg = tmp_path / "cfg.toml"
-    cfg.write_text(dump_toml(_config("rowwise")))
+    cfg = tiny_config(tmp_path, "cfg", training={"fp8_experts": "rowwise"})
     proc = subprocess.run([sys.executable, "-m", "trainer.train", "--config", str(cfg),
                            "--out", str(tmp_path / "run"), "--steps", "1"],
                           cwd=Path(__file__).resolve().parents[2], capture_output=True,

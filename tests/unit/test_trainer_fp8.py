@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, dump_toml
+from helpers import TINY, dump_toml, tiny_doc
 
 from trainer.config import InputError, parse_config
 
@@ -18,10 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def with_fp8(value, **parallel) -> dict:
-    doc = copy.deepcopy(TINY)
-    doc["training"]["fp8"] = value
-    doc.setdefault("parallel", {}).update(parallel)
-    return doc
+    return tiny_doc(training={"fp8": value}, parallel=parallel)
 
 
 def test_fp8_is_off_by_default_and_takes_the_recipes():
