@@ -242,10 +242,14 @@ def fp8_expert_cases(counts, dim: int, hidden: int) -> list[dict]:
     x = torch.randn(slots, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     rows = []
     for cls in (GroupedExperts, f8.Fp8GroupedExperts):
-        module.__class__ = cls
-        timed_case(rows, cls.__name__, lambda: module(x, counts).sum().backward(), flops,
+        # a module of its own per class, and a fresh compile: torch.compile caches a
+        # graph per code object, so one lambda over a module whose class is swapped
+        # would time the first class's graph twice
+        torch._dynamo.reset()
+        each = cls(counts.numel(), dim, hidden).cuda()
+        each.load_state_dict(module.state_dict())
+        timed_case(rows, cls.__name__, lambda m=each: m(x, counts).sum().backward(), flops,
                    {"rows": slots})
-    module.__class__ = GroupedExperts
     h = torch.randn(slots, 2 * hidden, device="cuda", dtype=torch.bfloat16)
     g = torch.randn(slots, hidden, device="cuda", dtype=torch.bfloat16)
     w1, w2, w3 = (w.detach() for w in (module.w1, module.w2, module.w3))
