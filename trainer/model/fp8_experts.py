@@ -405,19 +405,21 @@ class Fp8ExpertsFunction(torch.autograd.Function):
         gq, g_inv = fp8_rows(grad)
         w2tq, w2t_inv = fp8_weight_cols(w2)  # (E, I, D): w2^T, per input column of w2
         d_act = scaled_grouped_mm(gq, w2tq.transpose(-2, -1), g_inv, w2t_inv, offs)
-        # (E, I, D) = act^T grad per group: w2^T's gradient
-        dw2 = torch._grouped_mm(act.t(), grad, offs=offs)
+        # the weight gradients come out of their GEMMs in the parameters' own layout,
+        # (E, out, in) = grad^T act per group, so that handing them over is a plain cast
+        # (no transposing copy)
+        dw2 = torch._grouped_mm(grad.t(), act, offs=offs)  # (E, D, I)
         dh, dhq, dh_inv = swiglu_backward_fp8(h, d_act)
         w13tq, w13t_inv = fp8_weight_cols(w1, w3)  # (E, D, 2I)
         dx = scaled_grouped_mm(dhq, w13tq.transpose(-2, -1), dh_inv, w13t_inv, offs)
-        dw13 = torch._grouped_mm(x.t(), dh, offs=offs)  # (E, D, 2I): [w1 | w3]^T's
+        dw13 = torch._grouped_mm(dh.t(), x, offs=offs)  # (E, 2I, D): [w1 | w3]'s
         inter = w1.size(1)
 
-        def as_param(g, w):  # (E, in, out) -> w's (E, out, in), contiguous, w's dtype
-            return g.transpose(-2, -1).to(w.dtype, memory_format=torch.contiguous_format)
+        def as_param(g, w):  # w's dtype, contiguous (w1's and w3's halves are strided)
+            return g.to(w.dtype, memory_format=torch.contiguous_format)
 
-        return (dx.to(x.dtype), as_param(dw13[..., :inter], w1), as_param(dw2, w2),
-                as_param(dw13[..., inter:], w3), None)
+        return (dx.to(x.dtype), as_param(dw13[:, :inter], w1), as_param(dw2, w2),
+                as_param(dw13[:, inter:], w3), None)
 
 
 class Fp8GroupedExperts(GroupedExperts):
