@@ -128,6 +128,29 @@ def test_moe_matches_a_dense_reference():
     assert int(moe.tokens_per_expert.sum()) == 20
 
 
+def test_dispatch_and_combine_move_rows_as_the_routing_says_with_their_gradients():
+    """The MoE's two permutations (gathers both ways, trainer.model.model.PermuteRows):
+    row i of the dispatch is token order[i] // topk's; the combine sums each token's k
+    expert rows, weighted; both gradients are checked numerically."""
+    from trainer.model.model import combine, dispatch
+
+    torch.manual_seed(0)
+    tokens, topk, dim = 5, 3, 4
+    _, order = torch.randint(0, 4, (tokens * topk,)).sort(stable=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel())
+    x = torch.randn(tokens, dim, dtype=torch.float64, requires_grad=True)
+    y_sorted = torch.randn(tokens * topk, dim, dtype=torch.float64, requires_grad=True)
+    weights = torch.rand(tokens, topk, dtype=torch.float64, requires_grad=True)
+    assert torch.equal(dispatch(x, topk, order, rank), x[order // topk])
+    expected = torch.stack([sum(weights[t, k] * y_sorted[rank[t * topk + k]]
+                                for k in range(topk)) for t in range(tokens)])
+    assert torch.allclose(combine(y_sorted, weights, order, rank), expected)
+    assert torch.autograd.gradcheck(lambda a: dispatch(a, topk, order, rank), (x,))
+    assert torch.autograd.gradcheck(lambda a, w: combine(a, w, order, rank),
+                                    (y_sorted, weights))
+
+
 def test_mtp_adds_a_weighted_loss_and_gets_gradients():
     torch.manual_seed(0)
     model = Transformer(ModelArgs(mtp_depth=1, mtp_loss_weight=0.5))

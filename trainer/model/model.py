@@ -213,6 +213,42 @@ class AddBalanceLoss(torch.autograd.Function):
         return grad, torch.full((), ctx.scale, dtype=dtype, device=device), None
 
 
+class PermuteRows(torch.autograd.Function):
+    """``x``'s rows in the order ``index``, a permutation of them; ``inverse`` is its
+    inverse. The backward is a gather too (the gradient's rows taken back by ``inverse``),
+    so under torch.compile each direction fuses with what feeds it or reads it (the MoE's
+    combine becomes one gather-multiply-sum), and neither needs atomic adds, which
+    index_select's own backward (index_add) would use."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def dispatch(x: torch.Tensor, topk: int, order: torch.Tensor, rank: torch.Tensor
+             ) -> torch.Tensor:
+    """Each token's row (x: (T, D)) repeated top-k times, in expert order: slot ``order[i]``
+    (slot t * topk + k: token t's k-th expert) lands in row i; ``rank`` is ``order``'s
+    inverse. Backward: the gradient's rows back by ``rank``, each token's k rows summed."""
+    slots = x.unsqueeze(1).expand(-1, topk, -1).reshape(-1, x.size(-1))
+    return PermuteRows.apply(slots, order, rank)
+
+
+def combine(y_sorted: torch.Tensor, weights: torch.Tensor, order: torch.Tensor,
+            rank: torch.Tensor) -> torch.Tensor:
+    """The experts' rows (in expert order) back in slot order, weighted by the gate and
+    summed per token, in one fused pass under torch.compile: (T * topk, D) -> (T, D)."""
+    y = PermuteRows.apply(y_sorted, rank, order)
+    topk = weights.size(-1)
+    return (y.view(-1, topk, y.size(-1)) * weights.unsqueeze(-1).to(y.dtype)).sum(dim=1)
+
+
 def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, n_experts: int,
                           batch: int) -> torch.Tensor:
     """DeepSeek-V3's sequence-wise balance loss (eq. 17-20) without its weight: for each
@@ -310,15 +346,9 @@ class MoE(nn.Module):
         self.tokens_per_expert = counts.detach()
         rank = torch.empty_like(order)  # where each slot lands in that grouping
         rank[order] = torch.arange(order.numel(), device=order.device)
-        # Both moves are copies by a permutation (never a gather of repeated rows), so
-        # neither the forward nor the backward needs atomic adds: in, each token's row is
-        # repeated top-k times and the slots are scattered to their place in expert order
-        # (backward: a gather, then the sum of each token's k rows); out, the reverse.
-        slots = x.unsqueeze(1).expand(-1, self.topk, -1).reshape(-1, shape[-1])
-        x_sorted = torch.index_copy(torch.empty_like(slots), 0, rank, slots)
-        y_sorted = self.experts(x_sorted, counts)
-        y = torch.index_copy(torch.empty_like(y_sorted), 0, order, y_sorted)
-        y = (y.view(-1, self.topk, shape[-1]) * weights.unsqueeze(-1).to(y.dtype)).sum(dim=1)
+        # both moves are gathers by a permutation, forward and backward (PermuteRows)
+        y_sorted = self.experts(dispatch(x, self.topk, order, rank), counts)
+        y = combine(y_sorted, weights, order, rank)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         y = y.to(x.dtype).view(shape)

@@ -1,0 +1,143 @@
+"""The MoE layer's token permutation alone: the dispatch (each token's row repeated top-k
+times, in expert order) and the combine (the experts' rows back in slot order, weighted
+by the gate, summed per token), compiled, forward and forward + backward.
+
+    python bench/moe_permute.py --config trainer/configs/small.toml --out permute.json
+
+Two variants on the same routing (random top-k of the config's experts, seed 0):
+
+- gather: trainer.model.model's dispatch and combine, as the model runs them (both moves
+  gathers by a permutation, forward and backward, so the combine's gather fuses with its
+  weighted sum);
+- scatter: the same moves written as index_copy scatters (the model's code before the
+  gathers), whose combine writes the permuted rows out before the weighted sum reads them
+  back.
+
+The two are first checked to agree (outputs and gradients, eager). Sizes are the
+config's (tokens = micro-batch x sequence, --micro-batch and --seq-len override), on the
+GPU when there is one, else the CPU. Prints the median milliseconds of each and writes
+them as JSON with --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def scatter_dispatch(x, topk, order, rank):
+    import torch
+
+    slots = x.unsqueeze(1).expand(-1, topk, -1).reshape(-1, x.size(-1))
+    return torch.index_copy(torch.empty_like(slots), 0, rank, slots)
+
+
+def scatter_combine(y_sorted, weights, order, rank):
+    import torch
+
+    y = torch.index_copy(torch.empty_like(y_sorted), 0, order, y_sorted)
+    topk = weights.size(-1)
+    return (y.view(-1, topk, y.size(-1)) * weights.unsqueeze(-1).to(y.dtype)).sum(dim=1)
+
+
+def routing(tokens: int, topk: int, experts: int, device):
+    """Each token's top-k distinct experts at random, and the gate's weights: the
+    model's sort into expert order (order) and its inverse (rank)."""
+    import torch
+
+    g = torch.Generator(device=device).manual_seed(0)
+    scores = torch.rand(tokens, experts, device=device, generator=g)
+    weights, indices = scores.topk(topk, dim=-1)
+    _, order = indices.flatten().sort(stable=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=device)
+    return weights, order, rank
+
+
+def timed(fn, steps: int, device) -> float:
+    import torch
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    for _ in range(3):
+        fn()
+    sync()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=REPO / "trainer/configs/small.toml")
+    parser.add_argument("--micro-batch", type=int)
+    parser.add_argument("--seq-len", type=int)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from trainer.config import load_config
+    from trainer.model.model import combine, dispatch
+
+    cfg = load_config(args.config)
+    m, t = cfg.model, cfg.training
+    tokens = (args.micro_batch or t.micro_batch_size) * (args.seq_len or t.seq_len)
+    topk, dim = m.n_activated_experts, m.dim
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    weights, order, rank = routing(tokens, topk, m.n_routed_experts, device)
+    x = torch.randn(tokens, dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+    y_sorted = torch.randn(tokens * topk, dim, device=device, dtype=torch.bfloat16,
+                           requires_grad=True)
+    gx = torch.randn(tokens * topk, dim, device=device, dtype=torch.bfloat16)
+    gy = torch.randn(tokens, dim, device=device, dtype=torch.bfloat16)
+    variants = {"gather": (dispatch, combine), "scatter": (scatter_dispatch, scatter_combine)}
+
+    def moves(pair):
+        d, c = pair
+        return d(x, topk, order, rank), c(y_sorted, weights, order, rank)
+
+    results = {}
+    for name, pair in variants.items():
+        outs = moves(pair)
+        torch.autograd.backward(outs, (gx, gy))
+        results[name] = [o.detach() for o in outs] + [x.grad, y_sorted.grad]
+        x.grad = y_sorted.grad = None
+    agree = all(torch.equal(a, b) for a, b in zip(*results.values(), strict=True))
+    result = {"config": str(args.config), "device": str(device), "torch": torch.__version__,
+              "tokens": tokens, "topk": topk, "dim": dim, "agree": agree, "ms": {}}
+    if device.type == "cuda":
+        result["gpu"] = torch.cuda.get_device_name()
+    print(f"{tokens} tokens x top-{topk}, dim {dim}, on {device}; the variants agree: {agree}")
+    for name, pair in variants.items():
+        torch._dynamo.reset()
+        step = torch.compile(lambda pair=pair: moves(pair))
+        forward = timed(lambda step=step: step(), args.steps, device)
+
+        def both(step=step):
+            torch.autograd.backward(step(), (gx, gy))
+            x.grad = y_sorted.grad = None
+        result["ms"][name] = {"forward": forward, "forward+backward": timed(both, args.steps,
+                                                                           device)}
+        print(f"{name:>8}: forward {forward:8.2f} ms, forward + backward "
+              f"{result['ms'][name]['forward+backward']:8.2f} ms")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0 if agree else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
