@@ -52,12 +52,12 @@ def routing(tokens: int, topk: int, experts: int, device):
     model's sort into expert order (order) and its inverse (rank)."""
     import torch
 
+    from trainer.model.model import sort_slots
+
     g = torch.Generator(device=device).manual_seed(0)
     scores = torch.rand(tokens, experts, device=device, generator=g)
     weights, indices = scores.topk(topk, dim=-1)
-    _, order = indices.flatten().sort(stable=True)
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(order.numel(), device=device)
+    _, order, rank = sort_slots(indices)
     return weights, order, rank
 
 

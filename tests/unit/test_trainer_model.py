@@ -132,13 +132,12 @@ def test_dispatch_and_combine_move_rows_as_the_routing_says_with_their_gradients
     """The MoE's two permutations (gathers both ways, trainer.model.model.PermuteRows):
     row i of the dispatch is token order[i] // topk's; the combine sums each token's k
     expert rows, weighted; both gradients are checked numerically."""
-    from trainer.model.model import combine, dispatch
+    from trainer.model.model import combine, dispatch, sort_slots
 
     torch.manual_seed(0)
     tokens, topk, dim = 5, 3, 4
-    _, order = torch.randint(0, 4, (tokens * topk,)).sort(stable=True)
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(order.numel())
+    by_expert, order, rank = sort_slots(torch.randint(0, 4, (tokens, topk)))
+    assert by_expert.diff().ge(0).all() and torch.equal(rank[order], torch.arange(tokens * topk))
     x = torch.randn(tokens, dim, dtype=torch.float64, requires_grad=True)
     y_sorted = torch.randn(tokens * topk, dim, dtype=torch.float64, requires_grad=True)
     weights = torch.rand(tokens, topk, dtype=torch.float64, requires_grad=True)

@@ -231,6 +231,21 @@ class PermuteRows(torch.autograd.Function):
         return grad.index_select(0, inverse), None, None
 
 
+def sort_slots(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The routing's slots (slot t * topk + k: token t's k-th expert, ``indices`` (T, topk))
+    grouped by expert: each slot's expert in that grouping, ``order`` (row i of the
+    grouping is slot order[i]) and its inverse ``rank`` (the row each slot lands in)."""
+    by_expert, order = indices.flatten().sort(stable=True)
+    return by_expert, order, inverse_permutation(order)
+
+
+def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    """``rank`` with ``rank[order[i]] == i``: where each element of a permutation lands."""
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device)
+    return rank
+
+
 def dispatch(x: torch.Tensor, topk: int, order: torch.Tensor, rank: torch.Tensor
              ) -> torch.Tensor:
     """Each token's row (x: (T, D)) repeated top-k times, in expert order: slot ``order[i]``
@@ -336,16 +351,13 @@ class MoE(nn.Module):
             weights, indices, scores = self.gate(x, return_scores=True)
         else:
             weights, indices = self.gate(x)
-        flat = indices.flatten()  # slot t * topk + k: token t's k-th expert
-        by_expert, order = flat.sort(stable=True)  # slots grouped by expert
+        by_expert, order, rank = sort_slots(indices)
         # tokens per expert from the sorted slots' boundaries: fixed-size and free of
         # atomics (bincount would size its output from the data, so the host would wait
         # for the GPU, and the compiled graph would split, in every MoE layer)
-        experts = torch.arange(self.n_routed_experts + 1, device=flat.device)
+        experts = torch.arange(self.n_routed_experts + 1, device=indices.device)
         counts = torch.searchsorted(by_expert, experts).diff()
         self.tokens_per_expert = counts.detach()
-        rank = torch.empty_like(order)  # where each slot lands in that grouping
-        rank[order] = torch.arange(order.numel(), device=order.device)
         # both moves are gathers by a permutation, forward and backward (PermuteRows)
         y_sorted = self.experts(dispatch(x, self.topk, order, rank), counts)
         y = combine(y_sorted, weights, order, rank)

@@ -29,6 +29,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from trainer.model import GroupedExperts, MoE
+from trainer.model.model import PermuteRows, inverse_permutation
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -99,12 +100,12 @@ def _install_ep_forward(experts: GroupedExperts, mesh: DeviceMesh) -> None:
             for name, p in saved.items():
                 if isinstance(p, DTensor):
                     experts._parameters[name] = _ScaleGrad.apply(p.to_local(), 1.0 / ep)
-            y = local_run(experts, received[order], recv_counts.sum(dim=0))
+            back = inverse_permutation(order)
+            y = local_run(experts, PermuteRows.apply(received, order, back),
+                          recv_counts.sum(dim=0))
         finally:
             experts._parameters.update(saved)
-        back = torch.empty_like(order)
-        back[order] = torch.arange(order.numel(), device=order.device)
-        return all_to_all(y[back], in_splits, out_splits, group)
+        return all_to_all(PermuteRows.apply(y, back, order), in_splits, out_splits, group)
 
     experts.forward = forward
 
