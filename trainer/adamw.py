@@ -28,6 +28,15 @@ The arithmetic is torch's (decoupled weight decay first, then the moments, then 
 with bias corrections, in fp32), so the two agree to float rounding: a GPU test compares
 the kernel with torch over several steps with and without a scale, and a CPU test the
 sharded path with torch's optimizer on the same DTensors.
+
+``moments_dtype=torch.bfloat16`` keeps both moments in bf16 (``training.moments_dtype``),
+as DeepSeek-V3 trains: 4 bytes per parameter instead of 8, and 20 bytes of memory traffic
+per update instead of 28. The arithmetic stays fp32; each moment is rounded once, when it
+is stored. The kernel then runs with or without a scale (a scale of one stands in); every
+other path computes on fp32 copies of the moments and stores them back rounded, so all
+paths round alike. A checkpoint's moments, whatever their dtype, are held in the
+configured one from the next step on (torch's load_state_dict casts them to the
+parameter's).
 """
 
 from __future__ import annotations
@@ -108,8 +117,19 @@ class AdamW(torch.optim.AdamW):
     can (see the module's docstring); a ``grad_scale`` attribute divides every gradient as
     it is read, as torch's does."""
 
-    def __init__(self, params, **kwargs):
+    def __init__(self, params, moments_dtype: torch.dtype = torch.float32, **kwargs):
+        if moments_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"moments_dtype must be torch.float32 or torch.bfloat16, "
+                             f"not {moments_dtype}")
         super().__init__(params, fused=True, **kwargs)
+        self.moments_dtype = moments_dtype
+        self._ones: dict[torch.device, torch.Tensor] = {}
+
+    def _unit_scale(self, device: torch.device) -> torch.Tensor:
+        """A scale of one on ``device``, for the kernel when no scale is handed."""
+        if device not in self._ones:
+            self._ones[device] = torch.ones((), dtype=torch.float32, device=device)
+        return self._ones[device]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -138,7 +158,10 @@ class AdamW(torch.optim.AdamW):
         torch._foreach_add_(steps, 1)
         lr, (beta1, beta2) = float(group["lr"]), (float(b) for b in group["betas"])
         eps, decay = float(group["eps"]), float(group["weight_decay"])
-        if _kernel_usable(params, scale):
+        kernel_scale = scale
+        if scale is None and self.moments_dtype != torch.float32 and params[0].is_cuda:
+            kernel_scale = self._unit_scale(params[0].device)  # torch's kernel takes no bf16
+        if _kernel_usable(params, kernel_scale):
             with torch.cuda.device(params[0].device):  # Triton launches on the current one
                 for p, state in zip(params, states, strict=True):
                     local = _local(p)
@@ -146,35 +169,52 @@ class AdamW(torch.optim.AdamW):
                         continue
                     _adamw_kernel[(triton.cdiv(local.numel(), BLOCK),)](
                         local, _local(p.grad), _local(state["exp_avg"]),
-                        _local(state["exp_avg_sq"]), state["step"], scale, local.numel(),
-                        lr, beta1, beta2, eps, decay, BLOCK=BLOCK, num_warps=8)
+                        _local(state["exp_avg_sq"]), state["step"], kernel_scale,
+                        local.numel(), lr, beta1, beta2, eps, decay, BLOCK=BLOCK,
+                        num_warps=8)
             return
+        moments = [(_local(state["exp_avg"]), _local(state["exp_avg_sq"])) for state in states]
+        wide = [(m.float(), v.float()) for m, v in moments]  # the same tensors when fp32
         by_kind: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
             by_kind.setdefault((p.device, p.dtype), []).append(i)
         for (device, _), index in by_kind.items():
             torch._fused_adamw_(
                 [_local(params[i]) for i in index], [_local(params[i].grad) for i in index],
-                [_local(states[i]["exp_avg"]) for i in index],
-                [_local(states[i]["exp_avg_sq"]) for i in index], [],
+                [wide[i][0] for i in index], [wide[i][1] for i in index], [],
                 [steps[i] for i in index], lr=lr, beta1=beta1, beta2=beta2,
                 weight_decay=decay, eps=eps, amsgrad=False, maximize=False,
                 grad_scale=None if scale is None else scale.to(device), found_inf=None)
+        _store_rounded(moments, wide)
 
     def _torch_step(self, closure, scale: torch.Tensor | None):
         """torch's own step; a scale divides the gradients first (torch's fused step takes
-        none for DTensors), and is put back for the next step's clip to replace."""
-        if scale is None:
+        none for DTensors), and is put back for the next step's clip to replace. bf16
+        moments are widened to fp32 for it and rounded back after."""
+        if scale is None and self.moments_dtype == torch.float32:
             return super().step(closure)
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        divisor = float(scale)
-        for grad in grads:
-            grad.div_(divisor)
-        del self.grad_scale
+        if scale is not None:
+            divisor = float(scale)
+            for grad in grads:
+                grad.div_(divisor)
+            del self.grad_scale
+        narrow = self.moments_dtype != torch.float32
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if narrow:  # torch's step computes on the moments in their own dtype
+            for p in params:
+                state = self.state[p]
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if key in state:
+                        state[key] = state[key].float()
         try:
             return super().step(closure)
         finally:
-            self.grad_scale = scale
+            if scale is not None:
+                self.grad_scale = scale
+            if narrow:
+                for p in params:
+                    self._state_of(p)  # the step's fp32 moments, rounded to the configured dtype
 
     def _state_of(self, p: torch.Tensor) -> dict:
         """The parameter's state, made as torch's fused AdamW makes it on first use (for a
@@ -182,9 +222,23 @@ class AdamW(torch.optim.AdamW):
         state = self.state[p]
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        elif state["step"].device != p.device or state["step"].dtype != torch.float32:
+            for key in ("exp_avg", "exp_avg_sq"):
+                state[key] = torch.zeros_like(p, dtype=self.moments_dtype,
+                                              memory_format=torch.preserve_format)
+            return state
+        if state["step"].device != p.device or state["step"].dtype != torch.float32:
             # a checkpoint of torch's unfused AdamW keeps its steps on the CPU
             state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+        for key in ("exp_avg", "exp_avg_sq"):
+            if state[key].dtype != self.moments_dtype:  # loaded, or torch's step's fp32
+                state[key] = state[key].to(self.moments_dtype)
         return state
+
+
+def _store_rounded(moments: list[tuple[torch.Tensor, torch.Tensor]],
+                   wide: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Copy fp32 moments computed on widened copies back into narrower state tensors."""
+    for pair, wide_pair in zip(moments, wide, strict=True):
+        for kept, computed in zip(pair, wide_pair, strict=True):
+            if kept is not computed:
+                kept.copy_(computed)

@@ -63,6 +63,7 @@ class TrainingConfig:
     fp8: str = "off"  # or a torchao float8 recipe: tensorwise, rowwise, rowwise_with_gw_hp
     fp8_experts: str = "off"  # or "rowwise": the routed experts' grouped GEMMs in FP8
     loss_chunk_tokens: int = 0  # 0: the head's logits for the whole micro-batch at once
+    moments_dtype: str = "float32"  # or "bfloat16": AdamW's two moments (trainer.adamw)
 
 
 @dataclass

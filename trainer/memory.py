@@ -9,7 +9,8 @@ What the trainer keeps, per rank (trainer/step.py, trainer/optim.py, trainer/par
 - gradients in fp32, the parameters' dtype; they are set to None after each update, so a
   step without accumulation (and without pipeline micro-batches) holds none of them at
   its activation peak, at the end of the forward;
-- AdamW's two moments in fp32 (8 bytes per parameter);
+- AdamW's two moments in fp32 (8 bytes per parameter), or bf16 with
+  training.moments_dtype = "bfloat16" (4 bytes);
 - FSDP2 (dp_shard > 1) shards all three over dp_shard and gathers one group's fp32
   parameters at a time (a block; with ep > 1 a MoE block's routed experts are a group
   of their own), the next one prefetched, or the next parallel.fsdp_prefetch ones, and
@@ -79,6 +80,7 @@ class Layout:
     fsdp_bf16: bool = False  # parallel.fsdp_bf16
     fsdp_prefetch: int = 0  # parallel.fsdp_prefetch
     fp8_experts: bool = False  # training.fp8_experts is not "off"
+    moment_bytes: int = FP32  # training.moments_dtype: bytes of each of AdamW's moments
 
     @property
     def chunked_loss(self) -> bool:
@@ -111,7 +113,7 @@ def layout_of(cfg: TrainConfig, gpus: int) -> Layout:
                   t.grad_accum_steps, t.seq_len, t.activation_checkpoint, p.n_microbatches,
                   p.pp_schedule, t.compile, t.loss_chunk_tokens,
                   p.fsdp_reshard_after_forward, p.fsdp_bf16, p.fsdp_prefetch,
-                  t.fp8_experts != "off")
+                  t.fp8_experts != "off", BF16 if t.moments_dtype == "bfloat16" else FP32)
 
 
 # --------------------------------------------------------------------------- parameters
@@ -258,7 +260,8 @@ def _stage_estimate(m: ModelArgs, lay: Layout, stage: int) -> dict[str, float]:
     local = dense / lay.tp / shard + experts / shard
     items = {"parameters (fp32)": FP32 * local,
              "gradients (fp32)": FP32 * local,
-             "optimizer state (AdamW, fp32)": 2 * FP32 * local}
+             f"optimizer state (AdamW, {'fp32' if lay.moment_bytes == FP32 else 'bf16'})":
+                 2 * lay.moment_bytes * local}
     if fsdp:
         # one FSDP group gathered and the next prefetched (parallel.fsdp_prefetch N: the
         # next N, in trainer.parallel.apply.fsdp_order's order, where with ep > 1 each MoE

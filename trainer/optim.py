@@ -32,7 +32,8 @@ def build_optimizer(model, cfg: TrainConfig):
     # parameters, with the update in a Triton kernel on the GPU
     groups = [{"params": decay, "weight_decay": t.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+    optimizer = AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
+                      moments_dtype=getattr(torch, t.moments_dtype))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, t.warmup_steps, t.steps, t.min_lr_ratio))
     return optimizer, scheduler

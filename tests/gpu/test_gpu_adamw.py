@@ -172,3 +172,27 @@ def test_a_checkpoint_of_torchs_unfused_adamw_goes_on():
     for a, b in zip(first, ref, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
         assert opt.state[a]["step"].device == a.device
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["unscaled", "grad_scale"])
+def test_bf16_moments_run_the_kernel_and_round_once_per_step(scaled, launched):
+    """bf16 moments (training.moments_dtype) take the kernel with or without a scale, and
+    follow torch's fused AdamW whose moments are rounded to bf16 after every step."""
+    hyper = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
+    mine, ref = _params(), _params()
+    opt = adamw.AdamW(_groups(mine), moments_dtype=torch.bfloat16, **hyper)
+    expected = torch.optim.AdamW(_groups(ref), fused=True, **hyper)
+    for i in range(6):
+        _run(opt, mine, 1, scaled)
+        _run(expected, ref, 1, scaled)
+        for state in expected.state.values():
+            for key in ("exp_avg", "exp_avg_sq"):
+                state[key].copy_(state[key].to(torch.bfloat16))
+        assert len(launched) == (i + 1) * len(mine)
+    for a, b in zip(mine, ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert opt.state[a][key].dtype == torch.bfloat16
+            # the same fp32 value rounded; a one-ulp difference where fp32 rounding differs
+            torch.testing.assert_close(opt.state[a][key].float(), expected.state[b][key],
+                                       atol=1e-6, rtol=8e-3)

@@ -49,6 +49,12 @@ def test_the_estimate_counts_every_parameter_once(name):
     est = memory.estimate(cfg, 1)
     assert est.items["parameters (fp32)"] == 4 * total
     assert est.items["optimizer state (AdamW, fp32)"] == 8 * total
+    # bf16 moments (training.moments_dtype): 4 bytes, everything else as before
+    narrow = memory.estimate(config(name, moments_dtype="bfloat16"), 1)
+    assert narrow.total == est.total - 4 * total
+    assert narrow.items.pop("optimizer state (AdamW, bf16)") == 4 * total
+    assert narrow.items == {k: v for k, v in est.items.items()
+                            if k != "optimizer state (AdamW, fp32)"}
 
 
 @pytest.mark.parametrize(("name", "micro_batch", "accumulation", "mtp", "measured"), MEASURED)

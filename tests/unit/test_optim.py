@@ -4,6 +4,7 @@ warmup-then-cosine schedule, and trainer/adamw.py's AdamW where the fused kernel
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -195,3 +196,126 @@ def test_amsgrad_takes_torchs_step_with_the_scale_applied_first(cpu_mesh):
     for a, b in zip(sharded, plain, strict=True):
         torch.testing.assert_close(a.to_local(), b, rtol=1e-6, atol=1e-7)
         assert "max_exp_avg_sq" in opt.state[a]
+
+
+# ---- training.moments_dtype = "bfloat16": both moments kept in bf16 ----
+
+
+def _round_moments(opt) -> None:
+    """What bf16 moments are, emulated on an fp32 optimizer: each moment rounded to bf16
+    once it is stored."""
+    for state in opt.state.values():
+        for key in ("exp_avg", "exp_avg_sq"):
+            state[key].copy_(state[key].to(torch.bfloat16))
+
+
+def _scales(i):
+    return None if i == 1 else torch.tensor(2.0 + i)  # one step without a scale
+
+
+def test_bf16_moments_are_the_fp32_update_rounded_once_per_step():
+    """On the CPU (torch's fused kernel on fp32 copies of the moments) bf16 moments equal
+    torch's fused AdamW whose moments are rounded to bf16 after every step, to the bit,
+    with and without a scale; they are bf16 tensors, half the state."""
+    torch.manual_seed(0)
+    base = [torch.randn(5, 7), torch.randn(11)]
+    mine = [torch.nn.Parameter(t.clone()) for t in base]
+    ref = [torch.nn.Parameter(t.clone()) for t in base]
+    hyper = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    opt = adamw.AdamW(mine, moments_dtype=torch.bfloat16, **hyper)
+    expected = torch.optim.AdamW(ref, fused=True, **hyper)
+    for i in range(4):
+        for a, b in zip(mine, ref, strict=True):
+            a.grad = torch.randn(a.shape) * (i + 1)
+            b.grad = a.grad.clone()
+        for o in (opt, expected):
+            o.grad_scale = _scales(i)
+            o.step()
+        _round_moments(expected)
+    for a, b in zip(mine, ref, strict=True):
+        assert torch.equal(a, b)
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert opt.state[a][key].dtype == torch.bfloat16
+            assert torch.equal(opt.state[a][key].float(), expected.state[b][key])
+    # not what fp32 moments give: the rounding is real
+    fp32 = [torch.nn.Parameter(t.clone()) for t in base]
+    plain = adamw.AdamW(fp32, **hyper)
+    torch.manual_seed(0)
+    for i in range(4):
+        for a, b in zip(fp32, mine, strict=True):
+            a.grad = b.grad.clone()
+        plain.grad_scale = _scales(i)
+        plain.step()
+    assert not torch.equal(plain.state[fp32[0]]["exp_avg"].to(torch.bfloat16).float(),
+                           plain.state[fp32[0]]["exp_avg"])
+
+
+def test_bf16_moments_on_sharded_parameters_and_through_torchs_step(cpu_mesh):
+    """DTensor parameters keep bf16 moments of their layout through the local update, and
+    amsgrad (torch's own step) widens them for its step and rounds them back; both follow
+    the same run on plain tensors with the moments rounded after each step."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    for amsgrad in (False, True):
+        sharded, plain = _sharded_pairs(cpu_mesh, [Shard(0)])
+        hyper = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, amsgrad=amsgrad)
+        opt = adamw.AdamW(sharded, moments_dtype=torch.bfloat16, **hyper)
+        ref = torch.optim.AdamW(plain, fused=True, **hyper)
+        for i in range(3):
+            for a, b in zip(sharded, plain, strict=True):
+                b.grad = torch.randn(b.shape) * (i + 1)
+                a.grad = DTensor.from_local(b.grad.clone(), cpu_mesh, [Shard(0)])
+            opt.grad_scale, ref.grad_scale = _scales(i), _scales(i)
+            opt.step()
+            ref.step()
+            _round_moments(ref)
+        for a, b in zip(sharded, plain, strict=True):
+            torch.testing.assert_close(a.to_local(), b, rtol=1e-6, atol=1e-7)
+            for key in ("exp_avg", "exp_avg_sq"):
+                state = opt.state[a][key]
+                assert isinstance(state, DTensor) and state.placements == a.placements
+                assert state.dtype == torch.bfloat16, (amsgrad, key)
+                torch.testing.assert_close(state.to_local().float(), ref.state[b][key],
+                                           rtol=1e-2, atol=1e-6)
+
+
+def test_a_checkpoints_moments_are_held_in_the_configured_dtype_from_the_next_step():
+    """torch's load_state_dict casts the moments to the parameter's dtype (fp32); the next
+    step stores them in bf16 again, and an fp32 checkpoint loads into a bf16 run."""
+    torch.manual_seed(0)
+    base = [torch.randn(5, 7), torch.randn(11)]
+    hyper = dict(lr=1e-2, betas=(0.9, 0.95))
+
+    def run(dtype, params, state=None):
+        opt = adamw.AdamW(params, moments_dtype=dtype, **hyper)
+        if state is not None:
+            opt.load_state_dict(state)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        return opt
+
+    first = [torch.nn.Parameter(t.clone()) for t in base]
+    saved = run(torch.float32, first).state_dict()
+    for dtype in (torch.bfloat16, torch.float32):
+        params = [torch.nn.Parameter(t.clone()) for t in first]
+        opt = run(dtype, params, copy.deepcopy(saved))  # torch's load keeps "step" shared
+        assert all(opt.state[p][key].dtype == dtype for p in params
+                   for key in ("exp_avg", "exp_avg_sq"))
+        assert float(opt.state[params[0]]["step"]) == 2
+
+
+def test_the_config_picks_the_moments_dtype_and_names_the_field_when_wrong():
+    from helpers import tiny_doc
+
+    from trainer.config import InputError, parse_config
+
+    cfg = load_config(ROOT / "trainer" / "configs" / "tiny.toml")
+    assert build_optimizer(Transformer(cfg.model), cfg)[0].moments_dtype == torch.float32
+    cfg.training.moments_dtype = "bfloat16"
+    assert build_optimizer(Transformer(cfg.model), cfg)[0].moments_dtype == torch.bfloat16
+    assert parse_config(tiny_doc(training={"moments_dtype": "bfloat16"})).training \
+        .moments_dtype == "bfloat16"
+    with pytest.raises(InputError) as err:
+        parse_config(tiny_doc(training={"moments_dtype": "float16"}), "cfg.toml")
+    assert err.value.field == "training.moments_dtype" and "cfg.toml" in str(err.value)
