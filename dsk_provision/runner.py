@@ -303,6 +303,10 @@ def _run_locked(ansible_runner: Any, project_dir: Path, playbook_name: str,
         "ANSIBLE_CONFIG": str(ANSIBLE_CFG),
         "ANSIBLE_ROLES_PATH": str(ROLES_DIR),
         "ANSIBLE_LOCAL_TEMP": str(private / "tmp"),
+        # modules run on this machine (delegate_to: localhost, local connections) unpack
+        # into TMPDIR; one killed mid-task (an interrupted or timed-out run) leaves its
+        # files in the run's record, not in the system's temp
+        "TMPDIR": str(private / "tmp"),
         "ANSIBLE_NOCOLOR": "1",
         "ANSIBLE_FORCE_COLOR": "0",
         "ANSIBLE_RETRY_FILES_ENABLED": "0",

@@ -149,6 +149,15 @@ def test_a_silent_playbook_is_stopped_after_the_idle_timeout(tmp_path):
     pids = [int((tmp_path / n).read_text()) for n in ("sleeper.pid", "escaped.pid")]
     assert not _wait_gone(pids), "the task's processes outlived the run"
     assert signal.getsignal(signal.SIGTERM) is before  # handlers are the run's only
+    _payload_left_in_the_run(tmp_path)
+
+
+def _payload_left_in_the_run(tmp_path: Path) -> None:
+    """The killed task's module unpacked itself into the run's own temp directory (the
+    run's TMPDIR), where its files stay with the run's record instead of in the system's
+    temp. A module unpacks once, so there is none of it in the system's temp."""
+    left = list((tmp_path / "runs").glob("*-unit/ansible/tmp/ansible_*_payload_*"))
+    assert [p.name.split("_payload_")[0] for p in left] == ["ansible_ansible.legacy.command"]
 
 
 # --------------------------------------------------------------------------- signals
@@ -228,6 +237,7 @@ def test_a_signal_stops_the_playbook_writes_the_recap_and_exits_128_plus_it(tmp_
     assert recap["running"] == {"localhost": "Sleep for a long time, silently"}
     log = next((tmp_path / "runs").glob("*-unit/hosts/localhost.log")).read_text()
     assert f"interrupted by {sig.name}" in log
+    _payload_left_in_the_run(tmp_path)
 
 
 def test_exit_codes_of_signals():
