@@ -35,7 +35,7 @@ per update instead of 28. The arithmetic stays fp32; each moment is rounded once
 is stored. The kernel then runs with or without a scale (a scale of one stands in); every
 other path computes on fp32 copies of the moments and stores them back rounded, so all
 paths round alike. A checkpoint's moments, whatever their dtype, are held in the
-configured one from the next step on (torch's load_state_dict casts them to the
+configured one as soon as they are loaded (torch's load_state_dict casts them to the
 parameter's).
 """
 
@@ -216,6 +216,19 @@ class AdamW(torch.optim.AdamW):
                 for p in params:
                     self._state_of(p)  # the step's fp32 moments, rounded to the configured dtype
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's, which casts the moments to each parameter's dtype (fp32); they are held
+        in the configured dtype again at once, so no fp32 copy lives into the next step's
+        activation peak."""
+        super().load_state_dict(state_dict)
+        for p in self.state:
+            self._narrow(self.state[p])
+
+    def _narrow(self, state: dict) -> None:
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state and state[key].dtype != self.moments_dtype:
+                state[key] = state[key].to(self.moments_dtype)
+
     def _state_of(self, p: torch.Tensor) -> dict:
         """The parameter's state, made as torch's fused AdamW makes it on first use (for a
         DTensor, moments of its layout)."""
@@ -229,9 +242,7 @@ class AdamW(torch.optim.AdamW):
         if state["step"].device != p.device or state["step"].dtype != torch.float32:
             # a checkpoint of torch's unfused AdamW keeps its steps on the CPU
             state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
-        for key in ("exp_avg", "exp_avg_sq"):
-            if state[key].dtype != self.moments_dtype:  # loaded, or torch's step's fp32
-                state[key] = state[key].to(self.moments_dtype)
+        self._narrow(state)  # torch's step's fp32 moments (_torch_step)
         return state
 
 

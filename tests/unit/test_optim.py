@@ -279,9 +279,10 @@ def test_bf16_moments_on_sharded_parameters_and_through_torchs_step(cpu_mesh):
                                            rtol=1e-2, atol=1e-6)
 
 
-def test_a_checkpoints_moments_are_held_in_the_configured_dtype_from_the_next_step():
-    """torch's load_state_dict casts the moments to the parameter's dtype (fp32); the next
-    step stores them in bf16 again, and an fp32 checkpoint loads into a bf16 run."""
+def test_a_checkpoints_moments_are_held_in_the_configured_dtype_once_loaded():
+    """torch's load_state_dict casts the moments to the parameter's dtype (fp32); they are
+    bf16 again before any step (no fp32 copy lives into the next step's peak), and a
+    checkpoint of either dtype loads into a run of either."""
     torch.manual_seed(0)
     base = [torch.randn(5, 7), torch.randn(11)]
     hyper = dict(lr=1e-2, betas=(0.9, 0.95))
@@ -290,19 +291,22 @@ def test_a_checkpoints_moments_are_held_in_the_configured_dtype_from_the_next_st
         opt = adamw.AdamW(params, moments_dtype=dtype, **hyper)
         if state is not None:
             opt.load_state_dict(state)
+            assert all(opt.state[p][key].dtype == dtype for p in params
+                       for key in ("exp_avg", "exp_avg_sq"))
         for p in params:
             p.grad = torch.ones_like(p)
         opt.step()
         return opt
 
-    first = [torch.nn.Parameter(t.clone()) for t in base]
-    saved = run(torch.float32, first).state_dict()
-    for dtype in (torch.bfloat16, torch.float32):
-        params = [torch.nn.Parameter(t.clone()) for t in first]
-        opt = run(dtype, params, copy.deepcopy(saved))  # torch's load keeps "step" shared
-        assert all(opt.state[p][key].dtype == dtype for p in params
-                   for key in ("exp_avg", "exp_avg_sq"))
-        assert float(opt.state[params[0]]["step"]) == 2
+    for saved_dtype in (torch.float32, torch.bfloat16):
+        first = [torch.nn.Parameter(t.clone()) for t in base]
+        saved = run(saved_dtype, first).state_dict()
+        for dtype in (torch.bfloat16, torch.float32):
+            params = [torch.nn.Parameter(t.clone()) for t in first]
+            opt = run(dtype, params, copy.deepcopy(saved))  # torch's load shares "step"
+            assert all(opt.state[p][key].dtype == dtype for p in params
+                       for key in ("exp_avg", "exp_avg_sq"))
+            assert float(opt.state[params[0]]["step"]) == 2
 
 
 def test_the_config_picks_the_moments_dtype_and_names_the_field_when_wrong():

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -117,6 +118,33 @@ def test_resume_continues_like_an_uninterrupted_run(tmp_path, nproc):
         assert abs(m["loss"] - expected[m["step"]]) < RESUME_TOLERANCE, (m, expected)
         assert m["lr"] == pytest.approx(next(f["lr"] for f in full if f["step"] == m["step"]))
     assert (resumed_dir / "step-000006" / "COMPLETE").is_file()  # replaced by a full save
+
+
+def test_bf16_moments_are_saved_as_bf16_and_resume_like_an_uninterrupted_run(tmp_path):
+    """training.moments_dtype = "bfloat16" under FSDP2 (two processes): the checkpoint
+    holds both moments in bf16, and a run resumed from it follows the run that went on."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    cfg = tiny_config(tmp_path, "m16", training={"moments_dtype": "bfloat16"},
+                      checkpoint={"interval": 4, "keep_last": 2})
+    _, full = train(cfg, tmp_path / "full", nproc=2, steps=8)
+    ckpt = tmp_path / "full" / "checkpoints" / "step-000004"
+    meta = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    moments = {k: v.properties.dtype for k, v in meta.items()
+               if k.startswith("optim.") and k.endswith(("exp_avg", "exp_avg_sq"))}
+    from trainer.config import load_config
+    from trainer.model import Transformer
+
+    trained = [p for p in Transformer(load_config(cfg).model).parameters() if p.requires_grad]
+    assert len(moments) == 2 * len(trained) and set(moments.values()) == {torch.bfloat16}
+    resumed = tmp_path / "resumed" / "checkpoints"
+    resumed.mkdir(parents=True)
+    shutil.copytree(ckpt, resumed / "step-000004")
+    proc, logged = train(cfg, tmp_path / "resumed", nproc=2, steps=8)
+    assert "resumed from" in proc.stdout and "step-000004" in proc.stdout
+    expected = losses(full)
+    for m in logged:
+        assert abs(m["loss"] - expected[m["step"]]) < RESUME_TOLERANCE, (m, expected)
 
 
 def test_activation_checkpointing_and_mtp_and_shards(tmp_path):
