@@ -173,19 +173,26 @@ class AdamW(torch.optim.AdamW):
                         local.numel(), lr, beta1, beta2, eps, decay, BLOCK=BLOCK,
                         num_warps=8)
             return
-        moments = [(_local(state["exp_avg"]), _local(state["exp_avg_sq"])) for state in states]
-        wide = [(m.float(), v.float()) for m, v in moments]  # the same tensors when fp32
+        # one launch per device and dtype; with narrower moments one per parameter, so
+        # that only one parameter's fp32 copies of them exist at a time
+        narrow = self.moments_dtype != torch.float32
         by_kind: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
-            by_kind.setdefault((p.device, p.dtype), []).append(i)
-        for (device, _), index in by_kind.items():
+            by_kind.setdefault((p.device, p.dtype, i if narrow else 0), []).append(i)
+        for (device, _, _), index in by_kind.items():
+            kept = [(_local(states[i]["exp_avg"]), _local(states[i]["exp_avg_sq"]))
+                    for i in index]
+            wide = [(m.float(), v.float()) for m, v in kept]  # the same tensors when fp32
             torch._fused_adamw_(
                 [_local(params[i]) for i in index], [_local(params[i].grad) for i in index],
-                [wide[i][0] for i in index], [wide[i][1] for i in index], [],
+                [m for m, _ in wide], [v for _, v in wide], [],
                 [steps[i] for i in index], lr=lr, beta1=beta1, beta2=beta2,
                 weight_decay=decay, eps=eps, amsgrad=False, maximize=False,
                 grad_scale=None if scale is None else scale.to(device), found_inf=None)
-        _store_rounded(moments, wide)
+            if narrow:
+                for pair, wide_pair in zip(kept, wide, strict=True):
+                    for moment, computed in zip(pair, wide_pair, strict=True):
+                        moment.copy_(computed)
 
     def _torch_step(self, closure, scale: torch.Tensor | None):
         """torch's own step; a scale divides the gradients first (torch's fused step takes
@@ -244,12 +251,3 @@ class AdamW(torch.optim.AdamW):
             state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
         self._narrow(state)  # torch's step's fp32 moments (_torch_step)
         return state
-
-
-def _store_rounded(moments: list[tuple[torch.Tensor, torch.Tensor]],
-                   wide: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Copy fp32 moments computed on widened copies back into narrower state tensors."""
-    for pair, wide_pair in zip(moments, wide, strict=True):
-        for kept, computed in zip(pair, wide_pair, strict=True):
-            if kept is not computed:
-                kept.copy_(computed)
