@@ -23,7 +23,9 @@ What the trainer keeps, per rank (trainer/step.py, trainer/optim.py, trainer/par
   gradients;
 - activations, per token of a micro-batch (``activation_bytes_per_token``): what
   autograd saves in each block for backward under torch.compile (bf16 matmul inputs and
-  outputs, the attention's q, k, v, output and log-sum-exp, the router's fp32 scores),
+  outputs, among them the SwiGLU products that w2's backward reads, the attention's q,
+  k, v (a view of the whole kv projection), output and log-sum-exp, the router's bf16
+  input and logits; measured on the CPU with saved-tensor hooks, docs/trainer.md),
   with "selective" checkpointing the block input and the matmul and attention outputs
   only, with "full" only the block input (one block is recomputed at a time); plus the
   output head's bf16 logits (and with MTP its block and a second head); tp divides them
@@ -53,9 +55,9 @@ from trainer.model.args import ModelArgs
 
 GIB = 2**30
 FP8, BF16, FP32 = 1, 2, 4
-# Fitted to the four one-H200 peaks of docs/benchmarks.md (see docs/trainer.md).
-ACTIVATION_SCALE = 0.95
-OVERHEAD_GIB = 1.75
+# Fitted to the one-H200 peaks of the current code in docs/benchmarks.md (docs/trainer.md).
+ACTIVATION_SCALE = 0.93
+OVERHEAD_GIB = 0.5
 CHECKPOINT_MODES = ("none", "selective", "full")
 
 
@@ -169,6 +171,7 @@ def attention_activation_bytes(m: ModelArgs, mode: str) -> float:
     q_lora = 2 * BF16 * m.q_lora_rank if m.q_lora_rank else 0
     return (BF16 * (2 * d                                       # input, normed input
                     + 2 * h * qk + 2 * h * v                    # q, k, v, output
+                    + h * m.qk_nope_head_dim                    # v is a view of all of kv
                     + m.kv_lora_rank + m.qk_rope_head_dim       # the latent
                     + m.kv_lora_rank)                           # the normed latent
             + lse + q_lora)
@@ -183,28 +186,30 @@ def ffn_activation_bytes(m: ModelArgs, moe: bool, mode: str, compile: bool) -> f
         hidden = m.inter_dim
         if mode == "selective":
             return BF16 * (2 * hidden + d)
-        return BF16 * (2 * d + 2 * hidden) + (0 if compile else BF16 * hidden)
+        return BF16 * (2 * d + 3 * hidden) + (0 if compile else BF16 * hidden)
     k, hidden = m.n_activated_experts, m.moe_inter_dim
     shared = m.n_shared_experts * hidden
     scores = FP32 * m.n_routed_experts
     if mode == "selective":
         return (scores + BF16 * (2 * k * hidden + k * d)
                 + (BF16 * (2 * shared + d) if shared else 0))
-    out = (BF16 * (2 * d                 # input, normed input
+    out = (BF16 * (3 * d                 # input, normed input, the router's copy of it
+                   + m.n_routed_experts  # the router's logits
                    + k * d               # the tokens in expert order
-                   + 2 * k * hidden      # w1 and w3 outputs
-                   + k * d)              # expert outputs, for the routing weights' grads
-           + FP32 * d + scores           # the router's fp32 input and its scores
-           + BF16 * 2 * shared)
-    if not compile:  # eager keeps the SwiGLU products and the permuted outputs too
-        out += BF16 * (k * hidden + shared + k * d)
+                   + 3 * k * hidden      # w1|w3 outputs and the SwiGLU's (w2's input)
+                   + k * d               # expert outputs, for the routing weights' grads
+                   + 3 * shared))        # the same three of the shared experts
+    if not compile:  # eager keeps silu(w1 x) of the shared experts too
+        out += BF16 * shared
     return out
 
 
 def head_activation_bytes(m: ModelArgs) -> float:
-    """The output head per token: the normed input, the logits as the loss keeps them
-    (fp32: the cross-entropy is computed in fp32), the loss's lse."""
-    return BF16 * m.dim + FP32 * m.vocab_size + FP32
+    """The output head per token: the normed input (bf16), the final norm's fp32 input and
+    output (the norm runs outside the compiled head), the logits in bf16 as the compiled
+    loss keeps them (it computes the fp32 cross-entropy from them again in backward), the
+    loss's lse."""
+    return BF16 * m.dim + BF16 * m.vocab_size + 2 * FP32 * m.dim + 2 * FP32
 
 
 def mtp_extra_activation_bytes(m: ModelArgs) -> float:

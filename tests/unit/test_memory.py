@@ -18,14 +18,22 @@ from trainer.model.model import count_params
 
 CONFIGS = Path(__file__).resolve().parents[2] / "trainer" / "configs"
 
-# Peaks measured on one H200 (torch.cuda.max_memory_allocated), bf16 autocast, compile
-# on, no activation checkpointing (docs/benchmarks.md): config, micro-batch,
-# accumulation, MTP, GiB.
+# Peaks measured on one H200 (torch.cuda.max_memory_allocated) with the current code
+# (the MTP head's logits no longer copied, since a4224e3), bf16 autocast, compile on, no
+# activation checkpointing (docs/benchmarks.md): config, micro-batch, accumulation, MTP,
+# training.loss_chunk_tokens, GiB. The estimate's two constants are fitted to them.
 MEASURED = [
-    ("small", 16, 1, True, 81.5),
-    ("small", 8, 2, True, 51.6),
-    ("small", 16, 1, False, 67.0),
-    ("wide", 4, 1, True, 76.7),  # wide.toml has no MTP
+    ("small", 16, 1, True, 0, 77.7),
+    ("small", 20, 1, True, 0, 93.6),
+    ("small", 16, 1, False, 0, 67.0),
+    ("small", 16, 1, True, 8192, 71.7),
+    ("small", 20, 1, True, 8192, 85.8),
+    ("small", 24, 1, True, 8192, 100.8),
+    ("small", 28, 1, True, 8192, 115.9),
+    ("wide", 4, 1, True, 0, 76.7),  # wide.toml has no MTP
+    ("wide", 8, 1, True, 0, 97.1),
+    ("wide", 12, 1, True, 0, 117.5),
+    ("wide", 14, 1, True, 0, 127.8),
 ]
 
 
@@ -57,10 +65,13 @@ def test_the_estimate_counts_every_parameter_once(name):
                             if k != "optimizer state (AdamW, fp32)"}
 
 
-@pytest.mark.parametrize(("name", "micro_batch", "accumulation", "mtp", "measured"), MEASURED)
+@pytest.mark.parametrize(("name", "micro_batch", "accumulation", "mtp", "chunk", "measured"),
+                         MEASURED)
 def test_the_estimate_is_within_two_percent_of_the_measured_peaks(name, micro_batch,
-                                                                  accumulation, mtp, measured):
-    cfg = config(name, micro_batch_size=micro_batch, grad_accum_steps=accumulation)
+                                                                  accumulation, mtp, chunk,
+                                                                  measured):
+    cfg = config(name, micro_batch_size=micro_batch, grad_accum_steps=accumulation,
+                 loss_chunk_tokens=chunk)
     if not mtp:
         cfg.model.mtp_depth = 0
     est = memory.estimate(cfg, 1)
@@ -227,19 +238,12 @@ def test_train_refuses_a_layout_that_cannot_fit_before_any_connection(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-# Peaks with training.loss_chunk_tokens on one H200 (docs/benchmarks.md): config,
-# micro-batch, chunk, GiB. The estimate was not fitted to them and is meant to err high.
-MEASURED_CHUNKED = [("small", 16, 8192, 71.7), ("small", 28, 8192, 115.9)]
-
-
-@pytest.mark.parametrize(("name", "micro_batch", "chunk", "measured"), MEASURED_CHUNKED)
-def test_the_chunked_loss_estimate_errs_high_by_less_than_eight_percent(name, micro_batch,
-                                                                        chunk, measured):
-    est = memory.estimate(config(name, micro_batch_size=micro_batch,
-                                 loss_chunk_tokens=chunk), 1)
-    assert measured <= est.total_gib <= 1.08 * measured, est.total_gib
-    whole = memory.estimate(config(name, micro_batch_size=micro_batch), 1)
-    assert est.total < whole.total
+@pytest.mark.parametrize("micro_batch", [16, 28])
+def test_the_chunked_loss_needs_less_than_the_whole_one(micro_batch):
+    chunked = memory.estimate(config("small", micro_batch_size=micro_batch,
+                                     loss_chunk_tokens=8192), 1)
+    whole = memory.estimate(config("small", micro_batch_size=micro_batch), 1)
+    assert chunked.total < whole.total
 
 
 def test_a_tensor_parallel_head_keeps_the_whole_loss():
