@@ -190,7 +190,11 @@ def test_bf16_moments_run_the_kernel_and_round_once_per_step(scaled, launched):
                 state[key].copy_(state[key].to(torch.bfloat16))
         assert len(launched) == (i + 1) * len(mine)
     for a, b in zip(mine, ref, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        # the kernel's fp32 moments and torch's can differ in their last bit, and so now
+        # and then round to neighbouring bf16 values: a later update then differs by about
+        # lr * 2^-8 on those few elements
+        assert torch.isclose(a, b, atol=1e-6, rtol=1e-5).float().mean() > 0.999
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
         for key in ("exp_avg", "exp_avg_sq"):
             assert opt.state[a][key].dtype == torch.bfloat16
             # the same fp32 value rounded; a one-ulp difference where fp32 rounding differs
