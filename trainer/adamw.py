@@ -125,6 +125,10 @@ class AdamW(torch.optim.AdamW):
         self.moments_dtype = moments_dtype
         self._ones: dict[torch.device, torch.Tensor] = {}
 
+    @property
+    def _narrow_moments(self) -> bool:
+        return self.moments_dtype != torch.float32
+
     def _unit_scale(self, device: torch.device) -> torch.Tensor:
         """A scale of one on ``device``, for the kernel when no scale is handed."""
         if device not in self._ones:
@@ -159,7 +163,7 @@ class AdamW(torch.optim.AdamW):
         lr, (beta1, beta2) = float(group["lr"]), (float(b) for b in group["betas"])
         eps, decay = float(group["eps"]), float(group["weight_decay"])
         kernel_scale = scale
-        if scale is None and self.moments_dtype != torch.float32 and params[0].is_cuda:
+        if scale is None and self._narrow_moments and params[0].is_cuda:
             kernel_scale = self._unit_scale(params[0].device)  # torch's kernel takes no bf16
         if _kernel_usable(params, kernel_scale):
             with torch.cuda.device(params[0].device):  # Triton launches on the current one
@@ -175,7 +179,7 @@ class AdamW(torch.optim.AdamW):
             return
         # one launch per device and dtype; with narrower moments one per parameter, so
         # that only one parameter's fp32 copies of them exist at a time
-        narrow = self.moments_dtype != torch.float32
+        narrow = self._narrow_moments
         by_kind: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
             by_kind.setdefault((p.device, p.dtype, i if narrow else 0), []).append(i)
@@ -198,16 +202,15 @@ class AdamW(torch.optim.AdamW):
         """torch's own step; a scale divides the gradients first (torch's fused step takes
         none for DTensors), and is put back for the next step's clip to replace. bf16
         moments are widened to fp32 for it and rounded back after."""
-        if scale is None and self.moments_dtype == torch.float32:
+        narrow = self._narrow_moments
+        if scale is None and not narrow:
             return super().step(closure)
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         if scale is not None:
             divisor = float(scale)
-            for grad in grads:
-                grad.div_(divisor)
+            for p in params:
+                p.grad.div_(divisor)
             del self.grad_scale
-        narrow = self.moments_dtype != torch.float32
-        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         if narrow:  # torch's step computes on the moments in their own dtype
             for p in params:
                 state = self.state[p]
@@ -219,9 +222,9 @@ class AdamW(torch.optim.AdamW):
         finally:
             if scale is not None:
                 self.grad_scale = scale
-            if narrow:
+            if narrow:  # the step's fp32 moments, rounded to the configured dtype
                 for p in params:
-                    self._state_of(p)  # the step's fp32 moments, rounded to the configured dtype
+                    self._narrow(self.state[p])
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's, which casts the moments to each parameter's dtype (fp32); they are held
@@ -249,5 +252,4 @@ class AdamW(torch.optim.AdamW):
         if state["step"].device != p.device or state["step"].dtype != torch.float32:
             # a checkpoint of torch's unfused AdamW keeps its steps on the CPU
             state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
-        self._narrow(state)  # torch's step's fp32 moments (_torch_step)
         return state
