@@ -57,6 +57,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.gpu_fp8 import config_path  # noqa: E402
 from trainer import memory  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.model import model as M  # noqa: E402
@@ -243,13 +244,19 @@ def saved_storages(part: Part, tokens: int, dim: int, freqs: torch.Tensor) -> li
         seen[key]["views"] += 1
         return t
 
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run(part, tokens, dim, freqs)
+    return list(seen.values())
+
+
+def run(part: Part, tokens: int, dim: int, freqs: torch.Tensor) -> None:
+    """``part``'s forward on ``tokens`` tokens of bf16 activations under bf16 autocast,
+    then its backward."""
     x = torch.randn(1, tokens, dim).to(torch.bfloat16).requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            y = part(x, freqs[:tokens])
+        y = part(x, freqs[:tokens])
     y.float().sum().backward()
     part.zero_grad(set_to_none=True)
-    return list(seen.values())
 
 
 def measure(part: Part, token_counts: list[int], dim: int, freqs: torch.Tensor,
@@ -261,11 +268,7 @@ def measure(part: Part, token_counts: list[int], dim: int, freqs: torch.Tensor,
             # compiled for this length alone (static shapes, as at one sequence length),
             # and run once without the hooks so that compiling saves nothing here
             torch._dynamo.reset()
-            x = torch.randn(1, tokens, dim).to(torch.bfloat16).requires_grad_(True)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                y = part(x, freqs[:tokens])
-            y.float().sum().backward()
-            part.zero_grad(set_to_none=True)
+            run(part, tokens, dim, freqs)
         storages = saved_storages(part, tokens, dim, freqs)
         saved[tokens] = sum(s["bytes"] for s in storages)
         if listing and tokens == token_counts[-1]:
@@ -276,14 +279,6 @@ def measure(part: Part, token_counts: list[int], dim: int, freqs: torch.Tensor,
     first, last = token_counts[0], token_counts[-1]
     return {"measured": (saved[last] - saved[first]) / (last - first),
             "saved_bytes": {str(t): b for t, b in saved.items()}}
-
-
-def resolve_config(name: str) -> Path:
-    path = Path(name)
-    if path.exists():
-        return path
-    stem = name.removesuffix(".toml")
-    return REPO / "trainer" / "configs" / f"{stem}.toml"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -312,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     tokens = sorted(set(args.tokens))
     if len(tokens) < 2 or tokens[0] < 1:
         parser.error("--tokens needs two different positive counts")
-    cfg_path = resolve_config(args.config)
+    cfg_path = config_path(args.config)
     cfg = load_config(cfg_path)
     m = dataclasses.replace(cfg.model, max_seq_len=max(cfg.model.max_seq_len, tokens[-1]))
     dense_layers = range(m.n_dense_layers)
