@@ -523,8 +523,10 @@ def status(
         "--timeout", min=1, help="Seconds one node may take to answer.")] = 15.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
 ) -> None:
-    """One row per node: reachable, cordoned, GPUs, driver / CUDA / NCCL, drift, last
-    validation. One probe per node, in parallel, each bounded by --timeout."""
+    """One row per node: reachable, cordoned, GPUs, versions, drift, last validation.
+
+    The versions are the driver's, CUDA's and NCCL's. One probe per node, in parallel, each
+    bounded by --timeout."""
     inv = _load(inventory)
     from dsk_provision.status import cluster_status
 
@@ -542,9 +544,11 @@ def nodes_cordon(
     name: Annotated[str, typer.Argument(help="The node to take out of service.")],
     reason: Annotated[str, typer.Option("--reason", help="Why (kept in the inventory).")],
 ) -> None:
-    """Keep a node in the inventory but out of `train` and the cluster-wide benchmarks
-    of `validate` (written as its dsk_cordoned in the hosts file); with Slurm on, the
-    node is drained in Slurm with the reason."""
+    """Keep a node in the inventory but out of `train` and cluster-wide benchmarks.
+
+    The cluster-wide benchmarks are those of `validate`; the mark is written as the node's
+    dsk_cordoned in the hosts file. With Slurm on, the node is drained in Slurm with the
+    reason."""
     from dsk_provision.lifecycle import cordon
 
     inv = cordon(_load(inventory), name, reason, say=render.line)
@@ -643,10 +647,11 @@ def hostkeys_scan(
         "--timeout", min=1, max=300,
         help="Seconds to wait for each node [default: 10].")] = None,
 ) -> None:
-    """Collect the nodes' host keys, show their fingerprints, and pin them in the
-    inventory's known_hosts file once confirmed or matched with --expect. A key that
-    differs from the recorded one is refused (exit code 4); a declined or unanswered
-    prompt writes nothing (exit code 1)."""
+    """Collect the nodes' host keys, show their fingerprints, and pin them.
+
+    They are pinned in the inventory's known_hosts file once confirmed or matched with
+    --expect. A key that differs from the recorded one is refused (exit code 4); a
+    declined or unanswered prompt writes nothing (exit code 1)."""
     from dsk_provision import hostkeys
 
     plan = hostkeys.trust(_load(inventory), nodes or None, expect=expect,
@@ -677,11 +682,12 @@ def nodes_add(
     expect: Annotated[Path | None, _expect_option()] = None,
     yes: Annotated[bool, _yes_keys_option()] = False,
 ) -> None:
-    """Write new nodes into the inventory, then bring them in: a full bootstrap of the new
-    nodes, a trust refresh of the others, then validate's checks of the new nodes and an
-    all-reduce with them. Their host keys are pinned first, as `hostkeys scan` pins them
-    (confirmed, --expect or --yes); nodes whose keys are refused or that do not answer
-    over SSH are not written."""
+    """Write new nodes into the inventory, then bootstrap, trust and validate them.
+
+    Bringing them in is a full bootstrap of the new nodes, a trust refresh of the others,
+    then validate's checks of the new nodes and an all-reduce with them. Their host keys
+    are pinned first, as `hostkeys scan` pins them (confirmed, --expect or --yes); nodes
+    whose keys are refused or that do not answer over SSH are not written."""
     from dsk_provision.inventory_edit import NewNode
     from dsk_provision.lifecycle import add, read_node_file
 
@@ -721,9 +727,10 @@ def nodes_replace(
         help="Then its checks and an all-reduce with it.")] = True,
     expect: Annotated[Path | None, _expect_option()] = None,
 ) -> None:
-    """The same node name on new hardware: its old host key is revoked everywhere, the
-    new one pinned (confirmed, --expect or --yes), the node fully bootstrapped and the
-    others' trust refreshed."""
+    """The same node name on new hardware: new host key, full bootstrap, trust refreshed.
+
+    Its old host key is revoked everywhere, the new one pinned (confirmed, --expect or
+    --yes), the node fully bootstrapped and the others' trust refreshed."""
     from dsk_provision.lifecycle import replace
 
     inv = _load(inventory)
@@ -750,9 +757,11 @@ def nodes_remove(
     verbose: Annotated[int, typer.Option(
         "--verbose", "-v", count=True, help="More Ansible output.")] = 0,
 ) -> None:
-    """Take a node out: the remaining nodes forget its name, address and host key, the
-    inventory drops it, and the cluster key it held is rotated on the remaining nodes.
-    The node is not contacted (a dead node can be removed)."""
+    """Take a node out of the inventory and out of the other nodes' trust.
+
+    The remaining nodes forget its name, address and host key, the inventory drops it,
+    and the cluster key it held is rotated on the remaining nodes. The node is not
+    contacted (a dead node can be removed)."""
     from dsk_provision.lifecycle import check_removal, remove
 
     inv = _load(inventory)
@@ -777,8 +786,10 @@ def keys_rotate(
     inventory: InventoryOpt,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """A new cluster key pair: authorized and tried on every node before the old one is
-    removed from every node's authorized_keys. An interrupted rotation resumes."""
+    """A new cluster key pair, tried on every node before the old one is removed.
+
+    The new key is authorized and tried on every node before the old one is removed from
+    every node's authorized_keys. An interrupted rotation resumes."""
     inv = _load(inventory)
     from dsk_provision.keys import rotate
 
@@ -857,8 +868,9 @@ def sandbox_reimage(
     node: Annotated[str, typer.Argument(help="Node to give a new disk and host key.")],
     name: Annotated[str, typer.Option("--name", help="Sandbox name.")] = "dsk",
 ) -> None:
-    """Wipe a node and start it again with a new SSH host key (new hardware at the same
-    address), to try `nodes replace`."""
+    """Wipe a node and start it again with a new SSH host key, to try `nodes replace`.
+
+    This stands for new hardware at the same address."""
     from dsk_provision import sandbox
 
     info = sandbox.reimage_node(name, node, progress=render.progress(render.console()))

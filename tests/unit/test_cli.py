@@ -45,6 +45,28 @@ def test_command_list():
         assert command in sandbox_out
 
 
+
+def _commands(command, path=()):
+    """Every command and group of the CLI, with its path of names."""
+    yield path, command
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _commands(sub, (*path, name))
+
+
+def test_every_command_summary_is_one_line():
+    """The command tables show each help text's first paragraph with its line breaks kept
+    (typer's rich mode), so a summary written over two lines prints broken mid-sentence."""
+    import inspect
+
+    import typer
+
+    broken = []
+    for path, command in _commands(typer.main.get_command(app)):
+        first = inspect.cleandoc(command.help or "").split("\n\n")[0]
+        if not first or "\n" in first:
+            broken.append(" ".join(path) or "(root)")
+    assert broken == [], f"summaries missing or over several lines: {broken}"
+
 def test_check_json(tmp_path):
     result = _invoke("check", "-i", str(EXAMPLE), "--json")
     assert result.exit_code == 0, result.output
