@@ -17,6 +17,7 @@ from typer.core import TyperGroup
 
 from dsk_provision import render
 from dsk_provision.errors import DskError, InputError, Interrupted, RunFailed
+from dsk_provision.sandbox.naming import MAX_NODES, NAME_RULE
 from dsk_provision.sizes import Size, parse_size, read_size
 
 __all__ = ["app", "main", "parse_size"]
@@ -36,6 +37,8 @@ class _Commands(TyperGroup):
             return super().invoke(ctx)
         except (typer.Exit, typer.Abort, typer.TyperException):
             raise  # help, usage errors, explicit exit codes: Typer's own handling
+        except BrokenPipeError:
+            raise  # the reader went away (`... --help | head`): Typer's quiet exit 1
         except DskError as exc:
             if ctx.params.get("debug"):
                 import traceback
@@ -313,8 +316,8 @@ def validate(
     inventory: InventoryOpt,
     begin: Annotated[Size, _size_option("--begin", help="Smallest all-reduce size.")] = "1K",
     end: Annotated[Size | None, _size_option(
-        "--end", help="Largest all-reduce size [default: the profile's, 16M on the "
-                      "sandbox].")] = None,
+        "--end", help="Largest all-reduce size (default: the profile's, 16M on the "
+                      "sandbox).")] = None,
     factor: Annotated[int, typer.Option(
         "--factor", min=2, help="Size multiplier between steps.")] = 2,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
@@ -582,9 +585,9 @@ def init(
         "--hosts", help="Addresses and IPv4 ranges, comma-separated: "
                         "10.0.0.11,10.0.0.12 or 10.0.0.11-10.0.0.18.")] = None,
     hosts_file: Annotated[Path | None, typer.Option(
-        "--hosts-file", help="A file of 'name address [port]' lines.")] = None,
+        "--hosts-file", help="A file of 'name address' or 'name address port' lines.")] = None,
     name: Annotated[str | None, typer.Option(
-        "--name", help="dsk_cluster_name [default: the directory's name].")] = None,
+        "--name", help="dsk_cluster_name (default: the directory's name).")] = None,
     gpus: Annotated[int, typer.Option(
         "--gpus", help="GPUs per node (--probe reads them).")] = 8,
     profile: Annotated[str | None, typer.Option(
@@ -599,7 +602,7 @@ def init(
         "--key", help="ansible_ssh_private_key_file.")] = "~/.ssh/id_ed25519",
     known_hosts: Annotated[str | None, typer.Option(
         "--known-hosts", help="The known_hosts file that pins the nodes' host keys (absolute) "
-                              "[default: known_hosts in the inventory's directory].")] = None,
+                              "(default: known_hosts in the inventory's directory).")] = None,
     probe: Annotated[bool, typer.Option(
         "--probe", help="Pin the host keys (as `hostkeys scan`), then read GPUs, OS and "
                         "interfaces from the nodes over SSH.")] = False,
@@ -645,7 +648,7 @@ def hostkeys_scan(
         = None,
     timeout: Annotated[int | None, typer.Option(
         "--timeout", min=1, max=300,
-        help="Seconds to wait for each node [default: 10].")] = None,
+        help="Seconds to wait for each node (default: 10).")] = None,
 ) -> None:
     """Collect the nodes' host keys, show their fingerprints, and pin them.
 
@@ -845,13 +848,13 @@ def runs_show(
 
 @sandbox_app.command("up")
 def sandbox_up(
-    name: Annotated[str, typer.Option(
-        "--name", help="Sandbox name ([a-z][a-z0-9]{0,7}).")] = "dsk",
-    nodes: Annotated[int, typer.Option("--nodes", min=1, max=32, help="Number of nodes.")] = 3,
+    name: Annotated[str, typer.Option("--name", help=f"Sandbox name: {NAME_RULE}.")] = "dsk",
+    nodes: Annotated[int, typer.Option(
+        "--nodes", help=f"Number of nodes (with the spare ones, at most {MAX_NODES}).")] = 3,
     spare: Annotated[int | None, typer.Option(
-        "--spare", min=0, max=31,
+        "--spare",
         help="More nodes started but left out of the inventory, to try `nodes add` "
-             "[default: as many as the running sandbox has, else 0].")] = None,
+             "(default: as many as the running sandbox has, else 0).")] = None,
     subnet: Annotated[str | None, typer.Option(
         "--subnet", help="Bridge subnet, e.g. 10.213.7.0/24.")] = None,
 ) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from dsk_provision.errors import InputError
 
 NAME_RE = re.compile(r"[a-z][a-z0-9]{0,7}")
+NAME_RULE = "1-8 characters, a lowercase letter first, then lowercase letters or digits"
 MAX_NODES = 64  # node i sits at .10+i; veth names must stay within 15 characters
 FIRST_NODE_HOST = 10
 MIRROR_PORT = 8080
@@ -26,8 +27,7 @@ _RATE_BITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9,
 
 def validate_name(name: str) -> str:
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise InputError(f"invalid sandbox name {name!r}: use 1-8 characters, a lowercase "
-                         "letter first, then lowercase letters or digits", field="name")
+        raise InputError(f"invalid sandbox name {name!r}: use {NAME_RULE}", field="name")
     return name
 
 

@@ -67,6 +67,40 @@ def test_every_command_summary_is_one_line():
             broken.append(" ".join(path) or "(root)")
     assert broken == [], f"summaries missing or over several lines: {broken}"
 
+
+def test_no_help_text_loses_characters_to_markup():
+    """Typer's rich mode reads square brackets as markup and drops what it takes for a
+    tag: "[default: 10]" or "[a-z]" would vanish from --help without a word."""
+    import inspect
+
+    import typer
+    from rich.text import Text
+
+    lost = []
+    for path, command in _commands(typer.main.get_command(app)):
+        texts = [("", command.help or "")]
+        texts += [(param.name, getattr(param, "help", None) or "") for param in command.params]
+        for name, text in texts:
+            text = inspect.cleandoc(text)
+            if Text.from_markup(text).plain != text:
+                lost.append(f"{' '.join(path)} {name}: {text[:60]}")
+    assert lost == [], lost
+
+
+def test_a_closed_pipe_ends_quietly(monkeypatch, tmp_path):
+    """`dsk-provision runs list | head -1` closes the pipe while the command still
+    writes: Typer's quiet exit 1, not an "unexpected error" line."""
+    from dsk_provision import runs
+
+    def reader_gone(*args, **kwargs):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(runs, "list_runs", reader_gone)
+    result = CliRunner().invoke(app, ["--runs-dir", str(tmp_path), "runs", "list"])
+    assert result.exit_code == 1
+    assert "error" not in result.output
+
+
 def test_check_json(tmp_path):
     result = _invoke("check", "-i", str(EXAMPLE), "--json")
     assert result.exit_code == 0, result.output
