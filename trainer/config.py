@@ -377,6 +377,12 @@ def check_world_size(cfg: TrainConfig, world_size: int) -> None:
                          hint=exc.hint) from None
 
 
+def uses_bf16(dtype: str, device_type: str) -> bool:
+    """Whether a run computes in bf16: training.dtype "auto" means bf16 autocast on GPU
+    and fp32 on CPU (``device_type``: "cuda", "cpu")."""
+    return dtype == "bfloat16" or (dtype == "auto" and device_type == "cuda")
+
+
 def check_fsdp_dtype(cfg: TrainConfig, bf16: bool, device_type: str) -> None:
     """Raise InputError, naming the file and field, when parallel.fsdp_param_dtype asks
     for bf16 parameters in a run that trains in fp32 (``bf16``: whether it trains in

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, uses_bf16
 from trainer.model import MoE, Transformer
 from trainer.optim import build_optimizer
 from trainer.parallel import ParallelDims, clip_grad_norm, parallelize
@@ -48,11 +48,6 @@ class StepResult:
     balance: torch.Tensor | None  # busiest expert / mean, worst MoE layer; None: dense
 
 
-def uses_bf16(dtype: str, device: torch.device) -> bool:
-    """training.dtype "auto" means bf16 autocast on GPU and fp32 on CPU."""
-    return dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
-
-
 def set_balance_grad_scale(model: torch.nn.Module, scale: float) -> None:
     """Give the sequence-wise balance loss of every MoE layer (MTP's included) the weight
     that the language-model loss of one forward gets in the step's backward."""
@@ -73,8 +68,9 @@ class Step:
         self.n_experts = cfg.model.n_routed_experts
         self.moe_layers = moe_layers  # {index among all the model's MoE layers: layer here}
         self.n_moe = n_moe
-        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
-                         if uses_bf16(cfg.training.dtype, device) else contextlib.nullcontext())
+        bf16 = uses_bf16(cfg.training.dtype, device.type)
+        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if bf16
+                         else contextlib.nullcontext())
         self.pp_group = None  # the group whose stages' gradient norms add up
         self.optimizer, self.scheduler = build_optimizer(model, cfg)
 

@@ -22,7 +22,14 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from trainer.config import InputError, TrainConfig, check_fsdp_dtype, check_world_size, load_config
+from trainer.config import (
+    InputError,
+    TrainConfig,
+    check_fsdp_dtype,
+    check_world_size,
+    load_config,
+    uses_bf16,
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -149,12 +156,12 @@ def train(cfg: TrainConfig, out_dir: Path, device, profile_step: int | None = No
     from trainer.parallel import ParallelDims
     from trainer.profiling import profile_report, start_profiler
     from trainer.readout import Figures, Readout
-    from trainer.step import build_step, uses_bf16
+    from trainer.step import build_step
 
     rank, world_size = dist.get_rank(), dist.get_world_size()
     t, p = cfg.training, cfg.parallel
     check_world_size(cfg, world_size)
-    check_fsdp_dtype(cfg, uses_bf16(t.dtype, device), device.type)
+    check_fsdp_dtype(cfg, uses_bf16(t.dtype, device.type), device.type)
     attempt = resilience.agree_attempt(ledger, device)
     if attempt is not None and resilience.give_up(attempt.restarts,
                                                   attempt.policy.max_restarts):
@@ -204,7 +211,7 @@ def train(cfg: TrainConfig, out_dir: Path, device, profile_step: int | None = No
         print(f"model: {n_params / 1e6:,.1f}M parameters, {n_active / 1e6:,.1f}M active | "
               f"world {world_size} ({dims.dp_replicate}x{dims.dp_shard} dp"
               f"{layout_suffix(dims, p)}) | "
-              f"{'bf16' if uses_bf16(t.dtype, device) else 'fp32'} on {device.type} | "
+              f"{'bf16' if uses_bf16(t.dtype, device.type) else 'fp32'} on {device.type} | "
               f"{tokens_per_step:,} tokens/step", flush=True)
 
     status = StatusFile(out_dir, t.steps, start_step) if rank == 0 else None

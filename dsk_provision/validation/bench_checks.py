@@ -81,7 +81,8 @@ def run_perf_checks(node: str, perf: dict | None, thresholds: dict,
 
     The slowest device is the node's value: one slow GPU holds back every collective.
     """
-    specs = (("matmul_tflops", "matmul_min_tflops", "TFLOP/s", "bf16 matmul"),
+    dtype = ((perf or {}).get("matmul") or {}).get("dtype", "bfloat16")
+    specs = (("matmul_tflops", "matmul_min_tflops", "TFLOP/s", f"{dtype} matmul"),
              ("copy_gbs", "copy_min_gbs", "GB/s", "memory copy (read + write)"))
     out = []
     for key, limit, unit, what in specs:
@@ -98,7 +99,9 @@ def run_perf_checks(node: str, perf: dict | None, thresholds: dict,
         worst = min(devices, key=lambda d: d[key])
         value = round(float(worst[key]), 3)
         kind = perf.get("device", "?")
-        where = f"{worst.get('name', kind)} {worst.get('index', '')}".strip()
+        where = worst.get("name", kind)
+        if kind != "cpu":  # a node has one CPU device, and many GPUs
+            where = f"{where} {worst.get('index', '')}".strip()
         if minimum is None:
             out.append(CheckResult(node, check, SKIP, value, None,
                                    f"no {limit} threshold in the profile"))

@@ -40,7 +40,8 @@ THRESHOLDS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "ib_min_ports_active": (int, "InfiniBand/RoCE ports in state ACTIVE per node"),
     "ib_min_rate_gbps": ((int, float), "rate of every active InfiniBand port, Gb/s"),
     "require_gpudirect": (bool, "nvidia_peermem loaded where GPUs and HCAs are present"),
-    "matmul_min_tflops": ((int, float), "bf16 matmul per GPU (per CPU node without GPUs), TFLOP/s"),
+    "matmul_min_tflops": ((int, float),
+                          "bf16 matmul per GPU (float32 per CPU node without GPUs), TFLOP/s"),
     "copy_min_gbs": ((int, float), "device memory copy per GPU, read + write, GB/s"),
 }
 

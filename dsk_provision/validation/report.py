@@ -133,7 +133,7 @@ def _gpu_perf(report: dict[str, Any]) -> list[str]:
         return []
     lines = ["", "## Compute per device", ""]
     first = next(iter(perf.values()))
-    lines += [f"bf16 matmul {first['matmul']['size']}^3 and a copy of "
+    lines += [f"{first['matmul']['dtype']} matmul {first['matmul']['size']}^3 and a copy of "
               f"{first['copy_bytes'] / (1 << 20):.0f} MiB (read + write counted), "
               f"{first['warmup']} warm-up + {first['iters']} timed calls.", ""]
     rows = [[node, f"{r['name']} {r['index']}", f"{r['matmul_tflops']:.2f}",

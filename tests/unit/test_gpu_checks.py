@@ -276,7 +276,7 @@ def test_pins_the_inventory_leaves_unset_are_the_defaults_bootstrap_installs():
 
 # --------------------------------------------------------------------------- compute checks
 
-PERF = {"device": "cuda", "matmul": {"size": 8192}, "copy_bytes": 4 << 30,
+PERF = {"device": "cuda", "matmul": {"size": 8192, "dtype": "bfloat16"}, "copy_bytes": 4 << 30,
         "devices": [{"index": i, "name": "NVIDIA H200", "matmul_tflops": 800.0 - i,
                      "copy_gbs": 4300.0 - i} for i in range(8)]}
 
@@ -293,6 +293,18 @@ def test_perf_checks_fail_with_an_impossible_threshold(key, check):
     results = {r.check: r for r in bench_checks.run_perf_checks("gpu7", PERF, {**H200, key: 1e9})}
     assert results[check].status == "fail"
     assert results[check].node == "gpu7" and "NVIDIA H200 7" in results[check].message
+
+
+def test_perf_checks_of_a_cpu_node_say_its_dtype_and_no_index():
+    """A CPU node's probe multiplies in float32, as the trainer computes there."""
+    perf = {"device": "cpu", "matmul": {"size": 512, "dtype": "float32"}, "copy_bytes": 64 << 20,
+            "devices": [{"index": 0, "name": "CPU (2 threads)", "matmul_tflops": 0.003,
+                         "copy_gbs": 10.0}]}
+    matmul, _ = bench_checks.run_perf_checks("node1", perf, {"matmul_min_tflops": 0.004,
+                                                             "copy_min_gbs": 2})
+    assert matmul.status == "fail"
+    assert matmul.message == ("float32 matmul 0.003 TFLOP/s < 0.004 TFLOP/s on "
+                              "CPU (2 threads)")
 
 
 def test_perf_checks_fail_without_a_result():

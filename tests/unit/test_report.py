@@ -135,6 +135,9 @@ def test_validate_on_two_local_nodes_writes_reports_and_names_the_bad_node(tmp_p
     assert data["allreduce"]["world_size"] == 2
     assert [r["size"] for r in data["allreduce"]["results"]] == [1024, 2048, 4096]
     assert sorted(data["gpu_perf"]) == ["node1", "node2"], data.get("gpu_perf")
+    # no GPU here: the trainer's CPU dtype, not bf16, which CPUs without bf16
+    # instructions run a hundred times slower
+    assert data["gpu_perf"]["node1"]["matmul"]["dtype"] == "float32"
     assert {c["node"] for c in data["checks"] if c["check"] == "matmul_tflops"
             and c["status"] != "fail"} == {"node1", "node2"}
     statuses = {(c["node"], c["check"]): c["status"] for c in data["checks"]}
@@ -153,8 +156,8 @@ def test_markdown_shows_compute_side_by_side_isolation_and_plot(tmp_path):
     from dsk_provision.validation import parsers
 
     rep = sample(tmp_path)
-    rep.gpu_perf = {"node1": {"device": "cuda", "matmul": {"size": 8192}, "copy_bytes": 4 << 30,
-                              "warmup": 5, "iters": 20,
+    rep.gpu_perf = {"node1": {"device": "cuda", "matmul": {"size": 8192, "dtype": "bfloat16"},
+                              "copy_bytes": 4 << 30, "warmup": 5, "iters": 20,
                               "devices": [{"index": 0, "name": "NVIDIA H200",
                                            "matmul_tflops": 801.5, "copy_gbs": 4301.2}]}}
     nccl = parsers.parse_nccl_tests(
@@ -172,6 +175,7 @@ def test_markdown_shows_compute_side_by_side_isolation_and_plot(tmp_path):
     rep.plots = ["allreduce_busbw.png"]
     text = report.render_markdown(rep.to_dict())
     assert "| node1 | NVIDIA H200 0 | 801.50 | 4301.2 |" in text
+    assert "bfloat16 matmul 8192^3" in text
     assert "this tool's benchmark (libnccl) beside nccl-tests' all_reduce_perf" in text
     assert ("| size (B) | node1 ours out | node1 ours in | node1 nccl-tests out "
             "| node1 nccl-tests in | node1 ours/nccl-tests |") in text

@@ -1,4 +1,4 @@
-"""Per-device compute: bf16 matmul TFLOP/s and device-memory copy bandwidth.
+"""Per-device compute: matmul TFLOP/s and device-memory copy bandwidth.
 
 Run on a node, directly or under torchrun (each node's local rank 0 measures every local
 device in turn; other local ranks only wait):
@@ -10,7 +10,11 @@ On CUDA: an N x N x N bf16 matmul (2 N^3 flops) timed with CUDA events after a w
 and a copy of a buffer of --copy-mib MiB into another, counted as read + write
 (2 x bytes per copy), the way memory bandwidth figures are quoted. Without CUDA the same
 two measurements run on the CPU (with smaller defaults), so a CPU-only cluster exercises
-the same path; its thresholds are in the cpu-sandbox profile.
+the same path; its thresholds are in the cpu-sandbox profile. The matmul runs in the
+dtype the trainer computes in on that device (training.dtype "auto",
+trainer.config.uses_bf16): bf16 on a GPU, float32 on a CPU, where bf16 runs at whatever
+the CPU's vector units make of it (on a 2-core AVX2 machine without bf16 instructions:
+1.2 GFLOP/s, against 44 in fp32).
 
 This module must only need torch: the nodes have the trainer package, not dsk_provision.
 """
@@ -26,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from trainer.config import uses_bf16
 from trainer.probes import write_json_whole
 
 CUDA_DEFAULTS = {"size": 8192, "copy_mib": 4096}
@@ -50,6 +55,11 @@ def _timed(fn, device: torch.device, warmup: int, iters: int) -> float:
     for _ in range(iters):
         fn()
     return (time.perf_counter() - began) / iters
+
+
+def matmul_dtype(device: torch.device) -> torch.dtype:
+    """What the trainer computes in on ``device`` with training.dtype "auto"."""
+    return torch.bfloat16 if uses_bf16("auto", device.type) else torch.float32
 
 
 def matmul_tflops(device: torch.device, size: int, warmup: int, iters: int,
@@ -94,7 +104,7 @@ def measure(size: int | None = None, copy_mib: int | None = None, warmup: int = 
         rows.append({
             "index": device.index if device.index is not None else 0,
             "name": name,
-            "matmul_tflops": matmul_tflops(device, size, warmup, iters),
+            "matmul_tflops": matmul_tflops(device, size, warmup, iters, matmul_dtype(device)),
             "copy_gbs": copy_gbs(device, copy_mib, warmup, iters),
         })
         if device.type == "cuda":
@@ -104,7 +114,8 @@ def measure(size: int | None = None, copy_mib: int | None = None, warmup: int = 
         "device": devices[0].type,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "matmul": {"size": size, "dtype": "bfloat16", "flops": 2 * size**3},
+        "matmul": {"size": size, "dtype": str(matmul_dtype(devices[0])).removeprefix("torch."),
+                   "flops": 2 * size**3},
         "copy_bytes": copy_mib * (1 << 20),
         "warmup": warmup,
         "iters": iters,
