@@ -16,7 +16,7 @@ trainer.config.uses_bf16): bf16 on a GPU, float32 on a CPU, where bf16 runs at w
 the CPU's vector units make of it (on a 2-core AVX2 machine without bf16 instructions:
 1.2 GFLOP/s, against 44 in fp32).
 
-This module must only need torch: the nodes have the trainer package, not dsk_provision.
+This module needs only torch and the trainer package: the nodes have those, not dsk_provision.
 """
 
 from __future__ import annotations
