@@ -70,6 +70,16 @@ HARMLESS = [re.compile(p) for p in (
     # c10d's store client on a node whose reverse lookup of its peer fails: the connection
     # itself is made (names resolve through /etc/hosts, addresses may not resolve back)
     r"\[c10d\] The hostname of the client socket cannot be retrieved",
+    # the agents of the other nodes when the node that held the rendezvous store has
+    # finished first: their store client finds the socket closed while they shut the
+    # rendezvous down. A job that fails is named by its exit codes and failed rank, and
+    # the C++ frames of any c10 exception say nothing on a console: the log has them.
+    r"\[c10d\] recvVector failed on .*Connection was likely closed",
+    r"has failed to shutdown the rendezvous .* due to an error of type "
+    r"RendezvousConnectionError",
+    r"^(\[\w+\]:)?Exception raised from \w+ at .*\(most recent call first\):$",
+    r"^(\[\w+\]:)?frame #\d+: ",
+    r"^\s*$",  # the blank line that ends such a trace
 )]
 STEP_RE = re.compile(r"^step (?P<step>\d+)/(?P<total>\d+) \| loss (?P<loss>\S+) \| "
                      r"tok/s (?P<tps>[\d,.]+) \| mfu (?P<mfu>\S+)")

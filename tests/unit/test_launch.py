@@ -612,3 +612,24 @@ def test_harmless_library_lines_go_to_the_log_only(tmp_path):
     launch._stream(run, printer)
     assert shown == ["[node1] " + lines[0].rstrip("\n"), "[node1] RuntimeError: boom"]
     assert (tmp_path / "node1.log").read_text() == "".join(lines)
+
+
+def test_an_agents_shutdown_trace_goes_to_the_log_only(tmp_path):
+    """What torchrun's agent on another node prints when the rendezvous store's node
+    finished first (fixtures/torchrun_agent_shutdown.txt, from a sandbox run: a c10d
+    warning, a C++ exception's 31 frames, the rendezvous warning) reaches the log, not
+    the console; a worker's error and a rank's own frames-free lines still show."""
+    import types
+
+    trace = (Path(__file__).parent / "fixtures" / "torchrun_agent_shutdown.txt").read_text()
+    lines = [line + "\n" for line in trace.splitlines()]
+    assert len(lines) == 35 and sum(line.startswith("frame #") for line in lines) == 31
+    kept = ["[default0]:RuntimeError: [../third_party/gloo/gloo/transport/tcp/pair.cc:534] "
+            "Connection closed by peer\n",
+            "[default0]:step 2/4 | loss 5.0 | tok/s 10 | mfu 0.1% | mem 0.1 GiB\n"]
+    run = launch.NodeRun("node2", types.SimpleNamespace(stdout=iter(lines + kept)),
+                         tmp_path / "node2.log")
+    shown = []
+    launch._stream(run, types.SimpleNamespace(line=shown.append))
+    assert shown == ["[node2] " + line.rstrip("\n") for line in kept]
+    assert (tmp_path / "node2.log").read_text() == "".join(lines + kept)
