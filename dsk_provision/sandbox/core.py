@@ -354,7 +354,7 @@ def up(name: str = "dsk", nodes: int = 3, *, spare: int | None = None,
         raise InputError(f"invalid spare node count {spare!r}: must be 0 or more",
                          field="spare")
     if spare is not None:
-        naming.validate_node_count(count + spare)
+        naming.validate_node_count(count, spare)
     net = naming.parse_subnet(subnet) if subnet is not None else None
     _preflight(name, count)
     venv_path = resolve_venv(venv)
@@ -374,7 +374,7 @@ def up(name: str = "dsk", nodes: int = 3, *, spare: int | None = None,
                 "before it was deleted and made again (a bind mount keeps the directory it "
                 "was made from): restarting them")
         spare = _spare_count(state) if spare is None else spare
-        naming.validate_node_count(count + spare)
+        naming.validate_node_count(count, spare)
         return _reconcile(state, count, say, started, restart=[n["index"] for n in stale],
                           spare=spare)
     net = net or naming.derive_subnet(name)

@@ -31,10 +31,15 @@ def validate_name(name: str) -> str:
     return name
 
 
-def validate_node_count(nodes: int) -> int:
+def validate_node_count(nodes: int, spare: int = 0) -> int:
+    """``nodes`` in the inventory (1 or more) and ``spare`` beside them: at most
+    MAX_NODES together."""
     if isinstance(nodes, bool) or not isinstance(nodes, int) or not 1 <= nodes <= MAX_NODES:
         raise InputError(f"invalid node count {nodes!r}: must be 1 to {MAX_NODES}",
                          field="nodes")
+    if nodes + spare > MAX_NODES:
+        raise InputError(f"{nodes} nodes and {spare} spare make {nodes + spare}: a sandbox "
+                         f"holds at most {MAX_NODES}", field="spare")
     return nodes
 
 

@@ -37,6 +37,14 @@ def test_invalid_node_counts(count):
 def test_node_count_bounds_accepted():
     assert naming.validate_node_count(1) == 1
     assert naming.validate_node_count(naming.MAX_NODES) == naming.MAX_NODES
+    assert naming.validate_node_count(naming.MAX_NODES - 2, spare=2) == naming.MAX_NODES - 2
+
+
+def test_spare_nodes_past_the_limit_are_named_as_such():
+    with pytest.raises(InputError) as exc:
+        naming.validate_node_count(naming.MAX_NODES - 2, spare=3)
+    assert exc.value.field == "spare"
+    assert f"make {naming.MAX_NODES + 1}" in str(exc.value)
 
 
 def test_derived_subnet_is_stable_private_and_spread():
