@@ -81,8 +81,7 @@ def run_perf_checks(node: str, perf: dict | None, thresholds: dict,
 
     The slowest device is the node's value: one slow GPU holds back every collective.
     """
-    dtype = ((perf or {}).get("matmul") or {}).get("dtype", "bfloat16")
-    specs = (("matmul_tflops", "matmul_min_tflops", "TFLOP/s", f"{dtype} matmul"),
+    specs = (("matmul_tflops", "matmul_min_tflops", "TFLOP/s", "{dtype} matmul"),
              ("copy_gbs", "copy_min_gbs", "GB/s", "memory copy (read + write)"))
     out = []
     for key, limit, unit, what in specs:
@@ -96,6 +95,7 @@ def run_perf_checks(node: str, perf: dict | None, thresholds: dict,
         if not devices:
             out.append(CheckResult(node, check, FAIL, None, minimum, "no device measured"))
             continue
+        what = what.format(dtype=perf["matmul"]["dtype"])  # as the probe measured it
         worst = min(devices, key=lambda d: d[key])
         value = round(float(worst[key]), 3)
         kind = perf.get("device", "?")
