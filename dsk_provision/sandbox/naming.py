@@ -90,6 +90,22 @@ def veth_name(name: str, i: int) -> str:
     return f"dsk{name}h{i}"
 
 
+# The last-but-one byte of a sandbox MAC address: which interface it names.
+_MAC_ROLE = {"node": 0x00, "host": 0x01, "bridge": 0x02}
+
+
+def mac_address(name: str, role: str, i: int = 0) -> str:
+    """A stable, locally administered unicast MAC for one of a sandbox's interfaces:
+    ``role`` "node" (node i's eth0), "host" (node i's host-side veth) or "bridge".
+
+    Stable so that a node restarted or reimaged at the same address keeps its MAC: with a
+    new random one, the other nodes' neighbour caches would send to the old MAC until the
+    entries expire (15-45 s of connection timeouts), and the bridge, which takes the
+    lowest MAC of its ports unless given one, would change its own."""
+    digest = zlib.crc32(name.encode()).to_bytes(4, "big")[:3]
+    return ":".join(f"{b:02x}" for b in (0x02, *digest, _MAC_ROLE[role], i))
+
+
 def veth_re(name: str) -> re.Pattern[str]:
     """Matches this sandbox's host-side veths and no other sandbox's."""
     return re.compile(rf"dsk{re.escape(name)}h(\d+)")

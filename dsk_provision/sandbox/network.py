@@ -64,7 +64,7 @@ def ensure_bridge(name: str, net: ipaddress.IPv4Network) -> None:
     if f" {addr} " not in have:
         run(["ip", "addr", "flush", "dev", br])
         run(["ip", "addr", "add", addr, "dev", br])
-    run(["ip", "link", "set", br, "up"])
+    run(["ip", "link", "set", br, "address", naming.mac_address(name, "bridge"), "up"])
 
 
 def create_node_net(name: str, i: int, net: ipaddress.IPv4Network) -> None:
@@ -72,7 +72,9 @@ def create_node_net(name: str, i: int, net: ipaddress.IPv4Network) -> None:
     ns, veth = naming.netns_name(name, node), naming.veth_name(name, i)
     remove_node_net(name, i)
     run(["ip", "netns", "add", ns])
-    run(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns])
+    run(["ip", "link", "add", veth, "address", naming.mac_address(name, "host", i),
+         "type", "veth", "peer", "name", "eth0", "address", naming.mac_address(name, "node", i),
+         "netns", ns])
     run(["ip", "link", "set", veth, "master", naming.bridge_name(name), "up"])
     run(["ip", "-n", ns, "addr", "add", f"{naming.node_ip(net, i)}/{net.prefixlen}",
          "dev", "eth0"])

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from importlib.metadata import version
@@ -140,6 +141,55 @@ def test_subnet_in_use_is_refused_before_any_change(sandbox_cluster):
         sandbox.up("itclash", 1, subnet=sandbox_cluster.subnet)
     assert exc.value.field == "subnet"
     assert not naming.state_dir("itclash").exists()
+
+
+def test_a_node_started_again_is_reached_at_once():
+    """A node whose network is made anew (a restart, a reimage) keeps its MAC addresses,
+    so a neighbour that talked to it a moment before reaches it at once instead of
+    sending to a MAC that is gone until its neighbour entry expires (15-45 s)."""
+    from dsk_provision.sandbox import network
+
+    name = "itmac"
+    net = naming.derive_subnet(name)
+    network.remove_all(name)  # leftovers of an earlier run
+    serve = ("import socket, sys; s = socket.socket(); "
+             "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+             f"s.bind(('{naming.node_ip(net, 2)}', 2222)); s.listen(); print('up', flush=True); "
+             "c, _ = s.accept(); c.close()")
+    connect = ("import socket, time; t = time.monotonic(); "
+               f"socket.create_connection(('{naming.node_ip(net, 2)}', 2222), 8).close(); "
+               "print(round(time.monotonic() - t, 2))")
+
+    def connect_once() -> subprocess.CompletedProcess:
+        ns2 = naming.netns_name(name, "node2")
+        server = subprocess.Popen(["ip", "netns", "exec", ns2, sys.executable, "-c", serve],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            assert server.stdout.readline().strip() == "up"
+            return subprocess.run(["ip", "netns", "exec", naming.netns_name(name, "node1"),
+                                   sys.executable, "-c", connect],
+                                  capture_output=True, text=True, timeout=30)
+        finally:
+            server.kill()
+            server.wait()
+
+    try:
+        network.check_subnet_free(name, net)
+        network.ensure_bridge(name, net)
+        for i in (1, 2):
+            network.create_node_net(name, i, net)
+        assert connect_once().returncode == 0
+        network.create_node_net(name, 2, net)  # node2 started again
+        again = connect_once()
+        assert again.returncode == 0, again.stderr
+        for i in (1, 2):
+            eth0 = json.loads(subprocess.run(
+                ["ip", "-n", naming.netns_name(name, f"node{i}"), "-j", "link", "show", "eth0"],
+                capture_output=True, text=True, check=True).stdout)[0]
+            assert eth0["address"] == naming.mac_address(name, "node", i)
+    finally:
+        network.remove_all(name)
+    assert not any(naming.netns_re(name).fullmatch(ns) for ns in network.netns_list())
 
 
 def test_link_rate(sandbox_cluster):

@@ -47,6 +47,18 @@ def test_spare_nodes_past_the_limit_are_named_as_such():
     assert f"make {naming.MAX_NODES + 1}" in str(exc.value)
 
 
+def test_mac_addresses_are_stable_unique_and_locally_administered():
+    macs = [naming.mac_address("lab", "bridge")]
+    macs += [naming.mac_address("lab", role, i)
+             for role in ("node", "host") for i in range(1, naming.MAX_NODES + 1)]
+    assert len(set(macs)) == len(macs)
+    for mac in macs:
+        first = int(mac.split(":")[0], 16)
+        assert len(mac.split(":")) == 6 and first & 0b10 and not first & 0b01, mac
+    assert naming.mac_address("lab", "node", 3) == naming.mac_address("lab", "node", 3)
+    assert naming.mac_address("lab", "node", 3) != naming.mac_address("lab2", "node", 3)
+
+
 def test_derived_subnet_is_stable_private_and_spread():
     nets = {naming.derive_subnet(n) for n in ["dsk", "itest", "demo", "sbdev", "a", "b"]}
     assert naming.derive_subnet("dsk") == naming.derive_subnet("dsk")
