@@ -120,6 +120,40 @@ def test_fp8_experts_follow_full_precision(counts):
         assert experts.w2.grad[e].abs().max() == 0 and experts.w1.grad[e].abs().max() == 0
 
 
+def test_weight_gradients_see_the_tokens_strided_under_compile(monkeypatch):
+    """The weight gradients' grouped GEMM gets a^T with the tokens as its strided
+    dimension even when its input is a fused gather of a compiled graph: the 2d-2d
+    grouped GEMM asserts on the GPU when the tokens are contiguous and a group's count
+    is not a multiple of 8 (inductor laid a fused, transposed input out that way)."""
+    seen = []
+    grouped_mm = torch._grouped_mm
+
+    def recording(a, b, offs, **kwargs):
+        seen.append((a.stride(), b.stride()))
+        return grouped_mm(a, b, offs=offs, **kwargs)
+
+    monkeypatch.setattr(torch, "_grouped_mm", recording)
+    counts = torch.tensor([5, 0, 3, 9])  # none a multiple of 8 but the empty one
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(17, 32, generator=gen).to(torch.bfloat16)
+    act = torch.randn(17, 24, generator=gen).to(torch.bfloat16)
+    order = torch.randperm(17, generator=gen)
+
+    def weight_grad(g, act, order, offs):  # the output gradient gathered, then the GEMM
+        return f8.grouped_weight_grad((g * 2).index_select(0, order), act, offs)
+
+    want = torch.stack([(2 * g[order])[s:e].float().t() @ act[s:e].float()
+                        for s, e in zip([0, *offs[:-1].tolist()], offs.tolist(), strict=True)])
+    for fn in (weight_grad, torch.compile(weight_grad, fullgraph=True)):
+        seen.clear()
+        out = fn(g, act, order, offs)
+        assert out.shape == (4, 32, 24) and out.is_contiguous()
+        assert rel(out, want) < 0.01
+        assert seen == [((1, 32), (24, 1))], seen  # a^T: the tokens strided, as in eager
+    assert out[1].abs().max() == 0  # the expert that saw no token
+
+
 def test_fp8_experts_keep_the_full_precision_loop_on_the_cpu():
     experts = _experts()
     counts = torch.tensor([3, 5, 0, 2])

@@ -381,6 +381,29 @@ def scaled_grouped_mm(a, b, a_inv, b_inv, offs):
     return scaled_grouped_mm_reference(a, b, a_inv, b_inv, offs)
 
 
+@torch.library.custom_op("dsk::grouped_weight_grad", mutates_args=())
+def _grouped_weight_grad(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return torch._grouped_mm(a.contiguous().t(), b.contiguous(), offs=offs)
+
+
+@_grouped_weight_grad.register_fake
+def _grouped_weight_grad_fake(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor
+                              ) -> torch.Tensor:
+    return a.new_empty(offs.numel(), a.size(1), b.size(1))
+
+
+def grouped_weight_grad(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """``a_g^T b_g`` for each group g of rows (tokens) ending at ``offs``: a (M, X), b (M, Y)
+    -> (E, X, Y), a weight gradient in its parameter's (E, out, in) layout.
+
+    An opaque op, so that under torch.compile the grouped GEMM gets ``a^T`` with the
+    tokens as its strided dimension, as in eager. Inlined, inductor may realise a fused
+    ``a`` (the output gradient, gathered back into expert order) directly in the
+    transposed, token-contiguous layout; the 2d-2d grouped GEMM then needs every group's
+    token count to be a multiple of 8 and fails a device-side assertion otherwise."""
+    return torch.ops.dsk.grouped_weight_grad(a, b, offs)
+
+
 class Fp8ExpertsFunction(torch.autograd.Function):
     """The routed experts' SwiGLU MLP, ``(silu(x w1^T) * (x w3^T)) w2^T`` per expert group,
     with the four activation-side GEMMs in FP8 and the weight gradients in bf16. x is bf16
@@ -408,11 +431,11 @@ class Fp8ExpertsFunction(torch.autograd.Function):
         # the weight gradients come out of their GEMMs in the parameters' own layout,
         # (E, out, in) = grad^T act per group, so that handing them over is a plain cast
         # (no transposing copy)
-        dw2 = torch._grouped_mm(grad.t(), act, offs=offs)  # (E, D, I)
+        dw2 = grouped_weight_grad(grad, act, offs)  # (E, D, I)
         dh, dhq, dh_inv = swiglu_backward_fp8(h, d_act)
         w13tq, w13t_inv = fp8_weight_cols(w1, w3)  # (E, D, 2I)
         dx = scaled_grouped_mm(dhq, w13tq.transpose(-2, -1), dh_inv, w13t_inv, offs)
-        dw13 = torch._grouped_mm(dh.t(), x, offs=offs)  # (E, 2I, D): [w1 | w3]'s
+        dw13 = grouped_weight_grad(dh, x, offs)  # (E, 2I, D): [w1 | w3]'s
         inter = w1.size(1)
 
         def as_param(g, w):  # w's dtype, contiguous (w1's and w3's halves are strided)
