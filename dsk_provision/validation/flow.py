@@ -336,10 +336,8 @@ def print_table(report: ValidationReport, console) -> None:
     shown = report.checks
     if len(report.nodes) > FULL_TABLE_MAX_NODES:
         shown = [c for c in report.checks if c.status != PASS]
-    table = Table(title=f"validate {report.cluster} ({report.profile})", title_justify="left")
-    for col in ("node", "check", "value", "threshold", "result"):
-        table.add_column(col, overflow="fold")
     style = {"pass": "green", "fail": "bold red", "skip": "yellow"}
+    rows: list[tuple[str, str, str, str, str]] = []
     # Skips repeat one reason over many checks and nodes (every GPU check on a CPU node):
     # one row per reason and set of nodes, the reason in the value column.
     skipped: dict[tuple[str, tuple[str, ...]], list[str]] = {}
@@ -348,15 +346,29 @@ def print_table(report: ValidationReport, console) -> None:
         if c.status == SKIP:
             by_check.setdefault((c.check, c.message or "-"), []).append(c.node)
             continue
-        table.add_row(Text(c.node), Text(c.check), Text(report_files.format_value(c.value)),
-                      Text(report_files.format_value(c.threshold)),
-                      Text(report_files.STATUS_MARK[c.status], style=style[c.status]))
+        rows.append((c.node, c.check, report_files.format_value(c.value),
+                     report_files.format_value(c.threshold), c.status))
     for (check, reason), nodes in by_check.items():
         skipped.setdefault((reason, tuple(nodes)), []).append(check)
     for (reason, nodes), names in skipped.items():
-        who = _node_list(nodes, len(report.nodes))
-        table.add_row(Text(who), Text(", ".join(names)), Text(reason), Text("-"),
-                      Text(report_files.STATUS_MARK[SKIP], style=style["skip"]))
+        rows.append((_node_list(nodes, len(report.nodes)), ", ".join(names), reason, "-", SKIP))
+
+    # A check's name is not broken across lines where the terminal leaves room for it
+    # (80 columns do): value and threshold share what the other columns leave, and fold.
+    table = Table(title=f"validate {report.cluster} ({report.profile})", title_justify="left")
+    widest_check = max((len(c.check) for c in shown), default=0)
+    widest_node = max((len(row[0]) for row in rows), default=0)
+    frame = 16  # six borders and one space either side of each of the five columns
+    rest = console.width - frame - widest_node - widest_check - len("result")
+    keep_names = rest >= 2 * 8
+    for col in ("node", "check", "value", "threshold", "result"):
+        table.add_column(
+            col, overflow="fold",
+            min_width=widest_check if col == "check" and keep_names else None,
+            max_width=rest // 2 if col in ("value", "threshold") and keep_names else None)
+    for node, check, value, threshold, status in rows:
+        table.add_row(Text(node), Text(check), Text(value), Text(threshold),
+                      Text(report_files.STATUS_MARK[status], style=style[status]))
     console.print(table)
     counts = report.summary()
     console.print(f"{counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped"

@@ -226,6 +226,45 @@ def test_console_table_groups_skips_by_reason_and_keeps_failures(tmp_path):
     assert "4 passed" not in text and "3 passed, 1 failed, 10 skipped" in text
 
 
+@pytest.mark.parametrize("width", [80, 100])
+def test_console_table_keeps_check_names_whole_on_a_terminal_of_80_columns(tmp_path, width):
+    """What make demo shows: the longest values and reasons fold, no check's name breaks,
+    and every line keeps its right border inside the terminal."""
+    import io
+
+    from rich.console import Console
+
+    from dsk_provision.validation.flow import print_table
+    from dsk_provision.validation.results import CheckResult
+
+    nodes = ["node1", "node2", "node3"]
+    checks = []
+    for n in nodes:
+        checks += [CheckResult(n, "python_env", "pass", "torch 2.13.0+cpu", "torch", ""),
+                   CheckResult(n, "disk_free", "pass", {"/": 74.5, "/opt/dsk": 74.5},
+                               {"/": 1, "/opt/dsk": 1}, "")]
+    checks += [CheckResult("cluster", "allreduce_correct", "pass", 0, 0, ""),
+               CheckResult("cluster", "allreduce_busbw", "pass", 1.09, 0.05, "")]
+    gpu = ("gpu_model", "driver_version", "persistence_mode", "nccl_settings", "nccl_tests")
+    for name in gpu:
+        checks += [CheckResult(n, name, "skip", None, None, "no GPU on this node") for n in nodes]
+    checks += [CheckResult(n, "infiniband", "skip", None, None,
+                           "no RDMA device (/sys/class/infiniband is empty or absent)")
+               for n in nodes]
+    report = ValidationReport(run_dir=tmp_path, cluster="demo", profile="cpu-sandbox",
+                              nodes=nodes, thresholds={}, checks=checks)
+    out = io.StringIO()
+    print_table(report, Console(file=out, width=width))
+    lines = out.getvalue().splitlines()
+    rows = [line for line in lines if line.startswith(("│", "┃"))]
+    assert rows and all(len(line) <= width and line.rstrip().endswith(("│", "┃")) for line in rows)
+    cells = {cell.strip().rstrip(",") for line in rows for cell in line.split("│")}
+    cells |= {word.rstrip(",") for line in rows for word in line.split()}
+    for name in ("python_env", "disk_free", "allreduce_correct", "allreduce_busbw",
+                 "infiniband", *gpu):
+        assert name in cells, name
+
+
 @pytest.mark.slow
 def test_validate_leaves_a_cordoned_node_out_of_the_benchmarks(tmp_path, monkeypatch):
     """A cordoned node gets its node checks and a "cordoned" skip, but the all-reduce runs
