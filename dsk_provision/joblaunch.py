@@ -54,7 +54,7 @@ from dsk_provision.jobs import (
     on_nodes,
     stop_job,
 )
-from dsk_provision.remote import TransportChoice, put_tar, resolve_transport
+from dsk_provision.remote import TransportChoice, resolve_transport
 
 # How long the nodes get to record a launch before it counts as failed to start.
 START_TIMEOUT_S = 60.0
@@ -246,7 +246,7 @@ def start_job(inventory, config_path: Path, name: str, *, fresh: bool = False,
     lost node while at least this many remain (trainer/resilience.py). ``container``: an
     image that torchrun runs in on every node (dsk_provision.containers)."""
     from dsk_provision import preflight
-    from dsk_provision.launch import _tar_payload, nproc_for
+    from dsk_provision.launch import nproc_for, ship_to
     from trainer.config import check_world_size, load_config
 
     check_name(name)
@@ -296,27 +296,8 @@ def start_job(inventory, config_path: Path, name: str, *, fresh: bool = False,
     with tempfile.TemporaryDirectory(prefix="dsk-job-") as tmp:
         job_file = Path(tmp) / "job.json"
         job_file.write_text(json.dumps(record, indent=1) + "\n")
-        payload = _tar_payload({config_rel: config_path, "job.json": job_file})
-        try:
-            failures = {}
-
-            def ship(node):
-                rc, out = put_tar(resolve_transport(transport, inventory, node), node,
-                                  payload, job_dir(node, name))
-                if rc != 0:
-                    failures[node.name] = (out.strip().splitlines() or [f"exit {rc}"])[-1]
-
-            threads = [threading.Thread(target=ship, args=(n,)) for n in inventory.nodes]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-        finally:
-            payload.unlink(missing_ok=True)
-    if failures:
-        names = sorted(failures)
-        raise RunFailed("could not copy the trainer to " + "; ".join(
-            f"{n}: {failures[n]}" for n in names), nodes=names)
+        ship_to(inventory, lambda node: job_dir(node, name),
+                {config_rel: config_path, "job.json": job_file}, transport=transport)
     say(f"job {name}: {len(inventory.nodes)} nodes, world size {world_size}, config "
         f"{config_path}" + (f", in image {container}" if container else "")
         + (f", continuing from step {resumed_from}" if resumed_from is not None else ""))

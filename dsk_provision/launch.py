@@ -261,6 +261,14 @@ def _check_ship_names(files: dict[str, Path]) -> None:
 def ship(inventory, run_id: str, files: dict[str, Path] | None = None, *,
          transport: TransportChoice = None) -> None:
     """Copy trainer/ and files into {dsk_root}/runs/<run-id>/ on every node."""
+    ship_to(inventory, lambda node: remote_run_dir(node, run_id), files, transport=transport)
+
+
+def ship_to(inventory, destination: Callable[[object], PurePosixPath],
+            files: dict[str, Path] | None = None, *, transport: TransportChoice = None) -> None:
+    """Copy trainer/ and files into ``destination(node)`` on every node, all at once.
+
+    Raises RunFailed naming every node the copy failed on, with its last line of output."""
     files = dict(files or {})
     _check_ship_names(files)
     payload = _tar_payload(files)
@@ -270,7 +278,7 @@ def ship(inventory, run_id: str, files: dict[str, Path] | None = None, *,
 
         def one(node):
             rc, out = put_tar(resolve_transport(transport, inventory, node), node, payload,
-                              remote_run_dir(node, run_id))
+                              destination(node))
             if rc != 0:
                 lines = (out or "").strip().splitlines()
                 failures[node.name] = lines[-1] if lines else f"exit {rc}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -633,3 +634,28 @@ def test_an_agents_shutdown_trace_goes_to_the_log_only(tmp_path):
     launch._stream(run, types.SimpleNamespace(line=shown.append))
     assert shown == ["[node2] " + line.rstrip("\n") for line in kept]
     assert (tmp_path / "node2.log").read_text() == "".join(lines + kept)
+
+
+def test_ship_to_copies_to_every_node_and_names_each_that_failed(tmp_path):
+    """The one copy path of runs and jobs: trainer/ and the files land in each node's
+    destination; a node whose destination cannot be made is named with its error, the
+    others are still copied."""
+    inv = make_inventory(tmp_path, [("n1", "10.0.0.1", {}), ("n2", "10.0.0.2", {}),
+                                    ("n3", "10.0.0.3", {})])
+    blocker = tmp_path / "n2-file"
+    blocker.write_text("a file where a directory should be\n")
+    dest = {"n1": tmp_path / "n1" / "job", "n2": blocker / "job", "n3": tmp_path / "n3" / "job"}
+    extra = tmp_path / "job.json"
+    extra.write_text("{}\n")
+    before = set(Path(tempfile.gettempdir()).glob("dsk-ship-*.tar"))
+    with pytest.raises(RunFailed) as failed:
+        launch.ship_to(inv, lambda node: dest[node.name], {"job.json": extra},
+                       transport=remote.LocalTransport())
+    assert failed.value.nodes == ["n2"]
+    assert "could not copy the trainer to n2 (n2: " in failed.value.message
+    assert "Not a directory" in failed.value.message
+    for name in ("n1", "n3"):
+        assert (dest[name] / "job.json").read_text() == "{}\n"
+        assert (dest[name] / "trainer" / "train.py").is_file()
+        assert not list(dest[name].rglob("__pycache__"))
+    assert set(Path(tempfile.gettempdir()).glob("dsk-ship-*.tar")) <= before
