@@ -29,6 +29,8 @@ import time
 import tomllib
 from pathlib import Path
 
+import gpu_fp8  # the bench beside this one: how a config with overrides is written
+
 REPO = Path(__file__).resolve().parent.parent
 
 # layout -> (GPUs, overrides); the global batch is 2 micro-batches in every layout.
@@ -48,33 +50,14 @@ LAYOUTS: dict[str, tuple[int, dict]] = {
 }
 
 
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))
-
-
 # every layout starts from these, then applies its own overrides: a micro-batch that fits
 # every layout on one GPU's share, eager unless the layout compiles
 COMMON = {"training.micro_batch_size": 4, "training.compile": False}
 
 
 def write_config(base: dict, overrides: dict, path: Path) -> None:
-    doc = {section: dict(values) for section, values in base.items()}
-    doc["model"]["mtp_depth"] = 0
-    doc.setdefault("checkpoint", {})["interval"] = 0
-    overrides = {**COMMON, **overrides}
-    for dotted, value in overrides.items():
-        section, key = dotted.split(".")
-        doc.setdefault(section, {})[key] = value
-    lines = []
-    for section, values in doc.items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
-        lines.append("")
-    path.write_text("\n".join(lines))
+    """The config of one layout: MTP off and COMMON, then the layout's overrides."""
+    gpu_fp8.write_config(base, {"model.mtp_depth": 0, **COMMON, **overrides}, path)
 
 
 def descendants(pid: int) -> list[int]:
