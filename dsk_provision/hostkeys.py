@@ -41,7 +41,6 @@ SCAN_TIMEOUT_S = 10
 # At most this many ssh-keyscan processes at once.
 SCAN_PARALLEL = 32
 # The record the ssh_trust role keeps in the cluster's state directory.
-HOST_KEYS_JSON = "host_keys.json"
 
 # Key types ssh-keyscan reports, and how ssh-keygen -l names them.
 _KINDS = {
@@ -307,30 +306,23 @@ def _keys_under(path: Path, hosts: Sequence[str]) -> list[HostKey]:
 
 
 def host_keys_json_path(inventory) -> Path:
-    return state.cluster_state_dir(inventory.cluster_name) / HOST_KEYS_JSON
+    return state.cluster_state_dir(inventory.cluster_name) / provisioned.HOST_KEYS_FILE
 
 
 def host_keys_json(inventory) -> dict[str, list[HostKey]]:
-    """The cluster's host_keys.json as keys per node; empty when there is none yet."""
-    path = host_keys_json_path(inventory)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot read the recorded host keys: {exc}", file=str(path),
-                         hint="restore it from a backup, or remove it: the next bootstrap "
-                              "records the keys again") from None
+    """The cluster's host_keys.json as keys per node; empty when there is none yet.
+    A line that is not a public key is passed over."""
+    recorded = provisioned.read_host_keys(state.cluster_state_dir(inventory.cluster_name))
     out: dict[str, list[HostKey]] = {}
-    for node, lines in (data or {}).items():
+    for node, lines in recorded.items():
         keys = []
-        for text in lines or []:
-            parts = str(text).split()
+        for text in lines:
+            parts = text.split()
             try:
                 keys.append(HostKey.parse(parts[0], parts[1]))
             except (ValueError, IndexError):
                 continue
-        out[str(node)] = keys
+        out[node] = keys
     return out
 
 
@@ -477,7 +469,7 @@ def compare(offered: list[HostKey], recorded: list[HostKey]) -> str | None:
 
 def plan(scans: Sequence[NodeScan], known_hosts: Path, *,
          recorded_json: dict[str, list[HostKey]] | None = None,
-         recorded_json_file: str = HOST_KEYS_JSON,
+         recorded_json_file: str = provisioned.HOST_KEYS_FILE,
          expected: dict[str, list[Expected]] | None = None,
          replace: Iterable[str] = (),
          recorded_at: dict[str, Target] | None = None) -> Plan:

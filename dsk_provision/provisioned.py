@@ -43,6 +43,8 @@ from dsk_provision.files import write_private
 NODES_FILE = "nodes.json"
 # Written by the ssh_trust role (ssh_trust_host_keys_file): {node: ["<type> <base64>", ...]}.
 HOST_KEYS_FILE = "host_keys.json"
+HOST_KEYS_HINT = ("restore it from a backup, or remove it: the next bootstrap of every node "
+                  "records the keys again")
 RECORD_VERSION = 1
 
 
@@ -93,10 +95,10 @@ def read_host_keys(state_dir: Path) -> dict[str, list[str]]:
         return {}
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot read the pinned host keys: {exc}", file=str(path),
-                         hint="a bootstrap of every node writes it again") from exc
+                         hint=HOST_KEYS_HINT) from exc
     if not isinstance(data, dict):
         raise InputError("is not a JSON object of node names", file=str(path),
-                         hint="a bootstrap of every node writes it again")
+                         hint=HOST_KEYS_HINT)
     return {str(k): [str(v) for v in keys] for k, keys in data.items()
             if isinstance(keys, list) and keys}
 

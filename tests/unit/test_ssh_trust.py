@@ -72,6 +72,27 @@ def test_the_role_default_is_the_state_dir_the_runner_passes():
     assert defaults["ssh_trust_key_dir"] == "{{ dsk_cluster_state_dir }}"
 
 
+
+def test_the_role_writes_the_host_keys_where_the_tool_reads_them(tmp_path):
+    """host_keys.json is named once, in dsk_provision.provisioned: the role's file is that
+    name in the state directory, and both of the tool's readers read it and say which file
+    and what to do when it is not JSON."""
+    from dsk_provision import hostkeys, provisioned
+
+    role_vars = yaml.safe_load((ROLE / "vars" / "main.yml").read_text())
+    assert role_vars["ssh_trust_host_keys_file"] == \
+        "{{ dsk_cluster_state_dir }}/" + provisioned.HOST_KEYS_FILE
+    inv = load_inventory(_inventory(tmp_path / "inv", "hk-one"))
+    directory = state.cluster_state_dir("hk-one", create=True)
+    assert hostkeys.host_keys_json_path(inv) == directory / provisioned.HOST_KEYS_FILE
+    (directory / provisioned.HOST_KEYS_FILE).write_text("{not json")
+    for read in (lambda: hostkeys.host_keys_json(inv),
+                 lambda: provisioned.read_host_keys(directory)):
+        with pytest.raises(InputError) as err:
+            read()
+        assert err.value.file == str(directory / provisioned.HOST_KEYS_FILE)
+        assert "the next bootstrap of every node records the keys again" in err.value.hint
+
 # --- one state directory, one inventory -----------------------------------------------
 
 def test_a_run_claims_the_state_dir_for_its_inventory(tmp_path):
