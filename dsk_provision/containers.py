@@ -156,15 +156,19 @@ def remove_command(node, name: str) -> str:
             ">/dev/null 2>&1 || true; }")
 
 
+# What image_command prints before saying why the image is not there (read by preflight).
+IMAGE_MARKER = "dsk-image: "
+
+
 def image_command(node, image: str) -> str:
     """A shell line that succeeds when ``image`` is on the node, pulling it when it is
     not; it says what went wrong otherwise."""
     rt, ref = shlex.quote(runtime(node)), shlex.quote(image)
-    return (f"command -v {rt} >/dev/null 2>&1 || {{ echo 'dsk-image: no {runtime(node)} "
+    return (f"command -v {rt} >/dev/null 2>&1 || {{ echo '{IMAGE_MARKER}no {runtime(node)} "
             f"on this node'; exit 3; }}; "
             f"{rt} image inspect {ref} </dev/null >/dev/null 2>&1 || "
             f"{{ out=$({rt} pull -q {ref} </dev/null 2>&1) || "
-            f"{{ echo \"dsk-image: not on this node and cannot be pulled: "
+            f"{{ echo \"{IMAGE_MARKER}not on this node and cannot be pulled: "
             f"$(printf '%s' \"$out\" | tail -n 1)\"; exit 4; }}; }}")
 
 

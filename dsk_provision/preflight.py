@@ -30,14 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dsk_provision.addresses import host_port
+from dsk_provision.containers import IMAGE_MARKER  # what the image check says before it fails
 from dsk_provision.errors import RunFailed
+from dsk_provision.preflight_probe import MARKER  # what the probe prints before its JSON
 from dsk_provision.remote import SshTransport, TransportChoice, resolve_transport, run_command
 
 PROBE = Path(__file__).with_name("preflight_probe.py")
-# What the probe prints before its JSON (preflight_probe.MARKER).
-MARKER = "dsk-preflight: "
-# What the image check says before it fails (containers.image_command).
-IMAGE_MARKER = "dsk-image: "
 LOOPBACK = "127.0.0.1"
 # How long each node keeps trying to reach the rendezvous address: the probes start at
 # once, but the first node's listener may come up a few seconds after a peer's attempt.
