@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.model.args import ModelArgs
+from trainer.model.head_loss import head_loss as fused_head_loss
 from trainer.model.swiglu import swiglu
 
 
@@ -531,21 +532,26 @@ class Transformer(nn.Module):
         """Mean cross-entropy (fp32) of the output head's logits for the normed hidden
         states ``h`` against ``targets``; ``shift`` drops the last positions of the logits
         and the first of the targets. Its own method so that training.compile can compile
-        the head and the loss together (the fp32 logits then need not be materialised)."""
+        it with the norm before it.
+
+        A plain linear head (not a tensor-parallel DTensor, whose input is sharded over the
+        sequence) drops the shifted positions before its matmul, and its loss is one op,
+        ``dsk::head_loss`` (trainer/model/head_loss.py), or with
+        ``training.loss_chunk_tokens`` computed chunk by chunk (ChunkedHeadLoss)."""
         weight = self.output.weight
-        # A plain linear head (not a tensor-parallel DTensor, whose input is sharded over
-        # the sequence) drops the shifted positions before its matmul: no copy of the
-        # logits, and the only head the chunked loss applies to.
         plain = type(weight) in (torch.Tensor, nn.Parameter)
         if shift and plain:
             h, targets = h[:, :-shift], targets[:, shift:]
-        if self.loss_chunk_tokens and plain:
+        if plain:
+            # the GEMMs' dtype, as autocast would pick it
             dtype = (torch.get_autocast_dtype(h.device.type)
                      if torch.is_autocast_enabled(h.device.type) else h.dtype)
+            args = (h.reshape(-1, h.shape[-1]).to(dtype), weight.to(dtype),
+                    targets.reshape(-1))
             with torch.autocast(h.device.type, enabled=False):
-                return ChunkedHeadLoss.apply(h.reshape(-1, h.shape[-1]).to(dtype),
-                                             weight.to(dtype), targets.reshape(-1),
-                                             self.loss_chunk_tokens)
+                if self.loss_chunk_tokens:
+                    return ChunkedHeadLoss.apply(*args, self.loss_chunk_tokens)
+                return fused_head_loss(*args)
         logits = self.output(h)
         if shift and not plain:
             logits, targets = logits[:, :-shift], targets[:, shift:]

@@ -1,0 +1,136 @@
+"""The output head and its cross-entropy alone, compiled, forward + backward, at a config's
+sizes (tokens = micro-batch x sequence, the config's dim and vocabulary), in bf16.
+
+    python bench/head_loss.py --config trainer/configs/small.toml --out head_loss.json
+
+Two variants on the same inputs (seed 0):
+
+- op: ``dsk::head_loss`` (trainer/model/head_loss.py), as the model runs it: one GEMM for
+  the logits, one pass for the loss and the logits' gradient, the two GEMMs of backward;
+- cross_entropy: the head as a matmul and ``F.cross_entropy`` of its fp32-cast logits,
+  compiled together (the model's code before the op).
+
+Both are first checked to agree (loss, the gradients of the hidden states and the
+weight). Also timed: the op's loss-and-gradient pass alone (the Triton kernel on a GPU),
+with the memory bandwidth it reaches counting one read and one write of the logits.
+Prints median milliseconds and the peak memory of each variant; writes JSON with --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def timed(fn, steps: int, device) -> float:
+    import torch
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    for _ in range(3):
+        fn()
+    sync()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def cross_entropy_head(h, weight, targets):
+    import torch.nn.functional as F
+
+    return F.cross_entropy((h @ weight.t()).float(), targets)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=REPO / "trainer/configs/small.toml")
+    parser.add_argument("--micro-batch", type=int)
+    parser.add_argument("--seq-len", type=int)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from trainer.config import load_config
+    from trainer.model.head_loss import head_loss, loss_and_grad_
+
+    cfg = load_config(args.config)
+    m, t = cfg.model, cfg.training
+    tokens = (args.micro_batch or t.micro_batch_size) * (args.seq_len or t.seq_len)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16
+    g = torch.Generator(device=device).manual_seed(0)
+    h = torch.randn(tokens, m.dim, device=device, generator=g).to(dtype).requires_grad_()
+    weight = (torch.randn(m.vocab_size, m.dim, device=device, generator=g) * 0.02
+              ).to(dtype).requires_grad_()
+    targets = torch.randint(0, m.vocab_size, (tokens,), device=device, generator=g)
+    variants = {"op": head_loss, "cross_entropy": cross_entropy_head}
+
+    results = {}
+    for name, fn in variants.items():
+        loss = fn(h, weight, targets)
+        loss.backward()
+        results[name] = (loss.detach().float(), h.grad.float(), weight.grad.float())
+        h.grad = weight.grad = None
+    (la, ha, wa), (lb, hb, wb) = results.values()
+    errors = {"loss": abs(la - lb).item(),
+              "grad_h": ((ha - hb).abs().max() / hb.abs().max()).item(),
+              "grad_weight": ((wa - wb).abs().max() / wb.abs().max()).item()}
+    agree = errors["loss"] < 1e-3 * abs(lb.item()) and max(errors["grad_h"],
+                                                           errors["grad_weight"]) < 2e-2
+    result = {"config": str(args.config), "device": str(device), "torch": torch.__version__,
+              "tokens": tokens, "dim": m.dim, "vocab": m.vocab_size, "agree": agree,
+              "errors": errors, "ms": {}, "peak_gib": {}}
+    if device.type == "cuda":
+        result["gpu"] = torch.cuda.get_device_name()
+    print(f"{tokens} tokens, dim {m.dim}, vocabulary {m.vocab_size}, on {device}; the "
+          f"variants agree: {agree} ({errors})")
+    for name, fn in variants.items():
+        torch._dynamo.reset()
+        step = torch.compile(fn)
+
+        def both(step=step):
+            step(h, weight, targets).backward()
+            h.grad = weight.grad = None
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        result["ms"][name] = timed(both, args.steps, device)
+        if device.type == "cuda":
+            result["peak_gib"][name] = (torch.cuda.max_memory_allocated() - base) / 2**30
+        print(f"{name:>14}: forward + backward {result['ms'][name]:8.2f} ms"
+              + (f", peak {result['peak_gib'][name]:.2f} GiB above the inputs"
+                 if name in result["peak_gib"] else ""))
+    logits = torch.empty(tokens, m.vocab_size, device=device, dtype=dtype)
+
+    def kernel():
+        logits.normal_()  # the pass overwrites its input: fresh logits every time
+        loss_and_grad_(logits, targets)
+    fill = timed(lambda: logits.normal_(), args.steps, device)
+    alone = timed(kernel, args.steps, device) - fill
+    moved = 2 * logits.numel() * logits.element_size()
+    result["ms"]["loss_and_grad pass"] = alone
+    result["pass_gb_per_s"] = moved / alone / 1e6
+    print(f"the loss-and-gradient pass alone: {alone:.2f} ms, {moved / alone / 1e6:,.0f} GB/s "
+          "(one read and one write of the logits)")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0 if agree else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

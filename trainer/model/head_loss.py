@@ -1,0 +1,141 @@
+"""The output head and its cross-entropy as one op, ``dsk::head_loss``: the logits of the
+whole micro-batch are made by one GEMM, and one pass over them computes each token's
+loss and, in the same memory, the gradient of the summed loss with respect to its logits
+(``softmax - one_hot``), which backward hands to the head's two GEMMs and then scales.
+
+Compiled as a plain ``F.cross_entropy``, the loss read the bf16 logits once in forward
+(for the log-sum-exp) and again in backward, where it also wrote their gradient: three
+passes over tokens x vocab elements, the forward's at well under the memory bandwidth
+(docs/benchmarks.md). Here the forward's single kernel reads each row twice (the second
+time mostly from L2) and writes it once, and backward reads nothing of the vocabulary
+but the gradient its GEMMs need anyway. The op is opaque to torch.compile
+(``torch.library.custom_op``), so inductor neither splits it nor copies the logits.
+
+On the GPU the pass is a Triton kernel, a program per token; elsewhere (the CPU, or where
+Triton is missing) the same arithmetic in torch, which is also what the kernel is tested
+against. The loss and the softmax are computed in fp32 whatever the logits' dtype; the
+gradient is stored in the logits' dtype, as autocast would hand it to the GEMMs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import register_flop_formula
+
+try:  # the GPU wheels of torch bring Triton; the CPU ones do not
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the wheel
+    triton = None
+
+# vocabulary entries a program reads at a time, and its warps: 16 elements per thread
+BLOCK = 4096
+NUM_WARPS = 8
+
+
+def loss_and_grad_reference(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Each row's cross-entropy (fp32, tokens), and ``logits`` overwritten with
+    ``softmax(logits) - one_hot(targets)``: the arithmetic of the kernel, in torch."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)
+    losses = lse - x.gather(1, targets.unsqueeze(1)).squeeze(1)
+    grad = torch.exp(x - lse.unsqueeze(1))
+    grad.scatter_add_(1, targets.unsqueeze(1),
+                      torch.full((x.size(0), 1), -1.0, dtype=grad.dtype, device=grad.device))
+    logits.copy_(grad)
+    return losses
+
+
+if triton is not None:
+
+    @triton.jit
+    def _loss_and_grad_kernel(logits_ptr, targets_ptr, losses_ptr, vocab, stride,
+                              block: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        base = logits_ptr + row * stride
+        cols = tl.arange(0, block)
+        # per lane: the running maximum and the sum of exponentials below it
+        high = tl.full([block], -float("inf"), tl.float32)
+        total = tl.zeros([block], tl.float32)
+        for start in range(0, vocab, block):
+            idx = start + cols
+            mask = idx < vocab
+            x = tl.load(base + idx, mask=mask, other=-float("inf")).to(tl.float32)
+            new_high = tl.maximum(high, x)
+            # lanes past the vocabulary (and lanes that have seen only those) add nothing
+            safe = tl.where(new_high == -float("inf"), 0.0, new_high)
+            total = total * tl.exp(high - safe) + tl.where(mask, tl.exp(x - safe), 0.0)
+            high = new_high
+        top = tl.max(high, 0)
+        lse = top + tl.log(tl.sum(total * tl.exp(high - top), 0))
+        target = tl.load(targets_ptr + row)
+        picked = tl.load(base + target).to(tl.float32)
+        tl.store(losses_ptr + row, lse - picked)
+        for start in range(0, vocab, block):
+            idx = start + cols
+            mask = idx < vocab
+            x = tl.load(base + idx, mask=mask, other=0.0).to(tl.float32)
+            grad = tl.exp(x - lse)
+            grad = tl.where(idx == target, grad - 1.0, grad)
+            tl.store(base + idx, grad.to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+def loss_and_grad_(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Each row's cross-entropy (fp32), and ``logits`` (tokens x vocab, contiguous rows)
+    overwritten with the gradient of their sum: the Triton kernel on the GPU, else the
+    reference."""
+    if triton is None or not logits.is_cuda:
+        return loss_and_grad_reference(logits, targets)
+    rows, vocab = logits.shape
+    losses = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    _loss_and_grad_kernel[(rows,)](logits, targets, losses, vocab, logits.stride(0), BLOCK,
+                                   num_warps=NUM_WARPS)
+    return losses
+
+
+@torch.library.custom_op("dsk::head_loss", mutates_args=())
+def _head_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = h @ weight.t()
+    losses = loss_and_grad_(logits, targets.contiguous())
+    return losses.sum(), logits
+
+
+@_head_loss.register_fake
+def _head_loss_fake(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    return (h.new_empty((), dtype=torch.float32),
+            h.new_empty(h.size(0), weight.size(0)))
+
+
+def _setup(ctx, inputs, output) -> None:
+    h, weight, _ = inputs
+    ctx.save_for_backward(h, weight, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_loss: torch.Tensor, _grad_logits):
+    h, weight, grad_logits = ctx.saved_tensors
+    # The scale (1 / tokens for a mean, the MTP weight) goes on the GEMMs' outputs, tokens
+    # x dim and vocab x dim, rather than on the tokens x vocab gradient.
+    grad_h = (grad_logits @ weight) * grad_loss
+    grad_weight = (grad_logits.t() @ h) * grad_loss
+    return grad_h, grad_weight, None
+
+
+_head_loss.register_autograd(_backward, setup_context=_setup)
+
+
+@register_flop_formula(torch.ops.dsk.head_loss)
+def _head_loss_flops(h_shape, weight_shape, targets_shape, *args, **kwargs) -> int:
+    """The logits' GEMM, for torch's FLOP counter (the op hides it; backward's GEMMs are
+    ordinary matmuls the counter sees)."""
+    return 2 * h_shape[0] * h_shape[1] * weight_shape[0]
+
+
+def head_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy (fp32) of ``h @ weight.T`` against ``targets``: h (tokens, dim)
+    and weight (vocab, dim) in one dtype, the GEMMs' (the caller casts them as autocast
+    would), targets (tokens,) of class indices."""
+    loss_sum, _ = torch.ops.dsk.head_loss(h.contiguous(), weight, targets)
+    return loss_sum / h.size(0)
