@@ -11,8 +11,9 @@ Two variants on the same inputs (seed 0):
   compiled together (the model's code before the op).
 
 Both are first checked to agree (loss, the gradients of the hidden states and the
-weight). Also timed: the op's loss-and-gradient pass alone (the Triton kernel on a GPU),
-with the memory bandwidth it reaches counting one read and one write of the logits.
+weight). Also timed: the op's loss-and-gradient pass alone, each Triton kernel on a GPU
+(the vocabulary in blocks, and in whole rows with 8, 16 and 32 warps), with the memory
+bandwidth it reaches counting one read and one write of the logits.
 Prints median milliseconds and the peak memory of each variant; writes JSON with --out.
 """
 
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from trainer.config import load_config
+    from trainer.model import head_loss as hl
     from trainer.model.head_loss import head_loss, loss_and_grad_
 
     cfg = load_config(args.config)
@@ -116,17 +118,26 @@ def main(argv: list[str] | None = None) -> int:
               + (f", peak {result['peak_gib'][name]:.2f} GiB above the inputs"
                  if name in result["peak_gib"] else ""))
     logits = torch.empty(tokens, m.vocab_size, device=device, dtype=dtype)
-
-    def kernel():
-        logits.normal_()  # the pass overwrites its input: fresh logits every time
-        loss_and_grad_(logits, targets)
     fill = timed(lambda: logits.normal_(), args.steps, device)
-    alone = timed(kernel, args.steps, device) - fill
     moved = 2 * logits.numel() * logits.element_size()
-    result["ms"]["loss_and_grad pass"] = alone
-    result["pass_gb_per_s"] = moved / alone / 1e6
-    print(f"the loss-and-gradient pass alone: {alone:.2f} ms, {moved / alone / 1e6:,.0f} GB/s "
-          "(one read and one write of the logits)")
+    kernels = {"as chosen": (None, hl.ROW_WARPS)}
+    if device.type == "cuda" and hl.triton is not None:
+        kernels = {"blocks": (False, hl.ROW_WARPS)}
+        if m.vocab_size <= hl.ROW_MAX:
+            kernels.update({f"whole rows, {w} warps": (True, w) for w in (8, 16, 32)})
+    result["pass"] = {}
+    chosen = hl.ROW_WARPS
+    for name, (whole_rows, warps) in kernels.items():
+        hl.ROW_WARPS = warps
+
+        def kernel(whole_rows=whole_rows):
+            logits.normal_()  # the pass overwrites its input: fresh logits every time
+            loss_and_grad_(logits, targets, whole_rows=whole_rows)
+        alone = timed(kernel, args.steps, device) - fill
+        result["pass"][name] = {"ms": alone, "gb_per_s": moved / alone / 1e6}
+        print(f"the loss-and-gradient pass alone, {name}: {alone:.2f} ms, "
+              f"{moved / alone / 1e6:,.0f} GB/s (one read and one write of the logits)")
+    hl.ROW_WARPS = chosen
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
     return 0 if agree else 1

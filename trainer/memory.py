@@ -28,11 +28,13 @@ What the trainer keeps, per rank (trainer/step.py, trainer/optim.py, trainer/par
   input and logits; measured on the CPU with saved-tensor hooks, docs/trainer.md),
   with "selective" checkpointing the block input and the matmul and attention outputs
   only, with "full" only the block input (one block is recomputed at a time); plus the
-  output head's bf16 logits (and with MTP its block and a second head); tp divides them
+  output head's bf16 logits, or the gradient the head's loss op writes over them (and
+  with MTP its block and a second head); tp divides them
   all (sequence parallelism); a pipeline stage keeps its own layers' activations for
   the pipeline micro-batches in flight (1F1B: up to pp - stage of them, GPipe: all);
-- a backward working set: the head's logits gradient (fp32 and bf16) and one block's
-  recomputed activations under checkpointing.
+- a backward working set: the head's logits gradient where the loss is not the one op
+  (dsk::head_loss: a tensor-parallel or pipelined head), and one block's recomputed
+  activations under checkpointing.
 
 Two constants are fitted to peaks measured on one H200 (docs/benchmarks.md; the fit and
 its error are in docs/trainer.md): ``ACTIVATION_SCALE`` multiplies the counted
@@ -83,12 +85,21 @@ class Layout:
     fsdp_prefetch: int = 0  # parallel.fsdp_prefetch
     fp8_experts: bool = False  # training.fp8_experts is not "off"
     moment_bytes: int = FP32  # training.moments_dtype: bytes of each of AdamW's moments
+    # The head's loss as one op (dsk::head_loss) wherever it is not chunked; False counts
+    # the code before it, which the fitted constants' peaks were measured with.
+    head_loss_op: bool = True
 
     @property
     def chunked_loss(self) -> bool:
         """Whether the head's loss runs chunk by chunk (Transformer.head_loss: not on a
         tensor-parallel head, and the pipeline's last stage computes its own loss)."""
         return self.loss_chunk > 0 and self.tp == 1 and self.pp == 1
+
+    @property
+    def fused_loss(self) -> bool:
+        """Whether the head's loss is the one op, ``dsk::head_loss``, which writes the
+        logits' gradient over the logits in forward (the same heads as chunking)."""
+        return self.head_loss_op and self.loss_chunk == 0 and self.tp == 1 and self.pp == 1
 
     @property
     def gpus(self) -> int:
@@ -207,8 +218,8 @@ def ffn_activation_bytes(m: ModelArgs, moe: bool, mode: str, compile: bool) -> f
 def head_activation_bytes(m: ModelArgs) -> float:
     """The output head per token: the normed input (bf16), the final norm's fp32 input and
     output (the norm runs outside the compiled head), the logits in bf16 as the compiled
-    loss keeps them (it computes the fp32 cross-entropy from them again in backward), the
-    loss's lse."""
+    loss keeps them (it computes the fp32 cross-entropy from them again in backward; the
+    loss op keeps their gradient in the same bytes instead), the loss's lse."""
     return BF16 * m.dim + BF16 * m.vocab_size + 2 * FP32 * m.dim + 2 * FP32
 
 
@@ -323,7 +334,10 @@ def _stage_estimate(m: ModelArgs, lay: Layout, stage: int) -> dict[str, float]:
     if last:
         heads = 1 + m.mtp_depth
         per_token += heads * head_activation_bytes(m)
-        working += BF16 * m.vocab_size  # the logits' gradient
+        if not lay.fused_loss:
+            # the logits' gradient, beside the logits backward read it from; the op keeps
+            # the gradient in their place (counted as the head's activations)
+            working += BF16 * m.vocab_size
         if lay.chunked_loss:
             # Measured on one H200, chunks save less than the fp32 logits the count above
             # holds (the compiled whole loss keeps less than that): take off a bf16 copy

@@ -1,7 +1,7 @@
-"""The head's loss op (trainer/model/head_loss.py) on the GPU: its Triton pass against
-the reference arithmetic, and the whole op against the head as a matmul and
-F.cross_entropy, eager and compiled, with vocabularies that do not fill the last block.
-Skipped without CUDA (conftest) or without Triton."""
+"""The head's loss op (trainer/model/head_loss.py) on the GPU: both of its Triton passes
+(whole rows, and rows in blocks) against the reference arithmetic, and the whole op
+against the head as a matmul and F.cross_entropy, eager and compiled, with vocabularies
+that do not fill the last block. Skipped without CUDA (conftest) or without Triton."""
 
 from __future__ import annotations
 
@@ -14,14 +14,15 @@ from trainer.model import head_loss as hl
 pytestmark = pytest.mark.skipif(hl.triton is None, reason="Triton is not installed")
 
 
+@pytest.mark.parametrize("whole_rows", [True, False], ids=["whole-rows", "blocks"])
 @pytest.mark.parametrize(("rows", "vocab", "dtype"), [
     (4096, 32768, torch.bfloat16), (37, 1000, torch.bfloat16), (300, 5000, torch.float32)])
-def test_the_pass_matches_the_reference(rows, vocab, dtype):
+def test_the_pass_matches_the_reference(rows, vocab, dtype, whole_rows):
     torch.manual_seed(0)
     logits = (torch.randn(rows, vocab, device="cuda") * 4).to(dtype)
     targets = torch.randint(0, vocab, (rows,), device="cuda")
     mine, ref = logits.clone(), logits.clone()
-    losses = hl.loss_and_grad_(mine, targets)
+    losses = hl.loss_and_grad_(mine, targets, whole_rows=whole_rows)
     expected = hl.loss_and_grad_reference(ref, targets)
     torch.testing.assert_close(losses, expected, atol=1e-4, rtol=1e-5)
     tol = dict(atol=1e-2, rtol=1e-2) if dtype == torch.bfloat16 else dict(atol=1e-6, rtol=1e-5)

@@ -28,7 +28,11 @@ try:  # the GPU wheels of torch bring Triton; the CPU ones do not
 except ImportError:  # pragma: no cover - depends on the wheel
     triton = None
 
-# vocabulary entries a program reads at a time, and its warps: 16 elements per thread
+# A vocabulary of up to ROW_MAX entries is held whole by one program (ROW_WARPS warps: at
+# most 64 entries a thread), so the pass reads each row once; a larger one is read BLOCK
+# entries at a time, twice (NUM_WARPS warps, 16 entries a thread).
+ROW_MAX = 32768
+ROW_WARPS = 16
 BLOCK = 4096
 NUM_WARPS = 8
 
@@ -80,16 +84,43 @@ if triton is not None:
             tl.store(base + idx, grad.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
-def loss_and_grad_(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    @triton.jit
+    def _loss_and_grad_row_kernel(logits_ptr, targets_ptr, losses_ptr, vocab, stride,
+                                  block: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        base = logits_ptr + row * stride
+        idx = tl.arange(0, block)
+        mask = idx < vocab
+        x = tl.load(base + idx, mask=mask, other=-float("inf")).to(tl.float32)
+        top = tl.max(x, 0)
+        e = tl.exp(x - top)
+        total = tl.sum(e, 0)
+        target = tl.load(targets_ptr + row)
+        picked = tl.load(base + target).to(tl.float32)
+        tl.store(losses_ptr + row, top + tl.log(total) - picked)
+        grad = e / total
+        grad = tl.where(idx == target, grad - 1.0, grad)
+        tl.store(base + idx, grad.to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+def loss_and_grad_(logits: torch.Tensor, targets: torch.Tensor, *,
+                   whole_rows: bool | None = None) -> torch.Tensor:
     """Each row's cross-entropy (fp32), and ``logits`` (tokens x vocab, contiguous rows)
-    overwritten with the gradient of their sum: the Triton kernel on the GPU, else the
-    reference."""
+    overwritten with the gradient of their sum: a Triton kernel on the GPU, else the
+    reference. ``whole_rows`` picks the kernel (None: whole rows up to ROW_MAX)."""
     if triton is None or not logits.is_cuda:
         return loss_and_grad_reference(logits, targets)
     rows, vocab = logits.shape
     losses = torch.empty(rows, dtype=torch.float32, device=logits.device)
-    _loss_and_grad_kernel[(rows,)](logits, targets, losses, vocab, logits.stride(0), BLOCK,
-                                   num_warps=NUM_WARPS)
+    if whole_rows is None:
+        whole_rows = vocab <= ROW_MAX
+    if whole_rows:
+        _loss_and_grad_row_kernel[(rows,)](logits, targets, losses, vocab, logits.stride(0),
+                                           triton.next_power_of_2(vocab),
+                                           num_warps=ROW_WARPS)
+    else:
+        _loss_and_grad_kernel[(rows,)](logits, targets, losses, vocab, logits.stride(0),
+                                       BLOCK, num_warps=NUM_WARPS)
     return losses
 
 
