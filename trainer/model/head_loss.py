@@ -4,12 +4,13 @@ loss and, in the same memory, the gradient of the summed loss with respect to it
 (``softmax - one_hot``), which backward hands to the head's two GEMMs and then scales.
 
 Compiled as a plain ``F.cross_entropy``, the loss read the bf16 logits once in forward
-(for the log-sum-exp) and again in backward, where it also wrote their gradient: three
-passes over tokens x vocab elements, the forward's at well under the memory bandwidth
-(docs/benchmarks.md). Here the forward's single kernel reads each row twice (the second
-time mostly from L2) and writes it once, and backward reads nothing of the vocabulary
-but the gradient its GEMMs need anyway. The op is opaque to torch.compile
-(``torch.library.custom_op``), so inductor neither splits it nor copies the logits.
+(for the log-sum-exp) and again in backward, where it also wrote their gradient beside
+them: three passes over tokens x vocab elements, the forward's at about half the memory
+bandwidth, and a second tokens x vocab tensor at the peak (docs/benchmarks.md). Here one
+kernel reads each row once (twice for a vocabulary above ROW_MAX) and writes it once,
+and backward reads nothing of the vocabulary but the gradient its GEMMs need anyway. The
+op is opaque to torch.compile (``torch.library.custom_op``), so inductor neither splits
+it nor copies the logits.
 
 On the GPU the pass is a Triton kernel, a program per token; elsewhere (the CPU, or where
 Triton is missing) the same arithmetic in torch, which is also what the kernel is tested
