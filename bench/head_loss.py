@@ -19,33 +19,14 @@ Prints median milliseconds and the peak memory of each variant; writes JSON with
 
 from __future__ import annotations
 
-import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
+
+from moe_permute import sized, timed  # the bench beside this one
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-
-
-def timed(fn, steps: int, device) -> float:
-    import torch
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    for _ in range(3):
-        fn()
-    sync()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def cross_entropy_head(h, weight, targets):
@@ -55,24 +36,14 @@ def cross_entropy_head(h, weight, targets):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, default=REPO / "trainer/configs/small.toml")
-    parser.add_argument("--micro-batch", type=int)
-    parser.add_argument("--seq-len", type=int)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args(argv)
+    args, cfg, tokens, device = sized(__doc__, argv)
 
     import torch
 
-    from trainer.config import load_config
     from trainer.model import head_loss as hl
     from trainer.model.head_loss import head_loss, loss_and_grad_
 
-    cfg = load_config(args.config)
-    m, t = cfg.model, cfg.training
-    tokens = (args.micro_batch or t.micro_batch_size) * (args.seq_len or t.seq_len)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    m = cfg.model
     dtype = torch.bfloat16
     g = torch.Generator(device=device).manual_seed(0)
     h = torch.randn(tokens, m.dim, device=device, generator=g).to(dtype).requires_grad_()

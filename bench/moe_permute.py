@@ -79,8 +79,11 @@ def timed(fn, steps: int, device) -> float:
     return statistics.median(times) * 1e3
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def sized(doc: str, argv: list[str] | None):
+    """The command line of a bench that times one part of the model at a config's sizes:
+    its arguments, the config, the tokens of a micro-batch (micro-batch x sequence, either
+    overridden) and the device (the GPU when there is one)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--config", type=Path, default=REPO / "trainer/configs/small.toml")
     parser.add_argument("--micro-batch", type=int)
     parser.add_argument("--seq-len", type=int)
@@ -91,13 +94,22 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from trainer.config import load_config
-    from trainer.model.model import combine, dispatch
 
     cfg = load_config(args.config)
-    m, t = cfg.model, cfg.training
+    t = cfg.training
     tokens = (args.micro_batch or t.micro_batch_size) * (args.seq_len or t.seq_len)
+    return args, cfg, tokens, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, cfg, tokens, device = sized(__doc__, argv)
+
+    import torch
+
+    from trainer.model.model import combine, dispatch
+
+    m = cfg.model
     topk, dim = m.n_activated_experts, m.dim
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     weights, order, rank = routing(tokens, topk, m.n_routed_experts, device)
     x = torch.randn(tokens, dim, device=device, dtype=torch.bfloat16, requires_grad=True)
     y_sorted = torch.randn(tokens * topk, dim, device=device, dtype=torch.bfloat16,
