@@ -40,8 +40,6 @@ from dsk_provision.files import write_file
 SCAN_TIMEOUT_S = 10
 # At most this many ssh-keyscan processes at once.
 SCAN_PARALLEL = 32
-# The record the ssh_trust role keeps in the cluster's state directory.
-
 # Key types ssh-keyscan reports, and how ssh-keygen -l names them.
 _KINDS = {
     "ssh-ed25519": "ED25519",

@@ -90,16 +90,21 @@ class Layout:
     head_loss_op: bool = True
 
     @property
+    def plain_head(self) -> bool:
+        """Whether Transformer.head_loss computes the loss of a plain head: not a
+        tensor-parallel one, and not a pipeline's last stage, which computes its own."""
+        return self.tp == 1 and self.pp == 1
+
+    @property
     def chunked_loss(self) -> bool:
-        """Whether the head's loss runs chunk by chunk (Transformer.head_loss: not on a
-        tensor-parallel head, and the pipeline's last stage computes its own loss)."""
-        return self.loss_chunk > 0 and self.tp == 1 and self.pp == 1
+        """Whether the head's loss runs chunk by chunk (training.loss_chunk_tokens)."""
+        return self.plain_head and self.loss_chunk > 0
 
     @property
     def fused_loss(self) -> bool:
         """Whether the head's loss is the one op, ``dsk::head_loss``, which writes the
-        logits' gradient over the logits in forward (the same heads as chunking)."""
-        return self.head_loss_op and self.loss_chunk == 0 and self.tp == 1 and self.pp == 1
+        logits' gradient over the logits in forward: a plain head, not chunked."""
+        return self.plain_head and self.head_loss_op and self.loss_chunk == 0
 
     @property
     def gpus(self) -> int:
