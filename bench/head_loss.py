@@ -29,19 +29,18 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def cross_entropy_head(h, weight, targets):
-    import torch.nn.functional as F
-
-    return F.cross_entropy((h @ weight.t()).float(), targets)
-
-
 def main(argv: list[str] | None = None) -> int:
     args, cfg, tokens, device = sized(__doc__, argv)
 
     import torch
 
     from trainer.model import head_loss as hl
-    from trainer.model.head_loss import head_loss, loss_and_grad_
+    from trainer.model.head_loss import (
+        cross_entropy_head,
+        head_loss,
+        loss_and_grad_,
+        loss_and_grads,
+    )
 
     m = cfg.model
     dtype = torch.bfloat16
@@ -52,13 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     targets = torch.randint(0, m.vocab_size, (tokens,), device=device, generator=g)
     variants = {"op": head_loss, "cross_entropy": cross_entropy_head}
 
-    results = {}
-    for name, fn in variants.items():
-        loss = fn(h, weight, targets)
-        loss.backward()
-        results[name] = (loss.detach().float(), h.grad.float(), weight.grad.float())
-        h.grad = weight.grad = None
-    (la, ha, wa), (lb, hb, wb) = results.values()
+    (la, ha, wa), (lb, hb, wb) = ([t.float() for t in loss_and_grads(fn, h, weight, targets)]
+                                  for fn in variants.values())
     errors = {"loss": abs(la - lb).item(),
               "grad_h": ((ha - hb).abs().max() / hb.abs().max()).item(),
               "grad_weight": ((wa - wb).abs().max() / wb.abs().max()).item()}

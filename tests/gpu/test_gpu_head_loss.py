@@ -1,13 +1,13 @@
 """The head's loss op (trainer/model/head_loss.py) on the GPU: both of its Triton passes
 (whole rows, and rows in blocks) against the reference arithmetic, and the whole op
-against the head as a matmul and F.cross_entropy, eager and compiled, with vocabularies
-that do not fill the last block. Skipped without CUDA (conftest) or without Triton."""
+against the head as a matmul and F.cross_entropy (``cross_entropy_head``), eager and
+compiled, with vocabularies that do not fill the last block. Skipped without CUDA
+(conftest) or without Triton."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from trainer.model import head_loss as hl
 
@@ -38,15 +38,11 @@ def test_the_op_matches_cross_entropy(rows, dim, vocab, compiled):
     w = (torch.randn(vocab, dim, device="cuda") * 0.02).to(torch.bfloat16)
     targets = torch.randint(0, vocab, (rows,), device="cuda")
     fn = torch.compile(hl.head_loss) if compiled else hl.head_loss
-    h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
-    h2, w2 = h.clone().requires_grad_(), w.clone().requires_grad_()
-    loss = fn(h1, w1, targets) * 0.3
-    expected = F.cross_entropy((h2 @ w2.t()).float(), targets) * 0.3
-    loss.backward()
-    expected.backward()
+    loss, *grads = hl.loss_and_grads(fn, h, w, targets, 0.3)
+    expected, *expected_grads = hl.loss_and_grads(hl.cross_entropy_head, h, w, targets, 0.3)
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, expected, atol=1e-4, rtol=1e-4)
-    for mine, ref in ((h1.grad, h2.grad), (w1.grad, w2.grad)):
+    for mine, ref in zip(grads, expected_grads, strict=True):
         assert mine.dtype == ref.dtype == torch.bfloat16
         torch.testing.assert_close(mine.float(), ref.float(), atol=1e-2 * ref.abs().max().item(),
                                    rtol=2e-2)

@@ -54,10 +54,28 @@ def loss_and_grad_reference(logits: torch.Tensor, targets: torch.Tensor) -> torc
 if triton is not None:
 
     @triton.jit
+    def _row_of_program(logits_ptr, targets_ptr, stride):
+        """This program's row: its index, where its logits start and its target."""
+        row = tl.program_id(0).to(tl.int64)
+        return row, logits_ptr + row * stride, tl.load(targets_ptr + row)
+
+
+    @triton.jit
+    def _store_loss(losses_ptr, row, base, target, lse):
+        tl.store(losses_ptr + row, lse - tl.load(base + target).to(tl.float32))
+
+
+    @triton.jit
+    def _store_grad(base, idx, mask, target, probs):
+        """``softmax - one_hot`` over one block of the row, written in the logits' place."""
+        grad = tl.where(idx == target, probs - 1.0, probs)
+        tl.store(base + idx, grad.to(base.dtype.element_ty), mask=mask)
+
+
+    @triton.jit
     def _loss_and_grad_kernel(logits_ptr, targets_ptr, losses_ptr, vocab, stride,
                               block: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        base = logits_ptr + row * stride
+        row, base, target = _row_of_program(logits_ptr, targets_ptr, stride)
         cols = tl.arange(0, block)
         # per lane: the running maximum and the sum of exponentials below it
         high = tl.full([block], -float("inf"), tl.float32)
@@ -73,35 +91,26 @@ if triton is not None:
             high = new_high
         top = tl.max(high, 0)
         lse = top + tl.log(tl.sum(total * tl.exp(high - top), 0))
-        target = tl.load(targets_ptr + row)
-        picked = tl.load(base + target).to(tl.float32)
-        tl.store(losses_ptr + row, lse - picked)
+        _store_loss(losses_ptr, row, base, target, lse)
         for start in range(0, vocab, block):
             idx = start + cols
             mask = idx < vocab
             x = tl.load(base + idx, mask=mask, other=0.0).to(tl.float32)
-            grad = tl.exp(x - lse)
-            grad = tl.where(idx == target, grad - 1.0, grad)
-            tl.store(base + idx, grad.to(logits_ptr.dtype.element_ty), mask=mask)
+            _store_grad(base, idx, mask, target, tl.exp(x - lse))
 
 
     @triton.jit
     def _loss_and_grad_row_kernel(logits_ptr, targets_ptr, losses_ptr, vocab, stride,
                                   block: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        base = logits_ptr + row * stride
+        row, base, target = _row_of_program(logits_ptr, targets_ptr, stride)
         idx = tl.arange(0, block)
         mask = idx < vocab
         x = tl.load(base + idx, mask=mask, other=-float("inf")).to(tl.float32)
         top = tl.max(x, 0)
         e = tl.exp(x - top)
         total = tl.sum(e, 0)
-        target = tl.load(targets_ptr + row)
-        picked = tl.load(base + target).to(tl.float32)
-        tl.store(losses_ptr + row, top + tl.log(total) - picked)
-        grad = e / total
-        grad = tl.where(idx == target, grad - 1.0, grad)
-        tl.store(base + idx, grad.to(logits_ptr.dtype.element_ty), mask=mask)
+        _store_loss(losses_ptr, row, base, target, top + tl.log(total))
+        _store_grad(base, idx, mask, target, e / total)
 
 
 def loss_and_grad_(logits: torch.Tensor, targets: torch.Tensor, *,
@@ -171,3 +180,22 @@ def head_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> t
     would), targets (tokens,) of class indices."""
     loss_sum, _ = torch.ops.dsk.head_loss(h.contiguous(), weight, targets)
     return loss_sum / h.size(0)
+
+
+def cross_entropy_head(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
+                       ) -> torch.Tensor:
+    """The same loss written plainly, the head as a matmul and ``F.cross_entropy`` in fp32:
+    what the op is compared with."""
+    return torch.nn.functional.cross_entropy((h @ weight.t()).float(), targets)
+
+
+def loss_and_grads(fn, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                   scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``fn(h, weight, targets) * scale`` (``head_loss``, ``cross_entropy_head`` or either
+    compiled), its backward run on copies of h and weight: the loss and their gradients,
+    to compare one form of the head's loss with another."""
+    h, weight = h.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    loss = fn(h, weight, targets) * scale
+    loss.backward()
+    return loss.detach(), h.grad, weight.grad
+
