@@ -129,10 +129,11 @@ def test_moe_matches_a_dense_reference():
 
 
 def test_dispatch_and_combine_move_rows_as_the_routing_says_with_their_gradients():
-    """The MoE's two permutations (gathers both ways, trainer.model.model.PermuteRows):
-    row i of the dispatch is token order[i] // topk's; the combine sums each token's k
-    expert rows, weighted; both gradients are checked numerically."""
-    from trainer.model.model import combine, dispatch, sort_slots
+    """The MoE's two moves (trainer.model.permute, on the CPU the plain gathers): row i of
+    the dispatch is token order[i] // topk's; the combine sums each token's k expert rows,
+    weighted; both gradients are checked numerically. The GPU kernels are checked against
+    these in tests/gpu/test_gpu_permute.py."""
+    from trainer.model.permute import combine, dispatch, sort_slots
 
     torch.manual_seed(0)
     tokens, topk, dim = 5, 3, 4
@@ -148,6 +149,31 @@ def test_dispatch_and_combine_move_rows_as_the_routing_says_with_their_gradients
     assert torch.autograd.gradcheck(lambda a: dispatch(a, topk, order, rank), (x,))
     assert torch.autograd.gradcheck(lambda a, w: combine(a, w, order, rank),
                                     (y_sorted, weights))
+
+
+def test_the_moe_dispatches_its_tokens_in_autocasts_dtype(monkeypatch):
+    """Under autocast the tokens are cast before the dispatch repeats their rows top-k
+    times, so the repeated rows (and expert parallelism's all-to-all) move bf16; without
+    it, the tokens keep their dtype."""
+    from trainer.model import model as model_module
+    from trainer.model.model import MoE
+
+    seen = []
+    dispatch = model_module.dispatch
+
+    def spy(x, *args):
+        seen.append(x.dtype)
+        return dispatch(x, *args)
+    monkeypatch.setattr(model_module, "dispatch", spy)
+    torch.manual_seed(0)
+    moe = MoE(ModelArgs(dim=32, moe_inter_dim=16, n_routed_experts=4, n_activated_experts=2))
+    x = torch.randn(2, 8, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = moe(x)
+    y.float().sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.float32
+    moe(x)
+    assert seen == [torch.bfloat16, torch.float32]
 
 
 def test_mtp_adds_a_weighted_loss_and_gets_gradients():

@@ -19,6 +19,7 @@ from torch import nn
 
 from trainer.model.args import ModelArgs
 from trainer.model.head_loss import head_loss as fused_head_loss
+from trainer.model.permute import combine, dispatch, sort_slots
 from trainer.model.swiglu import swiglu
 
 
@@ -214,57 +215,6 @@ class AddBalanceLoss(torch.autograd.Function):
         return grad, torch.full((), ctx.scale, dtype=dtype, device=device), None
 
 
-class PermuteRows(torch.autograd.Function):
-    """``x``'s rows in the order ``index``, a permutation of them; ``inverse`` is its
-    inverse. The backward is a gather too (the gradient's rows taken back by ``inverse``),
-    so under torch.compile each direction fuses with what feeds it or reads it (the MoE's
-    combine becomes one gather-multiply-sum), and neither needs atomic adds, which
-    index_select's own backward (index_add) would use."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor):
-        ctx.save_for_backward(inverse)
-        return x.index_select(0, index)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse), None, None
-
-
-def sort_slots(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The routing's slots (slot t * topk + k: token t's k-th expert, ``indices`` (T, topk))
-    grouped by expert: each slot's expert in that grouping, ``order`` (row i of the
-    grouping is slot order[i]) and its inverse ``rank`` (the row each slot lands in)."""
-    by_expert, order = indices.flatten().sort(stable=True)
-    return by_expert, order, inverse_permutation(order)
-
-
-def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
-    """``rank`` with ``rank[order[i]] == i``: where each element of a permutation lands."""
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(order.numel(), device=order.device)
-    return rank
-
-
-def dispatch(x: torch.Tensor, topk: int, order: torch.Tensor, rank: torch.Tensor
-             ) -> torch.Tensor:
-    """Each token's row (x: (T, D)) repeated top-k times, in expert order: slot ``order[i]``
-    (slot t * topk + k: token t's k-th expert) lands in row i; ``rank`` is ``order``'s
-    inverse. Backward: the gradient's rows back by ``rank``, each token's k rows summed."""
-    slots = x.unsqueeze(1).expand(-1, topk, -1).reshape(-1, x.size(-1))
-    return PermuteRows.apply(slots, order, rank)
-
-
-def combine(y_sorted: torch.Tensor, weights: torch.Tensor, order: torch.Tensor,
-            rank: torch.Tensor) -> torch.Tensor:
-    """The experts' rows (in expert order) back in slot order, weighted by the gate and
-    summed per token, in one fused pass under torch.compile: (T * topk, D) -> (T, D)."""
-    y = PermuteRows.apply(y_sorted, rank, order)
-    topk = weights.size(-1)
-    return (y.view(-1, topk, y.size(-1)) * weights.unsqueeze(-1).to(y.dtype)).sum(dim=1)
-
-
 def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, n_experts: int,
                           batch: int) -> torch.Tensor:
     """DeepSeek-V3's sequence-wise balance loss (eq. 17-20) without its weight: for each
@@ -283,6 +233,12 @@ def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, n_experts
     f = routed * (n_experts / (topk * seq_len))  # (batch, experts)
     p = probs.mean(dim=1)
     return (f * p).sum(dim=1).mean()
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast computes in on x's device, where it is on; else x's own."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
 
 
 class GroupedExperts(nn.Module):
@@ -308,7 +264,7 @@ class GroupedExperts(nn.Module):
         return torch.cat(outs)
 
     def _grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+        dtype = compute_dtype(x)
         offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
         x = x.to(dtype)
         # w1 and w3 in one grouped GEMM twice as wide: the weights are cast to the compute
@@ -359,8 +315,11 @@ class MoE(nn.Module):
         experts = torch.arange(self.n_routed_experts + 1, device=indices.device)
         counts = torch.searchsorted(by_expert, experts).diff()
         self.tokens_per_expert = counts.detach()
-        # both moves are gathers by a permutation, forward and backward (PermuteRows)
-        y_sorted = self.experts(dispatch(x, self.topk, order, rank), counts)
+        # Both moves are kernels of their own on the GPU (trainer.model.permute). The
+        # experts compute in autocast's dtype: the tokens are cast once, before their rows
+        # are repeated top-k times, so the repeated rows are written and read in it.
+        routed = dispatch(x.to(compute_dtype(x)), self.topk, order, rank)
+        y_sorted = self.experts(routed, counts)
         y = combine(y_sorted, weights, order, rank)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)

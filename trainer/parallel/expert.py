@@ -29,7 +29,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from trainer.model import GroupedExperts, MoE
-from trainer.model.model import PermuteRows, inverse_permutation
+from trainer.model.permute import PermuteRows, inverse_permutation
 
 
 class _ScaleGrad(torch.autograd.Function):

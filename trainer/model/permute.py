@@ -1,0 +1,248 @@
+"""The MoE layer's two moves of token rows, and their kernels on the GPU.
+
+The routing gives each token ``topk`` slots (slot t * topk + k: token t's k-th expert).
+``sort_slots`` groups the slots by expert: row i of that grouping is slot ``order[i]``,
+and ``rank`` is ``order``'s inverse (the row each slot lands in).
+
+- **dispatch**: each token's row repeated top-k times, in expert order (T, D) -> (T * topk,
+  D): row i is token ``order[i] // topk``. Backward: each token's k rows of the gradient
+  summed, found through ``rank``.
+- **combine**: the experts' rows back per token, weighted by the gate and summed
+  (T * topk, D) -> (T, D): token t is the sum over k of ``weights[t, k]`` times row
+  ``rank[t * topk + k]``. Backward: the gradient of each row (its token's gradient times
+  its weight) and of each weight (the dot product of its token's gradient with its row).
+
+Written plainly (``dispatch_reference``, ``combine_reference``) both are gathers by a
+permutation forward and backward (``PermuteRows``), which torch.compile fuses with the
+norms and sums around them. On the GPU each move is a Triton kernel forward and backward
+instead, registered as custom ops (torch.library.triton_op) that torch.compile keeps; on
+an H100 they take 3.06 ms against 3.37 for the compiled gathers at wide.toml's widths and
+2.18 against 2.24 at small.toml's, forward and backward, and small.toml's step gained 0.8%
+(docs/benchmarks.md):
+
+- dispatch forward: a gather of whole rows;
+- dispatch backward and combine forward: one kernel, a token's k rows gathered and summed
+  (weighted for the combine) in fp32;
+- combine backward: one pass over the experts' rows that writes each row's gradient and
+  each weight's, so the rows are read once.
+
+A program moves a tile of whole rows (``TILE`` elements). On the CPU, or where Triton is
+missing, the plain forms run; they are also what the kernels are tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # the GPU wheels of torch bring Triton; the CPU ones do not
+    import triton
+    import triton.language as tl
+    from torch.library import triton_op, wrap_triton
+except ImportError:  # pragma: no cover - depends on the wheel
+    triton = None
+
+# elements of rows one program moves (whole rows: at least one row however wide)
+TILE = 4096
+NUM_WARPS = 8
+
+
+class PermuteRows(torch.autograd.Function):
+    """``x``'s rows in the order ``index``, a permutation of them; ``inverse`` is its
+    inverse. The backward is a gather too (the gradient's rows taken back by ``inverse``),
+    so under torch.compile each direction fuses with what feeds it or reads it (the MoE's
+    combine becomes one gather-multiply-sum), and neither needs atomic adds, which
+    index_select's own backward (index_add) would use."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def sort_slots(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The routing's slots (``indices`` (T, topk): each token's experts) grouped by expert:
+    each slot's expert in that grouping, ``order`` and its inverse ``rank``."""
+    by_expert, order = indices.flatten().sort(stable=True)
+    return by_expert, order, inverse_permutation(order)
+
+
+def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    """``rank`` with ``rank[order[i]] == i``: where each element of a permutation lands."""
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device)
+    return rank
+
+
+def dispatch_reference(x: torch.Tensor, topk: int, order: torch.Tensor, rank: torch.Tensor
+                       ) -> torch.Tensor:
+    """The dispatch written plainly (the CPU's, and what the kernels are tested against)."""
+    slots = x.unsqueeze(1).expand(-1, topk, -1).reshape(-1, x.size(-1))
+    return PermuteRows.apply(slots, order, rank)
+
+
+def combine_reference(y_sorted: torch.Tensor, weights: torch.Tensor, order: torch.Tensor,
+                      rank: torch.Tensor) -> torch.Tensor:
+    """The combine written plainly: one gather-multiply-sum under torch.compile."""
+    y = PermuteRows.apply(y_sorted, rank, order)
+    topk = weights.size(-1)
+    return (y.view(-1, topk, y.size(-1)) * weights.unsqueeze(-1).to(y.dtype)).sum(dim=1)
+
+
+def _tile(dim: int) -> tuple[int, int]:
+    """Rows per program and the row's power-of-two width for rows of ``dim`` elements."""
+    width = triton.next_power_of_2(dim)
+    return max(1, TILE // width), width
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gather_rows_kernel(x_ptr, order_ptr, out_ptr, n_rows, dim, topk,
+                            rows: tl.constexpr, width: tl.constexpr):
+        """out[i] = x[order[i] // topk] for a tile of rows i."""
+        r = tl.program_id(0).to(tl.int64) * rows + tl.arange(0, rows)
+        live = r < n_rows
+        src = tl.load(order_ptr + r, mask=live, other=0) // topk
+        cols = tl.arange(0, width)
+        mask = live[:, None] & (cols < dim)[None, :]
+        v = tl.load(x_ptr + src[:, None] * dim + cols[None, :], mask=mask)
+        tl.store(out_ptr + r[:, None] * dim + cols[None, :], v, mask=mask)
+
+    @triton.jit
+    def _gather_sum_kernel(y_ptr, rank_ptr, w_ptr, out_ptr, n_tokens, dim,
+                           topk: tl.constexpr, weighted: tl.constexpr,
+                           rows: tl.constexpr, width: tl.constexpr):
+        """out[t] = sum over k of (w[t, k] *) y[rank[t * topk + k]], products and sum in
+        fp32 (the plain form rounds each product to the rows' dtype first)."""
+        t = tl.program_id(0).to(tl.int64) * rows + tl.arange(0, rows)
+        live = t < n_tokens
+        cols = tl.arange(0, width)
+        mask = live[:, None] & (cols < dim)[None, :]
+        acc = tl.zeros([rows, width], tl.float32)
+        for k in tl.static_range(topk):
+            src = tl.load(rank_ptr + t * topk + k, mask=live, other=0)
+            v = tl.load(y_ptr + src[:, None] * dim + cols[None, :], mask=mask,
+                        other=0.0).to(tl.float32)
+            if weighted:
+                v = v * tl.load(w_ptr + t * topk + k, mask=live, other=0.0).to(tl.float32)[:, None]
+            acc += v
+        tl.store(out_ptr + t[:, None] * dim + cols[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _combine_backward_kernel(grad_ptr, y_ptr, w_ptr, order_ptr, grad_y_ptr, grad_w_ptr,
+                                 n_rows, dim, topk, rows: tl.constexpr, width: tl.constexpr):
+        """For a tile of the experts' rows i, slot s = order[i] of token t = s // topk:
+        grad_y[i] = grad[t] * w[s] and grad_w[s] = <grad[t], y[i]>."""
+        i = tl.program_id(0).to(tl.int64) * rows + tl.arange(0, rows)
+        live = i < n_rows
+        s = tl.load(order_ptr + i, mask=live, other=0)
+        cols = tl.arange(0, width)
+        mask = live[:, None] & (cols < dim)[None, :]
+        g = tl.load(grad_ptr + (s // topk)[:, None] * dim + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + i[:, None] * dim + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + s, mask=live, other=0.0).to(tl.float32)
+        tl.store(grad_y_ptr + i[:, None] * dim + cols[None, :],
+                 (g * w[:, None]).to(grad_y_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_w_ptr + s, tl.sum(g * y, axis=1), mask=live)
+
+    def _gather_sum(y: torch.Tensor, rank: torch.Tensor, weights: torch.Tensor | None,
+                    tokens: int, topk: int) -> torch.Tensor:
+        dim = y.size(1)
+        out = y.new_empty(tokens, dim)
+        if tokens == 0:
+            return out
+        rows, width = _tile(dim)
+        wrap_triton(_gather_sum_kernel)[(triton.cdiv(tokens, rows),)](
+            y, rank, y if weights is None else weights, out, tokens, dim, topk,
+            weights is not None, rows, width, num_warps=NUM_WARPS)
+        return out
+
+    @triton_op("dsk::moe_dispatch", mutates_args=())
+    def _dispatch(x: torch.Tensor, order: torch.Tensor, rank: torch.Tensor, topk: int
+                  ) -> torch.Tensor:
+        n_rows, dim = order.numel(), x.size(1)
+        out = x.new_empty(n_rows, dim)
+        if n_rows == 0:
+            return out
+        rows, width = _tile(dim)
+        wrap_triton(_gather_rows_kernel)[(triton.cdiv(n_rows, rows),)](
+            x, order, out, n_rows, dim, topk, rows, width, num_warps=NUM_WARPS)
+        return out
+
+    @triton_op("dsk::moe_dispatch_backward", mutates_args=())
+    def _dispatch_backward(grad: torch.Tensor, rank: torch.Tensor, topk: int
+                           ) -> torch.Tensor:
+        return _gather_sum(grad, rank, None, rank.numel() // topk, topk)
+
+    @triton_op("dsk::moe_combine", mutates_args=())
+    def _combine(y_sorted: torch.Tensor, weights: torch.Tensor, order: torch.Tensor,
+                 rank: torch.Tensor) -> torch.Tensor:
+        return _gather_sum(y_sorted, rank, weights, weights.size(0), weights.size(1))
+
+    @triton_op("dsk::moe_combine_backward", mutates_args=())
+    def _combine_backward(grad: torch.Tensor, y_sorted: torch.Tensor, weights: torch.Tensor,
+                          order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n_rows, dim = y_sorted.shape
+        grad_y = torch.empty_like(y_sorted)
+        grad_w = torch.empty(weights.shape, dtype=torch.float32, device=weights.device)
+        if n_rows == 0:
+            return grad_y, grad_w.to(weights.dtype)
+        rows, width = _tile(dim)
+        wrap_triton(_combine_backward_kernel)[(triton.cdiv(n_rows, rows),)](
+            grad, y_sorted, weights, order, grad_y, grad_w, n_rows, dim, weights.size(1),
+            rows, width, num_warps=NUM_WARPS)
+        return grad_y, grad_w.to(weights.dtype)
+
+    def _dispatch_setup(ctx, inputs, output) -> None:
+        _, _, rank, topk = inputs
+        ctx.save_for_backward(rank)
+        ctx.topk = topk
+
+    def _dispatch_grad(ctx, grad: torch.Tensor):
+        (rank,) = ctx.saved_tensors
+        return (torch.ops.dsk.moe_dispatch_backward(grad.contiguous(), rank, ctx.topk),
+                None, None, None)
+
+    def _combine_setup(ctx, inputs, output) -> None:
+        y_sorted, weights, order, _ = inputs
+        ctx.save_for_backward(y_sorted, weights, order)
+
+    def _combine_grad(ctx, grad: torch.Tensor):
+        y_sorted, weights, order = ctx.saved_tensors
+        grad_y, grad_w = torch.ops.dsk.moe_combine_backward(grad.contiguous(), y_sorted,
+                                                             weights, order)
+        return grad_y, grad_w, None, None
+
+    _dispatch.register_autograd(_dispatch_grad, setup_context=_dispatch_setup)
+    _combine.register_autograd(_combine_grad, setup_context=_combine_setup)
+
+
+def _kernels(*tensors: torch.Tensor) -> bool:
+    return triton is not None and all(t.is_cuda for t in tensors)
+
+
+def dispatch(x: torch.Tensor, topk: int, order: torch.Tensor, rank: torch.Tensor
+             ) -> torch.Tensor:
+    """Each token's row (x: (T, D)) repeated top-k times, in expert order: row i is token
+    ``order[i] // topk``; ``rank`` is ``order``'s inverse."""
+    if _kernels(x):
+        return torch.ops.dsk.moe_dispatch(x.contiguous(), order, rank, topk)
+    return dispatch_reference(x, topk, order, rank)
+
+
+def combine(y_sorted: torch.Tensor, weights: torch.Tensor, order: torch.Tensor,
+            rank: torch.Tensor) -> torch.Tensor:
+    """The experts' rows (in expert order) back per token, weighted by the gate (weights:
+    (T, topk)) and summed: (T * topk, D) -> (T, D), in the rows' dtype."""
+    if _kernels(y_sorted):
+        return torch.ops.dsk.moe_combine(y_sorted.contiguous(), weights.contiguous(),
+                                         order, rank)
+    return combine_reference(y_sorted, weights, order, rank)
