@@ -152,8 +152,8 @@ def test_dispatch_and_combine_move_rows_as_the_routing_says_with_their_gradients
 
 
 def test_the_moe_dispatches_its_tokens_in_autocasts_dtype(monkeypatch):
-    """Under autocast the tokens are cast before the dispatch repeats their rows top-k
-    times, so the repeated rows (and expert parallelism's all-to-all) move bf16; without
+    """Under autocast, fp32 tokens are cast before the dispatch repeats their rows top-k
+    times, so the repeated rows (and expert parallelism's all-to-all) are bf16; without
     it, the tokens keep their dtype."""
     from trainer.model import model as model_module
     from trainer.model.model import MoE

@@ -316,8 +316,9 @@ class MoE(nn.Module):
         counts = torch.searchsorted(by_expert, experts).diff()
         self.tokens_per_expert = counts.detach()
         # Both moves are kernels of their own on the GPU (trainer.model.permute). The
-        # experts compute in autocast's dtype: the tokens are cast once, before their rows
-        # are repeated top-k times, so the repeated rows are written and read in it.
+        # experts compute in autocast's dtype, and the repeated rows are moved in it: in
+        # the model the residual stream already is (embed_tokens); an MoE called on fp32
+        # tokens under autocast casts them here, once, rather than after the repeat.
         routed = dispatch(x.to(compute_dtype(x)), self.topk, order, rank)
         y_sorted = self.experts(routed, counts)
         y = combine(y_sorted, weights, order, rank)
@@ -482,10 +483,7 @@ class Transformer(nn.Module):
         residual stream is bf16 like the activations around it (norms and RoPE still
         compute in fp32)."""
         h = self.embed(tokens)
-        device_type = h.device.type
-        if torch.is_autocast_enabled(device_type):
-            h = h.to(torch.get_autocast_dtype(device_type))
-        return h
+        return h.to(compute_dtype(h))
 
     def head_loss(self, h: torch.Tensor, targets: torch.Tensor, shift: int = 0) -> torch.Tensor:
         """Mean cross-entropy (fp32) of the output head's logits for the normed hidden
@@ -502,9 +500,7 @@ class Transformer(nn.Module):
         if shift and plain:
             h, targets = h[:, :-shift], targets[:, shift:]
         if plain:
-            # the GEMMs' dtype, as autocast would pick it
-            dtype = (torch.get_autocast_dtype(h.device.type)
-                     if torch.is_autocast_enabled(h.device.type) else h.dtype)
+            dtype = compute_dtype(h)  # the GEMMs' dtype, as autocast would pick it
             args = (h.reshape(-1, h.shape[-1]).to(dtype), weight.to(dtype),
                     targets.reshape(-1))
             with torch.autocast(h.device.type, enabled=False):

@@ -28,6 +28,7 @@ from torch import nn
 from trainer.config import InputError
 from trainer.model import GroupedExperts, Transformer
 from trainer.model.fp8_experts import ALIGN, CAPABILITIES, Fp8GroupedExperts, supported
+from trainer.model.model import compute_dtype
 
 FIELD = "training.fp8"
 RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
@@ -171,7 +172,7 @@ class Float8GroupedExperts(GroupedExperts):
     def _grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         from torchao.prototype.moe_training import _to_fp8_rowwise_then_scaled_grouped_mm
 
-        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+        dtype = compute_dtype(x)
         x = x.to(dtype)
         n_experts = counts.numel()
         ends = torch.cumsum(counts, dim=0)
