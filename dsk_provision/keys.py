@@ -34,51 +34,11 @@ from typing import Any
 from dsk_provision import trust
 from dsk_provision.errors import EnvironmentProblem, InputError, RunFailed
 from dsk_provision.files import write_private
+from dsk_provision.trust import KeyFiles, key_files, pending_step
 
 PLAYBOOK = "keys_rotate.yml"
-NEXT_SUFFIX = ".next"
-OLD_SUFFIX = ".old"
 # Seconds to wait for one node to accept a login with the next key.
 LOGIN_TIMEOUT_S = 60.0
-
-
-@dataclass(frozen=True)
-class KeyFiles:
-    """The cluster key's files in its directory, current, next and retired."""
-
-    directory: Path
-    name: str
-
-    @property
-    def current(self) -> Path:
-        return self.directory / self.name
-
-    @property
-    def next(self) -> Path:
-        return self.directory / (self.name + NEXT_SUFFIX)
-
-    @property
-    def old(self) -> Path:
-        return self.directory / (self.name + OLD_SUFFIX)
-
-    @staticmethod
-    def public(private: Path) -> Path:
-        return private.with_name(private.name + ".pub")
-
-
-def key_files(inventory) -> KeyFiles:
-    return KeyFiles(trust.key_dir(inventory), trust.cluster_key_name())
-
-
-def pending_step(keys: KeyFiles) -> str | None:
-    """Where an unfinished rotation stopped: ``"authorize"`` (the next key exists, the
-    current one is still in force), ``"retire"`` (the new key is in force, the old one
-    may still be accepted somewhere), or None (no rotation under way)."""
-    if keys.next.exists():
-        return "authorize"
-    if keys.old.exists() or keys.public(keys.old).exists():
-        return "retire"
-    return None
 
 
 def public_line(private: Path) -> str:

@@ -9,6 +9,11 @@ The runner passes that directory to every playbook as ``dsk_cluster_state_dir``
 
 Clusters made before keys moved there kept theirs in ``<inventory dir>/.ssh_trust``:
 the first run that finds a key there moves it into the state directory and says so.
+
+The key's files in that directory (``KeyFiles``: the current key, and during a rotation
+the next or the old one) are named here too, and what they say of an unfinished rotation
+(``pending_step``): ``check`` warns of one, and ``keys rotate`` (dsk_provision.keys)
+resumes it.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import functools
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +36,9 @@ if TYPE_CHECKING:
 KEY_DIR_VAR = "ssh_trust_key_dir"
 # Where the cluster key was kept before it moved to the state directory.
 LEGACY_KEY_DIR = ".ssh_trust"
+# A rotation's key files beside the current one (dsk_provision.keys): the next and the old.
+NEXT_SUFFIX = ".next"
+OLD_SUFFIX = ".old"
 
 
 # The ssh_trust role names the key file (ssh_trust_private_key in its vars/main.yml).
@@ -91,9 +100,7 @@ def key_dir_warnings(inventory: Inventory) -> list[str]:
         warnings.append(f"the cluster key directory {directory} is inside the git work tree "
                         f"{tree} ({how}): one `git add` would publish root access to every "
                         f"node; keep the key outside any repository")
-    from dsk_provision import keys
-
-    step = keys.pending_step(keys.KeyFiles(directory, cluster_key_name()))
+    step = pending_step(KeyFiles(directory, cluster_key_name()))
     if step is not None:
         warnings.append(f"a cluster key rotation stopped at its {step} step: run "
                         "`dsk-provision keys rotate` to finish it")
@@ -158,3 +165,42 @@ def playbook_vars(inventory: Inventory, *, check: bool,
         if legacy is not None:
             out[KEY_DIR_VAR] = str(legacy)
     return out
+
+
+@dataclass(frozen=True)
+class KeyFiles:
+    """The cluster key's files in its directory, current, next and retired."""
+
+    directory: Path
+    name: str
+
+    @property
+    def current(self) -> Path:
+        return self.directory / self.name
+
+    @property
+    def next(self) -> Path:
+        return self.directory / (self.name + NEXT_SUFFIX)
+
+    @property
+    def old(self) -> Path:
+        return self.directory / (self.name + OLD_SUFFIX)
+
+    @staticmethod
+    def public(private: Path) -> Path:
+        return private.with_name(private.name + ".pub")
+
+
+def key_files(inventory: Inventory) -> KeyFiles:
+    return KeyFiles(key_dir(inventory), cluster_key_name())
+
+
+def pending_step(keys: KeyFiles) -> str | None:
+    """Where an unfinished rotation stopped: ``"authorize"`` (the next key exists, the
+    current one is still in force), ``"retire"`` (the new key is in force, the old one
+    may still be accepted somewhere), or None (no rotation under way)."""
+    if keys.next.exists():
+        return "authorize"
+    if keys.old.exists() or keys.public(keys.old).exists():
+        return "retire"
+    return None
