@@ -397,7 +397,7 @@ def train(
     Cordoned nodes are left out. Over SSH (follow it, or --detach) or as a Slurm job."""
     inv = _load(inventory)
     from dsk_provision import slurm
-    from dsk_provision.launch import train as run_train
+    from dsk_provision.joblaunch import train as run_train
 
     if fresh and name is None:
         raise InputError("--fresh needs the --name of the job to start over", field="--fresh")

@@ -43,51 +43,38 @@ from dsk_provision.jobs import (
     JOB_DIR_VAR,
     JOB_MARKER_VAR,
     LINE_RE,
-    PROBE_TIMEOUT_S,
     STOP_GRACE_S,
     _job_python,
     _q,
     check_name,
+    default_name,
     job_dir,
     job_status,
     list_jobs,
-    on_nodes,
     stop_job,
 )
-from dsk_provision.remote import TransportChoice, resolve_transport
+from dsk_provision.jobviews import PROBE_TIMEOUT_S, on_nodes
+from dsk_provision.launch import (
+    TrainResult,
+    _checked_losses,
+    _is_victim,
+    _read_summary,
+    harmless,
+    node_env,
+    nproc_for,
+    rendezvous_endpoint,
+    ship_to,
+)
+from dsk_provision.lock import holds_cluster_lock
+from dsk_provision.remote import TransportChoice, fetch, find_node, resolve_transport
 
 # How long the nodes get to record a launch before it counts as failed to start.
 START_TIMEOUT_S = 60.0
 MODULE = "trainer.train"
 
-# Library output that says nothing about the job; kept in the logs, not shown.
-HARMLESS = [re.compile(p) for p in (
-    r"^\*+$",
-    r"Setting OMP_NUM_THREADS environment variable for each process to be 1",
-    r"please further tune the variable for optimal performance",
-    r"^\s*warnings\.warn\(",
-    r"UserWarning: .*(TypedStorage is deprecated|barrier\(\)|No device id is provided)",
-    # c10d's store client on a node whose reverse lookup of its peer fails: the connection
-    # itself is made (names resolve through /etc/hosts, addresses may not resolve back)
-    r"\[c10d\] The hostname of the client socket cannot be retrieved",
-    # the agents of the other nodes when the node that held the rendezvous store has
-    # finished first: their store client finds the socket closed while they shut the
-    # rendezvous down. A job that fails is named by its exit codes and failed rank, and
-    # the C++ frames of any c10 exception say nothing on a console: the log has them.
-    r"\[c10d\] recvVector failed on .*Connection was likely closed",
-    r"has failed to shutdown the rendezvous .* due to an error of type "
-    r"RendezvousConnectionError",
-    r"^(\[\w+\]:)?Exception raised from \w+ at .*\(most recent call first\):$",
-    r"^(\[\w+\]:)?frame #\d+: ",
-    r"^\s*$",  # the blank line that ends such a trace
-)]
 STEP_RE = re.compile(r"^step (?P<step>\d+)/(?P<total>\d+) \| loss (?P<loss>\S+) \| "
                      r"tok/s (?P<tps>[\d,.]+) \| mfu (?P<mfu>\S+)")
 _ERROR_RE = re.compile(r"Traceback|Error|error:|failed|Killed|exited with code")
-
-
-def harmless(text: str) -> bool:
-    return any(p.search(text) for p in HARMLESS)
 
 
 # --------------------------------------------------------------------------- start
@@ -122,8 +109,6 @@ def torchrun_argv(inventory, node, name: str, config_rel: str, *, nproc: int,
     """``max_restarts``: torchrun's budget (torchrun_restarts); ``min_nodes``: the
     rendezvous goes on with that many nodes when others are lost; ``env``: the ranks'
     extra environment (its ``DSK_NODE_WATCH``, for :func:`rdzv_conf`)."""
-    from dsk_provision.launch import rendezvous_endpoint
-
     count = len(inventory.nodes)
     return [
         node.settings.python, "-m", "torch.distributed.run",
@@ -145,8 +130,6 @@ def start_command(inventory, node, name: str, config_rel: str, launch: str, *, n
     """The shell line that starts the job's supervisor on a node and returns at once.
     With ``container`` (an image), the supervisor runs torchrun in it through the node's
     container runtime (dsk_provision.containers), with the same environment."""
-    from dsk_provision.launch import node_env
-
     d = job_dir(node, name)
     variables = node_env(node, env, remote_dir=d)
     variables[JOB_MARKER_VAR] = name
@@ -246,7 +229,6 @@ def start_job(inventory, config_path: Path, name: str, *, fresh: bool = False,
     lost node while at least this many remain (trainer/resilience.py). ``container``: an
     image that torchrun runs in on every node (dsk_provision.containers)."""
     from dsk_provision import preflight
-    from dsk_provision.launch import nproc_for, ship_to
     from trainer.config import check_world_size, load_config
 
     check_name(name)
@@ -581,8 +563,6 @@ def _watch(inventory, name: str, followers: list[_Follower], started: float,
 def _first_failure(inventory, name: str, failed, transport) -> str:
     """The node that failed on its own: the first to end among those whose torchrun
     does not report a peer that went away."""
-    from dsk_provision.launch import _is_victim
-
     ordered = sorted(failed, key=lambda v: v.ended or float("inf"))
     texts = on_nodes(inventory, [inventory.node(v.node) for v in ordered],
                      lambda n: f"cat {_q(job_dir(n, name))}/logs/rank-*.log "
@@ -601,5 +581,89 @@ def _blame(inventory, name: str, node: str, transport) -> str:
     return blame_rank(inventory, name, node, transport=transport) or node
 
 
-__all__ = ["HARMLESS", "FollowResult", "LiveView", "StartedJob", "follow_job", "harmless",
-           "start_command", "start_job", "torchrun_argv"]
+# --------------------------------------------------------------------------- train
+
+
+def _fetch_job_file(inventory, name: str, relative: str, local: Path, *,
+                    transport: TransportChoice = None) -> tuple[str, Path]:
+    """<job dir>/<relative> from the first node that has it (rank 0's node writes the
+    results, and the rendezvous decides which node that is)."""
+    errors = []
+    for node in inventory.nodes:
+        try:
+            return node.name, fetch(inventory, node, node.settings.job_dir(name) / relative,
+                                    local, transport=transport)
+        except RunFailed as exc:
+            errors.append(str(exc))
+    raise RunFailed(f"no node has {relative} of job {name}: " + "; ".join(errors),
+                    nodes=[n.name for n in inventory.nodes])
+
+
+@holds_cluster_lock("train")
+def train(inventory, config_path: Path, *, runs_dir: Path | None = None, console=None,
+          nproc_per_node: int | None = None, transport: TransportChoice = None,
+          timeout_s: float | None = None, name: str | None = None, fresh: bool = False,
+          detach: bool = False, max_restarts: int = 0, min_nodes: int | None = None,
+          verbose: bool = False,
+          interactive: bool | None = None, inventory_hint: str = "INVENTORY",
+          view=None, container: str | None = None) -> TrainResult:
+    """Validate the config, start the named job on every node (start_job), and, unless
+    ``detach``, follow it to its end (follow_job), fetch and check the loss.
+    ``container``: an image that every node runs the job in (dsk_provision.containers)."""
+    from dsk_provision import rundir
+    from trainer.config import load_config
+
+    config_path = Path(config_path)
+    load_config(config_path)  # InputError names file and field, before anything else
+    name = check_name(name) if name else default_name(config_path)
+    if view is None:
+        out = getattr(console, "file", None) if console is not None else None
+        view = LiveView(out, verbose=verbose)
+    with InterruptGuard() as guard:
+        try:
+            with guard.held():  # a half-started job is not worth stopping: finish, then stop
+                started = start_job(
+                    inventory, config_path, name, fresh=fresh, max_restarts=max_restarts,
+                    min_nodes=min_nodes, nproc_per_node=nproc_per_node,
+                    transport=transport, container=container, say=view.say)
+        except Interrupted as exc:
+            with guard.held():
+                stopped = stop_job(inventory, name, grace_s=10, transport=transport)
+            raise Interrupted(exc.signum, f"interrupted by {exc.signal_name}" + (
+                f"; stopped {MODULE} on {', '.join(stopped.stopped)}"
+                if stopped.stopped else "")) from None
+    if detach:
+        view.say(f"job {name} started on {', '.join(started.nodes)}; "
+                 f"dsk-provision jobs status -i {inventory_hint} {name} | "
+                 f"jobs logs ... --follow | jobs stop ...")
+        return TrainResult(run_dir=Path(), first_loss=None, last_loss=None, steps=0,
+                           world_size=started.world_size, metrics_path=None,
+                           summary_path=None, name=name, state="started")
+    run_dir = rundir.new_run_dir("train", runs_dir)
+    followed = follow_job(inventory, name, run_dir=run_dir, view=view,
+                                    transport=transport, timeout_s=timeout_s,
+                                    interactive=interactive, inventory_hint=inventory_hint)
+    if followed.state not in ("finished", "stopped"):
+        return TrainResult(run_dir=run_dir, first_loss=None, last_loss=None, steps=0,
+                           world_size=started.world_size, metrics_path=None,
+                           summary_path=None, name=name, state=followed.state)
+    metrics_node, metrics_path = _fetch_job_file(inventory, name, "out/metrics.jsonl",
+                                                 run_dir / "metrics.jsonl",
+                                                 transport=transport)
+    summary_path, summary = None, {}
+    if followed.state == "finished":
+        summary_path = fetch(inventory, metrics_node, find_node(
+            inventory, metrics_node).settings.job_dir(name) / "out" / "summary.json",
+            run_dir / "summary.json", transport=transport)
+        summary = _read_summary(summary_path, metrics_node)
+    losses = _checked_losses(metrics_path, metrics_node, lambda first, last: view.say(
+        f"train: job {name} {followed.state}: {first} -> {last}; metrics in {metrics_path}"))
+    first_loss, last_loss = losses[0][1], losses[-1][1]
+    return TrainResult(run_dir=run_dir, first_loss=first_loss, last_loss=last_loss,
+                       steps=losses[-1][0], world_size=started.world_size,
+                       metrics_path=metrics_path, summary_path=summary_path,
+                       summary=summary, name=name, state=followed.state)
+
+
+__all__ = ["FollowResult", "LiveView", "StartedJob", "follow_job", "start_command",
+           "start_job", "torchrun_argv", "train"]

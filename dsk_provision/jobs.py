@@ -21,19 +21,15 @@ import shlex
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 from dsk_provision.errors import InputError, RunFailed
+from dsk_provision.jobviews import PROBE_TIMEOUT_S, JobStatus, NodeView, StopResult, on_nodes
 from dsk_provision.remote import TransportChoice, resolve_transport, run_command
 
 JOB_MARKER_VAR = "DSK_JOB"        # trainer.job.JOB_MARKER_VAR
 JOB_DIR_VAR = "DSK_JOB_DIR"       # trainer.jobstate.JOB_DIR_VAR
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-# A probe of one node (status, list): long enough for a busy node, short enough that a
-# dead one does not hold up the answer.
-PROBE_TIMEOUT_S = 20.0
 # How long a stop waits for the ranks to save their checkpoint and end before it
 # escalates to SIGTERM for every process of the job, then SIGKILL.
 STOP_GRACE_S = 120.0
@@ -75,27 +71,6 @@ def _job_python(node, name: str, args: str) -> str:
 # --------------------------------------------------------------------------- per node, in parallel
 
 
-def on_nodes(inventory, nodes, command: Callable[[Any], str], *, timeout: float,
-             transport: TransportChoice = None) -> dict[str, tuple[int, str]]:
-    """Run a command on each node at once; {node: (exit code, output)}; 124: no answer
-    within ``timeout``; 255 with ssh: could not connect."""
-    results: dict[str, tuple[int, str]] = {}
-
-    def one(node):
-        try:
-            results[node.name] = run_command(resolve_transport(transport, inventory, node),
-                                             node, command(node), timeout=timeout)
-        except Exception as exc:  # noqa: BLE001 - reported per node
-            results[node.name] = (1, f"{type(exc).__name__}: {exc}")
-
-    threads = [threading.Thread(target=one, args=(n,), daemon=True) for n in nodes]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results
-
-
 def _last_json(output: str) -> dict | None:
     for line in reversed(output.strip().splitlines()):
         line = line.strip()
@@ -108,46 +83,6 @@ def _last_json(output: str) -> dict | None:
 
 
 # --------------------------------------------------------------------------- status
-
-
-@dataclass
-class NodeView:
-    node: str
-    reachable: bool
-    exists: bool = False
-    running: bool = False
-    state: str | None = None           # the supervisor's record: running/finished/failed/stopped
-    exit_code: int | None = None
-    ended: float | None = None
-    launch: str | None = None
-    processes: int = 0
-    stop_requested: bool = False
-    trainer: dict | None = None        # rank 0's status.json, on the node that holds it
-    checkpoint: dict | None = None
-    job: dict = field(default_factory=dict)
-    error: str | None = None
-    reason: str | None = None          # why the job ended here, when a rank said (abort)
-    lost_node: str | None = None       # the node the ranks here lost
-
-
-@dataclass
-class JobStatus:
-    name: str
-    state: str                          # running, stopping, finished, failed, stopped, unknown
-    nodes: list[NodeView]
-    trainer: dict | None
-    checkpoint: dict | None
-    culprit: str | None = None          # the failed node, and rank when known
-    culprit_node: str | None = None
-    slurm: dict | None = None           # a Slurm job's id, state, reason, nodes (slurmjobs)
-
-    def to_dict(self) -> dict:
-        out = {"name": self.name, "state": self.state, "culprit": self.culprit,
-               "trainer": self.trainer, "checkpoint": self.checkpoint,
-               "nodes": [vars(n) for n in self.nodes]}
-        if self.slurm is not None:
-            out["slurm"] = self.slurm
-        return out
 
 
 def _node_view(name: str, rc: int, out: str) -> NodeView:
@@ -303,16 +238,6 @@ def list_jobs(inventory, *, transport: TransportChoice = None,
 
 
 # --------------------------------------------------------------------------- stop
-
-
-@dataclass
-class StopResult:
-    name: str
-    stopped: list[str]          # nodes where something of the job was running
-    escalated: dict[str, str]   # node -> TERM / KILL
-    left: dict[str, list[int]]  # node -> PIDs still alive (should be empty)
-    unreachable: list[str]
-    checkpoint: dict | None
 
 
 def stop_job(inventory, name: str, *, grace_s: float = STOP_GRACE_S,

@@ -347,9 +347,7 @@ class LaunchResult:
 
 def _stream(run: NodeRun, printer: _Printer) -> None:
     """Every line into the node's log; on the console, those that are not known-harmless
-    library output (joblaunch.HARMLESS, the same rule as the jobs' live view)."""
-    from dsk_provision.joblaunch import harmless
-
+    library output (HARMLESS, the same rule as the jobs' live view)."""
     with open(run.log_path, "a", buffering=1) as log:
         for raw in run.proc.stdout:
             line = raw.rstrip("\n")
@@ -366,6 +364,33 @@ def failed_rank(log_text: str) -> int | None:
 
 def _is_victim(log_text: str) -> bool:
     return bool(_PEER_ERROR_RE.search(log_text))
+
+
+# Library output that says nothing about the job; kept in the logs, not shown.
+HARMLESS = [re.compile(p) for p in (
+    r"^\*+$",
+    r"Setting OMP_NUM_THREADS environment variable for each process to be 1",
+    r"please further tune the variable for optimal performance",
+    r"^\s*warnings\.warn\(",
+    r"UserWarning: .*(TypedStorage is deprecated|barrier\(\)|No device id is provided)",
+    # c10d's store client on a node whose reverse lookup of its peer fails: the connection
+    # itself is made (names resolve through /etc/hosts, addresses may not resolve back)
+    r"\[c10d\] The hostname of the client socket cannot be retrieved",
+    # the agents of the other nodes when the node that held the rendezvous store has
+    # finished first: their store client finds the socket closed while they shut the
+    # rendezvous down. A job that fails is named by its exit codes and failed rank, and
+    # the C++ frames of any c10 exception say nothing on a console: the log has them.
+    r"\[c10d\] recvVector failed on .*Connection was likely closed",
+    r"has failed to shutdown the rendezvous .* due to an error of type "
+    r"RendezvousConnectionError",
+    r"^(\[\w+\]:)?Exception raised from \w+ at .*\(most recent call first\):$",
+    r"^(\[\w+\]:)?frame #\d+: ",
+    r"^\s*$",  # the blank line that ends such a trace
+)]
+
+
+def harmless(text: str) -> bool:
+    return any(p.search(text) for p in HARMLESS)
 
 
 def _pick_culprit(failed: list[NodeRun]) -> NodeRun:
@@ -599,87 +624,6 @@ def trainer_invocation(config_path: Path) -> tuple[str, list[str], dict[str, Pat
         shipped_config: Path(config_path)}
 
 
-def _fetch_job_file(inventory, name: str, relative: str, local: Path, *,
-                    transport: TransportChoice = None) -> tuple[str, Path]:
-    """<job dir>/<relative> from the first node that has it (rank 0's node writes the
-    results, and the rendezvous decides which node that is)."""
-    errors = []
-    for node in inventory.nodes:
-        try:
-            return node.name, fetch(inventory, node, node.settings.job_dir(name) / relative,
-                                    local, transport=transport)
-        except RunFailed as exc:
-            errors.append(str(exc))
-    raise RunFailed(f"no node has {relative} of job {name}: " + "; ".join(errors),
-                    nodes=[n.name for n in inventory.nodes])
-
-
-@holds_cluster_lock("train")
-def train(inventory, config_path: Path, *, runs_dir: Path | None = None, console=None,
-          nproc_per_node: int | None = None, transport: TransportChoice = None,
-          timeout_s: float | None = None, name: str | None = None, fresh: bool = False,
-          detach: bool = False, max_restarts: int = 0, min_nodes: int | None = None,
-          verbose: bool = False,
-          interactive: bool | None = None, inventory_hint: str = "INVENTORY",
-          view=None, container: str | None = None) -> TrainResult:
-    """Validate the config, start the named job on every node (dsk_provision.joblaunch),
-    and, unless ``detach``, follow it to its end, fetch and check the loss.
-    ``container``: an image that every node runs the job in (dsk_provision.containers)."""
-    from dsk_provision import joblaunch, jobs, rundir
-    from trainer.config import load_config
-
-    config_path = Path(config_path)
-    load_config(config_path)  # InputError names file and field, before anything else
-    name = jobs.check_name(name) if name else jobs.default_name(config_path)
-    if view is None:
-        out = getattr(console, "file", None) if console is not None else None
-        view = joblaunch.LiveView(out, verbose=verbose)
-    with InterruptGuard() as guard:
-        try:
-            with guard.held():  # a half-started job is not worth stopping: finish, then stop
-                started = joblaunch.start_job(
-                    inventory, config_path, name, fresh=fresh, max_restarts=max_restarts,
-                    min_nodes=min_nodes, nproc_per_node=nproc_per_node,
-                    transport=transport, container=container, say=view.say)
-        except Interrupted as exc:
-            with guard.held():
-                stopped = jobs.stop_job(inventory, name, grace_s=10, transport=transport)
-            raise Interrupted(exc.signum, f"interrupted by {exc.signal_name}" + (
-                f"; stopped {joblaunch.MODULE} on {', '.join(stopped.stopped)}"
-                if stopped.stopped else "")) from None
-    if detach:
-        view.say(f"job {name} started on {', '.join(started.nodes)}; "
-                 f"dsk-provision jobs status -i {inventory_hint} {name} | "
-                 f"jobs logs ... --follow | jobs stop ...")
-        return TrainResult(run_dir=Path(), first_loss=None, last_loss=None, steps=0,
-                           world_size=started.world_size, metrics_path=None,
-                           summary_path=None, name=name, state="started")
-    run_dir = rundir.new_run_dir("train", runs_dir)
-    followed = joblaunch.follow_job(inventory, name, run_dir=run_dir, view=view,
-                                    transport=transport, timeout_s=timeout_s,
-                                    interactive=interactive, inventory_hint=inventory_hint)
-    if followed.state not in ("finished", "stopped"):
-        return TrainResult(run_dir=run_dir, first_loss=None, last_loss=None, steps=0,
-                           world_size=started.world_size, metrics_path=None,
-                           summary_path=None, name=name, state=followed.state)
-    metrics_node, metrics_path = _fetch_job_file(inventory, name, "out/metrics.jsonl",
-                                                 run_dir / "metrics.jsonl",
-                                                 transport=transport)
-    summary_path, summary = None, {}
-    if followed.state == "finished":
-        summary_path = fetch(inventory, metrics_node, find_node(
-            inventory, metrics_node).settings.job_dir(name) / "out" / "summary.json",
-            run_dir / "summary.json", transport=transport)
-        summary = _read_summary(summary_path, metrics_node)
-    losses = _checked_losses(metrics_path, metrics_node, lambda first, last: view.say(
-        f"train: job {name} {followed.state}: {first} -> {last}; metrics in {metrics_path}"))
-    first_loss, last_loss = losses[0][1], losses[-1][1]
-    return TrainResult(run_dir=run_dir, first_loss=first_loss, last_loss=last_loss,
-                       steps=losses[-1][0], world_size=started.world_size,
-                       metrics_path=metrics_path, summary_path=summary_path,
-                       summary=summary, name=name, state=followed.state)
-
-
 def _read_summary(path: Path, node: str) -> dict:
     try:
         return json.loads(path.read_text())
@@ -722,7 +666,7 @@ def train_result(inventory, run_dir: Path, world_size: int, *, console=None,
 
 
 __all__ = [
-    "LaunchResult", "TrainResult", "fetch_first", "node_env", "nproc_for", "remote_run_dir",
-    "run_marker", "run_torchrun", "ship", "stop_command", "torchrun_argv", "torchrun_command",
-    "train", "train_result", "trainer_invocation",
+    "HARMLESS", "LaunchResult", "TrainResult", "fetch_first", "harmless", "node_env",
+    "nproc_for", "remote_run_dir", "run_marker", "run_torchrun", "ship", "stop_command",
+    "torchrun_argv", "torchrun_command", "train_result", "trainer_invocation",
 ]

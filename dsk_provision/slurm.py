@@ -40,6 +40,14 @@ from dsk_provision.files import make_private_dir, open_private
 from dsk_provision.interrupts import InterruptGuard
 from dsk_provision.lock import holds_cluster_lock
 from dsk_provision.remote import TransportChoice, resolve_transport, run_command
+from dsk_provision.slurmctl import (
+    POLL_S,
+    JobState,
+    cancel,
+    controller,
+    follow_command,
+    job_state,
+)
 
 SCRIPT_NAME = "job.sbatch"
 # %j: Slurm's job id.
@@ -49,10 +57,6 @@ LAUNCHERS = ("ssh", "slurm")
 _TIME_RE = re.compile(r"^(\d+-\d{1,2}(:\d{2}){0,2}|\d+(:\d{2}){0,2})$")
 _PARTITION_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _JOB_ID_RE = re.compile(r"^(\d+)(;\S+)?$")
-# Job states after which nothing more happens (squeue/scontrol spelling).
-_ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED",
-                  "REQUEUED", "RESIZING", "SIGNALING", "STAGE_OUT"}
-POLL_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -72,25 +76,6 @@ def launcher(inventory, choice: str | None = None) -> str:
         raise InputError(f"unknown launcher {name!r}; use one of {', '.join(LAUNCHERS)}",
                          field="launcher")
     return name
-
-
-def controller(inventory):
-    """The node that runs slurmctld, where jobs are submitted (dsk_slurm_controller)."""
-    values = inventory.vars or {}
-    if not defaults.resolve("dsk_slurm_enabled", values):
-        raise InputError("the slurm launcher needs Slurm on the cluster",
-                         file=str(getattr(inventory, "path", "") or "") or None,
-                         field="dsk_slurm_enabled",
-                         hint="set dsk_slurm_enabled: true and run bootstrap, or use "
-                              "--launcher ssh")
-    name = str(defaults.resolve("dsk_slurm_controller", values) or "")
-    if not name:
-        return inventory.nodes[0]
-    for node in inventory.nodes:
-        if node.name == name:
-            return node
-    raise InputError(f"dsk_slurm_controller names {name!r}, which is not a node in service",
-                     field="dsk_slurm_controller")
 
 
 def _same(inventory, what: str, value) -> str:
@@ -196,32 +181,6 @@ def sbatch_script(inventory, module: str, module_args: list[str], *, run_id: str
 # --------------------------------------------------------------------------- the job
 
 
-@dataclass
-class JobState:
-    job_id: str
-    state: str            # PENDING, RUNNING, COMPLETED, FAILED, CANCELLED ...
-    exit_code: str        # "0:0": exit code and signal of the batch script
-    reason: str
-    batch_host: str
-    nodes: str
-
-    @property
-    def active(self) -> bool:
-        return self.state in _ACTIVE_STATES
-
-
-def parse_job(text: str) -> JobState | None:
-    """`scontrol show job -o ID` -> JobState; None when Slurm no longer knows the job."""
-    line = text.strip().splitlines()[0] if text.strip() else ""
-    fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
-    if "JobId" not in fields or "JobState" not in fields:
-        return None
-    return JobState(job_id=fields["JobId"], state=fields["JobState"],
-                    exit_code=fields.get("ExitCode", ""), reason=fields.get("Reason", ""),
-                    batch_host=fields.get("BatchHost", ""),
-                    nodes=fields.get("NodeList", ""))
-
-
 def submit(inventory, script_path: PurePosixPath, *, transport: TransportChoice = None,
            test_only: bool = False) -> tuple[str, str]:
     """sbatch on the controller: (job id, sbatch's output). With test_only, Slurm only
@@ -240,25 +199,6 @@ def submit(inventory, script_path: PurePosixPath, *, transport: TransportChoice 
         raise RunFailed(f"sbatch on {node.name} printed no job id: {out.strip()[-500:]}",
                         nodes=[node.name])
     return match.group(1), out
-
-
-def job_state(inventory, job_id: str, *, transport: TransportChoice = None) -> JobState | None:
-    node = controller(inventory)
-    rc, out = run_command(resolve_transport(transport, inventory, node), node,
-                          f"scontrol show job -o {shlex.quote(job_id)}", timeout=60)
-    if rc != 0 and "Invalid job id" in out:
-        return None
-    if rc != 0:
-        raise RunFailed(f"scontrol on {node.name} failed (exit {rc}): {out.strip()[-500:]}",
-                        nodes=[node.name])
-    return parse_job(out)
-
-
-def cancel(inventory, job_id: str, *, transport: TransportChoice = None) -> None:
-    """scancel the job on the controller; Slurm signals and kills every step on every node."""
-    node = controller(inventory)
-    run_command(resolve_transport(transport, inventory, node), node,
-                f"scancel {shlex.quote(job_id)}", timeout=60)
 
 
 def enabled(inventory) -> bool:
@@ -284,16 +224,6 @@ def set_drain(inventory, node: str, reason: str | None, *,
         what = "resume" if reason is None else "drain"
         raise RunFailed(f"scontrol on {ctl.name} could not {what} {node} (exit {rc}): "
                         f"{out.strip()[-300:]}", nodes=[ctl.name])
-
-
-def _follow_command(log_path: PurePosixPath, job_id: str) -> str:
-    """Runs on the job's first node: the job's output as it grows, until the job ends."""
-    q = shlex.quote
-    active = "|".join(sorted(_ACTIVE_STATES))
-    return (f"tail -n +1 -F {q(str(log_path))} 2>/dev/null & t=$!; "
-            f"while scontrol show job -o {q(job_id)} 2>/dev/null "
-            f"| grep -qE 'JobState=({active}) '; do sleep {POLL_S:g}; done; "
-            "sleep 1; kill $t; wait $t 2>/dev/null; exit 0")
 
 
 @dataclass
@@ -401,7 +331,7 @@ def _wait(inventory, job_id: str, log_path: Path, printer, started: float,
                 remote_log = remote_run_dir(node, log_path.parent.parent.name) / \
                     OUTPUT_PATTERN.replace("%j", job_id)
                 follower = resolve_transport(transport, inventory, node).popen(
-                    node, _follow_command(remote_log, job_id))
+                    node, follow_command(remote_log, job_id))
                 reader = threading.Thread(target=_copy, args=(follower, log_path, printer),
                                           daemon=True)
                 reader.start()
@@ -473,7 +403,6 @@ def train(inventory, config_path: Path, *, runs_dir: Path | None = None, console
     return train_result(inventory, run_dir, world_size, console=console, transport=transport)
 
 
-__all__ = ["LAUNCHERS", "JobState", "SlurmOptions", "SlurmRun", "cancel", "controller",
-           "drain_command", "enabled", "job_shape", "job_state", "launcher", "parse_job",
-           "refuse_running_name", "run_job", "sbatch_script", "set_drain", "submit",
-           "submit_job", "train"]
+__all__ = ["LAUNCHERS", "SlurmOptions", "SlurmRun", "drain_command", "enabled", "job_shape",
+           "launcher", "refuse_running_name", "run_job", "sbatch_script", "set_drain",
+           "submit", "submit_job", "train"]

@@ -29,7 +29,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath
 
 from dsk_provision.errors import InputError, RunFailed
+from dsk_provision.jobviews import PROBE_TIMEOUT_S, JobStatus, NodeView, StopResult, on_nodes
 from dsk_provision.remote import TransportChoice, resolve_transport, run_command
+from dsk_provision.slurmctl import POLL_S, cancel, controller, follow_command, job_state
 
 RECORD_DIR = "slurm_jobs"
 # Slurm's job states (squeue/scontrol/sacct spelling) -> the jobs commands' states.
@@ -48,7 +50,6 @@ _STATES = {
 }
 # How long a stop waits, after scancel, for Slurm and the nodes to have nothing left.
 STOP_SETTLE_S = 90.0
-POLL_S = 2.0
 _LABEL_RE = re.compile(r"^\s*(?P<task>\d+): (?P<text>.*)$")
 _LOCAL_RANK_RE = re.compile(r"^\[default(?P<local>\d+)\]:")
 
@@ -160,7 +161,6 @@ def parse_sacct(text: str, job_id: str) -> dict | None:
 def expand_nodes(inventory, nodelist: str, *, transport: TransportChoice = None) -> list[str]:
     """Slurm's node list ('node[1-3]') as names, in Slurm's order (task i runs on the
     i-th), expanded by `scontrol show hostnames` on the controller."""
-    from dsk_provision.slurm import controller
 
     if not nodelist or nodelist in ("(null)", "None assigned"):
         return []
@@ -173,7 +173,6 @@ def expand_nodes(inventory, nodelist: str, *, transport: TransportChoice = None)
 def refresh(inventory, job: SlurmJob, *, transport: TransportChoice = None) -> SlurmJob:
     """The record with Slurm's view now (scontrol, else sacct), saved; unchanged when
     Slurm no longer knows the job."""
-    from dsk_provision.slurm import controller, job_state
 
     seen = job_state(inventory, job.job_id, transport=transport)
     if seen is not None:
@@ -210,7 +209,6 @@ def marker_count_command(run_id: str) -> str:
 def _left_on_nodes(inventory, job: SlurmJob, *, transport: TransportChoice = None
                    ) -> tuple[dict[str, list[int]], list[str]]:
     """{node: PIDs of the run still alive} and the nodes that did not answer."""
-    from dsk_provision.jobs import PROBE_TIMEOUT_S, on_nodes
 
     targets = [n for n in inventory.nodes if n.name in job.nodes]
     results = on_nodes(inventory, targets, lambda n: marker_count_command(job.run_id),
@@ -232,7 +230,6 @@ def _left_on_nodes(inventory, job: SlurmJob, *, transport: TransportChoice = Non
 def status(inventory, job: SlurmJob, *, transport: TransportChoice = None):
     """A jobs.JobStatus of the Slurm job: Slurm's state, and per node of the job how many
     of its processes run there."""
-    from dsk_provision.jobs import JobStatus, NodeView
 
     job = refresh(inventory, job, transport=transport)
     state = job_state_name(job.state, job.stop_requested)
@@ -262,7 +259,6 @@ def slurm_facts(job: SlurmJob) -> dict:
 
 def list_statuses(inventory, *, transport: TransportChoice = None):
     """A JobStatus for every recorded Slurm job (one scontrol query each, no node probe)."""
-    from dsk_provision.jobs import JobStatus, NodeView
 
     out = []
     for job in records(inventory):
@@ -279,8 +275,6 @@ def list_statuses(inventory, *, transport: TransportChoice = None):
 def stop(inventory, job: SlurmJob, *, grace_s: float, transport: TransportChoice = None):
     """SIGTERM to the job's steps, scancel after ``grace_s`` (or once the job ended), then
     wait until Slurm says it ended and no process of the run is left on its nodes."""
-    from dsk_provision.jobs import StopResult
-    from dsk_provision.slurm import cancel, controller
 
     job = refresh(inventory, job, transport=transport)
     was_active = active(job.state)
@@ -334,11 +328,10 @@ def label_filter(line: str, nodes: list[str], nproc: int, *, node: str | None = 
 
 
 def logs_command(job: SlurmJob, *, follow: bool, lines: int | None) -> str:
-    from dsk_provision.slurm import _follow_command
 
     path = shlex.quote(str(job.output))
     if follow:
-        return _follow_command(job.output, job.job_id)
+        return follow_command(job.output, job.job_id)
     tail = f"tail -n {lines}" if lines is not None else "cat"
     return f"{tail} {path}"
 

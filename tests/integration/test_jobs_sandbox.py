@@ -21,7 +21,7 @@ import yaml
 from dsk_provision import jobs
 from dsk_provision.errors import InputError
 from dsk_provision.inventory import load_inventory
-from dsk_provision.launch import _fetch_job_file, train
+from dsk_provision.joblaunch import _fetch_job_file, train
 from trainer.resilience import WATCH_VAR
 
 pytestmark = pytest.mark.slow

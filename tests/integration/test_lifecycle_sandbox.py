@@ -220,7 +220,7 @@ def test_bootstrap_brings_in_a_hand_written_node_while_an_existing_one_is_down(c
 def test_every_node_reaches_every_other_and_training_uses_all_five(cluster):
     names = ["node1", "node2", "node3", "node4", "node5"]
     _reaches_every_other(cluster, names)
-    from dsk_provision.launch import train
+    from dsk_provision.joblaunch import train
 
     result = train(load_inventory(cluster.inventory), TINY, runs_dir=cluster.runs,
                    timeout_s=600)

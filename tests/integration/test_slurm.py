@@ -27,7 +27,7 @@ import pytest
 import yaml
 from rich.console import Console
 
-from dsk_provision import launch, slurm
+from dsk_provision import launch, slurm, slurmctl
 from dsk_provision.inventory import load_inventory
 from dsk_provision.runner import run_playbook
 from dsk_provision.state import cluster_state_dir
@@ -100,7 +100,7 @@ def _wait_started(cluster, job_id, nodes, count: str, node_ssh) -> None:
             return
         time.sleep(2)
     pytest.fail(f"job {job_id} did not start on every node: "
-                f"{slurm.job_state(cluster, job_id)}")
+                f"{slurmctl.job_state(cluster, job_id)}")
 
 
 def test_sinfo_shows_three_idle_nodes_on_every_node(cluster, bootstrapped_cluster, node_ssh):
@@ -172,18 +172,18 @@ def test_scancel_leaves_nothing_running(cluster, bootstrapped_cluster, node_ssh,
     nodes = bootstrapped_cluster.info.nodes
     try:
         _wait_started(cluster, job_id, nodes, count, node_ssh)
-        slurm.cancel(cluster, job_id)
+        slurmctl.cancel(cluster, job_id)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             left = {n: int(node_ssh(ip, count).stdout) for n, ip in nodes}
-            state = slurm.job_state(cluster, job_id)
+            state = slurmctl.job_state(cluster, job_id)
             if not any(left.values()) and state is not None and not state.active:
                 break
             time.sleep(2)
         assert left == {n: 0 for n in NODE_NAMES}
         assert state.state == "CANCELLED", state
     finally:
-        slurm.cancel(cluster, job_id)
+        slurmctl.cancel(cluster, job_id)
     assert _wait_idle(node_ssh, nodes[0][1]) == {n: "idle" for n in NODE_NAMES}
 
 
@@ -281,12 +281,12 @@ def test_jobs_stop_cancels_a_running_slurm_job(cluster, bootstrapped_cluster, no
         assert f"job {name}: stopped on node1, node2, node3" in out, out
         assert {n: int(node_ssh(ip, count).stdout) for n, ip in nodes} == \
             {n: 0 for n in NODE_NAMES}
-        state = slurm.job_state(cluster, job.job_id)
+        state = slurmctl.job_state(cluster, job.job_id)
         assert state is None or not state.active, state
         status = json.loads(_dsk("jobs", "status", "-i", inv, name, "--json").stdout)
         assert status["state"] == "stopped", status
     finally:
-        slurm.cancel(cluster, job.job_id)
+        slurmctl.cancel(cluster, job.job_id)
     assert _wait_idle(node_ssh, nodes[0][1]) == {n: "idle" for n in NODE_NAMES}
 
 

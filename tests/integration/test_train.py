@@ -11,7 +11,7 @@ import yaml
 
 from dsk_provision.errors import RunFailed
 from dsk_provision.inventory import load_inventory
-from dsk_provision.launch import train
+from dsk_provision.joblaunch import train
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]

@@ -261,7 +261,7 @@ def test_validate_rejects_bad_sizes():
 
 def test_train_passes_config_and_nproc(monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setitem(sys.modules, "dsk_provision.launch", types.SimpleNamespace(
+    monkeypatch.setitem(sys.modules, "dsk_provision.joblaunch", types.SimpleNamespace(
         train=lambda inv, cfg, **kw: calls.append((inv, cfg, kw))))
     result = _invoke("train", "-i", str(EXAMPLE), "--config", "tiny.toml",
                      "--nproc-per-node", "2")
@@ -388,7 +388,7 @@ def test_nodes_cordon_uncordon_and_train_leaves_the_node_out(monkeypatch, tmp_pa
     assert result.exit_code == 0, result.output
     assert "gpu01 cordoned (PSU); 3 of 4 nodes in service" in result.stdout
     calls = []
-    monkeypatch.setitem(sys.modules, "dsk_provision.launch", types.SimpleNamespace(
+    monkeypatch.setitem(sys.modules, "dsk_provision.joblaunch", types.SimpleNamespace(
         train=lambda inv, cfg, **kw: calls.append(inv)))
     result = _invoke("train", "-i", str(inv_dir), "--config", "tiny.toml")
     assert result.exit_code == 0, result.output

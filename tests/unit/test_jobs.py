@@ -218,7 +218,7 @@ def test_live_view_plain_lines_and_verbose():
 def test_a_real_job_stops_with_a_checkpoint_and_continues(tmp_path):
     """tiny.toml on this machine through the whole path: detached start, status,
     stop (final checkpoint, nothing left), relaunch of the same name (the step goes on)."""
-    from dsk_provision.launch import train
+    from dsk_provision.joblaunch import train
 
     inv = make_local_inventory(tmp_path, free_port())
     cfg = tmp_path / "long.toml"

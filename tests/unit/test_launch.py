@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import free_port
 
-from dsk_provision import launch, remote
+from dsk_provision import joblaunch, launch, remote
 from dsk_provision.errors import InputError, RunFailed
 from dsk_provision.inventory import Inventory, Node
 
@@ -529,7 +529,7 @@ TINY = Path(__file__).resolve().parents[2] / "trainer" / "configs" / "tiny.toml"
 
 def test_train_fetches_metrics_and_reports_losses(tmp_path):
     inv = fake_train_inventory(tmp_path, [5.5, 3.0, 1.25])
-    result = launch.train(inv, TINY, runs_dir=tmp_path / "runs", timeout_s=60)
+    result = joblaunch.train(inv, TINY, runs_dir=tmp_path / "runs", timeout_s=60)
     assert (result.first_loss, result.last_loss, result.steps) == (5.5, 1.25, 3)
     assert result.metrics_path == result.run_dir / "metrics.jsonl"
     assert result.summary == {"steps": 3}
@@ -540,7 +540,7 @@ def test_train_fetches_metrics_and_reports_losses(tmp_path):
 def test_train_fails_on_a_non_finite_loss(tmp_path):
     inv = fake_train_inventory(tmp_path, [5.5, float("nan")])
     with pytest.raises(RunFailed, match="not finite from step 2"):
-        launch.train(inv, TINY, runs_dir=tmp_path / "runs", timeout_s=60)
+        joblaunch.train(inv, TINY, runs_dir=tmp_path / "runs", timeout_s=60)
 
 
 def test_train_refuses_a_config_that_does_not_fit_before_any_change(tmp_path):
@@ -548,7 +548,7 @@ def test_train_refuses_a_config_that_does_not_fit_before_any_change(tmp_path):
     config.write_text(TINY.read_text().replace("dp_shard = -1", "dp_shard = 2"))
     inv = make_inventory(tmp_path, [(f"node{i}", f"10.0.0.{i}", {}) for i in (1, 2, 3)])
     with pytest.raises(InputError) as err:
-        launch.train(inv, config, runs_dir=tmp_path / "runs")
+        joblaunch.train(inv, config, runs_dir=tmp_path / "runs")
     assert "parallel" in str(err.value) and str(config) in str(err.value)
     assert not (tmp_path / "runs").exists()
 

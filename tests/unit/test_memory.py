@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dsk_provision import launch
+from dsk_provision import joblaunch
 from dsk_provision.errors import InputError
 from dsk_provision.inventory import Inventory, Node
 from dsk_provision.validation.profiles import profile_names, read_profile
@@ -256,7 +256,7 @@ def test_train_refuses_a_layout_that_cannot_fit_before_any_connection(tmp_path):
     hosts = tmp_path / "hosts.yml"
     inv = Inventory(path=hosts, nodes=nodes, vars=base, hosts_file=hosts)
     with pytest.raises(InputError) as err:
-        launch.train(inv, cfg_file, runs_dir=tmp_path / "runs", transport=no_connection)
+        joblaunch.train(inv, cfg_file, runs_dir=tmp_path / "runs", transport=no_connection)
     assert err.value.exit_code == 2
     assert "GiB per GPU" in str(err.value) and str(cfg_file) in str(err.value)
     assert not (tmp_path / "runs").exists()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from test_launch import make_inventory
 
-from dsk_provision import launch, slurm
+from dsk_provision import launch, slurm, slurmctl
 from dsk_provision.errors import InputError
 
 RUN = "20260101-000000-train"
@@ -146,24 +146,24 @@ def test_the_launcher_needs_slurm_and_a_controller_in_service(tmp_path):
     assert slurm.launcher(inventory(tmp_path)) == "ssh"
     assert slurm.launcher(inventory(tmp_path, dsk_launcher="slurm")) == "slurm"
     assert slurm.launcher(inventory(tmp_path, dsk_launcher="slurm"), "ssh") == "ssh"
-    assert slurm.controller(inventory(tmp_path)).name == "node1"
-    assert slurm.controller(inventory(tmp_path, dsk_slurm_controller="node3")).name == "node3"
+    assert slurmctl.controller(inventory(tmp_path)).name == "node1"
+    assert slurmctl.controller(inventory(tmp_path, dsk_slurm_controller="node3")).name == "node3"
     with pytest.raises(InputError) as err:
-        slurm.controller(inventory(tmp_path, dsk_slurm_enabled=False))
+        slurmctl.controller(inventory(tmp_path, dsk_slurm_enabled=False))
     assert err.value.field == "dsk_slurm_enabled"
     with pytest.raises(InputError):
-        slurm.controller(inventory(tmp_path, dsk_slurm_controller="node9"))
+        slurmctl.controller(inventory(tmp_path, dsk_slurm_controller="node9"))
 
 
 def test_scontrol_job_records_are_read():
     line = ("JobId=42 JobName=dsk-x UserId=root(0) JobState=FAILED Reason=NonZeroExitCode "
             "Dependency=(null) ExitCode=1:0 NodeList=node[1-3] BatchHost=node1\n")
-    job = slurm.parse_job(line)
+    job = slurmctl.parse_job(line)
     assert (job.job_id, job.state, job.exit_code, job.reason, job.batch_host) == (
         "42", "FAILED", "1:0", "NonZeroExitCode", "node1")
     assert not job.active
-    assert slurm.parse_job(line.replace("FAILED", "RUNNING")).active
-    assert slurm.parse_job("") is None
+    assert slurmctl.parse_job(line.replace("FAILED", "RUNNING")).active
+    assert slurmctl.parse_job("") is None
 
 
 def test_the_script_is_valid_bash(tmp_path):
