@@ -1,4 +1,5 @@
-"""Start a named job on every node, and follow it: the live view, fail fast, Ctrl-C.
+"""`train`: start a named job on every node, follow it (the live view, fail fast, Ctrl-C),
+then fetch its metrics and check the loss.
 
 ``start_job`` ships the trainer, the config and ``job.json`` into the job's directory on
 every node and starts one supervisor per node (trainer/job.py) in a session of its own:
@@ -17,7 +18,8 @@ the node watch's heartbeat and lost-after times (``DSK_NODE_WATCH``, :func:`rdzv
 and returns once every node has recorded the launch. ``follow_job`` reads the job's
 logs from every node (``trainer.job logs --follow``, one SSH session per node), shows
 them (:class:`LiveView`), keeps every line in the local run directory, stops the job on
-every node when one node fails, and says how the job ended.
+every node when one node fails, and says how the job ended. ``train`` does both under the
+cluster's lock, then reads rank 0's metrics back from the node that holds them.
 """
 
 from __future__ import annotations
