@@ -21,7 +21,7 @@ from . import naming
 from .host import file_lock, run
 
 # Bump when the customisation below changes, so cached images are rebuilt.
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
 SUITE = "bookworm"
 MIRRORS = (
     "deb http://deb.debian.org/debian bookworm main",
@@ -57,6 +57,10 @@ PermitRootLogin prohibit-password
 UseDNS no
 """
 RESOLV_CONF = "# dsk-provision sandbox: no DNS; node names resolve through /etc/hosts\n"
+# The journal stays in memory: at boot systemd-journal-flush.service would copy it to
+# /var/log/journal, and on a loaded machine that copy times out and leaves the node
+# "degraded". A sandbox node's journal is not worth keeping across its restarts.
+JOURNALD_CONF = "# dsk-provision sandbox: the journal in memory only\n[Journal]\nStorage=volatile\n"
 # An old timestamp on the (empty) apt lists dir keeps cache_valid_time from
 # believing a fresh, empty cache is valid.
 OLD_MTIME = 946684800  # 2000-01-01
@@ -119,6 +123,7 @@ def customise(rootfs: Path) -> None:
     for key in (rootfs / "etc" / "ssh").glob("ssh_host_*"):
         key.unlink()
     write_file(rootfs / "etc/ssh/sshd_config.d/dsk-sandbox.conf", SSHD_CONFIG)
+    write_file(rootfs / "etc/systemd/journald.conf.d/dsk-sandbox.conf", JOURNALD_CONF)
     units = rootfs / "etc/systemd/system"
     for unit in MASKED_UNITS:
         link = units / unit

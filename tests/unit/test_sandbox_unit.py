@@ -236,6 +236,7 @@ def test_customise_image(tmp_path):
     assert not list((root / "etc/ssh").glob("ssh_host_*"))
     assert "HostKey /etc/ssh/ssh_host_ed25519_key" in (
         root / "etc/ssh/sshd_config.d/dsk-sandbox.conf").read_text()
+    assert "Storage=volatile" in (root / "etc/systemd/journald.conf.d/dsk-sandbox.conf").read_text()
     resolv = root / "etc/resolv.conf"
     assert not resolv.is_symlink() and "nameserver" not in resolv.read_text()
     for unit in ("console-getty.service", "systemd-udevd.service",
