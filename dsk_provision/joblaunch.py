@@ -58,12 +58,13 @@ from dsk_provision.jobs import (
 from dsk_provision.jobviews import PROBE_TIMEOUT_S, on_nodes
 from dsk_provision.launch import (
     TrainResult,
-    _checked_losses,
-    _is_victim,
-    _read_summary,
+    checked_losses,
+    fetch_from_first,
     harmless,
+    is_victim,
     node_env,
     nproc_for,
+    read_summary,
     rendezvous_endpoint,
     ship_to,
 )
@@ -572,7 +573,7 @@ def _first_failure(inventory, name: str, failed, transport) -> str:
                                " | tail -n 400",
                      timeout=PROBE_TIMEOUT_S, transport=transport)
     for v in ordered:
-        if not _is_victim(texts.get(v.node, (1, ""))[1]):
+        if not is_victim(texts.get(v.node, (1, ""))[1]):
             return v.node
     return ordered[0].node
 
@@ -590,15 +591,8 @@ def _fetch_job_file(inventory, name: str, relative: str, local: Path, *,
                     transport: TransportChoice = None) -> tuple[str, Path]:
     """<job dir>/<relative> from the first node that has it (rank 0's node writes the
     results, and the rendezvous decides which node that is)."""
-    errors = []
-    for node in inventory.nodes:
-        try:
-            return node.name, fetch(inventory, node, node.settings.job_dir(name) / relative,
-                                    local, transport=transport)
-        except RunFailed as exc:
-            errors.append(str(exc))
-    raise RunFailed(f"no node has {relative} of job {name}: " + "; ".join(errors),
-                    nodes=[n.name for n in inventory.nodes])
+    return fetch_from_first(inventory, lambda node: node.settings.job_dir(name) / relative,
+                            local, what=f"{relative} of job {name}", transport=transport)
 
 
 @holds_cluster_lock("train")
@@ -657,8 +651,8 @@ def train(inventory, config_path: Path, *, runs_dir: Path | None = None, console
         summary_path = fetch(inventory, metrics_node, find_node(
             inventory, metrics_node).settings.job_dir(name) / "out" / "summary.json",
             run_dir / "summary.json", transport=transport)
-        summary = _read_summary(summary_path, metrics_node)
-    losses = _checked_losses(metrics_path, metrics_node, lambda first, last: view.say(
+        summary = read_summary(summary_path, metrics_node)
+    losses = checked_losses(metrics_path, metrics_node, lambda first, last: view.say(
         f"train: job {name} {followed.state}: {first} -> {last}; metrics in {metrics_path}"))
     first_loss, last_loss = losses[0][1], losses[-1][1]
     return TrainResult(run_dir=run_dir, first_loss=first_loss, last_loss=last_loss,

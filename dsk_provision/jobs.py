@@ -68,7 +68,7 @@ def _job_python(node, name: str, args: str) -> str:
             f"PYTHONPATH={_q(d)} exec {_q(node.settings.python)} -m trainer.job {args}")
 
 
-# --------------------------------------------------------------------------- per node, in parallel
+# --------------------------------------------------------------------------- a node's answer
 
 
 def _last_json(output: str) -> dict | None:

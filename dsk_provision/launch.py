@@ -298,22 +298,29 @@ def ship_to(inventory, destination: Callable[[object], PurePosixPath],
                         nodes=names)
 
 
-def fetch_first(inventory, remote_relative: str, run_id: str, local_path, *,
-                transport: TransportChoice = None) -> tuple[str, Path]:
-    """Fetch <run dir>/<remote_relative> from the first node that has it.
-
-    Global rank 0 writes results, and c10d rendezvous decides which node holds rank 0,
-    so the nodes are tried in inventory order.
-    """
+def fetch_from_first(inventory, remote_path: Callable[[object], PurePosixPath], local_path, *,
+                     what: str, transport: TransportChoice = None) -> tuple[str, Path]:
+    """Fetch ``remote_path(node)`` from the first node that has it: (its name, the local
+    copy). Global rank 0 writes results, and c10d rendezvous decides which node holds
+    rank 0, so the nodes are tried in inventory order; ``what`` names the file in the
+    error when none has it."""
     errors = []
     for node in inventory.nodes:
         try:
-            remote = remote_run_dir(node, run_id) / remote_relative
-            return node.name, fetch(inventory, node, remote, local_path, transport=transport)
+            return node.name, fetch(inventory, node, remote_path(node), local_path,
+                                    transport=transport)
         except RunFailed as exc:
             errors.append(str(exc))
-    raise RunFailed(f"no node has {remote_relative} of run {run_id}: " + "; ".join(errors),
+    raise RunFailed(f"no node has {what}: " + "; ".join(errors),
                     nodes=[n.name for n in inventory.nodes])
+
+
+def fetch_first(inventory, remote_relative: str, run_id: str, local_path, *,
+                transport: TransportChoice = None) -> tuple[str, Path]:
+    """Fetch <run dir>/<remote_relative> from the first node that has it."""
+    return fetch_from_first(inventory, lambda node: remote_run_dir(node, run_id) / remote_relative,
+                            local_path, what=f"{remote_relative} of run {run_id}",
+                            transport=transport)
 
 
 # --------------------------------------------------------------------------- launching
@@ -362,7 +369,7 @@ def failed_rank(log_text: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _is_victim(log_text: str) -> bool:
+def is_victim(log_text: str) -> bool:
     return bool(_PEER_ERROR_RE.search(log_text))
 
 
@@ -397,7 +404,7 @@ def _pick_culprit(failed: list[NodeRun]) -> NodeRun:
     """The node that failed on its own: first to exit among those not hurt by a peer."""
     ordered = sorted(failed, key=lambda r: r.exited_at or math.inf)
     for run in ordered:
-        if not _is_victim(run.log_path.read_text(errors="replace")):
+        if not is_victim(run.log_path.read_text(errors="replace")):
             return run
     return ordered[0]
 
@@ -624,14 +631,14 @@ def trainer_invocation(config_path: Path) -> tuple[str, list[str], dict[str, Pat
         shipped_config: Path(config_path)}
 
 
-def _read_summary(path: Path, node: str) -> dict:
+def read_summary(path: Path, node: str) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise RunFailed(f"{path}: not JSON ({exc})", nodes=[node]) from None
 
 
-def _checked_losses(metrics_path: Path, metrics_node: str, say) -> list[tuple[int, float]]:
+def checked_losses(metrics_path: Path, metrics_node: str, say) -> list[tuple[int, float]]:
     """The (step, loss) pairs of a run's metrics, said first and last, all finite."""
     losses = _losses(metrics_path)
     if not losses:
@@ -657,8 +664,8 @@ def train_result(inventory, run_dir: Path, world_size: int, *, console=None,
     summary_path = fetch(inventory, metrics_node, remote_run_dir(
         find_node(inventory, metrics_node), run_id) / "out" / "summary.json",
         run_dir / "summary.json", transport=transport)
-    summary = _read_summary(summary_path, metrics_node)
-    losses = _checked_losses(metrics_path, metrics_node, lambda first, last: printer.line(
+    summary = read_summary(summary_path, metrics_node)
+    losses = checked_losses(metrics_path, metrics_node, lambda first, last: printer.line(
         f"train: {first} -> {last}; metrics in {metrics_path}"))
     return TrainResult(run_dir=run_dir, first_loss=losses[0][1], last_loss=losses[-1][1],
                        steps=losses[-1][0], world_size=world_size, metrics_path=metrics_path,

@@ -659,3 +659,29 @@ def test_ship_to_copies_to_every_node_and_names_each_that_failed(tmp_path):
         assert (dest[name] / "trainer" / "train.py").is_file()
         assert not list(dest[name].rglob("__pycache__"))
     assert set(Path(tempfile.gettempdir()).glob("dsk-ship-*.tar")) <= before
+
+
+def test_results_come_from_the_first_node_that_has_them(tmp_path, monkeypatch):
+    """fetch_first (a run's file) and joblaunch's job files share fetch_from_first: the
+    nodes in inventory order, the first that has the file, else one error naming it."""
+    inv = make_inventory(tmp_path, [("node1", "10.213.7.11", {}), ("node2", "10.213.7.12", {})])
+    asked = []
+
+    def fake_fetch(inventory, node, remote_path, local_path, transport=None):
+        asked.append((node.name, str(remote_path)))
+        if node.name == "node1":
+            raise RunFailed(f"{node.name}: no such file")
+        return Path(local_path)
+
+    monkeypatch.setattr(launch, "fetch", fake_fetch)
+    node, path = launch.fetch_first(inv, "out/metrics.jsonl", "r1", tmp_path / "m.jsonl")
+    assert (node, path) == ("node2", tmp_path / "m.jsonl")
+    assert asked == [("node1", "/opt/dsk/runs/r1/out/metrics.jsonl"),
+                     ("node2", "/opt/dsk/runs/r1/out/metrics.jsonl")]
+    asked.clear()
+    node, _ = joblaunch._fetch_job_file(inv, "j", "out/summary.json", tmp_path / "s.json")
+    assert node == "node2" and asked[0] == ("node1", "/opt/dsk/jobs/j/out/summary.json")
+    monkeypatch.setattr(launch, "fetch", lambda *a, **k: (_ for _ in ()).throw(
+        RunFailed("gone")))
+    with pytest.raises(RunFailed, match="no node has out/metrics.jsonl of run r1: gone; gone"):
+        launch.fetch_first(inv, "out/metrics.jsonl", "r1", tmp_path / "m.jsonl")

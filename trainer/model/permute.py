@@ -225,15 +225,11 @@ if triton is not None:
     _combine.register_autograd(_combine_grad, setup_context=_combine_setup)
 
 
-def _kernels(*tensors: torch.Tensor) -> bool:
-    return triton is not None and all(t.is_cuda for t in tensors)
-
-
 def dispatch(x: torch.Tensor, topk: int, order: torch.Tensor, rank: torch.Tensor
              ) -> torch.Tensor:
     """Each token's row (x: (T, D)) repeated top-k times, in expert order: row i is token
     ``order[i] // topk``; ``rank`` is ``order``'s inverse."""
-    if _kernels(x):
+    if triton is not None and x.is_cuda:
         return torch.ops.dsk.moe_dispatch(x.contiguous(), order, rank, topk)
     return dispatch_reference(x, topk, order, rank)
 
@@ -242,7 +238,7 @@ def combine(y_sorted: torch.Tensor, weights: torch.Tensor, order: torch.Tensor,
             rank: torch.Tensor) -> torch.Tensor:
     """The experts' rows (in expert order) back per token, weighted by the gate (weights:
     (T, topk)) and summed: (T * topk, D) -> (T, D), in the rows' dtype."""
-    if _kernels(y_sorted):
+    if triton is not None and y_sorted.is_cuda:
         return torch.ops.dsk.moe_combine(y_sorted.contiguous(), weights.contiguous(),
                                          order, rank)
     return combine_reference(y_sorted, weights, order, rank)
