@@ -4,6 +4,9 @@ by the gate, summed per token), compiled, forward and forward + backward.
 
     python bench/moe_permute.py --config trainer/configs/small.toml --out permute.json
 
+With --sweep it also times the model's moves, eager, forward + backward, for every tile
+(2,048 to 16,384 elements a program) and warps (4, 8, 16) of the GPU kernels.
+
 Three variants on the same routing (random top-k of the config's experts, seed 0):
 
 - model: trainer.model.permute's dispatch and combine as the model runs them (on the GPU
@@ -81,11 +84,14 @@ def timed(fn, steps: int, device) -> float:
     return statistics.median(times) * 1e3
 
 
-def sized(doc: str, argv: list[str] | None):
+def sized(doc: str, argv: list[str] | None, extra=None):
     """The command line of a bench that times one part of the model at a config's sizes:
     its arguments, the config, the tokens of a micro-batch (micro-batch x sequence, either
-    overridden) and the device (the GPU when there is one)."""
+    overridden) and the device (the GPU when there is one). ``extra(parser)`` adds a
+    bench's own options."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    if extra is not None:
+        extra(parser)
     parser.add_argument("--config", type=Path, default=REPO / "trainer/configs/small.toml")
     parser.add_argument("--micro-batch", type=int)
     parser.add_argument("--seq-len", type=int)
@@ -103,11 +109,22 @@ def sized(doc: str, argv: list[str] | None):
     return args, cfg, tokens, torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+# --sweep: the kernels' tile (elements of rows a program moves) and warps, each pair timed
+SWEEP_TILES = (2048, 4096, 8192, 16384)
+SWEEP_WARPS = (4, 8, 16)
+
+
+def _sweep_option(parser) -> None:
+    parser.add_argument("--sweep", action="store_true",
+                        help="also time the model's moves, eager, for each tile and warps")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args, cfg, tokens, device = sized(__doc__, argv)
+    args, cfg, tokens, device = sized(__doc__, argv, _sweep_option)
 
     import torch
 
+    from trainer.model import permute
     from trainer.model.permute import combine, combine_reference, dispatch, dispatch_reference
 
     m = cfg.model
@@ -158,6 +175,24 @@ def main(argv: list[str] | None = None) -> int:
                                                                            device)}
         print(f"{name:>8}: forward {forward:8.2f} ms, forward + backward "
               f"{result['ms'][name]['forward+backward']:8.2f} ms")
+    if args.sweep:
+        result["sweep"] = []
+        shipped = permute.TILE, permute.NUM_WARPS
+        try:
+            for tile in SWEEP_TILES:
+                for warps in SWEEP_WARPS:
+                    permute.TILE, permute.NUM_WARPS = tile, warps
+
+                    def eager_both():
+                        torch.autograd.backward(moves(variants["model"]), (gx, gy))
+                        x.grad = y_sorted.grad = weights.grad = None
+                    ms = timed(eager_both, args.steps, device)
+                    result["sweep"].append({"tile": tile, "warps": warps,
+                                            "forward+backward": ms})
+                    print(f"tile {tile:>6}, {warps:>2} warps: forward + backward {ms:8.3f} ms"
+                          + (" (shipped)" if (tile, warps) == shipped else ""))
+        finally:
+            permute.TILE, permute.NUM_WARPS = shipped
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
     return 0 if agree else 1
