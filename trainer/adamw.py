@@ -44,11 +44,7 @@ from __future__ import annotations
 import torch
 from torch.distributed.tensor import DTensor
 
-try:  # the GPU wheels of torch bring Triton; the CPU ones do not
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the wheel
-    triton = None
+from trainer.kernels import kernels_run, tl, triton
 
 # elements each program updates: memory-bound, so large blocks
 BLOCK = 4096
@@ -104,11 +100,11 @@ def _settle(p: torch.Tensor) -> None:
 def _kernel_usable(params: list[torch.Tensor], scale: torch.Tensor | None) -> bool:
     """The Triton kernel: CUDA, Triton, a scale on the parameters' device, contiguous local
     tensors (a parameter's and its gradient's)."""
-    if triton is None or scale is None:
+    if scale is None or not kernels_run(*params):
         return False
     device = params[0].device
     return scale.device == device and all(
-        p.is_cuda and p.device == device and _local(p).is_contiguous()
+        p.device == device and _local(p).is_contiguous()
         and _local(p.grad).is_contiguous() for p in params)
 
 

@@ -28,14 +28,8 @@ from __future__ import annotations
 
 import torch
 
+from trainer.kernels import kernels_run, tl, triton, triton_op, wrap_triton
 from trainer.model.model import GroupedExperts
-
-try:  # the GPU wheels of torch bring Triton; the CPU ones do not
-    import triton
-    import triton.language as tl
-    from torch.library import triton_op, wrap_triton
-except ImportError:  # pragma: no cover - depends on the wheel
-    triton = None
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite e4m3fn value
@@ -341,34 +335,30 @@ if triton is not None:
 
 # ---- dispatch: the kernels on the GPU, the plain expressions elsewhere ----
 
-def _kernels(t: torch.Tensor) -> bool:
-    return triton is not None and t.is_cuda
-
-
 def fp8_rows(x):
-    return torch.ops.dsk.fp8_rows(x.contiguous()) if _kernels(x) else rows_reference(x)
+    return torch.ops.dsk.fp8_rows(x.contiguous()) if kernels_run(x) else rows_reference(x)
 
 
 def fp8_weight_rows(a, b=None):
-    if _kernels(a):
+    if kernels_run(a):
         return torch.ops.dsk.fp8_weight_rows(a.contiguous(),
                                              None if b is None else b.contiguous())
     return weight_rows_reference(a, b)
 
 
 def fp8_weight_cols(a, b=None):
-    if _kernels(a):
+    if kernels_run(a):
         return torch.ops.dsk.fp8_weight_cols(a.contiguous(),
                                              None if b is None else b.contiguous())
     return weight_cols_reference(a, b)
 
 
 def swiglu_fp8(h):
-    return torch.ops.dsk.swiglu_fp8(h.contiguous()) if _kernels(h) else swiglu_reference(h)
+    return torch.ops.dsk.swiglu_fp8(h.contiguous()) if kernels_run(h) else swiglu_reference(h)
 
 
 def swiglu_backward_fp8(h, grad):
-    if _kernels(h):
+    if kernels_run(h):
         return torch.ops.dsk.swiglu_backward_fp8(h.contiguous(), grad.contiguous())
     return swiglu_backward_reference(h, grad)
 

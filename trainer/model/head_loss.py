@@ -23,11 +23,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-try:  # the GPU wheels of torch bring Triton; the CPU ones do not
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the wheel
-    triton = None
+from trainer.kernels import kernels_run, tl, triton
 
 # A vocabulary of up to ROW_MAX entries is held whole by one program (ROW_WARPS warps: at
 # most 64 entries a thread), so the pass reads each row once; a larger one is read BLOCK
@@ -118,7 +114,7 @@ def loss_and_grad_(logits: torch.Tensor, targets: torch.Tensor, *,
     """Each row's cross-entropy (fp32), and ``logits`` (tokens x vocab, contiguous rows)
     overwritten with the gradient of their sum: a Triton kernel on the GPU, else the
     reference. ``whole_rows`` picks the kernel (None: whole rows up to ROW_MAX)."""
-    if triton is None or not logits.is_cuda:
+    if not kernels_run(logits):
         return loss_and_grad_reference(logits, targets)
     rows, vocab = logits.shape
     losses = torch.empty(rows, dtype=torch.float32, device=logits.device)

@@ -21,6 +21,7 @@ from trainer.model.args import ModelArgs
 from trainer.model.head_loss import head_loss as fused_head_loss
 from trainer.model.permute import combine, dispatch, sort_slots
 from trainer.model.swiglu import swiglu
+from trainer.model.topk import top_k
 
 
 class RMSNorm(nn.Module):
@@ -187,7 +188,7 @@ class Gate(nn.Module):
             keep = group_scores.topk(self.topk_groups, dim=-1)[1]
             drop = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
             scores = scores.masked_fill(drop.unsqueeze(-1), float("-inf")).flatten(1)
-        indices = scores.topk(self.topk, dim=-1)[1]
+        indices = top_k(scores, self.topk)  # a Triton kernel on the GPU (trainer.model.topk)
         weights = original_scores.gather(1, indices)
         if self.score_func == "sigmoid":
             weights = weights / weights.sum(dim=-1, keepdim=True)

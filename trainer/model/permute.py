@@ -34,12 +34,7 @@ from __future__ import annotations
 
 import torch
 
-try:  # the GPU wheels of torch bring Triton; the CPU ones do not
-    import triton
-    import triton.language as tl
-    from torch.library import triton_op, wrap_triton
-except ImportError:  # pragma: no cover - depends on the wheel
-    triton = None
+from trainer.kernels import kernels_run, tl, triton, triton_op, wrap_triton
 
 # elements of rows one program moves (whole rows: at least one row however wide)
 TILE = 4096
@@ -229,7 +224,7 @@ def dispatch(x: torch.Tensor, topk: int, order: torch.Tensor, rank: torch.Tensor
              ) -> torch.Tensor:
     """Each token's row (x: (T, D)) repeated top-k times, in expert order: row i is token
     ``order[i] // topk``; ``rank`` is ``order``'s inverse."""
-    if triton is not None and x.is_cuda:
+    if kernels_run(x):
         return torch.ops.dsk.moe_dispatch(x.contiguous(), order, rank, topk)
     return dispatch_reference(x, topk, order, rank)
 
@@ -238,7 +233,7 @@ def combine(y_sorted: torch.Tensor, weights: torch.Tensor, order: torch.Tensor,
             rank: torch.Tensor) -> torch.Tensor:
     """The experts' rows (in expert order) back per token, weighted by the gate (weights:
     (T, topk)) and summed: (T * topk, D) -> (T, D), in the rows' dtype."""
-    if triton is not None and y_sorted.is_cuda:
+    if kernels_run(y_sorted):
         return torch.ops.dsk.moe_combine(y_sorted.contiguous(), weights.contiguous(),
                                          order, rank)
     return combine_reference(y_sorted, weights, order, rank)

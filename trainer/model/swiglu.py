@@ -13,12 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-try:  # the GPU wheels of torch bring Triton; the CPU ones do not
-    import triton
-    import triton.language as tl
-    from torch.library import triton_op, wrap_triton
-except ImportError:  # pragma: no cover - depends on the wheel
-    triton = None
+from trainer.kernels import kernels_run, tl, triton, triton_op, wrap_triton
 
 # elements of the output each program handles; memory-bound, so large blocks
 BLOCK = 2048
@@ -88,6 +83,6 @@ if triton is not None:
 
 def swiglu(h: torch.Tensor) -> torch.Tensor:
     """``silu(a) * b`` for ``h`` = [a | b] along its last dimension (2-D on the GPU)."""
-    if triton is None or not h.is_cuda or h.dim() != 2:
+    if not kernels_run(h) or h.dim() != 2:
         return reference(h)
     return torch.ops.dsk.swiglu(h.contiguous())

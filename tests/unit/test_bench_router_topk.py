@@ -1,0 +1,31 @@
+"""bench/router_topk.py (docs/benchmarks.md) on tiny.toml, on this machine's CPU: both
+variants choose the same experts (on the CPU both are torch.topk, so the same indices),
+and each is timed alone and in the compiled gate, with the sweep's every pair."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_router_benchmark_checks_and_times_each_variant(tmp_path):
+    out = tmp_path / "router_topk.json"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "router_topk.py"), "--config",
+                           str(ROOT / "trainer" / "configs" / "tiny.toml"), "--steps", "2",
+                           "--sweep", "--out", str(out)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["device"] == "cpu" and result["kernel"] is False
+    assert result["agree"] is True and result["same_indices"] is True
+    assert "both variants are torch.topk" in proc.stdout
+    assert list(result["ms"]) == ["model", "topk"]
+    assert all(ms > 0 for times in result["ms"].values() for ms in times.values())
+    assert [(r["rows"], r["warps"]) for r in result["sweep"]] == [
+        (rows, warps) for rows in (16, 32, 64, 128, 256) for warps in (1, 2, 4, 8)]
