@@ -16,15 +16,19 @@ Written plainly (``dispatch_reference``, ``combine_reference``) both are gathers
 permutation forward and backward (``PermuteRows``), which torch.compile fuses with the
 norms and sums around them. On the GPU each move is a Triton kernel forward and backward
 instead, registered as custom ops (torch.library.triton_op) that torch.compile keeps; on
-an H100 they take 3.06 ms against 3.37 for the compiled gathers at wide.toml's widths and
-2.18 against 2.24 at small.toml's, forward and backward, and small.toml's step gained 0.8%
-(docs/benchmarks.md):
+an H100 they take 2.55 ms against 3.33 for the compiled gathers at wide.toml's widths and
+1.36 against 1.66 at small.toml's (micro-batch 12), forward and backward
+(docs/benchmarks.md). Each kernel walks the tokens, so a token's row, or its gradient, is
+read once and its k expert rows are read or written where ``rank`` puts them:
 
-- dispatch forward: a gather of whole rows;
+- dispatch forward: each token's row written to its k rows;
 - dispatch backward and combine forward: one kernel, a token's k rows gathered and summed
   (weighted for the combine) in fp32;
-- combine backward: one pass over the experts' rows that writes each row's gradient and
-  each weight's, so the rows are read once.
+- combine backward: each token's gradient read once, each of its k rows' gradients (the
+  gradient times the weight) written and each weight's gradient (the dot product with
+  the row) computed.
+
+Only ``rank`` reaches the kernels; ``order`` serves the plain forms.
 
 A program moves a tile of whole rows (``TILE`` elements). On the CPU, or where Triton is
 missing, the plain forms run; they are also what the kernels are tested against.
@@ -97,16 +101,18 @@ def _tile(dim: int) -> tuple[int, int]:
 if triton is not None:
 
     @triton.jit
-    def _gather_rows_kernel(x_ptr, order_ptr, out_ptr, n_rows, dim, topk,
-                            rows: tl.constexpr, width: tl.constexpr):
-        """out[i] = x[order[i] // topk] for a tile of rows i."""
-        r = tl.program_id(0).to(tl.int64) * rows + tl.arange(0, rows)
-        live = r < n_rows
-        src = tl.load(order_ptr + r, mask=live, other=0) // topk
+    def _scatter_rows_kernel(x_ptr, rank_ptr, out_ptr, n_tokens, dim, topk: tl.constexpr,
+                             rows: tl.constexpr, width: tl.constexpr):
+        """out[rank[t * topk + k]] = x[t] for each k, for a tile of tokens t: each token's
+        row is read once and written top-k times."""
+        t = tl.program_id(0).to(tl.int64) * rows + tl.arange(0, rows)
+        live = t < n_tokens
         cols = tl.arange(0, width)
         mask = live[:, None] & (cols < dim)[None, :]
-        v = tl.load(x_ptr + src[:, None] * dim + cols[None, :], mask=mask)
-        tl.store(out_ptr + r[:, None] * dim + cols[None, :], v, mask=mask)
+        v = tl.load(x_ptr + t[:, None] * dim + cols[None, :], mask=mask)
+        for k in tl.static_range(topk):
+            dst = tl.load(rank_ptr + t * topk + k, mask=live, other=0)
+            tl.store(out_ptr + dst[:, None] * dim + cols[None, :], v, mask=mask)
 
     @triton.jit
     def _gather_sum_kernel(y_ptr, rank_ptr, w_ptr, out_ptr, n_tokens, dim,
@@ -130,23 +136,27 @@ if triton is not None:
                  acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _combine_backward_kernel(grad_ptr, y_ptr, w_ptr, order_ptr, grad_y_ptr, grad_w_ptr,
-                                 n_rows, dim, topk, rows: tl.constexpr, width: tl.constexpr):
-        """For a tile of the experts' rows i, slot s = order[i] of token t = s // topk:
-        grad_y[i] = grad[t] * w[s] and grad_w[s] = <grad[t], y[i]>."""
-        i = tl.program_id(0).to(tl.int64) * rows + tl.arange(0, rows)
-        live = i < n_rows
-        s = tl.load(order_ptr + i, mask=live, other=0)
+    def _combine_backward_kernel(grad_ptr, y_ptr, w_ptr, rank_ptr, grad_y_ptr, grad_w_ptr,
+                                 n_tokens, dim, topk: tl.constexpr, rows: tl.constexpr,
+                                 width: tl.constexpr):
+        """For a tile of tokens t, each of their slots s = t * topk + k and its expert row
+        i = rank[s]: grad_y[i] = grad[t] * w[s] and grad_w[s] = <grad[t], y[i]>. Each
+        token's gradient is read once."""
+        t = tl.program_id(0).to(tl.int64) * rows + tl.arange(0, rows)
+        live = t < n_tokens
         cols = tl.arange(0, width)
         mask = live[:, None] & (cols < dim)[None, :]
-        g = tl.load(grad_ptr + (s // topk)[:, None] * dim + cols[None, :], mask=mask,
+        g = tl.load(grad_ptr + t[:, None] * dim + cols[None, :], mask=mask,
                     other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + i[:, None] * dim + cols[None, :], mask=mask,
-                    other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + s, mask=live, other=0.0).to(tl.float32)
-        tl.store(grad_y_ptr + i[:, None] * dim + cols[None, :],
-                 (g * w[:, None]).to(grad_y_ptr.dtype.element_ty), mask=mask)
-        tl.store(grad_w_ptr + s, tl.sum(g * y, axis=1), mask=live)
+        for k in tl.static_range(topk):
+            s = t * topk + k
+            i = tl.load(rank_ptr + s, mask=live, other=0)
+            y = tl.load(y_ptr + i[:, None] * dim + cols[None, :], mask=mask,
+                        other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + s, mask=live, other=0.0).to(tl.float32)
+            tl.store(grad_y_ptr + i[:, None] * dim + cols[None, :],
+                     (g * w[:, None]).to(grad_y_ptr.dtype.element_ty), mask=mask)
+            tl.store(grad_w_ptr + s, tl.sum(g * y, axis=1), mask=live)
 
     def _gather_sum(y: torch.Tensor, rank: torch.Tensor, weights: torch.Tensor | None,
                     tokens: int, topk: int) -> torch.Tensor:
@@ -161,15 +171,14 @@ if triton is not None:
         return out
 
     @triton_op("dsk::moe_dispatch", mutates_args=())
-    def _dispatch(x: torch.Tensor, order: torch.Tensor, rank: torch.Tensor, topk: int
-                  ) -> torch.Tensor:
-        n_rows, dim = order.numel(), x.size(1)
-        out = x.new_empty(n_rows, dim)
-        if n_rows == 0:
+    def _dispatch(x: torch.Tensor, rank: torch.Tensor, topk: int) -> torch.Tensor:
+        tokens, dim = x.shape
+        out = x.new_empty(rank.numel(), dim)
+        if tokens == 0:
             return out
         rows, width = _tile(dim)
-        wrap_triton(_gather_rows_kernel)[(triton.cdiv(n_rows, rows),)](
-            x, order, out, n_rows, dim, topk, rows, width, num_warps=NUM_WARPS)
+        wrap_triton(_scatter_rows_kernel)[(triton.cdiv(tokens, rows),)](
+            x, rank, out, tokens, dim, topk, rows, width, num_warps=NUM_WARPS)
         return out
 
     @triton_op("dsk::moe_dispatch_backward", mutates_args=())
@@ -178,43 +187,43 @@ if triton is not None:
         return _gather_sum(grad, rank, None, rank.numel() // topk, topk)
 
     @triton_op("dsk::moe_combine", mutates_args=())
-    def _combine(y_sorted: torch.Tensor, weights: torch.Tensor, order: torch.Tensor,
-                 rank: torch.Tensor) -> torch.Tensor:
+    def _combine(y_sorted: torch.Tensor, weights: torch.Tensor, rank: torch.Tensor
+                 ) -> torch.Tensor:
         return _gather_sum(y_sorted, rank, weights, weights.size(0), weights.size(1))
 
     @triton_op("dsk::moe_combine_backward", mutates_args=())
     def _combine_backward(grad: torch.Tensor, y_sorted: torch.Tensor, weights: torch.Tensor,
-                          order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n_rows, dim = y_sorted.shape
+                          rank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dim = y_sorted.size(1)
+        tokens, topk = weights.shape
         grad_y = torch.empty_like(y_sorted)
         grad_w = torch.empty(weights.shape, dtype=torch.float32, device=weights.device)
-        if n_rows == 0:
+        if tokens == 0:
             return grad_y, grad_w.to(weights.dtype)
         rows, width = _tile(dim)
-        wrap_triton(_combine_backward_kernel)[(triton.cdiv(n_rows, rows),)](
-            grad, y_sorted, weights, order, grad_y, grad_w, n_rows, dim, weights.size(1),
+        wrap_triton(_combine_backward_kernel)[(triton.cdiv(tokens, rows),)](
+            grad, y_sorted, weights, rank, grad_y, grad_w, tokens, dim, topk,
             rows, width, num_warps=NUM_WARPS)
         return grad_y, grad_w.to(weights.dtype)
 
     def _dispatch_setup(ctx, inputs, output) -> None:
-        _, _, rank, topk = inputs
+        _, rank, topk = inputs
         ctx.save_for_backward(rank)
         ctx.topk = topk
 
     def _dispatch_grad(ctx, grad: torch.Tensor):
         (rank,) = ctx.saved_tensors
         return (torch.ops.dsk.moe_dispatch_backward(grad.contiguous(), rank, ctx.topk),
-                None, None, None)
+                None, None)
 
     def _combine_setup(ctx, inputs, output) -> None:
-        y_sorted, weights, order, _ = inputs
-        ctx.save_for_backward(y_sorted, weights, order)
+        ctx.save_for_backward(*inputs)
 
     def _combine_grad(ctx, grad: torch.Tensor):
-        y_sorted, weights, order = ctx.saved_tensors
+        y_sorted, weights, rank = ctx.saved_tensors
         grad_y, grad_w = torch.ops.dsk.moe_combine_backward(grad.contiguous(), y_sorted,
-                                                             weights, order)
-        return grad_y, grad_w, None, None
+                                                             weights, rank)
+        return grad_y, grad_w, None
 
     _dispatch.register_autograd(_dispatch_grad, setup_context=_dispatch_setup)
     _combine.register_autograd(_combine_grad, setup_context=_combine_setup)
@@ -225,7 +234,7 @@ def dispatch(x: torch.Tensor, topk: int, order: torch.Tensor, rank: torch.Tensor
     """Each token's row (x: (T, D)) repeated top-k times, in expert order: row i is token
     ``order[i] // topk``; ``rank`` is ``order``'s inverse."""
     if kernels_run(x):
-        return torch.ops.dsk.moe_dispatch(x.contiguous(), order, rank, topk)
+        return torch.ops.dsk.moe_dispatch(x.contiguous(), rank, topk)
     return dispatch_reference(x, topk, order, rank)
 
 
@@ -234,6 +243,5 @@ def combine(y_sorted: torch.Tensor, weights: torch.Tensor, order: torch.Tensor,
     """The experts' rows (in expert order) back per token, weighted by the gate (weights:
     (T, topk)) and summed: (T * topk, D) -> (T, D), in the rows' dtype."""
     if kernels_run(y_sorted):
-        return torch.ops.dsk.moe_combine(y_sorted.contiguous(), weights.contiguous(),
-                                         order, rank)
+        return torch.ops.dsk.moe_combine(y_sorted.contiguous(), weights.contiguous(), rank)
     return combine_reference(y_sorted, weights, order, rank)
