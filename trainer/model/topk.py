@@ -4,9 +4,10 @@ one Triton kernel.
 torch.topk runs a radix selection per row and then sorts the k it found; for the routers'
 short rows (tens to a few hundred experts) that took 0.198 ms for 49,152 rows of 48 scores
 on an H100, where one program holding 64 whole rows and taking the row maximum k times
-takes 0.062 ms, and small.toml's step gained 0.8% (docs/benchmarks.md). The indices come out in the order of their scores,
-largest first, as torch.topk's do; among equal scores the lowest index comes first, and a
-NaN counts as larger than any number, as in torch.topk.
+takes 0.062 ms, and small.toml's step gained 0.8% (docs/benchmarks.md). The indices come
+out in the order of their scores, largest first, as torch.topk's do; among equal scores
+the lowest index comes first, and a NaN counts as larger than any number, as in
+torch.topk.
 
 Registered as a custom op (torch.library.triton_op) so that torch.compile keeps it in its
 graph. The indices carry no gradient, so the op has no backward: the gate's weights are
