@@ -27,6 +27,7 @@ them as JSON with --out.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -109,18 +110,43 @@ def sized(doc: str, argv: list[str] | None, extra=None):
     return args, cfg, tokens, torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def sweep_option(what: str):
+    """The ``extra`` of ``sized`` that adds --sweep (help: "also time ``what``")."""
+    def add(parser) -> None:
+        parser.add_argument("--sweep", action="store_true", help=f"also time {what}")
+    return add
+
+
+def sweep(module, grid: dict[str, tuple[str, tuple]], run, timed_as: str) -> list[dict]:
+    """``run()`` (milliseconds) for every combination of ``module``'s constants in ``grid``
+    (constant -> (its key in the rows, its values)), each set on the module for its run
+    and the shipped values put back after. One row per combination: each constant's
+    value under its key, and the time under ``timed_as``."""
+    shipped = {name: getattr(module, name) for name in grid}
+    rows = []
+    try:
+        for values in itertools.product(*(vals for _, vals in grid.values())):
+            for name, value in zip(grid, values, strict=True):
+                setattr(module, name, value)
+            row = {key: value for (key, _), value in zip(grid.values(), values, strict=True)}
+            row[timed_as] = run()
+            rows.append(row)
+            print(", ".join(f"{key} {value:>5}" for key, value in list(row.items())[:-1])
+                  + f": {row[timed_as]:8.4f} ms"
+                  + (" (shipped)" if tuple(values) == tuple(shipped.values()) else ""))
+    finally:
+        for name, value in shipped.items():
+            setattr(module, name, value)
+    return rows
+
+
 # --sweep: the kernels' tile (elements of rows a program moves) and warps, each pair timed
-SWEEP_TILES = (2048, 4096, 8192, 16384)
-SWEEP_WARPS = (4, 8, 16)
-
-
-def _sweep_option(parser) -> None:
-    parser.add_argument("--sweep", action="store_true",
-                        help="also time the model's moves, eager, for each tile and warps")
+SWEEP = {"TILE": ("tile", (2048, 4096, 8192, 16384)), "NUM_WARPS": ("warps", (4, 8, 16))}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, cfg, tokens, device = sized(__doc__, argv, _sweep_option)
+    args, cfg, tokens, device = sized(__doc__, argv, sweep_option(
+        "the model's moves, eager, for each tile and warps"))
 
     import torch
 
@@ -176,23 +202,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:>8}: forward {forward:8.2f} ms, forward + backward "
               f"{result['ms'][name]['forward+backward']:8.2f} ms")
     if args.sweep:
-        result["sweep"] = []
-        shipped = permute.TILE, permute.NUM_WARPS
-        try:
-            for tile in SWEEP_TILES:
-                for warps in SWEEP_WARPS:
-                    permute.TILE, permute.NUM_WARPS = tile, warps
-
-                    def eager_both():
-                        torch.autograd.backward(moves(variants["model"]), (gx, gy))
-                        x.grad = y_sorted.grad = weights.grad = None
-                    ms = timed(eager_both, args.steps, device)
-                    result["sweep"].append({"tile": tile, "warps": warps,
-                                            "forward+backward": ms})
-                    print(f"tile {tile:>6}, {warps:>2} warps: forward + backward {ms:8.3f} ms"
-                          + (" (shipped)" if (tile, warps) == shipped else ""))
-        finally:
-            permute.TILE, permute.NUM_WARPS = shipped
+        def eager_both():
+            torch.autograd.backward(moves(variants["model"]), (gx, gy))
+            x.grad = y_sorted.grad = weights.grad = None
+        result["sweep"] = sweep(permute, SWEEP, lambda: timed(eager_both, args.steps, device),
+                                "forward+backward")
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
     return 0 if agree else 1

@@ -23,22 +23,18 @@ import json
 import sys
 from pathlib import Path
 
-from moe_permute import sized, timed  # the bench beside this one
+from moe_permute import sized, sweep, sweep_option, timed  # the bench beside this one
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-SWEEP_ROWS = (16, 32, 64, 128, 256)
-SWEEP_WARPS = (1, 2, 4, 8)
-
-
-def _sweep_option(parser) -> None:
-    parser.add_argument("--sweep", action="store_true",
-                        help="also time the kernel for each rows per program and warps")
+# --sweep: the kernel's rows per program and warps, each pair timed
+SWEEP = {"ROWS": ("rows", (16, 32, 64, 128, 256)), "NUM_WARPS": ("warps", (1, 2, 4, 8))}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, cfg, tokens, device = sized(__doc__, argv, _sweep_option)
+    args, cfg, tokens, device = sized(__doc__, argv, sweep_option(
+        "the kernel for each rows per program and warps"))
 
     import torch
 
@@ -84,18 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         model_module.top_k = shipped_top_k
     if args.sweep:
-        result["sweep"] = []
-        shipped = tk.ROWS, tk.NUM_WARPS
-        try:
-            for rows in SWEEP_ROWS:
-                for warps in SWEEP_WARPS:
-                    tk.ROWS, tk.NUM_WARPS = rows, warps
-                    ms = timed(lambda: tk.top_k(scores, k), args.steps, device)
-                    result["sweep"].append({"rows": rows, "warps": warps, "ms": ms})
-                    print(f"{rows:>4} rows, {warps} warps: {ms:7.4f} ms"
-                          + (" (shipped)" if (rows, warps) == shipped else ""))
-        finally:
-            tk.ROWS, tk.NUM_WARPS = shipped
+        result["sweep"] = sweep(tk, SWEEP, lambda: timed(lambda: tk.top_k(scores, k), args.steps,
+                                                         device), "ms")
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
     return 0 if agree else 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -18,6 +19,23 @@ REPO = Path(__file__).resolve().parents[2]
 ROLES = REPO / "roles"
 BIN = Path(sys.executable).parent
 TINY = tomllib.loads((REPO / "trainer" / "configs" / "tiny.toml").read_text())
+
+
+def run_bench(tmp_path: Path, script: str, *args: str, out: str | None = None
+              ) -> tuple[subprocess.CompletedProcess, dict]:
+    """``bench/<script>`` on this machine's CPU (any GPU hidden from it), run in
+    ``tmp_path`` with ``args`` and ``--out`` there (``out``, else the script's name as
+    .json): the finished process, which must have exited 0, and the JSON it wrote."""
+    path = tmp_path / (out or Path(script).with_suffix(".json").name)
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), *args,
+                           "--out", str(path)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc, json.loads(path.read_text())
+
+
+TINY_CONFIG = str(REPO / "trainer" / "configs" / "tiny.toml")
 
 
 def tool(name: str) -> str:

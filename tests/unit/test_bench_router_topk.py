@@ -4,24 +4,12 @@ and each is timed alone and in the compiled gate, with the sweep's every pair.""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
+from helpers import TINY_CONFIG, run_bench
 
 
 def test_the_router_benchmark_checks_and_times_each_variant(tmp_path):
-    out = tmp_path / "router_topk.json"
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "router_topk.py"), "--config",
-                           str(ROOT / "trainer" / "configs" / "tiny.toml"), "--steps", "2",
-                           "--sweep", "--out", str(out)],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(out.read_text())
+    proc, result = run_bench(tmp_path, "router_topk.py", "--config", TINY_CONFIG,
+                             "--steps", "2", "--sweep")
     assert result["device"] == "cpu" and result["kernel"] is False
     assert result["agree"] is True and result["same_indices"] is True
     assert "both variants are torch.topk" in proc.stdout

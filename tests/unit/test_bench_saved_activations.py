@@ -7,10 +7,9 @@ its input, as the Triton kernel does)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
+
+from helpers import TINY_CONFIG, run_bench
 
 from trainer import memory
 from trainer.config import load_config
@@ -19,15 +18,9 @@ ROOT = Path(__file__).resolve().parents[2]
 TOKENS = [16, 32, 64]
 
 
-def run_bench(tmp_path: Path, *flags: str) -> dict:
-    out = tmp_path / f"saved{'-'.join(flags)}.json"
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "saved_activations.py"),
-                           "--config", str(ROOT / "trainer" / "configs" / "tiny.toml"),
-                           "--tokens", *map(str, TOKENS), "--out", str(out), *flags],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(out.read_text())
+def measure(tmp_path: Path, *flags: str) -> dict:
+    return run_bench(tmp_path, "saved_activations.py", "--config", TINY_CONFIG, "--tokens",
+                     *map(str, TOKENS), *flags, out=f"saved{'-'.join(flags)}.json")[1]
 
 
 def slopes(part: dict) -> list[float]:
@@ -38,8 +31,8 @@ def slopes(part: dict) -> list[float]:
 
 def test_the_saved_activations_benchmark_measures_and_counts_each_part(tmp_path):
     m = load_config(ROOT / "trainer" / "configs" / "tiny.toml").model
-    gpu = run_bench(tmp_path)
-    cpu = run_bench(tmp_path, "--cpu-path")
+    gpu = measure(tmp_path)
+    cpu = measure(tmp_path, "--cpu-path")
     assert gpu["gpu_path"] is True and cpu["gpu_path"] is False and gpu["compile"] is False
     assert gpu["layers"] == {"dense": 0, "moe": 1}
     assert set(gpu["parts"]) == {"attention", "dense_ffn", "moe_ffn"}
