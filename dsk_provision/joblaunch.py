@@ -59,17 +59,16 @@ from dsk_provision.jobviews import PROBE_TIMEOUT_S, on_nodes
 from dsk_provision.launch import (
     TrainResult,
     checked_losses,
-    fetch_from_first,
+    fetch_results,
     harmless,
     is_victim,
     node_env,
     nproc_for,
-    read_summary,
     rendezvous_endpoint,
     ship_to,
 )
 from dsk_provision.lock import holds_cluster_lock
-from dsk_provision.remote import TransportChoice, fetch, find_node, resolve_transport
+from dsk_provision.remote import TransportChoice, resolve_transport
 
 # How long the nodes get to record a launch before it counts as failed to start.
 START_TIMEOUT_S = 60.0
@@ -587,14 +586,6 @@ def _blame(inventory, name: str, node: str, transport) -> str:
 # --------------------------------------------------------------------------- train
 
 
-def _fetch_job_file(inventory, name: str, relative: str, local: Path, *,
-                    transport: TransportChoice = None) -> tuple[str, Path]:
-    """<job dir>/<relative> from the first node that has it (rank 0's node writes the
-    results, and the rendezvous decides which node that is)."""
-    return fetch_from_first(inventory, lambda node: node.settings.job_dir(name) / relative,
-                            local, what=f"{relative} of job {name}", transport=transport)
-
-
 @holds_cluster_lock("train")
 def train(inventory, config_path: Path, *, runs_dir: Path | None = None, console=None,
           nproc_per_node: int | None = None, transport: TransportChoice = None,
@@ -636,22 +627,16 @@ def train(inventory, config_path: Path, *, runs_dir: Path | None = None, console
                            world_size=started.world_size, metrics_path=None,
                            summary_path=None, name=name, state="started")
     run_dir = rundir.new_run_dir("train", runs_dir)
-    followed = follow_job(inventory, name, run_dir=run_dir, view=view,
-                                    transport=transport, timeout_s=timeout_s,
-                                    interactive=interactive, inventory_hint=inventory_hint)
+    followed = follow_job(inventory, name, run_dir=run_dir, view=view, transport=transport,
+                          timeout_s=timeout_s, interactive=interactive,
+                          inventory_hint=inventory_hint)
     if followed.state not in ("finished", "stopped"):
         return TrainResult(run_dir=run_dir, first_loss=None, last_loss=None, steps=0,
                            world_size=started.world_size, metrics_path=None,
                            summary_path=None, name=name, state=followed.state)
-    metrics_node, metrics_path = _fetch_job_file(inventory, name, "out/metrics.jsonl",
-                                                 run_dir / "metrics.jsonl",
-                                                 transport=transport)
-    summary_path, summary = None, {}
-    if followed.state == "finished":
-        summary_path = fetch(inventory, metrics_node, find_node(
-            inventory, metrics_node).settings.job_dir(name) / "out" / "summary.json",
-            run_dir / "summary.json", transport=transport)
-        summary = read_summary(summary_path, metrics_node)
+    metrics_node, metrics_path, summary_path, summary = fetch_results(
+        inventory, lambda node: node.settings.job_dir(name) / "out", run_dir,
+        what=f"job {name}", summary=followed.state == "finished", transport=transport)
     losses = checked_losses(metrics_path, metrics_node, lambda first, last: view.say(
         f"train: job {name} {followed.state}: {first} -> {last}; metrics in {metrics_path}"))
     first_loss, last_loss = losses[0][1], losses[-1][1]

@@ -315,6 +315,23 @@ def fetch_from_first(inventory, remote_path: Callable[[object], PurePosixPath], 
                     nodes=[n.name for n in inventory.nodes])
 
 
+def fetch_results(inventory, out_dir: Callable[[object], PurePosixPath], run_dir: Path, *,
+                  what: str, summary: bool = True, transport: TransportChoice = None
+                  ) -> tuple[str, Path, Path | None, dict]:
+    """A run's ``metrics.jsonl`` from the first node whose ``out_dir(node)`` has it (rank
+    0's node) and, with ``summary``, ``summary.json`` from that same node, both into
+    ``run_dir``: (the node, the metrics' copy, the summary's copy or None, the summary or
+    {}). ``what`` names the run or job in the error when no node has the metrics."""
+    node, metrics = fetch_from_first(inventory, lambda n: out_dir(n) / "metrics.jsonl",
+                                     run_dir / "metrics.jsonl",
+                                     what=f"out/metrics.jsonl of {what}", transport=transport)
+    if not summary:
+        return node, metrics, None, {}
+    path = fetch(inventory, node, out_dir(find_node(inventory, node)) / "summary.json",
+                 run_dir / "summary.json", transport=transport)
+    return node, metrics, path, _read_summary(path, node)
+
+
 def fetch_first(inventory, remote_relative: str, run_id: str, local_path, *,
                 transport: TransportChoice = None) -> tuple[str, Path]:
     """Fetch <run dir>/<remote_relative> from the first node that has it."""
@@ -631,7 +648,7 @@ def trainer_invocation(config_path: Path) -> tuple[str, list[str], dict[str, Pat
         shipped_config: Path(config_path)}
 
 
-def read_summary(path: Path, node: str) -> dict:
+def _read_summary(path: Path, node: str) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
@@ -659,12 +676,9 @@ def train_result(inventory, run_dir: Path, world_size: int, *, console=None,
     Slurm launcher ends a run with this)."""
     run_id = run_dir.name
     printer = _Printer(console)
-    metrics_node, metrics_path = fetch_first(inventory, "out/metrics.jsonl", run_id,
-                                             run_dir / "metrics.jsonl", transport=transport)
-    summary_path = fetch(inventory, metrics_node, remote_run_dir(
-        find_node(inventory, metrics_node), run_id) / "out" / "summary.json",
-        run_dir / "summary.json", transport=transport)
-    summary = read_summary(summary_path, metrics_node)
+    metrics_node, metrics_path, summary_path, summary = fetch_results(
+        inventory, lambda node: remote_run_dir(node, run_id) / "out", run_dir,
+        what=f"run {run_id}", transport=transport)
     losses = checked_losses(metrics_path, metrics_node, lambda first, last: printer.line(
         f"train: {first} -> {last}; metrics in {metrics_path}"))
     return TrainResult(run_dir=run_dir, first_loss=losses[0][1], last_loss=losses[-1][1],
@@ -673,7 +687,8 @@ def train_result(inventory, run_dir: Path, world_size: int, *, console=None,
 
 
 __all__ = [
-    "HARMLESS", "LaunchResult", "TrainResult", "fetch_first", "harmless", "node_env",
+    "HARMLESS", "LaunchResult", "TrainResult", "fetch_first", "fetch_from_first",
+    "fetch_results", "harmless", "node_env",
     "nproc_for", "remote_run_dir", "run_marker", "run_torchrun", "ship", "stop_command",
     "torchrun_argv", "torchrun_command", "train_result", "trainer_invocation",
 ]

@@ -601,11 +601,11 @@ def cordon(inventory: Inventory, name: str, reason: str | None, *, say: Say = pr
     """Cordon node ``name`` with ``reason`` in the hosts file, or uncordon it (None); with
     Slurm on, then drain it in Slurm with the same reason, or resume it (``drain``,
     default slurm.set_drain). Returns the inventory as written."""
-    from dsk_provision import slurm
+    from dsk_provision import slurm, slurmctl
     from dsk_provision.inventory_edit import set_cordon
 
     written = set_cordon(inventory, name, reason)
-    if not slurm.enabled(written):
+    if not slurmctl.enabled(written):
         return written
     drain = drain or slurm.set_drain
     try:

@@ -201,10 +201,6 @@ def submit(inventory, script_path: PurePosixPath, *, transport: TransportChoice 
     return match.group(1), out
 
 
-def enabled(inventory) -> bool:
-    return bool(defaults.resolve("dsk_slurm_enabled", inventory.vars or {}))
-
-
 def drain_command(node: str, reason: str | None) -> str:
     """scontrol's drain of ``node`` with ``reason``, or (None) its resume."""
     q = shlex.quote
@@ -403,6 +399,6 @@ def train(inventory, config_path: Path, *, runs_dir: Path | None = None, console
     return train_result(inventory, run_dir, world_size, console=console, transport=transport)
 
 
-__all__ = ["LAUNCHERS", "SlurmOptions", "SlurmRun", "drain_command", "enabled", "job_shape",
+__all__ = ["LAUNCHERS", "SlurmOptions", "SlurmRun", "drain_command", "job_shape",
            "launcher", "refuse_running_name", "run_job", "sbatch_script", "set_drain",
            "submit", "submit_job", "train"]

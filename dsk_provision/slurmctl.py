@@ -22,10 +22,15 @@ ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED",
 POLL_S = 2.0
 
 
+def enabled(inventory) -> bool:
+    """Whether the cluster runs Slurm (dsk_slurm_enabled)."""
+    return bool(defaults.resolve("dsk_slurm_enabled", inventory.vars or {}))
+
+
 def controller(inventory):
     """The node that runs slurmctld, where jobs are submitted (dsk_slurm_controller)."""
     values = inventory.vars or {}
-    if not defaults.resolve("dsk_slurm_enabled", values):
+    if not enabled(inventory):
         raise InputError("the slurm launcher needs Slurm on the cluster",
                          file=str(getattr(inventory, "path", "") or "") or None,
                          field="dsk_slurm_enabled",
@@ -96,5 +101,6 @@ def follow_command(log_path: PurePosixPath, job_id: str) -> str:
             "sleep 1; kill $t; wait $t 2>/dev/null; exit 0")
 
 
-__all__ = ["ACTIVE_STATES", "POLL_S", "JobState", "cancel", "controller", "follow_command",
+__all__ = ["ACTIVE_STATES", "POLL_S", "JobState", "cancel", "controller", "enabled",
+           "follow_command",
            "job_state", "parse_job"]

@@ -161,7 +161,6 @@ def parse_sacct(text: str, job_id: str) -> dict | None:
 def expand_nodes(inventory, nodelist: str, *, transport: TransportChoice = None) -> list[str]:
     """Slurm's node list ('node[1-3]') as names, in Slurm's order (task i runs on the
     i-th), expanded by `scontrol show hostnames` on the controller."""
-
     if not nodelist or nodelist in ("(null)", "None assigned"):
         return []
     node = controller(inventory)
@@ -173,7 +172,6 @@ def expand_nodes(inventory, nodelist: str, *, transport: TransportChoice = None)
 def refresh(inventory, job: SlurmJob, *, transport: TransportChoice = None) -> SlurmJob:
     """The record with Slurm's view now (scontrol, else sacct), saved; unchanged when
     Slurm no longer knows the job."""
-
     seen = job_state(inventory, job.job_id, transport=transport)
     if seen is not None:
         job.state, job.exit_code, job.reason = seen.state, seen.exit_code, seen.reason
@@ -209,7 +207,6 @@ def marker_count_command(run_id: str) -> str:
 def _left_on_nodes(inventory, job: SlurmJob, *, transport: TransportChoice = None
                    ) -> tuple[dict[str, list[int]], list[str]]:
     """{node: PIDs of the run still alive} and the nodes that did not answer."""
-
     targets = [n for n in inventory.nodes if n.name in job.nodes]
     results = on_nodes(inventory, targets, lambda n: marker_count_command(job.run_id),
                        timeout=PROBE_TIMEOUT_S, transport=transport)
@@ -230,7 +227,6 @@ def _left_on_nodes(inventory, job: SlurmJob, *, transport: TransportChoice = Non
 def status(inventory, job: SlurmJob, *, transport: TransportChoice = None):
     """A jobs.JobStatus of the Slurm job: Slurm's state, and per node of the job how many
     of its processes run there."""
-
     job = refresh(inventory, job, transport=transport)
     state = job_state_name(job.state, job.stop_requested)
     left, silent = _left_on_nodes(inventory, job, transport=transport)
@@ -259,7 +255,6 @@ def slurm_facts(job: SlurmJob) -> dict:
 
 def list_statuses(inventory, *, transport: TransportChoice = None):
     """A JobStatus for every recorded Slurm job (one scontrol query each, no node probe)."""
-
     out = []
     for job in records(inventory):
         try:
@@ -275,7 +270,6 @@ def list_statuses(inventory, *, transport: TransportChoice = None):
 def stop(inventory, job: SlurmJob, *, grace_s: float, transport: TransportChoice = None):
     """SIGTERM to the job's steps, scancel after ``grace_s`` (or once the job ended), then
     wait until Slurm says it ended and no process of the run is left on its nodes."""
-
     job = refresh(inventory, job, transport=transport)
     was_active = active(job.state)
     job.stop_requested = True
@@ -328,7 +322,6 @@ def label_filter(line: str, nodes: list[str], nproc: int, *, node: str | None = 
 
 
 def logs_command(job: SlurmJob, *, follow: bool, lines: int | None) -> str:
-
     path = shlex.quote(str(job.output))
     if follow:
         return follow_command(job.output, job.job_id)

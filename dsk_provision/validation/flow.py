@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dsk_provision import slurmctl
 from dsk_provision.errors import InputError, RunFailed
 from dsk_provision.launch import nproc_for
 from dsk_provision.lock import holds_cluster_lock
@@ -248,7 +249,7 @@ def validate(inventory, *, runs_dir: Path | None = None, begin: str = "1K",
             results[0].message += f": {str(playbook_error).splitlines()[0]}"
         report.checks += results
 
-    if slurm_checks.slurm_enabled(inventory):
+    if slurmctl.enabled(inventory):
         report.checks += slurm_checks.run_slurm_checks(inventory, transport=transport)
 
     # Cordoned nodes get their node checks (they help the repair) but no benchmark:

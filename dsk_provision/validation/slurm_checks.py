@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import threading
 
-from dsk_provision import defaults
 from dsk_provision.remote import TransportChoice, resolve_transport, run_command
+from dsk_provision.slurmctl import controller
 from dsk_provision.validation.results import FAIL, PASS, SKIP, CheckResult
 
 # sinfo's %N|%T|%E: node name, state in long form (with its flag suffix), reason.
@@ -18,10 +18,6 @@ _BAD_STATES = ("down", "drain", "fail", "maint", "reboot", "unknown", "inval", "
 # sinfo's suffixes: * not responding, ~ powered off, # powering up, % powering down,
 # ! pending power down, $ reservation, @ pending reboot, ^ rebooting, - planned.
 _FLAGS = "*~#%!$@^-"
-
-
-def slurm_enabled(inventory) -> bool:
-    return bool(defaults.resolve("dsk_slurm_enabled", inventory.vars or {}))
 
 
 def parse_sinfo(text: str) -> dict[str, tuple[str, str]]:
@@ -81,9 +77,7 @@ def slurm_results(controller: str, nodes: list[str], cordoned: dict[str, str],
 
 def run_slurm_checks(inventory, *, transport: TransportChoice = None) -> list[CheckResult]:
     """Ask the nodes (all at once) and the controller, and judge what they answer."""
-    from dsk_provision.slurm import controller as slurm_controller
-
-    ctld = slurm_controller(inventory)
+    ctld = controller(inventory)
     answers: dict[str, tuple[int, str]] = {}
 
     def ask(node, command: str, key: str) -> None:

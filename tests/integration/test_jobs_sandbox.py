@@ -21,7 +21,8 @@ import yaml
 from dsk_provision import jobs
 from dsk_provision.errors import InputError
 from dsk_provision.inventory import load_inventory
-from dsk_provision.joblaunch import _fetch_job_file, train
+from dsk_provision.joblaunch import train
+from dsk_provision.launch import fetch_from_first
 from trainer.resilience import WATCH_VAR
 
 pytestmark = pytest.mark.slow
@@ -88,8 +89,9 @@ def left_on_nodes(sandbox, node_ssh, name: str) -> dict[str, str]:
 
 
 def losses(inventory, name: str, tmp_path: Path) -> dict[int, float]:
-    _node, path = _fetch_job_file(inventory, name, "out/metrics.jsonl",
-                                  tmp_path / f"{name}-metrics.jsonl")
+    _node, path = fetch_from_first(
+        inventory, lambda node: node.settings.job_dir(name) / "out/metrics.jsonl",
+        tmp_path / f"{name}-metrics.jsonl", what=f"out/metrics.jsonl of job {name}")
     return {r["step"]: r["loss"] for r in map(json.loads, path.read_text().splitlines())}
 
 

@@ -662,7 +662,7 @@ def test_ship_to_copies_to_every_node_and_names_each_that_failed(tmp_path):
 
 
 def test_results_come_from_the_first_node_that_has_them(tmp_path, monkeypatch):
-    """fetch_first (a run's file) and joblaunch's job files share fetch_from_first: the
+    """fetch_first (a run's file) and a job's files share fetch_from_first: the
     nodes in inventory order, the first that has the file, else one error naming it."""
     inv = make_inventory(tmp_path, [("node1", "10.213.7.11", {}), ("node2", "10.213.7.12", {})])
     asked = []
@@ -679,7 +679,8 @@ def test_results_come_from_the_first_node_that_has_them(tmp_path, monkeypatch):
     assert asked == [("node1", "/opt/dsk/runs/r1/out/metrics.jsonl"),
                      ("node2", "/opt/dsk/runs/r1/out/metrics.jsonl")]
     asked.clear()
-    node, _ = joblaunch._fetch_job_file(inv, "j", "out/summary.json", tmp_path / "s.json")
+    node, _ = launch.fetch_from_first(inv, lambda n: n.settings.job_dir("j") / "out/summary.json",
+                                      tmp_path / "s.json", what="out/summary.json of job j")
     assert node == "node2" and asked[0] == ("node1", "/opt/dsk/jobs/j/out/summary.json")
     monkeypatch.setattr(launch, "fetch", lambda *a, **k: (_ for _ in ()).throw(
         RunFailed("gone")))
