@@ -1,10 +1,13 @@
 """Forward + backward time of causal attention with MLA's head shapes, per SDPA backend.
 
     python -m trainer.bench.attn_backends [--batch 4] [--heads 16] [--seq 4096] \
-        [--qk-dim 96] [--v-dim 64]
+        [--qk-dim 96] [--v-dim 64] [--layout bhsd|bshd]
 
 MLA's query/key heads (nope + rope) are wider than its value heads; some kernels need
 equal widths, so each backend is also timed with the values zero-padded to the query width.
+``--layout bshd`` makes the tensors (batch, sequence, heads, dim) in memory and hands SDPA
+their transposed views, as the model's attention does; ``bhsd`` (the default) makes them
+contiguous in SDPA's own order.
 TFLOP/s counts the work the causal mask leaves: forward 2 * b * h * s^2 * (d_qk + d_v) / 2,
 backward 2.5 times that.
 """
@@ -37,17 +40,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--qk-dim", type=int, default=96)
     parser.add_argument("--v-dim", type=int, default=64)
+    parser.add_argument("--layout", choices=("bhsd", "bshd"), default="bhsd",
+                        help="the tensors' order in memory (bshd: as the model has them)")
     a = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA GPU")
         return 1
     dev = "cuda"
-    shape = (a.batch, a.heads, a.seq)
-    q = torch.randn(*shape, a.qk_dim, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(*shape, a.qk_dim, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn(*shape, a.v_dim, device=dev, dtype=torch.bfloat16, requires_grad=True)
+
+    def make(width: int) -> torch.Tensor:
+        if a.layout == "bshd":
+            t = torch.randn(a.batch, a.seq, a.heads, width, device=dev, dtype=torch.bfloat16)
+            t = t.transpose(1, 2)
+        else:
+            t = torch.randn(a.batch, a.heads, a.seq, width, device=dev, dtype=torch.bfloat16)
+        return t.requires_grad_()
+    q, k, v = make(a.qk_dim), make(a.qk_dim), make(a.v_dim)
     flops = 2 * a.batch * a.heads * a.seq * a.seq * (a.qk_dim + a.v_dim) / 2 * 3.5
-    print(f"b {a.batch} h {a.heads} s {a.seq} d_qk {a.qk_dim} d_v {a.v_dim} (causal)")
+    print(f"b {a.batch} h {a.heads} s {a.seq} d_qk {a.qk_dim} d_v {a.v_dim} (causal), "
+          f"layout {a.layout}")
     for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
                     SDPBackend.EFFICIENT_ATTENTION):
         for pad in (False, True):
