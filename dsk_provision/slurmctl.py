@@ -15,9 +15,23 @@ from dsk_provision import defaults
 from dsk_provision.errors import InputError, RunFailed
 from dsk_provision.remote import TransportChoice, resolve_transport, run_command
 
-# Job states in which a job is still under way (squeue/scontrol spelling).
-ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED",
-                 "REQUEUED", "RESIZING", "SIGNALING", "STAGE_OUT"}
+# Slurm's job states (squeue/scontrol/sacct spelling) -> the jobs commands' states.
+STATES = {
+    "PENDING": "pending", "REQUEUED": "pending", "REQUEUE_HOLD": "pending",
+    "REQUEUE_FED": "pending", "RESV_DEL_HOLD": "pending",
+    "CONFIGURING": "running", "RUNNING": "running", "RESIZING": "running",
+    "SUSPENDED": "running",
+    "COMPLETING": "stopping", "SIGNALING": "stopping", "STAGE_OUT": "stopping",
+    "STOPPED": "stopping",
+    "COMPLETED": "finished",
+    "CANCELLED": "stopped",
+    "FAILED": "failed", "NODE_FAIL": "failed", "TIMEOUT": "failed",
+    "OUT_OF_MEMORY": "failed", "BOOT_FAIL": "failed", "DEADLINE": "failed",
+    "PREEMPTED": "failed", "SPECIAL_EXIT": "failed", "REVOKED": "failed",
+}
+# The jobs commands' states of a job still under way, and the Slurm states they stand for.
+UNDER_WAY = ("pending", "running", "stopping")
+ACTIVE_STATES = frozenset(state for state, name in STATES.items() if name in UNDER_WAY)
 # Seconds between two looks at a job's state.
 POLL_S = 2.0
 
@@ -101,6 +115,5 @@ def follow_command(log_path: PurePosixPath, job_id: str) -> str:
             "sleep 1; kill $t; wait $t 2>/dev/null; exit 0")
 
 
-__all__ = ["ACTIVE_STATES", "POLL_S", "JobState", "cancel", "controller", "enabled",
-           "follow_command",
-           "job_state", "parse_job"]
+__all__ = ["ACTIVE_STATES", "POLL_S", "STATES", "UNDER_WAY", "JobState", "cancel", "controller",
+           "enabled", "follow_command", "job_state", "parse_job"]

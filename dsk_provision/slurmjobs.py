@@ -31,23 +31,17 @@ from pathlib import Path, PurePosixPath
 from dsk_provision.errors import InputError, RunFailed
 from dsk_provision.jobviews import PROBE_TIMEOUT_S, JobStatus, NodeView, StopResult, on_nodes
 from dsk_provision.remote import TransportChoice, resolve_transport, run_command
-from dsk_provision.slurmctl import POLL_S, cancel, controller, follow_command, job_state
+from dsk_provision.slurmctl import (
+    POLL_S,
+    STATES,
+    UNDER_WAY,
+    cancel,
+    controller,
+    follow_command,
+    job_state,
+)
 
 RECORD_DIR = "slurm_jobs"
-# Slurm's job states (squeue/scontrol/sacct spelling) -> the jobs commands' states.
-_STATES = {
-    "PENDING": "pending", "REQUEUED": "pending", "REQUEUE_HOLD": "pending",
-    "REQUEUE_FED": "pending", "RESV_DEL_HOLD": "pending",
-    "CONFIGURING": "running", "RUNNING": "running", "RESIZING": "running",
-    "SUSPENDED": "running",
-    "COMPLETING": "stopping", "SIGNALING": "stopping", "STAGE_OUT": "stopping",
-    "STOPPED": "stopping",
-    "COMPLETED": "finished",
-    "CANCELLED": "stopped",
-    "FAILED": "failed", "NODE_FAIL": "failed", "TIMEOUT": "failed",
-    "OUT_OF_MEMORY": "failed", "BOOT_FAIL": "failed", "DEADLINE": "failed",
-    "PREEMPTED": "failed", "SPECIAL_EXIT": "failed", "REVOKED": "failed",
-}
 # How long a stop waits, after scancel, for Slurm and the nodes to have nothing left.
 STOP_SETTLE_S = 90.0
 _LABEL_RE = re.compile(r"^\s*(?P<task>\d+): (?P<text>.*)$")
@@ -81,7 +75,7 @@ def job_state_name(slurm_state: str | None, stop_requested: bool = False) -> str
     unknown) of a Slurm job state; a job stopped on request is 'stopped' whatever Slurm
     calls its end."""
     base = (slurm_state or "").split()[0].rstrip("+") if slurm_state else ""
-    state = _STATES.get(base, "unknown")
+    state = STATES.get(base, "unknown")
     if stop_requested:
         if state in ("running", "pending"):
             return "stopping"
@@ -91,7 +85,7 @@ def job_state_name(slurm_state: str | None, stop_requested: bool = False) -> str
 
 
 def active(slurm_state: str) -> bool:
-    return job_state_name(slurm_state) in ("pending", "running", "stopping")
+    return job_state_name(slurm_state) in UNDER_WAY
 
 
 # --------------------------------------------------------------------------- records

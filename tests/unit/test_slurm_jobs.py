@@ -54,6 +54,21 @@ def test_slurm_states_map_to_the_jobs_states(slurm_state, stop_requested, want):
     assert slurmjobs.job_state_name(slurm_state, stop_requested) == want
 
 
+def test_the_launcher_and_the_jobs_commands_agree_on_which_states_are_under_way():
+    # a held requeue or a stopped job is still under way: the launcher's follow loop
+    # keeps waiting on it, and the jobs commands count it as active
+    import re
+
+    from dsk_provision import slurmctl
+
+    waited_on = re.search(r"JobState=\(([^)]*)\) ",
+                          slurmctl.follow_command("/r/out", "7")).group(1).split("|")
+    for state in [*slurmctl.STATES, "SOMETHING_NEW"]:
+        job = slurmctl.JobState(state, state, "", "", "", "")
+        assert job.active == slurmjobs.active(state) == (state in waited_on), state
+    assert {"REQUEUE_HOLD", "STOPPED"} <= slurmctl.ACTIVE_STATES
+
+
 def test_only_pending_running_and_ending_jobs_are_active():
     assert [s for s in ("PENDING", "RUNNING", "COMPLETING", "COMPLETED", "CANCELLED",
                         "FAILED", "TIMEOUT") if slurmjobs.active(s)] == [
