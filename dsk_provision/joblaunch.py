@@ -55,7 +55,7 @@ from dsk_provision.jobs import (
     list_jobs,
     stop_job,
 )
-from dsk_provision.jobviews import PROBE_TIMEOUT_S, on_nodes
+from dsk_provision.jobviews import PROBE_TIMEOUT_S
 from dsk_provision.launch import (
     TrainResult,
     checked_losses,
@@ -68,7 +68,7 @@ from dsk_provision.launch import (
     ship_to,
 )
 from dsk_provision.lock import holds_cluster_lock
-from dsk_provision.remote import TransportChoice, resolve_transport
+from dsk_provision.remote import TransportChoice, on_nodes, resolve_transport
 
 # How long the nodes get to record a launch before it counts as failed to start.
 START_TIMEOUT_S = 60.0

@@ -24,8 +24,8 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 from dsk_provision.errors import InputError, RunFailed
-from dsk_provision.jobviews import PROBE_TIMEOUT_S, JobStatus, NodeView, StopResult, on_nodes
-from dsk_provision.remote import TransportChoice, resolve_transport, run_command
+from dsk_provision.jobviews import PROBE_TIMEOUT_S, JobStatus, NodeView, StopResult
+from dsk_provision.remote import TransportChoice, on_nodes, resolve_transport, run_command
 
 JOB_MARKER_VAR = "DSK_JOB"        # trainer.job.JOB_MARKER_VAR
 JOB_DIR_VAR = "DSK_JOB_DIR"       # trainer.jobstate.JOB_DIR_VAR
@@ -347,5 +347,5 @@ def print_logs(inventory, name: str, *, node: str | None = None, rank: int | Non
 
 __all__ = [
     "JobStatus", "NodeView", "StopResult", "check_name", "combine", "default_name",
-    "job_dir", "job_status", "list_jobs", "on_nodes", "print_logs", "stop_job",
+    "job_dir", "job_status", "list_jobs", "print_logs", "stop_job",
 ]

@@ -1,6 +1,7 @@
 """What the jobs commands say of a job, whichever launcher started it: each node's view
-(``NodeView``), the job's state (``JobStatus``), what a stop did (``StopResult``), and
-the probe they are made from, one command on many nodes at once (``on_nodes``).
+(``NodeView``), the job's state (``JobStatus``) and what a stop did (``StopResult``).
+The probe they are made from, one command on many nodes at once, is
+dsk_provision.remote.on_nodes.
 
 dsk_provision.jobs fills them for jobs of the SSH launcher, dsk_provision.slurmjobs for
 jobs of the slurm launcher.
@@ -8,37 +9,11 @@ jobs of the slurm launcher.
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
-
-from dsk_provision.remote import TransportChoice, resolve_transport, run_command
 
 # A probe of one node (status, list): long enough for a busy node, short enough that a
 # dead one does not hold up the answer.
 PROBE_TIMEOUT_S = 20.0
-
-
-def on_nodes(inventory, nodes, command: Callable[[Any], str], *, timeout: float,
-             transport: TransportChoice = None) -> dict[str, tuple[int, str]]:
-    """Run a command on each node at once; {node: (exit code, output)}; 124: no answer
-    within ``timeout``; 255 with ssh: could not connect."""
-    results: dict[str, tuple[int, str]] = {}
-
-    def one(node):
-        try:
-            results[node.name] = run_command(resolve_transport(transport, inventory, node),
-                                             node, command(node), timeout=timeout)
-        except Exception as exc:  # noqa: BLE001 - reported per node
-            results[node.name] = (1, f"{type(exc).__name__}: {exc}")
-
-    threads = [threading.Thread(target=one, args=(n,), daemon=True) for n in nodes]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results
 
 
 @dataclass
@@ -91,4 +66,4 @@ class StopResult:
     checkpoint: dict | None
 
 
-__all__ = ["PROBE_TIMEOUT_S", "JobStatus", "NodeView", "StopResult", "on_nodes"]
+__all__ = ["PROBE_TIMEOUT_S", "JobStatus", "NodeView", "StopResult"]

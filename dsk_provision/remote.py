@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
+import threading
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
@@ -180,6 +181,27 @@ def run_command(transport: Transport, node, command: str, *, stdin=None,
     return proc.returncode, out
 
 
+def on_nodes(inventory, nodes, command: Callable[[Any], str], *, timeout: float,
+             transport: TransportChoice = None) -> dict[str, tuple[int, str]]:
+    """Run a command on each node at once; {node: (exit code, output)}; 124: no answer
+    within ``timeout``; 255 with ssh: could not connect."""
+    results: dict[str, tuple[int, str]] = {}
+
+    def one(node):
+        try:
+            results[node.name] = run_command(resolve_transport(transport, inventory, node),
+                                             node, command(node), timeout=timeout)
+        except Exception as exc:  # noqa: BLE001 - reported per node
+            results[node.name] = (1, f"{type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=one, args=(n,), daemon=True) for n in nodes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
 def put_tar(transport: Transport, node, tar_path: Path, remote_dir: PurePosixPath | str, *,
             timeout: float = 120.0) -> tuple[int, str]:
     """Unpack a local tar file into ``remote_dir`` on the node (created when missing)."""
@@ -225,5 +247,5 @@ def fetch(inventory, node, remote_path, local_path, *, transport: TransportChoic
 
 __all__ = [
     "LocalTransport", "SshTransport", "Transport", "TransportChoice", "fetch", "find_node",
-    "put_tar", "resolve_transport", "run_command", "transport_for",
+    "on_nodes", "put_tar", "resolve_transport", "run_command", "transport_for",
 ]

@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath
 
 from dsk_provision.errors import InputError, RunFailed
-from dsk_provision.jobviews import PROBE_TIMEOUT_S, JobStatus, NodeView, StopResult, on_nodes
-from dsk_provision.remote import TransportChoice, resolve_transport, run_command
+from dsk_provision.jobviews import PROBE_TIMEOUT_S, JobStatus, NodeView, StopResult
+from dsk_provision.remote import TransportChoice, on_nodes, resolve_transport, run_command
 from dsk_provision.slurmctl import (
     POLL_S,
     STATES,

@@ -4,12 +4,14 @@ drained or failing (with the reason Slurm gives)."""
 
 from __future__ import annotations
 
-import threading
-
-from dsk_provision.remote import TransportChoice, resolve_transport, run_command
+from dsk_provision.remote import TransportChoice, on_nodes
 from dsk_provision.slurmctl import controller
 from dsk_provision.validation.results import FAIL, PASS, SKIP, CheckResult
 
+# Seconds each node has to answer.
+ANSWER_TIMEOUT_S = 60
+# The line between the controller's own slurmd answer and its slurmctld and sinfo ones.
+_CONTROLLER = "--slurmctld--"
 # sinfo's %N|%T|%E: node name, state in long form (with its flag suffix), reason.
 SINFO_COMMAND = "sinfo --noheader --Node --format='%N|%T|%E'"
 # States (without sinfo's suffix) that put a node out of service.
@@ -76,27 +78,26 @@ def slurm_results(controller: str, nodes: list[str], cordoned: dict[str, str],
 
 
 def run_slurm_checks(inventory, *, transport: TransportChoice = None) -> list[CheckResult]:
-    """Ask the nodes (all at once) and the controller, and judge what they answer."""
+    """Ask every node at once whether slurmd runs, and the controller also whether
+    slurmctld runs and what sinfo says; judge what they answer."""
     ctld = controller(inventory)
-    answers: dict[str, tuple[int, str]] = {}
 
-    def ask(node, command: str, key: str) -> None:
-        answers[key] = run_command(resolve_transport(transport, inventory, node), node,
-                                   command, timeout=60)
+    def command(node) -> str:
+        slurmd = "systemctl is-active slurmd"
+        if node.name != ctld.name:
+            return slurmd
+        return (f"{slurmd}; echo {_CONTROLLER}; systemctl is-active slurmctld; echo '--'; "
+                f"{SINFO_COMMAND}")
 
-    threads = [threading.Thread(target=ask, args=(
-        ctld, f"systemctl is-active slurmctld; echo '--'; {SINFO_COMMAND}", "controller"))]
-    threads += [threading.Thread(target=ask, args=(n, "systemctl is-active slurmd", n.name))
-                for n in inventory.nodes]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    rc, out = answers.get("controller", (255, ""))
-    head, sep, sinfo = out.partition("--\n")
+    answers = on_nodes(inventory, inventory.nodes, command, timeout=ANSWER_TIMEOUT_S,
+                       transport=transport)
+    rc, out = answers.get(ctld.name, (255, ""))
+    own, _, ctld_out = out.partition(f"{_CONTROLLER}\n")
+    answers[ctld.name] = (rc, own)
+    head, sep, sinfo = ctld_out.partition("--\n")
     slurmctld = head.strip().splitlines()[0] if head.strip() else "no answer"
-    slurmd = {n.name: (answers[n.name][1].strip().splitlines() or ["no answer"])[0]
-              for n in inventory.nodes if n.name in answers}
+    slurmd = {name: (text.strip().splitlines() or ["no answer"])[0]
+              for name, (_, text) in answers.items()}
     return slurm_results(ctld.name, [n.name for n in inventory.nodes],
                          {n.name: str(n.cordoned) for n in inventory.nodes if n.cordoned},
                          slurmctld, slurmd, sinfo if sep and rc == 0 else None)

@@ -59,3 +59,38 @@ def test_states_in_service_and_out():
     for state in ("down", "drained", "draining", "idle*", "fail", "failing", "unknown*",
                   "maint", "reboot^"):
         assert slurm_checks.node_state_problem(state), state
+
+
+def test_every_node_is_asked_once_and_the_controller_also_for_slurmctld_and_sinfo():
+    # each "node" is this machine's shell, with systemctl and sinfo answering as that node
+    from types import SimpleNamespace
+
+    from dsk_provision.remote import LocalTransport
+
+    daemons = {"node1": ("active", "active"), "node2": ("failed", ""), "node3": ("active", ""),
+               "node4": ("active", "")}
+    asked = []
+
+    class Nodes(LocalTransport):
+        def popen(self, node, command, *, stdin=None):
+            asked.append((node.name, command))
+            if node.name == "node3":
+                command = "echo 'ssh: connect to host node3: No route to host'; exit 255"
+            slurmd, slurmctld = daemons[node.name]
+            fake = (f"systemctl() {{ case $2 in slurmd) echo {slurmd};; "
+                    f"slurmctld) echo {slurmctld};; esac; }}; "
+                    f"sinfo() {{ printf '%s' '{SINFO}'; }}; ")
+            return super().popen(node, fake + command, stdin=stdin)
+
+    nodes = [SimpleNamespace(name=n, cordoned=None) for n in NODES]
+    inventory = SimpleNamespace(vars={"dsk_slurm_enabled": True}, nodes=nodes, path=None)
+    results = by(slurm_checks.run_slurm_checks(inventory, transport=Nodes()))
+    assert sorted(name for name, _ in asked) == NODES  # one command a node
+    assert "sinfo" in dict(asked)["node1"] and "sinfo" not in dict(asked)["node2"]
+    assert results[("node1", "slurmctld")].status == PASS
+    assert results[("node1", "slurmd")].status == PASS
+    assert results[("node2", "slurmd")].status == FAIL
+    assert "No route to host" in results[("node3", "slurmd")].message
+    assert results[("node4", "slurmd")].status == PASS
+    assert "gpu 3 fell off the bus" in results[("node2", "slurm_state")].message
+    assert results[("node4", "slurm_state")].status == PASS
