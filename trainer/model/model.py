@@ -20,6 +20,7 @@ from torch import nn
 from trainer.model.args import ModelArgs
 from trainer.model.head_loss import head_loss as fused_head_loss
 from trainer.model.permute import combine, dispatch, sort_slots
+from trainer.model.rope import mla_qkv
 from trainer.model.swiglu import swiglu
 from trainer.model.topk import top_k
 
@@ -73,16 +74,6 @@ def softmax_scale(args: ModelArgs) -> float:
     return scale
 
 
-def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """Rotate x (batch, seq, heads, head_dim) by position; the pairs (x[2j], x[2j+1]) are
-    rotated as complex numbers x[2j] + i x[2j+1] (DeepSeek's layout), computed in fp32."""
-    xf = x.float().unflatten(-1, (-1, 2))
-    x1, x2 = xf[..., 0], xf[..., 1]
-    rot = freqs_cis.view(1, xf.size(1), 1, xf.size(-2), 2)
-    cos, sin = rot[..., 0], rot[..., 1]
-    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(3).to(x.dtype)
-
-
 class MLA(nn.Module):
     """Multi-head latent attention.
 
@@ -118,16 +109,12 @@ class MLA(nn.Module):
         bsz, seqlen, _ = x.shape
         q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
         q = q.view(bsz, seqlen, self.n_heads, self.qk_head_dim)
-        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        q = torch.cat([q_nope, apply_rope(q_pe, freqs_cis)], dim=-1)
-
         kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        k_pe = apply_rope(k_pe.unsqueeze(2), freqs_cis)  # one rope key shared by all heads
         kv = self.wkv_b(self.kv_norm(kv)).view(
             bsz, seqlen, self.n_heads, self.qk_nope_head_dim + self.v_head_dim
         )
-        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-        k = torch.cat([k_nope, k_pe.expand(-1, -1, self.n_heads, -1)], dim=-1)
+        # the rope parts rotated, the one rope key shared by all heads (trainer/model/rope.py)
+        q, k, v = mla_qkv(q, kv, k_pe, freqs_cis)
 
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
