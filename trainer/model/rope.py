@@ -67,33 +67,42 @@ if triton is not None:
         return t, t_ok, b, s, cos, sin
 
     @triton.jit
+    def _head_block(h0, heads, t_ok, nope: tl.constexpr, vdim: tl.constexpr,
+                    nope_block: tl.constexpr, v_block: tl.constexpr,
+                    heads_block: tl.constexpr):
+        """The heads h0.. of this pass as (1, heads_block, 1), the masks of the
+        (tokens, heads_block, width) tiles that exist (any width, the nope part's, the
+        values'), and the nope part's and the values' columns as (1, 1, width)."""
+        h = h0 + tl.arange(0, heads_block)
+        at = t_ok[:, :, None] & (h < heads)[None, :, None]
+        n3 = tl.arange(0, nope_block)[None, None, :]
+        v3 = tl.arange(0, v_block)[None, None, :]
+        return h[None, :, None], at, at & (n3 < nope), at & (v3 < vdim), n3, v3
+
+    @triton.jit
     def _qkv_forward_kernel(
             q_ptr, kv_ptr, pe_ptr, f_ptr, qo_ptr, ko_ptr, vo_ptr, n_tokens, seqlen, heads,
-            q_sb, q_ss, q_sh, kv_sb, kv_ss, kv_sh, pe_sb, pe_ss, o_sb, o_ss, o_sh,
-            vo_sb, vo_ss, vo_sh,
+            q_sb, q_ss, q_sh, kv_sb, kv_ss, kv_sh, pe_sb, pe_ss,
             nope: tl.constexpr, rope: tl.constexpr, vdim: tl.constexpr,
             nope_block: tl.constexpr, v_block: tl.constexpr, heads_block: tl.constexpr,
             tokens: tl.constexpr):
         t, t_ok, b, s, cos, sin = _program_tokens(f_ptr, n_tokens, seqlen, rope, tokens)
         cos3, sin3 = cos[:, None, :], sin[:, None, :]
         r = tl.arange(0, rope)
-        n3 = tl.arange(0, nope_block)[None, None, :]
-        r3, v3 = r[None, None, :], tl.arange(0, v_block)[None, None, :]
+        r3 = r[None, None, :]
         # the one rope key of each token, rotated once for all heads
         p = tl.load(pe_ptr + (b * pe_sb + s * pe_ss)[:, None] + r[None, :], mask=t_ok)
         p1, p2 = tl.split(tl.reshape(p.to(tl.float32), (tokens, rope // 2, 2)))
         k_rot = tl.reshape(tl.join(p1 * cos - p2 * sin, p1 * sin + p2 * cos), (tokens, rope))
         k_rot = k_rot[:, None, :] + tl.zeros((tokens, heads_block, rope), tl.float32)
         q_row, kv_row = b * q_sb + s * q_ss, b * kv_sb + s * kv_ss
-        o_row, vo_row = b * o_sb + s * o_ss, b * vo_sb + s * vo_ss
         for h0 in range(0, heads, heads_block):
-            h = h0 + tl.arange(0, heads_block)
-            at = t_ok[:, :, None] & (h < heads)[None, :, None]
-            head = h[None, :, None]
-            n_ok, v_ok = at & (n3 < nope), at & (v3 < vdim)
+            head, at, n_ok, v_ok, n3, v3 = _head_block(h0, heads, t_ok, nope, vdim, nope_block,
+                                                       v_block, heads_block)
             q_in = q_row[:, None, None] + head * q_sh
             kv_in = kv_row[:, None, None] + head * kv_sh
-            out = o_row[:, None, None] + head * o_sh
+            # the outputs are contiguous (batch, seq, heads, width)
+            out = (t * heads * (nope + rope))[:, None, None] + head * (nope + rope)
 
             tl.store(qo_ptr + out + n3, tl.load(q_ptr + q_in + n3, mask=n_ok), mask=n_ok)
             x = tl.load(q_ptr + q_in + nope + r3, mask=at).to(tl.float32)
@@ -104,7 +113,7 @@ if triton is not None:
 
             tl.store(ko_ptr + out + n3, tl.load(kv_ptr + kv_in + n3, mask=n_ok), mask=n_ok)
             tl.store(ko_ptr + out + nope + r3, k_rot.to(ko_ptr.dtype.element_ty), mask=at)
-            tl.store(vo_ptr + vo_row[:, None, None] + head * vo_sh + v3,
+            tl.store(vo_ptr + (t * heads * vdim)[:, None, None] + head * vdim + v3,
                      tl.load(kv_ptr + kv_in + nope + v3, mask=v_ok), mask=v_ok)
 
     @triton.jit
@@ -117,16 +126,13 @@ if triton is not None:
         t, t_ok, b, s, cos, sin = _program_tokens(f_ptr, n_tokens, seqlen, rope, tokens)
         cos3, sin3 = cos[:, None, :], sin[:, None, :]
         r = tl.arange(0, rope)
-        n3 = tl.arange(0, nope_block)[None, None, :]
-        r3, v3 = r[None, None, :], tl.arange(0, v_block)[None, None, :]
+        r3 = r[None, None, :]
         dq_row, dk_row = b * dq_sb + s * dq_ss, b * dk_sb + s * dk_ss
         dv_row = b * dv_sb + s * dv_ss
         pe_sum = tl.zeros((tokens, rope), tl.float32)
         for h0 in range(0, heads, heads_block):
-            h = h0 + tl.arange(0, heads_block)
-            at = t_ok[:, :, None] & (h < heads)[None, :, None]
-            head = h[None, :, None]
-            n_ok, v_ok = at & (n3 < nope), at & (v3 < vdim)
+            head, at, n_ok, v_ok, n3, v3 = _head_block(h0, heads, t_ok, nope, vdim, nope_block,
+                                                       v_block, heads_block)
 
             # the queries' gradient: the nope part as it is, the rope part rotated back;
             # written contiguous (batch, seq, heads, width), as the projection's output is
@@ -187,8 +193,7 @@ if triton is not None:
         wrap_triton(_qkv_forward_kernel)[(triton.cdiv(n_tokens, blocks["tokens"]),)](
             q, kv, k_pe, freqs_cis.contiguous(), q_out, k_out, v_out, n_tokens, seqlen, heads,
             q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), kv.stride(2),
-            k_pe.stride(0), k_pe.stride(1), q_out.stride(0), q_out.stride(1), q_out.stride(2),
-            v_out.stride(0), v_out.stride(1), v_out.stride(2), **blocks, num_warps=NUM_WARPS)
+            k_pe.stride(0), k_pe.stride(1), **blocks, num_warps=NUM_WARPS)
         return q_out, k_out, v_out
 
     @triton_op("dsk::mla_qkv_backward", mutates_args=())
