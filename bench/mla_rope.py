@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from trainer.model import rope
-    from trainer.model.model import MLA, precompute_rope
+    from trainer.model.model import MLA
+    from trainer.model.rope import precompute_rope
 
     m = cfg.model
     seq = args.seq_len or cfg.training.seq_len

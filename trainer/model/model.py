@@ -20,7 +20,7 @@ from torch import nn
 from trainer.model.args import ModelArgs
 from trainer.model.head_loss import head_loss as fused_head_loss
 from trainer.model.permute import combine, dispatch, sort_slots
-from trainer.model.rope import mla_qkv
+from trainer.model.rope import mla_qkv, precompute_rope
 from trainer.model.swiglu import swiglu
 from trainer.model.topk import top_k
 
@@ -34,34 +34,6 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # in fp32 whatever the activations' dtype, as DeepSeek's reference does
         return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).type_as(x)
-
-
-def precompute_rope(args: ModelArgs) -> torch.Tensor:
-    """Rotations by pos * theta^(-2j/d) as (cos, sin) pairs, shape (max_seq_len, head_dim // 2,
-    2), fp32. Real-valued, so that torch.compile fuses the rotation into its neighbours
-    (inductor generates no code for complex tensors).
-
-    With YaRN (``args.yarn``: max_seq_len > original_seq_len), the frequencies whose
-    wavelength is long against original_seq_len are divided by rope_factor, the short
-    ones kept, and those between blended by a linear ramp over the dimensions between the
-    ones that turn beta_fast and beta_slow times in original_seq_len, as DeepSeek-V3's
-    reference model computes them."""
-    dim, base = args.qk_rope_head_dim, args.rope_theta
-    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    if args.yarn:
-        def correction_dim(rotations: float) -> float:
-            return (dim * math.log(args.original_seq_len / (rotations * 2 * math.pi))
-                    / (2 * math.log(base)))
-
-        low = max(math.floor(correction_dim(args.beta_fast)), 0)
-        high = min(math.ceil(correction_dim(args.beta_slow)), dim - 1)
-        if low == high:
-            high += 0.001
-        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
-        smooth = 1 - ramp
-        freqs = freqs / args.rope_factor * (1 - smooth) + freqs * smooth
-    angles = torch.outer(torch.arange(args.max_seq_len, dtype=torch.float32), freqs)
-    return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
 
 def softmax_scale(args: ModelArgs) -> float:

@@ -1,6 +1,7 @@
-"""MLA's rotary positions and the attention inputs built from them: the queries (each
-head's nope part, then its rope part rotated), the keys (each head's nope part from the
-latent, then the one rotated rope key all heads share) and the values.
+"""MLA's rotary positions (each position's rotations, precomputed, and the rotation
+itself) and the attention inputs built from them: the queries (each head's nope part,
+then its rope part rotated), the keys (each head's nope part from the latent, then the
+one rotated rope key all heads share) and the values.
 
 On the GPU the forward is one Triton kernel and so is the backward. The compiled torch
 expression ran its forward at about half the memory bandwidth (one kernel writing the
@@ -19,13 +20,44 @@ expression, which is also what the kernels are tested against.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from trainer.kernels import kernels_run, tl, triton, triton_op, wrap_triton
+from trainer.model.args import ModelArgs
 
 # elements of the widest (tokens, heads, width) tile a program moves, and its warps
 TILE = 4096
 NUM_WARPS = 4
+
+
+def precompute_rope(args: ModelArgs) -> torch.Tensor:
+    """Rotations by pos * theta^(-2j/d) as (cos, sin) pairs, shape (max_seq_len, head_dim // 2,
+    2), fp32. Real-valued, so that torch.compile fuses the rotation into its neighbours
+    (inductor generates no code for complex tensors).
+
+    With YaRN (``args.yarn``: max_seq_len > original_seq_len), the frequencies whose
+    wavelength is long against original_seq_len are divided by rope_factor, the short
+    ones kept, and those between blended by a linear ramp over the dimensions between the
+    ones that turn beta_fast and beta_slow times in original_seq_len, as DeepSeek-V3's
+    reference model computes them."""
+    dim, base = args.qk_rope_head_dim, args.rope_theta
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if args.yarn:
+        def correction_dim(rotations: float) -> float:
+            return (dim * math.log(args.original_seq_len / (rotations * 2 * math.pi))
+                    / (2 * math.log(base)))
+
+        low = max(math.floor(correction_dim(args.beta_fast)), 0)
+        high = min(math.ceil(correction_dim(args.beta_slow)), dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        smooth = 1 - ramp
+        freqs = freqs / args.rope_factor * (1 - smooth) + freqs * smooth
+    angles = torch.outer(torch.arange(args.max_seq_len, dtype=torch.float32), freqs)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
 
 def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
