@@ -307,8 +307,9 @@ def _stage_estimate(m: ModelArgs, lay: Layout, stage: int) -> dict[str, float]:
     # autocast's bf16 copies of the weights, which each matmul saves for its backward:
     # of every block (gathered, so unsharded by FSDP) unless the blocks recompute, and
     # of the output head, which is never checkpointed. The FP8 routed experts
-    # (training.fp8_experts) save their master weights instead of a copy, and hold the
-    # e4m3 copy of one block's experts at a time, for the GEMM that reads it
+    # (training.fp8_experts) save their e4m3 copy instead, for the input gradients (of
+    # every block, or of the one recomputed), and in the backward hold one transposed
+    # copy of w1|w3 (two thirds of a block's experts) at a time
     head = m.vocab_size * m.dim * (1 + m.mtp_depth) if last else 0
     copied = [(b[0], 0 if lay.fp8_experts else b[1]) for b in blocks]
     if fsdp and lay.fsdp_bf16:
@@ -319,8 +320,10 @@ def _stage_estimate(m: ModelArgs, lay: Layout, stage: int) -> dict[str, float]:
         cast = head / lay.tp + max((sum(fsdp_groups(b, lay)) for b in copied), default=0)
     items["bf16 weight copies (autocast)"] = BF16 * cast
     if lay.fp8_experts:
-        items["FP8 copies of one block's routed experts"] = (
-            FP8 * max((b[1] for b in blocks), default=0) / lay.ep)
+        one_block = max((b[1] for b in blocks), default=0)
+        saved = (sum(b[1] for b in blocks) if lay.activation_checkpoint == "none"
+                 else one_block)
+        items["FP8 copies of the routed experts"] = FP8 * (saved + 2 * one_block / 3) / lay.ep
 
     # tokens of one pipeline micro-batch, and how many a stage keeps at once
     tokens = lay.micro_batch * lay.seq_len / (lay.n_microbatches if lay.pp > 1 else 1)

@@ -48,18 +48,38 @@ def test_rows_kernel(rows, cols):
     same_fp8(f8.fp8_rows(x), f8.rows_reference(x), exact=True)
 
 
+@pytest.mark.parametrize(("rows", "cols", "counts"),
+                         [(4455, 2048, [700, 0, 2000, 1755]), (37, 100, [0, 30, 7])])
+def test_rows_kernel_with_each_experts_column_scales(rows, cols, counts):
+    """The input gradients' operands: each row times its expert's row of the weights'
+    inverse scales, then quantised."""
+    torch.manual_seed(0)
+    x = (torch.randn(rows, cols, device="cuda") * 3).to(torch.bfloat16)
+    col = f8.pow2_scale_reference(torch.rand(len(counts), cols, device="cuda") * 100)
+    offs = torch.cumsum(torch.tensor(counts, device="cuda"), 0, dtype=torch.int32)
+    same_fp8(f8.fp8_rows(x, col.reciprocal(), offs),
+             f8.rows_reference(x, col.reciprocal(), offs), exact=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("experts", "n", "k"), [(64, 1408, 2048), (8, 100, 70)])
-def test_weight_kernels_both_layouts(experts, n, k, dtype):
+def test_weight_kernel(experts, n, k, dtype):
     torch.manual_seed(0)
     w1 = torch.randn(experts, n, k, device="cuda").to(dtype)
     w3 = (torch.randn(experts, n, k, device="cuda") * 7).to(dtype)
     w2 = torch.randn(experts, k, n, device="cuda").to(dtype)
     for got, want in ((f8.fp8_weight_rows(w1, w3), f8.weight_rows_reference(w1, w3)),
-                      (f8.fp8_weight_rows(w2), f8.weight_rows_reference(w2)),
-                      (f8.fp8_weight_cols(w1, w3), f8.weight_cols_reference(w1, w3)),
-                      (f8.fp8_weight_cols(w2), f8.weight_cols_reference(w2))):
+                      (f8.fp8_weight_rows(w2), f8.weight_rows_reference(w2))):
         same_fp8(got, want, exact=True)
+
+
+@pytest.mark.parametrize("shape", [(64, 2816, 2048), (3, 200, 130), (2, 5, 7)])
+def test_transposed_copy_of_the_weights(shape):
+    """The input gradients' column-major operand: the e4m3 weights' bytes, transposed."""
+    q = torch.randn(*shape, device="cuda").to(f8.FP8)
+    out = f8.column_major(q)
+    assert out.shape == q.shape and out.stride() == (shape[1] * shape[2], 1, shape[1])
+    assert torch.equal(out.view(torch.uint8), q.view(torch.uint8))
 
 
 @pytest.mark.parametrize(("rows", "inter"), [(4455, 1408), (1000, 512), (37, 100)])
@@ -71,10 +91,14 @@ def test_swiglu_kernels(rows, inter):
     r_out, *r_fp8 = f8.swiglu_reference(h)
     torch.testing.assert_close(out, r_out, atol=1e-2, rtol=1e-2)
     same_fp8(fp8, r_fp8, exact=False)
-    dh, *d_fp8 = f8.swiglu_backward_fp8(h, g)
-    r_dh, *r_d_fp8 = f8.swiglu_backward_reference(h, g)
-    torch.testing.assert_close(dh, r_dh, atol=1e-2, rtol=1e-2)
-    same_fp8(d_fp8, r_d_fp8, exact=False)
+    counts = [rows // 3, 0, rows - rows // 3]
+    offs = torch.cumsum(torch.tensor(counts, device="cuda"), 0, dtype=torch.int32)
+    col = f8.pow2_scale_reference(torch.rand(3, 2 * inter, device="cuda") * 100).reciprocal()
+    for c, o in ((None, None), (col, offs)):
+        dh, *d_fp8 = f8.swiglu_backward_fp8(h, g, c, o)
+        r_dh, *r_d_fp8 = f8.swiglu_backward_reference(h, g, c, o)
+        torch.testing.assert_close(dh, r_dh, atol=1e-2, rtol=1e-2)
+        same_fp8(d_fp8, r_d_fp8, exact=False)
 
 
 COUNTS = [40, 0, 17, 64, 3, 0, 100, 33]

@@ -42,18 +42,34 @@ def test_rows_dequantise_within_one_e4m3_step():
     assert torch.equal(back[5], torch.zeros(96))
 
 
-def test_weight_layouts_scale_along_what_each_gemm_contracts():
+def test_weights_scale_per_output_row():
     torch.manual_seed(0)
     w1, w3 = torch.randn(3, 32, 48), torch.randn(3, 32, 48) * 10
     q, inv = f8.weight_rows_reference(w1, w3)  # forward: per output row
     assert q.shape == (3, 64, 48) and inv.shape == (3, 64)
     assert torch.equal(q[:, :32], f8.rows_reference(w1)[0])
     assert torch.equal(inv[:, 32:], f8.rows_reference(w3)[1])
-    qt, inv_t = f8.weight_cols_reference(w1, w3)  # input gradient: per input column
-    assert qt.shape == (3, 48, 64) and inv_t.shape == (3, 48)
-    both = torch.cat([w1, w3], dim=1)
-    assert torch.equal(inv_t, f8.pow2_scale_reference(both.abs().amax(dim=1)).reciprocal())
-    assert torch.equal(qt, f8.rows_reference(both.transpose(1, 2).contiguous())[0])
+
+
+def test_input_gradients_fold_the_weight_scales_into_the_rows_they_multiply():
+    """The input gradient g @ w per expert reads the forward's e4m3 weights, scaled per
+    output row, i.e. along what it contracts: the scales go into g's columns, by each
+    row's expert, before g is quantised per row."""
+    torch.manual_seed(0)
+    w = torch.randn(3, 32, 48) * torch.logspace(-3, 1, 32).unsqueeze(1)  # (E, N, K)
+    wq, w_inv = f8.weight_rows_reference(w)
+    counts = torch.tensor([5, 0, 9])
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    expert = f8.expert_of_rows(offs, 14)
+    assert expert.tolist() == [0] * 5 + [2] * 9
+    g = torch.randn(14, 32).to(torch.bfloat16)  # the gradient of the output (M, N)
+    gq, g_inv = f8.rows_reference(g, w_inv, offs)
+    assert torch.equal(gq, f8.rows_reference(g.float() * w_inv[expert])[0])
+    assert torch.equal(g_inv, f8.rows_reference(g.float() * w_inv[expert])[1])
+    got = f8.scaled_grouped_mm_reference(gq, wq, g_inv, torch.ones(3, 48), offs)
+    dequantised = wq.float() * w_inv.unsqueeze(-1)
+    want = torch.einsum("mn,mnk->mk", g.float(), dequantised[expert])  # row by row
+    assert rel(got, want) < E4M3_STEP / 2, rel(got, want)
 
 
 def test_swiglu_outputs_and_gradient_with_their_fp8_copies():

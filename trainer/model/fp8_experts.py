@@ -4,17 +4,21 @@ Four of the six grouped GEMMs of a MoE layer run in FP8 (e4m3 operands, float32 
 bf16 out) through ``torch._scaled_grouped_mm``: both forward GEMMs and both input
 gradients. The weight gradients stay bf16 grouped GEMMs: their scales would have to run
 along each expert's token group, and they keep the weights' updates as precise as bf16
-training's. Every FP8 operand is scaled per row of the GEMM's contraction (rowwise):
+training's. The weights are quantised once per step, in the forward, per output row;
+every activation-side operand per row (per token):
 
-- the tokens (forward of w1|w3) and the output gradient (input gradient of w2): each
-  token's row, in one kernel;
-- the SwiGLU's output (forward of w2) and the gradient of w1|w3's output (its input
-  gradient): quantised inside the SwiGLU's own forward and backward kernels, which read
-  and write those rows anyway (the bf16 copies the weight gradients need come from the
-  same kernels);
-- the weights, from their master copies (fp32, or bf16 under FSDP2's bf16 gathering):
-  per output row for the forward, and per input column, written transposed, for the
-  input gradient. w1 and w3 land side by side in one operand, as in GroupedExperts.
+- the tokens (forward of w1|w3): each token's row, in one kernel;
+- the SwiGLU's output (forward of w2): quantised inside the SwiGLU's own forward kernel,
+  which reads and writes those rows anyway (the bf16 copy w2's weight gradient needs
+  comes from the same kernel);
+- the input gradients reuse the forward's e4m3 weights, transposed (a copy of one byte
+  per element) for the GEMM's column-major operand. Their per-row scales run along what
+  those GEMMs contract (the weights' output rows), so they are folded into the other
+  operand before it is quantised: the output gradient's columns, and in the SwiGLU's
+  backward kernel the columns of the gradient of w1|w3's output, are multiplied by the
+  inverse scales of the weight rows of their token's expert. The weights are read once
+  per step from their master copies (fp32, or bf16 under FSDP2's bf16 gathering), where
+  a cast per input column in the backward read them twice more.
 
 Scales are powers of two (the largest with ``amax * scale <= 448``), so scaling and its
 inverse are exact and only the cast to e4m3 rounds. The GEMMs accumulate with CUTLASS's
@@ -52,26 +56,30 @@ def _cast(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x.float() * scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
 
 
-def rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x`` (..., K) in e4m3, scaled per row; and each row's inverse scale (...)."""
-    scale = pow2_scale_reference(x.float().abs().amax(dim=-1))
+def expert_of_rows(offs: torch.Tensor, rows: int) -> torch.Tensor:
+    """Each of ``rows`` rows' expert, the groups of rows ending at ``offs``."""
+    return torch.searchsorted(offs, torch.arange(rows, device=offs.device, dtype=offs.dtype),
+                              right=True)
+
+
+def rows_reference(x: torch.Tensor, col: torch.Tensor | None = None,
+                   offs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` (..., K) in e4m3, scaled per row; and each row's inverse scale (...). With
+    ``col`` (E, K): x (M, K) in groups of rows ending at ``offs``, each row multiplied by
+    its expert's row of ``col`` (in float32) before it is quantised."""
+    x = x.float()
+    if col is not None:
+        x = x * col.float()[expert_of_rows(offs, x.size(0))]
+    scale = pow2_scale_reference(x.abs().amax(dim=-1))
     return _cast(x, scale.unsqueeze(-1)), scale.reciprocal()
 
 
 def weight_rows_reference(a: torch.Tensor, b: torch.Tensor | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weights (E, N, K) (``b`` stacked after ``a`` along N): e4m3 (E, N, K) per row, and
-    the inverse scales (E, N). The forward GEMM's operand (its transposed view)."""
+    the inverse scales (E, N). The forward GEMM's operand (its transposed view); the
+    input gradient's, transposed, with the scales folded into the other operand."""
     return rows_reference(a if b is None else torch.cat([a, b], dim=1))
-
-
-def weight_cols_reference(a: torch.Tensor, b: torch.Tensor | None = None
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weights (E, N, K) (``b`` stacked after ``a`` along N), transposed to (E, K, N) and
-    scaled per row of that, i.e. per input column over every output row; and the inverse
-    scales (E, K). The input gradient's operand (its transposed view)."""
-    w = a if b is None else torch.cat([a, b], dim=1)
-    return rows_reference(w.transpose(-2, -1))
 
 
 def swiglu_reference(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -83,15 +91,17 @@ def swiglu_reference(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     return out.to(h.dtype), q, inv
 
 
-def swiglu_backward_reference(h: torch.Tensor, grad: torch.Tensor
+def swiglu_backward_reference(h: torch.Tensor, grad: torch.Tensor,
+                              col: torch.Tensor | None = None, offs: torch.Tensor | None = None
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradient of ``swiglu`` at ``h`` for the output gradient ``grad`` (M, I): (M, 2I)
-    in h's dtype, and in e4m3 with its rows' inverse scales (over both halves)."""
+    in h's dtype, and in e4m3 with its rows' inverse scales (over both halves), times
+    ``col`` per expert as in ``rows_reference``."""
     x, y = h.float().chunk(2, dim=-1)
     g = grad.float()
     s = torch.sigmoid(x)
     dh = torch.cat([g * y * s * (1 + x * (1 - s)), g * x * s], dim=-1)
-    q, inv = rows_reference(dh)
+    q, inv = rows_reference(dh, col, offs)
     return dh.to(h.dtype), q, inv
 
 
@@ -112,6 +122,15 @@ def _rows_per_program(cols: int) -> tuple[int, int]:
     return max(1, 4096 // block), block
 
 
+def _expert_args(x: torch.Tensor, col: torch.Tensor | None, offs: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """The kernels' (col, offs, experts, E) arguments: E = 0 when no ``col`` scales the
+    rows (x stands in for the pointers the kernel then never reads)."""
+    if col is None:
+        return x, x, 0, 0
+    return col, offs, offs.numel(), triton.next_power_of_2(offs.numel())
+
+
 if triton is not None:
     # the same constants, as the kernels read them
     _MAX = tl.constexpr(FP8_MAX)
@@ -124,16 +143,29 @@ if triton is not None:
         return (scale.to(tl.int32, bitcast=True) & _EXPONENT).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _rows_kernel(x_ptr, q_ptr, inv_ptr, rows, cols, x_stride, group, out_group, out_off,
-                     R: tl.constexpr, BLOCK: tl.constexpr):
+    def _expert_cols(col_ptr, offs_ptr, n_experts, r, c, mask, ncols, E: tl.constexpr):
+        # row e of col (n_experts, ncols) at columns c, for each row r's expert e: the
+        # number of the groups' ends (offs) at or before r
+        e = tl.arange(0, E)
+        ends = tl.load(offs_ptr + e, mask=e < n_experts, other=2147483647)
+        expert = tl.sum((ends[None, :] <= r[:, None]).to(tl.int64), axis=1)
+        return tl.load(col_ptr + expert[:, None] * ncols + c[None, :], mask=mask, other=0.0)
+
+    @triton.jit
+    def _rows_kernel(x_ptr, q_ptr, inv_ptr, col_ptr, offs_ptr, n_experts, rows, cols,
+                     x_stride, group, out_group, out_off,
+                     R: tl.constexpr, BLOCK: tl.constexpr, E: tl.constexpr):
         # row r of x (rows, cols) -> row (r // group) * out_group + out_off + r % group of
-        # q, and of the inverse scales: one tensor, or a slice of a stack of several
+        # q, and of the inverse scales: one tensor, or a slice of a stack of several;
+        # with E > 0, each row times its expert's row of col first
         r = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
         c = tl.arange(0, BLOCK)
         live = r < rows
         mask = live[:, None] & (c[None, :] < cols)
         x = tl.load(x_ptr + r[:, None] * x_stride + c[None, :], mask=mask, other=0.0)
         x = x.to(tl.float32)
+        if E > 0:
+            x = x * _expert_cols(col_ptr, offs_ptr, n_experts, r, c, mask, cols, E)
         scale = _pow2_scale(tl.max(tl.abs(x), axis=1))
         q = tl.clamp(x * scale[:, None], -_MAX, _MAX)
         out = (r // group) * out_group + out_off + r % group
@@ -142,45 +174,16 @@ if triton is not None:
         tl.store(inv_ptr + out, 1.0 / scale, mask=live)
 
     @triton.jit
-    def _cols_amax(w_ptr, n, k, kmask, kdim, amax, BN: tl.constexpr):
-        for n0 in range(0, n, BN):
-            rows = n0 + tl.arange(0, BN)
-            mask = (rows[:, None] < n) & kmask[None, :]
-            w = tl.load(w_ptr + rows[:, None].to(tl.int64) * kdim + k[None, :], mask=mask,
-                        other=0.0)
-            amax = tl.maximum(amax, tl.max(tl.abs(w.to(tl.float32)), axis=0))
-        return amax
-
-    @triton.jit
-    def _cols_store(w_ptr, q_ptr, n, n_off, ntot, k, kmask, kdim, scale, BN: tl.constexpr):
-        for n0 in range(0, n, BN):
-            rows = n0 + tl.arange(0, BN)
-            mask = (rows[:, None] < n) & kmask[None, :]
-            w = tl.load(w_ptr + rows[:, None].to(tl.int64) * kdim + k[None, :], mask=mask,
-                        other=0.0)
-            q = tl.clamp(w.to(tl.float32) * scale[None, :], -_MAX, _MAX)
-            at = k[None, :].to(tl.int64) * ntot + n_off + rows[:, None]
-            tl.store(q_ptr + at, q.to(q_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _cols_kernel(a_ptr, b_ptr, q_ptr, inv_ptr, na, nb, kdim,
-                     BN: tl.constexpr, BK: tl.constexpr):
-        # expert e, input columns k: amax over the rows of a and then b, then each row
-        # scaled and written transposed into q (E, K, na + nb)
+    def _transpose_kernel(x_ptr, out_ptr, n, k, BN: tl.constexpr, BK: tl.constexpr):
+        # x (E, n, k) -> out (E, k, n), one tile of one expert per program, bytes as they are
         e = tl.program_id(0).to(tl.int64)
-        k = tl.program_id(1) * BK + tl.arange(0, BK)
-        kmask = k < kdim
-        a_base = a_ptr + e * na * kdim
-        b_base = b_ptr + e * nb * kdim
-        ntot = na + nb
-        q_base = q_ptr + e * kdim * ntot
-        amax = tl.zeros([BK], dtype=tl.float32)
-        amax = _cols_amax(a_base, na, k, kmask, kdim, amax, BN)
-        amax = _cols_amax(b_base, nb, k, kmask, kdim, amax, BN)
-        scale = _pow2_scale(amax)
-        _cols_store(a_base, q_base, na, 0, ntot, k, kmask, kdim, scale, BN)
-        _cols_store(b_base, q_base, nb, na, ntot, k, kmask, kdim, scale, BN)
-        tl.store(inv_ptr + e * kdim + k, 1.0 / scale, mask=kmask)
+        rows = tl.program_id(1) * BN + tl.arange(0, BN)
+        cols = tl.program_id(2) * BK + tl.arange(0, BK)
+        mask = (rows[:, None] < n) & (cols[None, :] < k)
+        tile = tl.load(x_ptr + e * n * k + rows[:, None].to(tl.int64) * k + cols[None, :],
+                       mask=mask)
+        at = e * n * k + cols[:, None].to(tl.int64) * n + rows[None, :]
+        tl.store(out_ptr + at, tl.trans(tile), mask=tl.trans(mask))
 
     @triton.jit
     def _halves(h_ptr, rows, inter, R: tl.constexpr, BLOCK: tl.constexpr):
@@ -208,17 +211,22 @@ if triton is not None:
         tl.store(inv_ptr + r, 1.0 / scale, mask=live)
 
     @triton.jit
-    def _swiglu_backward_kernel(h_ptr, g_ptr, dh_ptr, q_ptr, inv_ptr, rows, inter,
-                                R: tl.constexpr, BLOCK: tl.constexpr):
+    def _swiglu_backward_kernel(h_ptr, g_ptr, dh_ptr, q_ptr, inv_ptr, col_ptr, offs_ptr,
+                                n_experts, rows, inter,
+                                R: tl.constexpr, BLOCK: tl.constexpr, E: tl.constexpr):
         r, live, mask, at, x, y = _halves(h_ptr, rows, inter, R, BLOCK)
-        g = tl.load(g_ptr + r[:, None] * inter + tl.arange(0, BLOCK)[None, :], mask=mask,
-                    other=0.0)
+        c = tl.arange(0, BLOCK)
+        g = tl.load(g_ptr + r[:, None] * inter + c[None, :], mask=mask, other=0.0)
         g = g.to(tl.float32)
         s = tl.sigmoid(x)
         dx = g * y * s * (1.0 + x * (1.0 - s))  # d silu(x) / dx = s (1 + x (1 - s))
         dy = g * x * s
         tl.store(dh_ptr + at, dx.to(dh_ptr.dtype.element_ty), mask=mask)
         tl.store(dh_ptr + at + inter, dy.to(dh_ptr.dtype.element_ty), mask=mask)
+        if E > 0:  # the e4m3 copy of each half times its expert's columns of col
+            dx = dx * _expert_cols(col_ptr, offs_ptr, n_experts, r, c, mask, 2 * inter, E)
+            dy = dy * _expert_cols(col_ptr + inter, offs_ptr, n_experts, r, c, mask,
+                                   2 * inter, E)
         amax = tl.maximum(tl.max(tl.abs(dx), axis=1), tl.max(tl.abs(dy), axis=1))
         scale = _pow2_scale(amax)
         qx = tl.clamp(dx * scale[:, None], -_MAX, _MAX)
@@ -229,11 +237,12 @@ if triton is not None:
 
 
 def launch_rows(launch, x: torch.Tensor, q: torch.Tensor, inv: torch.Tensor,
-                group: int = 0, out_group: int = 0, out_off: int = 0) -> None:
+                group: int = 0, out_group: int = 0, out_off: int = 0,
+                col: torch.Tensor | None = None, offs: torch.Tensor | None = None) -> None:
     """Quantise the rows of ``x`` (2-D, or 3-D seen as its rows) into ``q`` and ``inv``;
-    row r lands at (r // group) * out_group + out_off + r % group (default: at r).
-    ``launch`` wraps the kernel (``wrap_triton`` inside a custom op; the kernel itself
-    otherwise)."""
+    row r lands at (r // group) * out_group + out_off + r % group (default: at r). With
+    ``col`` (E, K) and ``offs``, as ``rows_reference``. ``launch`` wraps the kernel
+    (``wrap_triton`` inside a custom op; the kernel itself otherwise)."""
     cols = x.size(-1)
     x2 = x.reshape(-1, cols)
     rows = x2.size(0)
@@ -242,9 +251,10 @@ def launch_rows(launch, x: torch.Tensor, q: torch.Tensor, inv: torch.Tensor,
     group = group or rows
     out_group = out_group or group
     per, block = _rows_per_program(cols)
+    col, offs, experts, e_block = _expert_args(x2, col, offs)
     launch(_rows_kernel)[(triton.cdiv(rows, per),)](
-        x2, q, inv, rows, cols, x2.stride(0), group, out_group, out_off, per, block,
-        num_warps=8 if block >= 2048 else 4)
+        x2, q, inv, col, offs, experts, rows, cols, x2.stride(0), group, out_group, out_off,
+        per, block, e_block, num_warps=8 if block >= 2048 else 4)
 
 
 def launch_weight_rows(launch, a: torch.Tensor, b: torch.Tensor | None, q: torch.Tensor,
@@ -256,15 +266,14 @@ def launch_weight_rows(launch, a: torch.Tensor, b: torch.Tensor | None, q: torch
         launch_rows(launch, b, q, inv, b.size(1), n, a.size(1))
 
 
-def launch_weight_cols(launch, a: torch.Tensor, b: torch.Tensor | None, q: torch.Tensor,
-                       inv: torch.Tensor) -> None:
-    """``weight_cols_reference`` into q (E, K, Na + Nb) and inv (E, K)."""
-    experts, na, kdim = a.shape
-    nb = 0 if b is None else b.size(1)
-    # each program reads its columns twice (the amax, then the cast), in tiles of 64 rows
-    bk = 128
-    launch(_cols_kernel)[(experts, triton.cdiv(kdim, bk))](
-        a, a if b is None else b, q, inv, na, nb, kdim, 64, bk, num_warps=8)
+def launch_transpose(launch, x: torch.Tensor, out: torch.Tensor) -> None:
+    """x (E, N, K) -> out (E, K, N), both contiguous, one byte per element."""
+    experts, n, k = x.shape
+    if x.numel() == 0:
+        return
+    tile = 128
+    launch(_transpose_kernel)[(experts, triton.cdiv(n, tile), triton.cdiv(k, tile))](
+        x.view(torch.uint8), out.view(torch.uint8), n, k, tile, tile, num_warps=8)
 
 
 def launch_swiglu(launch, h: torch.Tensor, out: torch.Tensor, q: torch.Tensor,
@@ -278,22 +287,26 @@ def launch_swiglu(launch, h: torch.Tensor, out: torch.Tensor, q: torch.Tensor,
 
 
 def launch_swiglu_backward(launch, h: torch.Tensor, grad: torch.Tensor, dh: torch.Tensor,
-                           q: torch.Tensor, inv: torch.Tensor) -> None:
+                           q: torch.Tensor, inv: torch.Tensor, col: torch.Tensor | None = None,
+                           offs: torch.Tensor | None = None) -> None:
     rows, inter = h.size(0), h.size(1) // 2
     if rows == 0:
         return
     per, block = _rows_per_program(inter)
+    col, offs, experts, e_block = _expert_args(h, col, offs)
     launch(_swiglu_backward_kernel)[(triton.cdiv(rows, per),)](
-        h, grad, dh, q, inv, rows, inter, per, block, num_warps=8 if block >= 2048 else 4)
+        h, grad, dh, q, inv, col, offs, experts, rows, inter, per, block, e_block,
+        num_warps=8 if block >= 2048 else 4)
 
 
 if triton is not None:
 
     @triton_op("dsk::fp8_rows", mutates_args=())
-    def _fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _fp8_rows(x: torch.Tensor, col: torch.Tensor | None, offs: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
         q = torch.empty(x.shape, dtype=FP8, device=x.device)
         inv = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-        launch_rows(wrap_triton, x, q, inv)
+        launch_rows(wrap_triton, x, q, inv, col=col, offs=offs)
         return q, inv
 
     @triton_op("dsk::fp8_weight_rows", mutates_args=())
@@ -305,14 +318,11 @@ if triton is not None:
         launch_weight_rows(wrap_triton, a, b, q, inv)
         return q, inv
 
-    @triton_op("dsk::fp8_weight_cols", mutates_args=())
-    def _fp8_weight_cols(a: torch.Tensor, b: torch.Tensor | None
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-        n = a.size(1) + (0 if b is None else b.size(1))
-        q = torch.empty(a.size(0), a.size(2), n, dtype=FP8, device=a.device)
-        inv = torch.empty(a.size(0), a.size(2), dtype=torch.float32, device=a.device)
-        launch_weight_cols(wrap_triton, a, b, q, inv)
-        return q, inv
+    @triton_op("dsk::fp8_transposed", mutates_args=())
+    def _fp8_transposed(q: torch.Tensor) -> torch.Tensor:
+        out = q.new_empty(q.size(0), q.size(2), q.size(1))
+        launch_transpose(wrap_triton, q, out)
+        return out
 
     @triton_op("dsk::swiglu_fp8", mutates_args=())
     def _swiglu_fp8(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -324,43 +334,44 @@ if triton is not None:
         return out, q, inv
 
     @triton_op("dsk::swiglu_backward_fp8", mutates_args=())
-    def _swiglu_backward_fp8(h: torch.Tensor, grad: torch.Tensor
+    def _swiglu_backward_fp8(h: torch.Tensor, grad: torch.Tensor, col: torch.Tensor | None,
+                             offs: torch.Tensor | None
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         dh = torch.empty_like(h)
         q = torch.empty(h.shape, dtype=FP8, device=h.device)
         inv = torch.empty(h.size(0), dtype=torch.float32, device=h.device)
-        launch_swiglu_backward(wrap_triton, h, grad, dh, q, inv)
+        launch_swiglu_backward(wrap_triton, h, grad, dh, q, inv, col, offs)
         return dh, q, inv
 
 
 # ---- dispatch: the kernels on the GPU, the plain expressions elsewhere ----
 
-def fp8_rows(x):
-    return torch.ops.dsk.fp8_rows(x.contiguous()) if kernels_run(x) else rows_reference(x)
+def _contiguous(t):
+    return None if t is None else t.contiguous()
+
+
+def fp8_rows(x, col=None, offs=None):
+    """``rows_reference``: a kernel on the GPU."""
+    if kernels_run(x):
+        return torch.ops.dsk.fp8_rows(x.contiguous(), _contiguous(col), _contiguous(offs))
+    return rows_reference(x, col, offs)
 
 
 def fp8_weight_rows(a, b=None):
     if kernels_run(a):
-        return torch.ops.dsk.fp8_weight_rows(a.contiguous(),
-                                             None if b is None else b.contiguous())
+        return torch.ops.dsk.fp8_weight_rows(a.contiguous(), _contiguous(b))
     return weight_rows_reference(a, b)
-
-
-def fp8_weight_cols(a, b=None):
-    if kernels_run(a):
-        return torch.ops.dsk.fp8_weight_cols(a.contiguous(),
-                                             None if b is None else b.contiguous())
-    return weight_cols_reference(a, b)
 
 
 def swiglu_fp8(h):
     return torch.ops.dsk.swiglu_fp8(h.contiguous()) if kernels_run(h) else swiglu_reference(h)
 
 
-def swiglu_backward_fp8(h, grad):
+def swiglu_backward_fp8(h, grad, col=None, offs=None):
     if kernels_run(h):
-        return torch.ops.dsk.swiglu_backward_fp8(h.contiguous(), grad.contiguous())
-    return swiglu_backward_reference(h, grad)
+        return torch.ops.dsk.swiglu_backward_fp8(h.contiguous(), grad.contiguous(),
+                                                 _contiguous(col), _contiguous(offs))
+    return swiglu_backward_reference(h, grad, col, offs)
 
 
 def scaled_grouped_mm(a, b, a_inv, b_inv, offs):
@@ -394,6 +405,21 @@ def grouped_weight_grad(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) ->
     return torch.ops.dsk.grouped_weight_grad(a, b, offs)
 
 
+def column_major(q: torch.Tensor) -> torch.Tensor:
+    """(E, N, K) e4m3 weights as the (K, N) operand b of ``a @ b`` per expert, which the
+    scaled grouped GEMM takes column-major: a transposed copy (a kernel on the GPU:
+    inductor's own transposing copy of these e4m3 tensors ran at a fifth of the
+    bandwidth inside the compiled backward), viewed back."""
+    if kernels_run(q):
+        return torch.ops.dsk.fp8_transposed(q.contiguous()).transpose(-2, -1)
+    return q.transpose(-2, -1).contiguous().transpose(-2, -1)
+
+
+def _ones(q: torch.Tensor, dim: int) -> torch.Tensor:
+    """Unit scales (E, size of ``dim``) for an operand whose scales are folded elsewhere."""
+    return torch.ones(q.size(0), q.size(dim), dtype=torch.float32, device=q.device)
+
+
 class Fp8ExpertsFunction(torch.autograd.Function):
     """The routed experts' SwiGLU MLP, ``(silu(x w1^T) * (x w3^T)) w2^T`` per expert group,
     with the four activation-side GEMMs in FP8 and the weight gradients in bf16. x is bf16
@@ -408,31 +434,35 @@ class Fp8ExpertsFunction(torch.autograd.Function):
         act, aq, a_inv = swiglu_fp8(h)
         w2q, w2_inv = fp8_weight_rows(w2)  # (E, D, I)
         out = scaled_grouped_mm(aq, w2q.transpose(-2, -1), a_inv, w2_inv, offs)
-        ctx.save_for_backward(x, h, act, w1, w2, w3, offs)
+        # the backward's input gradients reuse these e4m3 weights (not the masters)
+        ctx.save_for_backward(x, h, act, w13q, w13_inv, w2q, w2_inv, offs)
+        ctx.weights = (w1.dtype, w2.dtype, w3.dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, h, act, w1, w2, w3, offs = ctx.saved_tensors
+        x, h, act, w13q, w13_inv, w2q, w2_inv, offs = ctx.saved_tensors
         grad = grad.to(torch.bfloat16).contiguous()
-        gq, g_inv = fp8_rows(grad)
-        w2tq, w2t_inv = fp8_weight_cols(w2)  # (E, I, D): w2^T, per input column of w2
-        d_act = scaled_grouped_mm(gq, w2tq.transpose(-2, -1), g_inv, w2t_inv, offs)
+        # grad @ w2 per group = (grad * w2_inv[e]) @ w2q: the weight rows' scales run
+        # along the contraction, so they go into the output gradient's rows before its
+        # cast, and w2q, transposed to the column-major operand, is read unscaled
+        gq, g_inv = fp8_rows(grad, w2_inv, offs)
+        d_act = scaled_grouped_mm(gq, column_major(w2q), g_inv, _ones(w2q, -1), offs)
         # the weight gradients come out of their GEMMs in the parameters' own layout,
         # (E, out, in) = grad^T act per group, so that handing them over is a plain cast
         # (no transposing copy)
         dw2 = grouped_weight_grad(grad, act, offs)  # (E, D, I)
-        dh, dhq, dh_inv = swiglu_backward_fp8(h, d_act)
-        w13tq, w13t_inv = fp8_weight_cols(w1, w3)  # (E, D, 2I)
-        dx = scaled_grouped_mm(dhq, w13tq.transpose(-2, -1), dh_inv, w13t_inv, offs)
+        dh, dhq, dh_inv = swiglu_backward_fp8(h, d_act, w13_inv, offs)
+        dx = scaled_grouped_mm(dhq, column_major(w13q), dh_inv, _ones(w13q, -1), offs)
         dw13 = grouped_weight_grad(dh, x, offs)  # (E, 2I, D): [w1 | w3]'s
-        inter = w1.size(1)
+        inter = dw13.size(1) // 2
+        w1_dtype, w2_dtype, w3_dtype = ctx.weights
 
-        def as_param(g, w):  # w's dtype, contiguous (w1's and w3's halves are strided)
-            return g.to(w.dtype, memory_format=torch.contiguous_format)
+        def as_param(g, dtype):  # the weight's dtype, contiguous (w1's and w3's halves
+            return g.to(dtype, memory_format=torch.contiguous_format)  # are strided)
 
-        return (dx.to(x.dtype), as_param(dw13[:, :inter], w1), as_param(dw2, w2),
-                as_param(dw13[:, inter:], w3), None)
+        return (dx.to(x.dtype), as_param(dw13[:, :inter], w1_dtype), as_param(dw2, w2_dtype),
+                as_param(dw13[:, inter:], w3_dtype), None)
 
 
 class Fp8GroupedExperts(GroupedExperts):
