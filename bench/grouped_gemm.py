@@ -24,8 +24,9 @@ not multiples of anything (for the compiled whole experts, in runs of 16 slots).
   activation operand: what FP8 routed experts could gain at the config's shapes.
 - ``fp8experts``: the whole routed experts, forward + backward, compiled, in bf16
   (GroupedExperts) against FP8 (trainer.model.fp8_experts.Fp8GroupedExperts) on the
-  same routed groups (in runs of 16 slots, as for ``experts``), and each of the FP8
-  path's cast kernels alone (GB/s counting the bytes each reads and writes once).
+  same routed groups (in runs of 16 slots, as for ``experts``), the slowest kernels of
+  each (torch.profiler, per forward + backward), and each of the FP8 path's cast kernels
+  alone (GB/s counting the bytes each reads and writes once).
 
     python bench/grouped_gemm.py --config wide --micro-batch 12 --cases fp8 --out fp8gg.json
     python bench/grouped_gemm.py --config wide --micro-batch 12 --cases fp8experts \
@@ -205,10 +206,29 @@ def fp8_cases(counts, dim: int, hidden: int) -> list[dict]:
     return rows
 
 
+def kernel_table(run, top: int, passes: int = 2) -> dict:
+    """The ``top`` kernels of ``run`` by GPU time per pass (torch.profiler over
+    ``passes`` passes), and all its kernels' time per pass."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from trainer.profiling import kernel_times
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(passes):
+            run()
+        torch.cuda.synchronize()
+    kernels, _families, total = kernel_times(prof, passes)
+    ranked = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"kernel_ms": total, "kernels": [
+        {"kernel": name[:100], "ms": ms, "calls": calls} for name, (ms, calls) in ranked]}
+
+
 def timed_case(rows: list, label: str, fn, flops: float, extra: dict | None = None,
-               mode: str | None = None, compile_: bool = True) -> None:
+               mode: str | None = None, compile_: bool = True, kernels: int = 0) -> None:
     """Append to ``rows`` the median time of ``fn`` (compiled unless ``compile_`` is
-    off) under bf16 autocast, or the error that stopped it."""
+    off) under bf16 autocast, and with ``kernels`` its top kernels; or the error that
+    stopped it."""
     import torch
 
     step = torch.compile(fn, mode=mode) if compile_ else fn
@@ -219,6 +239,8 @@ def timed_case(rows: list, label: str, fn, flops: float, extra: dict | None = No
     try:
         ms = bench(run)
         rows.append({"case": label, "ms": ms, "tflops": flops / ms / 1e9, **(extra or {})})
+        if kernels:
+            rows[-1].update(kernel_table(run, kernels))
     except Exception as exc:  # one failing variant leaves the others measured
         rows.append({"case": label, "error": repr(exc)[:1500]})
     print(json.dumps(rows[-1]), flush=True)
@@ -227,7 +249,8 @@ def timed_case(rows: list, label: str, fn, flops: float, extra: dict | None = No
 def fp8_expert_cases(counts, dim: int, hidden: int) -> list[dict]:
     """The routed experts' SwiGLU MLP, forward + backward, compiled: GroupedExperts (bf16)
     against Fp8GroupedExperts (trainer.model.fp8_experts), on the same routed groups
-    and fp32 master weights, and each of the FP8 path's cast kernels alone."""
+    and fp32 master weights, with each one's 16 slowest kernels in the compiled graph;
+    and each of the FP8 path's cast kernels alone."""
     import torch
 
     from trainer.model import fp8_experts as f8
@@ -249,7 +272,7 @@ def fp8_expert_cases(counts, dim: int, hidden: int) -> list[dict]:
         each = cls(counts.numel(), dim, hidden).cuda()
         each.load_state_dict(module.state_dict())
         timed_case(rows, cls.__name__, lambda m=each: m(x, counts).sum().backward(), flops,
-                   {"rows": slots})
+                   {"rows": slots}, kernels=16)
     h = torch.randn(slots, 2 * hidden, device="cuda", dtype=torch.bfloat16)
     g = torch.randn(slots, hidden, device="cuda", dtype=torch.bfloat16)
     w1, w2, w3 = (w.detach() for w in (module.w1, module.w2, module.w3))
