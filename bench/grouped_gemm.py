@@ -280,15 +280,14 @@ def fp8_expert_cases(counts, dim: int, hidden: int) -> list[dict]:
     offs = offsets(counts)
     w13q, w13_inv = f8.fp8_weight_rows(w1, w3)
     w2q, w2_inv = f8.fp8_weight_rows(w2)
-    column_major = torch.compile(f8.column_major)  # as inductor runs it in the trainer
     for label, fn, nbytes in (
             ("cast: tokens", lambda: f8.fp8_rows(xd), xd.numel() * 3),
             ("cast: output gradient, times w2's scales", lambda: f8.fp8_rows(xd, w2_inv, offs),
              xd.numel() * 3),
             ("cast: w1|w3 rows", lambda: f8.fp8_weight_rows(w1, w3), w1.numel() * 10),
-            ("w1|w3 e4m3 transposed (compiled)", lambda: column_major(w13q), w13q.numel() * 2),
+            ("w1|w3 e4m3 transposed", lambda: f8.column_major(w13q), w13q.numel() * 2),
             ("cast: w2 rows", lambda: f8.fp8_weight_rows(w2), w2.numel() * 5),
-            ("w2 e4m3 transposed (compiled)", lambda: column_major(w2q), w2q.numel() * 2),
+            ("w2 e4m3 transposed", lambda: f8.column_major(w2q), w2q.numel() * 2),
             ("swiglu + cast", lambda: f8.swiglu_fp8(h), h.numel() * 2 + g.numel() * 3),
             ("swiglu backward + cast, times w1|w3's scales",
              lambda: f8.swiglu_backward_fp8(h, g, w13_inv, offs),

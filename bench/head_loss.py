@@ -19,11 +19,10 @@ Prints median milliseconds and the peak memory of each variant; writes JSON with
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
-from moe_permute import sized, timed  # the bench beside this one
+from moe_permute import finish, sized, timed  # the bench beside this one
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -103,9 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"the loss-and-gradient pass alone, {name}: {alone:.2f} ms, "
               f"{moved / alone / 1e6:,.0f} GB/s (one read and one write of the logits)")
     hl.ROW_WARPS = chosen
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-    return 0 if agree else 1
+    return finish(result, args.out, agree)
 
 
 if __name__ == "__main__":

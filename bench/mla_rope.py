@@ -21,11 +21,10 @@ backward, for each tile and warps. Prints median milliseconds; writes JSON with 
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
-from moe_permute import sized, sweep, sweep_option, timed  # the bench beside this one
+from moe_permute import finish, sized, sweep, sweep_option, timed  # the bench beside this one
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -117,9 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         result["sweep"] = sweep(rope, SWEEP, lambda: timed(lambda: both(rope.mla_qkv),
                                                            args.steps, device),
                                 "forward+backward")
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-    return 0 if agree else 1
+    return finish(result, args.out, agree)
 
 
 if __name__ == "__main__":

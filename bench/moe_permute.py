@@ -110,6 +110,14 @@ def sized(doc: str, argv: list[str] | None, extra=None):
     return args, cfg, tokens, torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def finish(result: dict, out: Path | None, agree: bool) -> int:
+    """Write ``result`` to ``out`` (if given) as JSON; the exit status: 1 when the kernels
+    disagreed with their expression, else 0."""
+    if out:
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0 if agree else 1
+
+
 def sweep_option(what: str):
     """The ``extra`` of ``sized`` that adds --sweep (help: "also time ``what``")."""
     def add(parser) -> None:
@@ -207,9 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             x.grad = y_sorted.grad = weights.grad = None
         result["sweep"] = sweep(permute, SWEEP, lambda: timed(eager_both, args.steps, device),
                                 "forward+backward")
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-    return 0 if agree else 1
+    return finish(result, args.out, agree)
 
 
 if __name__ == "__main__":

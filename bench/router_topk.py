@@ -19,11 +19,10 @@ writes JSON with --out.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
-from moe_permute import sized, sweep, sweep_option, timed  # the bench beside this one
+from moe_permute import finish, sized, sweep, sweep_option, timed  # the bench beside this one
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -82,9 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sweep:
         result["sweep"] = sweep(tk, SWEEP, lambda: timed(lambda: tk.top_k(scores, k), args.steps,
                                                          device), "ms")
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-    return 0 if agree else 1
+    return finish(result, args.out, agree)
 
 
 if __name__ == "__main__":

@@ -415,9 +415,10 @@ def column_major(q: torch.Tensor) -> torch.Tensor:
     return q.transpose(-2, -1).contiguous().transpose(-2, -1)
 
 
-def _ones(q: torch.Tensor, dim: int) -> torch.Tensor:
-    """Unit scales (E, size of ``dim``) for an operand whose scales are folded elsewhere."""
-    return torch.ones(q.size(0), q.size(dim), dtype=torch.float32, device=q.device)
+def _ones(q: torch.Tensor) -> torch.Tensor:
+    """Unit scales (E, K) for the e4m3 weights q (E, N, K) read as the column-major operand
+    (K columns), whose row scales are folded into the other operand."""
+    return torch.ones(q.size(0), q.size(-1), dtype=torch.float32, device=q.device)
 
 
 class Fp8ExpertsFunction(torch.autograd.Function):
@@ -447,13 +448,13 @@ class Fp8ExpertsFunction(torch.autograd.Function):
         # along the contraction, so they go into the output gradient's rows before its
         # cast, and w2q, transposed to the column-major operand, is read unscaled
         gq, g_inv = fp8_rows(grad, w2_inv, offs)
-        d_act = scaled_grouped_mm(gq, column_major(w2q), g_inv, _ones(w2q, -1), offs)
+        d_act = scaled_grouped_mm(gq, column_major(w2q), g_inv, _ones(w2q), offs)
         # the weight gradients come out of their GEMMs in the parameters' own layout,
         # (E, out, in) = grad^T act per group, so that handing them over is a plain cast
         # (no transposing copy)
         dw2 = grouped_weight_grad(grad, act, offs)  # (E, D, I)
         dh, dhq, dh_inv = swiglu_backward_fp8(h, d_act, w13_inv, offs)
-        dx = scaled_grouped_mm(dhq, column_major(w13q), dh_inv, _ones(w13q, -1), offs)
+        dx = scaled_grouped_mm(dhq, column_major(w13q), dh_inv, _ones(w13q), offs)
         dw13 = grouped_weight_grad(dh, x, offs)  # (E, 2I, D): [w1 | w3]'s
         inter = dw13.size(1) // 2
         w1_dtype, w2_dtype, w3_dtype = ctx.weights
