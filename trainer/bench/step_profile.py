@@ -2,7 +2,8 @@
 autocast on one GPU, profiled with torch.profiler.
 
     python -m trainer.bench.step_profile --config trainer/configs/small.toml \
-        [--micro-batch 4] [--compile] [--top 30] [--json out.json]
+        [--micro-batch 4] [--compile] [--fp8 tensorwise] [--fp8-experts rowwise] \
+        [--top 30] [--json out.json]
 
 Prints the step time, the share of it the GPU was busy (kernel time over wall time),
 where it sat idle (the gaps between kernels by length, the longest with the step phase
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, help="override training.seq_len")
     parser.add_argument("--compile", action="store_true", help="torch.compile each block")
     parser.add_argument("--no-mtp", action="store_true", help="turn the MTP module off")
+    parser.add_argument("--fp8", help="override training.fp8 (a torchao recipe, or off)")
+    parser.add_argument("--fp8-experts", help="override training.fp8_experts (rowwise, or off)")
     parser.add_argument("--steps", type=int, default=3, help="profiled steps (after 3 warm-up)")
     parser.add_argument("--top", type=int, default=30, help="kernels listed")
     parser.add_argument("--json", help="write the figures here too")
@@ -50,8 +53,17 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda", 0)
     torch.manual_seed(0)
     margs = cfg.model
+    fp8 = args.fp8 or t.fp8
+    fp8_experts = args.fp8_experts or t.fp8_experts
     with device:
         model = Transformer(margs)
+    # FP8 as the trainer applies it, one GPU: the routed experts first, then the linears
+    if fp8_experts != "off":
+        from trainer.parallel.float8 import apply_fp8_experts
+        apply_fp8_experts(model, fp8_experts, device)
+    if fp8 != "off":
+        from trainer.parallel.float8 import apply_fp8
+        apply_fp8(model, fp8, device)
     if args.compile:
         from trainer.parallel.apply import apply_compile
         apply_compile(model)
@@ -91,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     n_kernels = sum(v[1] for v in kernels.values())
 
     print(f"{torch.cuda.get_device_name(device)} | micro-batch {mbs} x seq {seq} | "
-          f"compile {args.compile} | mtp {margs.mtp_depth}")
+          f"compile {args.compile} | mtp {margs.mtp_depth} | fp8 {fp8} | fp8 experts {fp8_experts}")
     print(f"step {step_s * 1e3:.1f} ms | {mbs * seq / step_s:,.0f} tokens/s | "
           f"MFU {'-' if mfu is None else f'{100 * mfu:.1f}%'} | "
           f"kernel time {busy_ms:.1f} ms ({100 * busy_ms / (step_s * 1e3):.0f}% of the step) | "
@@ -106,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {ms:8.2f} {n:6.0f}  {name[:150]}")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"step_ms": step_s * 1e3, "tokens_per_s": mbs * seq / step_s, "mfu": mfu,
+            json.dump({"fp8": fp8, "fp8_experts": fp8_experts,
+                       "step_ms": step_s * 1e3, "tokens_per_s": mbs * seq / step_s, "mfu": mfu,
                        "kernel_ms": busy_ms, "by_family": by_family, "idle_gaps": gaps,
                        "kernels": {k: v for k, v in kernels.items()}}, fh, indent=1)
     return 0
