@@ -157,3 +157,91 @@ def test_compiled_module_matches_eager(fp8_grouped_gpu):
     compiled = _run(experts, torch.compile(experts), x, counts)
     for name, a, b in zip(("out", "x", "w1", "w2", "w3"), compiled, eager, strict=True):
         assert rel(a, b) < 0.02, (name, rel(a, b))
+
+
+# ---- the casts fused into the MoE's token moves (Fp8MoEFunction) ----
+
+def _routing(tokens, experts, topk, seed=0):
+    """A routing of ``tokens`` tokens to ``topk`` of ``experts`` experts each: the gate's
+    weights, order, rank and each expert's count (trainer.model.permute)."""
+    from trainer.model.permute import sort_slots
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    scores = torch.rand(tokens, experts, device="cuda", generator=gen)
+    weights, indices = scores.topk(topk, dim=-1)
+    by_expert, order, rank = sort_slots(indices)
+    counts = torch.searchsorted(by_expert, torch.arange(experts + 1, device="cuda")).diff()
+    return weights, order, rank, counts
+
+
+@pytest.mark.parametrize(("tokens", "dim", "topk"), [(8192, 2048, 6), (37, 100, 2)])
+def test_dispatch_kernel_with_the_tokens_fp8_copy(tokens, dim, topk):
+    torch.manual_seed(0)
+    x = (torch.randn(tokens, dim, device="cuda") * 3).to(torch.bfloat16)
+    x[1] = 0
+    _w, order, rank, _c = _routing(tokens, 16, topk)
+    routed, q, inv = f8.dispatch_fp8(x, topk, order, rank)
+    r_routed, r_q, r_inv = f8.dispatch_fp8_reference(x, topk, order, rank)
+    assert torch.equal(routed, r_routed)
+    same_fp8((q, inv), (r_q, r_inv), exact=True)
+
+
+@pytest.mark.parametrize(("tokens", "dim", "topk"), [(8192, 2048, 6), (37, 100, 2)])
+def test_combine_backward_kernel_with_the_gradients_fp8_copy(tokens, dim, topk):
+    torch.manual_seed(0)
+    experts = 16
+    weights, order, rank, counts = _routing(tokens, experts, topk)
+    grad = torch.randn(tokens, dim, device="cuda").to(torch.bfloat16)
+    y_sorted = torch.randn(tokens * topk, dim, device="cuda").to(torch.bfloat16)
+    col = f8.pow2_scale_reference(torch.rand(experts, dim, device="cuda") * 100).reciprocal()
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    got = f8.combine_backward_fp8(grad, y_sorted, weights, rank, col, offs)
+    want = f8.combine_backward_fp8_reference(grad, y_sorted, weights, rank, col, offs)
+    assert torch.equal(got[0], want[0])  # the rows' gradients
+    torch.testing.assert_close(got[1], want[1], atol=1e-3, rtol=1e-4)  # the weights'
+    same_fp8(got[2:], want[2:], exact=True)
+    # and the same as the unfused kernels: the combine's backward, then the rows cast
+    from trainer.model.permute import combine
+
+    y = y_sorted.clone().requires_grad_()
+    w = weights.clone().requires_grad_()
+    combine(y, w, order, rank).backward(grad)
+    assert torch.equal(y.grad, got[0])
+    # the weights' dot products: the same sum, which the two kernels may order differently
+    torch.testing.assert_close(w.grad, got[1], atol=1e-3, rtol=1e-4)
+    same_fp8(got[2:], f8.fp8_rows(y.grad, col, offs), exact=True)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_fused_moves_match_the_moves_then_the_experts(fp8_grouped_gpu, compile):
+    """The MoE's routed path through Fp8MoEFunction against the moves (dispatch, combine)
+    around Fp8ExpertsFunction: the same output and gradients, to the bit in eager (but
+    the gate weights': each a dot product that the two kernels may sum in another order)."""
+    experts = _experts()
+    experts.__class__ = f8.Fp8GroupedExperts
+    tokens, topk = 600, 3
+    weights, order, rank, counts = _routing(tokens, 8, topk)
+    x = torch.randn(tokens, 256, device="cuda").to(torch.bfloat16).requires_grad_()
+    weights.requires_grad_()
+    results = []
+    for fused in (True, False):
+        experts.fuse_moves = fused
+
+        def routed(x, weights, order, rank, counts):
+            return experts.route(x, weights, order, rank, counts, topk)
+
+        fn = torch.compile(routed) if compile else routed
+        for t in (x, weights, *experts.parameters()):
+            t.grad = None
+        out = fn(x, weights, order, rank, counts)
+        out.float().square().sum().backward()
+        results.append([out.detach(), x.grad.clone(), weights.grad.clone(),
+                        *(p.grad.clone() for p in experts.parameters())])
+    for name, a, b in zip(("out", "x", "weights", "w1", "w2", "w3"), *results, strict=True):
+        assert torch.isfinite(a).all(), name
+        if compile:
+            assert rel(a, b) < 0.02, (name, rel(a, b))
+        elif name == "weights":
+            torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-4)
+        else:
+            assert torch.equal(a, b), (name, rel(a, b))

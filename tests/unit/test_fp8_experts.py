@@ -249,15 +249,23 @@ def test_the_schema_and_the_code_know_the_same_recipes():
     assert training["fp8_experts"]["enum"] == ["off", *EXPERT_RECIPES]
 
 
-def test_a_model_with_fp8_experts_trains_like_the_plain_one(monkeypatch):
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_model_with_fp8_experts_trains_like_the_plain_one(monkeypatch, fused):
     """The whole model, routing included, through the grouped path on the CPU (the path
     the GPU takes, with the scaled GEMMs emulated): the loss and every gradient follow
-    the model whose experts run the bf16 path's grouped GEMMs in full precision."""
+    the model whose experts run the bf16 path's grouped GEMMs in full precision. Fused:
+    the MoE's routed path as Fp8MoEFunction (the token moves and their casts together);
+    not: the moves, then Fp8ExpertsFunction (as under expert parallelism)."""
     from trainer.model import ModelArgs, Transformer
     from trainer.parallel.float8 import apply_fp8_experts
 
-    monkeypatch.setattr(GroupedExperts, "forward",
-                        lambda self, x, counts: self._grouped(x, counts))
+    monkeypatch.setattr(GroupedExperts, "grouped", lambda self, x: True)
+    calls = {"moe": 0, "experts": 0}
+    for name, cls in (("moe", f8.Fp8MoEFunction), ("experts", f8.Fp8ExpertsFunction)):
+        def counting(*args, _name=name, _apply=cls.apply):
+            calls[_name] += 1
+            return _apply(*args)
+        monkeypatch.setattr(cls, "apply", counting)
     args = ModelArgs(vocab_size=256, dim=64, inter_dim=128, moe_inter_dim=32, n_layers=3,
                      n_dense_layers=1, n_heads=4, n_routed_experts=8, n_activated_experts=2,
                      kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16,
@@ -269,6 +277,8 @@ def test_a_model_with_fp8_experts_trains_like_the_plain_one(monkeypatch):
         if fp8:
             done = apply_fp8_experts(model, "rowwise", torch.device("cpu"), check=False)
             assert len(done["fp8"]) == 3  # two MoE layers and the MTP block
+            for name in done["fp8"]:
+                model.get_submodule(name).fuse_moves = fused
         models.append(model)
     tokens = torch.randint(0, 256, (4, 33), generator=torch.Generator().manual_seed(1))
     losses = []
@@ -288,3 +298,36 @@ def test_a_model_with_fp8_experts_trains_like_the_plain_one(monkeypatch):
         assert cos > 0.98, (name, float(cos))
         routed += ".experts.w" in name
     assert routed == 9
+    assert calls == ({"moe": 3, "experts": 0} if fused else {"moe": 0, "experts": 3})
+
+
+def test_expert_parallelism_keeps_the_moves_apart_from_the_fp8_experts(one_rank, monkeypatch):
+    """Under expert parallelism the all-to-alls run between the token moves and the
+    experts, so the FP8 route must not fuse them: apply_ep turns fuse_moves off, and the
+    route then runs the moves around the experts' installed forward (their all-to-alls),
+    whose local experts run Fp8ExpertsFunction."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from trainer.model import ModelArgs, Transformer
+    from trainer.parallel.expert import apply_ep, moe_modules
+    from trainer.parallel.float8 import apply_fp8_experts
+
+    monkeypatch.setattr(GroupedExperts, "grouped", lambda self, x: True)
+    used = []
+    for cls in (f8.Fp8MoEFunction, f8.Fp8ExpertsFunction):
+        monkeypatch.setattr(cls, "apply", lambda *a, _c=cls, _f=cls.apply: (
+            used.append(_c.__name__), _f(*a))[1])
+    args = ModelArgs(vocab_size=64, dim=32, inter_dim=64, moe_inter_dim=16, n_layers=2,
+                     n_dense_layers=1, n_heads=2, n_routed_experts=4, n_activated_experts=2,
+                     kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=16,
+                     v_head_dim=16, max_seq_len=16, mtp_depth=0)
+    torch.manual_seed(0)
+    model = Transformer(args)
+    apply_fp8_experts(model, "rowwise", torch.device("cpu"), check=False)
+    assert all(m.experts.fuse_moves for m in moe_modules(model))
+    apply_ep(model, init_device_mesh("cpu", (1,)))
+    assert [m.experts.fuse_moves for m in moe_modules(model)] == [False]
+    assert GroupedExperts.fuse_moves  # the class's default is untouched
+    tokens = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(1))
+    model(tokens[:, :-1], tokens[:, 1:]).loss.backward()
+    assert used == ["Fp8ExpertsFunction"]

@@ -7,7 +7,10 @@ along each expert's token group, and they keep the weights' updates as precise a
 training's. The weights are quantised once per step, in the forward, per output row;
 every activation-side operand per row (per token):
 
-- the tokens (forward of w1|w3): each token's row, in one kernel;
+- the tokens (forward of w1|w3): each token's row, once per token, inside the MoE's
+  dispatch kernel as it is written to its top-k expert rows (``Fp8MoEFunction``); under
+  expert parallelism, whose all-to-alls run between the dispatch and the experts, in a
+  kernel of its own;
 - the SwiGLU's output (forward of w2): quantised inside the SwiGLU's own forward kernel,
   which reads and writes those rows anyway (the bf16 copy w2's weight gradient needs
   comes from the same kernel);
@@ -18,7 +21,9 @@ every activation-side operand per row (per token):
   backward kernel the columns of the gradient of w1|w3's output, are multiplied by the
   inverse scales of the weight rows of their token's expert. The weights are read once
   per step from their master copies (fp32, or bf16 under FSDP2's bf16 gathering), where
-  a cast per input column in the backward read them twice more.
+  a cast per input column in the backward read them twice more. The output gradient's
+  rows are quantised inside the combine's backward kernel as it writes them (or, under
+  expert parallelism, in a kernel of their own).
 
 Scales are powers of two (the largest with ``amax * scale <= 448``), so scaling and its
 inverse are exact and only the cast to e4m3 rounds. The GEMMs accumulate with CUTLASS's
@@ -34,6 +39,7 @@ import torch
 
 from trainer.kernels import kernels_run, tl, triton, triton_op, wrap_triton
 from trainer.model.model import GroupedExperts
+from trainer.model.permute import NUM_WARPS, combine_reference, dispatch_reference, row_tile
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite e4m3fn value
@@ -103,6 +109,40 @@ def swiglu_backward_reference(h: torch.Tensor, grad: torch.Tensor,
     dh = torch.cat([g * y * s * (1 + x * (1 - s)), g * x * s], dim=-1)
     q, inv = rows_reference(dh, col, offs)
     return dh.to(h.dtype), q, inv
+
+
+def dispatch_fp8_reference(x: torch.Tensor, topk: int, order: torch.Tensor,
+                           rank: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The MoE's dispatch (trainer.model.permute) of tokens ``x`` (T, D), and its rows in
+    e4m3 with their inverse scales, as ``rows_reference`` quantises them (a token's
+    ``topk`` rows are copies of it, so each token is quantised once)."""
+    routed = dispatch_reference(x, topk, order, rank)
+    return (routed, *rows_reference(routed))
+
+
+def dispatch_backward_reference(grad: torch.Tensor, rank: torch.Tensor, topk: int
+                                ) -> torch.Tensor:
+    """The dispatch's backward: each token's ``topk`` rows of ``grad`` summed (float32)."""
+    rows = grad.float().index_select(0, rank).view(-1, topk, grad.size(-1))
+    return rows.sum(dim=1).to(grad.dtype)
+
+
+def combine_backward_fp8_reference(grad: torch.Tensor, y_sorted: torch.Tensor,
+                                   weights: torch.Tensor, rank: torch.Tensor,
+                                   col: torch.Tensor, offs: torch.Tensor
+                                   ) -> tuple[torch.Tensor, ...]:
+    """The MoE's combine backward for the token gradient ``grad`` (T, D): each expert row's
+    gradient (its token's gradient times the gate weight, in y_sorted's dtype), each
+    weight's (the row's dot product with its token's gradient, float32, in the weights'
+    dtype); and the row gradients in e4m3 as ``rows_reference`` quantises them with
+    ``col`` and ``offs``."""
+    tokens, topk = weights.shape
+    g = grad.float().repeat_interleave(topk, dim=0)  # slot s = t * topk + k
+    grad_y = torch.empty_like(y_sorted)
+    grad_y[rank] = (g * weights.float().reshape(-1, 1)).to(y_sorted.dtype)
+    grad_w = (g * y_sorted.float().index_select(0, rank)).sum(dim=-1).view(tokens, topk)
+    return (grad_y, grad_w.to(weights.dtype), *rows_reference(grad_y, col, offs))
 
 
 def scaled_grouped_mm_reference(a: torch.Tensor, b: torch.Tensor, a_inv: torch.Tensor,
@@ -235,6 +275,56 @@ if triton is not None:
         tl.store(q_ptr + at + inter, qy.to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(inv_ptr + r, 1.0 / scale, mask=live)
 
+    @triton.jit
+    def _dispatch_fp8_kernel(x_ptr, rank_ptr, out_ptr, q_ptr, inv_ptr, n_tokens, dim,
+                             topk: tl.constexpr, rows: tl.constexpr, width: tl.constexpr):
+        # the dispatch (trainer.model.permute's scatter) of a tile of tokens t, each
+        # token's row quantised once and written, with the row, to its topk expert rows
+        t = tl.program_id(0).to(tl.int64) * rows + tl.arange(0, rows)
+        live = t < n_tokens
+        cols = tl.arange(0, width)
+        mask = live[:, None] & (cols < dim)[None, :]
+        v = tl.load(x_ptr + t[:, None] * dim + cols[None, :], mask=mask, other=0.0)
+        f = v.to(tl.float32)
+        scale = _pow2_scale(tl.max(tl.abs(f), axis=1))
+        q = tl.clamp(f * scale[:, None], -_MAX, _MAX).to(q_ptr.dtype.element_ty)
+        for k in tl.static_range(topk):
+            dst = tl.load(rank_ptr + t * topk + k, mask=live, other=0)
+            at = dst[:, None] * dim + cols[None, :]
+            tl.store(out_ptr + at, v, mask=mask)
+            tl.store(q_ptr + at, q, mask=mask)
+            tl.store(inv_ptr + dst, 1.0 / scale, mask=live)
+
+    @triton.jit
+    def _combine_backward_fp8_kernel(grad_ptr, y_ptr, w_ptr, rank_ptr, grad_y_ptr, grad_w_ptr,
+                                     q_ptr, inv_ptr, col_ptr, offs_ptr, n_experts, n_tokens,
+                                     dim, topk: tl.constexpr, rows: tl.constexpr,
+                                     width: tl.constexpr, E: tl.constexpr):
+        # the combine's backward (trainer.model.permute) for a tile of tokens t, and each
+        # expert row's gradient quantised as it is written: times its expert's row of
+        # col, in e4m3 per row, from the gradient as stored (rounded to its dtype)
+        t = tl.program_id(0).to(tl.int64) * rows + tl.arange(0, rows)
+        live = t < n_tokens
+        cols = tl.arange(0, width)
+        mask = live[:, None] & (cols < dim)[None, :]
+        g = tl.load(grad_ptr + t[:, None] * dim + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        for k in tl.static_range(topk):
+            s = t * topk + k
+            i = tl.load(rank_ptr + s, mask=live, other=0)
+            at = i[:, None] * dim + cols[None, :]
+            y = tl.load(y_ptr + at, mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + s, mask=live, other=0.0).to(tl.float32)
+            gy = (g * w[:, None]).to(grad_y_ptr.dtype.element_ty)
+            tl.store(grad_y_ptr + at, gy, mask=mask)
+            tl.store(grad_w_ptr + s, tl.sum(g * y, axis=1), mask=live)
+            x = gy.to(tl.float32) * _expert_cols(col_ptr, offs_ptr, n_experts, i, cols, mask,
+                                                 dim, E)
+            scale = _pow2_scale(tl.max(tl.abs(x), axis=1))
+            q = tl.clamp(x * scale[:, None], -_MAX, _MAX)
+            tl.store(q_ptr + at, q.to(q_ptr.dtype.element_ty), mask=mask)
+            tl.store(inv_ptr + i, 1.0 / scale, mask=live)
+
 
 def launch_rows(launch, x: torch.Tensor, q: torch.Tensor, inv: torch.Tensor,
                 group: int = 0, out_group: int = 0, out_off: int = 0,
@@ -343,6 +433,39 @@ if triton is not None:
         launch_swiglu_backward(wrap_triton, h, grad, dh, q, inv, col, offs)
         return dh, q, inv
 
+    @triton_op("dsk::moe_dispatch_fp8", mutates_args=())
+    def _moe_dispatch_fp8(x: torch.Tensor, rank: torch.Tensor, topk: int
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        tokens, dim = x.shape
+        out = x.new_empty(rank.numel(), dim)
+        q = torch.empty(rank.numel(), dim, dtype=FP8, device=x.device)
+        inv = torch.empty(rank.numel(), dtype=torch.float32, device=x.device)
+        if tokens:
+            rows, width = row_tile(dim)
+            wrap_triton(_dispatch_fp8_kernel)[(triton.cdiv(tokens, rows),)](
+                x, rank, out, q, inv, tokens, dim, topk, rows, width, num_warps=NUM_WARPS)
+        return out, q, inv
+
+    @triton_op("dsk::moe_combine_backward_fp8", mutates_args=())
+    def _moe_combine_backward_fp8(grad: torch.Tensor, y_sorted: torch.Tensor,
+                                  weights: torch.Tensor, rank: torch.Tensor, col: torch.Tensor,
+                                  offs: torch.Tensor
+                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                             torch.Tensor]:
+        dim = y_sorted.size(1)
+        tokens, topk = weights.shape
+        grad_y = torch.empty_like(y_sorted)
+        grad_w = torch.empty(weights.shape, dtype=torch.float32, device=weights.device)
+        q = torch.empty(y_sorted.shape, dtype=FP8, device=y_sorted.device)
+        inv = torch.empty(y_sorted.size(0), dtype=torch.float32, device=y_sorted.device)
+        if tokens:
+            rows, width = row_tile(dim)
+            col, offs, experts, e_block = _expert_args(y_sorted, col, offs)
+            wrap_triton(_combine_backward_fp8_kernel)[(triton.cdiv(tokens, rows),)](
+                grad, y_sorted, weights, rank, grad_y, grad_w, q, inv, col, offs, experts,
+                tokens, dim, topk, rows, width, e_block, num_warps=NUM_WARPS)
+        return grad_y, grad_w.to(weights.dtype), q, inv
+
 
 # ---- dispatch: the kernels on the GPU, the plain expressions elsewhere ----
 
@@ -372,6 +495,34 @@ def swiglu_backward_fp8(h, grad, col=None, offs=None):
         return torch.ops.dsk.swiglu_backward_fp8(h.contiguous(), grad.contiguous(),
                                                  _contiguous(col), _contiguous(offs))
     return swiglu_backward_reference(h, grad, col, offs)
+
+
+def dispatch_fp8(x, topk, order, rank):
+    """``dispatch_fp8_reference``: one kernel on the GPU."""
+    if kernels_run(x):
+        return torch.ops.dsk.moe_dispatch_fp8(x.contiguous(), rank, topk)
+    return dispatch_fp8_reference(x, topk, order, rank)
+
+
+def dispatch_backward(grad, rank, topk):
+    if kernels_run(grad):
+        return torch.ops.dsk.moe_dispatch_backward(grad.contiguous(), rank, topk)
+    return dispatch_backward_reference(grad, rank, topk)
+
+
+def combine_forward(y_sorted, weights, order, rank):
+    if kernels_run(y_sorted):
+        return torch.ops.dsk.moe_combine(y_sorted.contiguous(), weights.contiguous(), rank)
+    return combine_reference(y_sorted, weights, order, rank)
+
+
+def combine_backward_fp8(grad, y_sorted, weights, rank, col, offs):
+    """``combine_backward_fp8_reference``: one kernel on the GPU."""
+    if kernels_run(grad):
+        return torch.ops.dsk.moe_combine_backward_fp8(
+            grad.contiguous(), y_sorted, weights.contiguous(), rank, col.contiguous(),
+            offs.contiguous())
+    return combine_backward_fp8_reference(grad, y_sorted, weights, rank, col, offs)
 
 
 def scaled_grouped_mm(a, b, a_inv, b_inv, offs):
@@ -421,6 +572,43 @@ def _ones(q: torch.Tensor) -> torch.Tensor:
     return torch.ones(q.size(0), q.size(-1), dtype=torch.float32, device=q.device)
 
 
+def experts_forward(x, xq, x_inv, w1, w2, w3, offs):
+    """The four FP8 GEMMs' forward half for tokens x (bf16), already in e4m3 (xq, x_inv):
+    the output (bf16) and what the backward needs."""
+    w13q, w13_inv = fp8_weight_rows(w1, w3)  # (E, 2I, D)
+    h = scaled_grouped_mm(xq, w13q.transpose(-2, -1), x_inv, w13_inv, offs)
+    act, aq, a_inv = swiglu_fp8(h)
+    w2q, w2_inv = fp8_weight_rows(w2)  # (E, D, I)
+    out = scaled_grouped_mm(aq, w2q.transpose(-2, -1), a_inv, w2_inv, offs)
+    # the backward's input gradients reuse these e4m3 weights (not the masters)
+    return out, (x, h, act, w13q, w13_inv, w2q, w2_inv, offs)
+
+
+def experts_backward(saved, grad, gq, g_inv, dtypes):
+    """The input and weight gradients from the output gradient ``grad`` (bf16) and its
+    e4m3 rows ``gq``, ``g_inv``, quantised with w2's inverse scales folded in (``saved[6]``,
+    as ``fp8_rows(grad, w2_inv, offs)``): grad @ w2 per group = (grad * w2_inv[e]) @ w2q,
+    the weight rows' scales running along the contraction, and w2q, transposed to the
+    column-major operand, read unscaled. ``dtypes`` are w1's, w2's and w3's."""
+    x, h, act, w13q, w13_inv, w2q, _w2_inv, offs = saved
+    d_act = scaled_grouped_mm(gq, column_major(w2q), g_inv, _ones(w2q), offs)
+    # the weight gradients come out of their GEMMs in the parameters' own layout,
+    # (E, out, in) = grad^T act per group, so that handing them over is a plain cast
+    # (no transposing copy)
+    dw2 = grouped_weight_grad(grad, act, offs)  # (E, D, I)
+    dh, dhq, dh_inv = swiglu_backward_fp8(h, d_act, w13_inv, offs)
+    dx = scaled_grouped_mm(dhq, column_major(w13q), dh_inv, _ones(w13q), offs)
+    dw13 = grouped_weight_grad(dh, x, offs)  # (E, 2I, D): [w1 | w3]'s
+    inter = dw13.size(1) // 2
+    w1_dtype, w2_dtype, w3_dtype = dtypes
+
+    def as_param(g, dtype):  # the weight's dtype, contiguous (w1's and w3's halves
+        return g.to(dtype, memory_format=torch.contiguous_format)  # are strided)
+
+    return (dx.to(x.dtype), as_param(dw13[:, :inter], w1_dtype), as_param(dw2, w2_dtype),
+            as_param(dw13[:, inter:], w3_dtype))
+
+
 class Fp8ExpertsFunction(torch.autograd.Function):
     """The routed experts' SwiGLU MLP, ``(silu(x w1^T) * (x w3^T)) w2^T`` per expert group,
     with the four activation-side GEMMs in FP8 and the weight gradients in bf16. x is bf16
@@ -429,46 +617,64 @@ class Fp8ExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w1, w2, w3, offs):
-        xq, x_inv = fp8_rows(x)
-        w13q, w13_inv = fp8_weight_rows(w1, w3)  # (E, 2I, D)
-        h = scaled_grouped_mm(xq, w13q.transpose(-2, -1), x_inv, w13_inv, offs)
-        act, aq, a_inv = swiglu_fp8(h)
-        w2q, w2_inv = fp8_weight_rows(w2)  # (E, D, I)
-        out = scaled_grouped_mm(aq, w2q.transpose(-2, -1), a_inv, w2_inv, offs)
-        # the backward's input gradients reuse these e4m3 weights (not the masters)
-        ctx.save_for_backward(x, h, act, w13q, w13_inv, w2q, w2_inv, offs)
+        out, saved = experts_forward(x, *fp8_rows(x), w1, w2, w3, offs)
+        ctx.save_for_backward(*saved)
         ctx.weights = (w1.dtype, w2.dtype, w3.dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, h, act, w13q, w13_inv, w2q, w2_inv, offs = ctx.saved_tensors
+        saved = ctx.saved_tensors
         grad = grad.to(torch.bfloat16).contiguous()
-        # grad @ w2 per group = (grad * w2_inv[e]) @ w2q: the weight rows' scales run
-        # along the contraction, so they go into the output gradient's rows before its
-        # cast, and w2q, transposed to the column-major operand, is read unscaled
+        w2_inv, offs = saved[6], saved[7]
         gq, g_inv = fp8_rows(grad, w2_inv, offs)
-        d_act = scaled_grouped_mm(gq, column_major(w2q), g_inv, _ones(w2q), offs)
-        # the weight gradients come out of their GEMMs in the parameters' own layout,
-        # (E, out, in) = grad^T act per group, so that handing them over is a plain cast
-        # (no transposing copy)
-        dw2 = grouped_weight_grad(grad, act, offs)  # (E, D, I)
-        dh, dhq, dh_inv = swiglu_backward_fp8(h, d_act, w13_inv, offs)
-        dx = scaled_grouped_mm(dhq, column_major(w13q), dh_inv, _ones(w13q), offs)
-        dw13 = grouped_weight_grad(dh, x, offs)  # (E, 2I, D): [w1 | w3]'s
-        inter = dw13.size(1) // 2
-        w1_dtype, w2_dtype, w3_dtype = ctx.weights
+        return (*experts_backward(saved, grad, gq, g_inv, ctx.weights), None)
 
-        def as_param(g, dtype):  # the weight's dtype, contiguous (w1's and w3's halves
-            return g.to(dtype, memory_format=torch.contiguous_format)  # are strided)
 
-        return (dx.to(x.dtype), as_param(dw13[:, :inter], w1_dtype), as_param(dw2, w2_dtype),
-                as_param(dw13[:, inter:], w3_dtype), None)
+class Fp8MoEFunction(torch.autograd.Function):
+    """The MoE's whole routed path with the FP8 experts: dispatch, ``Fp8ExpertsFunction``'s
+    experts and combine, with the two activation casts that read the moved rows fused into
+    the moves: the tokens are quantised in the dispatch's kernel, once per token (its
+    topk rows are copies), and the output gradient's rows in the combine's backward
+    kernel, as it writes them. The arithmetic is the unfused path's. x (T, D) bf16;
+    weights (T, topk) the gate's; ``order`` groups the slots by expert, ``rank`` is its
+    inverse; the groups of expert rows end at ``offs`` (int32)."""
+
+    @staticmethod
+    def forward(ctx, x, weights, order, rank, offs, w1, w2, w3):
+        topk = weights.size(-1)
+        routed, xq, x_inv = dispatch_fp8(x, topk, order, rank)
+        y_sorted, saved = experts_forward(routed, xq, x_inv, w1, w2, w3, offs)
+        y = combine_forward(y_sorted, weights, order, rank)
+        ctx.save_for_backward(y_sorted, weights, rank, *saved)
+        ctx.weights = (w1.dtype, w2.dtype, w3.dtype)
+        ctx.x_dtype = x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        y_sorted, weights, rank, *saved = ctx.saved_tensors
+        w2_inv, offs = saved[6], saved[7]
+        grad_y, grad_w, gq, g_inv = combine_backward_fp8(
+            grad.to(y_sorted.dtype), y_sorted, weights, rank, w2_inv, offs)
+        dx, dw1, dw2, dw3 = experts_backward(saved, grad_y, gq, g_inv, ctx.weights)
+        dx = dispatch_backward(dx, rank, weights.size(-1)).to(ctx.x_dtype)
+        return dx, grad_w, None, None, None, dw1, dw2, dw3
 
 
 class Fp8GroupedExperts(GroupedExperts):
     """GroupedExperts whose grouped GEMMs run through ``Fp8ExpertsFunction``: the same
-    parameters, state dict and CPU path (the per-expert loop, in full precision)."""
+    parameters, state dict and CPU path (the per-expert loop, in full precision). On the
+    GPU the MoE's routed path is ``Fp8MoEFunction`` (the casts fused into the token
+    moves), unless expert parallelism runs between the moves and the experts."""
+
+    def route(self, x: torch.Tensor, weights: torch.Tensor, order: torch.Tensor,
+              rank: torch.Tensor, counts: torch.Tensor, topk: int) -> torch.Tensor:
+        if not (self.fuse_moves and self.grouped(x)):
+            return super().route(x, weights, order, rank, counts, topk)
+        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        return Fp8MoEFunction.apply(x.to(torch.bfloat16), weights, order, rank, offsets,
+                                    self.w1, self.w2, self.w3).to(x.dtype)
 
     def _grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)

@@ -213,9 +213,26 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
         self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
 
+    # whether ``route`` may fuse the token moves with the experts' own kernels (expert
+    # parallelism, whose all-to-alls run between the moves and the experts, turns it off)
+    fuse_moves = True
+
+    def route(self, x: torch.Tensor, weights: torch.Tensor, order: torch.Tensor,
+              rank: torch.Tensor, counts: torch.Tensor, topk: int) -> torch.Tensor:
+        """The MoE's routed path for tokens ``x`` (T, D) in the compute dtype: each token's
+        row dispatched to its ``topk`` experts (slots grouped by expert through ``order``
+        and its inverse ``rank``, ``counts`` per expert), the experts, and their rows
+        combined back per token, weighted by the gate's ``weights`` (T, topk)."""
+        return combine(self(dispatch(x, topk, order, rank), counts), weights, order, rank)
+
+    def grouped(self, x: torch.Tensor) -> bool:
+        """Whether the experts run ``x`` through grouped GEMMs (a GPU with
+        torch._grouped_mm) rather than one after another."""
+        return x.is_cuda and hasattr(torch, "_grouped_mm")
+
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: tokens sorted by expert; counts: tokens per expert (sums to len(x))."""
-        if x.is_cuda and hasattr(torch, "_grouped_mm"):
+        if self.grouped(x):
             return self._grouped(x, counts)
         outs = []
         for e, chunk in enumerate(x.split(counts.tolist())):
@@ -275,13 +292,12 @@ class MoE(nn.Module):
         experts = torch.arange(self.n_routed_experts + 1, device=indices.device)
         counts = torch.searchsorted(by_expert, experts).diff()
         self.tokens_per_expert = counts.detach()
-        # Both moves are kernels of their own on the GPU (trainer.model.permute). The
-        # experts compute in autocast's dtype, and the repeated rows are moved in it: in
-        # the model the residual stream already is (embed_tokens); an MoE called on fp32
-        # tokens under autocast casts them here, once, rather than after the repeat.
-        routed = dispatch(x.to(compute_dtype(x)), self.topk, order, rank)
-        y_sorted = self.experts(routed, counts)
-        y = combine(y_sorted, weights, order, rank)
+        # Both moves are kernels of their own on the GPU (trainer.model.permute; the FP8
+        # experts fuse their activations' casts into them). The experts compute in
+        # autocast's dtype, and the repeated rows are moved in it: in the model the
+        # residual stream already is (embed_tokens); an MoE called on fp32 tokens under
+        # autocast casts them here, once, rather than after the repeat.
+        y = self.experts.route(x.to(compute_dtype(x)), weights, order, rank, counts, self.topk)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         y = y.to(x.dtype).view(shape)

@@ -92,7 +92,7 @@ def combine_reference(y_sorted: torch.Tensor, weights: torch.Tensor, order: torc
     return (y.view(-1, topk, y.size(-1)) * weights.unsqueeze(-1).to(y.dtype)).sum(dim=1)
 
 
-def _tile(dim: int) -> tuple[int, int]:
+def row_tile(dim: int) -> tuple[int, int]:
     """Rows per program and the row's power-of-two width for rows of ``dim`` elements."""
     width = triton.next_power_of_2(dim)
     return max(1, TILE // width), width
@@ -164,7 +164,7 @@ if triton is not None:
         out = y.new_empty(tokens, dim)
         if tokens == 0:
             return out
-        rows, width = _tile(dim)
+        rows, width = row_tile(dim)
         wrap_triton(_gather_sum_kernel)[(triton.cdiv(tokens, rows),)](
             y, rank, y if weights is None else weights, out, tokens, dim, topk,
             weights is not None, rows, width, num_warps=NUM_WARPS)
@@ -176,7 +176,7 @@ if triton is not None:
         out = x.new_empty(rank.numel(), dim)
         if tokens == 0:
             return out
-        rows, width = _tile(dim)
+        rows, width = row_tile(dim)
         wrap_triton(_scatter_rows_kernel)[(triton.cdiv(tokens, rows),)](
             x, rank, out, tokens, dim, topk, rows, width, num_warps=NUM_WARPS)
         return out
@@ -200,7 +200,7 @@ if triton is not None:
         grad_w = torch.empty(weights.shape, dtype=torch.float32, device=weights.device)
         if tokens == 0:
             return grad_y, grad_w.to(weights.dtype)
-        rows, width = _tile(dim)
+        rows, width = row_tile(dim)
         wrap_triton(_combine_backward_kernel)[(triton.cdiv(tokens, rows),)](
             grad, y_sorted, weights, rank, grad_y, grad_w, tokens, dim, topk,
             rows, width, num_warps=NUM_WARPS)

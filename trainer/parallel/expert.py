@@ -108,6 +108,7 @@ def _install_ep_forward(experts: GroupedExperts, mesh: DeviceMesh) -> None:
         return all_to_all(PermuteRows.apply(y, back, order), in_splits, out_splits, group)
 
     experts.forward = forward
+    experts.fuse_moves = False  # the all-to-alls run between the moves and the experts
 
 
 def moe_modules(model: nn.Module) -> list[MoE]:
