@@ -172,6 +172,8 @@ def _expert_args(x: torch.Tensor, col: torch.Tensor | None, offs: torch.Tensor |
 
 
 if triton is not None:
+    from trainer.model.permute import combine_backward_slot, token_tile
+
     # the same constants, as the kernels read them
     _MAX = tl.constexpr(FP8_MAX)
     _TINY = tl.constexpr(TINY)
@@ -280,10 +282,7 @@ if triton is not None:
                              topk: tl.constexpr, rows: tl.constexpr, width: tl.constexpr):
         # the dispatch (trainer.model.permute's scatter) of a tile of tokens t, each
         # token's row quantised once and written, with the row, to its topk expert rows
-        t = tl.program_id(0).to(tl.int64) * rows + tl.arange(0, rows)
-        live = t < n_tokens
-        cols = tl.arange(0, width)
-        mask = live[:, None] & (cols < dim)[None, :]
+        t, live, cols, mask = token_tile(n_tokens, dim, rows, width)
         v = tl.load(x_ptr + t[:, None] * dim + cols[None, :], mask=mask, other=0.0)
         f = v.to(tl.float32)
         scale = _pow2_scale(tl.max(tl.abs(f), axis=1))
@@ -303,21 +302,12 @@ if triton is not None:
         # the combine's backward (trainer.model.permute) for a tile of tokens t, and each
         # expert row's gradient quantised as it is written: times its expert's row of
         # col, in e4m3 per row, from the gradient as stored (rounded to its dtype)
-        t = tl.program_id(0).to(tl.int64) * rows + tl.arange(0, rows)
-        live = t < n_tokens
-        cols = tl.arange(0, width)
-        mask = live[:, None] & (cols < dim)[None, :]
+        t, live, cols, mask = token_tile(n_tokens, dim, rows, width)
         g = tl.load(grad_ptr + t[:, None] * dim + cols[None, :], mask=mask,
                     other=0.0).to(tl.float32)
         for k in tl.static_range(topk):
-            s = t * topk + k
-            i = tl.load(rank_ptr + s, mask=live, other=0)
-            at = i[:, None] * dim + cols[None, :]
-            y = tl.load(y_ptr + at, mask=mask, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + s, mask=live, other=0.0).to(tl.float32)
-            gy = (g * w[:, None]).to(grad_y_ptr.dtype.element_ty)
-            tl.store(grad_y_ptr + at, gy, mask=mask)
-            tl.store(grad_w_ptr + s, tl.sum(g * y, axis=1), mask=live)
+            i, at, gy = combine_backward_slot(g, y_ptr, w_ptr, rank_ptr, grad_y_ptr,
+                                              grad_w_ptr, t * topk + k, live, cols, mask, dim)
             x = gy.to(tl.float32) * _expert_cols(col_ptr, offs_ptr, n_experts, i, cols, mask,
                                                  dim, E)
             scale = _pow2_scale(tl.max(tl.abs(x), axis=1))

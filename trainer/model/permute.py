@@ -101,14 +101,20 @@ def row_tile(dim: int) -> tuple[int, int]:
 if triton is not None:
 
     @triton.jit
+    def token_tile(n_tokens, dim, rows: tl.constexpr, width: tl.constexpr):
+        """This program's tile of ``rows`` tokens of ``dim`` columns (``width``, a power of
+        two, wide): the tokens t, which of them exist, the columns and the tile's mask."""
+        t = tl.program_id(0).to(tl.int64) * rows + tl.arange(0, rows)
+        live = t < n_tokens
+        cols = tl.arange(0, width)
+        return t, live, cols, live[:, None] & (cols < dim)[None, :]
+
+    @triton.jit
     def _scatter_rows_kernel(x_ptr, rank_ptr, out_ptr, n_tokens, dim, topk: tl.constexpr,
                              rows: tl.constexpr, width: tl.constexpr):
         """out[rank[t * topk + k]] = x[t] for each k, for a tile of tokens t: each token's
         row is read once and written top-k times."""
-        t = tl.program_id(0).to(tl.int64) * rows + tl.arange(0, rows)
-        live = t < n_tokens
-        cols = tl.arange(0, width)
-        mask = live[:, None] & (cols < dim)[None, :]
+        t, live, cols, mask = token_tile(n_tokens, dim, rows, width)
         v = tl.load(x_ptr + t[:, None] * dim + cols[None, :], mask=mask)
         for k in tl.static_range(topk):
             dst = tl.load(rank_ptr + t * topk + k, mask=live, other=0)
@@ -120,10 +126,7 @@ if triton is not None:
                            rows: tl.constexpr, width: tl.constexpr):
         """out[t] = sum over k of (w[t, k] *) y[rank[t * topk + k]], products and sum in
         fp32 (the plain form rounds each product to the rows' dtype first)."""
-        t = tl.program_id(0).to(tl.int64) * rows + tl.arange(0, rows)
-        live = t < n_tokens
-        cols = tl.arange(0, width)
-        mask = live[:, None] & (cols < dim)[None, :]
+        t, live, cols, mask = token_tile(n_tokens, dim, rows, width)
         acc = tl.zeros([rows, width], tl.float32)
         for k in tl.static_range(topk):
             src = tl.load(rank_ptr + t * topk + k, mask=live, other=0)
@@ -136,27 +139,34 @@ if triton is not None:
                  acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def combine_backward_slot(g, y_ptr, w_ptr, rank_ptr, grad_y_ptr, grad_w_ptr, s, live, cols,
+                              mask, dim):
+        """The combine's backward for the slots s of a tile of tokens whose gradient
+        (float32) is g: the expert rows i = rank[s] get grad_y[i] = g * w[s], and
+        grad_w[s] = <g, y[i]>. Returns i, where their elements are, and grad_y's rows
+        as stored."""
+        i = tl.load(rank_ptr + s, mask=live, other=0)
+        at = i[:, None] * dim + cols[None, :]
+        y = tl.load(y_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + s, mask=live, other=0.0).to(tl.float32)
+        gy = (g * w[:, None]).to(grad_y_ptr.dtype.element_ty)
+        tl.store(grad_y_ptr + at, gy, mask=mask)
+        tl.store(grad_w_ptr + s, tl.sum(g * y, axis=1), mask=live)
+        return i, at, gy
+
+    @triton.jit
     def _combine_backward_kernel(grad_ptr, y_ptr, w_ptr, rank_ptr, grad_y_ptr, grad_w_ptr,
                                  n_tokens, dim, topk: tl.constexpr, rows: tl.constexpr,
                                  width: tl.constexpr):
         """For a tile of tokens t, each of their slots s = t * topk + k and its expert row
         i = rank[s]: grad_y[i] = grad[t] * w[s] and grad_w[s] = <grad[t], y[i]>. Each
         token's gradient is read once."""
-        t = tl.program_id(0).to(tl.int64) * rows + tl.arange(0, rows)
-        live = t < n_tokens
-        cols = tl.arange(0, width)
-        mask = live[:, None] & (cols < dim)[None, :]
+        t, live, cols, mask = token_tile(n_tokens, dim, rows, width)
         g = tl.load(grad_ptr + t[:, None] * dim + cols[None, :], mask=mask,
                     other=0.0).to(tl.float32)
         for k in tl.static_range(topk):
-            s = t * topk + k
-            i = tl.load(rank_ptr + s, mask=live, other=0)
-            y = tl.load(y_ptr + i[:, None] * dim + cols[None, :], mask=mask,
-                        other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + s, mask=live, other=0.0).to(tl.float32)
-            tl.store(grad_y_ptr + i[:, None] * dim + cols[None, :],
-                     (g * w[:, None]).to(grad_y_ptr.dtype.element_ty), mask=mask)
-            tl.store(grad_w_ptr + s, tl.sum(g * y, axis=1), mask=live)
+            combine_backward_slot(g, y_ptr, w_ptr, rank_ptr, grad_y_ptr, grad_w_ptr, t * topk + k,
+                                  live, cols, mask, dim)
 
     def _gather_sum(y: torch.Tensor, rank: torch.Tensor, weights: torch.Tensor | None,
                     tokens: int, topk: int) -> torch.Tensor:
