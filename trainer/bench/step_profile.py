@@ -57,13 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     fp8_experts = args.fp8_experts or t.fp8_experts
     with device:
         model = Transformer(margs)
-    # FP8 as the trainer applies it, one GPU: the routed experts first, then the linears
-    if fp8_experts != "off":
-        from trainer.parallel.float8 import apply_fp8_experts
-        apply_fp8_experts(model, fp8_experts, device)
-    if fp8 != "off":
-        from trainer.parallel.float8 import apply_fp8
-        apply_fp8(model, fp8, device)
+    if fp8 != "off" or fp8_experts != "off":  # as the trainer applies them, one GPU
+        from trainer.parallel.float8 import apply_fp8_options
+        apply_fp8_options(model, fp8, fp8_experts, device)
     if args.compile:
         from trainer.parallel.apply import apply_compile
         apply_compile(model)

@@ -35,11 +35,19 @@ tested without a GPU.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from trainer.kernels import kernels_run, tl, triton, triton_op, wrap_triton
 from trainer.model.model import GroupedExperts
-from trainer.model.permute import NUM_WARPS, combine_reference, dispatch_reference, row_tile
+from trainer.model.permute import (
+    NUM_WARPS,
+    combine,
+    dispatch_backward,
+    dispatch_reference,
+    row_tile,
+)
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite e4m3fn value
@@ -119,13 +127,6 @@ def dispatch_fp8_reference(x: torch.Tensor, topk: int, order: torch.Tensor,
     ``topk`` rows are copies of it, so each token is quantised once)."""
     routed = dispatch_reference(x, topk, order, rank)
     return (routed, *rows_reference(routed))
-
-
-def dispatch_backward_reference(grad: torch.Tensor, rank: torch.Tensor, topk: int
-                                ) -> torch.Tensor:
-    """The dispatch's backward: each token's ``topk`` rows of ``grad`` summed (float32)."""
-    rows = grad.float().index_select(0, rank).view(-1, topk, grad.size(-1))
-    return rows.sum(dim=1).to(grad.dtype)
 
 
 def combine_backward_fp8_reference(grad: torch.Tensor, y_sorted: torch.Tensor,
@@ -494,18 +495,6 @@ def dispatch_fp8(x, topk, order, rank):
     return dispatch_fp8_reference(x, topk, order, rank)
 
 
-def dispatch_backward(grad, rank, topk):
-    if kernels_run(grad):
-        return torch.ops.dsk.moe_dispatch_backward(grad.contiguous(), rank, topk)
-    return dispatch_backward_reference(grad, rank, topk)
-
-
-def combine_forward(y_sorted, weights, order, rank):
-    if kernels_run(y_sorted):
-        return torch.ops.dsk.moe_combine(y_sorted.contiguous(), weights.contiguous(), rank)
-    return combine_reference(y_sorted, weights, order, rank)
-
-
 def combine_backward_fp8(grad, y_sorted, weights, rank, col, offs):
     """``combine_backward_fp8_reference``: one kernel on the GPU."""
     if kernels_run(grad):
@@ -562,7 +551,21 @@ def _ones(q: torch.Tensor) -> torch.Tensor:
     return torch.ones(q.size(0), q.size(-1), dtype=torch.float32, device=q.device)
 
 
-def experts_forward(x, xq, x_inv, w1, w2, w3, offs):
+class Saved(NamedTuple):
+    """What the experts' backward needs from their forward: the tokens, w1|w3's output,
+    the SwiGLU's output (bf16), the e4m3 weights with their inverse row scales, and the
+    groups' ends."""
+    x: torch.Tensor
+    h: torch.Tensor
+    act: torch.Tensor
+    w13q: torch.Tensor
+    w13_inv: torch.Tensor
+    w2q: torch.Tensor
+    w2_inv: torch.Tensor
+    offs: torch.Tensor
+
+
+def experts_forward(x, xq, x_inv, w1, w2, w3, offs) -> tuple[torch.Tensor, Saved]:
     """The four FP8 GEMMs' forward half for tokens x (bf16), already in e4m3 (xq, x_inv):
     the output (bf16) and what the backward needs."""
     w13q, w13_inv = fp8_weight_rows(w1, w3)  # (E, 2I, D)
@@ -571,13 +574,13 @@ def experts_forward(x, xq, x_inv, w1, w2, w3, offs):
     w2q, w2_inv = fp8_weight_rows(w2)  # (E, D, I)
     out = scaled_grouped_mm(aq, w2q.transpose(-2, -1), a_inv, w2_inv, offs)
     # the backward's input gradients reuse these e4m3 weights (not the masters)
-    return out, (x, h, act, w13q, w13_inv, w2q, w2_inv, offs)
+    return out, Saved(x, h, act, w13q, w13_inv, w2q, w2_inv, offs)
 
 
-def experts_backward(saved, grad, gq, g_inv, dtypes):
+def experts_backward(saved: Saved, grad, gq, g_inv, dtypes):
     """The input and weight gradients from the output gradient ``grad`` (bf16) and its
-    e4m3 rows ``gq``, ``g_inv``, quantised with w2's inverse scales folded in (``saved[6]``,
-    as ``fp8_rows(grad, w2_inv, offs)``): grad @ w2 per group = (grad * w2_inv[e]) @ w2q,
+    e4m3 rows ``gq``, ``g_inv``, quantised with w2's inverse scales folded in (as
+    ``fp8_rows(grad, saved.w2_inv, saved.offs)``): grad @ w2 per group = (grad * w2_inv[e]) @ w2q,
     the weight rows' scales running along the contraction, and w2q, transposed to the
     column-major operand, read unscaled. ``dtypes`` are w1's, w2's and w3's."""
     x, h, act, w13q, w13_inv, w2q, _w2_inv, offs = saved
@@ -614,10 +617,9 @@ class Fp8ExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        saved = ctx.saved_tensors
+        saved = Saved(*ctx.saved_tensors)
         grad = grad.to(torch.bfloat16).contiguous()
-        w2_inv, offs = saved[6], saved[7]
-        gq, g_inv = fp8_rows(grad, w2_inv, offs)
+        gq, g_inv = fp8_rows(grad, saved.w2_inv, saved.offs)
         return (*experts_backward(saved, grad, gq, g_inv, ctx.weights), None)
 
 
@@ -635,7 +637,7 @@ class Fp8MoEFunction(torch.autograd.Function):
         topk = weights.size(-1)
         routed, xq, x_inv = dispatch_fp8(x, topk, order, rank)
         y_sorted, saved = experts_forward(routed, xq, x_inv, w1, w2, w3, offs)
-        y = combine_forward(y_sorted, weights, order, rank)
+        y = combine(y_sorted, weights, order, rank)  # no autograd inside forward
         ctx.save_for_backward(y_sorted, weights, rank, *saved)
         ctx.weights = (w1.dtype, w2.dtype, w3.dtype)
         ctx.x_dtype = x.dtype
@@ -643,10 +645,10 @@ class Fp8MoEFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        y_sorted, weights, rank, *saved = ctx.saved_tensors
-        w2_inv, offs = saved[6], saved[7]
+        y_sorted, weights, rank, *rest = ctx.saved_tensors
+        saved = Saved(*rest)
         grad_y, grad_w, gq, g_inv = combine_backward_fp8(
-            grad.to(y_sorted.dtype), y_sorted, weights, rank, w2_inv, offs)
+            grad.to(y_sorted.dtype), y_sorted, weights, rank, saved.w2_inv, saved.offs)
         dx, dw1, dw2, dw3 = experts_backward(saved, grad_y, gq, g_inv, ctx.weights)
         dx = dispatch_backward(dx, rank, weights.size(-1)).to(ctx.x_dtype)
         return dx, grad_w, None, None, None, dw1, dw2, dw3

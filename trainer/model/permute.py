@@ -84,6 +84,14 @@ def dispatch_reference(x: torch.Tensor, topk: int, order: torch.Tensor, rank: to
     return PermuteRows.apply(slots, order, rank)
 
 
+def dispatch_backward_reference(grad: torch.Tensor, rank: torch.Tensor, topk: int
+                                ) -> torch.Tensor:
+    """The dispatch's backward written plainly: each token's ``topk`` rows of ``grad``
+    summed (in float32, as the kernel sums them)."""
+    rows = grad.float().index_select(0, rank).view(-1, topk, grad.size(-1))
+    return rows.sum(dim=1).to(grad.dtype)
+
+
 def combine_reference(y_sorted: torch.Tensor, weights: torch.Tensor, order: torch.Tensor,
                       rank: torch.Tensor) -> torch.Tensor:
     """The combine written plainly: one gather-multiply-sum under torch.compile."""
@@ -223,8 +231,7 @@ if triton is not None:
 
     def _dispatch_grad(ctx, grad: torch.Tensor):
         (rank,) = ctx.saved_tensors
-        return (torch.ops.dsk.moe_dispatch_backward(grad.contiguous(), rank, ctx.topk),
-                None, None)
+        return dispatch_backward(grad, rank, ctx.topk), None, None
 
     def _combine_setup(ctx, inputs, output) -> None:
         ctx.save_for_backward(*inputs)
@@ -246,6 +253,14 @@ def dispatch(x: torch.Tensor, topk: int, order: torch.Tensor, rank: torch.Tensor
     if kernels_run(x):
         return torch.ops.dsk.moe_dispatch(x.contiguous(), rank, topk)
     return dispatch_reference(x, topk, order, rank)
+
+
+def dispatch_backward(grad: torch.Tensor, rank: torch.Tensor, topk: int) -> torch.Tensor:
+    """The dispatch's backward outside autograd (an autograd function that holds the
+    dispatch calls it): each token's ``topk`` rows of ``grad`` (T * topk, D) summed."""
+    if kernels_run(grad):
+        return torch.ops.dsk.moe_dispatch_backward(grad.contiguous(), rank, topk)
+    return dispatch_backward_reference(grad, rank, topk)
 
 
 def combine(y_sorted: torch.Tensor, weights: torch.Tensor, order: torch.Tensor,

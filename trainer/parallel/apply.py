@@ -166,14 +166,10 @@ def parallelize(model: Transformer, dims: ParallelDims, device: torch.device,
     "off") moves the routed experts' grouped GEMMs to FP8 first, then ``fp8`` (a torchao
     recipe, or "off") the block linears (float8.py); ``fsdp`` (the config's [parallel])
     holds apply_fsdp's options."""
-    if fp8_experts != "off":
-        from trainer.parallel.float8 import apply_fp8_experts
+    if fp8 != "off" or fp8_experts != "off":
+        from trainer.parallel.float8 import apply_fp8_options
 
-        apply_fp8_experts(model, fp8_experts, device)
-    if fp8 != "off":
-        from trainer.parallel.float8 import apply_fp8
-
-        apply_fp8(model, fp8, device, fsdp=dims.fsdp_enabled)
+        apply_fp8_options(model, fp8, fp8_experts, device, fsdp=dims.fsdp_enabled)
     if dims.tp > 1:
         apply_tp(model, dims.submesh(device.type, "tp"), routed_experts=dims.ep == 1)
     if dims.ep > 1:

@@ -236,3 +236,14 @@ def apply_fp8(model: Transformer, recipe: str, device: torch.device, fsdp: bool 
         print(f"fp8 ({recipe}): {len(linears)} linears and {len(grouped)} grouped experts in "
               f"FP8; in bf16: {', '.join(kept) or 'nothing'}", flush=True)
     return {"linear": sorted(linears), "grouped": grouped, "bf16": kept}
+
+
+def apply_fp8_options(model: Transformer, fp8: str, fp8_experts: str, device: torch.device,
+                      fsdp: bool = False) -> None:
+    """``training.fp8_experts`` then ``training.fp8`` (each a recipe, or "off") on
+    ``model``, in place: the routed experts move to FP8 first, so that torchao's
+    conversion, which looks at nn.Linear modules only, finds the rest."""
+    if fp8_experts != "off":
+        apply_fp8_experts(model, fp8_experts, device)
+    if fp8 != "off":
+        apply_fp8(model, fp8, device, fsdp=fsdp)
