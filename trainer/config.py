@@ -62,6 +62,8 @@ class TrainingConfig:
     compile: bool = False
     fp8: str = "off"  # or a torchao float8 recipe: tensorwise, rowwise, rowwise_with_gw_hp
     fp8_experts: str = "off"  # or "rowwise": the routed experts' grouped GEMMs in FP8
+    # linears that training.fp8 leaves in bf16, by module name or its last parts
+    fp8_skip: list[str] = field(default_factory=list)
     loss_chunk_tokens: int = 0  # 0: the head's logits for the whole micro-batch at once
     moments_dtype: str = "float32"  # or "bfloat16": AdamW's two moments (trainer.adamw)
 

@@ -206,8 +206,7 @@ def build_step(model: Transformer, cfg: TrainConfig, dims: ParallelDims,
     moe_layers = {moe_index[n]: b.ffn for n, b in model.layers.items() if n in moe_index}
     t = cfg.training
     model.loss_chunk_tokens = t.loss_chunk_tokens
-    train_module = parallelize(model, dims, device, t.activation_checkpoint, t.compile,
-                               t.fp8, cfg.parallel, t.fp8_experts)
+    train_module = parallelize(model, dims, device, t, cfg.parallel)
     if dims.pp > 1:
         return PipelineStep(model, train_module, pp_rank, dims, device, cfg, moe_layers,
                             len(moe_index))

@@ -130,3 +130,41 @@ def test_unknown_recipe_is_refused_before_any_conversion():
     assert err.value.field == "training.fp8"
     assert all(type(m) is torch.nn.Linear for m in model.modules()
                if isinstance(m, torch.nn.Linear))
+
+
+def test_fp8_skip_leaves_the_named_linears_in_bf16():
+    """training.fp8_skip: an entry names a module, or its last dotted parts in every
+    layer (and MTP's block)."""
+    pytest.importorskip("torchao.float8")
+    from torchao.float8.float8_linear import Float8Linear
+
+    from trainer.parallel.float8 import apply_fp8
+
+    model = _model()
+    done = apply_fp8(model, "tensorwise", torch.device("cpu"), emulate=True,
+                     skip=["attn.wo", "layers.0.ffn.w2"])
+    converted = {n for n, m in model.named_modules() if isinstance(m, Float8Linear)}
+    assert converted == set(done["linear"])
+    kept = {n for n, m in model.named_modules() if type(m) is torch.nn.Linear}
+    assert {"layers.0.attn.wo", "layers.1.attn.wo", "mtp.block.attn.wo",
+            "layers.0.ffn.w2"} <= kept
+    assert "layers.0.ffn.w1" in converted and "layers.1.attn.wq" in converted
+    assert "layers.1.ffn.shared_experts.w2" in converted  # "ffn.w2" was not named
+
+
+@pytest.mark.parametrize("entry", ["attn.wx", "wo.attn", "output", "o"])
+def test_an_fp8_skip_entry_naming_no_converted_linear_is_refused(entry):
+    """A typo, a partial word ("o" is not "attn.wo"), or the head, which FP8 never
+    converts: refused by name, before any conversion."""
+    pytest.importorskip("torchao.float8")
+    from trainer.parallel.float8 import apply_fp8
+
+    model = _model()
+    with pytest.raises(InputError) as err:
+        apply_fp8(model, "tensorwise", torch.device("cpu"), emulate=True,
+                  skip=["attn.wq", entry])
+    assert err.value.field == "training.fp8_skip"
+    assert repr(entry) in str(err.value) and "'attn.wq'" not in str(err.value)
+    assert "attn.wkv_b" in str(err.value)  # the names it could have used
+    assert all(type(m) is torch.nn.Linear for m in model.modules()
+               if isinstance(m, torch.nn.Linear))

@@ -53,13 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda", 0)
     torch.manual_seed(0)
     margs = cfg.model
-    fp8 = args.fp8 or t.fp8
-    fp8_experts = args.fp8_experts or t.fp8_experts
+    t.fp8 = fp8 = args.fp8 or t.fp8
+    t.fp8_experts = fp8_experts = args.fp8_experts or t.fp8_experts
     with device:
         model = Transformer(margs)
     if fp8 != "off" or fp8_experts != "off":  # as the trainer applies them, one GPU
         from trainer.parallel.float8 import apply_fp8_options
-        apply_fp8_options(model, fp8, fp8_experts, device)
+        apply_fp8_options(model, t, device)
     if args.compile:
         from trainer.parallel.apply import apply_compile
         apply_compile(model)

@@ -35,7 +35,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer.config import ParallelConfig
+from trainer.config import ParallelConfig, TrainingConfig
 from trainer.model import MoE, Transformer
 from trainer.parallel.dims import ParallelDims
 from trainer.parallel.expert import apply_ep
@@ -158,24 +158,22 @@ def fsdp_order(blocks: list[nn.Module], experts_apart: bool
 
 
 def parallelize(model: Transformer, dims: ParallelDims, device: torch.device,
-                activation_checkpoint: str = "none", compile: bool = False,
-                fp8: str = "off", fsdp: ParallelConfig | None = None,
-                fp8_experts: str = "off") -> nn.Module:
+                training: TrainingConfig, fsdp: ParallelConfig | None = None) -> nn.Module:
     """Return the module to train (the model itself, or its DDP wrapper). With pp > 1,
-    ``model`` is this rank's stage (pipeline.split_model). ``fp8_experts`` (a recipe, or
-    "off") moves the routed experts' grouped GEMMs to FP8 first, then ``fp8`` (a torchao
-    recipe, or "off") the block linears (float8.py); ``fsdp`` (the config's [parallel])
-    holds apply_fsdp's options."""
-    if fp8 != "off" or fp8_experts != "off":
+    ``model`` is this rank's stage (pipeline.split_model). ``training`` (the config's
+    [training]) says what to apply: FP8 (float8.apply_fp8_options: the routed experts'
+    grouped GEMMs, then the block linears), activation checkpointing, compile; ``fsdp``
+    (the config's [parallel]) holds apply_fsdp's options."""
+    if training.fp8 != "off" or training.fp8_experts != "off":
         from trainer.parallel.float8 import apply_fp8_options
 
-        apply_fp8_options(model, fp8, fp8_experts, device, fsdp=dims.fsdp_enabled)
+        apply_fp8_options(model, training, device, fsdp=dims.fsdp_enabled)
     if dims.tp > 1:
         apply_tp(model, dims.submesh(device.type, "tp"), routed_experts=dims.ep == 1)
     if dims.ep > 1:
         apply_ep(model, dims.submesh(device.type, "ep"))
-    apply_activation_checkpointing(model, activation_checkpoint)
-    if compile:
+    apply_activation_checkpointing(model, training.activation_checkpoint)
+    if training.compile:
         apply_compile(model)
     if dims.fsdp_enabled:
         apply_fsdp(model, dims, device.type, fsdp)

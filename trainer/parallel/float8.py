@@ -21,11 +21,13 @@ error naming the field.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.config import InputError
+from trainer.config import InputError, TrainingConfig
 from trainer.model import GroupedExperts, Transformer
 from trainer.model.fp8_experts import ALIGN, CAPABILITIES, Fp8GroupedExperts, supported
 from trainer.model.model import compute_dtype
@@ -33,6 +35,7 @@ from trainer.model.model import compute_dtype
 FIELD = "training.fp8"
 RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
 EXPERTS_FIELD = "training.fp8_experts"
+SKIP_FIELD = "training.fp8_skip"
 EXPERT_RECIPES = ("rowwise",)
 TORCHAO_PIN = "torchao==0.18.0"  # the trainer extra's pin (pyproject.toml)
 
@@ -134,14 +137,38 @@ def grouped_fp8_available(device: torch.device) -> bool:
     return True
 
 
-def linear_filter(module: nn.Module, fqn: str) -> bool:
+def skipped(fqn: str, skip: Sequence[str]) -> str | None:
+    """The entry of ``skip`` (training.fp8_skip) that names module ``fqn``: the whole
+    name, or its last dotted parts ("attn.wkv_b" names layers.3.attn.wkv_b)."""
+    return next((s for s in skip if fqn == s or fqn.endswith("." + s)), None)
+
+
+def linear_filter(module: nn.Module, fqn: str, skip: Sequence[str] = ()) -> bool:
     """The nn.Linear modules that train in FP8: every one inside the transformer blocks
-    and the MTP module whose widths are multiples of 16, never the output head."""
+    and the MTP module whose widths are multiples of 16, never the output head, nor one
+    that ``skip`` (training.fp8_skip) names."""
     if not isinstance(module, nn.Linear):
         return False
     if fqn == "output" or fqn.endswith(".output"):
         return False
+    if skipped(fqn, skip):
+        return False
     return module.in_features % ALIGN == 0 and module.out_features % ALIGN == 0
+
+
+def fp8_linears(model: nn.Module, skip: Sequence[str] = ()) -> set[str]:
+    """The names of the linears of ``model`` that FP8 converts, leaving out those that
+    ``skip`` names; an entry of ``skip`` that names none of the linears FP8 would convert
+    is refused (InputError naming training.fp8_skip), being a typo or a stale name."""
+    candidates = {name for name, m in model.named_modules() if linear_filter(m, name)}
+    unused = [s for s in skip if not any(skipped(name, [s]) for name in candidates)]
+    if unused:
+        leaves = sorted({name.split(".", 2)[-1] if name.startswith("layers.") else name
+                         for name in candidates})
+        raise InputError(f"{', '.join(map(repr, unused))} names no linear that FP8 would "
+                         f"convert; those are {', '.join(leaves)} (in every layer)",
+                         field=SKIP_FIELD)
+    return {name for name in candidates if not skipped(name, skip)}
 
 
 def linear_config(recipe: str, fsdp: bool, emulate: bool = False):
@@ -200,14 +227,16 @@ class Float8GroupedExperts(GroupedExperts):
 
 
 def apply_fp8(model: Transformer, recipe: str, device: torch.device, fsdp: bool = False,
-              emulate: bool = False, grouped_experts: bool = False) -> dict[str, list[str]]:
+              emulate: bool = False, grouped_experts: bool = False,
+              skip: Sequence[str] = ()) -> dict[str, list[str]]:
     """Convert ``model`` in place for FP8 training with ``recipe`` and return what was
     converted: {"linear": [...], "grouped": [...], "bf16": [...]} by module name.
     ``grouped_experts`` also moves the routed experts to the FP8 grouped GEMM
     (Float8GroupedExperts); the trainer leaves it off, because on torch 2.11 with torchao
     0.18 that GEMM ran slower than the bf16 one at the shapes of small.toml and wide.toml
     (docs/benchmarks.md, bench/fp8_kernels.py). ``emulate`` (tests only) runs torchao's
-    float8 arithmetic without FP8 hardware."""
+    float8 arithmetic without FP8 hardware. ``skip`` (training.fp8_skip) names linears
+    left in bf16."""
     if not emulate:
         check_support(recipe, device)
     elif recipe not in RECIPES:
@@ -215,8 +244,8 @@ def apply_fp8(model: Transformer, recipe: str, device: torch.device, fsdp: bool 
                          field=FIELD)
     from torchao.float8 import convert_to_float8_training
 
+    linears = fp8_linears(model, skip)
     config = linear_config(recipe, fsdp, emulate)
-    linears = {name for name, m in model.named_modules() if linear_filter(m, name)}
     convert_to_float8_training(model, config=config,
                                module_filter_fn=lambda m, fqn: fqn in linears)
     grouped = []
@@ -238,12 +267,13 @@ def apply_fp8(model: Transformer, recipe: str, device: torch.device, fsdp: bool 
     return {"linear": sorted(linears), "grouped": grouped, "bf16": kept}
 
 
-def apply_fp8_options(model: Transformer, fp8: str, fp8_experts: str, device: torch.device,
+def apply_fp8_options(model: Transformer, training: TrainingConfig, device: torch.device,
                       fsdp: bool = False) -> None:
-    """``training.fp8_experts`` then ``training.fp8`` (each a recipe, or "off") on
-    ``model``, in place: the routed experts move to FP8 first, so that torchao's
-    conversion, which looks at nn.Linear modules only, finds the rest."""
-    if fp8_experts != "off":
-        apply_fp8_experts(model, fp8_experts, device)
-    if fp8 != "off":
-        apply_fp8(model, fp8, device, fsdp=fsdp)
+    """``training.fp8_experts`` then ``training.fp8`` (each a recipe, or "off"; the
+    config's [training]) on ``model``, in place: the routed experts move to FP8 first, so
+    that torchao's conversion, which looks at nn.Linear modules only, finds the rest, less
+    those that ``training.fp8_skip`` names."""
+    if training.fp8_experts != "off":
+        apply_fp8_experts(model, training.fp8_experts, device)
+    if training.fp8 != "off":
+        apply_fp8(model, training.fp8, device, fsdp=fsdp, skip=training.fp8_skip)
