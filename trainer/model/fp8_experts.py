@@ -173,7 +173,7 @@ def _expert_args(x: torch.Tensor, col: torch.Tensor | None, offs: torch.Tensor |
 
 
 if triton is not None:
-    from trainer.model.permute import combine_backward_slot, token_tile
+    from trainer.model.permute import token_tile
 
     # the same constants, as the kernels read them
     _MAX = tl.constexpr(FP8_MAX)
@@ -302,13 +302,25 @@ if triton is not None:
                                      width: tl.constexpr, E: tl.constexpr):
         # the combine's backward (trainer.model.permute) for a tile of tokens t, and each
         # expert row's gradient quantised as it is written: times its expert's row of
-        # col, in e4m3 per row, from the gradient as stored (rounded to its dtype)
+        # col, in e4m3 per row, from the gradient as stored (rounded to its dtype).
+        # The slot's lines are permute.combine_backward_slot's, written out: the rows
+        # this kernel stores e4m3 to are addressed by what they compute, and torch
+        # 2.11's analysis of which tensors a kernel writes takes every pointer handed to
+        # a called function as written where the caller stores through an address the
+        # function returned (on the GPU, the compiled fused route then refused the gate
+        # weights as a leaf modified in place)
         t, live, cols, mask = token_tile(n_tokens, dim, rows, width)
         g = tl.load(grad_ptr + t[:, None] * dim + cols[None, :], mask=mask,
                     other=0.0).to(tl.float32)
         for k in tl.static_range(topk):
-            i, at, gy = combine_backward_slot(g, y_ptr, w_ptr, rank_ptr, grad_y_ptr,
-                                              grad_w_ptr, t * topk + k, live, cols, mask, dim)
+            s = t * topk + k
+            i = tl.load(rank_ptr + s, mask=live, other=0)
+            at = i[:, None] * dim + cols[None, :]
+            y = tl.load(y_ptr + at, mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + s, mask=live, other=0.0).to(tl.float32)
+            gy = (g * w[:, None]).to(grad_y_ptr.dtype.element_ty)
+            tl.store(grad_y_ptr + at, gy, mask=mask)
+            tl.store(grad_w_ptr + s, tl.sum(g * y, axis=1), mask=live)
             x = gy.to(tl.float32) * _expert_cols(col_ptr, offs_ptr, n_experts, i, cols, mask,
                                                  dim, E)
             scale = _pow2_scale(tl.max(tl.abs(x), axis=1))

@@ -151,8 +151,9 @@ if triton is not None:
                               mask, dim):
         """The combine's backward for the slots s of a tile of tokens whose gradient
         (float32) is g: the expert rows i = rank[s] get grad_y[i] = g * w[s], and
-        grad_w[s] = <g, y[i]>. Returns i, where their elements are, and grad_y's rows
-        as stored."""
+        grad_w[s] = <g, y[i]>. It returns nothing: see the FP8 combine's backward
+        (trainer.model.fp8_experts), which writes these lines out rather than store
+        through an address computed here."""
         i = tl.load(rank_ptr + s, mask=live, other=0)
         at = i[:, None] * dim + cols[None, :]
         y = tl.load(y_ptr + at, mask=mask, other=0.0).to(tl.float32)
@@ -160,7 +161,6 @@ if triton is not None:
         gy = (g * w[:, None]).to(grad_y_ptr.dtype.element_ty)
         tl.store(grad_y_ptr + at, gy, mask=mask)
         tl.store(grad_w_ptr + s, tl.sum(g * y, axis=1), mask=live)
-        return i, at, gy
 
     @triton.jit
     def _combine_backward_kernel(grad_ptr, y_ptr, w_ptr, rank_ptr, grad_y_ptr, grad_w_ptr,
