@@ -23,6 +23,7 @@ import torch
 from trainer.config import load_config
 from trainer.model import Transformer
 from trainer.optim import build_optimizer
+from trainer.parallel.float8 import apply_fp8_options
 from trainer.profiling import describe_gaps, idle_gaps, kernel_times
 from trainer.step import phase
 
@@ -53,13 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda", 0)
     torch.manual_seed(0)
     margs = cfg.model
-    t.fp8 = fp8 = args.fp8 or t.fp8
-    t.fp8_experts = fp8_experts = args.fp8_experts or t.fp8_experts
+    t.fp8 = args.fp8 or t.fp8
+    t.fp8_experts = args.fp8_experts or t.fp8_experts
     with device:
         model = Transformer(margs)
-    if fp8 != "off" or fp8_experts != "off":  # as the trainer applies them, one GPU
-        from trainer.parallel.float8 import apply_fp8_options
-        apply_fp8_options(model, t, device)
+    apply_fp8_options(model, t, device)  # as the trainer applies them, one GPU
     if args.compile:
         from trainer.parallel.apply import apply_compile
         apply_compile(model)
@@ -99,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     n_kernels = sum(v[1] for v in kernels.values())
 
     print(f"{torch.cuda.get_device_name(device)} | micro-batch {mbs} x seq {seq} | "
-          f"compile {args.compile} | mtp {margs.mtp_depth} | fp8 {fp8} | fp8 experts {fp8_experts}")
+          f"compile {args.compile} | mtp {margs.mtp_depth} | fp8 {t.fp8} | "
+          f"fp8 experts {t.fp8_experts}")
     print(f"step {step_s * 1e3:.1f} ms | {mbs * seq / step_s:,.0f} tokens/s | "
           f"MFU {'-' if mfu is None else f'{100 * mfu:.1f}%'} | "
           f"kernel time {busy_ms:.1f} ms ({100 * busy_ms / (step_s * 1e3):.0f}% of the step) | "
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {ms:8.2f} {n:6.0f}  {name[:150]}")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"fp8": fp8, "fp8_experts": fp8_experts,
+            json.dump({"fp8": t.fp8, "fp8_experts": t.fp8_experts,
                        "step_ms": step_s * 1e3, "tokens_per_s": mbs * seq / step_s, "mfu": mfu,
                        "kernel_ms": busy_ms, "by_family": by_family, "idle_gaps": gaps,
                        "kernels": {k: v for k, v in kernels.items()}}, fh, indent=1)

@@ -39,6 +39,7 @@ from trainer.config import ParallelConfig, TrainingConfig
 from trainer.model import MoE, Transformer
 from trainer.parallel.dims import ParallelDims
 from trainer.parallel.expert import apply_ep
+from trainer.parallel.float8 import apply_fp8_options
 from trainer.parallel.tensor import apply_tp
 
 DDP_PARAMETERS = inspect.signature(DistributedDataParallel.__init__).parameters
@@ -164,10 +165,7 @@ def parallelize(model: Transformer, dims: ParallelDims, device: torch.device,
     [training]) says what to apply: FP8 (float8.apply_fp8_options: the routed experts'
     grouped GEMMs, then the block linears), activation checkpointing, compile; ``fsdp``
     (the config's [parallel]) holds apply_fsdp's options."""
-    if training.fp8 != "off" or training.fp8_experts != "off":
-        from trainer.parallel.float8 import apply_fp8_options
-
-        apply_fp8_options(model, training, device, fsdp=dims.fsdp_enabled)
+    apply_fp8_options(model, training, device, fsdp=dims.fsdp_enabled)
     if dims.tp > 1:
         apply_tp(model, dims.submesh(device.type, "tp"), routed_experts=dims.ep == 1)
     if dims.ep > 1:

@@ -143,15 +143,13 @@ def skipped(fqn: str, skip: Sequence[str]) -> str | None:
     return next((s for s in skip if fqn == s or fqn.endswith("." + s)), None)
 
 
-def linear_filter(module: nn.Module, fqn: str, skip: Sequence[str] = ()) -> bool:
-    """The nn.Linear modules that train in FP8: every one inside the transformer blocks
-    and the MTP module whose widths are multiples of 16, never the output head, nor one
-    that ``skip`` (training.fp8_skip) names."""
+def linear_filter(module: nn.Module, fqn: str) -> bool:
+    """The nn.Linear modules that train in FP8 (unless training.fp8_skip names them:
+    ``fp8_linears``): every one inside the transformer blocks and the MTP module whose
+    widths are multiples of 16, never the output head."""
     if not isinstance(module, nn.Linear):
         return False
     if fqn == "output" or fqn.endswith(".output"):
-        return False
-    if skipped(fqn, skip):
         return False
     return module.in_features % ALIGN == 0 and module.out_features % ALIGN == 0
 
